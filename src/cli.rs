@@ -1,0 +1,384 @@
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dagr_inject::dagr::{self, Config, Dispersion, Reduce, Task, Variant};
+use dagr_inject::onnx::{self, Model};
+use dagr_inject::runtime::{self, Backend};
+use dagr_inject::{inspect, npz};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+const EXAMPLES: &str = "\
+Examples:
+  dagr-inject inspect models/av_cnn.legacy.onnx
+  dagr-inject models/av_cnn.legacy.onnx --encoders audio,visual
+  dagr-inject models/av_cnn.legacy.onnx --encoders audio,visual \\
+      --logits logits,logits_audio,logits_visual --labels label -o av_cnn.dagr.onnx
+  dagr-inject block --modalities 2 --dim 512 -o dagr_block.onnx
+  dagr-inject run av_cnn.dagr.onnx --inputs models/av_cnn.inputs.npz --backend ort -o out.npz";
+
+#[derive(Parser)]
+#[command(
+    name = "dagr-inject",
+    version,
+    about = "Add the DAGR geometry regularizer to ONNX multimodal models, in standard ONNX operators",
+    long_about = "Rewrites an ONNX model so that it also computes DAGR (RBF dispersion inside each modality, \
+bounded hinge anchoring across modalities, on L2-normalized encoder outputs) and its gradients with \
+respect to the encoder outputs, using standard ONNX operators only. The rewritten model runs on \
+stock ONNX Runtime and on tract.\n\n`dagr-inject MODEL --encoders a,b` is short for `dagr-inject inject MODEL --encoders a,b`.",
+    after_help = EXAMPLES
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show opsets, inputs, outputs, parameters, and the tensors that look like encoder outputs
+    Inspect {
+        model: PathBuf,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add the DAGR subgraph (losses and encoder-output gradients) to a model
+    Inject(InjectArgs),
+    /// Write a standalone DAGR model: inputs are embeddings, outputs are losses and gradients
+    Block(BlockArgs),
+    /// Run a model on tract or ONNX Runtime with inputs from an .npz file
+    Run {
+        model: PathBuf,
+        /// .npz whose arrays are named like the graph inputs
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long, value_enum, default_value = "tract")]
+        backend: Backend,
+        /// Outputs to compute (default: all graph outputs)
+        #[arg(long, value_delimiter = ',')]
+        outputs: Vec<String>,
+        /// Write the outputs to this .npz (default: print a summary)
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct DagrArgs {
+    /// Reduction of encoder outputs of rank > 2 to [batch, D]
+    #[arg(long, value_enum, default_value = "flatten")]
+    reduce: ReduceArg,
+    /// RBF temperature (> 0)
+    #[arg(long, default_value_t = 0.5)]
+    tau: f32,
+    /// Anchoring tolerance: pairs closer than this get no gradient (>= 0)
+    #[arg(long, default_value_t = 0.5)]
+    delta: f32,
+    /// Weight of the dispersion term
+    #[arg(long, default_value_t = 0.1)]
+    lambda_disp: f32,
+    /// Weight of the anchoring term
+    #[arg(long, default_value_t = 0.1)]
+    lambda_anc: f32,
+    /// Dispersion potential
+    #[arg(long, value_enum, default_value = "rbf")]
+    dispersion: DispersionArg,
+    /// Margin r of the hinge dispersion potential
+    #[arg(long, default_value_t = 1.0)]
+    margin: f32,
+    /// Ablation variant
+    #[arg(long, value_enum, default_value = "dagr")]
+    variant: VariantArg,
+    /// Dispersion only (same as --variant disp-only); allows encoders of unequal widths
+    #[arg(long)]
+    no_anchor: bool,
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    /// The ONNX model to rewrite (never modified)
+    model: PathBuf,
+    /// Encoder outputs: module scopes (audio), tensor names, or name=tensor, comma-separated
+    #[arg(long, value_delimiter = ',', required = true)]
+    encoders: Vec<String>,
+    /// Output path (default: MODEL with .dagr.onnx)
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    dagr: DagrArgs,
+    /// An existing scalar loss output to add DAGR to
+    #[arg(long, conflicts_with_all = ["logits", "labels"])]
+    loss: Option<String>,
+    /// Logits to append a cross-entropy over (summed), with --labels
+    #[arg(long, value_delimiter = ',', requires = "labels")]
+    logits: Vec<String>,
+    /// Name of the int64 label input for --logits
+    #[arg(long, requires = "logits")]
+    labels: Option<String>,
+    /// Print what was done as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BlockArgs {
+    /// Number of modalities (>= 2)
+    #[arg(long, default_value_t = 2)]
+    modalities: usize,
+    /// Embedding width
+    #[arg(long)]
+    dim: i64,
+    /// Modality names (default m0, m1, ...)
+    #[arg(long, value_delimiter = ',')]
+    names: Vec<String>,
+    /// Opset of the block (13 or newer)
+    #[arg(long, default_value_t = 17)]
+    opset: i64,
+    #[arg(short, long, default_value = "dagr_block.onnx")]
+    output: PathBuf,
+    #[command(flatten)]
+    dagr: DagrArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReduceArg {
+    Flatten,
+    Mean,
+}
+#[derive(Clone, Copy, ValueEnum)]
+enum DispersionArg {
+    Rbf,
+    Hinge,
+}
+#[derive(Clone, Copy, ValueEnum)]
+enum VariantArg {
+    Dagr,
+    DispOnly,
+    AnchorOnly,
+    NaiveAlign,
+    UnitSphere,
+}
+
+impl DagrArgs {
+    fn config(&self, encoders: Vec<String>, task: Task) -> Config {
+        Config {
+            encoders,
+            reduce: match self.reduce {
+                ReduceArg::Flatten => Reduce::Flatten,
+                ReduceArg::Mean => Reduce::Mean,
+            },
+            tau: self.tau,
+            delta: self.delta,
+            lambda_disp: self.lambda_disp,
+            lambda_anc: self.lambda_anc,
+            dispersion: match self.dispersion {
+                DispersionArg::Rbf => Dispersion::Rbf,
+                DispersionArg::Hinge => Dispersion::Hinge {
+                    margin: self.margin,
+                },
+            },
+            variant: if self.no_anchor {
+                Variant::DispOnly
+            } else {
+                match self.variant {
+                    VariantArg::Dagr => Variant::Dagr,
+                    VariantArg::DispOnly => Variant::DispOnly,
+                    VariantArg::AnchorOnly => Variant::AnchorOnly,
+                    VariantArg::NaiveAlign => Variant::NaiveAlign,
+                    VariantArg::UnitSphere => Variant::UnitSphere,
+                }
+            },
+            task,
+        }
+    }
+}
+
+const SUBCOMMANDS: &[&str] = &["inspect", "inject", "block", "run", "help"];
+
+/// `dagr-inject MODEL --encoders ...` is the inject shorthand: insert the subcommand.
+pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
+    if let Some(first) = args.get(1).and_then(|a| a.to_str()) {
+        if !first.starts_with('-') && !SUBCOMMANDS.contains(&first) {
+            args.insert(1, "inject".into());
+        }
+    }
+    args
+}
+
+pub fn run(args: Vec<OsString>) -> Result<()> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) {
+                print!("{e}");
+                return Ok(());
+            }
+            e.exit()
+        }
+    };
+    match cli.command {
+        Command::Inspect { model, json } => {
+            let m = onnx::load(&model)?;
+            let r = inspect::report(&m)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.to_text());
+            }
+        }
+        Command::Inject(a) => inject_cmd(a)?,
+        Command::Block(a) => block_cmd(a)?,
+        Command::Run {
+            model,
+            inputs,
+            backend,
+            outputs,
+            output,
+        } => {
+            let m = onnx::load(&model)?;
+            let feed = npz::read(&inputs)?;
+            let outs = if outputs.is_empty() {
+                m.graph().output.iter().map(|o| o.name.clone()).collect()
+            } else {
+                outputs
+            };
+            let res = runtime::run(backend, &model, &feed, &outs)?;
+            match output {
+                Some(p) => {
+                    npz::write(&p, &res)?;
+                    println!("wrote {} outputs to {}", res.len(), p.display());
+                }
+                None => {
+                    for (k, v) in &res {
+                        let preview = match v.as_f32() {
+                            Some(a) => format!("{:?}", a.iter().take(4).collect::<Vec<_>>()),
+                            None => String::new(),
+                        };
+                        println!("{k:<32} {} {:?} {preview}", v.dtype_name(), v.shape());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn default_output(model: &Path) -> PathBuf {
+    let name = model
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model.onnx");
+    let stem = name.strip_suffix(".onnx").unwrap_or(name);
+    model.with_file_name(format!("{stem}.dagr.onnx"))
+}
+
+fn inject_cmd(a: InjectArgs) -> Result<()> {
+    let task = match (&a.loss, &a.labels) {
+        (Some(l), _) => Task::Loss { output: l.clone() },
+        (None, Some(lab)) => Task::CrossEntropy {
+            logits: a.logits.clone(),
+            labels: lab.clone(),
+        },
+        (None, None) => Task::None,
+    };
+    let cfg = a.dagr.config(a.encoders.clone(), task);
+    cfg.validate()?;
+    let out = a.output.clone().unwrap_or_else(|| default_output(&a.model));
+    if onnx::io::same_file(&a.model, &out) {
+        bail!(
+            "refusing to overwrite the input model {}\n  hint: pass a different -o/--output path",
+            out.display()
+        );
+    }
+    let mut model = onnx::load(&a.model)?;
+    let done = dagr::inject(&mut model, &cfg)?;
+    onnx::save(&model, &out).with_context(|| format!("writing {}", out.display()))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "output": out,
+                "encoders": done.encoders,
+                "outputs": done.record.outputs,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("encoders");
+    for e in &done.encoders {
+        let how = match &e.resolution {
+            dagr_inject::locate::Resolution::Explicit => "given as name=tensor".to_string(),
+            dagr_inject::locate::Resolution::TensorName => "exact tensor name".to_string(),
+            dagr_inject::locate::Resolution::Scope { scope, source } => format!(
+                "module scope '{scope}' ({})",
+                match source {
+                    dagr_inject::locate::ScopeSource::Metadata => "node metadata",
+                    dagr_inject::locate::ScopeSource::NodeName => "node names",
+                }
+            ),
+        };
+        println!(
+            "  {:<10} {:<36} {:<8} {:<14} {how}",
+            e.modality, e.tensor, e.dtype, e.shape
+        );
+    }
+    let o = &done.record.outputs;
+    println!("new outputs");
+    let mut names = vec![o.loss.clone(), o.dispersion.clone()];
+    names.extend(o.dispersion_per_modality.iter().map(|x| x.1.clone()));
+    names.extend(o.anchoring.clone());
+    names.extend(o.task_loss.clone());
+    names.extend(o.total_loss.clone());
+    names.extend(o.grads.iter().map(|x| x.1.clone()));
+    names.extend(o.embeddings.iter().map(|x| x.1.clone()));
+    println!("  {}", names.join("\n  "));
+    if let Some(l) = &o.labels_input {
+        println!("new input\n  {l} (int64 [batch] class labels)");
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn block_cmd(a: BlockArgs) -> Result<()> {
+    if a.modalities < 2 {
+        bail!("--modalities must be at least 2, got {}", a.modalities);
+    }
+    if a.dim < 1 {
+        bail!("--dim must be positive, got {}", a.dim);
+    }
+    let names: Vec<String> = if a.names.is_empty() {
+        (0..a.modalities).map(|i| format!("m{i}")).collect()
+    } else {
+        a.names.clone()
+    };
+    if names.len() != a.modalities {
+        bail!(
+            "--names lists {} names but --modalities is {}",
+            names.len(),
+            a.modalities
+        );
+    }
+    let mut model = dagr_inject::dagr::block::skeleton(&names, a.dim, a.opset)?;
+    let entries = names.iter().map(|n| format!("{n}={n}/z")).collect();
+    let cfg = a.dagr.config(entries, Task::None);
+    let done = dagr::inject(&mut model, &cfg)?;
+    onnx::save(&model, &a.output)?;
+    println!(
+        "wrote {}: inputs {} [batch, {}]; outputs {}, {}",
+        a.output.display(),
+        names.join(", "),
+        a.dim,
+        done.record.outputs.loss,
+        done.record
+            .outputs
+            .grads
+            .iter()
+            .map(|g| g.1.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _: &Model = &model;
+    Ok(())
+}

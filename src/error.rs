@@ -1,0 +1,47 @@
+//! Typed errors of the library. The CLI wraps them with `anyhow`; every message says what was
+//! wrong and what to do about it.
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}\n  hint: check the path and that the file is readable")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot write {path}: {source}\n  hint: check that the directory exists and is writable"
+    )]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid ONNX model: {reason}\n  hint: the file may be truncated or not an .onnx file; re-export it from your framework")]
+    NotOnnx { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    BadModel { path: PathBuf, reason: String },
+    #[error("external data of tensor '{tensor}' refers to {location}, which {problem}\n  hint: keep the external data file next to the model, at the location it was saved with")]
+    ExternalData {
+        tensor: String,
+        location: String,
+        problem: String,
+    },
+    #[error("{0}")]
+    Encoder(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Graph(String),
+    #[error(
+        "refusing to overwrite the input model {0}\n  hint: pass a different -o/--output path"
+    )]
+    WouldOverwriteInput(PathBuf),
+    #[error("runtime error ({backend}): {message}")]
+    Runtime { backend: String, message: String },
+    #[error("data error: {0}")]
+    Data(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,167 @@
+//! `dagr-inject inspect`: what a model contains and which tensors look like encoder outputs.
+
+use crate::error::Result;
+use crate::locate::{self, Candidate};
+use crate::onnx::{dtype, tensor, GraphIndex, Model};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+#[derive(Debug, Serialize)]
+pub struct TensorSummary {
+    pub name: String,
+    pub dtype: String,
+    pub shape: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub ir_version: i64,
+    pub producer: String,
+    pub opsets: BTreeMap<String, i64>,
+    pub inputs: Vec<TensorSummary>,
+    pub outputs: Vec<TensorSummary>,
+    pub nodes: usize,
+    pub op_counts: BTreeMap<String, usize>,
+    pub parameter_tensors: usize,
+    pub parameters: u64,
+    pub external_data: bool,
+    pub encoder_candidates: Vec<Candidate>,
+    /// The configuration a previous `dagr-inject` rewrite recorded, if any.
+    pub dagr: Option<serde_json::Value>,
+}
+
+pub fn report(model: &Model) -> Result<Report> {
+    let idx = GraphIndex::new(model)?;
+    let g = model.graph();
+    let summary = |name: &String| {
+        let f = idx.fact(name).cloned().unwrap_or_default();
+        TensorSummary {
+            name: name.clone(),
+            dtype: dtype::name(f.dtype).into(),
+            shape: f.shape_string(),
+        }
+    };
+    let mut op_counts = BTreeMap::new();
+    for n in &g.node {
+        let key = if n.domain.is_empty() {
+            n.op_type.clone()
+        } else {
+            format!("{}::{}", n.domain, n.op_type)
+        };
+        *op_counts.entry(key).or_insert(0) += 1;
+    }
+    let params: Vec<_> = g
+        .initializer
+        .iter()
+        .filter(|t| dtype::is_float(t.data_type))
+        .collect();
+    Ok(Report {
+        ir_version: model.proto.ir_version,
+        producer: format!(
+            "{} {}",
+            model.proto.producer_name, model.proto.producer_version
+        )
+        .trim()
+        .to_string(),
+        opsets: model
+            .proto
+            .opset_import
+            .iter()
+            .map(|o| {
+                (
+                    if o.domain.is_empty() {
+                        "ai.onnx".to_string()
+                    } else {
+                        o.domain.clone()
+                    },
+                    o.version,
+                )
+            })
+            .collect(),
+        inputs: idx.user_inputs().iter().map(summary).collect(),
+        outputs: idx.graph_outputs.iter().map(summary).collect(),
+        nodes: g.node.len(),
+        op_counts,
+        parameter_tensors: params.len(),
+        parameters: params.iter().map(|t| tensor::numel(t) as u64).sum(),
+        external_data: !crate::onnx::io::external_tensors(&model.proto).is_empty(),
+        encoder_candidates: locate::candidates(model, &idx),
+        dagr: model
+            .metadata(crate::dagr::METADATA_KEY)
+            .and_then(|s| serde_json::from_str(s).ok()),
+    })
+}
+
+impl Report {
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "IR version  {}", self.ir_version);
+        let _ = writeln!(s, "producer    {}", self.producer);
+        let ops: Vec<String> = self
+            .opsets
+            .iter()
+            .map(|(d, v)| format!("{d} {v}"))
+            .collect();
+        let _ = writeln!(s, "opsets      {}", ops.join(", "));
+        let _ = writeln!(
+            s,
+            "parameters  {} in {} tensors{}",
+            self.parameters,
+            self.parameter_tensors,
+            if self.external_data {
+                " (external data)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(s, "nodes       {}", self.nodes);
+        let _ = writeln!(s, "\ninputs");
+        for t in &self.inputs {
+            let _ = writeln!(s, "  {:<28} {:<9} {}", t.name, t.dtype, t.shape);
+        }
+        let _ = writeln!(s, "outputs");
+        for t in &self.outputs {
+            let _ = writeln!(s, "  {:<28} {:<9} {}", t.name, t.dtype, t.shape);
+        }
+        let ops: Vec<String> = self
+            .op_counts
+            .iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect();
+        let _ = writeln!(s, "\noperators   {}", ops.join(" "));
+        if let Some(d) = &self.dagr {
+            let _ = writeln!(s, "\nrewritten by dagr-inject: {d}");
+        }
+        let _ = writeln!(s, "\nencoder-output candidates (best first)");
+        if self.encoder_candidates.is_empty() {
+            let _ = writeln!(s, "  none found: the exporter recorded no module scopes; pass tensor names to --encoders");
+        }
+        for c in &self.encoder_candidates {
+            let _ = writeln!(
+                s,
+                "  {:>3}  --encoders {:<22} {:<32} {:<8} {:<14} {}",
+                c.score,
+                c.pass_as,
+                c.tensor,
+                c.dtype,
+                c.shape,
+                c.reasons.join("; ")
+            );
+        }
+        let enc: Vec<&str> = self
+            .encoder_candidates
+            .iter()
+            .filter(|c| c.score >= 5)
+            .map(|c| c.pass_as.as_str())
+            .collect();
+        if enc.len() >= 2 {
+            let _ = writeln!(
+                s,
+                "\nsuggested: dagr-inject MODEL --encoders {}",
+                enc.join(",")
+            );
+        }
+        s
+    }
+}

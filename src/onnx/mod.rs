@@ -1,0 +1,52 @@
+//! ONNX model I/O, the graph index, shape facts and node builders.
+//!
+//! Everything above this layer (locate, dagr, runtime, cli) reads and writes graphs through the
+//! types here; nothing here knows about DAGR.
+
+pub mod builder;
+pub mod index;
+pub mod io;
+pub mod shape;
+pub mod tensor;
+
+pub use index::{Dim, GraphIndex, ValueFact};
+pub use io::{load, save, Model};
+pub use onnx_protobuf as proto;
+
+/// ONNX element types used by this crate (values of `TensorProto.DataType`).
+pub mod dtype {
+    pub const FLOAT: i32 = 1;
+    pub const UINT8: i32 = 2;
+    pub const INT8: i32 = 3;
+    pub const INT32: i32 = 6;
+    pub const INT64: i32 = 7;
+    pub const BOOL: i32 = 9;
+    pub const FLOAT16: i32 = 10;
+    pub const DOUBLE: i32 = 11;
+    pub const BFLOAT16: i32 = 16;
+
+    pub fn is_float(t: i32) -> bool {
+        matches!(t, FLOAT | FLOAT16 | DOUBLE | BFLOAT16)
+    }
+
+    pub fn name(t: i32) -> &'static str {
+        match t {
+            0 => "undefined",
+            FLOAT => "float32",
+            UINT8 => "uint8",
+            INT8 => "int8",
+            4 => "uint16",
+            5 => "int16",
+            INT32 => "int32",
+            INT64 => "int64",
+            8 => "string",
+            BOOL => "bool",
+            FLOAT16 => "float16",
+            DOUBLE => "float64",
+            12 => "uint32",
+            13 => "uint64",
+            BFLOAT16 => "bfloat16",
+            _ => "other",
+        }
+    }
+}

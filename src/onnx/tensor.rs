@@ -1,0 +1,135 @@
+//! Conversions between `TensorProto` and plain Rust values.
+
+use crate::error::{Error, Result};
+use crate::onnx::dtype;
+use crate::onnx::io::{external_info, is_external};
+use crate::onnx::proto::TensorProto;
+use std::path::Path;
+
+/// Build a float32 tensor.
+pub fn f32_tensor(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
+    let mut t = TensorProto::new();
+    t.name = name.to_string();
+    t.dims = dims.to_vec();
+    t.data_type = dtype::FLOAT;
+    t.raw_data = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    t
+}
+
+/// Build an int64 tensor.
+pub fn i64_tensor(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
+    let mut t = TensorProto::new();
+    t.name = name.to_string();
+    t.dims = dims.to_vec();
+    t.data_type = dtype::INT64;
+    t.raw_data = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    t
+}
+
+pub fn numel(t: &TensorProto) -> usize {
+    t.dims.iter().map(|&d| d.max(0) as usize).product()
+}
+
+/// The raw little-endian bytes of a tensor, reading external data from `base_dir` if needed.
+pub fn raw_bytes(t: &TensorProto, base_dir: &Path) -> Result<Vec<u8>> {
+    if is_external(t) {
+        let (loc, off, len) = external_info(t);
+        let loc = loc.unwrap_or_default();
+        let path = base_dir.join(&loc);
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        f.seek(SeekFrom::Start(off)).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let mut buf = Vec::new();
+        match len {
+            Some(n) => {
+                buf.resize(n as usize, 0);
+                f.read_exact(&mut buf).map_err(|source| Error::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            None => {
+                f.read_to_end(&mut buf).map_err(|source| Error::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
+        return Ok(buf);
+    }
+    Ok(t.raw_data.clone())
+}
+
+/// Integer values of an int64/int32 tensor (e.g. a Reshape shape or axes input).
+pub fn to_i64(t: &TensorProto, base_dir: &Path) -> Result<Vec<i64>> {
+    let n = numel(t);
+    match t.data_type {
+        dtype::INT64 => {
+            if !t.int64_data.is_empty() {
+                return Ok(t.int64_data.clone());
+            }
+            let raw = raw_bytes(t, base_dir)?;
+            Ok(raw
+                .chunks_exact(8)
+                .take(n)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect())
+        }
+        dtype::INT32 => {
+            if !t.int32_data.is_empty() {
+                return Ok(t.int32_data.iter().map(|&v| v as i64).collect());
+            }
+            let raw = raw_bytes(t, base_dir)?;
+            Ok(raw
+                .chunks_exact(4)
+                .take(n)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect())
+        }
+        other => Err(Error::Graph(format!(
+            "tensor '{}' has type {}, expected an integer tensor",
+            t.name,
+            dtype::name(other)
+        ))),
+    }
+}
+
+/// Float values of a floating tensor, converted to f32.
+pub fn to_f32(t: &TensorProto, base_dir: &Path) -> Result<Vec<f32>> {
+    let n = numel(t);
+    match t.data_type {
+        dtype::FLOAT => {
+            if !t.float_data.is_empty() {
+                return Ok(t.float_data.clone());
+            }
+            let raw = raw_bytes(t, base_dir)?;
+            Ok(raw
+                .chunks_exact(4)
+                .take(n)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect())
+        }
+        dtype::DOUBLE => {
+            if !t.double_data.is_empty() {
+                return Ok(t.double_data.iter().map(|&v| v as f32).collect());
+            }
+            let raw = raw_bytes(t, base_dir)?;
+            Ok(raw
+                .chunks_exact(8)
+                .take(n)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect())
+        }
+        other => Err(Error::Graph(format!(
+            "tensor '{}' has type {}, expected float32 or float64",
+            t.name,
+            dtype::name(other)
+        ))),
+    }
+}

@@ -1,0 +1,79 @@
+//! Backends that run a (rewritten) model: tract, pure Rust and embedded, and ONNX Runtime,
+//! loaded dynamically from its shared library.
+
+pub mod ort_backend;
+pub mod tract_backend;
+
+use crate::error::{Error, Result};
+use ndarray::ArrayD;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A tensor crossing the backend boundary.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+    Bool(ArrayD<bool>),
+}
+
+impl Value {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Value::F32(a) => a.shape(),
+            Value::I64(a) => a.shape(),
+            Value::Bool(a) => a.shape(),
+        }
+    }
+    pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
+        match self {
+            Value::F32(a) => Some(a),
+            _ => None,
+        }
+    }
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            Value::F32(_) => "float32",
+            Value::I64(_) => "int64",
+            Value::Bool(_) => "bool",
+        }
+    }
+}
+
+pub type Tensors = BTreeMap<String, Value>;
+
+/// Which runtime executes a model.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// tract: pure Rust, embedded, no install needed.
+    Tract,
+    /// ONNX Runtime (CPU execution provider), loaded from its shared library.
+    Ort,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Tract => "tract",
+            Backend::Ort => "ort",
+        }
+    }
+}
+
+/// Run the model at `path` with `inputs`, returning the named `outputs`.
+pub fn run(backend: Backend, path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
+    match backend {
+        Backend::Tract => tract_backend::run(path, inputs, outputs),
+        Backend::Ort => ort_backend::run(path, inputs, outputs),
+    }
+}
+
+pub(crate) fn rt_err(backend: &str, e: impl std::fmt::Display) -> Error {
+    Error::Runtime {
+        backend: backend.to_string(),
+        message: format!("{e:#}"),
+    }
+}

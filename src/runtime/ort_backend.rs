@@ -1,0 +1,147 @@
+//! ONNX Runtime backend through the `ort` crate, loading `libonnxruntime` at run time.
+//!
+//! The library is found through `ORT_DYLIB_PATH`, else the project's `.venv` (made by
+//! `scripts/setup.sh`), else the `onnxruntime` Python package of `python3`.
+
+use super::{rt_err, Tensors, Value};
+use crate::error::{Error, Result};
+use ort::session::Session;
+use ort::value::Tensor;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn err(e: impl std::fmt::Display) -> Error {
+    rt_err("ort", e)
+}
+
+static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+
+fn find_in_capi(dir: &Path) -> Option<PathBuf> {
+    let rd = std::fs::read_dir(dir).ok()?;
+    let mut libs: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+        })
+        .collect();
+    libs.sort();
+    libs.pop()
+}
+
+/// Where the ONNX Runtime shared library is, or a message saying how to get it.
+pub fn locate_library() -> std::result::Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("ORT_DYLIB_PATH") {
+        let p = PathBuf::from(p);
+        return if p.exists() {
+            Ok(p)
+        } else {
+            Err(format!(
+                "ORT_DYLIB_PATH points to {}, which does not exist",
+                p.display()
+            ))
+        };
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(d) = std::env::current_dir() {
+        roots.extend(d.ancestors().map(Path::to_path_buf));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().map(Path::to_path_buf));
+    }
+    roots.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    for r in roots {
+        let lib = r.join(".venv/lib");
+        if let Ok(rd) = std::fs::read_dir(&lib) {
+            for py in rd.flatten() {
+                let capi = py.path().join("site-packages/onnxruntime/capi");
+                if let Some(p) = find_in_capi(&capi) {
+                    return Ok(p);
+                }
+            }
+        }
+    }
+    let py = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+        ])
+        .output();
+    if let Ok(o) = py {
+        if o.status.success() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("capi");
+            if let Some(p) = find_in_capi(&dir) {
+                return Ok(p);
+            }
+        }
+    }
+    Err("ONNX Runtime's shared library was not found.\n  hint: run scripts/setup.sh (it installs the PyPI onnxruntime wheel into .venv), \
+         or `pip install onnxruntime==1.31.1`, or set ORT_DYLIB_PATH to libonnxruntime.so; \
+         the tract backend (--backend tract) needs no install"
+        .into())
+}
+
+/// The process-wide ONNX Runtime environment (loaded once).
+pub fn environment() -> Result<&'static ort::environment::Environment> {
+    let env = ENV.get_or_init(|| {
+        let lib = locate_library()?;
+        ort::init_from(&lib)
+            .map_err(|e| format!("cannot load {}: {e}", lib.display()))?
+            .with_name("dagr-inject")
+            .build()
+            .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
+    });
+    env.as_ref().map_err(|m| err(m))
+}
+
+pub fn session(path: &Path) -> Result<Session> {
+    let env = environment()?;
+    Session::builder(env)
+        .map_err(err)?
+        .commit_from_file(path)
+        .map_err(err)
+}
+
+pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
+    let mut s = session(path)?;
+    run_session(&mut s, inputs, outputs)
+}
+
+pub fn run_session(s: &mut Session, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
+    let mut feed: Vec<(String, ort::value::DynValue)> = Vec::new();
+    for inp in s.inputs() {
+        let name = inp.name().to_string();
+        let Some(v) = inputs.get(&name) else {
+            continue;
+        };
+        let dv = match v {
+            Value::F32(a) => Tensor::from_array(a.clone()).map_err(err)?.into_dyn(),
+            Value::I64(a) => Tensor::from_array(a.clone()).map_err(err)?.into_dyn(),
+            Value::Bool(a) => Tensor::from_array(a.clone()).map_err(err)?.into_dyn(),
+        };
+        feed.push((name, dv));
+    }
+    let res = s.run(feed).map_err(err)?;
+    let mut out = Tensors::new();
+    for name in outputs {
+        let v = res
+            .get(name.as_str())
+            .ok_or_else(|| err(format!("the model has no output '{name}'")))?;
+        let val = if let Ok(a) = v.try_extract_array::<f32>() {
+            Value::F32(a.to_owned())
+        } else if let Ok(a) = v.try_extract_array::<i64>() {
+            Value::I64(a.to_owned())
+        } else if let Ok(a) = v.try_extract_array::<bool>() {
+            Value::Bool(a.to_owned())
+        } else if let Ok(a) = v.try_extract_array::<half::f16>() {
+            Value::F32(a.mapv(f32::from))
+        } else {
+            return Err(err(format!(
+                "output '{name}' has a type this tool does not read"
+            )));
+        };
+        out.insert(name.clone(), val);
+    }
+    Ok(out)
+}

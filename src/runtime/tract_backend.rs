@@ -1,0 +1,67 @@
+//! tract backend. Input facts are fixed from the actual inputs before optimization, so symbolic
+//! batch dims are resolved and every shape is concrete.
+
+use super::{rt_err, Tensors, Value};
+use crate::error::Result;
+use std::path::Path;
+use tract_onnx::prelude::*;
+
+fn err(e: impl std::fmt::Display) -> crate::error::Error {
+    rt_err("tract", e)
+}
+
+pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
+    let mut model = tract_onnx::onnx().model_for_path(path).map_err(err)?;
+    let outlets = model.input_outlets().map_err(err)?.to_vec();
+    let mut feed: TVec<TValue> = tvec!();
+    for (i, o) in outlets.iter().enumerate() {
+        let name = model.node(o.node).name.clone();
+        let v = inputs
+            .get(&name)
+            .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?;
+        let t: Tensor = match v {
+            Value::F32(a) => a.clone().into_tensor(),
+            Value::I64(a) => a.clone().into_tensor(),
+            Value::Bool(a) => a.clone().into_tensor(),
+        };
+        model
+            .set_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))
+            .map_err(err)?;
+        feed.push(t.into_tvalue());
+    }
+    let mut wanted = Vec::new();
+    for name in outputs {
+        let o = model
+            .find_outlet_label(name)
+            .ok_or_else(|| err(format!("the model has no tensor named '{name}'")))?;
+        wanted.push(o);
+    }
+    model.select_output_outlets(&wanted).map_err(err)?;
+    let plan = model
+        .into_optimized()
+        .map_err(err)?
+        .into_runnable()
+        .map_err(err)?;
+    let res = plan.run(feed).map_err(err)?;
+    let mut out = Tensors::new();
+    for (name, t) in outputs.iter().zip(res) {
+        let v = match t.datum_type() {
+            DatumType::F32 => Value::F32(t.to_plain_array_view::<f32>().map_err(err)?.to_owned()),
+            DatumType::I64 => Value::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned()),
+            DatumType::Bool => {
+                Value::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned())
+            }
+            DatumType::F16 => {
+                let c = t.cast_to::<f32>().map_err(err)?;
+                Value::F32(c.to_plain_array_view::<f32>().map_err(err)?.to_owned())
+            }
+            other => {
+                return Err(err(format!(
+                    "output '{name}' has unsupported type {other:?}"
+                )))
+            }
+        };
+        out.insert(name.clone(), v);
+    }
+    Ok(out)
+}
