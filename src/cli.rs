@@ -69,22 +69,22 @@ struct DagrArgs {
     reduce: ReduceArg,
     /// RBF temperature (> 0)
     #[arg(long, default_value_t = 0.5)]
-    tau: f32,
+    tau: f64,
     /// Anchoring tolerance: pairs closer than this get no gradient (>= 0)
     #[arg(long, default_value_t = 0.5)]
-    delta: f32,
+    delta: f64,
     /// Weight of the dispersion term
     #[arg(long, default_value_t = 0.1)]
-    lambda_disp: f32,
+    lambda_disp: f64,
     /// Weight of the anchoring term
     #[arg(long, default_value_t = 0.1)]
-    lambda_anc: f32,
+    lambda_anc: f64,
     /// Dispersion potential
     #[arg(long, value_enum, default_value = "rbf")]
     dispersion: DispersionArg,
     /// Margin r of the hinge dispersion potential
     #[arg(long, default_value_t = 1.0)]
-    margin: f32,
+    margin: f64,
     /// Ablation variant
     #[arg(long, value_enum, default_value = "dagr")]
     variant: VariantArg,
@@ -172,9 +172,7 @@ impl DagrArgs {
             lambda_anc: self.lambda_anc,
             dispersion: match self.dispersion {
                 DispersionArg::Rbf => Dispersion::Rbf,
-                DispersionArg::Hinge => Dispersion::Hinge {
-                    margin: self.margin,
-                },
+                DispersionArg::Hinge => Dispersion::Hinge { margin: self.margin },
             },
             variant: if self.no_anchor {
                 Variant::DispOnly
@@ -266,10 +264,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
 }
 
 fn default_output(model: &Path) -> PathBuf {
-    let name = model
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("model.onnx");
+    let name = model.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx");
     let stem = name.strip_suffix(".onnx").unwrap_or(name);
     model.with_file_name(format!("{stem}.dagr.onnx"))
 }

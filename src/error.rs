@@ -7,17 +7,9 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum Error {
     #[error("cannot read {path}: {source}\n  hint: check the path and that the file is readable")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "cannot write {path}: {source}\n  hint: check that the directory exists and is writable"
-    )]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}\n  hint: check that the directory exists and is writable")]
+    Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid ONNX model: {reason}\n  hint: the file may be truncated or not an .onnx file; re-export it from your framework")]
     NotOnnx { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -34,9 +26,7 @@ pub enum Error {
     Config(String),
     #[error("{0}")]
     Graph(String),
-    #[error(
-        "refusing to overwrite the input model {0}\n  hint: pass a different -o/--output path"
-    )]
+    #[error("refusing to overwrite the input model {0}\n  hint: pass a different -o/--output path")]
     WouldOverwriteInput(PathBuf),
     #[error("runtime error ({backend}): {message}")]
     Runtime { backend: String, message: String },

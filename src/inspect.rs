@@ -51,19 +51,12 @@ pub fn report(model: &Model) -> Result<Report> {
         };
         *op_counts.entry(key).or_insert(0) += 1;
     }
-    let params: Vec<_> = g
-        .initializer
-        .iter()
-        .filter(|t| dtype::is_float(t.data_type))
-        .collect();
+    let params: Vec<_> = g.initializer.iter().filter(|t| dtype::is_float(t.data_type)).collect();
     Ok(Report {
         ir_version: model.proto.ir_version,
-        producer: format!(
-            "{} {}",
-            model.proto.producer_name, model.proto.producer_version
-        )
-        .trim()
-        .to_string(),
+        producer: format!("{} {}", model.proto.producer_name, model.proto.producer_version)
+            .trim()
+            .to_string(),
         opsets: model
             .proto
             .opset_import
@@ -98,22 +91,14 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(s, "IR version  {}", self.ir_version);
         let _ = writeln!(s, "producer    {}", self.producer);
-        let ops: Vec<String> = self
-            .opsets
-            .iter()
-            .map(|(d, v)| format!("{d} {v}"))
-            .collect();
+        let ops: Vec<String> = self.opsets.iter().map(|(d, v)| format!("{d} {v}")).collect();
         let _ = writeln!(s, "opsets      {}", ops.join(", "));
         let _ = writeln!(
             s,
             "parameters  {} in {} tensors{}",
             self.parameters,
             self.parameter_tensors,
-            if self.external_data {
-                " (external data)"
-            } else {
-                ""
-            }
+            if self.external_data { " (external data)" } else { "" }
         );
         let _ = writeln!(s, "nodes       {}", self.nodes);
         let _ = writeln!(s, "\ninputs");
@@ -124,18 +109,17 @@ impl Report {
         for t in &self.outputs {
             let _ = writeln!(s, "  {:<28} {:<9} {}", t.name, t.dtype, t.shape);
         }
-        let ops: Vec<String> = self
-            .op_counts
-            .iter()
-            .map(|(k, v)| format!("{k}×{v}"))
-            .collect();
+        let ops: Vec<String> = self.op_counts.iter().map(|(k, v)| format!("{k}×{v}")).collect();
         let _ = writeln!(s, "\noperators   {}", ops.join(" "));
         if let Some(d) = &self.dagr {
             let _ = writeln!(s, "\nrewritten by dagr-inject: {d}");
         }
         let _ = writeln!(s, "\nencoder-output candidates (best first)");
         if self.encoder_candidates.is_empty() {
-            let _ = writeln!(s, "  none found: the exporter recorded no module scopes; pass tensor names to --encoders");
+            let _ = writeln!(
+                s,
+                "  none found: the exporter recorded no module scopes; pass tensor names to --encoders"
+            );
         }
         for c in &self.encoder_candidates {
             let _ = writeln!(
@@ -156,11 +140,7 @@ impl Report {
             .map(|c| c.pass_as.as_str())
             .collect();
         if enc.len() >= 2 {
-            let _ = writeln!(
-                s,
-                "\nsuggested: dagr-inject MODEL --encoders {}",
-                enc.join(",")
-            );
+            let _ = writeln!(s, "\nsuggested: dagr-inject MODEL --encoders {}", enc.join(","));
         }
         s
     }

@@ -24,12 +24,7 @@ pub enum ScopeSource {
 
 /// The module path of a node, if its exporter recorded one.
 pub fn node_scope(n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
-    let meta = |k: &str| {
-        n.metadata_props
-            .iter()
-            .find(|p| p.key == k)
-            .map(|p| p.value.as_str())
-    };
+    let meta = |k: &str| n.metadata_props.iter().find(|p| p.key == k).map(|p| p.value.as_str());
     if let Some(v) = meta("pkg.torch.onnx.name_scopes") {
         let items = parse_py_str_list(v);
         if items.len() >= 2 {
@@ -41,21 +36,12 @@ pub fn node_scope(n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
         // ": __main__.M/audio_encoder: __main__.Enc/audio_encoder.fc: torch.nn.Linear/linear: aten.linear"
         let parts: Vec<&str> = v.split('/').collect();
         if parts.len() >= 2 {
-            let module = parts[parts.len() - 2]
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .trim();
+            let module = parts[parts.len() - 2].split(':').next().unwrap_or("").trim();
             return Some((split_path(module), ScopeSource::Metadata));
         }
     }
     if n.name.starts_with('/') {
-        let mut comps: Vec<String> = n
-            .name
-            .split('/')
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect();
+        let mut comps: Vec<String> = n.name.split('/').filter(|s| !s.is_empty()).map(String::from).collect();
         comps.pop();
         return Some((comps, ScopeSource::NodeName));
     }
@@ -154,10 +140,7 @@ impl Scopes {
                 if o.is_empty() {
                     continue;
                 }
-                let used_outside = idx
-                    .consumers_of(o)
-                    .iter()
-                    .any(|&c| !self.in_scope(c, &comps))
+                let used_outside = idx.consumers_of(o).iter().any(|&c| !self.in_scope(c, &comps))
                     || idx.graph_outputs.iter().any(|x| x == o);
                 let floating = idx
                     .fact(o)
@@ -261,10 +244,7 @@ pub fn resolve(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) ->
         .collect();
     let exact: Vec<_> = at_depth.iter().filter(|(p, _)| **p == joined).collect();
     let matches: Vec<_> = if exact.is_empty() {
-        at_depth
-            .iter()
-            .filter(|(p, _)| p.starts_with(&joined))
-            .collect()
+        at_depth.iter().filter(|(p, _)| p.starts_with(&joined)).collect()
     } else {
         exact
     };
@@ -295,10 +275,12 @@ pub fn resolve(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) ->
                 ))),
             }
         }
-        _ => Err(Error::Encoder(format!(
+        _ => {
+            Err(Error::Encoder(format!(
             "'{entry}' is ambiguous: it matches the module scopes {}\n  hint: pass the full scope name, or name=TENSOR",
             matches.iter().map(|(p, _)| format!("'{p}'")).collect::<Vec<_>>().join(", ")
-        ))),
+        )))
+        }
     }
 }
 
@@ -336,10 +318,7 @@ fn not_found(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) -> E
             let d = strsim::levenshtein(&lower, &p.to_lowercase());
             let sub = p.to_lowercase().contains(&lower) || lower.contains(&p.to_lowercase());
             let leaving = scopes.leaving(model, idx, p);
-            let shape = leaving
-                .first()
-                .map(|t| describe(idx, t).1)
-                .unwrap_or_default();
+            let shape = leaving.first().map(|t| describe(idx, t).1).unwrap_or_default();
             scored.push((if sub { 0 } else { d }, format!("scope {p}"), shape));
         }
     }
@@ -355,11 +334,7 @@ fn not_found(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) -> E
         }
     }
     scored.sort();
-    let close: Vec<String> = scored
-        .iter()
-        .take(6)
-        .map(|(_, n, s)| format!("    {n}  {s}"))
-        .collect();
+    let close: Vec<String> = scored.iter().take(6).map(|(_, n, s)| format!("    {n}  {s}")).collect();
     Error::Encoder(format!(
         "no tensor or module scope named '{entry}' in the model; close candidates:\n{}\n  hint: `dagr-inject inspect MODEL` ranks the tensors that look like encoder outputs",
         close.join("\n")
@@ -395,12 +370,7 @@ pub fn candidates(model: &Model, idx: &GraphIndex) -> Vec<Candidate> {
         })
         .collect();
     let mut out = Vec::new();
-    let top: Vec<String> = scopes
-        .paths
-        .keys()
-        .filter(|p| !p.contains('.'))
-        .cloned()
-        .collect();
+    let top: Vec<String> = scopes.paths.keys().filter(|p| !p.contains('.')).cloned().collect();
     for scope in &top {
         let leaving = scopes.leaving(model, idx, scope);
         for t in &leaving {
@@ -445,11 +415,7 @@ pub fn candidates(model: &Model, idx: &GraphIndex) -> Vec<Candidate> {
             }
             let unique = leaving.len() == 1;
             out.push(Candidate {
-                pass_as: if unique {
-                    scope.clone()
-                } else {
-                    format!("{scope}={t}")
-                },
+                pass_as: if unique { scope.clone() } else { format!("{scope}={t}") },
                 tensor: t.clone(),
                 scope: Some(scope.clone()),
                 dtype: dtype::name(f.dtype).into(),

@@ -15,8 +15,7 @@ pub fn read(path: &Path) -> Result<Tensors> {
         source,
     })?;
     let bad = |m: String| Error::Data(format!("{}: {m}", path.display()));
-    let mut npz =
-        NpzReader::new(f).map_err(|e| bad(format!("not a readable .npz archive ({e})")))?;
+    let mut npz = NpzReader::new(f).map_err(|e| bad(format!("not a readable .npz archive ({e})")))?;
     let names = npz.names().map_err(|e| bad(e.to_string()))?;
     let mut out = Tensors::new();
     for n in names {

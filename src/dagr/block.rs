@@ -9,25 +9,26 @@ use crate::onnx::{dtype, Dim, Model, ValueFact};
 /// A model with one `[batch, dim]` float input per modality, each passed through an Identity
 /// named `<name>/z` so that `inject` can name it as an encoder output.
 pub fn skeleton(names: &[String], dim: i64, opset: i64) -> Result<Model> {
+    let shapes: Vec<Vec<i64>> = names.iter().map(|_| vec![dim]).collect();
+    skeleton_shaped(names, &shapes, opset)
+}
+
+/// Like `skeleton`, with per-modality non-batch shapes (`[batch, ..shape]`).
+pub fn skeleton_shaped(names: &[String], shapes: &[Vec<i64>], opset: i64) -> Result<Model> {
     if opset < 13 {
-        return Err(Error::Config(format!(
-            "--opset must be 13 or newer, got {opset}"
-        )));
+        return Err(Error::Config(format!("--opset must be 13 or newer, got {opset}")));
     }
     let mut g = GraphProto::new();
     g.name = "dagr_block".into();
     let mut seen = NameGen::default();
-    for n in names {
+    for (n, shape) in names.iter().zip(shapes) {
         if seen.contains(n) {
-            return Err(Error::Config(format!(
-                "the modality name '{n}' is given twice"
-            )));
+            return Err(Error::Config(format!("the modality name '{n}' is given twice")));
         }
         seen.fresh(n);
-        let fact = ValueFact::new(
-            dtype::FLOAT,
-            vec![Dim::Sym("batch".into()), Dim::Known(dim)],
-        );
+        let mut dims = vec![Dim::Sym("batch".into())];
+        dims.extend(shape.iter().map(|&d| Dim::Known(d)));
+        let fact = ValueFact::new(dtype::FLOAT, dims);
         g.input.push(fact.to_value_info(n));
         let mut id = NodeProto::new();
         id.op_type = "Identity".into();

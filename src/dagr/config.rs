@@ -21,7 +21,7 @@ pub enum Dispersion {
     /// `log mean_{i<j} exp(-||u_i - u_j||^2 / tau)`
     Rbf,
     /// `mean_{i<j} max(0, margin - ||u_i - u_j||)^2`
-    Hinge { margin: f32 },
+    Hinge { margin: f64 },
 }
 
 /// Ablation variants (spec section 7).
@@ -41,16 +41,10 @@ pub enum Variant {
 
 impl Variant {
     pub fn uses_dispersion(self) -> bool {
-        matches!(
-            self,
-            Variant::Dagr | Variant::DispOnly | Variant::NaiveAlign
-        )
+        matches!(self, Variant::Dagr | Variant::DispOnly | Variant::NaiveAlign)
     }
     pub fn uses_anchoring(self) -> bool {
-        matches!(
-            self,
-            Variant::Dagr | Variant::AnchorOnly | Variant::NaiveAlign
-        )
+        matches!(self, Variant::Dagr | Variant::AnchorOnly | Variant::NaiveAlign)
     }
 }
 
@@ -72,10 +66,10 @@ pub struct Config {
     /// `--encoders` entries: `name=tensor`, tensor names or module scopes.
     pub encoders: Vec<String>,
     pub reduce: Reduce,
-    pub tau: f32,
-    pub delta: f32,
-    pub lambda_disp: f32,
-    pub lambda_anc: f32,
+    pub tau: f64,
+    pub delta: f64,
+    pub lambda_disp: f64,
+    pub lambda_anc: f64,
     pub dispersion: Dispersion,
     pub variant: Variant,
     pub task: Task,
@@ -98,9 +92,9 @@ impl Default for Config {
 }
 
 /// `normalize` eps, as in PyTorch's `F.normalize`.
-pub const NORM_EPS: f32 = 1e-12;
+pub const NORM_EPS: f64 = 1e-12;
 /// Added under the square root of distances so that the gradient at distance 0 is finite.
-pub const DIST_EPS: f32 = 1e-12;
+pub const DIST_EPS: f64 = 1e-12;
 
 impl Config {
     pub fn validate(&self) -> Result<()> {
@@ -123,10 +117,7 @@ impl Config {
         if !(self.delta >= 0.0 && self.delta.is_finite()) {
             return bad(format!("--delta must be >= 0, got {}", self.delta));
         }
-        for (n, v) in [
-            ("--lambda-disp", self.lambda_disp),
-            ("--lambda-anc", self.lambda_anc),
-        ] {
+        for (n, v) in [("--lambda-disp", self.lambda_disp), ("--lambda-anc", self.lambda_anc)] {
             if !v.is_finite() || v < 0.0 {
                 return bad(format!("{n} must be a finite number >= 0, got {v}"));
             }

@@ -124,7 +124,7 @@ fn dispersion(b: &mut Builder, u: &str, cfg: &Config, h: &str) -> (String, Strin
         Dispersion::Rbf => {
             let neg_inv_tau = b.scalar(-1.0 / cfg.tau);
             let s = b.binary("Mul", &dist2, &neg_inv_tau, h);
-            let masked = b.scalar(MASKED);
+            let masked = b.scalar(MASKED as f64);
             let s = b.op("Where", &[&diag, &masked, &s], vec![], h);
             let mx = b.reduce("ReduceMax", &s, None, false, h);
             let sh = b.binary("Sub", &s, &mx, h);
@@ -203,12 +203,7 @@ fn sum_all(b: &mut Builder, xs: &[String], h: &str) -> String {
 }
 
 /// Build the subgraph for encoders `encs` (at least two).
-pub fn emit(
-    b: &mut Builder,
-    encs: &[EncoderInput],
-    cfg: &Config,
-    with_anchoring: bool,
-) -> Result<Emitted> {
+pub fn emit(b: &mut Builder, encs: &[EncoderInput], cfg: &Config, with_anchoring: bool) -> Result<Emitted> {
     let m = encs.len();
     let normed: Vec<Normalized> = encs
         .iter()
@@ -233,17 +228,15 @@ pub fn emit(
         let (l, g) = dispersion(b, &n.u, cfg, &h);
         per.push(l);
         if wd > 0.0 {
-            let s = b.scalar(wd / m as f32);
+            let s = b.scalar(wd / m as f64);
             gu[k].push(b.binary("Mul", &g, &s, &h));
         }
     }
     let disp_sum = sum_all(b, &per, "dispersion");
-    let inv_m = b.scalar(1.0 / m as f32);
+    let inv_m = b.scalar(1.0 / m as f64);
     let disp = b.binary("Mul", &disp_sum, &inv_m, "dispersion");
 
-    let pairs: Vec<(usize, usize)> = (0..m)
-        .flat_map(|a| (a + 1..m).map(move |c| (a, c)))
-        .collect();
+    let pairs: Vec<(usize, usize)> = (0..m).flat_map(|a| (a + 1..m).map(move |c| (a, c))).collect();
     let mut anc = None;
     if with_anchoring {
         let mut anc_terms = Vec::new();
@@ -252,7 +245,7 @@ pub fn emit(
             let (l, g) = anchoring(b, &normed[a].u, &normed[c].u, cfg, &h);
             anc_terms.push(l);
             if wa > 0.0 {
-                let s = b.scalar(wa / pairs.len() as f32);
+                let s = b.scalar(wa / pairs.len() as f64);
                 let ga = b.binary("Mul", &g, &s, &h);
                 let gb = b.unary("Neg", &ga, &h);
                 gu[a].push(ga);
@@ -260,7 +253,7 @@ pub fn emit(
             }
         }
         let anc_sum = sum_all(b, &anc_terms, "anchoring");
-        let inv_p = b.scalar(1.0 / pairs.len() as f32);
+        let inv_p = b.scalar(1.0 / pairs.len() as f64);
         anc = Some(b.binary("Mul", &anc_sum, &inv_p, "anchoring"));
     }
 
@@ -316,14 +309,7 @@ fn normalize_backward(b: &mut Builder, g: &str, n: &Normalized, h: &str) -> Stri
 }
 
 /// The adjoint of the reduction to `[B, D]`.
-fn reduce_backward(
-    b: &mut Builder,
-    g: &str,
-    x: &str,
-    e: &EncoderInput,
-    reduce: Reduce,
-    h: &str,
-) -> String {
+fn reduce_backward(b: &mut Builder, g: &str, x: &str, e: &EncoderInput, reduce: Reduce, h: &str) -> String {
     if e.rank == 2 {
         return g.to_string();
     }
@@ -350,12 +336,7 @@ fn zeros_like(b: &mut Builder, x: &str, dt: i32, h: &str) -> String {
     let mut t = tensor::f32_tensor("", &[1], &[0.0]);
     t.data_type = dt;
     t.raw_data = vec![0u8; dtype_size(dt)];
-    b.op(
-        "ConstantOfShape",
-        &[&shape],
-        vec![attr_tensor("value", t)],
-        h,
-    )
+    b.op("ConstantOfShape", &[&shape], vec![attr_tensor("value", t)], h)
 }
 
 fn dtype_size(dt: i32) -> usize {

@@ -54,9 +54,7 @@ pub struct Injected {
 
 /// Read the record of an earlier rewrite, if the model has one.
 pub fn record_of(model: &Model) -> Option<Record> {
-    model
-        .metadata(METADATA_KEY)
-        .and_then(|s| serde_json::from_str(s).ok())
+    model.metadata(METADATA_KEY).and_then(|s| serde_json::from_str(s).ok())
 }
 
 /// The width `D'` of an encoder output after reduction, when its shape says so.
@@ -121,10 +119,7 @@ pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
     // Anchoring compares embeddings row by row: widths must agree.
     let widths: Vec<Option<i64>> = encoders
         .iter()
-        .map(|e| {
-            idx.fact(&e.tensor)
-                .and_then(|f| reduced_width(f, cfg.reduce))
-        })
+        .map(|e| idx.fact(&e.tensor).and_then(|f| reduced_width(f, cfg.reduce)))
         .collect();
     let mut widths_agree = true;
     for a in 0..encoders.len() {
@@ -163,15 +158,8 @@ pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
         ..Default::default()
     };
     for (e, t) in encoders.iter().zip(&em.dispersion_per_modality) {
-        let n = expose(
-            &mut b,
-            t,
-            &format!("dagr/dispersion/{}", e.modality),
-            scalar(),
-        );
-        outputs
-            .dispersion_per_modality
-            .push((e.modality.clone(), n));
+        let n = expose(&mut b, t, &format!("dagr/dispersion/{}", e.modality), scalar());
+        outputs.dispersion_per_modality.push((e.modality.clone(), n));
     }
     if let Some(a) = &em.anchoring {
         outputs.anchoring = Some(expose(&mut b, a, "dagr/anchoring", scalar()));
@@ -274,13 +262,7 @@ fn task_from_output(b: &mut Builder, idx: &GraphIndex, output: &str) -> Result<S
     if let Some(s) = &f.shape {
         let numel: Option<i64> = s
             .iter()
-            .map(|d| {
-                if let Dim::Known(v) = d {
-                    Some(*v)
-                } else {
-                    None
-                }
-            })
+            .map(|d| if let Dim::Known(v) = d { Some(*v) } else { None })
             .product();
         if numel != Some(1) {
             return Err(Error::Config(format!(
@@ -361,12 +343,7 @@ fn cross_entropy(
         };
         let logp = b.op("LogSoftmax", &[&x], vec![attr_int("axis", 1)], "task");
         let lab = b.unsqueeze(&label_name, &[1], "task");
-        let picked = b.op(
-            "GatherElements",
-            &[&logp, &lab],
-            vec![attr_int("axis", 1)],
-            "task",
-        );
+        let picked = b.op("GatherElements", &[&logp, &lab], vec![attr_int("axis", 1)], "task");
         let mean = b.reduce("ReduceMean", &picked, None, false, "task");
         terms.push(b.unary("Neg", &mean, "task"));
     }

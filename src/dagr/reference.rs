@@ -70,7 +70,7 @@ fn normalize(z: &Array2<f64>) -> (Array2<f64>, Vec<f64>) {
     for mut row in u.rows_mut() {
         let n = row_norm(row.view());
         norms.push(n);
-        let d = n.max(NORM_EPS as f64);
+        let d = n.max(NORM_EPS);
         row.mapv_inplace(|v| v / d);
     }
     (u, norms)
@@ -80,14 +80,14 @@ fn normalize_backward(g: &Array2<f64>, u: &Array2<f64>, norms: &[f64]) -> Array2
     let mut out = g.clone();
     for i in 0..g.nrows() {
         let n = norms[i];
-        if n > NORM_EPS as f64 {
+        if n > NORM_EPS {
             let dot: f64 = g.row(i).dot(&u.row(i));
             for k in 0..g.ncols() {
                 out[[i, k]] = (g[[i, k]] - u[[i, k]] * dot) / n;
             }
         } else {
             for k in 0..g.ncols() {
-                out[[i, k]] = g[[i, k]] / NORM_EPS as f64;
+                out[[i, k]] = g[[i, k]] / NORM_EPS;
             }
         }
     }
@@ -109,16 +109,11 @@ fn dispersion(u: &Array2<f64>, kind: Dispersion, tau: f64) -> (f64, Array2<f64>)
     if b < 2 {
         return (0.0, g);
     }
-    let pairs: Vec<(usize, usize)> = (0..b)
-        .flat_map(|i| (i + 1..b).map(move |j| (i, j)))
-        .collect();
+    let pairs: Vec<(usize, usize)> = (0..b).flat_map(|i| (i + 1..b).map(move |j| (i, j))).collect();
     let p = pairs.len() as f64;
     match kind {
         Dispersion::Rbf => {
-            let s: Vec<f64> = pairs
-                .iter()
-                .map(|&(i, j)| -sqdist(u, i, j, u) / tau)
-                .collect();
+            let s: Vec<f64> = pairs.iter().map(|&(i, j)| -sqdist(u, i, j, u) / tau).collect();
             let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
             let sum: f64 = e.iter().sum();
@@ -134,10 +129,10 @@ fn dispersion(u: &Array2<f64>, kind: Dispersion, tau: f64) -> (f64, Array2<f64>)
             (loss, g)
         }
         Dispersion::Hinge { margin } => {
-            let r = margin as f64;
+            let r = margin;
             let mut loss = 0.0;
             for &(i, j) in &pairs {
-                let d = (sqdist(u, i, j, u) + DIST_EPS as f64).sqrt();
+                let d = (sqdist(u, i, j, u) + DIST_EPS).sqrt();
                 let h = (r - d).max(0.0);
                 loss += h * h / p;
                 if h > 0.0 {
@@ -154,12 +149,7 @@ fn dispersion(u: &Array2<f64>, kind: Dispersion, tau: f64) -> (f64, Array2<f64>)
 }
 
 /// Cross-modal term of one modality pair and its gradients with respect to `ua` and `ub`.
-fn anchoring(
-    ua: &Array2<f64>,
-    ub: &Array2<f64>,
-    delta: f64,
-    naive: bool,
-) -> (f64, Array2<f64>, Array2<f64>) {
+fn anchoring(ua: &Array2<f64>, ub: &Array2<f64>, delta: f64, naive: bool) -> (f64, Array2<f64>, Array2<f64>) {
     let b = ua.nrows();
     let mut ga = Array2::<f64>::zeros(ua.raw_dim());
     let mut loss = 0.0;
@@ -171,7 +161,7 @@ fn anchoring(
                 ga[[i, c]] = 2.0 * (ua[[i, c]] - ub[[i, c]]) / b as f64;
             }
         } else {
-            let d = (sq + DIST_EPS as f64).sqrt();
+            let d = (sq + DIST_EPS).sqrt();
             loss += (d - delta).max(0.0) / b as f64;
             if d > delta {
                 for c in 0..ua.ncols() {
@@ -192,12 +182,12 @@ pub fn compute(z: &[Array2<f64>], cfg: &Config) -> Terms {
 
     let mut per = Vec::with_capacity(m);
     let wd = if cfg.variant.uses_dispersion() {
-        cfg.lambda_disp as f64
+        cfg.lambda_disp
     } else {
         0.0
     };
     for (k, (u, _)) in normed.iter().enumerate() {
-        let (l, g) = dispersion(u, cfg.dispersion, cfg.tau as f64);
+        let (l, g) = dispersion(u, cfg.dispersion, cfg.tau);
         per.push(l);
         gu[k] = &gu[k] + &(g * (wd / m as f64));
     }
@@ -205,16 +195,14 @@ pub fn compute(z: &[Array2<f64>], cfg: &Config) -> Terms {
 
     let naive = cfg.variant == Variant::NaiveAlign;
     let wa = if cfg.variant.uses_anchoring() {
-        cfg.lambda_anc as f64
+        cfg.lambda_anc
     } else {
         0.0
     };
-    let pairs: Vec<(usize, usize)> = (0..m)
-        .flat_map(|a| (a + 1..m).map(move |b| (a, b)))
-        .collect();
+    let pairs: Vec<(usize, usize)> = (0..m).flat_map(|a| (a + 1..m).map(move |b| (a, b))).collect();
     let mut anc = 0.0;
     for &(a, b) in &pairs {
-        let (l, ga, gb) = anchoring(&normed[a].0, &normed[b].0, cfg.delta as f64, naive);
+        let (l, ga, gb) = anchoring(&normed[a].0, &normed[b].0, cfg.delta, naive);
         anc += l / pairs.len() as f64;
         let s = wa / pairs.len() as f64;
         gu[a] = &gu[a] + &(ga * s);

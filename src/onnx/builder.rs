@@ -1,9 +1,7 @@
 //! Appending nodes to a graph: unique names, constants, and opset-aware forms of the operators
 //! whose signature changed across opsets (axes as attribute or as input).
 
-use crate::onnx::proto::{
-    attribute_proto::AttributeType, AttributeProto, GraphProto, NodeProto, TensorProto,
-};
+use crate::onnx::proto::{attribute_proto::AttributeType, AttributeProto, GraphProto, NodeProto, TensorProto};
 use crate::onnx::{dtype, tensor, Model};
 use std::collections::{HashMap, HashSet};
 
@@ -139,11 +137,7 @@ impl Builder {
                 self.name(&format!(
                     "{hint}/{}{}",
                     op.to_lowercase(),
-                    if i == 0 {
-                        String::new()
-                    } else {
-                        format!("_{i}")
-                    }
+                    if i == 0 { String::new() } else { format!("_{i}") }
                 ))
             })
             .collect();
@@ -154,24 +148,12 @@ impl Builder {
     }
 
     /// Append a node with one output.
-    pub fn op(
-        &mut self,
-        op: &str,
-        inputs: &[&str],
-        attrs: Vec<AttributeProto>,
-        hint: &str,
-    ) -> String {
+    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, hint: &str) -> String {
         self.node_n(op, inputs, 1, attrs, hint).remove(0)
     }
 
     /// Append a node whose single output gets exactly `output` (which must be fresh).
-    pub fn op_named(
-        &mut self,
-        op: &str,
-        inputs: &[&str],
-        attrs: Vec<AttributeProto>,
-        output: &str,
-    ) {
+    pub fn op_named(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, output: &str) {
         let mut n = NodeProto::new();
         n.op_type = op.to_string();
         n.name = self.names.fresh(&format!("{output}/{op}"));
@@ -189,19 +171,18 @@ impl Builder {
                 return n.clone();
             }
             let name = self.name("const");
-            self.initializers
-                .push(tensor::f32_tensor(&name, dims, data));
+            self.initializers.push(tensor::f32_tensor(&name, dims, data));
             self.f32_consts.insert(key, name.clone());
             return name;
         }
         let name = self.name("const");
-        self.initializers
-            .push(tensor::f32_tensor(&name, dims, data));
+        self.initializers.push(tensor::f32_tensor(&name, dims, data));
         name
     }
 
-    pub fn scalar(&mut self, v: f32) -> String {
-        self.const_f32(&[], &[v])
+    /// A float32 scalar constant (the value is rounded to f32).
+    pub fn scalar(&mut self, v: f64) -> String {
+        self.const_f32(&[], &[v as f32])
     }
 
     /// An int64 1-D constant (axes, shapes), shared between identical uses.
@@ -226,14 +207,7 @@ impl Builder {
 
     /// A reduction. `axes = None` reduces over all axes. ReduceSum takes axes as an input from
     /// opset 13, the other reductions from opset 18; before that they are an attribute.
-    pub fn reduce(
-        &mut self,
-        op: &str,
-        x: &str,
-        axes: Option<&[i64]>,
-        keepdims: bool,
-        hint: &str,
-    ) -> String {
+    pub fn reduce(&mut self, op: &str, x: &str, axes: Option<&[i64]>, keepdims: bool, hint: &str) -> String {
         let as_input = if op == "ReduceSum" {
             self.opset >= 13
         } else {

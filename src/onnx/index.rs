@@ -46,13 +46,7 @@ impl ValueFact {
     }
     pub fn shape_string(&self) -> String {
         match &self.shape {
-            Some(s) => format!(
-                "[{}]",
-                s.iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            Some(s) => format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
             None => "[?]".into(),
         }
     }
@@ -175,12 +169,7 @@ impl GraphIndex {
         let topo = topo_order(g, &producer)?;
 
         let mut facts = HashMap::new();
-        for vi in g
-            .input
-            .iter()
-            .chain(g.value_info.iter())
-            .chain(g.output.iter())
-        {
+        for vi in g.input.iter().chain(g.value_info.iter()).chain(g.output.iter()) {
             if let Some(f) = vi.type_.as_ref().and_then(ValueFact::from_type_proto) {
                 merge_fact(&mut facts, &vi.name, f);
             }

@@ -25,10 +25,7 @@ pub struct Model {
 
 impl Model {
     pub fn graph(&self) -> &crate::onnx::proto::GraphProto {
-        self.proto
-            .graph
-            .as_ref()
-            .expect("validated on load: model has a graph")
+        self.proto.graph.as_ref().expect("validated on load: model has a graph")
     }
 
     pub fn graph_mut(&mut self) -> &mut crate::onnx::proto::GraphProto {
@@ -97,9 +94,7 @@ fn validate(model: &Model, label: &Path) -> Result<()> {
     };
     let p = &model.proto;
     if p.ir_version == 0 && p.graph.is_none() && p.opset_import.is_empty() {
-        return Err(bad(
-            "it decodes as protobuf but has no ONNX model fields".into()
-        ));
+        return Err(bad("it decodes as protobuf but has no ONNX model fields".into()));
     }
     if !IR_VERSIONS.contains(&p.ir_version) {
         return Err(bad(format!(
@@ -222,8 +217,7 @@ fn check_external(t: &TensorProto, base: &Path) -> Result<()> {
         ));
     }
     let path = base.join(rel);
-    let meta = fs::metadata(&path)
-        .map_err(|_| err(&loc, &format!("does not exist at {}", path.display())))?;
+    let meta = fs::metadata(&path).map_err(|_| err(&loc, &format!("does not exist at {}", path.display())))?;
     let need = off + len.unwrap_or(0);
     if need > meta.len() {
         return Err(err(

@@ -18,10 +18,7 @@ pub fn attr_f(n: &NodeProto, name: &str) -> Option<f32> {
     n.attribute.iter().find(|a| a.name == name).map(|a| a.f)
 }
 pub fn attr_ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
-    n.attribute
-        .iter()
-        .find(|a| a.name == name)
-        .map(|a| a.ints.clone())
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.ints.clone())
 }
 pub fn attr_s(n: &NodeProto, name: &str) -> Option<String> {
     n.attribute
@@ -147,11 +144,7 @@ fn pool_out(n: &NodeProto, input: &[Dim], kernel: &[i64], out_ch: Option<Dim>) -
                     };
                     let k = dil.get(i).copied().unwrap_or(1) * (kernel[i] - 1) + 1;
                     let num = x + pb + pe - k;
-                    let v = if ceil {
-                        (num + s - 1) / s + 1
-                    } else {
-                        num / s + 1
-                    };
+                    let v = if ceil { (num + s - 1) / s + 1 } else { num / s + 1 };
                     Dim::Known(v)
                 }
             }
@@ -167,12 +160,8 @@ fn infer_node(
     consts: &HashMap<String, Vec<i64>>,
     opset: i64,
 ) -> Vec<Option<ValueFact>> {
-    let inp = |i: usize| -> Option<&ValueFact> {
-        n.input
-            .get(i)
-            .filter(|s| !s.is_empty())
-            .and_then(|s| idx.facts.get(s))
-    };
+    let inp =
+        |i: usize| -> Option<&ValueFact> { n.input.get(i).filter(|s| !s.is_empty()).and_then(|s| idx.facts.get(s)) };
     let shp = |i: usize| -> Option<Vec<Dim>> { inp(i).and_then(|f| f.shape.clone()) };
     let dt = |i: usize| -> i32 { inp(i).map(|f| f.dtype).unwrap_or(0) };
     let cst = |i: usize| -> Option<&Vec<i64>> { n.input.get(i).and_then(|s| consts.get(s)) };
@@ -231,8 +220,7 @@ fn infer_node(
             let stat = fact(dt(0), c.map(|c| vec![c]));
             vec![inp(0).cloned(), stat.clone(), stat]
         }
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Sum" | "Mean" | "Mod"
-        | "PRelu" => {
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Sum" | "Mean" | "Mod" | "PRelu" => {
             let shapes: Option<Vec<Vec<Dim>>> = (0..n.input.len()).map(shp).collect();
             vec![fact(dt(0), shapes.map(|s| broadcast(&s)))]
         }
@@ -319,8 +307,7 @@ fn infer_node(
         }
         "Transpose" => {
             let s = shp(0).map(|s| {
-                let perm =
-                    attr_ints(n, "perm").unwrap_or_else(|| (0..s.len() as i64).rev().collect());
+                let perm = attr_ints(n, "perm").unwrap_or_else(|| (0..s.len() as i64).rev().collect());
                 perm.iter().map(|&p| s[p as usize].clone()).collect()
             });
             vec![fact(dt(0), s)]
@@ -346,8 +333,7 @@ fn infer_node(
                 if n.op_type == "Squeeze" {
                     match axes {
                         Some(ax) => {
-                            let ax: Vec<usize> =
-                                ax.iter().map(|&a| norm_axis(a, s.len())).collect();
+                            let ax: Vec<usize> = ax.iter().map(|&a| norm_axis(a, s.len())).collect();
                             Some(
                                 s.iter()
                                     .enumerate()
@@ -375,8 +361,8 @@ fn infer_node(
             });
             vec![fact(dt(0), s)]
         }
-        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL2"
-        | "ReduceL1" | "ReduceLogSumExp" | "ReduceSumSquare" => {
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL2" | "ReduceL1"
+        | "ReduceLogSumExp" | "ReduceSumSquare" => {
             let axes_as_input = n.op_type == "ReduceSum" && opset >= 13 || opset >= 18;
             let axes = if axes_as_input {
                 cst(1).cloned()
@@ -448,18 +434,12 @@ fn infer_node(
             };
             vec![fact(dt(0), s)]
         }
-        "Shape" => vec![fact(
-            dtype::INT64,
-            shp(0).map(|s| vec![Dim::Known(s.len() as i64)]),
-        )],
+        "Shape" => vec![fact(dtype::INT64, shp(0).map(|s| vec![Dim::Known(s.len() as i64)]))],
         "Size" => vec![fact(dtype::INT64, Some(vec![]))],
         "Constant" => {
             let t = attr(n, "value").and_then(|a| a.t.as_ref());
             match t {
-                Some(t) => vec![fact(
-                    t.data_type,
-                    Some(t.dims.iter().map(|&d| Dim::Known(d)).collect()),
-                )],
+                Some(t) => vec![fact(t.data_type, Some(t.dims.iter().map(|&d| Dim::Known(d)).collect()))],
                 None => match n.attribute.first().map(|a| a.name.as_str()) {
                     Some("value_float") => vec![fact(dtype::FLOAT, Some(vec![]))],
                     Some("value_int") => vec![fact(dtype::INT64, Some(vec![]))],
@@ -480,10 +460,7 @@ fn infer_node(
                 .and_then(|a| a.t.as_ref())
                 .map(|t| t.data_type)
                 .unwrap_or(dtype::FLOAT);
-            vec![fact(
-                d,
-                cst(0).map(|v| v.iter().map(|&x| Dim::Known(x)).collect()),
-            )]
+            vec![fact(d, cst(0).map(|v| v.iter().map(|&x| Dim::Known(x)).collect()))]
         }
         _ => vec![],
     }
@@ -547,13 +524,10 @@ pub fn infer(model: &Model, idx: &mut GraphIndex) {
     let g = model.graph();
     for &i in &idx.topo.clone() {
         let n = &g.node[i];
-        if n.output.iter().all(|o| {
-            o.is_empty()
-                || idx
-                    .facts
-                    .get(o)
-                    .is_some_and(|f| f.shape.is_some() && f.dtype != 0)
-        }) {
+        if n.output
+            .iter()
+            .all(|o| o.is_empty() || idx.facts.get(o).is_some_and(|f| f.shape.is_some() && f.dtype != 0))
+        {
             continue;
         }
         let inferred = infer_node(n, idx, &consts, opset);

@@ -43,9 +43,7 @@ impl Value {
 pub type Tensors = BTreeMap<String, Value>;
 
 /// Which runtime executes a model.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// tract: pure Rust, embedded, no install needed.

@@ -97,10 +97,7 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
 
 pub fn session(path: &Path) -> Result<Session> {
     let env = environment()?;
-    Session::builder(env)
-        .map_err(err)?
-        .commit_from_file(path)
-        .map_err(err)
+    Session::builder(env).map_err(err)?.commit_from_file(path).map_err(err)
 }
 
 pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
@@ -137,9 +134,7 @@ pub fn run_session(s: &mut Session, inputs: &Tensors, outputs: &[String]) -> Res
         } else if let Ok(a) = v.try_extract_array::<half::f16>() {
             Value::F32(a.mapv(f32::from))
         } else {
-            return Err(err(format!(
-                "output '{name}' has a type this tool does not read"
-            )));
+            return Err(err(format!("output '{name}' has a type this tool does not read")));
         };
         out.insert(name.clone(), val);
     }

@@ -5,6 +5,7 @@ use super::{rt_err, Tensors, Value};
 use crate::error::Result;
 use std::path::Path;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
 
 fn err(e: impl std::fmt::Display) -> crate::error::Error {
     rt_err("tract", e)
@@ -13,6 +14,22 @@ fn err(e: impl std::fmt::Display) -> crate::error::Error {
 pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
     let mut model = tract_onnx::onnx().model_for_path(path).map_err(err)?;
     let outlets = model.input_outlets().map_err(err)?.to_vec();
+    // Facts from value_info may name a symbolic batch ("batch") that the concrete input shapes
+    // below cannot unify with; let tract infer every intermediate from the inputs instead.
+    let input_nodes: Vec<usize> = outlets.iter().map(|o| o.node).collect();
+    for id in 0..model.nodes().len() {
+        if input_nodes.contains(&id) {
+            continue;
+        }
+        for slot in 0..model.node(id).outputs.len() {
+            let o = OutletId::new(id, slot);
+            let f = model.outlet_fact(o).map_err(err)?.clone();
+            if f.value.is_concrete() {
+                continue;
+            }
+            model.set_outlet_fact(o, InferenceFact::default()).map_err(err)?;
+        }
+    }
     let mut feed: TVec<TValue> = tvec!();
     for (i, o) in outlets.iter().enumerate() {
         let name = model.node(o.node).name.clone();
@@ -37,29 +54,19 @@ pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors>
         wanted.push(o);
     }
     model.select_output_outlets(&wanted).map_err(err)?;
-    let plan = model
-        .into_optimized()
-        .map_err(err)?
-        .into_runnable()
-        .map_err(err)?;
+    let plan = model.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
     let res = plan.run(feed).map_err(err)?;
     let mut out = Tensors::new();
     for (name, t) in outputs.iter().zip(res) {
         let v = match t.datum_type() {
             DatumType::F32 => Value::F32(t.to_plain_array_view::<f32>().map_err(err)?.to_owned()),
             DatumType::I64 => Value::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned()),
-            DatumType::Bool => {
-                Value::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned())
-            }
+            DatumType::Bool => Value::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned()),
             DatumType::F16 => {
                 let c = t.cast_to::<f32>().map_err(err)?;
                 Value::F32(c.to_plain_array_view::<f32>().map_err(err)?.to_owned())
             }
-            other => {
-                return Err(err(format!(
-                    "output '{name}' has unsupported type {other:?}"
-                )))
-            }
+            other => return Err(err(format!("output '{name}' has unsupported type {other:?}"))),
         };
         out.insert(name.clone(), v);
     }

@@ -1,0 +1,180 @@
+//! Helpers shared by the integration tests. Tests that need ONNX Runtime or the onnx checker
+//! fail (never skip) when `scripts/setup.sh` has not been run.
+#![allow(dead_code)]
+
+use dagr_inject::dagr::{self, Config, Dispersion, Reduce, Variant};
+use dagr_inject::onnx::{self, Model};
+use dagr_inject::runtime::{self, Backend, Tensors, Value};
+use ndarray::ArrayD;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const BACKENDS: [Backend; 2] = [Backend::Tract, Backend::Ort];
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn models() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 6, "models/ should hold the exported models");
+    v
+}
+
+pub fn model_inputs(model: &Path) -> Tensors {
+    let name = model.file_name().unwrap().to_str().unwrap();
+    let base = name.split('.').next().unwrap();
+    dagr_inject::npz::read(&root().join(format!("models/{base}.inputs.npz"))).unwrap()
+}
+
+/// The project's Python (made by scripts/setup.sh), with onnx and onnxruntime.
+pub fn venv_python() -> PathBuf {
+    let p = root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh first (it installs onnx and onnxruntime)",
+        p.display()
+    );
+    p
+}
+
+/// `onnx.checker.check_model(full_check=True)` on a file.
+pub fn onnx_check(path: &Path) {
+    let out = Command::new(venv_python())
+        .args([
+            "-c",
+            "import onnx, sys; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True)",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "onnx.checker rejected {}:\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Make sure ONNX Runtime can be loaded: a test that needs it fails here if it is missing.
+pub fn require_ort() {
+    if let Err(m) = runtime::ort_backend::locate_library() {
+        panic!("ONNX Runtime is required by this test: {m}");
+    }
+}
+
+pub fn run(backend: Backend, path: &Path, inputs: &Tensors, outputs: &[String]) -> Tensors {
+    if backend == Backend::Ort {
+        require_ort();
+    }
+    runtime::run(backend, path, inputs, outputs)
+        .unwrap_or_else(|e| panic!("{} on {}: {e}", backend.name(), path.display()))
+}
+
+pub fn f32_of(t: &Tensors, name: &str) -> ArrayD<f32> {
+    t.get(name)
+        .and_then(Value::as_f32)
+        .unwrap_or_else(|| panic!("missing float output {name}"))
+        .clone()
+}
+
+/// Normwise relative error: max |a - b| / max(max |b|, floor).
+pub fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f64>, floor: f64) -> f64 {
+    assert_eq!(a.shape(), b.shape(), "shape mismatch");
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(floor);
+    a.iter()
+        .zip(b.iter())
+        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()))
+        / scale
+}
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct Case {
+    pub name: String,
+    pub reduce: String,
+    pub tau: f64,
+    pub delta: f64,
+    pub lambda_disp: f64,
+    pub lambda_anc: f64,
+    pub dispersion: String,
+    pub margin: f64,
+    pub variant: String,
+    pub shapes: Vec<Vec<i64>>,
+}
+
+impl Case {
+    pub fn config(&self, encoders: Vec<String>) -> Config {
+        Config {
+            encoders,
+            reduce: if self.reduce == "mean" {
+                Reduce::Mean
+            } else {
+                Reduce::Flatten
+            },
+            tau: self.tau,
+            delta: self.delta,
+            lambda_disp: self.lambda_disp,
+            lambda_anc: self.lambda_anc,
+            dispersion: if self.dispersion == "hinge" {
+                Dispersion::Hinge { margin: self.margin }
+            } else {
+                Dispersion::Rbf
+            },
+            variant: match self.variant.as_str() {
+                "dagr" => Variant::Dagr,
+                "disp-only" => Variant::DispOnly,
+                "anchor-only" => Variant::AnchorOnly,
+                "naive-align" => Variant::NaiveAlign,
+                "unit-sphere" => Variant::UnitSphere,
+                v => panic!("unknown variant {v}"),
+            },
+            task: Default::default(),
+        }
+    }
+    pub fn names(&self) -> Vec<String> {
+        (0..self.shapes.len()).map(|m| format!("m{m}")).collect()
+    }
+}
+
+pub fn cases() -> Vec<Case> {
+    serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/dagr_cases.json")).unwrap()).unwrap()
+}
+
+pub fn fixture() -> Tensors {
+    dagr_inject::npz::read(&root().join("fixtures/dagr_reference.npz")).unwrap()
+}
+
+/// The fixture arrays, read as f64 (the npz reader gives f32; fixtures are stored as f64).
+pub fn fixture_f64() -> std::collections::BTreeMap<String, ArrayD<f64>> {
+    use ndarray_npy::NpzReader;
+    let f = std::fs::File::open(root().join("fixtures/dagr_reference.npz")).unwrap();
+    let mut r = NpzReader::new(f).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for n in r.names().unwrap() {
+        let key = n.trim_end_matches(".npy").to_string();
+        if let Ok(a) = r.by_name::<ndarray::OwnedRepr<f64>, ndarray::IxDyn>(&n) {
+            out.insert(key, a);
+        } else if let Ok(a) = r.by_name::<ndarray::OwnedRepr<f32>, ndarray::IxDyn>(&n) {
+            out.insert(key, a.mapv(|v| v as f64));
+        }
+    }
+    out
+}
+
+/// A DAGR block for `case`, written to a temporary directory.
+pub fn block_for(case: &Case, dir: &Path) -> (PathBuf, Model, dagr::Injected) {
+    let names = case.names();
+    let trailing: Vec<Vec<i64>> = case.shapes.iter().map(|s| s[1..].to_vec()).collect();
+    let mut model = dagr::block::skeleton_shaped(&names, &trailing, 17).unwrap();
+    let entries = names.iter().map(|n| format!("{n}={n}/z")).collect();
+    let done = dagr::inject(&mut model, &case.config(entries)).unwrap();
+    let path = dir.join(format!("{}.onnx", case.name));
+    onnx::save(&model, &path).unwrap();
+    (path, model, done)
+}
