@@ -49,7 +49,7 @@ struct Normalized {
 }
 
 fn normalize(b: &mut Builder, e: &EncoderInput, reduce: Reduce) -> Result<Normalized> {
-    let h = format!("{}", e.modality);
+    let h = e.modality.to_string();
     let mut x = e.tensor.clone();
     if e.dtype != dtype::FLOAT {
         x = b.cast(&x, dtype::FLOAT, &h);

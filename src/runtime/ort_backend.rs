@@ -92,7 +92,7 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
             .build()
             .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
     });
-    env.as_ref().map_err(|m| err(m))
+    env.as_ref().map_err(err)
 }
 
 pub fn session(path: &Path) -> Result<Session> {
@@ -132,6 +132,8 @@ pub fn run_session(s: &mut Session, inputs: &Tensors, outputs: &[String]) -> Res
         } else if let Ok(a) = v.try_extract_array::<bool>() {
             Value::Bool(a.to_owned())
         } else if let Ok(a) = v.try_extract_array::<half::f16>() {
+            Value::F32(a.mapv(f32::from))
+        } else if let Ok(a) = v.try_extract_array::<half::bf16>() {
             Value::F32(a.mapv(f32::from))
         } else {
             return Err(err(format!("output '{name}' has a type this tool does not read")));

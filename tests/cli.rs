@@ -1,0 +1,297 @@
+//! The binary, run as a user would: `inspect`, `inject`, `block`, `run`, and every bad input:
+//! one clear message, a non-zero exit, no panic, and no output file left behind.
+
+mod common;
+use assert_cmd::Command;
+use common::*;
+use predicates::prelude::*;
+use std::path::Path;
+
+fn bin() -> Command {
+    Command::cargo_bin("dagr-inject").unwrap()
+}
+
+fn model(name: &str) -> String {
+    root().join("models").join(name).to_str().unwrap().to_string()
+}
+
+/// Runs a command that must fail; returns stderr. Checks no panic text and no output file.
+fn fails(args: &[&str], out: Option<&Path>) -> String {
+    let o = bin().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{args:?} should fail");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{args:?} panicked:\n{err}"
+    );
+    assert!(err.starts_with("error"), "{args:?}: {err}");
+    if let Some(p) = out {
+        assert!(!p.exists(), "{args:?} left {} behind", p.display());
+        let leftovers: Vec<_> = std::fs::read_dir(p.parent().unwrap()).unwrap().flatten().collect();
+        assert!(leftovers.is_empty(), "{args:?} left temporary files: {leftovers:?}");
+    }
+    err
+}
+
+#[test]
+fn inspect_lists_io_and_encoder_candidates() {
+    bin()
+        .args(["inspect", &model("av_cnn.legacy.onnx")])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("ai.onnx 17"))
+        .stdout(predicate::str::contains("audio"))
+        .stdout(predicate::str::contains("[batch, 3, 16, 16]"))
+        .stdout(predicate::str::contains("--encoders audio_encoder"))
+        .stdout(predicate::str::contains(
+            "suggested: dagr-inject MODEL --encoders audio_encoder,visual_encoder",
+        ));
+    let o = bin()
+        .args(["inspect", "--json", &model("tri_token.dynamo.onnx")])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["opsets"]["ai.onnx"], 18);
+    assert_eq!(v["inputs"].as_array().unwrap().len(), 3);
+    assert!(v["parameters"].as_u64().unwrap() > 1000);
+    assert_eq!(v["encoder_candidates"][0]["score"], 8);
+}
+
+#[test]
+fn inject_shorthand_writes_the_model_and_inspect_shows_the_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("av_mlp.onnx");
+    std::fs::copy(model("av_mlp.legacy.onnx"), &src).unwrap();
+    bin()
+        .args([src.to_str().unwrap(), "--encoders", "audio,visual", "--tau", "0.2"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("dagr/grad/audio"));
+    let out = dir.path().join("av_mlp.dagr.onnx");
+    assert!(out.exists());
+    onnx_check(&out);
+    bin()
+        .args(["inspect", out.to_str().unwrap()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("rewritten by dagr-inject"))
+        .stdout(predicate::str::contains("\"tau\":0.2"));
+    // Rewriting a rewritten model is refused.
+    let again = dir.path().join("twice.onnx");
+    let e = fails(
+        &[
+            out.to_str().unwrap(),
+            "--encoders",
+            "audio,visual",
+            "-o",
+            again.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(e.contains("already rewritten"), "{e}");
+    assert!(!again.exists());
+}
+
+#[test]
+fn block_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let block = dir.path().join("block.onnx");
+    bin()
+        .args([
+            "block",
+            "--modalities",
+            "3",
+            "--dim",
+            "8",
+            "--names",
+            "a,b,c",
+            "-o",
+            block.to_str().unwrap(),
+        ])
+        .assert()
+        .success();
+    onnx_check(&block);
+    let inputs = dir.path().join("in.npz");
+    let mut t = dagr_inject::runtime::Tensors::new();
+    for (k, n) in ["a", "b", "c"].iter().enumerate() {
+        let data: Vec<f32> = (0..40).map(|i| ((i * 7 + k * 3) % 11) as f32 - 5.0).collect();
+        t.insert(
+            n.to_string(),
+            dagr_inject::runtime::Value::F32(ndarray::ArrayD::from_shape_vec(vec![5, 8], data).unwrap()),
+        );
+    }
+    dagr_inject::npz::write(&inputs, &t).unwrap();
+    for backend in ["tract", "ort"] {
+        let out = dir.path().join(format!("{backend}.npz"));
+        bin()
+            .args([
+                "run",
+                block.to_str().unwrap(),
+                "--inputs",
+                inputs.to_str().unwrap(),
+                "--backend",
+                backend,
+            ])
+            .args(["-o", out.to_str().unwrap()])
+            .assert()
+            .success();
+        let r = dagr_inject::npz::read(&out).unwrap();
+        assert_eq!(r["dagr/grad/b"].shape(), &[5, 8]);
+    }
+}
+
+#[test]
+fn bad_model_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out").join("o.onnx");
+    std::fs::create_dir(out.parent().unwrap()).unwrap();
+    let o = out.to_str().unwrap();
+    let e = fails(&["inspect", "/no/such/model.onnx"], None);
+    assert!(e.contains("cannot read") && e.contains("/no/such/model.onnx"), "{e}");
+
+    let bytes = std::fs::read(model("av_cnn.legacy.onnx")).unwrap();
+    let trunc = dir.path().join("trunc.onnx");
+    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    let e = fails(
+        &[trunc.to_str().unwrap(), "--encoders", "audio,visual", "-o", o],
+        Some(&out),
+    );
+    assert!(e.contains("not a valid ONNX model"), "{e}");
+
+    let text = dir.path().join("notes.onnx");
+    std::fs::write(&text, "this is a text file, not a model\n").unwrap();
+    let e = fails(&["inspect", text.to_str().unwrap()], None);
+    assert!(e.contains("not a valid ONNX model"), "{e}");
+
+    let empty = dir.path().join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    let e = fails(&["inspect", empty.to_str().unwrap()], None);
+    assert!(e.contains("empty"), "{e}");
+}
+
+#[test]
+fn bad_encoder_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out").join("o.onnx");
+    std::fs::create_dir(out.parent().unwrap()).unwrap();
+    let o = out.to_str().unwrap();
+    let m = model("av_cnn.legacy.onnx");
+    let e = fails(&[&m, "--encoders", "audoi,visual", "-o", o], Some(&out));
+    assert!(e.contains("close candidates") && e.contains("audio_encoder"), "{e}");
+    let e = fails(&[&m, "--encoders", "head,audio", "-o", o], Some(&out));
+    assert!(e.contains("ambiguous"), "{e}");
+    let e = fails(&[&m, "--encoders", "x=audio,visual", "-o", o], Some(&out));
+    assert!(e.contains("graph input"), "{e}");
+    let e = fails(&[&m, "--encoders", "audio", "-o", o], Some(&out));
+    assert!(e.contains("at least two encoders"), "{e}");
+    let e = fails(&[&m, "--encoders", "audio,audio", "-o", o], Some(&out));
+    assert!(e.contains("named twice"), "{e}");
+    let e = fails(&[&m, "--encoders", "audio,audio_encoder", "-o", o], Some(&out));
+    assert!(e.contains("both resolve"), "{e}");
+}
+
+#[test]
+fn bad_dagr_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out").join("o.onnx");
+    std::fs::create_dir(out.parent().unwrap()).unwrap();
+    let o = out.to_str().unwrap();
+    let m = model("av_mlp.legacy.onnx");
+    let e = fails(&[&m, "--encoders", "audio,visual", "--tau", "0", "-o", o], Some(&out));
+    assert!(e.contains("--tau must be a positive"), "{e}");
+    let e = fails(&[&m, "--encoders", "audio,visual", "--delta=-1", "-o", o], Some(&out));
+    assert!(e.contains("--delta must be >= 0"), "{e}");
+    // Unequal widths: audio is 32 wide, the visual encoder's first layer 64.
+    let e = fails(
+        &[
+            &m,
+            "--encoders",
+            "audio,visual=/visual_encoder/fc1/Gemm_output_0",
+            "-o",
+            o,
+        ],
+        Some(&out),
+    );
+    assert!(
+        e.contains("equal embedding widths") && e.contains("32") && e.contains("64") && e.contains("--no-anchor"),
+        "{e}"
+    );
+    // ... which --no-anchor accepts.
+    bin()
+        .args([
+            &m,
+            "--encoders",
+            "audio,visual=/visual_encoder/fc1/Gemm_output_0",
+            "--no-anchor",
+            "-o",
+            o,
+        ])
+        .assert()
+        .success();
+    std::fs::remove_file(&out).unwrap();
+    let e = fails(
+        &[&m, "--encoders", "audio,visual", "--loss", "logits", "-o", o],
+        Some(&out),
+    );
+    assert!(e.contains("must be a scalar"), "{e}");
+    let e = fails(
+        &[
+            &m,
+            "--encoders",
+            "audio,visual",
+            "--logits",
+            "nope",
+            "--labels",
+            "y",
+            "-o",
+            o,
+        ],
+        Some(&out),
+    );
+    assert!(e.contains("--logits 'nope'"), "{e}");
+    let e = fails(
+        &[
+            &m,
+            "--encoders",
+            "audio,visual",
+            "--logits",
+            "logits",
+            "--labels",
+            "audio",
+            "-o",
+            o,
+        ],
+        Some(&out),
+    );
+    assert!(e.contains("expected int64"), "{e}");
+}
+
+#[test]
+fn the_input_model_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("m.onnx");
+    std::fs::copy(model("av_mlp.legacy.onnx"), &src).unwrap();
+    let before = std::fs::read(&src).unwrap();
+    let e = fails(
+        &[
+            src.to_str().unwrap(),
+            "--encoders",
+            "audio,visual",
+            "-o",
+            src.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(e.contains("refusing to overwrite"), "{e}");
+    assert_eq!(before, std::fs::read(&src).unwrap());
+}
+
+#[test]
+fn help_has_examples() {
+    bin()
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Examples:"));
+}

@@ -1,0 +1,125 @@
+//! Every resolution path of `--encoders`, on models from both PyTorch exporters.
+
+mod common;
+use common::*;
+use dagr_inject::locate::{resolve_all, Resolution, ScopeSource};
+use dagr_inject::onnx::{self, GraphIndex};
+
+fn resolve(model: &str, entries: &[&str]) -> Result<Vec<dagr_inject::locate::Encoder>, String> {
+    let m = onnx::load(&root().join("models").join(model)).unwrap();
+    let idx = GraphIndex::new(&m).unwrap();
+    let e: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
+    resolve_all(&m, &idx, &e).map_err(|e| e.to_string())
+}
+
+#[test]
+fn scope_prefix_resolves_on_both_exporters() {
+    for (model, src, audio, visual) in [
+        (
+            "av_cnn.legacy.onnx",
+            ScopeSource::NodeName,
+            "/audio_encoder/fc/Gemm_output_0",
+            "/visual_encoder/fc/Gemm_output_0",
+        ),
+        ("av_cnn.dynamo.onnx", ScopeSource::Metadata, "linear", "linear_1"),
+    ] {
+        let r = resolve(model, &["audio", "visual"]).unwrap();
+        assert_eq!(r[0].tensor, audio, "{model}");
+        assert_eq!(r[1].tensor, visual, "{model}");
+        assert_eq!(
+            r[0].resolution,
+            Resolution::Scope {
+                scope: "audio_encoder".into(),
+                source: src
+            }
+        );
+        assert_eq!(r[0].modality, "audio");
+        assert_eq!(r[0].shape, "[batch, 32]");
+    }
+}
+
+#[test]
+fn exact_scope_and_nested_scope() {
+    let r = resolve("av_mlp.legacy.onnx", &["audio_encoder", "visual_encoder.fc1"]).unwrap();
+    assert_eq!(r[0].tensor, "/audio_encoder/fc2/Gemm_output_0");
+    assert_eq!(r[1].tensor, "/visual_encoder/fc1/Gemm_output_0");
+    let r = resolve("av_mlp.dynamo.onnx", &["audio_encoder", "visual_encoder.fc1"]).unwrap();
+    assert!(matches!(&r[1].resolution, Resolution::Scope { scope, .. } if scope == "visual_encoder.fc1"));
+}
+
+#[test]
+fn all_three_models_resolve_the_same_on_both_exporters() {
+    for base in ["av_mlp", "av_cnn", "tri_token"] {
+        let enc: &[&str] = if base == "tri_token" {
+            &["audio", "visual", "text"]
+        } else {
+            &["audio", "visual"]
+        };
+        let a = resolve(&format!("{base}.legacy.onnx"), enc).unwrap();
+        let b = resolve(&format!("{base}.dynamo.onnx"), enc).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.shape, y.shape, "{base}: {} vs {}", x.tensor, y.tensor);
+            assert!(matches!(
+                x.resolution,
+                Resolution::Scope {
+                    source: ScopeSource::NodeName,
+                    ..
+                }
+            ));
+            assert!(matches!(
+                y.resolution,
+                Resolution::Scope {
+                    source: ScopeSource::Metadata,
+                    ..
+                }
+            ));
+        }
+    }
+}
+
+#[test]
+fn explicit_mapping_and_exact_tensor_names() {
+    let r = resolve("av_cnn.dynamo.onnx", &["a=linear", "linear_1"]).unwrap();
+    assert_eq!(r[0].resolution, Resolution::Explicit);
+    assert_eq!(r[0].modality, "a");
+    assert_eq!(r[1].resolution, Resolution::TensorName);
+    assert_eq!(r[1].tensor, "linear_1");
+}
+
+#[test]
+fn ambiguous_unknown_and_non_encoder_names_are_clear_errors() {
+    let e = resolve("av_cnn.legacy.onnx", &["head", "audio"]).unwrap_err();
+    assert!(
+        e.contains("ambiguous") && e.contains("head_audio") && e.contains("head_fusion"),
+        "{e}"
+    );
+
+    let e = resolve("av_cnn.legacy.onnx", &["audoi", "visual"]).unwrap_err();
+    assert!(
+        e.contains("no tensor or module scope named 'audoi'") && e.contains("audio_encoder"),
+        "{e}"
+    );
+
+    let e = resolve("av_cnn.legacy.onnx", &["a=audio", "visual"]).unwrap_err();
+    assert!(e.contains("graph input"), "{e}");
+
+    let e = resolve("av_cnn.legacy.onnx", &["a=audio_encoder.fc.weight", "visual"]).unwrap_err();
+    assert!(e.contains("initializer"), "{e}");
+
+    let e = resolve("av_cnn.legacy.onnx", &["audio", "audio_encoder"]).unwrap_err();
+    assert!(e.contains("both resolve to the tensor"), "{e}");
+}
+
+#[test]
+fn candidates_rank_encoders_above_heads() {
+    for model in ["av_cnn.legacy.onnx", "av_cnn.dynamo.onnx", "tri_token.dynamo.onnx"] {
+        let m = onnx::load(&root().join("models").join(model)).unwrap();
+        let idx = GraphIndex::new(&m).unwrap();
+        let c = dagr_inject::locate::candidates(&m, &idx);
+        let n = if model.starts_with("tri") { 3 } else { 2 };
+        for cand in &c[..n] {
+            assert!(cand.pass_as.ends_with("_encoder"), "{model}: {:?}", cand);
+        }
+        assert!(c[n].pass_as.contains("head"), "{model}: {:?}", c[n]);
+    }
+}
