@@ -1,6 +1,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dagr_inject::dagr::{self, Config, Dispersion, Reduce, Task, Variant};
+use dagr_inject::grad::train::{self, Pareto, TrainOptions};
 use dagr_inject::onnx::{self, Model};
 use dagr_inject::runtime::{self, Backend};
 use dagr_inject::{inspect, npz};
@@ -117,6 +118,27 @@ struct InjectArgs {
     /// Print what was done as JSON
     #[arg(long)]
     json: bool,
+    /// Also build the backward graph: `<param>_grad` for every trainable parameter
+    #[arg(long)]
+    train: bool,
+    /// With --train: parameters not to train (glob patterns, e.g. 'head_*')
+    #[arg(long, value_delimiter = ',', requires = "train")]
+    freeze: Vec<String>,
+    /// With --train: tensors the gradient does not flow through (e.g. detached fusion inputs)
+    #[arg(long, value_delimiter = ',', requires = "train")]
+    stop_gradient: Vec<String>,
+    /// With --train: Pareto-balance dispersion and anchoring (alpha* in the graph)
+    #[arg(long, value_enum, requires = "train")]
+    pareto: Option<ParetoArg>,
+    /// With --pareto: scale of the balanced geometry gradient
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ParetoArg {
+    Param,
+    Feature,
 }
 
 #[derive(Args)]
@@ -288,6 +310,47 @@ fn inject_cmd(a: InjectArgs) -> Result<()> {
         );
     }
     let mut model = onnx::load(&a.model)?;
+    if a.train {
+        let opts = TrainOptions {
+            freeze: a.freeze.clone(),
+            stop_gradient: a.stop_gradient.clone(),
+            pareto: a.pareto.map(|p| match p {
+                ParetoArg::Param => Pareto::Param,
+                ParetoArg::Feature => Pareto::Feature,
+            }),
+            beta: a.beta,
+        };
+        let rec = train::make_training_graph(&mut model, &cfg, &opts)?;
+        onnx::save(&model, &out).with_context(|| format!("writing {}", out.display()))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&rec)?);
+            return Ok(());
+        }
+        println!(
+            "training graph: loss {}, {} trainable parameters",
+            rec.loss,
+            rec.params.len()
+        );
+        for (p, g) in &rec.params {
+            let geo = if rec.encoder_params.contains(p) {
+                "  (+ geometry)"
+            } else {
+                ""
+            };
+            println!("  {g}{geo}");
+        }
+        for s in &rec.batchnorm {
+            println!(
+                "  running statistics: {} -> {}, {} -> {}",
+                s.mean.0, s.mean.1, s.var.0, s.var.1
+            );
+        }
+        if let Some(a) = &rec.pareto_alpha {
+            println!("  {a}");
+        }
+        println!("wrote {}", out.display());
+        return Ok(());
+    }
     let done = dagr::inject(&mut model, &cfg)?;
     onnx::save(&model, &out).with_context(|| format!("writing {}", out.display()))?;
     if a.json {

@@ -8,6 +8,7 @@
 
 pub mod dagr;
 pub mod error;
+pub mod grad;
 pub mod inspect;
 pub mod locate;
 pub mod npz;

@@ -44,7 +44,12 @@ fn inferred_shapes_match_onnx_runtime_on_every_model() {
             for (g, w) in got.iter().zip(&want) {
                 match w {
                     Dim::Known(v) => assert_eq!(*g as i64, *v, "{}: {t} is {got:?}, inferred {want:?}", path.display()),
-                    Dim::Sym(_) => assert_eq!(*g as i64, batch, "{}: {t} is {got:?}, inferred {want:?}", path.display()),
+                    Dim::Sym(_) => assert_eq!(
+                        *g as i64,
+                        batch,
+                        "{}: {t} is {got:?}, inferred {want:?}",
+                        path.display()
+                    ),
                     Dim::Unknown => {}
                 }
             }

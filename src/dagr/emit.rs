@@ -33,6 +33,8 @@ pub struct Emitted {
     pub anchoring: Option<String>,
     pub embeddings: Vec<String>,
     pub grads: Vec<String>,
+    /// With `separate_terms`: (dL_disp/dz, dL_anc/dz) per encoder, unweighted.
+    pub term_grads: Option<(Vec<String>, Vec<String>)>,
 }
 
 /// Large negative logit for masked (diagonal) pairs: exp of it underflows to exactly 0.
@@ -203,7 +205,13 @@ fn sum_all(b: &mut Builder, xs: &[String], h: &str) -> String {
 }
 
 /// Build the subgraph for encoders `encs` (at least two).
-pub fn emit(b: &mut Builder, encs: &[EncoderInput], cfg: &Config, with_anchoring: bool) -> Result<Emitted> {
+pub fn emit(
+    b: &mut Builder,
+    encs: &[EncoderInput],
+    cfg: &Config,
+    with_anchoring: bool,
+    separate_terms: bool,
+) -> Result<Emitted> {
     let m = encs.len();
     let normed: Vec<Normalized> = encs
         .iter()
@@ -221,15 +229,19 @@ pub fn emit(b: &mut Builder, encs: &[EncoderInput], cfg: &Config, with_anchoring
     } else {
         0.0
     };
+    // Per modality, the parts of dL_disp/du and dL_anc/du (unweighted by the lambdas).
     let mut per = Vec::new();
-    let mut gu: Vec<Vec<String>> = vec![Vec::new(); m];
+    let mut gd: Vec<Vec<String>> = vec![Vec::new(); m];
+    let mut ga: Vec<Vec<String>> = vec![Vec::new(); m];
+    let want_disp = wd > 0.0 || separate_terms;
+    let want_anc = wa > 0.0 || separate_terms;
     for (k, n) in normed.iter().enumerate() {
         let h = format!("dispersion/{}", encs[k].modality);
         let (l, g) = dispersion(b, &n.u, cfg, &h);
         per.push(l);
-        if wd > 0.0 {
-            let s = b.scalar(wd / m as f64);
-            gu[k].push(b.binary("Mul", &g, &s, &h));
+        if want_disp {
+            let s = b.scalar(1.0 / m as f64);
+            gd[k].push(b.binary("Mul", &g, &s, &h));
         }
     }
     let disp_sum = sum_all(b, &per, "dispersion");
@@ -244,12 +256,12 @@ pub fn emit(b: &mut Builder, encs: &[EncoderInput], cfg: &Config, with_anchoring
             let h = format!("anchoring/{}_{}", encs[a].modality, encs[c].modality);
             let (l, g) = anchoring(b, &normed[a].u, &normed[c].u, cfg, &h);
             anc_terms.push(l);
-            if wa > 0.0 {
-                let s = b.scalar(wa / pairs.len() as f64);
-                let ga = b.binary("Mul", &g, &s, &h);
-                let gb = b.unary("Neg", &ga, &h);
-                gu[a].push(ga);
-                gu[c].push(gb);
+            if want_anc {
+                let s = b.scalar(1.0 / pairs.len() as f64);
+                let pa = b.binary("Mul", &g, &s, &h);
+                let pb = b.unary("Neg", &pa, &h);
+                ga[a].push(pa);
+                ga[c].push(pb);
             }
         }
         let anc_sum = sum_all(b, &anc_terms, "anchoring");
@@ -269,23 +281,37 @@ pub fn emit(b: &mut Builder, encs: &[EncoderInput], cfg: &Config, with_anchoring
     };
 
     let mut grads = Vec::new();
+    let mut term_grads = separate_terms.then(|| (Vec::new(), Vec::new()));
     for (k, (e, n)) in encs.iter().zip(&normed).enumerate() {
         let h = format!("grad/{}", e.modality);
-        let g = if gu[k].is_empty() {
+        let mut parts = Vec::new();
+        for (w, p) in [(wd, &gd[k]), (wa, &ga[k])] {
+            if w > 0.0 && !p.is_empty() {
+                let t = sum_all(b, p, &h);
+                let s = b.scalar(w);
+                parts.push(b.binary("Mul", &t, &s, &h));
+            }
+        }
+        grads.push(if parts.is_empty() {
             zeros_like(b, &e.tensor, e.dtype, &h)
         } else {
-            let g = sum_all(b, &gu[k], &h);
-            let gx = normalize_backward(b, &g, n, &h);
-            let gx = reduce_backward(b, &gx, &n.x, e, cfg.reduce, &h);
-            if e.dtype != dtype::FLOAT {
-                b.cast(&gx, e.dtype, &h)
-            } else {
-                gx
+            let g = sum_all(b, &parts, &h);
+            to_input_space(b, &g, n, e, cfg.reduce, &h)
+        });
+        if let Some((td, ta)) = term_grads.as_mut() {
+            for (list, p, tag) in [(&mut *td, &gd[k], "disp"), (&mut *ta, &ga[k], "anc")] {
+                let h = format!("grad_{tag}/{}", e.modality);
+                list.push(if p.is_empty() {
+                    zeros_like(b, &e.tensor, e.dtype, &h)
+                } else {
+                    let g = sum_all(b, p, &h);
+                    to_input_space(b, &g, n, e, cfg.reduce, &h)
+                });
             }
-        };
-        grads.push(g);
+        }
     }
     Ok(Emitted {
+        term_grads,
         loss,
         dispersion: disp,
         dispersion_per_modality: per,
@@ -293,6 +319,17 @@ pub fn emit(b: &mut Builder, encs: &[EncoderInput], cfg: &Config, with_anchoring
         embeddings: normed.into_iter().map(|n| n.u).collect(),
         grads,
     })
+}
+
+/// From a gradient with respect to `u` to one with respect to the raw encoder output.
+fn to_input_space(b: &mut Builder, g: &str, n: &Normalized, e: &EncoderInput, reduce: Reduce, h: &str) -> String {
+    let gx = normalize_backward(b, g, n, h);
+    let gx = reduce_backward(b, &gx, &n.x, e, reduce, h);
+    if e.dtype != dtype::FLOAT {
+        b.cast(&gx, e.dtype, h)
+    } else {
+        gx
+    }
 }
 
 /// Through `u = x / max(||x||, eps)`: the tangential projection `(g - u (u.g)) / ||x||`, or

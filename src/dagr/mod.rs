@@ -31,6 +31,9 @@ pub struct Outputs {
     pub grads: Vec<(String, String)>,
     /// (modality, output): the L2-normalized `[B, D]` embeddings
     pub embeddings: Vec<(String, String)>,
+    /// (modality, dL_disp/dz, dL_anc/dz), unweighted; only for Pareto-balanced training graphs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub term_grads: Vec<(String, String, String)>,
     /// The label input added for `--labels`, if any.
     pub labels_input: Option<String>,
 }
@@ -76,6 +79,12 @@ fn reduced_width(f: &ValueFact, reduce: Reduce) -> Option<i64> {
 
 /// Add the DAGR subgraph to `model` (spec sections 1-4, 6, 7).
 pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
+    inject_with(model, cfg, false)
+}
+
+/// `inject`, optionally also exposing each term's encoder-output gradient, unweighted
+/// (`dagr/grad_disp/<m>`, `dagr/grad_anc/<m>`), which Pareto balancing needs.
+pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Result<Injected> {
     cfg.validate()?;
     if let Some(prev) = model.metadata(METADATA_KEY) {
         return Err(Error::Config(format!(
@@ -140,7 +149,7 @@ pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
     let batch = batch_dim(&idx, &encoders)?;
 
     let mut b = Builder::new(model, "dagr/");
-    let em = emit::emit(&mut b, &inputs, cfg, widths_agree)?;
+    let em = emit::emit(&mut b, &inputs, cfg, widths_agree, separate_terms)?;
 
     let mut new_outputs: Vec<ValueFact> = Vec::new();
     let mut names: Vec<String> = Vec::new();
@@ -172,6 +181,18 @@ pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
         };
         let n = expose(&mut b, g, &format!("dagr/grad/{}", e.modality), fact);
         outputs.grads.push((e.modality.clone(), n));
+    }
+    if let Some((td, ta)) = &em.term_grads {
+        for ((e, d), (a, inp)) in encoders.iter().zip(td).zip(ta.iter().zip(&inputs)) {
+            let f = idx.fact(&e.tensor).cloned().unwrap_or_default();
+            let fact = ValueFact {
+                dtype: inp.dtype,
+                shape: f.shape,
+            };
+            let nd = expose(&mut b, d, &format!("dagr/grad_disp/{}", e.modality), fact.clone());
+            let na = expose(&mut b, a, &format!("dagr/grad_anc/{}", e.modality), fact);
+            outputs.term_grads.push((e.modality.clone(), nd, na));
+        }
     }
     for (e, u) in encoders.iter().zip(&em.embeddings) {
         let fact = ValueFact::new(dtype::FLOAT, vec![batch.clone(), Dim::Unknown]);

@@ -80,6 +80,13 @@ pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
     a.ints = v.to_vec();
     a
 }
+pub fn attr_string(name: &str, v: &str) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::STRING.into();
+    a.s = v.as_bytes().to_vec();
+    a
+}
 pub fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
     let mut a = AttributeProto::new();
     a.name = name.into();

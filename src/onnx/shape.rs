@@ -54,6 +54,20 @@ pub fn int_constants(model: &Model) -> HashMap<String, Vec<i64>> {
             } else if let Some(a) = attr(n, "value_int") {
                 out.insert(n.output[0].clone(), vec![a.i]);
             }
+        } else if n.domain.is_empty() && !n.output.is_empty() {
+            // Fold what exporters build axes and shapes with: the values pass through reshapes
+            // unchanged, and Concat joins them.
+            let ins: Option<Vec<&Vec<i64>>> = match n.op_type.as_str() {
+                "Reshape" | "Squeeze" | "Unsqueeze" | "Flatten" | "Identity" | "Cast" => {
+                    out.get(&n.input[0]).map(|v| vec![v])
+                }
+                "Concat" => n.input.iter().map(|i| out.get(i)).collect(),
+                _ => None,
+            };
+            if let Some(ins) = ins {
+                let v: Vec<i64> = ins.into_iter().flatten().copied().collect();
+                out.insert(n.output[0].clone(), v);
+            }
         }
     }
     out
@@ -434,6 +448,8 @@ fn infer_node(
             };
             vec![fact(dt(0), s)]
         }
+        "GatherElements" => vec![fact(dt(0), shp(1))],
+        "ScatterElements" | "ScatterND" => same(),
         "Shape" => vec![fact(dtype::INT64, shp(0).map(|s| vec![Dim::Known(s.len() as i64)]))],
         "Size" => vec![fact(dtype::INT64, Some(vec![]))],
         "Constant" => {

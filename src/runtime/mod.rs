@@ -75,3 +75,27 @@ pub(crate) fn rt_err(backend: &str, e: impl std::fmt::Display) -> Error {
         message: format!("{e:#}"),
     }
 }
+
+/// A model prepared once for repeated runs with inputs of the same shapes (training steps,
+/// finite differences): tract's optimized plan, or an ONNX Runtime session.
+pub enum Runner {
+    Tract(tract_backend::Prepared),
+    Ort(Box<ort::session::Session>, Vec<String>),
+}
+
+impl Runner {
+    /// Prepare `path`; `example` fixes the input shapes (tract specializes the plan to them).
+    pub fn new(backend: Backend, path: &Path, example: &Tensors, outputs: &[String]) -> Result<Runner> {
+        Ok(match backend {
+            Backend::Tract => Runner::Tract(tract_backend::Prepared::new(path, example, outputs)?),
+            Backend::Ort => Runner::Ort(Box::new(ort_backend::session(path)?), outputs.to_vec()),
+        })
+    }
+
+    pub fn run(&mut self, inputs: &Tensors) -> Result<Tensors> {
+        match self {
+            Runner::Tract(p) => p.run(inputs),
+            Runner::Ort(s, outs) => ort_backend::run_session(s, inputs, outs),
+        }
+    }
+}

@@ -11,64 +11,93 @@ fn err(e: impl std::fmt::Display) -> crate::error::Error {
     rt_err("tract", e)
 }
 
-pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
-    let mut model = tract_onnx::onnx().model_for_path(path).map_err(err)?;
-    let outlets = model.input_outlets().map_err(err)?.to_vec();
-    // Facts from value_info may name a symbolic batch ("batch") that the concrete input shapes
-    // below cannot unify with; let tract infer every intermediate from the inputs instead.
-    let input_nodes: Vec<usize> = outlets.iter().map(|o| o.node).collect();
-    for id in 0..model.nodes().len() {
-        if input_nodes.contains(&id) {
-            continue;
-        }
-        for slot in 0..model.node(id).outputs.len() {
-            let o = OutletId::new(id, slot);
-            let f = model.outlet_fact(o).map_err(err)?.clone();
-            if f.value.is_concrete() {
+/// An optimized tract plan for fixed input shapes, run as often as needed.
+pub struct Prepared {
+    plan: std::sync::Arc<TypedSimplePlan>,
+    input_names: Vec<String>,
+    outputs: Vec<String>,
+}
+
+fn to_tensor(v: &Value) -> Tensor {
+    match v {
+        Value::F32(a) => a.clone().into_tensor(),
+        Value::I64(a) => a.clone().into_tensor(),
+        Value::Bool(a) => a.clone().into_tensor(),
+    }
+}
+
+impl Prepared {
+    pub fn new(path: &Path, example: &Tensors, outputs: &[String]) -> Result<Prepared> {
+        let mut model = tract_onnx::onnx().model_for_path(path).map_err(err)?;
+        let outlets = model.input_outlets().map_err(err)?.to_vec();
+        let input_names: Vec<String> = outlets.iter().map(|o| model.node(o.node).name.clone()).collect();
+        // Facts from value_info may name a symbolic batch ("batch") that the concrete input
+        // shapes below cannot unify with; let tract infer every intermediate from the inputs.
+        let input_nodes: Vec<usize> = outlets.iter().map(|o| o.node).collect();
+        for id in 0..model.nodes().len() {
+            if input_nodes.contains(&id) {
                 continue;
             }
-            model.set_outlet_fact(o, InferenceFact::default()).map_err(err)?;
-        }
-    }
-    let mut feed: TVec<TValue> = tvec!();
-    for (i, o) in outlets.iter().enumerate() {
-        let name = model.node(o.node).name.clone();
-        let v = inputs
-            .get(&name)
-            .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?;
-        let t: Tensor = match v {
-            Value::F32(a) => a.clone().into_tensor(),
-            Value::I64(a) => a.clone().into_tensor(),
-            Value::Bool(a) => a.clone().into_tensor(),
-        };
-        model
-            .set_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))
-            .map_err(err)?;
-        feed.push(t.into_tvalue());
-    }
-    let mut wanted = Vec::new();
-    for name in outputs {
-        let o = model
-            .find_outlet_label(name)
-            .ok_or_else(|| err(format!("the model has no tensor named '{name}'")))?;
-        wanted.push(o);
-    }
-    model.select_output_outlets(&wanted).map_err(err)?;
-    let plan = model.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
-    let res = plan.run(feed).map_err(err)?;
-    let mut out = Tensors::new();
-    for (name, t) in outputs.iter().zip(res) {
-        let v = match t.datum_type() {
-            DatumType::F32 => Value::F32(t.to_plain_array_view::<f32>().map_err(err)?.to_owned()),
-            DatumType::I64 => Value::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned()),
-            DatumType::Bool => Value::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned()),
-            DatumType::F16 => {
-                let c = t.cast_to::<f32>().map_err(err)?;
-                Value::F32(c.to_plain_array_view::<f32>().map_err(err)?.to_owned())
+            for slot in 0..model.node(id).outputs.len() {
+                let o = OutletId::new(id, slot);
+                if model.outlet_fact(o).map_err(err)?.value.is_concrete() {
+                    continue;
+                }
+                model.set_outlet_fact(o, InferenceFact::default()).map_err(err)?;
             }
-            other => return Err(err(format!("output '{name}' has unsupported type {other:?}"))),
-        };
-        out.insert(name.clone(), v);
+        }
+        for (i, name) in input_names.iter().enumerate() {
+            let v = example
+                .get(name)
+                .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?;
+            let t = to_tensor(v);
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))
+                .map_err(err)?;
+        }
+        let mut wanted = Vec::new();
+        for name in outputs {
+            let o = model
+                .find_outlet_label(name)
+                .ok_or_else(|| err(format!("the model has no tensor named '{name}'")))?;
+            wanted.push(o);
+        }
+        model.select_output_outlets(&wanted).map_err(err)?;
+        let plan = model.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
+        Ok(Prepared {
+            plan,
+            input_names,
+            outputs: outputs.to_vec(),
+        })
     }
-    Ok(out)
+
+    pub fn run(&self, inputs: &Tensors) -> Result<Tensors> {
+        let mut feed: TVec<TValue> = tvec!();
+        for name in &self.input_names {
+            let v = inputs
+                .get(name)
+                .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?;
+            feed.push(to_tensor(v).into_tvalue());
+        }
+        let res = self.plan.run(feed).map_err(err)?;
+        let mut out = Tensors::new();
+        for (name, t) in self.outputs.iter().zip(res) {
+            let v = match t.datum_type() {
+                DatumType::F32 => Value::F32(t.to_plain_array_view::<f32>().map_err(err)?.to_owned()),
+                DatumType::I64 => Value::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned()),
+                DatumType::Bool => Value::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned()),
+                DatumType::F16 => {
+                    let c = t.cast_to::<f32>().map_err(err)?;
+                    Value::F32(c.to_plain_array_view::<f32>().map_err(err)?.to_owned())
+                }
+                other => return Err(err(format!("output '{name}' has unsupported type {other:?}"))),
+            };
+            out.insert(name.clone(), v);
+        }
+        Ok(out)
+    }
+}
+
+pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
+    Prepared::new(path, inputs, outputs)?.run(inputs)
 }

@@ -1,0 +1,118 @@
+//! Rewrites that make a training graph portable: tract runs BatchNormalization in inference
+//! mode only, so a training-mode BatchNormalization becomes its primitive form (batch mean and
+//! variance by ReduceMean), with the updated running statistics as explicit tensors.
+
+use crate::error::{Error, Result};
+use crate::onnx::builder::Builder;
+use crate::onnx::proto::NodeProto;
+use crate::onnx::{dtype, shape, GraphIndex, Model};
+
+/// A decomposed training-mode BatchNormalization: where its updated running statistics are.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct RunningStats {
+    /// The initializer holding the running mean, and the tensor with its updated value.
+    pub mean: (String, String),
+    pub var: (String, String),
+}
+
+pub fn is_training_batchnorm(n: &NodeProto, opset: i64) -> bool {
+    n.op_type == "BatchNormalization"
+        && n.domain.is_empty()
+        && (shape::attr_i(n, "training_mode") == Some(1) || (opset < 14 && n.output.len() > 1) || n.output.len() > 1)
+}
+
+/// Replace every training-mode BatchNormalization by primitives, in place (same position, so
+/// the node order stays topological). The updated running statistics follow PyTorch: the
+/// running variance is updated with the unbiased batch variance, `running * momentum +
+/// batch * (1 - momentum)`, with ONNX's `momentum` (PyTorch's 1 - momentum).
+pub fn decompose_training_batchnorm(model: &mut Model) -> Result<Vec<RunningStats>> {
+    let opset = model.opset();
+    let idx = GraphIndex::new(model)?;
+    let positions: Vec<usize> = model
+        .graph()
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| is_training_batchnorm(n, opset))
+        .map(|(i, _)| i)
+        .collect();
+    let mut b = Builder::new(model, "");
+    let mut stats = Vec::new();
+    let mut replacements: Vec<(usize, Vec<NodeProto>)> = Vec::new();
+    for &i in &positions {
+        let n = model.graph().node[i].clone();
+        let x = &n.input[0];
+        let rank = idx.fact(x).and_then(|f| f.rank()).ok_or_else(|| {
+            Error::Graph(format!(
+                "the rank of the input of BatchNormalization '{}' is unknown",
+                n.name
+            ))
+        })?;
+        let eps = shape::attr_f(&n, "epsilon").unwrap_or(1e-5) as f64;
+        let momentum = shape::attr_f(&n, "momentum").unwrap_or(0.9) as f64;
+        let before = b.nodes.len();
+        let h = if n.name.is_empty() {
+            "batchnorm".to_string()
+        } else {
+            n.name.clone()
+        };
+        let mut axes = vec![0i64];
+        axes.extend(2..rank as i64);
+        let m = b.reduce("ReduceMean", x, Some(&axes), true, &h);
+        let d = b.binary("Sub", x, &m, &h);
+        let d2 = b.binary("Mul", &d, &d, &h);
+        let v = b.reduce("ReduceMean", &d2, Some(&axes), true, &h);
+        let e = b.scalar(eps);
+        let ve = b.binary("Add", &v, &e, &h);
+        let sd = b.unary("Sqrt", &ve, &h);
+        let xhat = b.binary("Div", &d, &sd, &h);
+        let gamma = b.unsqueeze(&n.input[1], &axes, &h);
+        let beta = b.unsqueeze(&n.input[2], &axes, &h);
+        let y = b.binary("Mul", &xhat, &gamma, &h);
+        b.op_named("Add", &[&y, &beta], vec![], &n.output[0]);
+        // Running statistics.
+        let flat = b.const_i64(&[-1]);
+        let bm = b.binary("Reshape", &m, &flat, &h);
+        let bv = b.binary("Reshape", &v, &flat, &h);
+        let sx = b.unary("Size", x, &h);
+        let sm = b.unary("Size", &m, &h);
+        let sx = b.cast(&sx, dtype::FLOAT, &h);
+        let sm = b.cast(&sm, dtype::FLOAT, &h);
+        let cnt = b.binary("Div", &sx, &sm, &h);
+        let one = b.scalar(1.0);
+        let cm1 = b.binary("Sub", &cnt, &one, &h);
+        let cm1 = b.binary("Max", &cm1, &one, &h);
+        let ratio = b.binary("Div", &cnt, &cm1, &h);
+        let ub = b.binary("Mul", &bv, &ratio, &h);
+        let mo = b.scalar(momentum);
+        let om = b.scalar(1.0 - momentum);
+        let mut updated = Vec::new();
+        for (k, (run, batch)) in [(&n.input[3], &bm), (&n.input[4], &ub)].into_iter().enumerate() {
+            let a = b.binary("Mul", run, &mo, &h);
+            let c = b.binary("Mul", batch, &om, &h);
+            let name = match n.output.get(k + 1).filter(|o| !o.is_empty()) {
+                Some(o) => o.clone(),
+                None => b.name(&format!("{h}/running_{k}")),
+            };
+            b.op_named("Add", &[&a, &c], vec![], &name);
+            updated.push(name);
+        }
+        stats.push(RunningStats {
+            mean: (n.input[3].clone(), updated[0].clone()),
+            var: (n.input[4].clone(), updated[1].clone()),
+        });
+        // The new nodes stay in the module scope of the node they replace.
+        let mut new_nodes: Vec<NodeProto> = b.nodes.drain(before..).collect();
+        for nn in new_nodes.iter_mut() {
+            nn.metadata_props = n.metadata_props.clone();
+        }
+        replacements.push((i, new_nodes));
+    }
+    let inits = std::mem::take(&mut b.initializers);
+    let g = model.graph_mut();
+    for (i, nodes) in replacements.into_iter().rev() {
+        g.node.splice(i..i + 1, nodes);
+    }
+    g.initializer.extend(inits);
+    Ok(stats)
+}
