@@ -72,7 +72,9 @@ fn reduced_width(f: &ValueFact, reduce: Reduce) -> Option<i64> {
     };
     match (s.len(), reduce) {
         (2, _) => known(&s[1]),
-        (_, Reduce::Flatten) => s[1..].iter().map(known).product(),
+        (_, Reduce::Flatten) => s[1..]
+            .iter()
+            .try_fold(1i64, |a, d| known(d).and_then(|v| a.checked_mul(v))),
         (_, Reduce::Mean) => known(s.last()?),
     }
 }

@@ -39,6 +39,14 @@ pub fn int_constants(model: &Model) -> HashMap<String, Vec<i64>> {
             if let Ok(v) = tensor::to_i64(t, &model.base_dir) {
                 out.insert(t.name.clone(), v);
             }
+        } else if t.data_type == dtype::BOOL && tensor::numel(t) <= 64 {
+            // booleans (e.g. Dropout's training_mode) as 0/1
+            let v: Vec<i64> = if t.int32_data.is_empty() {
+                t.raw_data.iter().map(|&b| (b != 0) as i64).collect()
+            } else {
+                t.int32_data.iter().map(|&b| (b != 0) as i64).collect()
+            };
+            out.insert(t.name.clone(), v);
         }
     }
     for n in &g.node {
@@ -119,7 +127,7 @@ fn product(ds: &[Dim]) -> Dim {
     let mut sym: Option<Dim> = None;
     for d in ds {
         match d {
-            Dim::Known(v) => p *= v,
+            Dim::Known(v) => p = p.saturating_mul(*v),
             other => {
                 if sym.is_some() {
                     return Dim::Unknown;
@@ -135,11 +143,17 @@ fn product(ds: &[Dim]) -> Dim {
     }
 }
 
-fn pool_out(n: &NodeProto, input: &[Dim], kernel: &[i64], out_ch: Option<Dim>) -> Vec<Dim> {
-    let sp = input.len().saturating_sub(2);
+fn pool_out(n: &NodeProto, input: &[Dim], kernel: &[i64], out_ch: Option<Dim>) -> Option<Vec<Dim>> {
+    let sp = input.len().checked_sub(2)?;
     let strides = attr_ints(n, "strides").unwrap_or_else(|| vec![1; sp]);
     let dil = attr_ints(n, "dilations").unwrap_or_else(|| vec![1; sp]);
     let pads = attr_ints(n, "pads").unwrap_or_else(|| vec![0; 2 * sp]);
+    if kernel.len() != sp || strides.len() != sp || dil.len() != sp || pads.len() != 2 * sp {
+        return None;
+    }
+    if strides.iter().chain(&dil).chain(kernel).any(|&v| v <= 0) || pads.iter().any(|&p| p < 0) {
+        return None;
+    }
     let auto = attr_s(n, "auto_pad").unwrap_or_default();
     let ceil = attr_i(n, "ceil_mode").unwrap_or(0) == 1;
     let mut out = vec![input[0].clone(), out_ch.unwrap_or_else(|| input[1].clone())];
@@ -147,17 +161,20 @@ fn pool_out(n: &NodeProto, input: &[Dim], kernel: &[i64], out_ch: Option<Dim>) -
         let d = match known(&input[i + 2]) {
             None => Dim::Unknown,
             Some(x) => {
-                let s = strides.get(i).copied().unwrap_or(1);
+                let s = strides[i];
                 if auto == "SAME_UPPER" || auto == "SAME_LOWER" {
-                    Dim::Known((x + s - 1) / s)
+                    Dim::Known(x.saturating_add(s - 1) / s)
                 } else {
                     let (pb, pe) = if auto == "VALID" {
                         (0, 0)
                     } else {
                         (pads[i], pads[i + sp])
                     };
-                    let k = dil.get(i).copied().unwrap_or(1) * (kernel[i] - 1) + 1;
-                    let num = x + pb + pe - k;
+                    let k = dil[i].saturating_mul(kernel[i] - 1).saturating_add(1);
+                    let num = x.saturating_add(pb).saturating_add(pe).saturating_sub(k);
+                    if num < 0 {
+                        return None;
+                    }
                     let v = if ceil { (num + s - 1) / s + 1 } else { num / s + 1 };
                     Dim::Known(v)
                 }
@@ -165,7 +182,7 @@ fn pool_out(n: &NodeProto, input: &[Dim], kernel: &[i64], out_ch: Option<Dim>) -
         };
         out.push(d);
     }
-    out
+    Some(out)
 }
 
 fn infer_node(
@@ -250,7 +267,7 @@ fn infer_node(
         "Cast" => vec![fact(attr_i(n, "to").unwrap_or(0) as i32, shp(0))],
         "MatMul" => {
             let s = match (shp(0), shp(1)) {
-                (Some(mut a), Some(mut b)) => {
+                (Some(mut a), Some(mut b)) if !a.is_empty() && !b.is_empty() => {
                     let (a1, b1) = (a.len() == 1, b.len() == 1);
                     if a1 {
                         a.insert(0, Dim::Known(1));
@@ -286,7 +303,7 @@ fn infer_node(
         }
         "Flatten" => {
             let s = shp(0).map(|s| {
-                let a = norm_axis(attr_i(n, "axis").unwrap_or(1), s.len());
+                let a = norm_axis(attr_i(n, "axis").unwrap_or(1), s.len()).min(s.len());
                 vec![product(&s[..a]), product(&s[a..])]
             });
             vec![fact(dt(0), s)]
@@ -320,9 +337,11 @@ fn infer_node(
             vec![fact(dt(0), s)]
         }
         "Transpose" => {
-            let s = shp(0).map(|s| {
+            let s = shp(0).and_then(|s| {
                 let perm = attr_ints(n, "perm").unwrap_or_else(|| (0..s.len() as i64).rev().collect());
-                perm.iter().map(|&p| s[p as usize].clone()).collect()
+                perm.iter()
+                    .map(|&p| usize::try_from(p).ok().and_then(|p| s.get(p).cloned()))
+                    .collect()
             });
             vec![fact(dt(0), s)]
         }
@@ -331,6 +350,9 @@ fn infer_node(
             let s = shapes.and_then(|sh| {
                 let first = sh.first()?.clone();
                 let a = norm_axis(attr_i(n, "axis").unwrap_or(0), first.len());
+                if a >= first.len() || sh.iter().any(|s| s.len() != first.len()) {
+                    return None;
+                }
                 let mut out = first;
                 out[a] = product_sum(sh.iter().map(|s| s[a].clone()));
                 Some(out)
@@ -410,10 +432,10 @@ fn infer_node(
         }
         "Conv" => {
             let s = match (shp(0), shp(1)) {
-                (Some(x), Some(w)) if x.len() >= 3 => {
+                (Some(x), Some(w)) if x.len() >= 3 && w.len() == x.len() => {
                     let kernel = attr_ints(n, "kernel_shape")
                         .unwrap_or_else(|| w[2..].iter().map(|d| known(d).unwrap_or(1)).collect());
-                    Some(pool_out(n, &x, &kernel, Some(w[0].clone())))
+                    pool_out(n, &x, &kernel, Some(w[0].clone()))
                 }
                 _ => None,
             };
@@ -421,7 +443,7 @@ fn infer_node(
         }
         "MaxPool" | "AveragePool" | "LpPool" => {
             let s = match (shp(0), attr_ints(n, "kernel_shape")) {
-                (Some(x), Some(k)) if x.len() >= 3 => Some(pool_out(n, &x, &k, None)),
+                (Some(x), Some(k)) if x.len() >= 3 => pool_out(n, &x, &k, None),
                 _ => None,
             };
             vec![fact(dt(0), s.clone()), fact(dtype::INT64, s)]
@@ -437,7 +459,7 @@ fn infer_node(
         }
         "Gather" => {
             let s = match (shp(0), shp(1)) {
-                (Some(d), Some(i)) => {
+                (Some(d), Some(i)) if norm_axis(attr_i(n, "axis").unwrap_or(0), d.len()) < d.len() => {
                     let a = norm_axis(attr_i(n, "axis").unwrap_or(0), d.len());
                     let mut out = d[..a].to_vec();
                     out.extend(i);
@@ -449,6 +471,91 @@ fn infer_node(
             vec![fact(dt(0), s)]
         }
         "GatherElements" => vec![fact(dt(0), shp(1))],
+        "Sign" => same(),
+        "SoftmaxCrossEntropyLoss" => {
+            let red = attr_s(n, "reduction").unwrap_or_else(|| "mean".into());
+            let loss = if red == "none" { shp(1) } else { Some(vec![]) };
+            vec![fact(dt(0), loss), inp(0).cloned()]
+        }
+        "Expand" => {
+            let s = match (shp(0), cst(1)) {
+                (Some(x), Some(t)) => Some(broadcast(&[x, t.iter().map(|&v| Dim::Known(v)).collect()])),
+                _ => None,
+            };
+            vec![fact(dt(0), s)]
+        }
+        "Slice" if opset >= 10 => {
+            let s = match (shp(0), cst(1), cst(2)) {
+                (Some(x), Some(st), Some(en)) => {
+                    let axes: Vec<i64> = match n.input.get(3).filter(|a| !a.is_empty()) {
+                        Some(_) => cst(3).cloned().unwrap_or_default(),
+                        None => (0..st.len() as i64).collect(),
+                    };
+                    let steps: Vec<i64> = match n.input.get(4).filter(|a| !a.is_empty()) {
+                        Some(_) => cst(4).cloned().unwrap_or_default(),
+                        None => vec![1; st.len()],
+                    };
+                    let mut out = x.clone();
+                    let mut ok = axes.len() == st.len() && en.len() == st.len() && steps.len() == st.len();
+                    for k in 0..st.len().min(axes.len()).min(en.len()).min(steps.len()) {
+                        let a = norm_axis(axes[k], x.len());
+                        match (x.get(a), steps[k]) {
+                            (Some(Dim::Known(d)), 1) => {
+                                let d = *d;
+                                let c = |v: i64| {
+                                    if v < 0 {
+                                        (v.saturating_add(d)).clamp(0, d)
+                                    } else {
+                                        v.clamp(0, d)
+                                    }
+                                };
+                                out[a] = Dim::Known((c(en[k]) - c(st[k])).max(0));
+                            }
+                            (Some(_), _) => out[a] = Dim::Unknown,
+                            (None, _) => ok = false,
+                        }
+                    }
+                    ok.then_some(out)
+                }
+                _ => None,
+            };
+            vec![fact(dt(0), s)]
+        }
+        "Split" => {
+            let x = shp(0);
+            let axis = x.as_ref().map(|x| norm_axis(attr_i(n, "axis").unwrap_or(0), x.len()));
+            let sizes = if opset >= 13 {
+                cst(1).cloned()
+            } else {
+                attr_ints(n, "split")
+            };
+            match (x, axis, sizes) {
+                (Some(x), Some(a), Some(sz)) if a < x.len() && sz.len() == n.output.len() => sz
+                    .iter()
+                    .map(|&v| {
+                        let mut o = x.clone();
+                        o[a] = Dim::Known(v);
+                        fact(dt(0), Some(o))
+                    })
+                    .collect(),
+                _ => vec![],
+            }
+        }
+        "Pad" => {
+            let s = match (shp(0), cst(1)) {
+                (Some(x), Some(p)) if p.len() == 2 * x.len() => Some(
+                    x.iter()
+                        .enumerate()
+                        .map(|(i, d)| match d {
+                            Dim::Known(v) => Dim::Known(v + p[i] + p[i + x.len()]),
+                            _ => Dim::Unknown,
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            };
+            vec![fact(dt(0), s)]
+        }
         "ScatterElements" | "ScatterND" => same(),
         "Shape" => vec![fact(dtype::INT64, shp(0).map(|s| vec![Dim::Known(s.len() as i64)]))],
         "Size" => vec![fact(dtype::INT64, Some(vec![]))],
@@ -483,10 +590,10 @@ fn infer_node(
 }
 
 fn product_sum(ds: impl Iterator<Item = Dim>) -> Dim {
-    let mut total = 0;
+    let mut total: i64 = 0;
     for d in ds {
         match d {
-            Dim::Known(v) => total += v,
+            Dim::Known(v) => total = total.saturating_add(v),
             _ => return Dim::Unknown,
         }
     }
@@ -497,11 +604,11 @@ fn product_sum(ds: impl Iterator<Item = Dim>) -> Dim {
 /// kept symbolic when the input has exactly one symbolic dim whose cofactor matches.
 fn infer_minus_one(src: &[Dim], rest: &[Dim]) -> Dim {
     let split = |ds: &[Dim]| -> Option<(i64, Vec<Dim>)> {
-        let mut p = 1;
+        let mut p: i64 = 1;
         let mut syms = Vec::new();
         for d in ds {
             match d {
-                Dim::Known(v) => p *= v,
+                Dim::Known(v) => p = p.saturating_mul(*v),
                 Dim::Unknown => return None,
                 s => syms.push(s.clone()),
             }

@@ -27,7 +27,7 @@ pub fn i64_tensor(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
 }
 
 pub fn numel(t: &TensorProto) -> usize {
-    t.dims.iter().map(|&d| d.max(0) as usize).product()
+    t.dims.iter().fold(1usize, |a, &d| a.saturating_mul(d.max(0) as usize))
 }
 
 /// The raw little-endian bytes of a tensor, reading external data from `base_dir` if needed.

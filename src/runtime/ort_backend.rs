@@ -127,6 +127,8 @@ pub fn run_session(s: &mut Session, inputs: &Tensors, outputs: &[String]) -> Res
             .ok_or_else(|| err(format!("the model has no output '{name}'")))?;
         let val = if let Ok(a) = v.try_extract_array::<f32>() {
             Value::F32(a.to_owned())
+        } else if let Ok(a) = v.try_extract_array::<f64>() {
+            Value::F32(a.mapv(|x| x as f32))
         } else if let Ok(a) = v.try_extract_array::<i64>() {
             Value::I64(a.to_owned())
         } else if let Ok(a) = v.try_extract_array::<bool>() {

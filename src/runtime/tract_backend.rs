@@ -86,7 +86,7 @@ impl Prepared {
                 DatumType::F32 => Value::F32(t.to_plain_array_view::<f32>().map_err(err)?.to_owned()),
                 DatumType::I64 => Value::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned()),
                 DatumType::Bool => Value::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned()),
-                DatumType::F16 => {
+                DatumType::F16 | DatumType::F64 => {
                     let c = t.cast_to::<f32>().map_err(err)?;
                     Value::F32(c.to_plain_array_view::<f32>().map_err(err)?.to_owned())
                 }

@@ -1,0 +1,490 @@
+//! One finite-difference test per gradient rule: a one-op model, the loss sum(y^2 (0.5 + 0.2 y)), and
+//! central differences of the loss against the rule's gradient for every float input, on tract
+//! and ONNX Runtime. `every_rule_has_a_case` fails when the registry gains a rule without one.
+
+mod common;
+use common::*;
+use dagr_inject::grad::{self, rules};
+use dagr_inject::onnx::builder::{attr_float, attr_int, attr_ints, attr_string, Builder};
+use dagr_inject::onnx::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use dagr_inject::onnx::{self, dtype, tensor, Dim, GraphIndex, Model, ValueFact};
+use dagr_inject::runtime::{Backend, Runner, Tensors, Value};
+use ndarray::ArrayD;
+use std::collections::HashSet;
+
+#[derive(Clone)]
+enum In {
+    /// A differentiable float input of this shape.
+    X(Vec<usize>),
+    /// Constant int64 input (axes, shapes, indices).
+    Ints(Vec<i64>, Vec<i64>),
+    /// Constant float input.
+    F(Vec<i64>, Vec<f32>),
+    /// Constant bool input.
+    B(Vec<i64>, Vec<bool>),
+    /// Omitted optional input.
+    None,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Gen {
+    /// Values in ±[0.2, 2]: away from 0 (kinks of Relu, Abs; poles of Div, Log).
+    AwayFromZero,
+    /// Positive values in [0.5, 2].
+    Positive,
+    /// Distinct values on a grid 0.05 apart (no ties: Max/Min, MaxPool).
+    Distinct,
+}
+
+struct Case {
+    name: &'static str,
+    op: &'static str,
+    attrs: Vec<AttributeProto>,
+    inputs: Vec<In>,
+    outputs: usize,
+    gen: Gen,
+    backends: &'static [Backend],
+    opset: i64,
+}
+
+const BOTH: &[Backend] = &[Backend::Tract, Backend::Ort];
+/// Ops tract cannot run forward (BatchNormalization with non-constant parameters or in training
+/// mode, SoftmaxCrossEntropyLoss); training graphs use portable forms of them instead.
+const ORT_ONLY: &[Backend] = &[Backend::Ort];
+
+fn case(name: &'static str, op: &'static str, inputs: Vec<In>) -> Case {
+    Case {
+        name,
+        op,
+        attrs: vec![],
+        inputs,
+        outputs: 1,
+        gen: Gen::AwayFromZero,
+        backends: BOTH,
+        opset: 17,
+    }
+}
+
+impl Case {
+    fn attrs(mut self, a: Vec<AttributeProto>) -> Self {
+        self.attrs = a;
+        self
+    }
+    fn gen(mut self, g: Gen) -> Self {
+        self.gen = g;
+        self
+    }
+    fn outputs(mut self, n: usize) -> Self {
+        self.outputs = n;
+        self
+    }
+    fn only(mut self, b: &'static [Backend]) -> Self {
+        self.backends = b;
+        self
+    }
+}
+
+fn x(s: &[usize]) -> In {
+    In::X(s.to_vec())
+}
+fn ints(v: &[i64]) -> In {
+    In::Ints(vec![v.len() as i64], v.to_vec())
+}
+
+fn cases() -> Vec<Case> {
+    use Gen::*;
+    vec![
+        case("add_broadcast", "Add", vec![x(&[2, 3, 4]), x(&[3, 1])]),
+        case("sub_broadcast", "Sub", vec![x(&[2, 3]), x(&[3])]),
+        case("mul_broadcast", "Mul", vec![x(&[2, 1, 4]), x(&[3, 1])]),
+        case("div", "Div", vec![x(&[2, 3]), x(&[2, 3])]),
+        case("div_broadcast", "Div", vec![x(&[2, 3]), x(&[1])]),
+        case("pow", "Pow", vec![x(&[2, 3]), x(&[3])]).gen(Positive),
+        case("sum3", "Sum", vec![x(&[2, 3]), x(&[3]), x(&[2, 1])]),
+        case("neg", "Neg", vec![x(&[3, 2])]),
+        case("identity", "Identity", vec![x(&[3, 2])]),
+        case("relu", "Relu", vec![x(&[3, 4])]),
+        case("leaky_relu", "LeakyRelu", vec![x(&[3, 4])]).attrs(vec![attr_float("alpha", 0.2)]),
+        case("sigmoid", "Sigmoid", vec![x(&[3, 4])]),
+        case("tanh", "Tanh", vec![x(&[3, 4])]),
+        case("erf", "Erf", vec![x(&[3, 4])]),
+        case("exp", "Exp", vec![x(&[3, 4])]),
+        case("log", "Log", vec![x(&[3, 4])]).gen(Positive),
+        case("sqrt", "Sqrt", vec![x(&[3, 4])]).gen(Positive),
+        case("abs", "Abs", vec![x(&[3, 4])]),
+        case(
+            "clip",
+            "Clip",
+            vec![x(&[3, 4]), In::F(vec![], vec![-1.05]), In::F(vec![], vec![0.95])],
+        ),
+        case("clip_min_only", "Clip", vec![x(&[3, 4]), In::F(vec![], vec![0.0])]),
+        case("max", "Max", vec![x(&[2, 3]), x(&[3])]).gen(Distinct),
+        case("min", "Min", vec![x(&[2, 3]), x(&[2, 3])]).gen(Distinct),
+        case(
+            "where",
+            "Where",
+            vec![
+                In::B(vec![2, 3], vec![true, false, true, false, false, true]),
+                x(&[2, 3]),
+                x(&[3]),
+            ],
+        ),
+        case("cast_double", "Cast", vec![x(&[2, 3])]).attrs(vec![attr_int("to", dtype::DOUBLE as i64)]),
+        case(
+            "dropout_inference",
+            "Dropout",
+            vec![x(&[2, 3]), In::F(vec![], vec![0.3])],
+        ),
+        case("matmul_weight", "MatMul", vec![x(&[2, 3, 4]), x(&[4, 5])]),
+        case("matmul_batched", "MatMul", vec![x(&[3, 4]), x(&[2, 4, 5])]),
+        case("matmul_vec_left", "MatMul", vec![x(&[4]), x(&[4, 5])]),
+        case("matmul_vec_right", "MatMul", vec![x(&[2, 3, 4]), x(&[4])]),
+        case("matmul_bcast_batch", "MatMul", vec![x(&[2, 1, 3, 4]), x(&[5, 4, 2])]),
+        case("gemm", "Gemm", vec![x(&[3, 4]), x(&[4, 5]), x(&[5])])
+            .attrs(vec![attr_float("alpha", 0.7), attr_float("beta", 1.3)]),
+        case("gemm_ta", "Gemm", vec![x(&[4, 3]), x(&[4, 5]), x(&[1, 5])]).attrs(vec![attr_int("transA", 1)]),
+        case("gemm_tb", "Gemm", vec![x(&[3, 4]), x(&[5, 4]), x(&[3, 5])]).attrs(vec![attr_int("transB", 1)]),
+        case("gemm_tab_noc", "Gemm", vec![x(&[4, 3]), x(&[5, 4])]).attrs(vec![
+            attr_int("transA", 1),
+            attr_int("transB", 1),
+            attr_float("alpha", 1.5),
+        ]),
+        case("softmax", "Softmax", vec![x(&[2, 3, 4])]).attrs(vec![attr_int("axis", 1)]),
+        case("log_softmax", "LogSoftmax", vec![x(&[2, 3, 4])]),
+        case(
+            "conv1d_stride_asym_pads",
+            "Conv",
+            vec![x(&[2, 3, 9]), x(&[4, 3, 3]), x(&[4])],
+        )
+        .attrs(vec![attr_ints("strides", &[2]), attr_ints("pads", &[1, 0])]),
+        case(
+            "conv2d_groups_dilation",
+            "Conv",
+            vec![x(&[2, 4, 7, 6]), x(&[6, 2, 3, 3])],
+        )
+        .attrs(vec![
+            attr_int("group", 2),
+            attr_ints("strides", &[2, 1]),
+            attr_ints("dilations", &[1, 2]),
+            attr_ints("pads", &[1, 0, 0, 2]),
+        ]),
+        case(
+            "conv2d_same_upper",
+            "Conv",
+            vec![x(&[1, 2, 6, 5]), x(&[3, 2, 3, 2]), x(&[3])],
+        )
+        .attrs(vec![
+            attr_string("auto_pad", "SAME_UPPER"),
+            attr_ints("strides", &[2, 2]),
+        ]),
+        case(
+            "conv3d",
+            "Conv",
+            vec![x(&[1, 2, 4, 4, 3]), x(&[3, 2, 2, 2, 2]), x(&[3])],
+        ),
+        case("maxpool", "MaxPool", vec![x(&[2, 2, 6, 6])])
+            .attrs(vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])])
+            .gen(Distinct),
+        case("maxpool_overlap_pad", "MaxPool", vec![x(&[1, 2, 5, 5])])
+            .attrs(vec![
+                attr_ints("kernel_shape", &[3, 3]),
+                attr_ints("strides", &[2, 2]),
+                attr_ints("pads", &[1, 1, 1, 1]),
+            ])
+            .gen(Distinct),
+        case("avgpool", "AveragePool", vec![x(&[2, 2, 6, 6])])
+            .attrs(vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])]),
+        case("avgpool_pads_exclusive", "AveragePool", vec![x(&[1, 2, 5, 5])]).attrs(vec![
+            attr_ints("kernel_shape", &[3, 3]),
+            attr_ints("strides", &[2, 2]),
+            attr_ints("pads", &[1, 1, 1, 1]),
+        ]),
+        case("global_avgpool", "GlobalAveragePool", vec![x(&[2, 3, 4, 5])]),
+        case(
+            "batchnorm_inference",
+            "BatchNormalization",
+            vec![
+                x(&[2, 3, 4]),
+                x(&[3]),
+                x(&[3]),
+                In::F(vec![3], vec![0.1, -0.2, 0.3]),
+                In::F(vec![3], vec![0.5, 1.0, 1.5]),
+            ],
+        )
+        .only(ORT_ONLY),
+        case(
+            "batchnorm_training",
+            "BatchNormalization",
+            vec![
+                x(&[4, 3, 5]),
+                x(&[3]),
+                x(&[3]),
+                In::F(vec![3], vec![0.1, -0.2, 0.3]),
+                In::F(vec![3], vec![0.5, 1.0, 1.5]),
+            ],
+        )
+        .attrs(vec![attr_int("training_mode", 1)])
+        .outputs(3)
+        .only(ORT_ONLY),
+        case(
+            "layernorm_last",
+            "LayerNormalization",
+            vec![x(&[2, 3, 4]), x(&[4]), x(&[4])],
+        ),
+        case(
+            "layernorm_axis1",
+            "LayerNormalization",
+            vec![x(&[2, 3, 4]), x(&[3, 4]), x(&[3, 4])],
+        )
+        .attrs(vec![attr_int("axis", 1)]),
+        case("flatten", "Flatten", vec![x(&[2, 3, 4])]).attrs(vec![attr_int("axis", 2)]),
+        case("reshape", "Reshape", vec![x(&[2, 3, 4]), ints(&[6, -1])]),
+        case("squeeze", "Squeeze", vec![x(&[2, 1, 3]), ints(&[1])]),
+        case("unsqueeze", "Unsqueeze", vec![x(&[2, 3]), ints(&[0, 3])]),
+        case("transpose", "Transpose", vec![x(&[2, 3, 4])]).attrs(vec![attr_ints("perm", &[2, 0, 1])]),
+        case("concat", "Concat", vec![x(&[2, 3]), x(&[2, 5])]).attrs(vec![attr_int("axis", 1)]),
+        case("split_one_output_used", "Split", vec![x(&[2, 6]), ints(&[2, 4])])
+            .attrs(vec![attr_int("axis", 1)])
+            .outputs(2),
+        case(
+            "slice",
+            "Slice",
+            vec![x(&[4, 6]), ints(&[1, -4]), ints(&[3, 100]), ints(&[0, 1])],
+        ),
+        case(
+            "gather_rows_negative",
+            "Gather",
+            vec![x(&[5, 3]), In::Ints(vec![2, 2], vec![0, 2, 4, -1])],
+        ),
+        case("gather_axis1_repeated", "Gather", vec![x(&[2, 5, 3]), ints(&[1, 3, 1])]).attrs(vec![attr_int("axis", 1)]),
+        case(
+            "gather_elements",
+            "GatherElements",
+            vec![x(&[3, 4]), In::Ints(vec![3, 2], vec![0, 3, 1, 1, 2, 0])],
+        )
+        .attrs(vec![attr_int("axis", 1)]),
+        case("expand", "Expand", vec![x(&[3, 1]), ints(&[2, 3, 4])]),
+        case("reduce_sum", "ReduceSum", vec![x(&[2, 3, 4]), ints(&[1])]).attrs(vec![attr_int("keepdims", 0)]),
+        case("reduce_mean", "ReduceMean", vec![x(&[2, 3, 4])]).attrs(vec![attr_ints("axes", &[0, 2])]),
+        case("reduce_mean_all_18", "ReduceMean", vec![x(&[2, 3, 4])])
+            .attrs(vec![attr_int("keepdims", 0)])
+            .opset(18),
+        case(
+            "softmax_cross_entropy",
+            "SoftmaxCrossEntropyLoss",
+            vec![x(&[4, 5]), In::Ints(vec![4], vec![1, 0, 4, 2])],
+        )
+        .only(ORT_ONLY),
+    ]
+}
+
+trait Opset {
+    fn opset(self, o: i64) -> Self;
+}
+impl Opset for Case {
+    fn opset(mut self, o: i64) -> Self {
+        self.opset = o;
+        self
+    }
+}
+
+fn values(n: usize, gen: Gen, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(12345);
+    let mut next = || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (s >> 40) as f32 / (1u64 << 24) as f32
+    };
+    match gen {
+        Gen::AwayFromZero => (0..n)
+            .map(|_| {
+                let m = 0.2 + 1.8 * next();
+                if next() < 0.5 {
+                    -m
+                } else {
+                    m
+                }
+            })
+            .collect(),
+        Gen::Positive => (0..n).map(|_| 0.5 + 1.5 * next()).collect(),
+        Gen::Distinct => {
+            let mut idx: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                let j = (next() * (i + 1) as f32) as usize % (i + 1);
+                idx.swap(i, j);
+            }
+            idx.iter().map(|&k| k as f32 * 0.05 - n as f32 * 0.025 + 0.01).collect()
+        }
+    }
+}
+
+/// The one-op model, its loss, and the gradient outputs `<input>_grad`.
+fn build(c: &Case) -> (Model, Vec<String>) {
+    let mut g = GraphProto::new();
+    g.name = c.name.into();
+    let mut node = NodeProto::new();
+    node.op_type = c.op.into();
+    node.name = format!("op/{}", c.op);
+    node.attribute = c.attrs.clone();
+    let mut wrt = Vec::new();
+    for (i, inp) in c.inputs.iter().enumerate() {
+        let name = format!("in{i}");
+        match inp {
+            In::X(s) => {
+                let f = ValueFact::new(dtype::FLOAT, s.iter().map(|&d| Dim::Known(d as i64)).collect());
+                g.input.push(f.to_value_info(&name));
+                wrt.push(name.clone());
+            }
+            In::Ints(d, v) => g.initializer.push(tensor::i64_tensor(&name, d, v)),
+            In::F(d, v) => g.initializer.push(tensor::f32_tensor(&name, d, v)),
+            In::B(d, v) => {
+                let mut t = tensor::i64_tensor(&name, d, &[]);
+                t.data_type = dtype::BOOL;
+                t.raw_data = v.iter().map(|&b| b as u8).collect();
+                g.initializer.push(t);
+            }
+            In::None => {
+                node.input.push(String::new());
+                continue;
+            }
+        }
+        node.input.push(name);
+    }
+    if c.op == "Dropout" {
+        let mut t = tensor::i64_tensor("in_training", &[], &[]);
+        t.data_type = dtype::BOOL;
+        t.raw_data = vec![0];
+        g.initializer.push(t);
+        node.input.push("in_training".into());
+    }
+    node.output = (0..c.outputs).map(|i| format!("y{i}")).collect();
+    g.node.push(node);
+    let mut p = ModelProto::new();
+    p.ir_version = 8;
+    let mut o = OperatorSetIdProto::new();
+    o.version = c.opset;
+    p.opset_import.push(o);
+    p.graph = protobuf::MessageField::some(g);
+    let mut model = Model {
+        proto: p,
+        base_dir: ".".into(),
+        source: None,
+    };
+
+    // loss = sum(y^2 (0.5 + 0.2 y)), in float32: not symmetric in y, so that ops whose output
+    // has invariant moments (training-mode normalization) still get a non-zero gradient.
+    let mut b = Builder::new(&model, "t/");
+    let y = if c.op == "Cast" {
+        b.cast("y0", dtype::FLOAT, "loss")
+    } else {
+        "y0".to_string()
+    };
+    let sq = b.binary("Mul", &y, &y, "loss");
+    let k = b.scalar(0.2);
+    let half = b.scalar(0.5);
+    let ky = b.binary("Mul", &y, &k, "loss");
+    let w = b.binary("Add", &ky, &half, "loss");
+    let t = b.binary("Mul", &sq, &w, "loss");
+    b.op_named("ReduceSum", &[&t], vec![onnx::builder::attr_int("keepdims", 0)], "loss");
+    b.finish(&mut model);
+    let idx = GraphIndex::new(&model).unwrap();
+    let mut b = Builder::new(&model, "g/");
+    let one = b.scalar(1.0);
+    let grads = grad::backward(&model, &idx, &mut b, &[("loss".into(), one)], &wrt, &HashSet::new())
+        .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    let mut outs = vec!["loss".to_string()];
+    let mut facts = vec![ValueFact::new(dtype::FLOAT, vec![])];
+    for w in &wrt {
+        let gname = format!("{w}_grad");
+        b.op_named("Identity", &[&grads[w]], vec![], &gname);
+        outs.push(gname);
+        facts.push(idx.fact(w).cloned().unwrap());
+    }
+    b.finish(&mut model);
+    for (n, f) in outs.iter().zip(&facts) {
+        model.graph_mut().output.push(f.to_value_info(n));
+    }
+    (model, wrt)
+}
+
+#[test]
+fn every_rule_has_a_case() {
+    let covered: HashSet<&str> = cases().iter().map(|c| c.op).collect();
+    let missing: Vec<&str> = rules::RULES
+        .iter()
+        .filter(|r| !rules::is_non_differentiable(r.op) && !covered.contains(r.op))
+        .map(|r| r.op)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "gradient rules without a finite-difference case: {missing:?}"
+    );
+}
+
+#[test]
+fn every_rule_matches_central_differences() {
+    require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for (ci, c) in cases().iter().enumerate() {
+        let (model, wrt) = build(c);
+        let path = dir.path().join(format!("{}.onnx", c.name));
+        onnx::save(&model, &path).unwrap();
+        onnx_check(&path);
+        let mut feed = Tensors::new();
+        for (i, inp) in c.inputs.iter().enumerate() {
+            if let In::X(s) = inp {
+                let n: usize = s.iter().product();
+                let v = values(n, c.gen, (ci * 31 + i) as u64);
+                feed.insert(
+                    format!("in{i}"),
+                    Value::F32(ArrayD::from_shape_vec(s.clone(), v).unwrap()),
+                );
+            }
+        }
+        let outs: Vec<String> = std::iter::once("loss".to_string())
+            .chain(wrt.iter().map(|w| format!("{w}_grad")))
+            .collect();
+        for &backend in c.backends {
+            let mut r = Runner::new(backend, &path, &feed, &outs)
+                .unwrap_or_else(|e| panic!("{} on {}: {e}", c.name, backend.name()));
+            let base = r.run(&feed).unwrap();
+            let loss = |r: &mut Runner, f: &Tensors| -> f64 {
+                f32_of(&r.run(f).unwrap(), "loss").iter().next().copied().unwrap() as f64
+            };
+            for w in &wrt {
+                let g = f32_of(&base, &format!("{w}_grad"));
+                let x0 = feed[w].as_f32().unwrap().clone();
+                assert_eq!(g.shape(), x0.shape(), "{}: gradient of {w} has the wrong shape", c.name);
+                let scale = g.iter().fold(1e-3f64, |a, v| a.max(v.abs() as f64));
+                let h = 2e-3f32;
+                for i in 0..x0.len() {
+                    let mut p = x0.clone();
+                    p.as_slice_mut().unwrap()[i] += h;
+                    let mut m = x0.clone();
+                    m.as_slice_mut().unwrap()[i] -= h;
+                    let mut f = feed.clone();
+                    f.insert(w.clone(), Value::F32(p));
+                    let lp = loss(&mut r, &f);
+                    f.insert(w.clone(), Value::F32(m));
+                    let lm = loss(&mut r, &f);
+                    let fd = (lp - lm) / (2.0 * h as f64);
+                    let an = g.as_slice().unwrap()[i] as f64;
+                    if (fd - an).abs() > 1e-2 * scale + 2e-3 * fd.abs().max(1.0) {
+                        failures.push(format!(
+                            "{} on {}: d loss / d {w}[{i}] = {fd} by differences, {an} by the rule",
+                            c.name,
+                            backend.name()
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
