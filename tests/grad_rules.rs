@@ -22,8 +22,6 @@ enum In {
     F(Vec<i64>, Vec<f32>),
     /// Constant bool input.
     B(Vec<i64>, Vec<bool>),
-    /// Omitted optional input.
-    None,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -341,10 +339,6 @@ fn build(c: &Case) -> (Model, Vec<String>) {
                 t.data_type = dtype::BOOL;
                 t.raw_data = v.iter().map(|&b| b as u8).collect();
                 g.initializer.push(t);
-            }
-            In::None => {
-                node.input.push(String::new());
-                continue;
             }
         }
         node.input.push(name);
