@@ -46,6 +46,8 @@ enum Command {
     Inject(InjectArgs),
     /// Write a standalone DAGR model: inputs are embeddings, outputs are losses and gradients
     Block(BlockArgs),
+    /// Train a training graph (built with --train) and export the trained inference model
+    Train(TrainArgs),
     /// Run a model on tract or ONNX Runtime with inputs from an .npz file
     Run {
         model: PathBuf,
@@ -135,6 +137,101 @@ struct InjectArgs {
     beta: f64,
 }
 
+#[derive(Args)]
+struct TrainArgs {
+    /// The training graph (dagr-inject MODEL --encoders ... --train)
+    model: PathBuf,
+    /// Training data: .npz with arrays named like the graph inputs and the label input
+    #[arg(long)]
+    data: PathBuf,
+    /// Validation data (same layout): accuracy of every head after each epoch
+    #[arg(long)]
+    val: Option<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value = "sgd")]
+    optimizer: OptimArg,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    /// SGD momentum
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f64,
+    /// SGD Nesterov momentum
+    #[arg(long)]
+    nesterov: bool,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// AdamW betas
+    #[arg(long, value_delimiter = ',', default_values_t = [0.9, 0.999])]
+    betas: Vec<f64>,
+    /// AdamW epsilon
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
+    #[arg(long, value_enum, default_value = "constant")]
+    schedule: ScheduleArg,
+    /// Step schedule: epochs between decays
+    #[arg(long, default_value_t = 10)]
+    step_size: usize,
+    /// Step schedule: decay factor
+    #[arg(long, default_value_t = 0.1)]
+    gamma: f64,
+    /// Cosine schedule: final learning rate
+    #[arg(long, default_value_t = 0.0)]
+    min_lr: f64,
+    /// Linear warm-up steps
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// Clip gradients to this global L2 norm
+    #[arg(long)]
+    clip_grad_norm: Option<f64>,
+    #[arg(long, value_enum, default_value = "tract")]
+    backend: Backend,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep the data order (no shuffling)
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Drop the last partial batch of each epoch
+    #[arg(long)]
+    drop_last: bool,
+    /// Output directory: checkpoint, log.jsonl, model.onnx (the trained inference model)
+    #[arg(long)]
+    out: PathBuf,
+    /// The model the training graph was built from (default: recorded in the graph)
+    #[arg(long)]
+    original: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint
+    #[arg(long)]
+    resume: bool,
+    /// Reuse an existing --out directory, starting over
+    #[arg(long)]
+    force: bool,
+    /// Stop after this many steps
+    #[arg(long)]
+    max_steps: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimArg {
+    Sgd,
+    Adamw,
+}
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleArg {
+    Constant,
+    Step,
+    Cosine,
+}
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ParetoArg {
     Param,
@@ -212,7 +309,7 @@ impl DagrArgs {
     }
 }
 
-const SUBCOMMANDS: &[&str] = &["inspect", "inject", "block", "run", "help"];
+const SUBCOMMANDS: &[&str] = &["inspect", "inject", "block", "train", "run", "help"];
 
 /// `dagr-inject MODEL --encoders ...` is the inject shorthand: insert the subcommand.
 pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
@@ -250,6 +347,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         }
         Command::Inject(a) => inject_cmd(a)?,
         Command::Block(a) => block_cmd(a)?,
+        Command::Train(a) => train_cmd(a)?,
         Command::Run {
             model,
             inputs,
@@ -438,5 +536,73 @@ fn block_cmd(a: BlockArgs) -> Result<()> {
             .join(", ")
     );
     let _: &Model = &model;
+    Ok(())
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    use dagr_inject::train::{self as tr, optim};
+    if a.betas.len() != 2 {
+        bail!("--betas takes two numbers, e.g. --betas 0.9,0.999");
+    }
+    if a.batch_size == 0 || a.epochs == 0 {
+        bail!("--batch-size and --epochs must be positive");
+    }
+    let settings = tr::Settings {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        optimizer: match a.optimizer {
+            OptimArg::Sgd => optim::Optimizer::Sgd {
+                momentum: a.momentum,
+                nesterov: a.nesterov,
+                weight_decay: a.weight_decay,
+            },
+            OptimArg::Adamw => optim::Optimizer::AdamW {
+                beta1: a.betas[0],
+                beta2: a.betas[1],
+                eps: a.eps,
+                weight_decay: a.weight_decay,
+            },
+        },
+        schedule: match a.schedule {
+            ScheduleArg::Constant => optim::Schedule::Constant,
+            ScheduleArg::Step => optim::Schedule::Step {
+                step_size: a.step_size,
+                gamma: a.gamma,
+            },
+            ScheduleArg::Cosine => optim::Schedule::Cosine { min_lr: a.min_lr },
+        },
+        warmup_steps: a.warmup_steps,
+        clip_grad_norm: a.clip_grad_norm,
+        seed: a.seed,
+        shuffle: !a.no_shuffle,
+        drop_last: a.drop_last,
+        backend: a.backend,
+        cuda: a.device == DeviceArg::Cuda,
+    };
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    let run = tr::Run {
+        model: &a.model,
+        train: &a.data,
+        val: a.val.as_deref(),
+        out: &a.out,
+        original: a.original.as_deref(),
+        resume: a.resume,
+        force: a.force,
+        max_steps: a.max_steps,
+    };
+    let logs = tr::fit(&run, settings, interrupted)?;
+    if let Some(l) = logs.last() {
+        println!(
+            "trained {} epochs ({} steps); final loss {:.5}",
+            l.epoch, l.step, l.loss
+        );
+        for (h, acc) in &l.val_accuracy {
+            println!("  validation accuracy {h}: {acc:.4}");
+        }
+    }
+    println!("wrote {}/model.onnx, checkpoint.npz, log.jsonl", a.out.display());
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod locate;
 pub mod npz;
 pub mod onnx;
 pub mod runtime;
+pub mod train;
 
 pub use dagr::{inject, Config};
 pub use error::{Error, Result};

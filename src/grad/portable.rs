@@ -15,25 +15,30 @@ pub struct RunningStats {
     pub var: (String, String),
 }
 
-pub fn is_training_batchnorm(n: &NodeProto, opset: i64) -> bool {
+/// Training mode: the `training_mode` attribute (opset 14+), or the running-statistics outputs
+/// that only training mode has.
+pub fn is_training_batchnorm(n: &NodeProto) -> bool {
     n.op_type == "BatchNormalization"
         && n.domain.is_empty()
-        && (shape::attr_i(n, "training_mode") == Some(1) || (opset < 14 && n.output.len() > 1) || n.output.len() > 1)
+        && (shape::attr_i(n, "training_mode") == Some(1) || n.output.iter().skip(1).any(|o| !o.is_empty()))
 }
 
-/// Replace every training-mode BatchNormalization by primitives, in place (same position, so
-/// the node order stays topological). The updated running statistics follow PyTorch: the
-/// running variance is updated with the unbiased batch variance, `running * momentum +
-/// batch * (1 - momentum)`, with ONNX's `momentum` (PyTorch's 1 - momentum).
-pub fn decompose_training_batchnorm(model: &mut Model) -> Result<Vec<RunningStats>> {
-    let opset = model.opset();
+/// Replace every BatchNormalization by primitives, in place (same position, so the node order
+/// stays topological): training mode normalizes with the batch statistics, inference mode with
+/// the running ones. tract needs this twice over: it runs BatchNormalization in inference mode
+/// only, and only with constant parameters (a training graph feeds them).
+///
+/// The updated running statistics (training mode) follow PyTorch: the running variance is
+/// updated with the unbiased batch variance, `running * momentum + batch * (1 - momentum)`,
+/// with ONNX's `momentum` (PyTorch's 1 - momentum).
+pub fn decompose_batchnorm(model: &mut Model) -> Result<Vec<RunningStats>> {
     let idx = GraphIndex::new(model)?;
     let positions: Vec<usize> = model
         .graph()
         .node
         .iter()
         .enumerate()
-        .filter(|(_, n)| is_training_batchnorm(n, opset))
+        .filter(|(_, n)| n.op_type == "BatchNormalization" && n.domain.is_empty())
         .map(|(i, _)| i)
         .collect();
     let mut b = Builder::new(model, "");
@@ -58,10 +63,18 @@ pub fn decompose_training_batchnorm(model: &mut Model) -> Result<Vec<RunningStat
         };
         let mut axes = vec![0i64];
         axes.extend(2..rank as i64);
-        let m = b.reduce("ReduceMean", x, Some(&axes), true, &h);
-        let d = b.binary("Sub", x, &m, &h);
-        let d2 = b.binary("Mul", &d, &d, &h);
-        let v = b.reduce("ReduceMean", &d2, Some(&axes), true, &h);
+        let training = is_training_batchnorm(&n);
+        let (m, v, d) = if training {
+            let m = b.reduce("ReduceMean", x, Some(&axes), true, &h);
+            let d = b.binary("Sub", x, &m, &h);
+            let d2 = b.binary("Mul", &d, &d, &h);
+            let v = b.reduce("ReduceMean", &d2, Some(&axes), true, &h);
+            (m, v, d)
+        } else {
+            let m = b.unsqueeze(&n.input[3], &axes, &h);
+            let d = b.binary("Sub", x, &m, &h);
+            (m, b.unsqueeze(&n.input[4], &axes, &h), d)
+        };
         let e = b.scalar(eps);
         let ve = b.binary("Add", &v, &e, &h);
         let sd = b.unary("Sqrt", &ve, &h);
@@ -70,6 +83,14 @@ pub fn decompose_training_batchnorm(model: &mut Model) -> Result<Vec<RunningStat
         let beta = b.unsqueeze(&n.input[2], &axes, &h);
         let y = b.binary("Mul", &xhat, &gamma, &h);
         b.op_named("Add", &[&y, &beta], vec![], &n.output[0]);
+        if !training {
+            let mut new_nodes: Vec<NodeProto> = b.nodes.drain(before..).collect();
+            for nn in new_nodes.iter_mut() {
+                nn.metadata_props = n.metadata_props.clone();
+            }
+            replacements.push((i, new_nodes));
+            continue;
+        }
         // Running statistics.
         let flat = b.const_i64(&[-1]);
         let bm = b.binary("Reshape", &m, &flat, &h);

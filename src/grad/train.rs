@@ -49,6 +49,10 @@ pub struct TrainRecord {
     /// The graph output holding the loss that the parameter gradients are the gradient of.
     pub loss: String,
     pub pareto_alpha: Option<String>,
+    /// The model this training graph was built from (for exporting the trained inference
+    /// model), as given when building it.
+    #[serde(default)]
+    pub original: Option<String>,
 }
 
 pub const METADATA_KEY: &str = "dagr_inject.train";
@@ -98,7 +102,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         .collect();
     // Encoders are located on the model as exported, before BatchNorm is decomposed.
     let injected = dagr::inject_with(model, cfg, opts.pareto.is_some())?;
-    let batchnorm = portable::decompose_training_batchnorm(model)?;
+    let batchnorm = portable::decompose_batchnorm(model)?;
     let rec = injected.record.clone();
     let idx = GraphIndex::new(model)?;
 
@@ -254,7 +258,11 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     // runs unfed).
     let g = model.graph_mut();
     let existing: HashSet<String> = g.input.iter().map(|i| i.name.clone()).collect();
-    for (p, _) in &param_grads {
+    let state: Vec<String> = batchnorm
+        .iter()
+        .flat_map(|s| [s.mean.0.clone(), s.var.0.clone()])
+        .collect();
+    for p in param_grads.iter().map(|p| &p.0).chain(&state) {
         if existing.contains(p) {
             continue;
         }
@@ -282,6 +290,12 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         batchnorm,
         loss,
         pareto_alpha: alpha_out,
+        original: model.source.as_ref().map(|p| {
+            std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string()
+        }),
     };
     let json = serde_json::to_string(&record).map_err(|e| Error::Graph(e.to_string()))?;
     model.set_metadata(METADATA_KEY, &json);

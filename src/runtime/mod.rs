@@ -43,7 +43,9 @@ impl Value {
 pub type Tensors = BTreeMap<String, Value>;
 
 /// Which runtime executes a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// tract: pure Rust, embedded, no install needed.
@@ -80,22 +82,38 @@ pub(crate) fn rt_err(backend: &str, e: impl std::fmt::Display) -> Error {
 /// finite differences): tract's optimized plan, or an ONNX Runtime session.
 pub enum Runner {
     Tract(tract_backend::Prepared),
-    Ort(Box<ort::session::Session>, Vec<String>),
+    /// The session, the names it can be fed, and the outputs to fetch.
+    Ort(Box<ort::session::Session>, Vec<String>, Vec<String>),
 }
 
 impl Runner {
     /// Prepare `path`; `example` fixes the input shapes (tract specializes the plan to them).
     pub fn new(backend: Backend, path: &Path, example: &Tensors, outputs: &[String]) -> Result<Runner> {
+        Self::on(backend, false, path, example, outputs)
+    }
+
+    /// `cuda`: ONNX Runtime's CUDA execution provider (an error on tract, or if it cannot load).
+    pub fn on(backend: Backend, cuda: bool, path: &Path, example: &Tensors, outputs: &[String]) -> Result<Runner> {
         Ok(match backend {
+            Backend::Tract if cuda => {
+                return Err(rt_err(
+                    "tract",
+                    "tract runs on the CPU only; use --backend ort --device cuda",
+                ))
+            }
             Backend::Tract => Runner::Tract(tract_backend::Prepared::new(path, example, outputs)?),
-            Backend::Ort => Runner::Ort(Box::new(ort_backend::session(path)?), outputs.to_vec()),
+            Backend::Ort => {
+                let s = ort_backend::session_on(path, cuda)?;
+                let names = ort_backend::feedable(&s);
+                Runner::Ort(Box::new(s), names, outputs.to_vec())
+            }
         })
     }
 
     pub fn run(&mut self, inputs: &Tensors) -> Result<Tensors> {
         match self {
             Runner::Tract(p) => p.run(inputs),
-            Runner::Ort(s, outs) => ort_backend::run_session(s, inputs, outs),
+            Runner::Ort(s, names, outs) => ort_backend::run_session_fed(s, names, inputs, outs),
         }
     }
 }

@@ -96,8 +96,23 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
 }
 
 pub fn session(path: &Path) -> Result<Session> {
+    session_on(path, false)
+}
+
+/// A session on the CPU, or on the CUDA execution provider. CUDA never silently falls back
+/// to the CPU: a failed registration is an error.
+pub fn session_on(path: &Path, cuda: bool) -> Result<Session> {
     let env = environment()?;
-    Session::builder(env).map_err(err)?.commit_from_file(path).map_err(err)
+    let mut b = Session::builder(env).map_err(err)?;
+    if cuda {
+        let ep = ort::ep::CUDA::default().build().error_on_failure();
+        b = b.with_execution_providers([ep]).map_err(|e| {
+            err(format!(
+                "cannot use the CUDA execution provider: {e}\n  hint: install onnxruntime-gpu==1.31.1 (CUDA 13, cuDNN 9) and point ORT_DYLIB_PATH at its libonnxruntime.so, or use --device cpu"
+            ))
+        })?;
+    }
+    b.commit_from_file(path).map_err(err)
 }
 
 pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
@@ -105,13 +120,29 @@ pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors>
     run_session(&mut s, inputs, outputs)
 }
 
+/// What a session can be fed: its inputs, and the initializers that are also graph inputs
+/// (the parameters of a training graph), which ONNX Runtime lists apart.
+pub fn feedable(s: &Session) -> Vec<String> {
+    s.inputs()
+        .iter()
+        .map(|i| i.name().to_string())
+        .chain(s.overridable_initializers().iter().map(|o| o.name().to_string()))
+        .collect()
+}
+
 pub fn run_session(s: &mut Session, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
+    let names = feedable(s);
+    run_session_fed(s, &names, inputs, outputs)
+}
+
+/// Run with every value of `inputs` whose name is in `names` (see `feedable`).
+pub fn run_session_fed(s: &mut Session, names: &[String], inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
     let mut feed: Vec<(String, ort::value::DynValue)> = Vec::new();
-    for inp in s.inputs() {
-        let name = inp.name().to_string();
-        let Some(v) = inputs.get(&name) else {
+    for name in names {
+        let Some(v) = inputs.get(name) else {
             continue;
         };
+        let name = name.clone();
         let dv = match v {
             Value::F32(a) => Tensor::from_array(a.clone()).map_err(err)?.into_dyn(),
             Value::I64(a) => Tensor::from_array(a.clone()).map_err(err)?.into_dyn(),

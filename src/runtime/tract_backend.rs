@@ -27,8 +27,31 @@ fn to_tensor(v: &Value) -> Tensor {
 }
 
 impl Prepared {
+    /// Inputs in `example` that are also initializers (the parameters of a training graph) are
+    /// fed, not folded: tract would otherwise treat them as constants.
     pub fn new(path: &Path, example: &Tensors, outputs: &[String]) -> Result<Prepared> {
-        let mut model = tract_onnx::onnx().model_for_path(path).map_err(err)?;
+        let onnx_model = crate::onnx::load(path)?;
+        let fed: Vec<&String> = onnx_model
+            .graph()
+            .initializer
+            .iter()
+            .map(|t| &t.name)
+            .filter(|n| example.contains_key(*n))
+            .collect();
+        let mut model = if fed.is_empty() {
+            tract_onnx::onnx().model_for_path(path).map_err(err)?
+        } else {
+            if !crate::onnx::io::external_tensors(&onnx_model.proto).is_empty() {
+                return Err(err(
+                    "feeding parameters of a model with external data is not supported on tract; use --backend ort",
+                ));
+            }
+            let fed: std::collections::HashSet<String> = fed.into_iter().cloned().collect();
+            let mut m = onnx_model.clone();
+            m.graph_mut().initializer.retain(|t| !fed.contains(&t.name));
+            let bytes = m.to_bytes()?;
+            tract_onnx::onnx().model_for_read(&mut bytes.as_slice()).map_err(err)?
+        };
         let outlets = model.input_outlets().map_err(err)?.to_vec();
         let input_names: Vec<String> = outlets.iter().map(|o| model.node(o.node).name.clone()).collect();
         // Facts from value_info may name a symbolic batch ("batch") that the concrete input

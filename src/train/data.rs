@@ -1,0 +1,134 @@
+//! Datasets from `.npz` files: arrays named after the graph inputs (and the label input),
+//! checked against the graph before the first step; seeded shuffling and batching.
+
+use crate::error::{Error, Result};
+use crate::onnx::{dtype, Dim, GraphIndex};
+use crate::runtime::{Tensors, Value};
+use ndarray::{Axis, IxDyn};
+use std::path::Path;
+
+/// A reproducible generator whose whole state is one u64 (stored in checkpoints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        // SplitMix64
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// A Fisher-Yates permutation of 0..n.
+    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut p: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            p.swap(i, j);
+        }
+        p
+    }
+}
+
+pub struct Dataset {
+    pub arrays: Tensors,
+    pub len: usize,
+}
+
+impl Dataset {
+    /// Load `path` and check it against the inputs the training graph needs.
+    pub fn load(path: &Path, idx: &GraphIndex, inputs: &[String], labels: Option<(&str, i64)>) -> Result<Dataset> {
+        let arrays = crate::npz::read(path)?;
+        let bad = |m: String| Error::Data(format!("{}: {m}", path.display()));
+        let mut len = None;
+        for name in inputs {
+            let v = arrays.get(name).ok_or_else(|| {
+                bad(format!(
+                    "no array named '{name}' (the graph input); arrays present: {}",
+                    arrays.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            let f = idx.fact(name).cloned().unwrap_or_default();
+            let want = f.dtype;
+            let got = match v {
+                Value::F32(_) => dtype::FLOAT,
+                Value::I64(_) => dtype::INT64,
+                Value::Bool(_) => dtype::BOOL,
+            };
+            if want != 0 && want != got {
+                return Err(bad(format!(
+                    "'{name}' has type {}, the graph input wants {}",
+                    dtype::name(got),
+                    dtype::name(want)
+                )));
+            }
+            let shape = v.shape();
+            if let Some(s) = &f.shape {
+                let ok = s.len() == shape.len()
+                    && s.iter()
+                        .zip(shape)
+                        .skip(1)
+                        .all(|(d, &n)| !matches!(d, Dim::Known(k) if *k as usize != n));
+                if !ok {
+                    return Err(bad(format!(
+                        "'{name}' has shape {shape:?}, the graph input wants {} (any batch size)",
+                        f.shape_string()
+                    )));
+                }
+            }
+            let n = shape.first().copied().unwrap_or(0);
+            match len {
+                None => len = Some(n),
+                Some(l) if l != n => {
+                    return Err(bad(format!("'{name}' has {n} samples but other arrays have {l}")));
+                }
+                _ => {}
+            }
+        }
+        if let Some((lab, classes)) = labels {
+            if let Some(Value::I64(y)) = arrays.get(lab) {
+                if let Some(bad_label) = y.iter().find(|&&v| v < 0 || v >= classes) {
+                    return Err(bad(format!(
+                        "label {bad_label} in '{lab}' is out of range: the heads have {classes} classes"
+                    )));
+                }
+            }
+        }
+        let len = len.unwrap_or(0);
+        if len == 0 {
+            return Err(bad("the dataset is empty".into()));
+        }
+        Ok(Dataset { arrays, len })
+    }
+
+    /// The samples at `rows`, as a batch.
+    pub fn batch(&self, rows: &[usize]) -> Tensors {
+        self.arrays
+            .iter()
+            .filter(|(_, v)| v.shape().first() == Some(&self.len))
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::F32(a) => Value::F32(a.select(Axis(0), rows).into_dimensionality::<IxDyn>().unwrap()),
+                    Value::I64(a) => Value::I64(a.select(Axis(0), rows).into_dimensionality::<IxDyn>().unwrap()),
+                    Value::Bool(a) => Value::Bool(a.select(Axis(0), rows).into_dimensionality::<IxDyn>().unwrap()),
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+
+    /// Batches of one epoch: shuffled with `rng` (or in order), the last partial batch kept
+    /// unless `drop_last`.
+    pub fn batches(&self, batch_size: usize, rng: Option<&mut Rng>, drop_last: bool) -> Vec<Vec<usize>> {
+        let order = match rng {
+            Some(r) => r.permutation(self.len),
+            None => (0..self.len).collect(),
+        };
+        order
+            .chunks(batch_size.max(1))
+            .filter(|c| !drop_last || c.len() == batch_size)
+            .map(|c| c.to_vec())
+            .collect()
+    }
+}
