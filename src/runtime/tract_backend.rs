@@ -31,12 +31,15 @@ impl Prepared {
     /// fed, not folded: tract would otherwise treat them as constants.
     pub fn new(path: &Path, example: &Tensors, outputs: &[String]) -> Result<Prepared> {
         let onnx_model = crate::onnx::load(path)?;
+        // Only initializers that are also graph inputs can be overridden (as in ONNX Runtime).
+        let graph_inputs: std::collections::HashSet<&String> =
+            onnx_model.graph().input.iter().map(|i| &i.name).collect();
         let fed: Vec<&String> = onnx_model
             .graph()
             .initializer
             .iter()
             .map(|t| &t.name)
-            .filter(|n| example.contains_key(*n))
+            .filter(|n| example.contains_key(*n) && graph_inputs.contains(n))
             .collect();
         let mut model = if fed.is_empty() {
             tract_onnx::onnx().model_for_path(path).map_err(err)?

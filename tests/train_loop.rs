@@ -1,0 +1,320 @@
+//! `train`: optimizer steps equal PyTorch's (`torch.optim`, fixtures/generate_optim.py) on
+//! both backends; resume equals an uninterrupted run; the same seed gives the same result; the
+//! exported inference model predicts as the trained graph; bad inputs stop cleanly.
+
+mod common;
+use common::*;
+use dagr_inject::dagr::{Config, Task};
+use dagr_inject::grad::train::{make_training_graph, TrainOptions};
+use dagr_inject::onnx;
+use dagr_inject::runtime::{Backend, Value};
+use dagr_inject::train::data::Dataset;
+use dagr_inject::train::optim::{Optimizer, Schedule};
+use dagr_inject::train::{fit, Run, Settings, Trainer};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+struct OptimCase {
+    model: String,
+    logits: Vec<String>,
+    steps: usize,
+    batch: usize,
+    optimizer: serde_json::Value,
+    clip: Option<f64>,
+}
+
+fn training_graph(model: &str, logits: &[String], dir: &Path) -> PathBuf {
+    let path = root().join("models").join(model);
+    let mut m = onnx::load(&path).unwrap();
+    let mut enc = vec!["audio".to_string(), "visual".to_string()];
+    if model.starts_with("tri") {
+        enc.push("text".into());
+    }
+    let cfg = Config {
+        encoders: enc,
+        task: Task::CrossEntropy {
+            logits: logits.to_vec(),
+            labels: "label".into(),
+        },
+        ..Default::default()
+    };
+    make_training_graph(&mut m, &cfg, &TrainOptions::default()).unwrap();
+    let out = dir.join(format!("{}.train.onnx", model.trim_end_matches(".onnx")));
+    onnx::save(&m, &out).unwrap();
+    out
+}
+
+fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
+    Settings {
+        epochs: 1,
+        batch_size: 8,
+        lr,
+        optimizer: opt,
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        clip_grad_norm: None,
+        seed: 0,
+        shuffle: false,
+        drop_last: false,
+        backend,
+        cuda: false,
+    }
+}
+
+#[test]
+fn optimizer_steps_equal_pytorch_on_both_backends() {
+    let cases: Vec<OptimCase> =
+        serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/optim_cases.json")).unwrap()).unwrap();
+    let fx = {
+        use ndarray_npy::NpzReader;
+        let mut r = NpzReader::new(std::fs::File::open(root().join("fixtures/optim_reference.npz")).unwrap()).unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for n in r.names().unwrap() {
+            let a: ndarray::ArrayD<f64> = r.by_name(&n).unwrap();
+            out.insert(n.trim_end_matches(".npy").to_string(), a);
+        }
+        out
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (k, c) in cases.iter().enumerate() {
+        let graph = training_graph(&c.model, &c.logits, dir.path());
+        let o = &c.optimizer;
+        let opt = if o["kind"] == "sgd" {
+            Optimizer::Sgd {
+                momentum: o["momentum"].as_f64().unwrap(),
+                nesterov: o["nesterov"].as_bool().unwrap(),
+                weight_decay: o["weight_decay"].as_f64().unwrap(),
+            }
+        } else {
+            Optimizer::AdamW {
+                beta1: o["betas"][0].as_f64().unwrap(),
+                beta2: o["betas"][1].as_f64().unwrap(),
+                eps: o["eps"].as_f64().unwrap(),
+                weight_decay: o["weight_decay"].as_f64().unwrap(),
+            }
+        };
+        let base = c.model.split('.').next().unwrap();
+        let data_path = root().join(format!("fixtures/optim_data_{base}.npz"));
+        for backend in BACKENDS {
+            let mut s = settings(opt, o["lr"].as_f64().unwrap(), backend);
+            s.clip_grad_norm = c.clip;
+            s.batch_size = c.batch;
+            let mut t = Trainer::new(&graph, s).unwrap();
+            let m = onnx::load(&graph).unwrap();
+            let idx = onnx::GraphIndex::new(&m).unwrap();
+            let data = Dataset::load(&data_path, &idx, &t.data_inputs(&idx), None).unwrap();
+            let batches = data.batches(c.batch, None, false);
+            for i in 0..c.steps {
+                t.step(&data.batch(&batches[i % batches.len()])).unwrap();
+            }
+            let tag = format!(
+                "case {k} ({}, {} steps, {}) on {}",
+                c.model,
+                c.steps,
+                o["kind"],
+                backend.name()
+            );
+            let global = t
+                .state
+                .params
+                .keys()
+                .map(|p| fx[&format!("{k}/param/{p}")].iter().fold(0f64, |a, v| a.max(v.abs())))
+                .fold(0f64, f64::max);
+            for (p, v) in &t.state.params {
+                let want = &fx[&format!("{k}/param/{p}")];
+                let e = rel_err(v, want, 1e-2 * global);
+                assert!(e <= 1e-4, "{tag}: parameter {p} relative error {e:e}");
+            }
+            for (b, v) in &t.state.bn {
+                let want = &fx[&format!("{k}/bn/{b}")];
+                let e = rel_err(v, want, 1e-6);
+                assert!(e <= 1e-4, "{tag}: running statistic {b} relative error {e:e}");
+            }
+        }
+    }
+}
+
+fn run_dir<'a>(graph: &'a Path, data: &'a Path, out: &'a Path) -> Run<'a> {
+    Run {
+        model: graph,
+        train: data,
+        val: Some(data),
+        out,
+        original: None,
+        resume: false,
+        force: false,
+        max_steps: None,
+    }
+}
+
+#[test]
+fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = training_graph("av_mlp.legacy.onnx", &["logits".into()], dir.path());
+    let data = root().join("fixtures/optim_data_av_mlp.npz");
+    let opt = Optimizer::Sgd {
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 1e-4,
+    };
+    let mut s = settings(opt, 0.05, Backend::Ort);
+    s.epochs = 4;
+    s.shuffle = true;
+    s.seed = 7;
+    s.schedule = Schedule::Cosine { min_lr: 0.0 };
+    s.warmup_steps = 2;
+    let no = Arc::new(AtomicBool::new(false));
+    let full = dir.path().join("full");
+    fit(&run_dir(&graph, &data, &full), s.clone(), no.clone()).unwrap();
+    let again = dir.path().join("again");
+    fit(&run_dir(&graph, &data, &again), s.clone(), no.clone()).unwrap();
+    // Interrupted after two of four epochs (3 steps each), same settings.
+    let half = dir.path().join("half");
+    let mut stopped = run_dir(&graph, &data, &half);
+    stopped.max_steps = Some(6);
+    fit(&stopped, s.clone(), no.clone()).unwrap();
+    // An existing directory is refused without --resume/--force ...
+    let e = fit(&run_dir(&graph, &data, &half), s.clone(), no.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("exists") && e.contains("--resume"), "{e}");
+    // ... and continued with it.
+    let mut r = run_dir(&graph, &data, &half);
+    r.resume = true;
+    fit(&r, s.clone(), no).unwrap();
+    let a = dagr_inject::npz::read(&full.join("checkpoint.npz")).unwrap();
+    let b = dagr_inject::npz::read(&half.join("checkpoint.npz")).unwrap();
+    let c = dagr_inject::npz::read(&again.join("checkpoint.npz")).unwrap();
+    assert_eq!(a, c, "the same seed must give the same run");
+    assert_eq!(a, b, "resuming must give the same parameters as an uninterrupted run");
+    let log = std::fs::read_to_string(full.join("log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4);
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert!(last["val_accuracy"]["logits"].as_f64().is_some());
+    assert!(last["dispersion"].as_f64().is_some() && last["anchoring"].as_f64().is_some());
+}
+
+#[test]
+fn exported_model_predicts_like_the_trained_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = training_graph("av_mlp.legacy.onnx", &["logits".into()], dir.path());
+    let data = root().join("fixtures/optim_data_av_mlp.npz");
+    let out = dir.path().join("run");
+    let mut s = settings(
+        Optimizer::Sgd {
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+        },
+        0.05,
+        Backend::Tract,
+    );
+    s.epochs = 2;
+    fit(
+        &run_dir(&graph, &data, &out),
+        s.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap();
+    let exported = out.join("model.onnx");
+    onnx_check(&exported);
+    let m = onnx::load(&exported).unwrap();
+    assert!(m.metadata("dagr_inject").is_none() && !m.graph().node.iter().any(|n| n.name.starts_with("dagr/")));
+    // The training graph fed with the checkpoint's parameters computes the same logits.
+    let ck = dagr_inject::npz::read(&out.join("checkpoint.npz")).unwrap();
+    let mut feed = dagr_inject::npz::read(&data).unwrap();
+    for (k, v) in ck.iter() {
+        if let Some(p) = k.strip_prefix("param/") {
+            feed.insert(p.to_string(), v.clone());
+        }
+    }
+    for backend in BACKENDS {
+        let a = run(backend, &exported, &feed, &["logits".to_string()]);
+        let b = run(backend, &graph, &feed, &["logits".to_string()]);
+        let (a, b) = (f32_of(&a, "logits"), f32_of(&b, "logits"));
+        let e = rel_err(&a, &b.mapv(|v| v as f64), 1e-6);
+        assert!(
+            e < 1e-6,
+            "{}: exported logits differ from the training graph's by {e}",
+            backend.name()
+        );
+    }
+}
+
+#[test]
+fn bad_training_inputs_stop_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = training_graph("av_mlp.legacy.onnx", &["logits".into()], dir.path());
+    let good = dagr_inject::npz::read(&root().join("fixtures/optim_data_av_mlp.npz")).unwrap();
+    let no = Arc::new(AtomicBool::new(false));
+    let s = settings(
+        Optimizer::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        },
+        0.05,
+        Backend::Ort,
+    );
+    let write = |name: &str, t: &dagr_inject::runtime::Tensors| {
+        let p = dir.path().join(name);
+        dagr_inject::npz::write(&p, t).unwrap();
+        p
+    };
+    let mut missing = good.clone();
+    missing.remove("visual");
+    let p = write("missing.npz", &missing);
+    let e = fit(&run_dir(&graph, &p, &dir.path().join("o1")), s.clone(), no.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no array named 'visual'"), "{e}");
+
+    let mut shape = good.clone();
+    shape.insert("audio".into(), Value::F32(ndarray::ArrayD::zeros(vec![24, 39])));
+    let p = write("shape.npz", &shape);
+    let e = fit(&run_dir(&graph, &p, &dir.path().join("o2")), s.clone(), no.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'audio' has shape [24, 39]"), "{e}");
+
+    let mut labels = good.clone();
+    labels.insert("label".into(), Value::I64(ndarray::ArrayD::from_elem(vec![24], 10)));
+    let p = write("labels.npz", &labels);
+    let e = fit(&run_dir(&graph, &p, &dir.path().join("o3")), s.clone(), no.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("label 10") && e.contains("out of range"), "{e}");
+
+    // A diverging run stops at the first non-finite step and keeps the last good checkpoint.
+    let p = write("good.npz", &good);
+    let out = dir.path().join("o4");
+    let mut calm = s.clone();
+    calm.epochs = 1;
+    fit(&run_dir(&graph, &p, &out), calm, no.clone()).unwrap();
+    let before = std::fs::read(out.join("checkpoint.npz")).unwrap();
+    let mut wild = s.clone();
+    wild.lr = 1e30;
+    wild.epochs = 3;
+    let mut r = run_dir(&graph, &p, &out);
+    r.resume = true;
+    let e = fit(&r, wild, no.clone()).unwrap_err().to_string();
+    assert!(e.contains("non-finite") && e.contains("last good checkpoint"), "{e}");
+    assert_eq!(
+        before,
+        std::fs::read(out.join("checkpoint.npz")).unwrap(),
+        "the good checkpoint was overwritten"
+    );
+
+    // Ctrl-C: the run stops before the next step and says how to continue.
+    let e = fit(
+        &run_dir(&graph, &p, &dir.path().join("o5")),
+        s,
+        Arc::new(AtomicBool::new(true)),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("interrupted") && e.contains("--resume"), "{e}");
+}
