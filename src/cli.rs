@@ -135,6 +135,9 @@ struct InjectArgs {
     /// With --pareto: scale of the balanced geometry gradient
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
+    /// With --train: a baseline that trains the task loss alone (DAGR's terms are still output)
+    #[arg(long, requires = "train")]
+    no_dagr: bool,
 }
 
 #[derive(Args)]
@@ -417,6 +420,7 @@ fn inject_cmd(a: InjectArgs) -> Result<()> {
                 ParetoArg::Feature => Pareto::Feature,
             }),
             beta: a.beta,
+            no_dagr: a.no_dagr,
         };
         let rec = train::make_training_graph(&mut model, &cfg, &opts)?;
         onnx::save(&model, &out).with_context(|| format!("writing {}", out.display()))?;

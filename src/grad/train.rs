@@ -34,6 +34,10 @@ pub struct TrainOptions {
     pub pareto: Option<Pareto>,
     /// Scale of the balanced geometry gradient (spec: beta, default 0.1).
     pub beta: f64,
+    /// Train on the task loss only: DAGR's terms are still computed and output (to watch the
+    /// geometry of a baseline run) but do not enter the gradients.
+    #[serde(default)]
+    pub no_dagr: bool,
 }
 
 /// What a training graph holds, recorded in its metadata.
@@ -149,11 +153,18 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     let task_seed = rec.outputs.task_loss.as_ref().map(|t| (t.clone(), b.scalar(1.0)));
     let mut pareto_alpha = None;
 
+    if opts.no_dagr && (task_seed.is_none() || opts.pareto.is_some()) {
+        return Err(Error::Config(
+            "--no-dagr trains the task loss alone: it needs --loss or --logits/--labels, and no --pareto".into(),
+        ));
+    }
     let grads: HashMap<String, String> = match opts.pareto {
         None => {
             let mut seeds: Vec<(String, String)> = task_seed.into_iter().collect();
-            for (m, t) in &rec.encoders {
-                seeds.push((t.clone(), grad_name(m)));
+            if !opts.no_dagr {
+                for (m, t) in &rec.encoders {
+                    seeds.push((t.clone(), grad_name(m)));
+                }
             }
             crate::grad::backward(model, &idx, &mut b, &seeds, &params, &stop)?
         }
@@ -277,11 +288,12 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     }
     prune(model);
 
-    let loss = rec
-        .outputs
-        .total_loss
-        .clone()
-        .unwrap_or_else(|| rec.outputs.loss.clone());
+    let loss = if opts.no_dagr {
+        rec.outputs.task_loss.clone()
+    } else {
+        rec.outputs.total_loss.clone()
+    }
+    .unwrap_or_else(|| rec.outputs.loss.clone());
     let record = TrainRecord {
         dagr: rec,
         options: opts.clone(),

@@ -1,0 +1,159 @@
+"""Benchmark: training graphs and `dagr-inject train` on ONNX Runtime CPU against PyTorch eager
+on CPU, same model, weights, batch and optimizer, side by side.
+
+    cargo build --release
+    python scripts/bench_train.py          # needs torch, onnx, onnxruntime (scripts/requirements-bench.txt)
+
+Prints, for the CNN model (models/av_cnn.legacy.onnx) at B = 64:
+  1. forward + backward of the training graph vs PyTorch forward + backward (target <= 1.0x);
+  2. the DAGR overhead: the training graph with DAGR vs the same graph trained on the task loss
+     alone (--no-dagr; only the gradients and the loss are fetched, so ONNX Runtime skips the
+     unused DAGR nodes) (target <= 5% extra);
+  3. training throughput of `dagr-inject train --backend ort` vs a PyTorch training loop doing
+     the same work (SGD with momentum), and the runner's own share of a step (data, feeding,
+     optimizer, logging): the step time minus the bare session run (target >= 1.0x, < 2%).
+Both sides use the same number of threads.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "dagr-inject")
+sys.path.insert(0, os.path.join(ROOT, "models"))
+sys.path.insert(0, os.path.join(ROOT, "fixtures"))
+import export  # noqa: E402
+from generate import dagr  # noqa: E402
+
+CFG = dict(reduce="flatten", tau=0.5, delta=0.5, lambda_disp=0.1, lambda_anc=0.1, dispersion="rbf",
+           margin=1.0, variant="dagr")
+LOGITS = ["logits", "logits_audio", "logits_visual"]
+
+
+def median_time(fn, reps):
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def torch_model(path):
+    model, _ = export.build("av_cnn")
+    w = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(path).graph.initializer}
+    st = model.state_dict()
+    for k in st:
+        if k in w:
+            st[k] = w[k].reshape(st[k].shape)
+    model.load_state_dict(st)
+    model.train()
+    return model
+
+
+def torch_loss(model, batch, labels, captured):
+    outs = model(torch.from_numpy(batch["audio"]), torch.from_numpy(batch["visual"]))
+    task = sum(F.cross_entropy(o, labels) for o in outs)
+    return task + dagr([captured["audio_encoder"], captured["visual_encoder"]], CFG)[0]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=64)
+    a = ap.parse_args()
+    if not os.path.exists(BIN):
+        sys.exit("build first: cargo build --release")
+    torch.set_num_threads(a.threads)
+    src = os.path.join(ROOT, "models", "av_cnn.legacy.onnx")
+    rng = np.random.default_rng(0)
+    b = a.batch
+    batch = {"audio": rng.standard_normal((b, 1, 64), dtype=np.float32),
+             "visual": rng.standard_normal((b, 3, 16, 16), dtype=np.float32)}
+    labels = rng.integers(0, 10, b).astype(np.int64)
+    with tempfile.TemporaryDirectory() as d:
+        graphs = {}
+        for name, extra in [("dagr", []), ("task", ["--no-dagr"])]:
+            p = os.path.join(d, f"{name}.onnx")
+            subprocess.run([BIN, src, "--encoders", "audio,visual", "--logits", ",".join(LOGITS), "--labels", "label",
+                            "--train", "-o", p, "--json"] + extra, check=True, capture_output=True)
+            graphs[name] = p
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = a.threads
+        feed = dict(batch, label=labels)
+        times = {}
+        for name, p in graphs.items():
+            sess = ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"])
+            outs = [o.name for o in sess.get_outputs() if o.name.endswith("_grad")]
+            outs.append("dagr/total_loss" if name == "dagr" else "dagr/task_loss")
+            times[name] = median_time(lambda: sess.run(outs, feed), a.reps)
+        model = torch_model(src)
+        captured = {}
+        for e in ("audio_encoder", "visual_encoder"):
+            getattr(model, e).register_forward_hook(lambda m, i, o, e=e: captured.__setitem__(e, o))
+        y = torch.from_numpy(labels)
+
+        def fwd_bwd():
+            model.zero_grad(set_to_none=True)
+            torch_loss(model, batch, y, captured).backward()
+
+        t_torch = median_time(fwd_bwd, a.reps)
+        print(f"av_cnn training graph, B = {b}, {a.threads} thread(s), median of {a.reps}")
+        print(f"  forward+backward   ours (ORT) {times['dagr'] * 1e3:8.2f} ms   PyTorch {t_torch * 1e3:8.2f} ms   ratio {times['dagr'] / t_torch:5.2f}")
+        print(f"  DAGR overhead      with {times['dagr'] * 1e3:8.2f} ms   task only {times['task'] * 1e3:8.2f} ms   extra {100 * (times['dagr'] / times['task'] - 1):5.1f}%")
+
+        # Training throughput: the CLI against a PyTorch loop over the same data.
+        n = b * 40
+        data = {"audio": rng.standard_normal((n, 1, 64), dtype=np.float32),
+                "visual": rng.standard_normal((n, 3, 16, 16), dtype=np.float32),
+                "label": rng.integers(0, 10, n).astype(np.int64)}
+        dpath = os.path.join(d, "data.npz")
+        np.savez(dpath, **data)
+        out = os.path.join(d, "run")
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+        subprocess.run([BIN, "train", graphs["dagr"], "--data", dpath, "--epochs", "2", "--batch-size", str(b),
+                        "--lr", "0.002", "--momentum", "0.9", "--backend", "ort", "--no-shuffle", "--out", out],
+                       check=True, capture_output=True, env=env)
+        logs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+        ours = logs[-1]["samples_per_second"]
+        model = torch_model(src)
+        captured = {}
+        for e in ("audio_encoder", "visual_encoder"):
+            getattr(model, e).register_forward_hook(lambda m, i, o, e=e: captured.__setitem__(e, o))
+        opt = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
+        t0 = time.perf_counter()
+        for s in range(0, n, b):
+            sl = slice(s, s + b)
+            opt.zero_grad()
+            torch_loss(model, {k: data[k][sl] for k in ("audio", "visual")}, torch.from_numpy(data["label"][sl]),
+                       captured).backward()
+            opt.step()
+        theirs = n / (time.perf_counter() - t0)
+        sess = ort.InferenceSession(graphs["dagr"], opts, providers=["CPUExecutionProvider"])
+        outs = [o.name for o in sess.get_outputs() if o.name.endswith("_grad") or o.name.startswith("dagr/")]
+        params = {t.name: numpy_helper.to_array(t) for t in onnx.load(graphs["dagr"]).graph.initializer
+                  if t.name in {i.name for i in sess.get_inputs()} | {o.name for o in sess.get_overridable_initializers()}}
+        bare = median_time(lambda: sess.run(outs, dict(feed, **params)), a.reps)
+        step = b / ours
+        print(f"  train throughput   ours {ours:8.0f} samples/s   PyTorch {theirs:8.0f} samples/s   ratio {ours / theirs:5.2f}")
+        print(f"  runner overhead    step {step * 1e3:8.2f} ms   bare session run {bare * 1e3:8.2f} ms   overhead {100 * (step - bare) / step:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
