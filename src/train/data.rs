@@ -8,7 +8,7 @@ use ndarray::{Axis, IxDyn};
 use std::path::Path;
 
 /// A reproducible generator whose whole state is one u64 (stored in checkpoints).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Rng(pub u64);
 
 impl Rng {

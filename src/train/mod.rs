@@ -60,12 +60,6 @@ pub struct TrainState {
     pub rng: Rng,
 }
 
-impl Default for Rng {
-    fn default() -> Self {
-        Rng(0)
-    }
-}
-
 fn initializer_arrays(model: &Model, names: &[String]) -> Result<BTreeMap<String, ArrayD<f32>>> {
     let mut out = BTreeMap::new();
     for n in names {
@@ -397,10 +391,11 @@ pub fn evaluate(
     let mut runners: HashMap<usize, Runner> = HashMap::new();
     for rows in data.batches(batch_size, None, false) {
         let b = data.batch(&rows);
-        if !runners.contains_key(&rows.len()) {
-            runners.insert(rows.len(), Runner::new(backend, model_path, &b, heads)?);
-        }
-        let out = runners.get_mut(&rows.len()).unwrap().run(&b)?;
+        let runner = match runners.entry(rows.len()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Runner::new(backend, model_path, &b, heads)?),
+        };
+        let out = runner.run(&b)?;
         for h in heads {
             let logits = out[h].as_f32().unwrap();
             for (i, row) in logits.outer_iter().enumerate() {
