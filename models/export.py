@@ -188,6 +188,20 @@ def build(name):
     return model, outputs
 
 
+def load_onnx_weights(model, path):
+    """Copy the initializers of the ONNX file at `path` into `model` (same parameter names)."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(path).graph.initializer}
+    state = model.state_dict()
+    for k in state:
+        if k in weights:
+            state[k] = weights[k].reshape(state[k].shape)
+    model.load_state_dict(state)
+    return model
+
+
 def export(name):
     model, outputs = build(name)
     inputs = example_inputs(name)

@@ -56,12 +56,7 @@ def median_time(fn, reps):
 
 def torch_model(path):
     model, _ = export.build("av_cnn")
-    w = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(path).graph.initializer}
-    st = model.state_dict()
-    for k in st:
-        if k in w:
-            st[k] = w[k].reshape(st[k].shape)
-    model.load_state_dict(st)
+    export.load_onnx_weights(model, path)
     model.train()
     return model
 

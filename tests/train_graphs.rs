@@ -8,7 +8,7 @@ use common::*;
 use dagr_inject::dagr::{Config, Task};
 use dagr_inject::grad::train::{make_training_graph, Pareto, TrainOptions};
 use dagr_inject::onnx;
-use dagr_inject::runtime::{Tensors, Value};
+use dagr_inject::runtime::Tensors;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -26,25 +26,8 @@ const RTOL: f64 = 1e-4;
 fn parameter_gradients_match_pytorch_on_both_backends() {
     let cases: Vec<TrainCase> =
         serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/train_cases.json")).unwrap()).unwrap();
-    let fx = {
-        use ndarray_npy::NpzReader;
-        let f = std::fs::File::open(root().join("fixtures/train_reference.npz")).unwrap();
-        let mut r = NpzReader::new(f).unwrap();
-        let names = r.names().unwrap();
-        let mut out = std::collections::BTreeMap::new();
-        for n in names {
-            let key = n.trim_end_matches(".npy").to_string();
-            if let Ok(a) = r.by_name::<ndarray::OwnedRepr<f64>, ndarray::IxDyn>(&n) {
-                out.insert(key, Value::F32(a.mapv(|v| v as f32)));
-            } else if let Ok(a) = r.by_name::<ndarray::OwnedRepr<f32>, ndarray::IxDyn>(&n) {
-                out.insert(key, Value::F32(a));
-            } else if let Ok(a) = r.by_name::<ndarray::OwnedRepr<i64>, ndarray::IxDyn>(&n) {
-                out.insert(key, Value::I64(a));
-            }
-        }
-        out
-    };
-    let fx64 = fixture_train_f64();
+    let fx = dagr_inject::npz::read(&root().join("fixtures/train_reference.npz")).unwrap();
+    let fx64 = npz_f64(&root().join("fixtures/train_reference.npz"));
     let dir = tempfile::tempdir().unwrap();
     for (k, c) in cases.iter().enumerate() {
         let path = root().join("models").join(&c.model);
@@ -135,18 +118,4 @@ fn parameter_gradients_match_pytorch_on_both_backends() {
             }
         }
     }
-}
-
-fn fixture_train_f64() -> std::collections::BTreeMap<String, ndarray::ArrayD<f64>> {
-    use ndarray_npy::NpzReader;
-    let f = std::fs::File::open(root().join("fixtures/train_reference.npz")).unwrap();
-    let mut r = NpzReader::new(f).unwrap();
-    let mut out = std::collections::BTreeMap::new();
-    for n in r.names().unwrap() {
-        let key = n.trim_end_matches(".npy").to_string();
-        if let Ok(a) = r.by_name::<ndarray::OwnedRepr<f64>, ndarray::IxDyn>(&n) {
-            out.insert(key, a);
-        }
-    }
-    out
 }

@@ -68,16 +68,7 @@ fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
 fn optimizer_steps_equal_pytorch_on_both_backends() {
     let cases: Vec<OptimCase> =
         serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/optim_cases.json")).unwrap()).unwrap();
-    let fx = {
-        use ndarray_npy::NpzReader;
-        let mut r = NpzReader::new(std::fs::File::open(root().join("fixtures/optim_reference.npz")).unwrap()).unwrap();
-        let mut out = std::collections::BTreeMap::new();
-        for n in r.names().unwrap() {
-            let a: ndarray::ArrayD<f64> = r.by_name(&n).unwrap();
-            out.insert(n.trim_end_matches(".npy").to_string(), a);
-        }
-        out
-    };
+    let fx = npz_f64(&root().join("fixtures/optim_reference.npz"));
     let dir = tempfile::tempdir().unwrap();
     for (k, c) in cases.iter().enumerate() {
         let graph = training_graph(&c.model, &c.logits, dir.path());

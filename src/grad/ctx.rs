@@ -154,19 +154,25 @@ impl Ctx<'_> {
         self.op("Reshape", &[g, &s])
     }
 
-    /// Sum `g` (shaped like the broadcast result `y`) back to the shape of input `x`: the
-    /// leading axes `x` lacks, plus every axis where `x` has size 1 and `y` may not. The axes
-    /// are static (tract needs constant axes); a dim of unknown size is taken as not broadcast.
+    /// Sum `g` (shaped like the broadcast result `y`) back to the shape of input `x`.
     pub fn unbroadcast(&mut self, g: &str, x: &str, y: &str) -> Result<String> {
         let xs = self.shape(x)?;
         let ys = self.shape(y)?;
         if xs == ys {
             return Ok(g.to_string());
         }
-        let lead = ys.len().saturating_sub(xs.len());
+        Ok(self.sum_to(g, &ys, &xs, x))
+    }
+
+    /// Sum `g` (dims `gd`) down to dims `xd` (numpy broadcasting), then reshape like `like`:
+    /// the leading axes `xd` lacks, plus every axis where `xd` has size 1 and `gd` may not. The
+    /// axes are static (tract needs constant axes); a dim of unknown size is taken as not
+    /// broadcast.
+    pub fn sum_to(&mut self, g: &str, gd: &[Dim], xd: &[Dim], like: &str) -> String {
+        let lead = gd.len().saturating_sub(xd.len());
         let mut axes: Vec<i64> = (0..lead as i64).collect();
-        for (i, d) in xs.iter().enumerate() {
-            if *d == Dim::Known(1) && ys[lead + i] != Dim::Known(1) {
+        for (i, d) in xd.iter().enumerate() {
+            if *d == Dim::Known(1) && gd.get(lead + i) != Some(&Dim::Known(1)) {
                 axes.push((lead + i) as i64);
             }
         }
@@ -175,7 +181,16 @@ impl Ctx<'_> {
         } else {
             self.reduce_sum(g, &axes, true)
         };
-        Ok(self.reshape_like(&summed, x))
+        self.reshape_like(&summed, like)
+    }
+
+    /// `size(a) / size(b)` as a float32 scalar: the number of elements a reduction folded.
+    pub fn size_ratio(&mut self, a: &str, b: &str) -> String {
+        let sa = self.op("Size", &[a]);
+        let sb = self.op("Size", &[b]);
+        let sa = self.cast(&sa, dtype::FLOAT);
+        let sb = self.cast(&sb, dtype::FLOAT);
+        self.op("Div", &[&sa, &sb])
     }
 }
 

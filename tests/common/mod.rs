@@ -150,11 +150,15 @@ pub fn fixture() -> Tensors {
     dagr_inject::npz::read(&root().join("fixtures/dagr_reference.npz")).unwrap()
 }
 
-/// The fixture arrays, read as f64 (the npz reader gives f32; fixtures are stored as f64).
+/// The fixture arrays, read as f64 (the library's npz reader gives the f32 the models take).
 pub fn fixture_f64() -> std::collections::BTreeMap<String, ArrayD<f64>> {
+    npz_f64(&root().join("fixtures/dagr_reference.npz"))
+}
+
+/// Every float array of an .npz, as f64.
+pub fn npz_f64(path: &Path) -> std::collections::BTreeMap<String, ArrayD<f64>> {
     use ndarray_npy::NpzReader;
-    let f = std::fs::File::open(root().join("fixtures/dagr_reference.npz")).unwrap();
-    let mut r = NpzReader::new(f).unwrap();
+    let mut r = NpzReader::new(std::fs::File::open(path).unwrap()).unwrap();
     let mut out = std::collections::BTreeMap::new();
     for n in r.names().unwrap() {
         let key = n.trim_end_matches(".npy").to_string();

@@ -13,23 +13,6 @@ fn swap_last_two(rank: usize) -> Vec<i64> {
     p
 }
 
-/// Sum `g` (dims `gd`) down to dims `xd` (numpy broadcasting), then reshape like `like`.
-fn sum_to(c: &mut Ctx, g: &str, gd: &[Dim], xd: &[Dim], like: &str) -> String {
-    let lead = gd.len().saturating_sub(xd.len());
-    let mut axes: Vec<i64> = (0..lead as i64).collect();
-    for (i, d) in xd.iter().enumerate() {
-        if *d == Dim::Known(1) && gd[lead + i] != Dim::Known(1) {
-            axes.push((lead + i) as i64);
-        }
-    }
-    let s = if axes.is_empty() {
-        g.to_string()
-    } else {
-        c.reduce_sum(g, &axes, true)
-    };
-    c.reshape_like(&s, like)
-}
-
 /// Y = A @ B with numpy semantics (1-D operands promoted, batch dims broadcast).
 pub fn matmul(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g.first().and_then(|x| x.clone()) else {
@@ -72,7 +55,7 @@ pub fn matmul(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         let bt = c.op_a("Transpose", &[&b2], vec![attr_ints("perm", &swap_last_two(sb2.len()))]);
         let ga = c.op("MatMul", &[&g2, &bt]);
         let gd = [batch.clone(), vec![m.clone(), k.clone()]].concat();
-        out[0] = Some(sum_to(c, &ga, &gd, &sa2, &a));
+        out[0] = Some(c.sum_to(&ga, &gd, &sa2, &a));
     }
     if need[1] {
         if rb == 2 && ra >= 2 {
@@ -87,7 +70,7 @@ pub fn matmul(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
             let at = c.op_a("Transpose", &[&a2], vec![attr_ints("perm", &swap_last_two(sa2.len()))]);
             let gb = c.op("MatMul", &[&at, &g2]);
             let gd = [batch, vec![k, n]].concat();
-            out[1] = Some(sum_to(c, &gb, &gd, &sb2, &b));
+            out[1] = Some(c.sum_to(&gb, &gd, &sb2, &b));
         }
     }
     Ok(out)

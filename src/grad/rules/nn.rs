@@ -3,7 +3,6 @@
 use crate::error::Result;
 use crate::grad::ctx::{norm_axis, Ctx};
 use crate::onnx::builder::{attr_int, attr_ints};
-use crate::onnx::dtype;
 
 type Out = Result<Vec<Option<String>>>;
 
@@ -287,11 +286,7 @@ pub fn global_average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out
     let Some(g) = g0(g) else { return Ok(vec![None]) };
     let x = c.input(0).to_string();
     let y = c.output(0).to_string();
-    let sx = c.op("Size", &[&x]);
-    let sy = c.op("Size", &[&y]);
-    let sx = c.cast(&sx, dtype::FLOAT);
-    let sy = c.cast(&sy, dtype::FLOAT);
-    let n = c.op("Div", &[&sx, &sy]);
+    let n = c.size_ratio(&x, &y);
     let d = c.op("Div", &[&g, &n]);
     let s = c.shape_of(&x);
     Ok(vec![Some(c.op("Expand", &[&d, &s]))])
@@ -336,11 +331,7 @@ pub fn batch_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     if need[0] {
         let gr = c.op("Mul", &[&gamma, &rstd]);
         out[0] = Some(if training {
-            let sx = c.op("Size", &[&x]);
-            let sm = c.op("Size", &[&mean]);
-            let sx = c.cast(&sx, dtype::FLOAT);
-            let sm = c.cast(&sm, dtype::FLOAT);
-            let m = c.op("Div", &[&sx, &sm]);
+            let m = c.size_ratio(&x, &mean);
             let mg = c.op("Mul", &[&g, &m]);
             let t = c.op("Sub", &[&mg, &dbeta]);
             let xd = c.op("Mul", &[&xhat, &dgamma]);

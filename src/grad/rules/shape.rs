@@ -242,11 +242,7 @@ fn reduce(c: &mut Ctx, g: &[Option<String>], need: &[bool], mean: bool) -> Out {
     let ex = c.op("Expand", &[&gk, &s]);
     v[0] = Some(if mean {
         let y = c.output(0).to_string();
-        let sx = c.op("Size", &[&x]);
-        let sy = c.op("Size", &[&y]);
-        let sx = c.cast(&sx, dtype::FLOAT);
-        let sy = c.cast(&sy, dtype::FLOAT);
-        let n = c.op("Div", &[&sx, &sy]);
+        let n = c.size_ratio(&x, &y);
         c.op("Div", &[&ex, &n])
     } else {
         ex
