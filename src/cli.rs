@@ -48,6 +48,27 @@ enum Command {
     Block(BlockArgs),
     /// Train a training graph (built with --train) and export the trained inference model
     Train(TrainArgs),
+    /// Check a rewritten model: reference outputs, the original's outputs, DAGR against the
+    /// built-in reference, parameter gradients against finite differences, backend parity
+    Verify {
+        model: PathBuf,
+        /// .npz with inputs (named like the graph inputs) and expected outputs (named like outputs)
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Inputs for the built-in checks (default: the reference file, else random inputs)
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        /// The model before the rewrite: its outputs must be unchanged
+        #[arg(long)]
+        original: Option<PathBuf>,
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Backend::Tract, Backend::Ort])]
+        backend: Vec<Backend>,
+        /// Relative tolerance (max |got - want| / max |want|)
+        #[arg(long, default_value_t = 1e-5)]
+        rtol: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a model on tract or ONNX Runtime with inputs from an .npz file
     Run {
         model: PathBuf,
@@ -312,7 +333,7 @@ impl DagrArgs {
     }
 }
 
-const SUBCOMMANDS: &[&str] = &["inspect", "inject", "block", "train", "run", "help"];
+const SUBCOMMANDS: &[&str] = &["inspect", "inject", "block", "train", "verify", "run", "help"];
 
 /// `dagr-inject MODEL --encoders ...` is the inject shorthand: insert the subcommand.
 pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
@@ -351,6 +372,23 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         Command::Inject(a) => inject_cmd(a)?,
         Command::Block(a) => block_cmd(a)?,
         Command::Train(a) => train_cmd(a)?,
+        Command::Verify {
+            model,
+            reference,
+            inputs,
+            original,
+            backend,
+            rtol,
+            json,
+        } => verify_cmd(
+            &model,
+            reference.as_deref(),
+            inputs.as_deref(),
+            original.as_deref(),
+            &backend,
+            rtol,
+            json,
+        )?,
         Command::Run {
             model,
             inputs,
@@ -608,5 +646,89 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         }
     }
     println!("wrote {}/model.onnx, checkpoint.npz, log.jsonl", a.out.display());
+    Ok(())
+}
+
+fn verify_cmd(
+    model: &Path,
+    reference: Option<&Path>,
+    inputs: Option<&Path>,
+    original: Option<&Path>,
+    backends: &[Backend],
+    rtol: f64,
+    json: bool,
+) -> Result<()> {
+    use dagr_inject::verify::{self, Check};
+    let m = onnx::load(model)?;
+    let reference = reference.map(npz::read).transpose()?;
+    let feed = match (inputs, &reference) {
+        (Some(p), _) => npz::read(p)?,
+        (None, Some(r)) => r.clone(),
+        (None, None) => verify::random_inputs(&m, 4, 2, 0)?,
+    };
+    let mut checks: Vec<Check> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    let mut record = |name: &str, r: dagr_inject::Result<Vec<Check>>| match r {
+        Ok(c) => checks.extend(c),
+        Err(e) => errors.push(format!("{name}: {e}")),
+    };
+    if let Some(r) = &reference {
+        record("reference", verify::against_reference(model, r, backends, rtol));
+    }
+    if let Some(o) = original {
+        record(
+            "original unchanged",
+            verify::against_original(model, o, &feed, backends),
+        );
+    }
+    if dagr::record_of(&m).is_some() {
+        record(
+            "built-in reference",
+            verify::against_builtin(model, &feed, backends, rtol),
+        );
+    }
+    if let Some(&b) = backends.first() {
+        record(
+            "finite differences",
+            verify::param_finite_differences(model, &feed, b, 3),
+        );
+    }
+    if backends.contains(&Backend::Tract) && backends.contains(&Backend::Ort) {
+        record("tract = ort", verify::cross_backend(model, &feed, rtol.max(1e-5)));
+    }
+    let ok = errors.is_empty() && checks.iter().all(|c| c.pass);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"pass": ok, "checks": checks, "errors": errors}))?
+        );
+    } else {
+        println!(
+            "{:<20} {:<36} {:<6} {:>11} {:>11}  result",
+            "check", "output", "backend", "max abs", "rel"
+        );
+        for c in &checks {
+            println!(
+                "{:<20} {:<36} {:<6} {:>11.3e} {:>11.3e}  {}",
+                c.check,
+                c.output,
+                c.backend,
+                c.max_abs,
+                c.rel,
+                if c.pass { "pass" } else { "FAIL" }
+            );
+        }
+        for e in &errors {
+            println!("error  {e}");
+        }
+        println!("{}", if ok { "all checks passed" } else { "verification FAILED" });
+    }
+    if !ok {
+        bail!(
+            "verification failed ({} failing checks, {} errors)",
+            checks.iter().filter(|c| !c.pass).count(),
+            errors.len()
+        );
+    }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod npz;
 pub mod onnx;
 pub mod runtime;
 pub mod train;
+pub mod verify;
 
 pub use dagr::{inject, Config};
 pub use error::{Error, Result};

@@ -295,3 +295,60 @@ fn help_has_examples() {
         .success()
         .stdout(predicate::str::contains("Examples:"));
 }
+
+#[test]
+fn verify_passes_on_a_rewrite_and_fails_on_a_wrong_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.dagr.onnx");
+    let src = model("av_mlp.dynamo.onnx");
+    bin()
+        .args([&src, "--encoders", "audio,visual", "-o", out.to_str().unwrap()])
+        .assert()
+        .success();
+    bin()
+        .args(["verify", out.to_str().unwrap(), "--original", &src])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("original unchanged"))
+        .stdout(predicate::str::contains("built-in reference"))
+        .stdout(predicate::str::contains("all checks passed"));
+    // A reference whose expected loss is off by 1% fails, naming the output.
+    let inputs = model_inputs(std::path::Path::new(&src));
+    let mut reference = inputs.clone();
+    let got = run(
+        dagr_inject::runtime::Backend::Ort,
+        &out,
+        &inputs,
+        &["dagr/loss".to_string()],
+    );
+    let loss = f32_of(&got, "dagr/loss").mapv(|v| v * 1.01);
+    reference.insert("dagr/loss".into(), dagr_inject::runtime::Value::F32(loss));
+    let rp = dir.path().join("ref.npz");
+    dagr_inject::npz::write(&rp, &reference).unwrap();
+    let o = bin()
+        .args([
+            "verify",
+            out.to_str().unwrap(),
+            "--reference",
+            rp.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["pass"], false);
+    let failing: Vec<&serde_json::Value> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["pass"] == false)
+        .collect();
+    assert!(
+        failing
+            .iter()
+            .all(|c| c["output"] == "dagr/loss" && c["check"] == "reference"),
+        "{failing:?}"
+    );
+    assert_eq!(failing.len(), 2, "one per backend");
+}

@@ -1,0 +1,288 @@
+//! `dagr-inject verify`: check a rewritten model's outputs against a reference file, against the
+//! original model, against the built-in reference implementation of DAGR, against finite
+//! differences (parameter gradients of training graphs), and across backends.
+
+use crate::dagr::{self, reference};
+use crate::error::{Error, Result};
+use crate::onnx::{self, dtype, Dim, GraphIndex, Model};
+use crate::runtime::{self, Backend, Tensors, Value};
+use ndarray::ArrayD;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub check: String,
+    pub output: String,
+    pub backend: String,
+    pub max_abs: f64,
+    /// max |got - want| / max |want|
+    pub rel: f64,
+    pub pass: bool,
+}
+
+fn compare(check: &str, output: &str, backend: &str, got: &Value, want: &Value, rtol: f64) -> Check {
+    compare_floor(check, output, backend, got, want, rtol, 0.0)
+}
+
+/// `floor`: the smallest scale the error is relative to, for outputs whose true value is
+/// (nearly) zero, such as the gradient of a bias followed by BatchNorm.
+fn compare_floor(check: &str, output: &str, backend: &str, got: &Value, want: &Value, rtol: f64, floor: f64) -> Check {
+    let (max_abs, rel) = match (got, want) {
+        (Value::F32(a), Value::F32(b)) if a.shape() == b.shape() => {
+            let scale = b.iter().fold(floor, |m, v| m.max(v.abs() as f64));
+            let d = a
+                .iter()
+                .zip(b.iter())
+                .fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
+            let nonfinite = a.iter().any(|v| !v.is_finite()) != b.iter().any(|v| !v.is_finite());
+            if nonfinite {
+                (f64::INFINITY, f64::INFINITY)
+            } else {
+                (d, if scale > 0.0 { d / scale } else { d })
+            }
+        }
+        (a, b) if a == b => (0.0, 0.0),
+        _ => (f64::INFINITY, f64::INFINITY),
+    };
+    Check {
+        check: check.into(),
+        output: output.into(),
+        backend: backend.into(),
+        max_abs,
+        rel,
+        pass: rel <= rtol,
+    }
+}
+
+/// Inputs for the built-in checks: random floats, and small non-negative integers (labels,
+/// token ids) below `int_bound`, with symbolic dims set to `batch`.
+pub fn random_inputs(model: &Model, batch: usize, int_bound: i64, seed: u64) -> Result<Tensors> {
+    let idx = GraphIndex::new(model)?;
+    let mut rng = crate::train::data::Rng(seed);
+    let mut out = Tensors::new();
+    for name in idx.user_inputs() {
+        let f = idx.fact(&name).cloned().unwrap_or_default();
+        let shape: Vec<usize> = f
+            .shape
+            .ok_or_else(|| Error::Data(format!("the shape of input '{name}' is unknown; pass --inputs")))?
+            .iter()
+            .map(|d| match d {
+                Dim::Known(v) => *v as usize,
+                _ => batch,
+            })
+            .collect();
+        let n: usize = shape.iter().product();
+        let v = match f.dtype {
+            dtype::INT64 | dtype::INT32 => Value::I64(
+                ArrayD::from_shape_vec(
+                    shape,
+                    (0..n)
+                        .map(|_| (rng.next_u64() % int_bound.max(1) as u64) as i64)
+                        .collect(),
+                )
+                .unwrap(),
+            ),
+            _ => Value::F32(
+                ArrayD::from_shape_vec(
+                    shape,
+                    (0..n)
+                        .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0)
+                        .collect(),
+                )
+                .unwrap(),
+            ),
+        };
+        out.insert(name, v);
+    }
+    Ok(out)
+}
+
+/// Outputs of the reference file on every backend.
+pub fn against_reference(path: &Path, reference: &Tensors, backends: &[Backend], rtol: f64) -> Result<Vec<Check>> {
+    let model = onnx::load(path)?;
+    let outs: Vec<String> = model
+        .graph()
+        .output
+        .iter()
+        .map(|o| o.name.clone())
+        .filter(|n| reference.contains_key(n))
+        .collect();
+    if outs.is_empty() {
+        return Err(Error::Data(
+            "the reference file has no array named like an output of the model".into(),
+        ));
+    }
+    let mut checks = Vec::new();
+    for &b in backends {
+        let got = runtime::run(b, path, reference, &outs)?;
+        for o in &outs {
+            checks.push(compare("reference", o, b.name(), &got[o], &reference[o], rtol));
+        }
+    }
+    Ok(checks)
+}
+
+/// The original model's outputs are unchanged (bit for bit) by the rewrite.
+pub fn against_original(path: &Path, original: &Path, inputs: &Tensors, backends: &[Backend]) -> Result<Vec<Check>> {
+    let orig = onnx::load(original)?;
+    let outs: Vec<String> = orig.graph().output.iter().map(|o| o.name.clone()).collect();
+    let mut checks = Vec::new();
+    for &b in backends {
+        let want = runtime::run(b, original, inputs, &outs)?;
+        let got = runtime::run(b, path, inputs, &outs)?;
+        for o in &outs {
+            checks.push(compare("original unchanged", o, b.name(), &got[o], &want[o], 0.0));
+        }
+    }
+    Ok(checks)
+}
+
+/// DAGR's outputs against the built-in reference, from the model's own encoder outputs.
+pub fn against_builtin(path: &Path, inputs: &Tensors, backends: &[Backend], rtol: f64) -> Result<Vec<Check>> {
+    let model = onnx::load(path)?;
+    let rec = dagr::record_of(&model)
+        .ok_or_else(|| Error::Config("the model was not rewritten by dagr-inject (no dagr_inject metadata)".into()))?;
+    let idx = GraphIndex::new(&model)?;
+    // A copy that also outputs the raw encoder outputs.
+    let dir = tempfile::tempdir().map_err(|source| Error::Write {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let exposed = dir.path().join("exposed.onnx");
+    let mut m = model.clone();
+    m.source = None;
+    m.base_dir = model.base_dir.clone();
+    let enc: Vec<String> = rec.encoders.iter().map(|e| e.1.clone()).collect();
+    for t in &enc {
+        if !m.graph().output.iter().any(|o| &o.name == t) {
+            let f = idx.fact(t).cloned().unwrap_or_default();
+            m.graph_mut().output.push(f.to_value_info(t));
+        }
+    }
+    onnx::io::write_atomic(&exposed, &m.to_bytes()?)?;
+    let o = &rec.outputs;
+    let mut names = enc.clone();
+    names.push(o.loss.clone());
+    names.extend(o.grads.iter().map(|g| g.1.clone()));
+    let mut checks = Vec::new();
+    for &b in backends {
+        let got = runtime::run(b, &exposed, inputs, &names)?;
+        let zs: Vec<ArrayD<f64>> = enc
+            .iter()
+            .map(|t| got[t].as_f32().map(|a| a.mapv(|v| v as f64)).unwrap())
+            .collect();
+        let reduced: Vec<ndarray::Array2<f64>> = zs.iter().map(|z| reference::reduce(z, rec.config.reduce)).collect();
+        let r = reference::compute(&reduced, &rec.config);
+        let want_loss = Value::F32(ArrayD::from_elem(vec![], r.loss as f32));
+        checks.push(compare(
+            "built-in reference",
+            &o.loss,
+            b.name(),
+            &got[&o.loss],
+            &want_loss,
+            rtol,
+        ));
+        for (k, (_, g)) in o.grads.iter().enumerate() {
+            let full = reference::reduce_backward(&r.grads[k], zs[k].shape(), rec.config.reduce);
+            let want = Value::F32(full.mapv(|v| v as f32));
+            checks.push(compare(
+                "built-in reference",
+                g,
+                b.name(),
+                &got[g],
+                &want,
+                rtol.max(1e-5),
+            ));
+        }
+    }
+    Ok(checks)
+}
+
+/// Central differences of the training loss against `<param>_grad` on `coords` random
+/// coordinates of each parameter (training graphs only).
+pub fn param_finite_differences(path: &Path, inputs: &Tensors, backend: Backend, coords: usize) -> Result<Vec<Check>> {
+    let model = onnx::load(path)?;
+    let Ok(rec) = crate::train::record_of(&model) else {
+        return Ok(Vec::new());
+    };
+    let pnames: Vec<String> = rec.params.iter().map(|p| p.0.clone()).collect();
+    let mut feed = inputs.clone();
+    for t in &model.graph().initializer {
+        if pnames.contains(&t.name) {
+            let v = onnx::tensor::to_f32(t, &model.base_dir)?;
+            let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            feed.insert(t.name.clone(), Value::F32(ArrayD::from_shape_vec(shape, v).unwrap()));
+        }
+    }
+    let mut outs: Vec<String> = rec.params.iter().map(|p| p.1.clone()).collect();
+    outs.push(rec.loss.clone());
+    let mut runner = runtime::Runner::new(backend, path, &feed, &outs)?;
+    let base = runner.run(&feed)?;
+    let mut rng = crate::train::data::Rng(17);
+    let mut checks = Vec::new();
+    for (p, g) in &rec.params {
+        let grad = base[g].as_f32().unwrap().clone();
+        let scale = grad.iter().fold(1e-4f64, |m, v| m.max(v.abs() as f64));
+        let mut worst = 0f64;
+        for _ in 0..coords {
+            let i = (rng.next_u64() % grad.len() as u64) as usize;
+            // Small enough not to cross many ReLU kinks, large enough for float32 losses.
+            let h = 1e-3f32;
+            let x0 = feed[p].as_f32().unwrap().clone();
+            let mut f2 = feed.clone();
+            let mut plus = x0.clone();
+            plus.as_slice_mut().unwrap()[i] += h;
+            f2.insert(p.clone(), Value::F32(plus));
+            let lp = runner.run(&f2)?[&rec.loss]
+                .as_f32()
+                .unwrap()
+                .iter()
+                .next()
+                .copied()
+                .unwrap() as f64;
+            let mut minus = x0.clone();
+            minus.as_slice_mut().unwrap()[i] -= h;
+            f2.insert(p.clone(), Value::F32(minus));
+            let lm = runner.run(&f2)?[&rec.loss]
+                .as_f32()
+                .unwrap()
+                .iter()
+                .next()
+                .copied()
+                .unwrap() as f64;
+            let fd = (lp - lm) / (2.0 * h as f64);
+            worst = worst.max((fd - grad.as_slice().unwrap()[i] as f64).abs() / scale);
+        }
+        checks.push(Check {
+            check: "finite differences".into(),
+            output: g.clone(),
+            backend: backend.name().into(),
+            max_abs: worst * scale,
+            rel: worst,
+            pass: worst <= 2e-2,
+        });
+    }
+    Ok(checks)
+}
+
+/// Every output of the model equal on tract and ONNX Runtime.
+pub fn cross_backend(path: &Path, inputs: &Tensors, rtol: f64) -> Result<Vec<Check>> {
+    let model = onnx::load(path)?;
+    let outs: Vec<String> = model.graph().output.iter().map(|o| o.name.clone()).collect();
+    let a = runtime::run(Backend::Tract, path, inputs, &outs)?;
+    let b = runtime::run(Backend::Ort, path, inputs, &outs)?;
+    // Parameter gradients are compared on the scale of the largest one.
+    let grad_scale = outs
+        .iter()
+        .filter(|o| o.ends_with("_grad"))
+        .filter_map(|o| b[o].as_f32())
+        .fold(0f64, |m, a| a.iter().fold(m, |m, v| m.max(v.abs() as f64)));
+    Ok(outs
+        .iter()
+        .map(|o| {
+            let floor = if o.ends_with("_grad") { 1e-2 * grad_scale } else { 0.0 };
+            compare_floor("tract = ort", o, "both", &a[o], &b[o], rtol, floor)
+        })
+        .collect())
+}
