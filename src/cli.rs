@@ -69,6 +69,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Geometry diagnostics of the embeddings (effective rank, drift, margin, similarity gap,
+    /// Recall@K), robustness to missing or noisy modalities, SVG pictures
+    Diagnose {
+        /// A rewritten model, or any model with --encoders (rewritten in memory)
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Int64 class labels in the data (margin, PCA colours, accuracies)
+        #[arg(long)]
+        labels: Option<String>,
+        /// Logits outputs whose accuracy to report under missing/noisy modalities
+        #[arg(long, value_delimiter = ',')]
+        heads: Vec<String>,
+        /// Encoders, for a model not rewritten yet
+        #[arg(long, value_delimiter = ',')]
+        encoders: Vec<String>,
+        #[arg(long, value_enum, default_value = "tract")]
+        backend: Backend,
+        /// Directory for report.json, report.txt and the pictures
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run a model on tract or ONNX Runtime with inputs from an .npz file
     Run {
         model: PathBuf,
@@ -333,7 +355,9 @@ impl DagrArgs {
     }
 }
 
-const SUBCOMMANDS: &[&str] = &["inspect", "inject", "block", "train", "verify", "run", "help"];
+const SUBCOMMANDS: &[&str] = &[
+    "inspect", "inject", "block", "train", "verify", "diagnose", "run", "help",
+];
 
 /// `dagr-inject MODEL --encoders ...` is the inject shorthand: insert the subcommand.
 pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
@@ -372,6 +396,38 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         Command::Inject(a) => inject_cmd(a)?,
         Command::Block(a) => block_cmd(a)?,
         Command::Train(a) => train_cmd(a)?,
+        Command::Diagnose {
+            model,
+            data,
+            labels,
+            heads,
+            encoders,
+            backend,
+            out,
+        } => {
+            let tmp = tempfile::tempdir()?;
+            let path = if encoders.is_empty() {
+                model.clone()
+            } else {
+                let mut m = onnx::load(&model)?;
+                let cfg = Config {
+                    encoders,
+                    ..Default::default()
+                };
+                dagr::inject(&mut m, &cfg)?;
+                let p = tmp.path().join("rewritten.onnx");
+                m.source = None;
+                onnx::io::write_atomic(&p, &m.to_bytes()?)?;
+                p
+            };
+            let r = dagr_inject::diagnose::write_report(&path, &data, labels.as_deref(), &heads, backend, &out)?;
+            print!("{}", r.to_text());
+            println!(
+                "\nwrote {}/report.json, report.txt, similarity.svg{}",
+                out.display(),
+                if labels.is_some() { ", pca_*.svg" } else { "" }
+            );
+        }
         Command::Verify {
             model,
             reference,

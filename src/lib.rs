@@ -7,6 +7,7 @@
 //! (tract and ONNX Runtime backends) -> the `dagr-inject` binary.
 
 pub mod dagr;
+pub mod diagnose;
 pub mod error;
 pub mod grad;
 pub mod inspect;

@@ -1,0 +1,517 @@
+//! `dagr-inject diagnose`: the geometry diagnostics of the spec (section 8) on a model's
+//! normalized embeddings, robustness to missing or noisy modalities, and SVG pictures.
+
+use crate::error::{Error, Result};
+use crate::onnx::{self, GraphIndex, Model};
+use crate::runtime::{Backend, Runner, Tensors, Value};
+use crate::train::data::{Dataset, Rng};
+use ndarray::{s, Array1, Array2, ArrayD, Axis};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Modality {
+    pub name: String,
+    pub effective_rank: f64,
+    pub dim: usize,
+    pub semantic_margin: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Pair {
+    pub a: String,
+    pub b: String,
+    pub drift: f64,
+    pub positive_mean: f64,
+    pub negative_mean: f64,
+    pub gap: f64,
+    pub ks: f64,
+    /// Recall@1, 5, 10 retrieving b from a.
+    pub recall: [f64; 3],
+    #[serde(skip)]
+    pub positives: Vec<f64>,
+    #[serde(skip)]
+    pub negatives: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub samples: usize,
+    pub modalities: Vec<Modality>,
+    pub pairs: Vec<Pair>,
+    /// head -> (condition -> accuracy)
+    pub robustness: BTreeMap<String, Vec<(String, f64)>>,
+}
+
+/// `(tr S)^2 / tr(S^2)` of the covariance of the rows of `u`.
+pub fn effective_rank(u: &Array2<f64>) -> f64 {
+    let n = u.nrows().max(1) as f64;
+    let mean = u.mean_axis(Axis(0)).unwrap();
+    let c = u - &mean;
+    let s = c.t().dot(&c) / n;
+    let tr: f64 = s.diag().sum();
+    let tr2: f64 = s.iter().map(|v| v * v).sum();
+    if tr2 > 0.0 {
+        tr * tr / tr2
+    } else {
+        0.0
+    }
+}
+
+/// Mean inter-class distance minus mean intra-class distance.
+pub fn semantic_margin(u: &Array2<f64>, y: &[i64]) -> Option<f64> {
+    let (mut intra, mut ni, mut inter, mut ne) = (0.0, 0usize, 0.0, 0usize);
+    for i in 0..u.nrows() {
+        for j in i + 1..u.nrows() {
+            let d = (&u.row(i) - &u.row(j)).mapv(|v| v * v).sum().sqrt();
+            if y[i] == y[j] {
+                intra += d;
+                ni += 1;
+            } else {
+                inter += d;
+                ne += 1;
+            }
+        }
+    }
+    (ni > 0 && ne > 0).then(|| inter / ne as f64 - intra / ni as f64)
+}
+
+/// Kolmogorov-Smirnov distance between two samples.
+pub fn ks_distance(a: &[f64], b: &[f64]) -> f64 {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    let (mut i, mut j, mut d) = (0, 0, 0f64);
+    while i < a.len() && j < b.len() {
+        let x = a[i].min(b[j]);
+        while i < a.len() && a[i] <= x {
+            i += 1;
+        }
+        while j < b.len() && b[j] <= x {
+            j += 1;
+        }
+        d = d.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
+    }
+    d
+}
+
+fn cos(a: ndarray::ArrayView1<f64>, b: ndarray::ArrayView1<f64>) -> f64 {
+    let na = a.dot(&a).sqrt().max(1e-12);
+    let nb = b.dot(&b).sqrt().max(1e-12);
+    a.dot(&b) / (na * nb)
+}
+
+pub fn pair(a: &str, ua: &Array2<f64>, b: &str, ub: &Array2<f64>, rng: &mut Rng) -> Pair {
+    let n = ua.nrows();
+    let drift = (0..n)
+        .map(|i| (&ua.row(i) - &ub.row(i)).mapv(|v| v * v).sum().sqrt())
+        .sum::<f64>()
+        / n.max(1) as f64;
+    let positives: Vec<f64> = (0..n).map(|i| cos(ua.row(i), ub.row(i))).collect();
+    // negatives: a random derangement (sample i against sample pi(i) != i)
+    let perm = rng.permutation(n);
+    let negatives: Vec<f64> = (0..n)
+        .map(|i| {
+            let j = if perm[i] == i { (i + 1) % n } else { perm[i] };
+            cos(ua.row(i), ub.row(j))
+        })
+        .collect();
+    let pm = positives.iter().sum::<f64>() / n.max(1) as f64;
+    let nm = negatives.iter().sum::<f64>() / n.max(1) as f64;
+    let sims = ua.dot(&ub.t());
+    let mut hits = [0usize; 3];
+    for i in 0..n {
+        let own = sims[[i, i]];
+        let rank = sims.row(i).iter().filter(|&&v| v > own).count();
+        for (h, k) in hits.iter_mut().zip([1, 5, 10]) {
+            if rank < k {
+                *h += 1;
+            }
+        }
+    }
+    Pair {
+        a: a.into(),
+        b: b.into(),
+        drift,
+        positive_mean: pm,
+        negative_mean: nm,
+        gap: pm - nm,
+        ks: ks_distance(&positives, &negatives),
+        recall: hits.map(|h| h as f64 / n.max(1) as f64),
+        positives,
+        negatives,
+    }
+}
+
+/// The graph inputs each encoder depends on (to drop or corrupt one modality).
+fn modality_inputs(model: &Model, idx: &GraphIndex, encoders: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
+    let users = idx.user_inputs();
+    encoders
+        .iter()
+        .map(|(m, t)| {
+            let mut seen = std::collections::HashSet::new();
+            let mut stack = vec![t.clone()];
+            while let Some(x) = stack.pop() {
+                if let Some(&(n, _)) = idx.producer.get(&x) {
+                    for i in &model.graph().node[n].input {
+                        if seen.insert(i.clone()) {
+                            stack.push(i.clone());
+                        }
+                    }
+                }
+            }
+            (m.clone(), users.iter().filter(|u| seen.contains(*u)).cloned().collect())
+        })
+        .collect()
+}
+
+fn run_all(
+    runners: &mut BTreeMap<usize, Runner>,
+    backend: Backend,
+    path: &Path,
+    data: &Dataset,
+    outs: &[String],
+    edit: &mut dyn FnMut(&mut Tensors),
+) -> Result<BTreeMap<String, Vec<ArrayD<f32>>>> {
+    let mut res: BTreeMap<String, Vec<ArrayD<f32>>> = BTreeMap::new();
+    for rows in data.batches(256, None, false) {
+        let mut b = data.batch(&rows);
+        edit(&mut b);
+        let r = match runners.entry(rows.len()) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(Runner::new(backend, path, &b, outs)?),
+        };
+        let out = r.run(&b)?;
+        for o in outs {
+            res.entry(o.clone())
+                .or_default()
+                .push(out[o].as_f32().cloned().unwrap_or_default());
+        }
+    }
+    Ok(res)
+}
+
+fn stack(parts: &[ArrayD<f32>]) -> Array2<f64> {
+    let views: Vec<ndarray::ArrayView2<f32>> = parts.iter().map(|p| p.view().into_dimensionality().unwrap()).collect();
+    ndarray::concatenate(Axis(0), &views).unwrap().mapv(|v| v as f64)
+}
+
+fn accuracy(logits: &Array2<f64>, y: &[i64]) -> f64 {
+    let mut c = 0;
+    for (i, row) in logits.outer_iter().enumerate() {
+        let arg = row
+            .iter()
+            .enumerate()
+            .fold((0, f64::NEG_INFINITY), |a, (k, &v)| if v > a.1 { (k, v) } else { a })
+            .0;
+        if arg as i64 == y[i] {
+            c += 1;
+        }
+    }
+    c as f64 / y.len().max(1) as f64
+}
+
+/// Diagnose `path` (a model rewritten by dagr-inject) on `data`.
+pub fn diagnose(
+    path: &Path,
+    data_path: &Path,
+    labels: Option<&str>,
+    heads: &[String],
+    backend: Backend,
+) -> Result<Report> {
+    Ok(analyse(path, data_path, labels, heads, backend)?.0)
+}
+
+type Embeddings = Vec<(String, Array2<f64>)>;
+
+fn analyse(
+    path: &Path,
+    data_path: &Path,
+    labels: Option<&str>,
+    heads: &[String],
+    backend: Backend,
+) -> Result<(Report, Embeddings, Option<Vec<i64>>)> {
+    let model = onnx::load(path)?;
+    let rec = crate::dagr::record_of(&model).ok_or_else(|| {
+        Error::Config("diagnose needs a model rewritten by dagr-inject (it reads dagr/embedding/*)".into())
+    })?;
+    let idx = GraphIndex::new(&model)?;
+    let mut inputs = idx.user_inputs();
+    if let Some(l) = &rec.outputs.labels_input {
+        inputs.retain(|i| i != l);
+    }
+    let data = Dataset::load(data_path, &idx, &inputs, None)?;
+    let y: Option<Vec<i64>> = match labels {
+        Some(l) => match data.arrays.get(l) {
+            Some(Value::I64(a)) => Some(a.iter().copied().collect()),
+            _ => {
+                return Err(Error::Data(format!(
+                    "{}: no int64 array '{l}' for --labels",
+                    data_path.display()
+                )))
+            }
+        },
+        None => None,
+    };
+    let emb: Vec<(String, String)> = rec.outputs.embeddings.clone();
+    let mut outs: Vec<String> = emb.iter().map(|e| e.1.clone()).collect();
+    outs.extend(heads.iter().cloned());
+    let mut runners = BTreeMap::new();
+    let base = run_all(&mut runners, backend, path, &data, &outs, &mut |_| {})?;
+    let us: Vec<Array2<f64>> = emb.iter().map(|(_, o)| stack(&base[o])).collect();
+    let modalities = emb
+        .iter()
+        .zip(&us)
+        .map(|((m, _), u)| Modality {
+            name: m.clone(),
+            effective_rank: effective_rank(u),
+            dim: u.ncols(),
+            semantic_margin: y
+                .as_ref()
+                .and_then(|y| semantic_margin(&u.slice(s![..u.nrows().min(2000), ..]).to_owned(), y)),
+        })
+        .collect();
+    let mut rng = Rng(0);
+    let mut pairs = Vec::new();
+    for a in 0..emb.len() {
+        for b in a + 1..emb.len() {
+            if us[a].ncols() == us[b].ncols() {
+                pairs.push(pair(&emb[a].0, &us[a], &emb[b].0, &us[b], &mut rng));
+            }
+        }
+    }
+    // Robustness: one modality's inputs zeroed with probability p, or under Gaussian noise.
+    let mut robustness = BTreeMap::new();
+    if let (Some(y), false) = (&y, heads.is_empty()) {
+        let owners = modality_inputs(&model, &idx, &rec.encoders);
+        for h in heads {
+            robustness.insert(h.clone(), vec![("clean".to_string(), accuracy(&stack(&base[h]), y))]);
+        }
+        for (m, ins) in &owners {
+            for p in [0.25, 0.5, 1.0] {
+                let mut r = Rng(1);
+                let res = run_all(&mut runners, backend, path, &data, heads, &mut |b: &mut Tensors| {
+                    let n = b.values().next().map(|v| v.shape()[0]).unwrap_or(0);
+                    let drop: Vec<bool> = (0..n)
+                        .map(|_| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64 > 1.0 - p)
+                        .collect();
+                    for i in ins {
+                        if let Some(Value::F32(a)) = b.get_mut(i) {
+                            for (k, mut row) in a.outer_iter_mut().enumerate() {
+                                if drop[k] {
+                                    row.fill(0.0);
+                                }
+                            }
+                        }
+                    }
+                })?;
+                for h in heads {
+                    robustness
+                        .get_mut(h)
+                        .unwrap()
+                        .push((format!("{m} missing p={p}"), accuracy(&stack(&res[h]), y)));
+                }
+            }
+            for sigma in [0.5, 1.0, 2.0] {
+                let mut r = Rng(2);
+                let res = run_all(&mut runners, backend, path, &data, heads, &mut |b: &mut Tensors| {
+                    for i in ins {
+                        if let Some(Value::F32(a)) = b.get_mut(i) {
+                            a.mapv_inplace(|v| {
+                                // Box-Muller
+                                let u1 = ((r.next_u64() >> 11) as f64 / (1u64 << 53) as f64).max(1e-12);
+                                let u2 = (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                                v + (sigma * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+                            });
+                        }
+                    }
+                })?;
+                for h in heads {
+                    robustness
+                        .get_mut(h)
+                        .unwrap()
+                        .push((format!("{m} noise sigma={sigma}"), accuracy(&stack(&res[h]), y)));
+                }
+            }
+        }
+    }
+    let embeddings = emb.iter().map(|e| e.0.clone()).zip(us).collect();
+    Ok((
+        Report {
+            samples: data.len,
+            modalities,
+            pairs,
+            robustness,
+        },
+        embeddings,
+        y,
+    ))
+}
+
+impl Report {
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "{} samples", self.samples);
+        let _ = writeln!(s, "{:<12} {:>8} {:>6} {:>10}", "modality", "erank", "dim", "margin");
+        for m in &self.modalities {
+            let margin = m
+                .semantic_margin
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                s,
+                "{:<12} {:>8.2} {:>6} {:>10}",
+                m.name, m.effective_rank, m.dim, margin
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n{:<20} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6}",
+            "pair", "drift", "pos", "neg", "gap", "KS", "R@1", "R@5", "R@10"
+        );
+        for p in &self.pairs {
+            let _ = writeln!(
+                s,
+                "{:<20} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>6.3} {:>6.3} {:>6.3} {:>6.3}",
+                format!("{}-{}", p.a, p.b),
+                p.drift,
+                p.positive_mean,
+                p.negative_mean,
+                p.gap,
+                p.ks,
+                p.recall[0],
+                p.recall[1],
+                p.recall[2]
+            );
+        }
+        for (h, rows) in &self.robustness {
+            let _ = writeln!(s, "\naccuracy of {h}");
+            for (c, a) in rows {
+                let _ = writeln!(s, "  {c:<28} {a:.4}");
+            }
+        }
+        s
+    }
+
+    /// Histograms of positive and negative cross-modal cosine similarity, one panel per pair.
+    pub fn similarity_svg(&self) -> String {
+        let (w, h) = (420.0, 260.0);
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
+            w,
+            h * self.pairs.len().max(1) as f64
+        );
+        for (k, p) in self.pairs.iter().enumerate() {
+            let y0 = k as f64 * h;
+            let bins = 40;
+            let hist = |v: &[f64]| {
+                let mut c = vec![0f64; bins];
+                for x in v {
+                    let b = (((x + 1.0) / 2.0) * bins as f64).clamp(0.0, bins as f64 - 1.0) as usize;
+                    c[b] += 1.0;
+                }
+                c
+            };
+            let (hp, hn) = (hist(&p.positives), hist(&p.negatives));
+            let top = hp.iter().chain(&hn).cloned().fold(1.0, f64::max);
+            let _ = writeln!(svg, "<text x=\"10\" y=\"{}\">{}-{}: positive (blue) vs negative (orange) cosine similarity; gap {:.3}, KS {:.3}</text>", y0 + 15.0, p.a, p.b, p.gap, p.ks);
+            for (hist, color) in [(&hn, "#f28e2b"), (&hp, "#4e79a7")] {
+                for (i, c) in hist.iter().enumerate() {
+                    let bh = c / top * (h - 60.0);
+                    let x = 30.0 + i as f64 * (w - 40.0) / bins as f64;
+                    let _ = writeln!(
+                        svg,
+                        "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{color}\" fill-opacity=\"0.6\"/>",
+                        y0 + h - 30.0 - bh,
+                        (w - 40.0) / bins as f64
+                    );
+                }
+            }
+            let _ = writeln!(
+                svg,
+                "<text x=\"25\" y=\"{}\">-1</text><text x=\"{}\" y=\"{}\">0</text><text x=\"{}\" y=\"{}\">1</text>",
+                y0 + h - 15.0,
+                w / 2.0,
+                y0 + h - 15.0,
+                w - 20.0,
+                y0 + h - 15.0
+            );
+        }
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
+
+/// A 2-D PCA scatter of embeddings coloured by class (power iteration for the top two axes).
+pub fn pca_svg(name: &str, u: &Array2<f64>, y: &[i64]) -> String {
+    let mean = u.mean_axis(Axis(0)).unwrap();
+    let c = u - &mean;
+    let cov = c.t().dot(&c);
+    let mut axes: Vec<Array1<f64>> = Vec::new();
+    for k in 0..2 {
+        let mut v = Array1::from_iter((0..cov.nrows()).map(|i| ((i * 7 + k * 3) % 11) as f64 + 1.0));
+        for _ in 0..200 {
+            let mut w = cov.dot(&v);
+            for a in &axes {
+                let p = w.dot(a);
+                w = w - a * p;
+            }
+            let n = w.dot(&w).sqrt().max(1e-12);
+            v = w / n;
+        }
+        axes.push(v);
+    }
+    let pts: Vec<(f64, f64)> = c.outer_iter().map(|r| (r.dot(&axes[0]), r.dot(&axes[1]))).collect();
+    let mx = pts.iter().fold(1e-9f64, |m, p| m.max(p.0.abs()).max(p.1.abs()));
+    let palette = [
+        "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
+    ];
+    let mut svg = String::from("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"400\" height=\"420\" font-family=\"sans-serif\" font-size=\"11\">\n");
+    let _ = writeln!(
+        svg,
+        "<text x=\"10\" y=\"15\">{name}: PCA of the normalized embeddings, coloured by class</text>"
+    );
+    for (p, cls) in pts.iter().zip(y) {
+        let _ = writeln!(
+            svg,
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2\" fill=\"{}\"/>",
+            200.0 + p.0 / mx * 185.0,
+            220.0 - p.1 / mx * 185.0,
+            palette[cls.rem_euclid(10) as usize]
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Diagnose and write `report.json`, `report.txt`, `similarity.svg` and `pca_<m>.svg`.
+pub fn write_report(
+    path: &Path,
+    data: &Path,
+    labels: Option<&str>,
+    heads: &[String],
+    backend: Backend,
+    out: &Path,
+) -> Result<Report> {
+    let (r, embeddings, y) = analyse(path, data, labels, heads, backend)?;
+    std::fs::create_dir_all(out).map_err(|source| Error::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    onnx::io::write_atomic(
+        &out.join("report.json"),
+        serde_json::to_string_pretty(&r).unwrap().as_bytes(),
+    )?;
+    onnx::io::write_atomic(&out.join("report.txt"), r.to_text().as_bytes())?;
+    onnx::io::write_atomic(&out.join("similarity.svg"), r.similarity_svg().as_bytes())?;
+    if let Some(y) = y {
+        for (m, u) in &embeddings {
+            let svg = pca_svg(m, u, &y);
+            onnx::io::write_atomic(&out.join(format!("pca_{}.svg", m.replace('/', "_"))), svg.as_bytes())?;
+        }
+    }
+    Ok(r)
+}
