@@ -87,3 +87,42 @@ fn graph_reproduces_the_spec_values_on_both_backends() {
         assert!((s(&names[0]) - want).abs() < 1e-5 * want.abs(), "{b}: loss");
     }
 }
+
+#[test]
+fn the_block_is_correct_at_every_supported_opset() {
+    // Opset 13 takes Squeeze/ReduceSum axes as inputs but ReduceMean/ReduceMax axes as
+    // attributes; 18 makes every reduction take them as inputs.
+    let dir = tempfile::tempdir().unwrap();
+    let (da, dv, anc) = expected();
+    let want = (da + dv) / 2.0 + anc;
+    for opset in [13, 15, 17, 18, 21] {
+        let names = vec!["audio".to_string(), "visual".to_string()];
+        let mut model = dagr::block::skeleton(&names, 2, opset).unwrap();
+        let done = dagr::inject(
+            &mut model,
+            &spec_config(vec!["audio=audio/z".into(), "visual=visual/z".into()]),
+        )
+        .unwrap();
+        let path = dir.path().join(format!("opset{opset}.onnx"));
+        onnx::save(&model, &path).unwrap();
+        onnx_check(&path);
+        let mut feed = Tensors::new();
+        feed.insert(
+            "audio".into(),
+            Value::F32(array![[1.0f32, 0.0], [0.0, 1.0], [-1.0, 0.0]].into_dyn()),
+        );
+        feed.insert(
+            "visual".into(),
+            Value::F32(array![[1.0f32, 0.0], [1.0, 0.0], [0.0, -1.0]].into_dyn()),
+        );
+        for backend in BACKENDS {
+            let out = run(backend, &path, &feed, std::slice::from_ref(&done.record.outputs.loss));
+            let got = f32_of(&out, &done.record.outputs.loss).iter().next().copied().unwrap() as f64;
+            assert!(
+                (got - want).abs() < 1e-5 * want.abs(),
+                "opset {opset} on {}: {got} vs {want}",
+                backend.name()
+            );
+        }
+    }
+}

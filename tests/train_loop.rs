@@ -183,7 +183,12 @@ fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
     assert_eq!(a, b, "resuming must give the same parameters as an uninterrupted run");
     let log = std::fs::read_to_string(full.join("log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 4);
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert!(
+        last["task_loss"].as_f64().unwrap() < first["task_loss"].as_f64().unwrap(),
+        "the task loss must decrease"
+    );
     assert!(last["val_accuracy"]["logits"].as_f64().is_some());
     assert!(last["dispersion"].as_f64().is_some() && last["anchoring"].as_f64().is_some());
 }
