@@ -6,7 +6,7 @@
 use super::{rt_err, Tensors, Value};
 use crate::error::{Error, Result};
 use ort::session::Session;
-use ort::value::Tensor;
+use ort::value::{Tensor, TensorRef};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -137,18 +137,28 @@ pub fn run_session(s: &mut Session, inputs: &Tensors, outputs: &[String]) -> Res
 
 /// Run with every value of `inputs` whose name is in `names` (see `feedable`).
 pub fn run_session_fed(s: &mut Session, names: &[String], inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
-    let mut feed: Vec<(String, ort::value::DynValue)> = Vec::new();
+    // Inputs are passed as views of the caller's arrays (no copy on the CPU); arrays that are
+    // not in standard layout are copied first.
+    let mut feed: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = Vec::new();
     for name in names {
         let Some(v) = inputs.get(name) else {
             continue;
         };
-        let name = name.clone();
-        let dv = match v {
-            Value::F32(a) => Tensor::from_array(a.clone()).map_err(err)?.into_dyn(),
-            Value::I64(a) => Tensor::from_array(a.clone()).map_err(err)?.into_dyn(),
-            Value::Bool(a) => Tensor::from_array(a.clone()).map_err(err)?.into_dyn(),
+        let iv: ort::session::SessionInputValue<'_> = match v {
+            Value::F32(a) if a.is_standard_layout() => TensorRef::from_array_view(a).map_err(err)?.into(),
+            Value::I64(a) if a.is_standard_layout() => TensorRef::from_array_view(a).map_err(err)?.into(),
+            Value::Bool(a) if a.is_standard_layout() => TensorRef::from_array_view(a).map_err(err)?.into(),
+            Value::F32(a) => Tensor::from_array(a.as_standard_layout().into_owned())
+                .map_err(err)?
+                .into(),
+            Value::I64(a) => Tensor::from_array(a.as_standard_layout().into_owned())
+                .map_err(err)?
+                .into(),
+            Value::Bool(a) => Tensor::from_array(a.as_standard_layout().into_owned())
+                .map_err(err)?
+                .into(),
         };
-        feed.push((name, dv));
+        feed.push((std::borrow::Cow::Borrowed(name.as_str()), iv));
     }
     let res = s.run(feed).map_err(err)?;
     let mut out = Tensors::new();
