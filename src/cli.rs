@@ -744,6 +744,12 @@ fn verify_cmd(
         );
     }
     if let Some(&b) = backends.first() {
+        if dagr::record_of(&m).is_some() {
+            record(
+                "finite differences",
+                verify::dagr_finite_differences(model, &feed, b, 6),
+            );
+        }
         record(
             "finite differences",
             verify::param_finite_differences(model, &feed, b, 3),

@@ -286,3 +286,102 @@ pub fn cross_backend(path: &Path, inputs: &Tensors, rtol: f64) -> Result<Vec<Che
         })
         .collect())
 }
+
+/// Central differences of `dagr/loss` with respect to the encoder outputs against
+/// `dagr/grad/*`, on the model itself: a copy in which each encoder output becomes a graph input
+/// (its producer's output renamed), so that the encoder outputs can be perturbed directly.
+pub fn dagr_finite_differences(path: &Path, inputs: &Tensors, backend: Backend, coords: usize) -> Result<Vec<Check>> {
+    let model = onnx::load(path)?;
+    let rec = dagr::record_of(&model)
+        .ok_or_else(|| Error::Config("the model was not rewritten by dagr-inject (no dagr_inject metadata)".into()))?;
+    let idx = GraphIndex::new(&model)?;
+    let o = &rec.outputs;
+    // First the encoder outputs themselves, from the unmodified model.
+    let enc: Vec<String> = rec.encoders.iter().map(|e| e.1.clone()).collect();
+    let dir = tempfile::tempdir().map_err(|source| Error::Write {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let mut exposed = model.clone();
+    exposed.source = None;
+    for t in &enc {
+        if !exposed.graph().output.iter().any(|x| &x.name == t) {
+            let f = idx.fact(t).cloned().unwrap_or_default();
+            exposed.graph_mut().output.push(f.to_value_info(t));
+        }
+    }
+    let p1 = dir.path().join("exposed.onnx");
+    onnx::io::write_atomic(&p1, &exposed.to_bytes()?)?;
+    let z = runtime::run(backend, &p1, inputs, &enc)?;
+    // Then the cut model: encoder outputs are inputs.
+    let mut cut = model.clone();
+    cut.source = None;
+    let g = cut.graph_mut();
+    for t in &enc {
+        for n in g.node.iter_mut() {
+            for out in n.output.iter_mut() {
+                if out == t {
+                    *out = format!("{t}__cut");
+                }
+            }
+        }
+        let f = idx.fact(t).cloned().unwrap_or_default();
+        g.input.push(f.to_value_info(t));
+    }
+    let p2 = dir.path().join("cut.onnx");
+    onnx::io::write_atomic(&p2, &cut.to_bytes()?)?;
+    let mut feed = inputs.clone();
+    for t in &enc {
+        feed.insert(t.clone(), z[t].clone());
+    }
+    let mut outs: Vec<String> = o.grads.iter().map(|g| g.1.clone()).collect();
+    outs.push(o.loss.clone());
+    let mut runner = runtime::Runner::new(backend, &p2, &feed, &outs)?;
+    let base = runner.run(&feed)?;
+    let mut rng = crate::train::data::Rng(23);
+    let mut checks = Vec::new();
+    for (t, (_, gname)) in enc.iter().zip(&o.grads) {
+        let Some(grad) = base[gname].as_f32().cloned() else {
+            continue;
+        };
+        let scale = grad.iter().fold(1e-6f64, |m, v| m.max(v.abs() as f64));
+        let mut worst = 0f64;
+        for _ in 0..coords {
+            let i = (rng.next_u64() % grad.len().max(1) as u64) as usize;
+            let h = 1e-3f32;
+            let x0 = feed[t].as_f32().unwrap().clone();
+            let mut f2 = feed.clone();
+            let mut plus = x0.clone();
+            plus.as_slice_mut().unwrap()[i] += h;
+            f2.insert(t.clone(), Value::F32(plus));
+            let lp = runner.run(&f2)?[&o.loss]
+                .as_f32()
+                .unwrap()
+                .iter()
+                .next()
+                .copied()
+                .unwrap() as f64;
+            let mut minus = x0;
+            minus.as_slice_mut().unwrap()[i] -= h;
+            f2.insert(t.clone(), Value::F32(minus));
+            let lm = runner.run(&f2)?[&o.loss]
+                .as_f32()
+                .unwrap()
+                .iter()
+                .next()
+                .copied()
+                .unwrap() as f64;
+            let fd = (lp - lm) / (2.0 * h as f64);
+            worst = worst.max((fd - grad.as_slice().unwrap()[i] as f64).abs() / scale);
+        }
+        checks.push(Check {
+            check: "finite differences".into(),
+            output: gname.clone(),
+            backend: backend.name().into(),
+            max_abs: worst * scale,
+            rel: worst,
+            pass: worst <= 2e-2,
+        });
+    }
+    Ok(checks)
+}

@@ -311,6 +311,7 @@ fn verify_passes_on_a_rewrite_and_fails_on_a_wrong_reference() {
         .success()
         .stdout(predicate::str::contains("original unchanged"))
         .stdout(predicate::str::contains("built-in reference"))
+        .stdout(predicate::str::is_match("finite differences +dagr/grad/audio").unwrap())
         .stdout(predicate::str::contains("all checks passed"));
     // A reference whose expected loss is off by 1% fails, naming the output.
     let inputs = model_inputs(std::path::Path::new(&src));
