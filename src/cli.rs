@@ -90,6 +90,9 @@ enum Command {
         /// Directory for report.json, report.txt and the pictures
         #[arg(long)]
         out: PathBuf,
+        /// A `train` log.jsonl: also draw curves.svg (losses, geometry, accuracy per epoch)
+        #[arg(long)]
+        logs: Option<PathBuf>,
     },
     /// Run a model on tract or ONNX Runtime with inputs from an .npz file
     Run {
@@ -404,6 +407,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             encoders,
             backend,
             out,
+            logs,
         } => {
             let tmp = tempfile::tempdir()?;
             let path = if encoders.is_empty() {
@@ -421,6 +425,13 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
                 p
             };
             let r = dagr_inject::diagnose::write_report(&path, &data, labels.as_deref(), &heads, backend, &out)?;
+            if let Some(l) = logs {
+                let text = std::fs::read_to_string(&l).with_context(|| format!("reading {}", l.display()))?;
+                onnx::io::write_atomic(
+                    &out.join("curves.svg"),
+                    dagr_inject::diagnose::curves_svg(&text).as_bytes(),
+                )?;
+            }
             print!("{}", r.to_text());
             println!(
                 "\nwrote {}/report.json, report.txt, similarity.svg{}",

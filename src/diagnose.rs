@@ -168,7 +168,7 @@ fn modality_inputs(model: &Model, idx: &GraphIndex, encoders: &[(String, String)
         .collect()
 }
 
-fn run_all(
+pub(crate) fn run_all(
     runners: &mut BTreeMap<usize, Runner>,
     backend: Backend,
     path: &Path,
@@ -212,6 +212,52 @@ fn accuracy(logits: &Array2<f64>, y: &[i64]) -> f64 {
         }
     }
     c as f64 / y.len().max(1) as f64
+}
+
+/// Per-modality and per-pair geometry of normalized embeddings `us` (named by `emb`).
+pub fn geometry(emb: &[(String, String)], us: &[Array2<f64>], y: Option<&[i64]>) -> (Vec<Modality>, Vec<Pair>) {
+    let modalities = emb
+        .iter()
+        .zip(us)
+        .map(|((m, _), u)| Modality {
+            name: m.clone(),
+            effective_rank: effective_rank(u),
+            dim: u.ncols(),
+            // O(N^2) pairs: the first 2,000 samples are plenty for a mean distance.
+            semantic_margin: y.and_then(|y| semantic_margin(&u.slice(s![..u.nrows().min(2000), ..]).to_owned(), y)),
+        })
+        .collect();
+    let mut rng = Rng(0);
+    let mut pairs = Vec::new();
+    for a in 0..emb.len() {
+        for b in a + 1..emb.len() {
+            if us[a].ncols() == us[b].ncols() {
+                pairs.push(pair(&emb[a].0, &us[a], &emb[b].0, &us[b], &mut rng));
+            }
+        }
+    }
+    (modalities, pairs)
+}
+
+/// Geometry of the embeddings of the model at `path` (rewritten by dagr-inject) on `data`.
+pub fn geometry_on(
+    path: &Path,
+    data: &Dataset,
+    labels: Option<&str>,
+    backend: Backend,
+) -> Result<(Vec<Modality>, Vec<Pair>)> {
+    let model = onnx::load(path)?;
+    let rec = crate::dagr::record_of(&model)
+        .ok_or_else(|| Error::Config("the model was not rewritten by dagr-inject".into()))?;
+    let y: Option<Vec<i64>> = match labels.and_then(|l| data.arrays.get(l)) {
+        Some(Value::I64(a)) => Some(a.iter().copied().collect()),
+        _ => None,
+    };
+    let outs: Vec<String> = rec.outputs.embeddings.iter().map(|e| e.1.clone()).collect();
+    let mut runners = BTreeMap::new();
+    let res = run_all(&mut runners, backend, path, data, &outs, &mut |_| {})?;
+    let us: Vec<Array2<f64>> = outs.iter().map(|o| stack(&res[o])).collect();
+    Ok(geometry(&rec.outputs.embeddings, &us, y.as_deref()))
 }
 
 /// Diagnose `path` (a model rewritten by dagr-inject) on `data`.
@@ -262,27 +308,7 @@ fn analyse(
     let mut runners = BTreeMap::new();
     let base = run_all(&mut runners, backend, path, &data, &outs, &mut |_| {})?;
     let us: Vec<Array2<f64>> = emb.iter().map(|(_, o)| stack(&base[o])).collect();
-    let modalities = emb
-        .iter()
-        .zip(&us)
-        .map(|((m, _), u)| Modality {
-            name: m.clone(),
-            effective_rank: effective_rank(u),
-            dim: u.ncols(),
-            semantic_margin: y
-                .as_ref()
-                .and_then(|y| semantic_margin(&u.slice(s![..u.nrows().min(2000), ..]).to_owned(), y)),
-        })
-        .collect();
-    let mut rng = Rng(0);
-    let mut pairs = Vec::new();
-    for a in 0..emb.len() {
-        for b in a + 1..emb.len() {
-            if us[a].ncols() == us[b].ncols() {
-                pairs.push(pair(&emb[a].0, &us[a], &emb[b].0, &us[b], &mut rng));
-            }
-        }
-    }
+    let (modalities, pairs) = geometry(&emb, &us, y.as_deref());
     // Robustness: one modality's inputs zeroed with probability p, or under Gaussian noise.
     let mut robustness = BTreeMap::new();
     if let (Some(y), false) = (&y, heads.is_empty()) {
@@ -398,7 +424,7 @@ impl Report {
 
     /// Histograms of positive and negative cross-modal cosine similarity, one panel per pair.
     pub fn similarity_svg(&self) -> String {
-        let (w, h) = (420.0, 260.0);
+        let (w, h) = (560.0, 260.0);
         let mut svg = format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
             w,
@@ -514,4 +540,70 @@ pub fn write_report(
         }
     }
     Ok(r)
+}
+
+/// Curves over epochs of every numeric series in `train`'s log.jsonl (losses, geometry,
+/// validation accuracy), one panel per series.
+pub fn curves_svg(log: &str) -> String {
+    let rows: Vec<serde_json::Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    fn walk(prefix: &str, v: &serde_json::Value, epoch: f64, out: &mut BTreeMap<String, Vec<(f64, f64)>>) {
+        match v {
+            serde_json::Value::Number(n) => {
+                if let Some(x) = n.as_f64() {
+                    out.entry(prefix.to_string()).or_default().push((epoch, x));
+                }
+            }
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, epoch, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    for r in &rows {
+        let e = r["epoch"].as_f64().unwrap_or(0.0);
+        walk("", r, e, &mut series);
+    }
+    series.retain(|k, _| !matches!(k.as_str(), "epoch" | "step" | "samples_per_second"));
+    let (w, h) = (360.0, 160.0);
+    let cols = 2usize;
+    let n = series.len().max(1);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
+        w * cols as f64,
+        h * n.div_ceil(cols) as f64
+    );
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let (x0, y0) = ((i % cols) as f64 * w, (i / cols) as f64 * h);
+        let (emin, emax) = pts
+            .iter()
+            .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+        let (vmin, vmax) = pts
+            .iter()
+            .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+        let sx = |e: f64| x0 + 40.0 + (e - emin) / (emax - emin).max(1e-12) * (w - 60.0);
+        let sy = |v: f64| y0 + h - 25.0 - (v - vmin) / (vmax - vmin).max(1e-12) * (h - 50.0);
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\">{name} ({vmin:.4} .. {vmax:.4})</text>",
+            x0 + 40.0,
+            y0 + 15.0
+        );
+        let path: Vec<String> = pts.iter().map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1))).collect();
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"#4e79a7\" stroke-width=\"1.5\" points=\"{}\"/>",
+            path.join(" ")
+        );
+        let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\">epoch</text>", x0 + w / 2.0, y0 + h - 8.0);
+    }
+    svg.push_str("</svg>\n");
+    svg
 }

@@ -191,6 +191,19 @@ fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
     );
     assert!(last["val_accuracy"]["logits"].as_f64().is_some());
     assert!(last["dispersion"].as_f64().is_some() && last["anchoring"].as_f64().is_some());
+    // Geometry of the validation embeddings, per epoch.
+    for key in [
+        "erank.audio",
+        "erank.visual",
+        "margin.audio",
+        "drift.audio-visual",
+        "gap.audio-visual",
+    ] {
+        assert!(last["geometry"][key].as_f64().is_some(), "no {key} in {last}");
+    }
+    // ... which diagnose draws.
+    let svg = dagr_inject::diagnose::curves_svg(&log);
+    assert!(svg.contains("geometry.erank.audio") && svg.matches("<polyline").count() >= 10);
 }
 
 #[test]

@@ -370,6 +370,8 @@ pub struct EpochLog {
     pub anchoring: Option<f64>,
     pub pareto_alpha: Option<f64>,
     pub val_accuracy: BTreeMap<String, f64>,
+    /// Geometry of the validation embeddings (exported model, DAGR's normalization).
+    pub geometry: BTreeMap<String, f64>,
     pub samples_per_second: f64,
 }
 
@@ -535,6 +537,10 @@ pub fn fit(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Resul
             }
             _ => BTreeMap::new(),
         };
+        let geometry = match &val {
+            Some(v) => epoch_geometry(&exported, &t.record, v, labels.as_deref(), settings.backend)?,
+            None => BTreeMap::new(),
+        };
         t.save_checkpoint(run.out)?;
         let c = count.max(1) as f64;
         let log = EpochLog {
@@ -548,6 +554,7 @@ pub fn fit(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Resul
             anchoring: t.record.dagr.outputs.anchoring.as_ref().map(|_| anc_sum / c),
             pareto_alpha: t.record.pareto_alpha.as_ref().map(|_| alpha_sum / c),
             val_accuracy,
+            geometry,
             samples_per_second: samples as f64 / secs,
         };
         let line = serde_json::to_string(&log).unwrap();
@@ -571,4 +578,44 @@ pub fn fit(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Resul
         }
     }
     Ok(logs)
+}
+
+/// Effective rank and margin per modality, drift and similarity gap per pair, of the exported
+/// model's embeddings on the validation data (DAGR's normalization added in memory).
+fn epoch_geometry(
+    exported: &Model,
+    rec: &TrainRecord,
+    val: &Dataset,
+    labels: Option<&str>,
+    backend: Backend,
+) -> Result<BTreeMap<String, f64>> {
+    let mut m = exported.clone();
+    let cfg = crate::dagr::Config {
+        encoders: rec.dagr.encoders.iter().map(|(n, t)| format!("{n}={t}")).collect(),
+        ..rec.dagr.config.clone()
+    };
+    let cfg = crate::dagr::Config {
+        task: crate::dagr::Task::None,
+        ..cfg
+    };
+    crate::dagr::inject(&mut m, &cfg)?;
+    let dir = tempfile::tempdir().map_err(|source| Error::Write {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let p = dir.path().join("geometry.onnx");
+    onnx::io::write_atomic(&p, &m.to_bytes()?)?;
+    let (mods, pairs) = crate::diagnose::geometry_on(&p, val, labels, backend)?;
+    let mut out = BTreeMap::new();
+    for md in mods {
+        out.insert(format!("erank.{}", md.name), md.effective_rank);
+        if let Some(v) = md.semantic_margin {
+            out.insert(format!("margin.{}", md.name), v);
+        }
+    }
+    for p in pairs {
+        out.insert(format!("drift.{}-{}", p.a, p.b), p.drift);
+        out.insert(format!("gap.{}-{}", p.a, p.b), p.gap);
+    }
+    Ok(out)
 }
