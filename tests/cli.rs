@@ -353,3 +353,44 @@ fn verify_passes_on_a_rewrite_and_fails_on_a_wrong_reference() {
     );
     assert_eq!(failing.len(), 2, "one per backend");
 }
+
+#[test]
+fn cuda_never_falls_back_to_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = dir.path().join("t.onnx");
+    bin()
+        .args([
+            &model("av_mlp.legacy.onnx"),
+            "--encoders",
+            "audio,visual",
+            "--logits",
+            "logits",
+            "--labels",
+            "label",
+        ])
+        .args(["--train", "-o", graph.to_str().unwrap()])
+        .assert()
+        .success();
+    let data = root().join("fixtures/optim_data_av_mlp.npz");
+    // The PyPI `onnxruntime` wheel has no CUDA execution provider: the run must fail, loudly.
+    for backend in ["ort", "tract"] {
+        let out = dir.path().join(format!("run_{backend}"));
+        let e = fails(
+            &[
+                "train",
+                graph.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--backend",
+                backend,
+                "--device",
+                "cuda",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(e.contains("CUDA") || e.contains("cuda"), "{e}");
+        assert!(!out.exists(), "a run that never stepped leaves no directory behind");
+    }
+}

@@ -427,10 +427,21 @@ pub fn fit(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Resul
             run.out.display()
         )));
     }
+    let created = !run.out.exists();
     std::fs::create_dir_all(run.out).map_err(|source| Error::Write {
         path: run.out.to_path_buf(),
         source,
     })?;
+    let result = fit_in(run, settings, interrupted);
+    // A run that failed before its first checkpoint leaves no directory behind, so that the
+    // same command works once the problem is fixed.
+    if result.is_err() && created && !run.out.join("checkpoint.json").exists() {
+        let _ = std::fs::remove_dir_all(run.out);
+    }
+    result
+}
+
+fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result<Vec<EpochLog>> {
     let mut t = Trainer::new(run.model, settings.clone())?;
     let model = onnx::load(run.model)?;
     let idx = GraphIndex::new(&model)?;
