@@ -422,6 +422,70 @@ impl Report {
         s
     }
 
+    /// Accuracy of each head as one modality goes missing (p) or noisy (sigma): one panel per
+    /// head and kind of corruption, one line per modality, the clean accuracy at 0.
+    pub fn robustness_svg(&self) -> String {
+        let (w, h) = (360.0, 200.0);
+        let palette = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f"];
+        let mut panels = Vec::new();
+        for (head, rows) in &self.robustness {
+            let clean = rows.iter().find(|r| r.0 == "clean").map(|r| r.1).unwrap_or(0.0);
+            for (kind, key) in [("missing", " missing p="), ("noise", " noise sigma=")] {
+                // modality -> [(strength, accuracy)]
+                let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+                for (cond, acc) in rows {
+                    if let Some((m, v)) = cond.split_once(key) {
+                        let e = lines.entry(m.to_string()).or_insert_with(|| vec![(0.0, clean)]);
+                        e.push((v.parse().unwrap_or(0.0), *acc));
+                    }
+                }
+                if !lines.is_empty() {
+                    panels.push((format!("{head}: {kind}"), lines));
+                }
+            }
+        }
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
+            2.0 * w,
+            h * panels.len().div_ceil(2).max(1) as f64
+        );
+        for (i, (title, lines)) in panels.iter().enumerate() {
+            let (x0, y0) = ((i % 2) as f64 * w, (i / 2) as f64 * h);
+            let xmax = lines.values().flatten().fold(1e-9f64, |m, p| m.max(p.0));
+            let sx = |v: f64| x0 + 40.0 + v / xmax * (w - 60.0);
+            let sy = |a: f64| y0 + h - 30.0 - a * (h - 60.0);
+            let _ = writeln!(
+                svg,
+                "<text x=\"{}\" y=\"{}\">{title} (accuracy 0..1)</text>",
+                x0 + 40.0,
+                y0 + 15.0
+            );
+            for (k, (m, pts)) in lines.iter().enumerate() {
+                let color = palette[k % palette.len()];
+                let path: Vec<String> = pts.iter().map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1))).collect();
+                let _ = writeln!(
+                    svg,
+                    "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
+                    path.join(" ")
+                );
+                let _ = writeln!(
+                    svg,
+                    "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{m}</text>",
+                    x0 + w - 90.0,
+                    y0 + 30.0 + 14.0 * k as f64
+                );
+            }
+            let _ = writeln!(
+                svg,
+                "<text x=\"{}\" y=\"{}\">0 .. {xmax}</text>",
+                x0 + w / 2.0 - 20.0,
+                y0 + h - 10.0
+            );
+        }
+        svg.push_str("</svg>\n");
+        svg
+    }
+
     /// Histograms of positive and negative cross-modal cosine similarity, one panel per pair.
     pub fn similarity_svg(&self) -> String {
         let (w, h) = (560.0, 260.0);
@@ -533,6 +597,9 @@ pub fn write_report(
     )?;
     onnx::io::write_atomic(&out.join("report.txt"), r.to_text().as_bytes())?;
     onnx::io::write_atomic(&out.join("similarity.svg"), r.similarity_svg().as_bytes())?;
+    if !r.robustness.is_empty() {
+        onnx::io::write_atomic(&out.join("robustness.svg"), r.robustness_svg().as_bytes())?;
+    }
     if let Some(y) = y {
         for (m, u) in &embeddings {
             let svg = pca_svg(m, u, &y);

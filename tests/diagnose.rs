@@ -66,7 +66,13 @@ fn diagnose_writes_the_report_and_pictures() {
     assert_eq!(r["pairs"][0]["recall"].as_array().unwrap().len(), 3);
     let rows = r["robustness"]["logits"].as_array().unwrap();
     assert_eq!(rows.len(), 1 + 2 * 6, "clean + (3 missing + 3 noise) per modality");
-    for f in ["report.txt", "similarity.svg", "pca_audio.svg", "pca_visual.svg"] {
+    for f in [
+        "report.txt",
+        "similarity.svg",
+        "pca_audio.svg",
+        "pca_visual.svg",
+        "robustness.svg",
+    ] {
         let s = std::fs::read_to_string(out.join(f)).unwrap();
         assert!(!s.is_empty(), "{f}");
     }
