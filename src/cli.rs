@@ -70,7 +70,7 @@ enum Command {
         json: bool,
     },
     /// Geometry diagnostics of the embeddings (effective rank, drift, margin, similarity gap,
-    /// Recall@K), robustness to missing or noisy modalities, SVG pictures
+    /// Recall@K), robustness to missing or noisy modalities, pictures (SVG and PNG)
     Diagnose {
         /// A rewritten model, or any model with --encoders (rewritten in memory)
         model: PathBuf,
@@ -427,16 +427,12 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             let r = dagr_inject::diagnose::write_report(&path, &data, labels.as_deref(), &heads, backend, &out)?;
             if let Some(l) = logs {
                 let text = std::fs::read_to_string(&l).with_context(|| format!("reading {}", l.display()))?;
-                onnx::io::write_atomic(
-                    &out.join("curves.svg"),
-                    dagr_inject::diagnose::curves_svg(&text).as_bytes(),
-                )?;
+                dagr_inject::diagnose::write_picture(&out, "curves", &dagr_inject::diagnose::curves_svg(&text))?;
             }
             print!("{}", r.to_text());
             println!(
-                "\nwrote {}/report.json, report.txt, similarity.svg{}",
-                out.display(),
-                if labels.is_some() { ", pca_*.svg" } else { "" }
+                "\nwrote {}/report.json, report.txt and the pictures (.svg and .png)",
+                out.display()
             );
         }
         Command::Verify {

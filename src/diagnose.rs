@@ -577,7 +577,44 @@ pub fn pca_svg(name: &str, u: &Array2<f64>, y: &[i64]) -> String {
     svg
 }
 
-/// Diagnose and write `report.json`, `report.txt`, `similarity.svg` and `pca_<m>.svg`.
+/// Render an SVG picture to PNG (system fonts for the labels, white background).
+pub fn svg_to_png(svg: &str) -> Result<Vec<u8>> {
+    use resvg::{tiny_skia, usvg};
+    let bad = |e: String| Error::Graph(format!("cannot render a picture: {e}"));
+    let mut opt = usvg::Options::default();
+    opt.fontdb_mut().load_system_fonts();
+    // "sans-serif" maps to Arial by default; use whatever sans face the system has.
+    let family = opt
+        .fontdb
+        .faces()
+        .flat_map(|f| f.families.iter().map(|(n, _)| n.clone()))
+        .find(|n| n.contains("Sans") && !n.contains("Mono"))
+        .or_else(|| {
+            opt.fontdb
+                .faces()
+                .next()
+                .and_then(|f| f.families.first().map(|(n, _)| n.clone()))
+        });
+    if let Some(f) = family {
+        opt.fontdb_mut().set_sans_serif_family(f.clone());
+        opt.font_family = f;
+    }
+    let tree = usvg::Tree::from_str(svg, &opt).map_err(|e| bad(e.to_string()))?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).ok_or_else(|| bad("empty picture".into()))?;
+    pixmap.fill(tiny_skia::Color::WHITE);
+    resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
+    pixmap.encode_png().map_err(|e| bad(e.to_string()))
+}
+
+/// Write `name.svg` and `name.png` into `out`.
+pub fn write_picture(out: &Path, name: &str, svg: &str) -> Result<()> {
+    onnx::io::write_atomic(&out.join(format!("{name}.svg")), svg.as_bytes())?;
+    onnx::io::write_atomic(&out.join(format!("{name}.png")), &svg_to_png(svg)?)
+}
+
+/// Diagnose and write `report.json`, `report.txt`, and the pictures (`similarity`,
+/// `robustness`, `pca_<m>`) as SVG and PNG.
 pub fn write_report(
     path: &Path,
     data: &Path,
@@ -596,14 +633,13 @@ pub fn write_report(
         serde_json::to_string_pretty(&r).unwrap().as_bytes(),
     )?;
     onnx::io::write_atomic(&out.join("report.txt"), r.to_text().as_bytes())?;
-    onnx::io::write_atomic(&out.join("similarity.svg"), r.similarity_svg().as_bytes())?;
+    write_picture(out, "similarity", &r.similarity_svg())?;
     if !r.robustness.is_empty() {
-        onnx::io::write_atomic(&out.join("robustness.svg"), r.robustness_svg().as_bytes())?;
+        write_picture(out, "robustness", &r.robustness_svg())?;
     }
     if let Some(y) = y {
         for (m, u) in &embeddings {
-            let svg = pca_svg(m, u, &y);
-            onnx::io::write_atomic(&out.join(format!("pca_{}.svg", m.replace('/', "_"))), svg.as_bytes())?;
+            write_picture(out, &format!("pca_{}", m.replace('/', "_")), &pca_svg(m, u, &y))?;
         }
     }
     Ok(r)
