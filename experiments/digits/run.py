@@ -134,6 +134,7 @@ def main():
                     "right_missing_0.5": rob["logits"]["right missing p=0.5"],
                     "left_noise_1": rob["logits"]["left noise sigma=1"],
                     "right_noise_1": rob["logits"]["right noise sigma=1"],
+                    "robustness": rob["logits"],
                 })
                 print(variant, seed, results[variant][-1]["acc"], flush=True)
     json.dump(results, open(os.path.join(HERE, "results.json"), "w"), indent=1)
@@ -161,11 +162,46 @@ def main():
             ms([r["right_noise_1"] for r in rows]),
         ]) + " |")
     table = "\n".join(lines)
+    # Robustness curves: fused accuracy against the strength of the corruption of one view.
+    conds = list(results["baseline"][0]["robustness"].keys())
+    rob_lines = ["| variant | " + " | ".join(conds) + " |", "|---" * (len(conds) + 1) + "|"]
+    for v, rows in results.items():
+        rob_lines.append("| " + v + " | " + " | ".join(
+            f"{100 * statistics.mean(r['robustness'][c] for r in rows):.1f}" for c in conds) + " |")
+    rob_table = "\n".join(rob_lines)
+    write_curves(results, os.path.join(HERE, "robustness.svg"))
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write("# DAGR on scikit-learn digits (two half-image views), seeds 0, 42, 3407\n\n")
         f.write("Mean ± standard deviation over the three seeds, test set (300 images). Regenerate with\n")
-        f.write("`python experiments/digits/run.py`.\n\n" + table + "\n")
+        f.write("`python experiments/digits/run.py`.\n\n" + table + "\n\n")
+        f.write("## Robustness curves\n\nFused-head test accuracy (%), mean over seeds, when one view is zeroed\n")
+        f.write("for a fraction p of the samples or perturbed by Gaussian noise of standard deviation sigma\n")
+        f.write("(`robustness.svg` draws them).\n\n" + rob_table + "\n")
     print(table)
+    print(rob_table)
+
+
+def write_curves(results, path):
+    """Fused accuracy against corruption strength, one panel per (view, kind), one line per variant."""
+    colors = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f"]
+    panels = [(view, kind) for view in ("left", "right") for kind in ("missing p", "noise sigma")]
+    w, h = 360, 220
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{2 * h}" font-family="sans-serif" font-size="11">']
+    for i, (view, kind) in enumerate(panels):
+        x0, y0 = (i % 2) * w, (i // 2) * h
+        out.append(f'<text x="{x0 + 40}" y="{y0 + 15}">{view} view, {kind}: fused accuracy (0.5 .. 1)</text>')
+        for k, (v, rows) in enumerate(results.items()):
+            conds = [c for c in rows[0]["robustness"] if c.startswith(f"{view} {kind}=")]
+            xs = [0.0] + [float(c.split("=")[1]) for c in conds]
+            ys = [statistics.mean(r["robustness"]["clean"] for r in rows)] + [
+                statistics.mean(r["robustness"][c] for r in rows) for c in conds]
+            xmax = max(xs) or 1.0
+            pts = " ".join(f"{x0 + 40 + x / xmax * (w - 60):.1f},{y0 + h - 30 - (y - 0.5) / 0.5 * (h - 60):.1f}" for x, y in zip(xs, ys))
+            out.append(f'<polyline fill="none" stroke="{colors[k % 5]}" stroke-width="1.5" points="{pts}"/>')
+            out.append(f'<text x="{x0 + w - 95}" y="{y0 + 30 + 13 * k}" fill="{colors[k % 5]}">{v}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":
