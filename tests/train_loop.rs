@@ -99,7 +99,7 @@ fn optimizer_steps_equal_pytorch_on_both_backends() {
             let data = Dataset::load(&data_path, &idx, &t.data_inputs(&idx), None).unwrap();
             let batches = data.batches(c.batch, None, false);
             for i in 0..c.steps {
-                t.step(&data.batch(&batches[i % batches.len()])).unwrap();
+                t.step(data.batch(&batches[i % batches.len()])).unwrap();
             }
             let tag = format!(
                 "case {k} ({}, {} steps, {}) on {}",

@@ -169,30 +169,45 @@ impl Trainer {
             .collect()
     }
 
-    fn feed(&self, batch: &Tensors) -> Tensors {
-        let mut f = batch.clone();
-        for (k, v) in self.state.params.iter().chain(&self.state.bn) {
-            f.insert(k.clone(), Value::F32(v.clone()));
-        }
-        f
-    }
-
-    /// Forward and backward on `batch`, then one optimizer update. Nothing changes when the
-    /// loss or a gradient is not finite.
-    pub fn step(&mut self, batch: &Tensors) -> Result<StepStats> {
-        let feed = self.feed(batch);
+    /// Run the graph on `batch` with the current parameters and statistics, which are moved
+    /// into the feed and back: no copy of them on the host (ONNX Runtime reads them as views).
+    fn forward_backward(&mut self, batch: Tensors) -> Result<Tensors> {
         let n = batch.values().next().map(|v| v.shape()[0]).unwrap_or(0);
-        if !self.runners.contains_key(&n) {
-            let r = Runner::on(
+        let mut feed = batch;
+        let param_keys: Vec<String> = self.state.params.keys().cloned().collect();
+        let bn_keys: Vec<String> = self.state.bn.keys().cloned().collect();
+        for (k, v) in std::mem::take(&mut self.state.params)
+            .into_iter()
+            .chain(std::mem::take(&mut self.state.bn))
+        {
+            feed.insert(k, Value::F32(v));
+        }
+        let result = match self.runners.entry(n) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => Runner::on(
                 self.settings.backend,
                 self.settings.cuda,
                 &self.path,
                 &feed,
                 &self.outputs,
-            )?;
-            self.runners.insert(n, r);
+            )
+            .map(|r| e.insert(r)),
         }
-        let out = self.runners.get_mut(&n).unwrap().run(&feed)?;
+        .and_then(|r| r.run(&feed));
+        for (keys, into) in [(param_keys, &mut self.state.params), (bn_keys, &mut self.state.bn)] {
+            for k in keys {
+                if let Some(Value::F32(a)) = feed.remove(&k) {
+                    into.insert(k, a);
+                }
+            }
+        }
+        result
+    }
+
+    /// Forward and backward on `batch`, then one optimizer update. Nothing changes when the
+    /// loss or a gradient is not finite.
+    pub fn step(&mut self, batch: Tensors) -> Result<StepStats> {
+        let out = self.forward_backward(batch)?;
         let loss = scalar(&out, &self.record.loss).unwrap_or(f64::NAN);
         let o = &self.record.dagr.outputs;
         let mut grads: Vec<ArrayD<f32>> = Vec::new();
@@ -508,8 +523,7 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
                     run.out.display()
                 )));
             }
-            let b = train.batch(rows);
-            let s = t.step(&b).map_err(|e| match e {
+            let s = t.step(train.batch(rows)).map_err(|e| match e {
                 Error::Data(m) => Error::Data(format!(
                     "{m}\n  the last good checkpoint is {} (epoch {})",
                     run.out.join("checkpoint.npz").display(),
