@@ -29,6 +29,17 @@ pub struct Report {
     pub encoder_candidates: Vec<Candidate>,
     /// The configuration a previous `dagr-inject` rewrite recorded, if any.
     pub dagr: Option<serde_json::Value>,
+    /// For a training graph (`--train`): its loss, parameters and options.
+    pub training: Option<TrainingSummary>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainingSummary {
+    pub loss: String,
+    pub parameters: usize,
+    pub geometry_parameters: usize,
+    pub batchnorm_layers: usize,
+    pub options: serde_json::Value,
 }
 
 pub fn report(model: &Model) -> Result<Report> {
@@ -83,6 +94,16 @@ pub fn report(model: &Model) -> Result<Report> {
         dagr: model
             .metadata(crate::dagr::METADATA_KEY)
             .and_then(|s| serde_json::from_str(s).ok()),
+        training: model
+            .metadata(crate::grad::train::METADATA_KEY)
+            .and_then(|s| serde_json::from_str::<crate::grad::train::TrainRecord>(s).ok())
+            .map(|r| TrainingSummary {
+                loss: r.loss.clone(),
+                parameters: r.params.len(),
+                geometry_parameters: r.encoder_params.len(),
+                batchnorm_layers: r.batchnorm.len(),
+                options: serde_json::to_value(&r.options).unwrap_or_default(),
+            }),
     })
 }
 
@@ -113,6 +134,13 @@ impl Report {
         let _ = writeln!(s, "\noperators   {}", ops.join(" "));
         if let Some(d) = &self.dagr {
             let _ = writeln!(s, "\nrewritten by dagr-inject: {d}");
+        }
+        if let Some(t) = &self.training {
+            let _ = writeln!(
+                s,
+                "training graph: loss {}, {} parameters ({} also get the geometry gradient), {} BatchNorm layers, options {}",
+                t.loss, t.parameters, t.geometry_parameters, t.batchnorm_layers, t.options
+            );
         }
         let _ = writeln!(s, "\nencoder-output candidates (best first)");
         if self.encoder_candidates.is_empty() {

@@ -371,6 +371,13 @@ fn cuda_never_falls_back_to_the_cpu() {
         .args(["--train", "-o", graph.to_str().unwrap()])
         .assert()
         .success();
+    bin()
+        .args(["inspect", graph.to_str().unwrap()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "training graph: loss dagr/total_loss, 10 parameters (8 also get the geometry gradient)",
+        ));
     let data = root().join("fixtures/optim_data_av_mlp.npz");
     // The PyPI `onnxruntime` wheel has no CUDA execution provider: the run must fail, loudly.
     for backend in ["ort", "tract"] {
