@@ -1,10 +1,13 @@
 //! dagr-inject: rewrite ONNX multimodal graphs to add DAGR (dispersive and anchoring geometric
-//! regularization), in standard ONNX operators, and run them on tract or ONNX Runtime.
+//! regularization), in standard ONNX operators, build their training graphs, and run them on
+//! tract or ONNX Runtime.
 //!
 //! Layers, each using only the ones before it:
-//! `onnx` (model I/O, graph index, builders) -> `locate` (encoder outputs) -> `dagr` (the
-//! regularizer subgraph, its analytic gradients, and an ndarray reference) -> `runtime`
-//! (tract and ONNX Runtime backends) -> the `dagr-inject` binary.
+//! `onnx` (model I/O, graph index, shape facts, builders) -> `locate` (encoder outputs) ->
+//! `dagr` (the regularizer subgraph, its analytic gradients, an ndarray reference) -> `grad`
+//! (reverse-mode rules in one registry, training graphs) -> `runtime` (tract and ONNX Runtime)
+//! -> `train` (the training loop), `verify`, `diagnose`, `inspect` (reports) -> the
+//! `dagr-inject` binary.
 
 pub mod dagr;
 pub mod diagnose;
