@@ -223,45 +223,18 @@ pub fn param_finite_differences(path: &Path, inputs: &Tensors, backend: Backend,
     let mut checks = Vec::new();
     for (p, g) in &rec.params {
         let grad = base[g].as_f32().unwrap().clone();
-        let scale = grad.iter().fold(1e-4f64, |m, v| m.max(v.abs() as f64));
-        let mut worst = 0f64;
-        for _ in 0..coords {
-            let i = (rng.next_u64() % grad.len() as u64) as usize;
-            // Small enough not to cross many ReLU kinks, large enough for float32 losses.
-            let h = 1e-3f32;
-            let x0 = feed[p].as_f32().unwrap().clone();
-            let mut f2 = feed.clone();
-            let mut plus = x0.clone();
-            plus.as_slice_mut().unwrap()[i] += h;
-            f2.insert(p.clone(), Value::F32(plus));
-            let lp = runner.run(&f2)?[&rec.loss]
-                .as_f32()
-                .unwrap()
-                .iter()
-                .next()
-                .copied()
-                .unwrap() as f64;
-            let mut minus = x0.clone();
-            minus.as_slice_mut().unwrap()[i] -= h;
-            f2.insert(p.clone(), Value::F32(minus));
-            let lm = runner.run(&f2)?[&rec.loss]
-                .as_f32()
-                .unwrap()
-                .iter()
-                .next()
-                .copied()
-                .unwrap() as f64;
-            let fd = (lp - lm) / (2.0 * h as f64);
-            worst = worst.max((fd - grad.as_slice().unwrap()[i] as f64).abs() / scale);
-        }
-        checks.push(Check {
-            check: "finite differences".into(),
-            output: g.clone(),
-            backend: backend.name().into(),
-            max_abs: worst * scale,
-            rel: worst,
-            pass: worst <= 2e-2,
-        });
+        checks.push(fd_check(
+            &mut runner,
+            &feed,
+            p,
+            &grad,
+            &rec.loss,
+            g,
+            backend,
+            coords,
+            1e-4,
+            &mut rng,
+        )?);
     }
     Ok(checks)
 }
@@ -344,44 +317,68 @@ pub fn dagr_finite_differences(path: &Path, inputs: &Tensors, backend: Backend, 
         let Some(grad) = base[gname].as_f32().cloned() else {
             continue;
         };
-        let scale = grad.iter().fold(1e-6f64, |m, v| m.max(v.abs() as f64));
-        let mut worst = 0f64;
-        for _ in 0..coords {
-            let i = (rng.next_u64() % grad.len().max(1) as u64) as usize;
-            let h = 1e-3f32;
-            let x0 = feed[t].as_f32().unwrap().clone();
-            let mut f2 = feed.clone();
-            let mut plus = x0.clone();
-            plus.as_slice_mut().unwrap()[i] += h;
-            f2.insert(t.clone(), Value::F32(plus));
-            let lp = runner.run(&f2)?[&o.loss]
-                .as_f32()
-                .unwrap()
-                .iter()
-                .next()
-                .copied()
-                .unwrap() as f64;
-            let mut minus = x0;
-            minus.as_slice_mut().unwrap()[i] -= h;
-            f2.insert(t.clone(), Value::F32(minus));
-            let lm = runner.run(&f2)?[&o.loss]
-                .as_f32()
-                .unwrap()
-                .iter()
-                .next()
-                .copied()
-                .unwrap() as f64;
-            let fd = (lp - lm) / (2.0 * h as f64);
-            worst = worst.max((fd - grad.as_slice().unwrap()[i] as f64).abs() / scale);
-        }
-        checks.push(Check {
-            check: "finite differences".into(),
-            output: gname.clone(),
-            backend: backend.name().into(),
-            max_abs: worst * scale,
-            rel: worst,
-            pass: worst <= 2e-2,
-        });
+        checks.push(fd_check(
+            &mut runner,
+            &feed,
+            t,
+            &grad,
+            &o.loss,
+            gname,
+            backend,
+            coords,
+            1e-6,
+            &mut rng,
+        )?);
     }
     Ok(checks)
+}
+
+/// Central differences of the scalar output `loss` with respect to `coords` random entries of
+/// the input `wrt`, against the analytic gradient `grad` (reported as output `name`), relative
+/// to the gradient's largest entry (at least `floor`). The step is small enough not to cross
+/// many ReLU kinks, large enough for float32 losses.
+#[allow(clippy::too_many_arguments)]
+fn fd_check(
+    runner: &mut runtime::Runner,
+    feed: &Tensors,
+    wrt: &str,
+    grad: &ArrayD<f32>,
+    loss: &str,
+    name: &str,
+    backend: Backend,
+    coords: usize,
+    floor: f64,
+    rng: &mut crate::train::data::Rng,
+) -> Result<Check> {
+    let h = 1e-3f32;
+    let scale = grad.iter().fold(floor, |m, v| m.max(v.abs() as f64));
+    let x0 = feed[wrt]
+        .as_f32()
+        .ok_or_else(|| Error::Data(format!("'{wrt}' is not a float tensor")))?
+        .clone();
+    let mut f2 = feed.clone();
+    let mut loss_at = |i: usize, delta: f32| -> Result<f64> {
+        let mut x = x0.clone();
+        x.as_slice_mut().unwrap()[i] += delta;
+        f2.insert(wrt.to_string(), Value::F32(x));
+        let out = runner.run(&f2)?;
+        Ok(out[loss]
+            .as_f32()
+            .and_then(|a| a.iter().next().copied())
+            .unwrap_or(f32::NAN) as f64)
+    };
+    let mut worst = 0f64;
+    for _ in 0..coords {
+        let i = (rng.next_u64() % grad.len().max(1) as u64) as usize;
+        let fd = (loss_at(i, h)? - loss_at(i, -h)?) / (2.0 * h as f64);
+        worst = worst.max((fd - grad.as_slice().unwrap()[i] as f64).abs() / scale);
+    }
+    Ok(Check {
+        check: "finite differences".into(),
+        output: name.into(),
+        backend: backend.name().into(),
+        max_abs: worst * scale,
+        rel: worst,
+        pass: worst <= 2e-2,
+    })
 }
