@@ -108,18 +108,17 @@ fn optimizer_steps_equal_pytorch_on_both_backends() {
                 o["kind"],
                 backend.name()
             );
-            let global = t
-                .state
-                .params
+            let params = t.params().unwrap();
+            let global = params
                 .keys()
                 .map(|p| fx[&format!("{k}/param/{p}")].iter().fold(0f64, |a, v| a.max(v.abs())))
                 .fold(0f64, f64::max);
-            for (p, v) in &t.state.params {
+            for (p, v) in &params {
                 let want = &fx[&format!("{k}/param/{p}")];
                 let e = rel_err(v, want, 1e-2 * global);
                 assert!(e <= 1e-4, "{tag}: parameter {p} relative error {e:e}");
             }
-            for (b, v) in &t.state.bn {
+            for (b, v) in &t.batchnorm().unwrap() {
                 let want = &fx[&format!("{k}/bn/{b}")];
                 let e = rel_err(v, want, 1e-6);
                 assert!(e <= 1e-4, "{tag}: running statistic {b} relative error {e:e}");

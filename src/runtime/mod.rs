@@ -117,3 +117,103 @@ impl Runner {
         }
     }
 }
+
+/// A piece of state that a graph reads from `input` and writes, updated, to `output`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateLink {
+    /// The name the state is known by outside the graph (checkpoint keys).
+    pub key: String,
+    pub input: String,
+    pub output: String,
+}
+
+/// A graph run again and again with state that stays on the backend between runs: on ONNX
+/// Runtime the state lives in two sets of buffers bound with IoBinding (on the GPU with the
+/// CUDA execution provider), one read and one written per run, so a run moves only the feed
+/// and the fetched outputs. A run's state update takes effect only on `commit`, so a step that
+/// goes wrong (a non-finite loss) is discarded by not committing it.
+pub enum Stepper {
+    Tract(tract_backend::Stepper),
+    Ort(Box<ort_backend::Stepper>),
+}
+
+/// State values by key.
+pub type StateValues = BTreeMap<String, ArrayD<f32>>;
+
+impl Stepper {
+    /// Prepare the graph at `path`; `initial` holds a value for every link's key; `fetch` the
+    /// outputs each run returns to the host.
+    pub fn new(
+        backend: Backend,
+        cuda: bool,
+        path: &Path,
+        links: Vec<StateLink>,
+        initial: &StateValues,
+        fetch: &[String],
+    ) -> Result<Stepper> {
+        for l in &links {
+            if !initial.contains_key(&l.key) {
+                return Err(Error::Graph(format!("no initial value for the state '{}'", l.key)));
+            }
+        }
+        Ok(match backend {
+            Backend::Tract if cuda => {
+                return Err(rt_err(
+                    "tract",
+                    "tract runs on the CPU only; use --backend ort --device cuda",
+                ))
+            }
+            Backend::Tract => Stepper::Tract(tract_backend::Stepper::new(path, links, initial, fetch)),
+            Backend::Ort => Stepper::Ort(Box::new(ort_backend::Stepper::new(path, cuda, links, initial, fetch)?)),
+        })
+    }
+
+    /// Run once with `feed` (every input that is not state); returns the fetched outputs.
+    pub fn run(&mut self, feed: Tensors) -> Result<Tensors> {
+        match self {
+            Stepper::Tract(s) => s.run(feed),
+            Stepper::Ort(s) => s.run(feed),
+        }
+    }
+
+    /// Make the last run's state updates the current state.
+    pub fn commit(&mut self) {
+        match self {
+            Stepper::Tract(s) => s.commit(),
+            Stepper::Ort(s) => s.commit(),
+        }
+    }
+
+    /// The current state, copied to the host.
+    pub fn state(&self) -> Result<StateValues> {
+        match self {
+            Stepper::Tract(s) => Ok(s.state()),
+            Stepper::Ort(s) => s.state(),
+        }
+    }
+
+    /// Replace the current state (resuming from a checkpoint); every value must keep its shape.
+    pub fn set_state(&mut self, values: &StateValues) -> Result<()> {
+        let current = self.state()?;
+        for (k, v) in values {
+            match current.get(k) {
+                None => return Err(Error::Data(format!("the state has no entry '{k}'"))),
+                Some(c) if c.shape() != v.shape() => {
+                    return Err(Error::Data(format!(
+                        "'{k}' has shape {:?}, the graph holds {:?}",
+                        v.shape(),
+                        c.shape()
+                    )))
+                }
+                _ => {}
+            }
+        }
+        match self {
+            Stepper::Tract(s) => {
+                s.set_state(values);
+                Ok(())
+            }
+            Stepper::Ort(s) => s.set_state(values),
+        }
+    }
+}

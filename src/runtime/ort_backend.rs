@@ -166,22 +166,160 @@ pub fn run_session_fed(s: &mut Session, names: &[String], inputs: &Tensors, outp
         let v = res
             .get(name.as_str())
             .ok_or_else(|| err(format!("the model has no output '{name}'")))?;
-        let val = if let Ok(a) = v.try_extract_array::<f32>() {
-            Value::F32(a.to_owned())
-        } else if let Ok(a) = v.try_extract_array::<f64>() {
-            Value::F32(a.mapv(|x| x as f32))
-        } else if let Ok(a) = v.try_extract_array::<i64>() {
-            Value::I64(a.to_owned())
-        } else if let Ok(a) = v.try_extract_array::<bool>() {
-            Value::Bool(a.to_owned())
-        } else if let Ok(a) = v.try_extract_array::<half::f16>() {
-            Value::F32(a.mapv(f32::from))
-        } else if let Ok(a) = v.try_extract_array::<half::bf16>() {
-            Value::F32(a.mapv(f32::from))
-        } else {
-            return Err(err(format!("output '{name}' has a type this tool does not read")));
-        };
-        out.insert(name.clone(), val);
+        out.insert(name.clone(), to_host_value(name, v)?);
     }
     Ok(out)
+}
+
+/// Copy an output (in host memory) into a `Value`.
+fn to_host_value(name: &str, v: &ort::value::DynValue) -> Result<Value> {
+    Ok(if let Ok(a) = v.try_extract_array::<f32>() {
+        Value::F32(a.to_owned())
+    } else if let Ok(a) = v.try_extract_array::<f64>() {
+        Value::F32(a.mapv(|x| x as f32))
+    } else if let Ok(a) = v.try_extract_array::<i64>() {
+        Value::I64(a.to_owned())
+    } else if let Ok(a) = v.try_extract_array::<bool>() {
+        Value::Bool(a.to_owned())
+    } else if let Ok(a) = v.try_extract_array::<half::f16>() {
+        Value::F32(a.mapv(f32::from))
+    } else if let Ok(a) = v.try_extract_array::<half::bf16>() {
+        Value::F32(a.mapv(f32::from))
+    } else {
+        return Err(err(format!("output '{name}' has a type this tool does not read")));
+    })
+}
+
+/// An owned ONNX Runtime tensor holding `v` (moved, not copied, when it is contiguous).
+fn owned_tensor(v: Value) -> Result<ort::value::DynValue> {
+    Ok(match v {
+        Value::F32(a) => Tensor::from_array(a).map_err(err)?.into_dyn(),
+        Value::I64(a) => Tensor::from_array(a).map_err(err)?.into_dyn(),
+        Value::Bool(a) => Tensor::from_array(a).map_err(err)?.into_dyn(),
+    })
+}
+
+/// `runtime::Stepper` on ONNX Runtime. The state lives in two sets of tensors allocated on the
+/// session's device; `bindings[k]` reads set `k` and writes its updates into set `1 - k`, so
+/// committing a run is flipping `current`, and a run that is not committed leaves the current
+/// set untouched. Both bindings are made once; a run binds only the feed (the batch and the
+/// optimizer's scalars) and fetches the reported outputs into host memory.
+pub struct Stepper {
+    session: Session,
+    links: Vec<super::StateLink>,
+    buffers: [Vec<Tensor<f32>>; 2],
+    bindings: [ort::session::IoBinding; 2],
+    current: usize,
+    ran: bool,
+    fetch: Vec<String>,
+    cuda: bool,
+}
+
+impl Stepper {
+    pub fn new(
+        path: &Path,
+        cuda: bool,
+        links: Vec<super::StateLink>,
+        initial: &super::StateValues,
+        fetch: &[String],
+    ) -> Result<Stepper> {
+        use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+        let session = session_on(path, cuda)?;
+        let allocator = if cuda {
+            let info = MemoryInfo::new(AllocationDevice::CUDA, 0, AllocatorType::Device, MemoryType::Default)
+                .map_err(err)?;
+            Allocator::new(&session, info).map_err(err)?
+        } else {
+            Allocator::default()
+        };
+        let mut sets: [Vec<Tensor<f32>>; 2] = [Vec::new(), Vec::new()];
+        for set in sets.iter_mut() {
+            for l in &links {
+                let shape: Vec<usize> = initial[&l.key].shape().to_vec();
+                set.push(Tensor::<f32>::new(&allocator, shape).map_err(err)?);
+            }
+        }
+        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
+        let mut make_binding = |reads: usize| -> Result<ort::session::IoBinding> {
+            let mut b = session.create_binding().map_err(err)?;
+            for (i, l) in links.iter().enumerate() {
+                b.bind_input(l.input.as_str(), &sets[reads][i]).map_err(err)?;
+                b.bind_output(l.output.as_str(), &mut sets[1 - reads][i]).map_err(err)?;
+            }
+            for f in fetch {
+                b.bind_output_to_device(f.as_str(), &host).map_err(err)?;
+            }
+            Ok(b)
+        };
+        let bindings = [make_binding(0)?, make_binding(1)?];
+        let mut s = Stepper {
+            session,
+            links,
+            buffers: sets,
+            bindings,
+            current: 0,
+            ran: false,
+            fetch: fetch.to_vec(),
+            cuda,
+        };
+        s.set_state(initial)?;
+        Ok(s)
+    }
+
+    pub fn run(&mut self, feed: Tensors) -> Result<Tensors> {
+        self.ran = false;
+        let binding = &mut self.bindings[self.current];
+        for (name, v) in feed {
+            let t = owned_tensor(v)?;
+            binding.bind_input(name.as_str(), &t).map_err(|e| {
+                err(format!("cannot feed '{name}': {e}"))
+            })?;
+        }
+        let res = self.session.run_binding(binding).map_err(err)?;
+        let mut out = Tensors::new();
+        for name in &self.fetch {
+            let v = res
+                .get(name.as_str())
+                .ok_or_else(|| err(format!("the model has no output '{name}'")))?;
+            out.insert(name.clone(), to_host_value(name, v)?);
+        }
+        self.ran = true;
+        Ok(out)
+    }
+
+    pub fn commit(&mut self) {
+        if std::mem::take(&mut self.ran) {
+            self.current = 1 - self.current;
+        }
+    }
+
+    /// The current state, copied to the host.
+    pub fn state(&self) -> Result<super::StateValues> {
+        let mut out = super::StateValues::new();
+        for (l, t) in self.links.iter().zip(&self.buffers[self.current]) {
+            let a = if self.cuda {
+                let host = t.to(ort::memory::AllocationDevice::CPU, 0).map_err(err)?;
+                host.try_extract_array::<f32>().map_err(err)?.to_owned()
+            } else {
+                t.try_extract_array::<f32>().map_err(err)?.to_owned()
+            };
+            out.insert(l.key.clone(), a);
+        }
+        Ok(out)
+    }
+
+    /// Overwrite the current state with `values` (by key; shapes already checked).
+    pub fn set_state(&mut self, values: &super::StateValues) -> Result<()> {
+        for (l, t) in self.links.iter().zip(self.buffers[self.current].iter_mut()) {
+            let Some(a) = values.get(&l.key) else { continue };
+            if self.cuda {
+                let host = Tensor::from_array(a.as_standard_layout().into_owned()).map_err(err)?;
+                host.copy_into(&mut *t).map_err(err)?;
+            } else {
+                t.try_extract_array_mut::<f32>().map_err(err)?.assign(a);
+            }
+        }
+        self.ran = false;
+        Ok(())
+    }
 }

@@ -127,3 +127,84 @@ impl Prepared {
 pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
     Prepared::new(path, inputs, outputs)?.run(inputs)
 }
+
+/// `runtime::Stepper` on tract: the state is kept in host memory (tract's device), one plan per
+/// set of feed shapes (a last, partial batch gets its own).
+pub struct Stepper {
+    path: std::path::PathBuf,
+    links: Vec<super::StateLink>,
+    /// By input name.
+    state: Tensors,
+    pending: Option<Tensors>,
+    fetch: Vec<String>,
+    plans: std::collections::HashMap<Vec<Vec<usize>>, Prepared>,
+}
+
+impl Stepper {
+    pub fn new(path: &Path, links: Vec<super::StateLink>, initial: &super::StateValues, fetch: &[String]) -> Stepper {
+        let state = links
+            .iter()
+            .map(|l| (l.input.clone(), Value::F32(initial[&l.key].clone())))
+            .collect();
+        Stepper {
+            path: path.to_path_buf(),
+            links,
+            state,
+            pending: None,
+            fetch: fetch.to_vec(),
+            plans: Default::default(),
+        }
+    }
+
+    pub fn run(&mut self, mut feed: Tensors) -> Result<Tensors> {
+        let shapes: Vec<Vec<usize>> = feed.values().map(|v| v.shape().to_vec()).collect();
+        let fed: Vec<String> = feed.keys().cloned().collect();
+        feed.extend(std::mem::take(&mut self.state));
+        let plan = match self.plans.entry(shapes) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut wanted = self.fetch.clone();
+                wanted.extend(self.links.iter().map(|l| l.output.clone()));
+                Prepared::new(&self.path, &feed, &wanted).map(|p| e.insert(p))
+            }
+        };
+        let result = plan.and_then(|p| p.run(&feed));
+        for n in fed {
+            feed.remove(&n);
+        }
+        self.state = feed;
+        let mut out = result?;
+        self.pending = Some(
+            self.links
+                .iter()
+                .filter_map(|l| out.remove(&l.output).map(|v| (l.input.clone(), v)))
+                .collect(),
+        );
+        Ok(out)
+    }
+
+    pub fn commit(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.state.extend(p);
+        }
+    }
+
+    pub fn state(&self) -> super::StateValues {
+        self.links
+            .iter()
+            .filter_map(|l| match self.state.get(&l.input) {
+                Some(Value::F32(a)) => Some((l.key.clone(), a.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn set_state(&mut self, values: &super::StateValues) {
+        for l in &self.links {
+            if let Some(v) = values.get(&l.key) {
+                self.state.insert(l.input.clone(), Value::F32(v.clone()));
+            }
+        }
+        self.pending = None;
+    }
+}

@@ -1,19 +1,21 @@
 //! `dagr-inject train`: run a training graph (built with `--train`) step by step on tract or
 //! ONNX Runtime, update the parameters, log, checkpoint, and export the trained inference model.
 //!
-//! The graph computes the loss and every `<param>_grad`; the optimizer (`optim`, equal to
-//! `torch.optim`) runs on the host between steps.
+//! The optimizer (`optim`, equal to `torch.optim`) is folded into the training graph as ONNX
+//! nodes (`step_graph`), so one run of the graph is one whole step and the parameters and the
+//! optimizer state stay where the backend keeps them (`runtime::Stepper`).
 
 pub mod data;
 pub mod optim;
+pub mod step_graph;
 
 use crate::error::{Error, Result};
 use crate::grad::train::{TrainRecord, METADATA_KEY};
 use crate::onnx::{self, dtype, tensor, GraphIndex, Model};
-use crate::runtime::{Backend, Runner, Tensors, Value};
+use crate::runtime::{Backend, Runner, StateValues, Stepper, Tensors, Value};
 use data::{Dataset, Rng};
 use ndarray::ArrayD;
-use optim::{Optimizer, Schedule, State};
+use optim::{Optimizer, Schedule};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -47,12 +49,9 @@ pub fn record_of(model: &Model) -> Result<TrainRecord> {
     serde_json::from_str(s).map_err(|e| Error::Config(format!("the training metadata is unreadable: {e}")))
 }
 
-/// Parameters, BatchNorm statistics and optimizer state: everything a step changes.
+/// How far a run is: everything but the tensors (which stay on the backend).
 #[derive(Debug, Clone, Default)]
-pub struct TrainState {
-    pub params: BTreeMap<String, ArrayD<f32>>,
-    pub bn: BTreeMap<String, ArrayD<f32>>,
-    pub opt: BTreeMap<String, State>,
+pub struct Progress {
     /// Steps taken.
     pub step: usize,
     /// Epochs completed.
@@ -98,14 +97,17 @@ pub struct StepStats {
     pub lr: f64,
 }
 
-/// A training graph ready to step.
+/// A training graph with its optimizer folded in (`step_graph`), ready to step. Parameters,
+/// running statistics and optimizer state live in the backend's `Stepper` (on the GPU with
+/// `--device cuda`); they come to the host for checkpoints and export only.
 pub struct Trainer {
     pub path: PathBuf,
     pub record: TrainRecord,
     pub settings: Settings,
-    pub state: TrainState,
-    runners: HashMap<usize, Runner>,
-    outputs: Vec<String>,
+    pub progress: Progress,
+    stepper: Stepper,
+    /// Holds the step graph's file for the backend.
+    _workdir: tempfile::TempDir,
     pub total_steps: usize,
 }
 
@@ -126,37 +128,65 @@ impl Trainer {
             .iter()
             .flat_map(|s| [s.mean.0.clone(), s.var.0.clone()])
             .collect();
-        let o = &record.dagr.outputs;
-        let mut outputs: Vec<String> = record.params.iter().map(|p| p.1.clone()).collect();
-        outputs.push(record.loss.clone());
-        outputs.push(o.loss.clone());
-        outputs.push(o.dispersion.clone());
-        outputs.extend(o.anchoring.clone());
-        outputs.extend(o.task_loss.clone());
-        outputs.extend(record.pareto_alpha.clone());
-        for s in &record.batchnorm {
-            outputs.push(s.mean.1.clone());
-            outputs.push(s.var.1.clone());
+        let mut initial = StateValues::new();
+        for (p, a) in initializer_arrays(&model, &pnames)? {
+            for &slot in settings.optimizer.slots() {
+                initial.insert(step_graph::slot_key(slot, &p), ArrayD::zeros(a.raw_dim()));
+            }
+            initial.insert(step_graph::param_key(&p), a);
         }
-        let state = TrainState {
-            params: initializer_arrays(&model, &pnames)?,
-            bn: initializer_arrays(&model, &bnames)?,
-            rng: Rng(settings.seed),
-            ..Default::default()
-        };
+        for (b, a) in initializer_arrays(&model, &bnames)? {
+            initial.insert(step_graph::bn_key(&b), a);
+        }
+        let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm)?;
+        let o = &record.dagr.outputs;
+        let mut fetch: Vec<String> = vec![step_graph::GRAD_SQ.to_string(), record.loss.clone()];
+        for t in [Some(&o.loss), Some(&o.dispersion), o.anchoring.as_ref(), o.task_loss.as_ref()]
+            .into_iter()
+            .flatten()
+            .chain(record.pareto_alpha.as_ref())
+        {
+            if !fetch.contains(t) {
+                fetch.push(t.clone());
+            }
+        }
+        let workdir = tempfile::tempdir().map_err(|source| Error::Write {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+        let step_path = workdir.path().join("step.onnx");
+        onnx::save(&sg.model, &step_path)?;
+        let stepper = Stepper::new(
+            settings.backend,
+            settings.cuda,
+            &step_path,
+            sg.state,
+            &initial,
+            &fetch,
+        )?;
         Ok(Trainer {
             path: path.to_path_buf(),
             record,
+            progress: Progress {
+                rng: Rng(settings.seed),
+                ..Default::default()
+            },
             settings,
-            state,
-            runners: HashMap::new(),
-            outputs,
+            stepper,
+            _workdir: workdir,
             total_steps: 0,
         })
     }
 
     /// Inputs the data must provide: the graph inputs that are neither parameters nor state.
     pub fn data_inputs(&self, idx: &GraphIndex) -> Vec<String> {
+        let state: std::collections::HashSet<&String> = self
+            .record
+            .params
+            .iter()
+            .map(|p| &p.0)
+            .chain(self.record.batchnorm.iter().flat_map(|s| [&s.mean.0, &s.var.0]))
+            .collect();
         idx.user_inputs()
             .into_iter()
             .chain(
@@ -165,101 +195,61 @@ impl Trainer {
                     .filter(|n| idx.initializers.contains(*n))
                     .cloned(),
             )
-            .filter(|n| !self.state.params.contains_key(n) && !self.state.bn.contains_key(n))
+            .filter(|n| !state.contains(n))
             .collect()
     }
 
-    /// Run the graph on `batch` with the current parameters and statistics, which are moved
-    /// into the feed and back: no copy of them on the host (ONNX Runtime reads them as views).
-    fn forward_backward(&mut self, batch: Tensors) -> Result<Tensors> {
-        let n = batch.values().next().map(|v| v.shape()[0]).unwrap_or(0);
-        let mut feed = batch;
-        let param_keys: Vec<String> = self.state.params.keys().cloned().collect();
-        let bn_keys: Vec<String> = self.state.bn.keys().cloned().collect();
-        for (k, v) in std::mem::take(&mut self.state.params)
-            .into_iter()
-            .chain(std::mem::take(&mut self.state.bn))
-        {
-            feed.insert(k, Value::F32(v));
-        }
-        let result = match self.runners.entry(n) {
-            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
-            std::collections::hash_map::Entry::Vacant(e) => Runner::on(
-                self.settings.backend,
-                self.settings.cuda,
-                &self.path,
-                &feed,
-                &self.outputs,
-            )
-            .map(|r| e.insert(r)),
-        }
-        .and_then(|r| r.run(&feed));
-        for (keys, into) in [(param_keys, &mut self.state.params), (bn_keys, &mut self.state.bn)] {
-            for k in keys {
-                if let Some(Value::F32(a)) = feed.remove(&k) {
-                    into.insert(k, a);
-                }
-            }
-        }
-        result
+    /// Every state tensor (`param/`, `bn/`, `m/`, `v/` keys), copied from the backend.
+    pub fn state(&self) -> Result<StateValues> {
+        self.stepper.state()
     }
 
-    /// Forward and backward on `batch`, then one optimizer update. Nothing changes when the
-    /// loss or a gradient is not finite.
+    /// The parameters (by initializer name), copied from the backend.
+    pub fn params(&self) -> Result<BTreeMap<String, ArrayD<f32>>> {
+        Ok(strip(self.state()?, "param/"))
+    }
+
+    /// The BatchNorm running statistics (by initializer name), copied from the backend.
+    pub fn batchnorm(&self) -> Result<BTreeMap<String, ArrayD<f32>>> {
+        Ok(strip(self.state()?, "bn/"))
+    }
+
+    /// One training step on `batch`: forward, backward and the optimizer update, all in the
+    /// step graph. Nothing changes when the loss or a gradient is not finite.
     pub fn step(&mut self, batch: Tensors) -> Result<StepStats> {
-        let out = self.forward_backward(batch)?;
-        let loss = scalar(&out, &self.record.loss).unwrap_or(f64::NAN);
-        let o = &self.record.dagr.outputs;
-        let mut grads: Vec<ArrayD<f32>> = Vec::new();
-        for (p, g) in &self.record.params {
-            let a = out
-                .get(g)
-                .and_then(Value::as_f32)
-                .ok_or_else(|| Error::Graph(format!("no gradient output {g}")))?;
-            if !a.iter().all(|v| v.is_finite()) || !loss.is_finite() {
-                return Err(Error::Data(format!(
-                    "non-finite {} at step {} (epoch {}): loss {loss}; nothing was updated",
-                    if loss.is_finite() {
-                        format!("gradient of '{p}'")
-                    } else {
-                        "loss".to_string()
-                    },
-                    self.state.step + 1,
-                    self.state.epoch + 1
-                )));
-            }
-            grads.push(a.clone());
-        }
-        let grad_norm = match self.settings.clip_grad_norm {
-            Some(c) => optim::clip_grad_norm(&mut grads, c),
-            None => grads
-                .iter()
-                .flat_map(|g| g.iter())
-                .map(|&v| (v as f64).powi(2))
-                .sum::<f64>()
-                .sqrt(),
-        };
         let lr = optim::learning_rate(
             self.settings.lr,
             self.settings.schedule,
             self.settings.warmup_steps,
-            self.state.step,
+            self.progress.step,
             self.total_steps.max(1),
-            self.state.epoch,
+            self.progress.epoch,
         );
-        self.state.step += 1;
-        for ((p, _), g) in self.record.params.iter().zip(&grads) {
-            let st = self.state.opt.entry(p.clone()).or_default();
-            let param = self.state.params.get_mut(p).unwrap();
-            optim::step(self.settings.optimizer, lr, self.state.step, param, g, st);
+        let mut feed = batch;
+        for (name, v) in self.settings.optimizer.scalars(lr, self.progress.step + 1) {
+            feed.insert(name.to_string(), Value::F32(ndarray::arr0(v as f32).into_dyn()));
         }
-        for s in &self.record.batchnorm {
-            for (init, t) in [&s.mean, &s.var] {
-                if let Some(a) = out.get(t).and_then(Value::as_f32) {
-                    self.state.bn.insert(init.clone(), a.clone());
-                }
-            }
+        let out = self.stepper.run(feed)?;
+        let loss = scalar(&out, &self.record.loss).unwrap_or(f64::NAN);
+        let sq = out
+            .get(step_graph::GRAD_SQ)
+            .and_then(Value::as_f32)
+            .ok_or_else(|| Error::Graph("the step graph returned no gradient norms".into()))?;
+        let bad = sq.iter().position(|v| !v.is_finite());
+        if !loss.is_finite() || bad.is_some() {
+            let what = match bad {
+                Some(i) if loss.is_finite() => format!("gradient of '{}'", self.record.params[i].0),
+                _ => "loss".to_string(),
+            };
+            return Err(Error::Data(format!(
+                "non-finite {what} at step {} (epoch {}): loss {loss}; nothing was updated",
+                self.progress.step + 1,
+                self.progress.epoch + 1
+            )));
         }
+        self.stepper.commit();
+        self.progress.step += 1;
+        let o = &self.record.dagr.outputs;
         Ok(StepStats {
             loss,
             task_loss: o.task_loss.as_ref().and_then(|t| scalar(&out, t)),
@@ -267,7 +257,7 @@ impl Trainer {
             dispersion: scalar(&out, &o.dispersion).unwrap_or(f64::NAN),
             anchoring: o.anchoring.as_ref().and_then(|t| scalar(&out, t)),
             pareto_alpha: self.record.pareto_alpha.as_ref().and_then(|t| scalar(&out, t)),
-            grad_norm,
+            grad_norm: sq.iter().map(|&v| v as f64).sum::<f64>().sqrt(),
             lr,
         })
     }
@@ -275,24 +265,10 @@ impl Trainer {
     // ---- checkpoints -------------------------------------------------------------------
 
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let mut t = Tensors::new();
-        for (k, v) in &self.state.params {
-            t.insert(format!("param/{k}"), Value::F32(v.clone()));
-        }
-        for (k, v) in &self.state.bn {
-            t.insert(format!("bn/{k}"), Value::F32(v.clone()));
-        }
-        for (k, s) in &self.state.opt {
-            if let Some(m) = &s.m {
-                t.insert(format!("m/{k}"), Value::F32(m.clone()));
-            }
-            if let Some(v) = &s.v {
-                t.insert(format!("v/{k}"), Value::F32(v.clone()));
-            }
-        }
+        let t: Tensors = self.state()?.into_iter().map(|(k, v)| (k, Value::F32(v))).collect();
         crate::npz::write(&dir.join("checkpoint.npz"), &t)?;
         let meta = serde_json::json!({
-            "step": self.state.step, "epoch": self.state.epoch, "rng": self.state.rng.0,
+            "step": self.progress.step, "epoch": self.progress.epoch, "rng": self.progress.rng.0,
             "settings": self.settings, "model": self.path,
         });
         onnx::io::write_atomic(
@@ -309,22 +285,22 @@ impl Trainer {
             },
         )?)
         .map_err(|e| Error::Data(format!("checkpoint.json: {e}")))?;
-        let t = crate::npz::read(&dir.join("checkpoint.npz"))?;
-        for (k, v) in t {
-            let Value::F32(a) = v else { continue };
-            if let Some(n) = k.strip_prefix("param/") {
-                self.state.params.insert(n.into(), a);
-            } else if let Some(n) = k.strip_prefix("bn/") {
-                self.state.bn.insert(n.into(), a);
-            } else if let Some(n) = k.strip_prefix("m/") {
-                self.state.opt.entry(n.into()).or_default().m = Some(a);
-            } else if let Some(n) = k.strip_prefix("v/") {
-                self.state.opt.entry(n.into()).or_default().v = Some(a);
-            }
+        let mut values = StateValues::new();
+        for (k, v) in crate::npz::read(&dir.join("checkpoint.npz"))? {
+            let Value::F32(a) = v else {
+                return Err(Error::Data(format!("checkpoint entry '{k}' is not float32")));
+            };
+            values.insert(k, a);
         }
-        self.state.step = meta["step"].as_u64().unwrap_or(0) as usize;
-        self.state.epoch = meta["epoch"].as_u64().unwrap_or(0) as usize;
-        self.state.rng = Rng(meta["rng"].as_u64().unwrap_or(self.settings.seed));
+        self.stepper.set_state(&values).map_err(|e| {
+            Error::Data(format!(
+                "the checkpoint in {} does not fit this training run: {e}\n  hint: resume with the optimizer settings it was made with (see checkpoint.json)",
+                dir.display()
+            ))
+        })?;
+        self.progress.step = meta["step"].as_u64().unwrap_or(0) as usize;
+        self.progress.epoch = meta["epoch"].as_u64().unwrap_or(0) as usize;
+        self.progress.rng = Rng(meta["rng"].as_u64().unwrap_or(self.settings.seed));
         Ok(())
     }
 
@@ -335,9 +311,13 @@ impl Trainer {
     pub fn export(&self, original: &Model) -> Result<Model> {
         let mut m = original.clone();
         m.source = None;
-        let values: BTreeMap<&String, &ArrayD<f32>> = self.state.params.iter().chain(&self.state.bn).collect();
+        let state = self.state()?;
+        let values: BTreeMap<&str, &ArrayD<f32>> = state
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("param/").or_else(|| k.strip_prefix("bn/"))?, v)))
+            .collect();
         for t in m.graph_mut().initializer.iter_mut() {
-            if let Some(a) = values.get(&t.name) {
+            if let Some(a) = values.get(t.name.as_str()) {
                 let data: Vec<f32> = a.iter().copied().collect();
                 *t = tensor::f32_tensor(&t.name, &t.dims, &data);
             }
@@ -487,15 +467,15 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
     };
     if run.resume && run.out.join("checkpoint.json").exists() {
         t.load_checkpoint(run.out)?;
-        eprintln!("resuming after epoch {} (step {})", t.state.epoch, t.state.step);
+        eprintln!("resuming after epoch {} (step {})", t.progress.epoch, t.progress.step);
     }
     let per_epoch = train.batches(settings.batch_size, None, settings.drop_last).len();
     t.total_steps = per_epoch * settings.epochs;
     let mut logs = Vec::new();
     let log_path = run.out.join("log.jsonl");
     let model_out = run.out.join("model.onnx");
-    while t.state.epoch < settings.epochs {
-        let mut rng = t.state.rng;
+    while t.progress.epoch < settings.epochs {
+        let mut rng = t.progress.rng;
         let batches = train.batches(
             settings.batch_size,
             settings.shuffle.then_some(&mut rng),
@@ -506,7 +486,7 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
             indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        bar.set_prefix(format!("{}/{}", t.state.epoch + 1, settings.epochs));
+        bar.set_prefix(format!("{}/{}", t.progress.epoch + 1, settings.epochs));
         let started = std::time::Instant::now();
         let (mut sum, mut count) = (StepStats::default(), 0usize);
         let mut task_sum = 0.0;
@@ -518,8 +498,8 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
                 bar.abandon();
                 return Err(Error::Data(format!(
                     "interrupted during epoch {}; the last checkpoint (epoch {}) in {} is intact: continue with --resume",
-                    t.state.epoch + 1,
-                    t.state.epoch,
+                    t.progress.epoch + 1,
+                    t.progress.epoch,
                     run.out.display()
                 )));
             }
@@ -527,7 +507,7 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
                 Error::Data(m) => Error::Data(format!(
                     "{m}\n  the last good checkpoint is {} (epoch {})",
                     run.out.join("checkpoint.npz").display(),
-                    t.state.epoch
+                    t.progress.epoch
                 )),
                 other => other,
             })?;
@@ -546,14 +526,14 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
                 samples as f64 / started.elapsed().as_secs_f64()
             ));
             bar.inc(1);
-            if run.max_steps.is_some_and(|m| t.state.step >= m) {
+            if run.max_steps.is_some_and(|m| t.progress.step >= m) {
                 break;
             }
         }
         bar.finish();
         let secs = started.elapsed().as_secs_f64();
-        t.state.rng = rng;
-        t.state.epoch += 1;
+        t.progress.rng = rng;
+        t.progress.epoch += 1;
         let exported = t.export(&original)?;
         onnx::save(&exported, &model_out)?;
         let val_accuracy = match (&val, &labels) {
@@ -569,8 +549,8 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
         t.save_checkpoint(run.out)?;
         let c = count.max(1) as f64;
         let log = EpochLog {
-            epoch: t.state.epoch,
-            step: t.state.step,
+            epoch: t.progress.epoch,
+            step: t.progress.step,
             lr: sum.lr,
             loss: sum.loss / c,
             task_loss: t.record.dagr.outputs.task_loss.as_ref().map(|_| task_sum / c),
@@ -598,7 +578,7 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
             source,
         })?;
         logs.push(log);
-        if run.max_steps.is_some_and(|m| t.state.step >= m) {
+        if run.max_steps.is_some_and(|m| t.progress.step >= m) {
             break;
         }
     }
@@ -643,4 +623,11 @@ fn epoch_geometry(
         out.insert(format!("gap.{}-{}", p.a, p.b), p.gap);
     }
     Ok(out)
+}
+
+fn strip(values: StateValues, prefix: &str) -> BTreeMap<String, ArrayD<f32>> {
+    values
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v)))
+        .collect()
 }

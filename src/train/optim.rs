@@ -1,7 +1,13 @@
-//! Optimizers, learning-rate schedules and gradient clipping, with the semantics of
-//! `torch.optim` (so that a step here equals a step there; tests/train_loop.rs checks it).
+//! Optimizers and learning-rate schedules, with the semantics of `torch.optim` (so that a step
+//! here equals a step there; tests/train_loop.rs checks it against PyTorch).
+//!
+//! Each optimizer is declared in one place: the state it keeps per parameter
+//! (`Optimizer::slots`), its update as ONNX nodes (`Optimizer::emit_update`, folded into the
+//! step graph by `train::step_graph`), and the few scalars the host computes per step
+//! (`Optimizer::scalars`: the learning rate and bias corrections). Parameters and state never
+//! leave the backend; a step moves the batch and these scalars only.
 
-use ndarray::{ArrayD, Zip};
+use crate::onnx::builder::Builder;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -54,89 +60,131 @@ pub fn learning_rate(base: f64, schedule: Schedule, warmup: usize, step: usize, 
     }
 }
 
-/// Scale all gradients so that their global L2 norm is at most `max_norm`
-/// (`torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [ArrayD<f32>], max_norm: f64) -> f64 {
-    let total: f64 = grads
-        .iter()
-        .flat_map(|g| g.iter())
-        .map(|&v| (v as f64) * (v as f64))
-        .sum::<f64>()
-        .sqrt();
-    let coef = max_norm / (total + 1e-6);
-    if coef < 1.0 {
-        for g in grads.iter_mut() {
-            g.mapv_inplace(|v| (v as f64 * coef) as f32);
+/// Names of the per-step scalar inputs of the step graph.
+pub mod scalar {
+    /// SGD: the learning rate.
+    pub const LR: &str = "dagr/opt/lr";
+    /// AdamW: `1 - lr * weight_decay`, the decoupled weight decay factor.
+    pub const DECAY: &str = "dagr/opt/decay";
+    /// AdamW: `lr / (1 - beta1^t)`.
+    pub const STEP_SIZE: &str = "dagr/opt/step_size";
+    /// AdamW: `sqrt(1 - beta2^t)`.
+    pub const BC2_SQRT: &str = "dagr/opt/bc2_sqrt";
+}
+
+/// A per-parameter state tensor of an optimizer (same shape as the parameter, zeros at first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// SGD's momentum buffer, or Adam's first moment (`exp_avg`).
+    M,
+    /// Adam's second moment (`exp_avg_sq`).
+    V,
+}
+
+impl Slot {
+    /// The key prefix of this slot in checkpoints and the step graph's input names.
+    pub fn key(self) -> &'static str {
+        match self {
+            Slot::M => "m",
+            Slot::V => "v",
         }
     }
-    total
 }
 
-/// Per-parameter optimizer state.
-#[derive(Debug, Clone, Default)]
-pub struct State {
-    /// SGD momentum buffer, or Adam's first moment.
-    pub m: Option<ArrayD<f32>>,
-    /// Adam's second moment.
-    pub v: Option<ArrayD<f32>>,
-}
-
-/// One update of parameter `p` with gradient `g`; `t` is the 1-based step count.
-pub fn step(opt: Optimizer, lr: f64, t: usize, p: &mut ArrayD<f32>, g: &ArrayD<f32>, s: &mut State) {
-    match opt {
-        Optimizer::Sgd {
-            momentum,
-            nesterov,
-            weight_decay,
-        } => {
-            let mut d = g.mapv(|v| v as f64);
-            if weight_decay != 0.0 {
-                Zip::from(&mut d)
-                    .and(&*p)
-                    .for_each(|d, &p| *d += weight_decay * p as f64);
-            }
-            if momentum != 0.0 {
-                let buf = match s.m.take() {
-                    None => d.mapv(|v| v as f32),
-                    Some(mut b) => {
-                        Zip::from(&mut b)
-                            .and(&d)
-                            .for_each(|b, &d| *b = (momentum * *b as f64 + d) as f32);
-                        b
-                    }
-                };
-                if nesterov {
-                    Zip::from(&mut d).and(&buf).for_each(|d, &b| *d += momentum * b as f64);
-                } else {
-                    d = buf.mapv(|v| v as f64);
-                }
-                s.m = Some(buf);
-            }
-            Zip::from(p).and(&d).for_each(|p, &d| *p = (*p as f64 - lr * d) as f32);
+impl Optimizer {
+    /// The state this optimizer keeps per parameter.
+    pub fn slots(self) -> &'static [Slot] {
+        match self {
+            Optimizer::Sgd { momentum, .. } if momentum != 0.0 => &[Slot::M],
+            Optimizer::Sgd { .. } => &[],
+            Optimizer::AdamW { .. } => &[Slot::M, Slot::V],
         }
-        Optimizer::AdamW {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } => {
-            p.mapv_inplace(|v| (v as f64 * (1.0 - lr * weight_decay)) as f32);
-            let m = s.m.get_or_insert_with(|| ArrayD::zeros(g.raw_dim()));
-            Zip::from(&mut *m)
-                .and(g)
-                .for_each(|m, &g| *m = (beta1 * *m as f64 + (1.0 - beta1) * g as f64) as f32);
-            let v = s.v.get_or_insert_with(|| ArrayD::zeros(g.raw_dim()));
-            Zip::from(&mut *v)
-                .and(g)
-                .for_each(|v, &g| *v = (beta2 * *v as f64 + (1.0 - beta2) * (g as f64) * (g as f64)) as f32);
-            let bc1 = 1.0 - beta1.powi(t as i32);
-            let bc2 = 1.0 - beta2.powi(t as i32);
-            let m = s.m.as_ref().unwrap();
-            let v = s.v.as_ref().unwrap();
-            Zip::from(p).and(m).and(v).for_each(|p, &m, &v| {
-                let denom = (v as f64 / bc2).sqrt() + eps;
-                *p = (*p as f64 - lr * (m as f64 / bc1) / denom) as f32;
-            });
+    }
+
+    /// The scalar inputs of the step graph at 1-based step `t` with learning rate `lr`,
+    /// computed in f64 as PyTorch computes them in Python floats.
+    pub fn scalars(self, lr: f64, t: usize) -> Vec<(&'static str, f64)> {
+        match self {
+            Optimizer::Sgd { .. } => vec![(scalar::LR, lr)],
+            Optimizer::AdamW {
+                beta1,
+                beta2,
+                weight_decay,
+                ..
+            } => {
+                let bc1 = 1.0 - beta1.powi(t as i32);
+                let bc2 = 1.0 - beta2.powi(t as i32);
+                vec![
+                    (scalar::DECAY, 1.0 - lr * weight_decay),
+                    (scalar::STEP_SIZE, lr / bc1),
+                    (scalar::BC2_SQRT, bc2.sqrt()),
+                ]
+            }
+        }
+    }
+
+    /// The names of the scalar inputs (as in `scalars`).
+    pub fn scalar_names(self) -> Vec<&'static str> {
+        self.scalars(0.0, 1).into_iter().map(|s| s.0).collect()
+    }
+
+    /// Emit the update of parameter `p` with (clipped) gradient `g`; `state` holds the inputs
+    /// of `slots()` in order. Returns the updated parameter and the updated state, in order.
+    ///
+    /// SGD (`torch.optim.SGD`, dampening 0): `d = g + wd p`; `buf = mu buf + d` (the first
+    /// step's `buf = d` is this with `buf = 0`); `d = d + mu buf` (Nesterov) or `d = buf`;
+    /// `p - lr d`. AdamW (`torch.optim.AdamW`): `p (1 - lr wd)`; `m = b1 m + (1 - b1) g`;
+    /// `v = b2 v + (1 - b2) g^2`; `p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)`.
+    pub fn emit_update(self, b: &mut Builder, p: &str, g: &str, state: &[String]) -> (String, Vec<String>) {
+        match self {
+            Optimizer::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            } => {
+                let mut d = g.to_string();
+                if weight_decay != 0.0 {
+                    let wd = b.scalar(weight_decay);
+                    let decay = b.binary("Mul", p, &wd, "sgd");
+                    d = b.binary("Add", &d, &decay, "sgd");
+                }
+                let mut next_state = Vec::new();
+                if momentum != 0.0 {
+                    let mu = b.scalar(momentum);
+                    let kept = b.binary("Mul", &state[0], &mu, "sgd");
+                    let buf = b.binary("Add", &kept, &d, "sgd");
+                    d = if nesterov {
+                        let ahead = b.binary("Mul", &buf, &mu, "sgd");
+                        b.binary("Add", &d, &ahead, "sgd")
+                    } else {
+                        buf.clone()
+                    };
+                    next_state.push(buf);
+                }
+                let step = b.binary("Mul", &d, scalar::LR, "sgd");
+                (b.binary("Sub", p, &step, "sgd"), next_state)
+            }
+            Optimizer::AdamW { beta1, beta2, eps, .. } => {
+                let decayed = b.binary("Mul", p, scalar::DECAY, "adamw");
+                let b1 = b.scalar(beta1);
+                let omb1 = b.scalar(1.0 - beta1);
+                let m_kept = b.binary("Mul", &state[0], &b1, "adamw");
+                let m_new = b.binary("Mul", g, &omb1, "adamw");
+                let m = b.binary("Add", &m_kept, &m_new, "adamw");
+                let b2 = b.scalar(beta2);
+                let omb2 = b.scalar(1.0 - beta2);
+                let v_kept = b.binary("Mul", &state[1], &b2, "adamw");
+                let g2 = b.binary("Mul", g, g, "adamw");
+                let v_new = b.binary("Mul", &g2, &omb2, "adamw");
+                let v = b.binary("Add", &v_kept, &v_new, "adamw");
+                let root = b.unary("Sqrt", &v, "adamw");
+                let scaled = b.binary("Div", &root, scalar::BC2_SQRT, "adamw");
+                let eps = b.scalar(eps);
+                let denom = b.binary("Add", &scaled, &eps, "adamw");
+                let ratio = b.binary("Div", &m, &denom, "adamw");
+                let step = b.binary("Mul", &ratio, scalar::STEP_SIZE, "adamw");
+                (b.binary("Sub", &decayed, &step, "adamw"), vec![m, v])
+            }
         }
     }
 }
