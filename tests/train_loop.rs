@@ -9,8 +9,8 @@ use dagr_inject::grad::train::{make_training_graph, TrainOptions};
 use dagr_inject::onnx;
 use dagr_inject::runtime::{Backend, Value};
 use dagr_inject::train::data::Dataset;
-use dagr_inject::train::optim::{Optimizer, Schedule};
-use dagr_inject::train::{fit, Run, Settings, Trainer};
+use dagr_inject::train::optim::{learning_rate, Optimizer, Schedule};
+use dagr_inject::train::{fit, step_graph, Run, Settings, Trainer};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -24,6 +24,23 @@ struct OptimCase {
     batch: usize,
     optimizer: serde_json::Value,
     clip: Option<f64>,
+    schedule: Option<serde_json::Value>,
+}
+
+/// Our schedule settings for a PyTorch scheduler description in the fixtures.
+fn schedule_of(s: &serde_json::Value) -> (Schedule, usize) {
+    let warmup = s["warmup"].as_u64().unwrap_or(0) as usize;
+    let sched = match s["kind"].as_str().unwrap() {
+        "cosine" => Schedule::Cosine {
+            min_lr: s["min_lr"].as_f64().unwrap(),
+        },
+        "step" => Schedule::Step {
+            step_size: s["step_size"].as_u64().unwrap() as usize,
+            gamma: s["gamma"].as_f64().unwrap(),
+        },
+        other => panic!("unknown schedule {other}"),
+    };
+    (sched, warmup)
 }
 
 fn training_graph(model: &str, logits: &[String], dir: &Path) -> PathBuf {
@@ -93,7 +110,11 @@ fn optimizer_steps_equal_pytorch_on_both_backends() {
             let mut s = settings(opt, o["lr"].as_f64().unwrap(), backend);
             s.clip_grad_norm = c.clip;
             s.batch_size = c.batch;
+            if let Some(sch) = &c.schedule {
+                (s.schedule, s.warmup_steps) = schedule_of(sch);
+            }
             let mut t = Trainer::new(&graph, s).unwrap();
+            t.total_steps = c.steps;
             let m = onnx::load(&graph).unwrap();
             let idx = onnx::GraphIndex::new(&m).unwrap();
             let data = Dataset::load(&data_path, &idx, &t.data_inputs(&idx), None).unwrap();
@@ -124,6 +145,111 @@ fn optimizer_steps_equal_pytorch_on_both_backends() {
                 assert!(e <= 1e-4, "{tag}: running statistic {b} relative error {e:e}");
             }
         }
+    }
+}
+
+#[test]
+fn learning_rate_schedules_equal_pytorch() {
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/lr_schedules.json")).unwrap()).unwrap();
+    for c in &cases {
+        let (sched, warmup) = schedule_of(c);
+        let total = c["steps"].as_u64().unwrap() as usize;
+        let per_epoch = c["steps_per_epoch"].as_u64().unwrap() as usize;
+        for (step, want) in c["lrs"].as_array().unwrap().iter().enumerate() {
+            let got = learning_rate(c["lr"].as_f64().unwrap(), sched, warmup, step, total, step / per_epoch);
+            let want = want.as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-12 + 1e-9 * want.abs(),
+                "{c}: step {step}: {got} vs PyTorch {want}"
+            );
+        }
+    }
+}
+
+/// A step whose loss is not finite changes nothing: the next good step gives what it gives
+/// from the untouched state (the backend's pending state update is dropped, not applied).
+#[test]
+fn a_rejected_step_leaves_the_state_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = training_graph("av_mlp.legacy.onnx", &["logits".into()], dir.path());
+    let m = onnx::load(&graph).unwrap();
+    let idx = onnx::GraphIndex::new(&m).unwrap();
+    let opt = Optimizer::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    for backend in BACKENDS {
+        let fresh = || Trainer::new(&graph, settings(opt, 1e-3, backend)).unwrap();
+        let mut t = fresh();
+        let data = Dataset::load(
+            &root().join("fixtures/optim_data_av_mlp.npz"),
+            &idx,
+            &t.data_inputs(&idx),
+            None,
+        )
+        .unwrap();
+        let rows: Vec<usize> = (0..8).collect();
+        let before = t.state().unwrap();
+        let mut poisoned = data.batch(&rows);
+        if let Some(Value::F32(a)) = poisoned.get_mut("audio") {
+            a[[0, 0]] = f32::NAN;
+        }
+        let e = t.step(poisoned).unwrap_err().to_string();
+        assert!(e.contains("non-finite") && e.contains("nothing was updated"), "{e}");
+        assert_eq!(
+            t.state().unwrap(),
+            before,
+            "{}: a rejected step changed the state",
+            backend.name()
+        );
+        assert_eq!(t.progress.step, 0);
+        t.step(data.batch(&rows)).unwrap();
+        let mut u = fresh();
+        u.step(data.batch(&rows)).unwrap();
+        assert_eq!(
+            t.state().unwrap(),
+            u.state().unwrap(),
+            "{}: the step after a rejected one differs from a first step",
+            backend.name()
+        );
+        assert_ne!(t.state().unwrap(), before);
+    }
+}
+
+/// The step graph (training graph + optimizer + clipping) is standard ONNX: onnx.checker's
+/// full check passes, and it holds no parameter values (they are fed).
+#[test]
+fn step_graph_is_standard_onnx() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = training_graph("av_cnn.legacy.onnx", &["logits".into()], dir.path());
+    let m = onnx::load(&graph).unwrap();
+    let rec = dagr_inject::train::record_of(&m).unwrap();
+    for opt in [
+        Optimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        Optimizer::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-4,
+        },
+    ] {
+        let sg = step_graph::build(&m, &rec, opt, Some(1.0)).unwrap();
+        let p = dir.path().join("step.onnx");
+        onnx::save(&sg.model, &p).unwrap();
+        onnx_check(&p);
+        let inits: std::collections::HashSet<&String> = sg.model.graph().initializer.iter().map(|t| &t.name).collect();
+        for (p, _) in &rec.params {
+            assert!(!inits.contains(p), "{p} is still an initializer of the step graph");
+        }
+        let slots = opt.slots().len();
+        assert_eq!(sg.state.len(), rec.params.len() * (1 + slots) + 2 * rec.batchnorm.len());
     }
 }
 

@@ -226,8 +226,8 @@ impl Stepper {
         use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
         let session = session_on(path, cuda)?;
         let allocator = if cuda {
-            let info = MemoryInfo::new(AllocationDevice::CUDA, 0, AllocatorType::Device, MemoryType::Default)
-                .map_err(err)?;
+            let info =
+                MemoryInfo::new(AllocationDevice::CUDA, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
             Allocator::new(&session, info).map_err(err)?
         } else {
             Allocator::default()
@@ -239,7 +239,8 @@ impl Stepper {
                 set.push(Tensor::<f32>::new(&allocator, shape).map_err(err)?);
             }
         }
-        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
+        let host =
+            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
         let mut make_binding = |reads: usize| -> Result<ort::session::IoBinding> {
             let mut b = session.create_binding().map_err(err)?;
             for (i, l) in links.iter().enumerate() {
@@ -271,9 +272,9 @@ impl Stepper {
         let binding = &mut self.bindings[self.current];
         for (name, v) in feed {
             let t = owned_tensor(v)?;
-            binding.bind_input(name.as_str(), &t).map_err(|e| {
-                err(format!("cannot feed '{name}': {e}"))
-            })?;
+            binding
+                .bind_input(name.as_str(), &t)
+                .map_err(|e| err(format!("cannot feed '{name}': {e}")))?;
         }
         let res = self.session.run_binding(binding).map_err(err)?;
         let mut out = Tensors::new();

@@ -141,10 +141,15 @@ impl Trainer {
         let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm)?;
         let o = &record.dagr.outputs;
         let mut fetch: Vec<String> = vec![step_graph::GRAD_SQ.to_string(), record.loss.clone()];
-        for t in [Some(&o.loss), Some(&o.dispersion), o.anchoring.as_ref(), o.task_loss.as_ref()]
-            .into_iter()
-            .flatten()
-            .chain(record.pareto_alpha.as_ref())
+        for t in [
+            Some(&o.loss),
+            Some(&o.dispersion),
+            o.anchoring.as_ref(),
+            o.task_loss.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(record.pareto_alpha.as_ref())
         {
             if !fetch.contains(t) {
                 fetch.push(t.clone());
@@ -156,14 +161,7 @@ impl Trainer {
         })?;
         let step_path = workdir.path().join("step.onnx");
         onnx::save(&sg.model, &step_path)?;
-        let stepper = Stepper::new(
-            settings.backend,
-            settings.cuda,
-            &step_path,
-            sg.state,
-            &initial,
-            &fetch,
-        )?;
+        let stepper = Stepper::new(settings.backend, settings.cuda, &step_path, sg.state, &initial, &fetch)?;
         Ok(Trainer {
             path: path.to_path_buf(),
             record,
