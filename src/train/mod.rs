@@ -107,7 +107,7 @@ pub struct Trainer {
     pub progress: Progress,
     stepper: Stepper,
     /// Holds the step graph's file for the backend.
-    _workdir: tempfile::TempDir,
+    workdir: tempfile::TempDir,
     pub total_steps: usize,
 }
 
@@ -160,6 +160,7 @@ impl Trainer {
             source,
         })?;
         let step_path = workdir.path().join("step.onnx");
+        // Saved before the backend loads it; `fit` keeps a copy in the run's directory.
         onnx::save(&sg.model, &step_path)?;
         let stepper = Stepper::new(settings.backend, settings.cuda, &step_path, sg.state, &initial, &fetch)?;
         Ok(Trainer {
@@ -171,7 +172,7 @@ impl Trainer {
             },
             settings,
             stepper,
-            _workdir: workdir,
+            workdir,
             total_steps: 0,
         })
     }
@@ -195,6 +196,11 @@ impl Trainer {
             )
             .filter(|n| !state.contains(n))
             .collect()
+    }
+
+    /// The step graph this trainer runs (standard ONNX; see `step_graph`).
+    pub fn step_graph_path(&self) -> PathBuf {
+        self.workdir.path().join("step.onnx")
     }
 
     /// Every state tensor (`param/`, `bn/`, `m/`, `v/` keys), copied from the backend.
@@ -436,6 +442,12 @@ pub fn fit(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Resul
 
 fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result<Vec<EpochLog>> {
     let mut t = Trainer::new(run.model, settings.clone())?;
+    // The whole training step as one standard ONNX graph, for other runtimes and for reading.
+    let step_bytes = std::fs::read(t.step_graph_path()).map_err(|source| Error::Read {
+        path: t.step_graph_path(),
+        source,
+    })?;
+    onnx::io::write_atomic(&run.out.join("step.onnx"), &step_bytes)?;
     let model = onnx::load(run.model)?;
     let idx = GraphIndex::new(&model)?;
     let original_path = run
