@@ -237,8 +237,13 @@ struct TrainArgs {
     clip_grad_norm: Option<f64>,
     #[arg(long, value_enum, default_value = "tract")]
     backend: Backend,
+    /// cuda: ONNX Runtime's CUDA execution provider (needs --backend ort and onnxruntime-gpu);
+    /// parameters and optimizer state then stay on the GPU
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// ONNX Runtime's intra-op threads (default: one per physical core)
+    #[arg(long)]
+    threads: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Keep the data order (no shuffling)
@@ -247,7 +252,8 @@ struct TrainArgs {
     /// Drop the last partial batch of each epoch
     #[arg(long)]
     drop_last: bool,
-    /// Output directory: checkpoint, log.jsonl, model.onnx (the trained inference model)
+    /// Output directory: checkpoint, log.jsonl, model.onnx (the trained inference model),
+    /// step.onnx (one training step as a standard ONNX graph)
     #[arg(long)]
     out: PathBuf,
     /// The model the training graph was built from (default: recorded in the graph)
@@ -684,6 +690,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         drop_last: a.drop_last,
         backend: a.backend,
         cuda: a.device == DeviceArg::Cuda,
+        threads: a.threads,
     };
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = interrupted.clone();

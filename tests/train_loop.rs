@@ -78,6 +78,7 @@ fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
         drop_last: false,
         backend,
         cuda: false,
+        threads: None,
     }
 }
 

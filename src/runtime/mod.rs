@@ -87,23 +87,13 @@ pub enum Runner {
 }
 
 impl Runner {
-    /// Prepare `path`; `example` fixes the input shapes (tract specializes the plan to them).
+    /// Prepare `path` on the CPU; `example` fixes the input shapes (tract specializes the plan
+    /// to them).
     pub fn new(backend: Backend, path: &Path, example: &Tensors, outputs: &[String]) -> Result<Runner> {
-        Self::on(backend, false, path, example, outputs)
-    }
-
-    /// `cuda`: ONNX Runtime's CUDA execution provider (an error on tract, or if it cannot load).
-    pub fn on(backend: Backend, cuda: bool, path: &Path, example: &Tensors, outputs: &[String]) -> Result<Runner> {
         Ok(match backend {
-            Backend::Tract if cuda => {
-                return Err(rt_err(
-                    "tract",
-                    "tract runs on the CPU only; use --backend ort --device cuda",
-                ))
-            }
             Backend::Tract => Runner::Tract(tract_backend::Prepared::new(path, example, outputs)?),
             Backend::Ort => {
-                let s = ort_backend::session_on(path, cuda)?;
+                let s = ort_backend::session(path)?;
                 let names = ort_backend::feedable(&s);
                 Runner::Ort(Box::new(s), names, outputs.to_vec())
             }
@@ -143,9 +133,12 @@ pub type StateValues = BTreeMap<String, ArrayD<f32>>;
 impl Stepper {
     /// Prepare the graph at `path`; `initial` holds a value for every link's key; `fetch` the
     /// outputs each run returns to the host.
+    /// `cuda`: ONNX Runtime's CUDA execution provider (an error on tract, or if it cannot
+    /// load); `threads`: ONNX Runtime's intra-op threads (its default: the physical cores).
     pub fn new(
         backend: Backend,
         cuda: bool,
+        threads: Option<usize>,
         path: &Path,
         links: Vec<StateLink>,
         initial: &StateValues,
@@ -164,7 +157,9 @@ impl Stepper {
                 ))
             }
             Backend::Tract => Stepper::Tract(tract_backend::Stepper::new(path, links, initial, fetch)),
-            Backend::Ort => Stepper::Ort(Box::new(ort_backend::Stepper::new(path, cuda, links, initial, fetch)?)),
+            Backend::Ort => Stepper::Ort(Box::new(ort_backend::Stepper::new(
+                path, cuda, threads, links, initial, fetch,
+            )?)),
         })
     }
 

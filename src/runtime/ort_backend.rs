@@ -96,14 +96,18 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
 }
 
 pub fn session(path: &Path) -> Result<Session> {
-    session_on(path, false)
+    session_on(path, false, None)
 }
 
 /// A session on the CPU, or on the CUDA execution provider. CUDA never silently falls back
-/// to the CPU: a failed registration is an error.
-pub fn session_on(path: &Path, cuda: bool) -> Result<Session> {
+/// to the CPU: a failed registration is an error. `threads`: intra-op threads (ONNX Runtime's
+/// default is one per physical core).
+pub fn session_on(path: &Path, cuda: bool, threads: Option<usize>) -> Result<Session> {
     let env = environment()?;
     let mut b = Session::builder(env).map_err(err)?;
+    if let Some(n) = threads {
+        b = b.with_intra_threads(n).map_err(err)?;
+    }
     if cuda {
         let ep = ort::ep::CUDA::default().build().error_on_failure();
         b = b.with_execution_providers([ep]).map_err(|e| {
@@ -219,12 +223,13 @@ impl Stepper {
     pub fn new(
         path: &Path,
         cuda: bool,
+        threads: Option<usize>,
         links: Vec<super::StateLink>,
         initial: &super::StateValues,
         fetch: &[String],
     ) -> Result<Stepper> {
         use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-        let session = session_on(path, cuda)?;
+        let session = session_on(path, cuda, threads)?;
         let allocator = if cuda {
             let info =
                 MemoryInfo::new(AllocationDevice::CUDA, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;

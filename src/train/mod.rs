@@ -36,6 +36,9 @@ pub struct Settings {
     pub drop_last: bool,
     pub backend: Backend,
     pub cuda: bool,
+    /// ONNX Runtime's intra-op threads (default: one per physical core).
+    #[serde(default)]
+    pub threads: Option<usize>,
 }
 
 /// Read the training record a `--train` rewrite stored in the model.
@@ -105,6 +108,8 @@ pub struct Trainer {
     pub record: TrainRecord,
     pub settings: Settings,
     pub progress: Progress,
+    /// Time spent inside the backend's runs so far.
+    pub backend_time: std::time::Duration,
     stepper: Stepper,
     /// Holds the step graph's file for the backend.
     workdir: tempfile::TempDir,
@@ -162,7 +167,15 @@ impl Trainer {
         let step_path = workdir.path().join("step.onnx");
         // Saved before the backend loads it; `fit` keeps a copy in the run's directory.
         onnx::save(&sg.model, &step_path)?;
-        let stepper = Stepper::new(settings.backend, settings.cuda, &step_path, sg.state, &initial, &fetch)?;
+        let stepper = Stepper::new(
+            settings.backend,
+            settings.cuda,
+            settings.threads,
+            &step_path,
+            sg.state,
+            &initial,
+            &fetch,
+        )?;
         Ok(Trainer {
             path: path.to_path_buf(),
             record,
@@ -171,6 +184,7 @@ impl Trainer {
                 ..Default::default()
             },
             settings,
+            backend_time: Default::default(),
             stepper,
             workdir,
             total_steps: 0,
@@ -233,7 +247,10 @@ impl Trainer {
         for (name, v) in self.settings.optimizer.scalars(lr, self.progress.step + 1) {
             feed.insert(name.to_string(), Value::F32(ndarray::arr0(v as f32).into_dyn()));
         }
-        let out = self.stepper.run(feed)?;
+        let started = std::time::Instant::now();
+        let out = self.stepper.run(feed);
+        self.backend_time += started.elapsed();
+        let out = out?;
         let loss = scalar(&out, &self.record.loss).unwrap_or(f64::NAN);
         let sq = out
             .get(step_graph::GRAD_SQ)
@@ -372,6 +389,10 @@ pub struct EpochLog {
     /// Geometry of the validation embeddings (exported model, DAGR's normalization).
     pub geometry: BTreeMap<String, f64>,
     pub samples_per_second: f64,
+    /// Wall time of the epoch's steps, and the part of it spent inside the backend's run; the
+    /// rest is the runner's own (data, feeding, checks, logging).
+    pub step_seconds: f64,
+    pub backend_seconds: f64,
 }
 
 /// Accuracy of every head of `model` (an inference model) on `data`.
@@ -498,6 +519,7 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
         );
         bar.set_prefix(format!("{}/{}", t.progress.epoch + 1, settings.epochs));
         let started = std::time::Instant::now();
+        let backend_before = t.backend_time;
         let (mut sum, mut count) = (StepStats::default(), 0usize);
         let mut task_sum = 0.0;
         let mut anc_sum = 0.0;
@@ -571,6 +593,8 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
             val_accuracy,
             geometry,
             samples_per_second: samples as f64 / secs,
+            step_seconds: secs,
+            backend_seconds: (t.backend_time - backend_before).as_secs_f64(),
         };
         let line = serde_json::to_string(&log).unwrap();
         eprintln!("{line}");
