@@ -59,6 +59,8 @@ def main():
             sys.exit(f"dagr-inject train failed on {a.device}:\n{r.stderr}")
         logs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
         res["ours_samples_per_second"] = logs[-1]["samples_per_second"]  # second epoch: warm
+        # The runner's own share of a step: time outside the backend's run.
+        res["ours_runner_share"] = 1 - logs[-1]["backend_seconds"] / logs[-1]["step_seconds"]
     dev = torch.device(a.device)
     model, _ = export.build("av_cnn")
     model.to(dev).train()
