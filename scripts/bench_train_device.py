@@ -16,13 +16,13 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "models"))
 sys.path.insert(0, os.path.join(ROOT, "fixtures"))
+import cnn_task  # noqa: E402
 import export  # noqa: E402
 from generate import dagr  # noqa: E402
 
@@ -39,18 +39,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     b, n = a.batch, a.batch * a.batches
-    rng = np.random.default_rng(0)
-    data = {"audio": rng.standard_normal((n, 1, 64), dtype=np.float32),
-            "visual": rng.standard_normal((n, 3, 16, 16), dtype=np.float32),
-            "label": rng.integers(0, 10, n).astype(np.int64)}
     res = {"device": a.device, "batch": b, "samples": n}
     with tempfile.TemporaryDirectory() as d:
-        dpath = os.path.join(d, "data.npz")
-        np.savez(dpath, **data)
-        graph = os.path.join(d, "train.onnx")
-        subprocess.run([a.bin, os.path.join(ROOT, "models", "av_cnn.legacy.onnx"), "--encoders", "audio,visual",
-                        "--logits", "logits,logits_audio,logits_visual", "--labels", "label", "--train", "-o", graph],
-                       check=True, capture_output=True)
+        data, dpath, graph = cnn_task.write_task(a.bin, d, n)
         out = os.path.join(d, "run")
         r = subprocess.run([a.bin, "train", graph, "--data", dpath, "--epochs", "2", "--batch-size", str(b),
                             "--lr", "0.002", "--momentum", "0.9", "--backend", "ort", "--device", a.device,

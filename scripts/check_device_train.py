@@ -20,6 +20,8 @@ import tempfile
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import cnn_task  # noqa: E402
 
 
 def main():
@@ -27,19 +29,9 @@ def main():
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "dagr-inject"))
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
-    rng = np.random.default_rng(0)
-    n = 96
-    data = {"audio": rng.standard_normal((n, 1, 64), dtype=np.float32),
-            "visual": rng.standard_normal((n, 3, 16, 16), dtype=np.float32),
-            "label": rng.integers(0, 10, n).astype(np.int64)}
     report = {}
     with tempfile.TemporaryDirectory() as d:
-        dpath = os.path.join(d, "data.npz")
-        np.savez(dpath, **data)
-        graph = os.path.join(d, "train.onnx")
-        subprocess.run([a.bin, os.path.join(ROOT, "models", "av_cnn.legacy.onnx"), "--encoders", "audio,visual",
-                        "--logits", "logits,logits_audio,logits_visual", "--labels", "label", "--train", "-o", graph],
-                       check=True, capture_output=True)
+        _, dpath, graph = cnn_task.write_task(a.bin, d, 96)
         states = {}
         for dev in ("cpu", "cuda"):
             out = os.path.join(d, dev)
