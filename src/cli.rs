@@ -715,7 +715,10 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             println!("  validation accuracy {h}: {acc:.4}");
         }
     }
-    println!("wrote {}/model.onnx, checkpoint.npz, log.jsonl", a.out.display());
+    println!(
+        "wrote {}/model.onnx, step.onnx, checkpoint.npz, log.jsonl",
+        a.out.display()
+    );
     Ok(())
 }
 

@@ -31,6 +31,8 @@ pub struct Report {
     pub dagr: Option<serde_json::Value>,
     /// For a training graph (`--train`): its loss, parameters and options.
     pub training: Option<TrainingSummary>,
+    /// For a step graph (`step.onnx` from `train`): its optimizer, state and scalar inputs.
+    pub step: Option<crate::train::step_graph::StepRecord>,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +106,9 @@ pub fn report(model: &Model) -> Result<Report> {
                 batchnorm_layers: r.batchnorm.len(),
                 options: serde_json::to_value(&r.options).unwrap_or_default(),
             }),
+        step: model
+            .metadata(crate::train::step_graph::METADATA_KEY)
+            .and_then(|s| serde_json::from_str(s).ok()),
     })
 }
 
@@ -141,6 +146,22 @@ impl Report {
                 "training graph: loss {}, {} parameters ({} also get the geometry gradient), {} BatchNorm layers, options {}",
                 t.loss, t.parameters, t.geometry_parameters, t.batchnorm_layers, t.options
             );
+        }
+        if let Some(st) = &self.step {
+            let _ = writeln!(
+                s,
+                "step graph (one training step: forward, backward, optimizer): loss {}, {} parameters, optimizer {}, clip {}\n  \
+                 feed the batch, the scalars [{}] and {} state tensors; each comes back updated:",
+                st.loss,
+                st.params.len(),
+                serde_json::to_string(&st.optimizer).unwrap_or_default(),
+                st.clip_grad_norm.map_or("none".to_string(), |c| c.to_string()),
+                st.scalars.join(", "),
+                st.state.len()
+            );
+            for l in &st.state {
+                let _ = writeln!(s, "  {:<40} {} -> {}", l.key, l.input, l.output);
+            }
         }
         let _ = writeln!(s, "\nencoder-output candidates (best first)");
         if self.encoder_candidates.is_empty() {

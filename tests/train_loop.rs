@@ -251,6 +251,12 @@ fn step_graph_is_standard_onnx() {
         }
         let slots = opt.slots().len();
         assert_eq!(sg.state.len(), rec.params.len() * (1 + slots) + 2 * rec.batchnorm.len());
+        // It says what it is, and is not taken for a training graph.
+        let saved = onnx::load(&p).unwrap();
+        let report = dagr_inject::inspect::report(&saved).unwrap();
+        assert_eq!(report.step.as_ref().map(|s| s.state.len()), Some(sg.state.len()));
+        let e = dagr_inject::train::record_of(&saved).unwrap_err().to_string();
+        assert!(e.contains("step graph"), "{e}");
     }
 }
 

@@ -61,6 +61,10 @@ impl Model {
         }
     }
 
+    pub fn remove_metadata(&mut self, key: &str) {
+        self.proto.metadata_props.retain(|p| p.key != key);
+    }
+
     /// Serialized bytes of the model (external data stays where it is).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         self.proto

@@ -109,7 +109,7 @@ impl Runner {
 }
 
 /// A piece of state that a graph reads from `input` and writes, updated, to `output`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StateLink {
     /// The name the state is known by outside the graph (checkpoint keys).
     pub key: String,

@@ -43,6 +43,12 @@ pub struct Settings {
 
 /// Read the training record a `--train` rewrite stored in the model.
 pub fn record_of(model: &Model) -> Result<TrainRecord> {
+    if model.metadata(step_graph::METADATA_KEY).is_some() {
+        return Err(Error::Config(
+            "this is a step graph (the step.onnx that `train` writes): it already holds its optimizer\n  hint: train the training graph it came from (built with --train), or run the step graph yourself in any ONNX runtime"
+                .into(),
+        ));
+    }
     let s = model.metadata(METADATA_KEY).ok_or_else(|| {
         Error::Config(
             "this model is not a training graph\n  hint: build one with `dagr-inject MODEL --encoders a,b --logits ... --labels y --train -o model.train.onnx`"

@@ -17,10 +17,31 @@ use crate::grad::train::TrainRecord;
 use crate::onnx::builder::{attr_int, Builder};
 use crate::onnx::{dtype, Dim, GraphIndex, Model, ValueFact};
 use crate::runtime::StateLink;
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
 /// The output holding each parameter's squared gradient norm, in `TrainRecord::params` order.
 pub const GRAD_SQ: &str = "dagr/opt/grad_sq";
+
+/// Metadata key of a step graph's `StepRecord` (it replaces the training graph's record, so
+/// that a step graph is never mistaken for a training graph to build another step on).
+pub const METADATA_KEY: &str = "dagr_inject.step";
+
+/// What a step graph holds, recorded in its metadata for other runtimes and for `inspect`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub optimizer: Optimizer,
+    pub clip_grad_norm: Option<f64>,
+    /// Every state tensor: its checkpoint key, input and updated output.
+    pub state: Vec<StateLink>,
+    /// The per-step scalar inputs (see `optim::scalar`).
+    pub scalars: Vec<String>,
+    /// The loss the step descends, and the per-parameter squared gradient norms.
+    pub loss: String,
+    pub grad_sq: String,
+    /// Parameter names in the order of `grad_sq`.
+    pub params: Vec<String>,
+}
 
 /// Checkpoint and state keys: `param/<name>`, `bn/<name>`, `m/<name>`, `v/<name>`.
 pub fn param_key(p: &str) -> String {
@@ -156,5 +177,19 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     let fed: HashSet<&String> = state.iter().map(|s| &s.input).collect();
     g.initializer.retain(|t| !fed.contains(&t.name));
     crate::grad::train::prune(&mut model);
+    let record = StepRecord {
+        optimizer: opt,
+        clip_grad_norm: clip,
+        state: state.clone(),
+        scalars: scalars.iter().map(|s| s.to_string()).collect(),
+        loss: rec.loss.clone(),
+        grad_sq: GRAD_SQ.into(),
+        params: rec.params.iter().map(|p| p.0.clone()).collect(),
+    };
+    model.remove_metadata(crate::grad::train::METADATA_KEY);
+    model.set_metadata(
+        METADATA_KEY,
+        &serde_json::to_string(&record).map_err(|e| Error::Graph(e.to_string()))?,
+    );
     Ok(StepGraph { model, state, scalars })
 }
