@@ -260,6 +260,57 @@ fn step_graph_is_standard_onnx() {
     }
 }
 
+/// `step.onnx` works on its own, as its metadata describes it: fed the batch, the scalars and
+/// the state by the names its `StepRecord` lists, a plain run (no binding) returns the state
+/// that `train` holds after the same step.
+#[test]
+fn the_step_graph_runs_standalone_as_its_record_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = training_graph("av_cnn.legacy.onnx", &["logits".into()], dir.path());
+    let m = onnx::load(&graph).unwrap();
+    let idx = onnx::GraphIndex::new(&m).unwrap();
+    let opt = Optimizer::Sgd {
+        momentum: 0.9,
+        nesterov: true,
+        weight_decay: 1e-4,
+    };
+    for backend in BACKENDS {
+        let mut s = settings(opt, 0.01, backend);
+        s.clip_grad_norm = Some(1.0);
+        let mut t = Trainer::new(&graph, s).unwrap();
+        let data = Dataset::load(
+            &root().join("fixtures/optim_data_av_cnn.npz"),
+            &idx,
+            &t.data_inputs(&idx),
+            None,
+        )
+        .unwrap();
+        let rows: Vec<usize> = (0..8).collect();
+        let before = t.state().unwrap();
+        t.step(data.batch(&rows)).unwrap();
+        let after = t.state().unwrap();
+
+        let step = onnx::load(&t.step_graph_path()).unwrap();
+        let rec: step_graph::StepRecord =
+            serde_json::from_str(step.metadata(step_graph::METADATA_KEY).unwrap()).unwrap();
+        let mut feed = data.batch(&rows);
+        for name in &rec.scalars {
+            assert_eq!(name, "dagr/opt/lr");
+            feed.insert(name.clone(), Value::F32(ndarray::arr0(0.01f32).into_dyn()));
+        }
+        for l in &rec.state {
+            feed.insert(l.input.clone(), Value::F32(before[&l.key].clone()));
+        }
+        let outputs: Vec<String> = rec.state.iter().map(|l| l.output.clone()).collect();
+        let out = run(backend, &t.step_graph_path(), &feed, &outputs);
+        for l in &rec.state {
+            let got = f32_of(&out, &l.output);
+            let e = rel_err(&got, &after[&l.key].mapv(|v| v as f64), 1e-6);
+            assert!(e < 1e-6, "{}: {} differs by {e}", backend.name(), l.key);
+        }
+    }
+}
+
 fn run_dir<'a>(graph: &'a Path, data: &'a Path, out: &'a Path) -> Run<'a> {
     Run {
         model: graph,
