@@ -5,9 +5,10 @@
 //! Layers, each using only the ones before it:
 //! `onnx` (model I/O, graph index, shape facts, builders) -> `locate` (encoder outputs) ->
 //! `dagr` (the regularizer subgraph, its analytic gradients, an ndarray reference) -> `grad`
-//! (reverse-mode rules in one registry, training graphs) -> `runtime` (tract and ONNX Runtime)
-//! -> `train` (the training loop), `verify`, `diagnose`, `inspect` (reports) -> the
-//! `dagr-inject` binary.
+//! (reverse-mode rules in one registry, training graphs) -> `runtime` (tract and ONNX Runtime;
+//! `Stepper` keeps a graph's state on the backend between runs) -> `train` (the optimizer as
+//! ONNX nodes folded into a step graph, the training loop), `verify`, `diagnose`, `inspect`
+//! (reports) -> the `dagr-inject` binary.
 
 pub mod dagr;
 pub mod diagnose;
