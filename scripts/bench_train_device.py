@@ -24,10 +24,8 @@ sys.path.insert(0, os.path.join(ROOT, "models"))
 sys.path.insert(0, os.path.join(ROOT, "fixtures"))
 import cnn_task  # noqa: E402
 import export  # noqa: E402
-from generate import dagr  # noqa: E402
+from generate import DEFAULT_CFG as CFG, dagr  # noqa: E402
 
-CFG = dict(reduce="flatten", tau=0.5, delta=0.5, lambda_disp=0.1, lambda_anc=0.1, dispersion="rbf",
-           margin=1.0, variant="dagr")
 
 
 def main():
