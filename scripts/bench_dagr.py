@@ -13,14 +13,13 @@ Both sides use the same number of threads (--threads, default: all cores).
 import argparse
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import onnxruntime as ort
+from timing import median_time
 import torch
 import torch.nn.functional as F
 
@@ -39,17 +38,6 @@ def torch_dagr(zs, tau=0.5, delta=0.5, ld=0.1, la=0.1):
         per.append(torch.logsumexp(s, 0) - math.log(s.numel()))
     anc = torch.relu((us[0] - us[1]).norm(dim=1) - delta).mean()
     return ld * torch.stack(per).mean() + la * anc
-
-
-def median_time(fn, reps):
-    fn()
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def bench_subgraph(threads, reps):

@@ -37,38 +37,9 @@ sys.path.insert(0, os.path.join(ROOT, "models"))
 sys.path.insert(0, os.path.join(ROOT, "fixtures"))
 import export  # noqa: E402
 from generate import DEFAULT_CFG as CFG, dagr  # noqa: E402
+from timing import median_time, median_times  # noqa: E402
 
 LOGITS = ["logits", "logits_audio", "logits_visual"]
-
-
-def median_time(fn, reps):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def median_times(fns, reps, block=10):
-    """Median time of each function, measured in alternating blocks (a×10, b×10, a×10, ...) so
-    that a slow period of a shared machine hits every side alike. Each block starts with one
-    untimed call: with several threads, one runtime's pool is still spinning right after its
-    call (PyTorch's OpenMP, ONNX Runtime's workers) and would slow the other's next call."""
-    for f in fns:
-        for _ in range(3):
-            f()
-    ts = [[] for _ in fns]
-    while len(ts[0]) < reps:
-        for i, f in enumerate(fns):
-            f()
-            for _ in range(block):
-                t = time.perf_counter()
-                f()
-                ts[i].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in ts]
 
 
 def torch_model(path):
