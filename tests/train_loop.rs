@@ -64,6 +64,12 @@ fn training_graph(model: &str, logits: &[String], dir: &Path) -> PathBuf {
     out
 }
 
+/// The optimizer fixtures' data for model `base` (`av_mlp`, `av_cnn`, `tri_token`).
+fn optim_data(t: &Trainer, base: &str, idx: &onnx::GraphIndex) -> Dataset {
+    let path = root().join(format!("fixtures/optim_data_{base}.npz"));
+    Dataset::load(&path, idx, &t.data_inputs(idx), None).unwrap()
+}
+
 fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
     Settings {
         epochs: 1,
@@ -185,13 +191,7 @@ fn a_rejected_step_leaves_the_state_untouched() {
     for backend in BACKENDS {
         let fresh = || Trainer::new(&graph, settings(opt, 1e-3, backend)).unwrap();
         let mut t = fresh();
-        let data = Dataset::load(
-            &root().join("fixtures/optim_data_av_mlp.npz"),
-            &idx,
-            &t.data_inputs(&idx),
-            None,
-        )
-        .unwrap();
+        let data = optim_data(&t, "av_mlp", &idx);
         let rows: Vec<usize> = (0..8).collect();
         let before = t.state().unwrap();
         let mut poisoned = data.batch(&rows);
@@ -278,13 +278,7 @@ fn the_step_graph_runs_standalone_as_its_record_says() {
         let mut s = settings(opt, 0.01, backend);
         s.clip_grad_norm = Some(1.0);
         let mut t = Trainer::new(&graph, s).unwrap();
-        let data = Dataset::load(
-            &root().join("fixtures/optim_data_av_cnn.npz"),
-            &idx,
-            &t.data_inputs(&idx),
-            None,
-        )
-        .unwrap();
+        let data = optim_data(&t, "av_cnn", &idx);
         let rows: Vec<usize> = (0..8).collect();
         let before = t.state().unwrap();
         t.step(data.batch(&rows)).unwrap();
