@@ -136,17 +136,24 @@ fn optimizer_steps_equal_pytorch_on_both_backends() {
                 o["kind"],
                 backend.name()
             );
-            let params = t.params().unwrap();
+            let state = t.state().unwrap();
+            let of = |prefix: &str| -> Vec<(String, ndarray::ArrayD<f32>)> {
+                state
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
+                    .collect()
+            };
+            let params = of("param/");
             let global = params
-                .keys()
-                .map(|p| fx[&format!("{k}/param/{p}")].iter().fold(0f64, |a, v| a.max(v.abs())))
+                .iter()
+                .map(|(p, _)| fx[&format!("{k}/param/{p}")].iter().fold(0f64, |a, v| a.max(v.abs())))
                 .fold(0f64, f64::max);
             for (p, v) in &params {
                 let want = &fx[&format!("{k}/param/{p}")];
                 let e = rel_err(v, want, 1e-2 * global);
                 assert!(e <= 1e-4, "{tag}: parameter {p} relative error {e:e}");
             }
-            for (b, v) in &t.batchnorm().unwrap() {
+            for (b, v) in &of("bn/") {
                 let want = &fx[&format!("{k}/bn/{b}")];
                 let e = rel_err(v, want, 1e-6);
                 assert!(e <= 1e-4, "{tag}: running statistic {b} relative error {e:e}");
@@ -358,6 +365,17 @@ fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
     let c = dagr_inject::npz::read(&again.join("checkpoint.npz")).unwrap();
     assert_eq!(a, c, "the same seed must give the same run");
     assert_eq!(a, b, "resuming must give the same parameters as an uninterrupted run");
+    // A checkpoint whose tensors do not fit the graph is refused before any step.
+    let mut bad = a.clone();
+    let key = bad.keys().find(|k| k.starts_with("param/")).unwrap().clone();
+    bad.insert(key, Value::F32(ndarray::ArrayD::zeros(vec![3, 3, 3])));
+    dagr_inject::npz::write(&half.join("checkpoint.npz"), &bad).unwrap();
+    let mut r = run_dir(&graph, &data, &half);
+    r.resume = true;
+    let e = fit(&r, s.clone(), Arc::new(AtomicBool::new(false)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not fit") && e.contains("[3, 3, 3]"), "{e}");
     let log = std::fs::read_to_string(full.join("log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 4);
     let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();

@@ -314,6 +314,15 @@ impl Stepper {
         Ok(out)
     }
 
+    /// The shape of each state tensor, by key (read from the buffers, no copy).
+    pub fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        self.links
+            .iter()
+            .zip(&self.buffers[self.current])
+            .map(|(l, t)| (l.key.clone(), t.shape().iter().map(|&d| d as usize).collect()))
+            .collect()
+    }
+
     /// Overwrite the current state with `values` (by key; shapes already checked).
     pub fn set_state(&mut self, values: &super::StateValues) -> Result<()> {
         for (l, t) in self.links.iter().zip(self.buffers[self.current].iter_mut()) {

@@ -199,6 +199,14 @@ impl Stepper {
             .collect()
     }
 
+    /// The shape of each state tensor, by key.
+    pub fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        self.links
+            .iter()
+            .filter_map(|l| Some((l.key.clone(), self.state.get(&l.input)?.shape().to_vec())))
+            .collect()
+    }
+
     pub fn set_state(&mut self, values: &super::StateValues) {
         for l in &self.links {
             if let Some(v) = values.get(&l.key) {

@@ -228,16 +228,6 @@ impl Trainer {
         self.stepper.state()
     }
 
-    /// The parameters (by initializer name), copied from the backend.
-    pub fn params(&self) -> Result<BTreeMap<String, ArrayD<f32>>> {
-        Ok(strip(self.state()?, "param/"))
-    }
-
-    /// The BatchNorm running statistics (by initializer name), copied from the backend.
-    pub fn batchnorm(&self) -> Result<BTreeMap<String, ArrayD<f32>>> {
-        Ok(strip(self.state()?, "bn/"))
-    }
-
     /// One training step on `batch`: forward, backward and the optimizer update, all in the
     /// step graph. Nothing changes when the loss or a gradient is not finite.
     pub fn step(&mut self, batch: Tensors) -> Result<StepStats> {
@@ -291,8 +281,9 @@ impl Trainer {
 
     // ---- checkpoints -------------------------------------------------------------------
 
-    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let t: Tensors = self.state()?.into_iter().map(|(k, v)| (k, Value::F32(v))).collect();
+    /// Write `state` (from `state()`) and the run's progress to `dir`.
+    pub fn save_checkpoint(&self, dir: &Path, state: &StateValues) -> Result<()> {
+        let t: Tensors = state.iter().map(|(k, v)| (k.clone(), Value::F32(v.clone()))).collect();
         crate::npz::write(&dir.join("checkpoint.npz"), &t)?;
         let meta = serde_json::json!({
             "step": self.progress.step, "epoch": self.progress.epoch, "rng": self.progress.rng.0,
@@ -335,10 +326,10 @@ impl Trainer {
 
     /// The original model with the trained weights and running statistics, BatchNorm in
     /// inference mode: what serves predictions, with no DAGR cost.
-    pub fn export(&self, original: &Model) -> Result<Model> {
+    /// `state` is the trainer's (from `state()`).
+    pub fn export(&self, original: &Model, state: &StateValues) -> Result<Model> {
         let mut m = original.clone();
         m.source = None;
-        let state = self.state()?;
         let values: BTreeMap<&str, &ArrayD<f32>> = state
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("param/").or_else(|| k.strip_prefix("bn/"))?, v)))
@@ -572,7 +563,9 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
         let secs = started.elapsed().as_secs_f64();
         t.progress.rng = rng;
         t.progress.epoch += 1;
-        let exported = t.export(&original)?;
+        // One copy of the state from the backend serves the export and the checkpoint.
+        let state = t.state()?;
+        let exported = t.export(&original, &state)?;
         onnx::save(&exported, &model_out)?;
         let val_accuracy = match (&val, &labels) {
             (Some(v), Some(l)) if !heads.is_empty() => {
@@ -584,7 +577,7 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
             Some(v) => epoch_geometry(&exported, &t.record, v, labels.as_deref(), settings.backend)?,
             None => BTreeMap::new(),
         };
-        t.save_checkpoint(run.out)?;
+        t.save_checkpoint(run.out, &state)?;
         let c = count.max(1) as f64;
         let log = EpochLog {
             epoch: t.progress.epoch,
@@ -663,11 +656,4 @@ fn epoch_geometry(
         out.insert(format!("gap.{}-{}", p.a, p.b), p.gap);
     }
     Ok(out)
-}
-
-fn strip(values: StateValues, prefix: &str) -> BTreeMap<String, ArrayD<f32>> {
-    values
-        .into_iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v)))
-        .collect()
 }
