@@ -75,6 +75,13 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     let idx = GraphIndex::new(&model)?;
     let mut b = Builder::new(&model, "dagr/opt/");
     let fact_of = |n: &str| idx.fact(n).cloned().unwrap_or(ValueFact::new(dtype::FLOAT, vec![]));
+    // The fixed names of the step graph's own inputs and outputs must be free.
+    let scalars = opt.scalar_names();
+    for name in scalars.iter().copied().chain([GRAD_SQ]) {
+        if b.names.fresh(name) != name {
+            return Err(Error::Graph(format!("the model already has a tensor named '{name}'")));
+        }
+    }
 
     // Squared norms, one per parameter, as a [P] vector.
     let flat_shape = b.const_i64(&[-1]);
@@ -84,14 +91,7 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
         norms.push(b.reduce("ReduceSumSquare", &flat, Some(&[0]), true, "norm"));
     }
     let refs: Vec<&str> = norms.iter().map(String::as_str).collect();
-    b.names.fresh(GRAD_SQ);
-    let mut concat = crate::onnx::proto::NodeProto::new();
-    concat.op_type = "Concat".into();
-    concat.name = b.names.fresh("dagr/opt/grad_sq/Concat");
-    concat.input = refs.iter().map(|s| s.to_string()).collect();
-    concat.output = vec![GRAD_SQ.into()];
-    concat.attribute = vec![attr_int("axis", 0)];
-    b.nodes.push(concat);
+    b.op_named("Concat", &refs, vec![attr_int("axis", 0)], GRAD_SQ);
 
     let scale = clip.map(|c| {
         let total = b.reduce("ReduceSum", GRAD_SQ, None, false, "clip");
@@ -154,7 +154,6 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
             });
         }
     }
-    let scalars = opt.scalar_names();
     for s in &scalars {
         new_inputs.push((s.to_string(), ValueFact::new(dtype::FLOAT, vec![])));
     }
