@@ -1,15 +1,9 @@
 //! Element-wise operators. Binary ops broadcast; `Ctx::unbroadcast` sums the gradient back to
 //! each operand's shape.
 
-use crate::error::Result;
+use super::{g0, Out};
 use crate::grad::ctx::Ctx;
 use crate::onnx::dtype;
-
-type Out = Result<Vec<Option<String>>>;
-
-fn g0(g: &[Option<String>]) -> Option<&str> {
-    g.first().and_then(|x| x.as_deref())
-}
 
 pub fn identity(_: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     Ok(vec![g0(g).map(String::from)])

@@ -1,11 +1,9 @@
 //! MatMul and Gemm.
 
-use crate::error::Result;
+use super::Out;
 use crate::grad::ctx::Ctx;
 use crate::onnx::builder::{attr_float, attr_int, attr_ints};
 use crate::onnx::Dim;
-
-type Out = Result<Vec<Option<String>>>;
 
 fn swap_last_two(rank: usize) -> Vec<i64> {
     let mut p: Vec<i64> = (0..rank as i64).collect();

@@ -1,11 +1,9 @@
 //! Loss operators.
 
-use crate::error::Result;
+use super::Out;
 use crate::grad::ctx::Ctx;
 use crate::onnx::builder::attr_int;
 use crate::onnx::{dtype, Dim};
-
-type Out = Result<Vec<Option<String>>>;
 
 /// SoftmaxCrossEntropyLoss (no weights, no ignore_index): d scores = (softmax - onehot) scaled
 /// by the output gradient and the reduction.

@@ -12,6 +12,19 @@ pub mod shape;
 use crate::error::Result;
 use crate::grad::ctx::{Ctx, Vjp};
 
+/// What a rule returns: the gradient of each input (None where none flows or none is needed).
+type Out = Result<Vec<Option<String>>>;
+
+/// The upstream gradient of the op's first output, if any flows.
+fn g0(g: &[Option<String>]) -> Option<&str> {
+    g.first().and_then(|x| x.as_deref())
+}
+
+/// `g0`, owned (for rules that keep it across builder calls).
+fn g0_owned(g: &[Option<String>]) -> Option<String> {
+    g0(g).map(String::from)
+}
+
 /// One registry entry.
 pub struct Rule {
     pub op: &'static str,

@@ -1,18 +1,13 @@
 //! Convolution, pooling, normalization and softmax.
 
+use super::{g0_owned, Out};
 use crate::error::Result;
 use crate::grad::ctx::{norm_axis, Ctx};
 use crate::onnx::builder::{attr_int, attr_ints};
 
-type Out = Result<Vec<Option<String>>>;
-
-fn g0(g: &[Option<String>]) -> Option<String> {
-    g.first().and_then(|x| x.clone())
-}
-
 /// Softmax over `axes`: dX = Y (g - sum(g Y)).
 pub fn softmax(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
-    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
     let y = c.output(0).to_string();
     let axes = softmax_axes(c)?;
     let gy = c.op("Mul", &[&g, &y]);
@@ -23,7 +18,7 @@ pub fn softmax(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
 
 /// LogSoftmax: dX = g - exp(Y) sum(g).
 pub fn log_softmax(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
-    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
     let y = c.output(0).to_string();
     let axes = softmax_axes(c)?;
     let s = c.reduce_sum(&g, &axes, true);
@@ -126,7 +121,7 @@ impl ConvGeom {
 /// which re-splits asymmetric pads). dW = a Conv of the input with the gradient as kernel
 /// (strides and dilations swapped), groups folded into the batch, cropped to the kernel size.
 pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    let Some(g) = g0(g) else {
+    let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
     let (x, w) = (c.input(0).to_string(), c.input(1).to_string());
@@ -187,7 +182,7 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 /// (tract numbers them per (n, c) plane, ONNX Runtime over the whole tensor), then scatters
 /// with reduction "add" (overlapping windows).
 pub fn max_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
-    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
     if c.b.opset < 16 {
         return Err(c.err("its gradient scatters with reduction=\"add\", which needs opset 16 or newer"));
     }
@@ -233,7 +228,7 @@ pub fn max_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
 /// AveragePool: spread each output gradient evenly over its window, with a ConvTranspose by a
 /// ones kernel (one group per channel). Divisors exclude padding unless count_include_pad.
 pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
-    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
     if c.attr_i("ceil_mode", 0) != 0 {
         return Err(c.err("ceil_mode=1 is not supported"));
     }
@@ -283,7 +278,7 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
 }
 
 pub fn global_average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
-    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
     let x = c.input(0).to_string();
     let y = c.output(0).to_string();
     let n = c.size_ratio(&x, &y);
@@ -295,7 +290,7 @@ pub fn global_average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out
 /// BatchNormalization. Inference mode: an affine map with the running statistics. Training
 /// mode: the batch statistics depend on X, giving dX = scale r / M (M g - sum g - x̂ sum(g x̂)).
 pub fn batch_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    let Some(g) = g0(g) else {
+    let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
     let x = c.input(0).to_string();
@@ -355,7 +350,7 @@ pub fn batch_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 /// LayerNormalization over the axes from `axis` on:
 /// dX = r (ĝ - mean(ĝ) - x̂ mean(ĝ x̂)), ĝ = g * scale; dScale = sum_lead g x̂; dB = sum_lead g.
 pub fn layer_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    let Some(g) = g0(g) else {
+    let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
     let x = c.input(0).to_string();

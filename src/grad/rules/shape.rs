@@ -1,20 +1,15 @@
 //! Data-movement operators: reshapes, transposes, concatenation, slicing, gathering,
 //! broadcasting and reductions.
 
+use super::{g0_owned, Out};
 use crate::error::Result;
 use crate::grad::ctx::{norm_axis, Ctx};
 use crate::onnx::builder::{attr_int, attr_ints, attr_string};
 use crate::onnx::{dtype, Dim};
 
-type Out = Result<Vec<Option<String>>>;
-
-fn g0(g: &[Option<String>]) -> Option<String> {
-    g.first().and_then(|x| x.clone())
-}
-
 /// Reshape, Flatten, Squeeze, Unsqueeze: the gradient takes the input's shape back.
 pub fn reshape(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    let Some(g) = g0(g) else {
+    let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
     let x = c.input(0).to_string();
@@ -24,7 +19,7 @@ pub fn reshape(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 }
 
 pub fn transpose(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
-    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
     let r = c.rank(c.input(0))?;
     let perm = c.attr_ints("perm").unwrap_or_else(|| (0..r as i64).rev().collect());
     let mut inv = vec![0i64; r];
@@ -37,7 +32,7 @@ pub fn transpose(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
 /// Concat: each input gets its slice of the gradient (one Slice per input, constant bounds,
 /// which tract needs).
 pub fn concat(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    let Some(g) = g0(g) else {
+    let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
     let r = c.rank(c.input(0))?;
@@ -89,7 +84,7 @@ pub fn split(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 
 /// Slice with step 1 and constant bounds: pad the gradient back with zeros.
 pub fn slice(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    let Some(g) = g0(g) else {
+    let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
     let x = c.input(0).to_string();
@@ -142,15 +137,24 @@ fn normalized_indices(c: &mut Ctx, idx: &str, x: &str, axis: usize) -> String {
     c.op("Where", &[&neg, &wrapped, &idx])
 }
 
-/// Gather (embedding lookups): scatter-add the gradient rows back into zeros of X's shape.
-pub fn gather(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    let Some(g) = g0(g) else { return Ok(vec![None, None]) };
+/// The upstream gradient of Gather/GatherElements when X's gradient is wanted. Both scatter it
+/// back with `reduction="add"`, which needs opset 16.
+fn scatter_add_upstream(c: &Ctx, g: &[Option<String>], need: &[bool]) -> Result<Option<String>> {
+    let Some(g) = g0_owned(g) else { return Ok(None) };
     if !need[0] {
-        return Ok(vec![None, None]);
+        return Ok(None);
     }
     if c.b.opset < 16 {
         return Err(c.err("its gradient scatters with reduction=\"add\", which needs opset 16 or newer"));
     }
+    Ok(Some(g))
+}
+
+/// Gather (embedding lookups): scatter-add the gradient rows back into zeros of X's shape.
+pub fn gather(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = scatter_add_upstream(c, g, need)? else {
+        return Ok(vec![None, None]);
+    };
     let x = c.input(0).to_string();
     let i = c.input(1).to_string();
     let rx = c.rank(&x)?;
@@ -186,13 +190,9 @@ pub fn gather(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 }
 
 pub fn gather_elements(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    let Some(g) = g0(g) else { return Ok(vec![None, None]) };
-    if !need[0] {
+    let Some(g) = scatter_add_upstream(c, g, need)? else {
         return Ok(vec![None, None]);
-    }
-    if c.b.opset < 16 {
-        return Err(c.err("its gradient scatters with reduction=\"add\", which needs opset 16 or newer"));
-    }
+    };
     let x = c.input(0).to_string();
     let rx = c.rank(&x)?;
     let axis = norm_axis(c.attr_i("axis", 0), rx);
@@ -210,7 +210,9 @@ pub fn gather_elements(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out 
 }
 
 pub fn expand(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
-    let Some(g) = g0(g) else { return Ok(vec![None, None]) };
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None, None]);
+    };
     let (x, y) = (c.input(0).to_string(), c.output(0).to_string());
     Ok(vec![Some(c.unbroadcast(&g, &x, &y)?), None])
 }
@@ -218,7 +220,7 @@ pub fn expand(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
 /// ReduceSum / ReduceMean: put the reduced axes back (Unsqueeze when keepdims=0), broadcast to
 /// X's shape, and divide by the number of reduced elements for the mean.
 fn reduce(c: &mut Ctx, g: &[Option<String>], need: &[bool], mean: bool) -> Out {
-    let Some(g) = g0(g) else {
+    let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
     let x = c.input(0).to_string();
