@@ -317,6 +317,12 @@ fn values(n: usize, gen: Gen, seed: u64) -> Vec<f32> {
 
 /// The one-op model, its loss, and the gradient outputs `<input>_grad`.
 fn build(c: &Case) -> (Model, Vec<String>) {
+    try_build(c).unwrap_or_else(|e| panic!("{}: {e}", c.name))
+}
+
+/// The case's single-op model with its loss and the rule's gradient outputs, or the error the
+/// gradient engine gave.
+fn try_build(c: &Case) -> Result<(Model, Vec<String>), dagr_inject::Error> {
     let mut g = GraphProto::new();
     g.name = c.name.into();
     let mut node = NodeProto::new();
@@ -383,8 +389,7 @@ fn build(c: &Case) -> (Model, Vec<String>) {
     let idx = GraphIndex::new(&model).unwrap();
     let mut b = Builder::new(&model, "g/");
     let one = b.scalar(1.0);
-    let grads = grad::backward(&model, &idx, &mut b, &[("loss".into(), one)], &wrt, &HashSet::new())
-        .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    let grads = grad::backward(&model, &idx, &mut b, &[("loss".into(), one)], &wrt, &HashSet::new())?;
     let mut outs = vec!["loss".to_string()];
     let mut facts = vec![ValueFact::new(dtype::FLOAT, vec![])];
     for w in &wrt {
@@ -397,7 +402,23 @@ fn build(c: &Case) -> (Model, Vec<String>) {
     for (n, f) in outs.iter().zip(&facts) {
         model.graph_mut().output.push(f.to_value_info(n));
     }
-    (model, wrt)
+    Ok((model, wrt))
+}
+
+/// Gather's and GatherElements' gradients scatter with reduction="add" (opset 16): below that,
+/// the engine says so instead of emitting an invalid graph.
+#[test]
+fn gather_gradients_below_opset_16_say_why() {
+    for op in ["Gather", "GatherElements"] {
+        let idx = if op == "Gather" {
+            ints(&[1, 0])
+        } else {
+            In::Ints(vec![2, 2], vec![1, 0, 2, 2])
+        };
+        let c = case("gather_opset15", op, vec![x(&[2, 3]), idx]).opset(15);
+        let e = try_build(&c).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("opset 16"), "{op}: {e}");
+    }
 }
 
 #[test]
