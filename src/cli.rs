@@ -709,7 +709,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     if let Some(l) = logs.last() {
         println!(
             "trained {} epochs ({} steps); final loss {:.5}",
-            l.epoch, l.step, l.loss
+            l.epoch, l.step, l.mean.loss
         );
         for (h, acc) in &l.val_accuracy {
             println!("  validation accuracy {h}: {acc:.4}");

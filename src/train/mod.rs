@@ -106,6 +106,29 @@ pub struct StepStats {
     pub lr: f64,
 }
 
+impl StepStats {
+    /// The mean of each quantity over `steps` (an optional one over the steps that have it);
+    /// the learning rate is the last step's.
+    pub fn mean(steps: &[StepStats]) -> StepStats {
+        let n = steps.len().max(1) as f64;
+        let avg = |f: fn(&StepStats) -> f64| steps.iter().map(f).sum::<f64>() / n;
+        let avg_opt = |f: fn(&StepStats) -> Option<f64>| {
+            let v: Vec<f64> = steps.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        StepStats {
+            loss: avg(|s| s.loss),
+            task_loss: avg_opt(|s| s.task_loss),
+            dagr_loss: avg(|s| s.dagr_loss),
+            dispersion: avg(|s| s.dispersion),
+            anchoring: avg_opt(|s| s.anchoring),
+            pareto_alpha: avg_opt(|s| s.pareto_alpha),
+            grad_norm: avg(|s| s.grad_norm),
+            lr: steps.last().map_or(0.0, |s| s.lr),
+        }
+    }
+}
+
 /// A training graph with its optimizer folded in (`step_graph`), ready to step. Parameters,
 /// running statistics and optimizer state live in the backend's `Stepper` (on the GPU with
 /// `--device cuda`); they come to the host for checkpoints and export only.
@@ -375,13 +398,9 @@ pub struct Run<'a> {
 pub struct EpochLog {
     pub epoch: usize,
     pub step: usize,
-    pub lr: f64,
-    pub loss: f64,
-    pub task_loss: Option<f64>,
-    pub dagr_loss: f64,
-    pub dispersion: f64,
-    pub anchoring: Option<f64>,
-    pub pareto_alpha: Option<f64>,
+    /// Means over the epoch's steps (the last learning rate).
+    #[serde(flatten)]
+    pub mean: StepStats,
     pub val_accuracy: BTreeMap<String, f64>,
     /// Geometry of the validation embeddings (exported model, DAGR's normalization).
     pub geometry: BTreeMap<String, f64>,
@@ -517,10 +536,7 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
         bar.set_prefix(format!("{}/{}", t.progress.epoch + 1, settings.epochs));
         let started = std::time::Instant::now();
         let backend_before = t.backend_time;
-        let (mut sum, mut count) = (StepStats::default(), 0usize);
-        let mut task_sum = 0.0;
-        let mut anc_sum = 0.0;
-        let mut alpha_sum = 0.0;
+        let mut stats = Vec::with_capacity(batches.len());
         let mut samples = 0usize;
         for rows in &batches {
             if interrupted.load(Ordering::SeqCst) {
@@ -540,14 +556,6 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
                 )),
                 other => other,
             })?;
-            sum.loss += s.loss;
-            sum.dagr_loss += s.dagr_loss;
-            sum.dispersion += s.dispersion;
-            task_sum += s.task_loss.unwrap_or(0.0);
-            anc_sum += s.anchoring.unwrap_or(0.0);
-            alpha_sum += s.pareto_alpha.unwrap_or(0.0);
-            sum.lr = s.lr;
-            count += 1;
             samples += rows.len();
             bar.set_message(format!(
                 "loss {:.4} ({:.0} samples/s)",
@@ -555,6 +563,7 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
                 samples as f64 / started.elapsed().as_secs_f64()
             ));
             bar.inc(1);
+            stats.push(s);
             if run.max_steps.is_some_and(|m| t.progress.step >= m) {
                 break;
             }
@@ -578,17 +587,10 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
             None => BTreeMap::new(),
         };
         t.save_checkpoint(run.out, &state)?;
-        let c = count.max(1) as f64;
         let log = EpochLog {
             epoch: t.progress.epoch,
             step: t.progress.step,
-            lr: sum.lr,
-            loss: sum.loss / c,
-            task_loss: t.record.dagr.outputs.task_loss.as_ref().map(|_| task_sum / c),
-            dagr_loss: sum.dagr_loss / c,
-            dispersion: sum.dispersion / c,
-            anchoring: t.record.dagr.outputs.anchoring.as_ref().map(|_| anc_sum / c),
-            pareto_alpha: t.record.pareto_alpha.as_ref().map(|_| alpha_sum / c),
+            mean: StepStats::mean(&stats),
             val_accuracy,
             geometry,
             samples_per_second: samples as f64 / secs,
