@@ -199,15 +199,22 @@ fn stack(parts: &[ArrayD<f32>]) -> Array2<f64> {
     ndarray::concatenate(Axis(0), &views).unwrap().mapv(|v| v as f64)
 }
 
+/// The index of the largest value (the first on ties; NaN never wins): a predicted class.
+pub fn argmax<'a, T: PartialOrd + Copy + 'a>(row: impl IntoIterator<Item = &'a T>) -> usize {
+    let mut best: Option<(usize, T)> = None;
+    for (k, &v) in row.into_iter().enumerate() {
+        let comparable = v.partial_cmp(&v).is_some(); // not NaN
+        if comparable && best.is_none_or(|(_, b)| v > b) {
+            best = Some((k, v));
+        }
+    }
+    best.map_or(0, |(k, _)| k)
+}
+
 fn accuracy(logits: &Array2<f64>, y: &[i64]) -> f64 {
     let mut c = 0;
     for (i, row) in logits.outer_iter().enumerate() {
-        let arg = row
-            .iter()
-            .enumerate()
-            .fold((0, f64::NEG_INFINITY), |a, (k, &v)| if v > a.1 { (k, v) } else { a })
-            .0;
-        if arg as i64 == y[i] {
+        if argmax(row) as i64 == y[i] {
             c += 1;
         }
     }
@@ -709,4 +716,16 @@ pub fn curves_svg(log: &str) -> String {
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::argmax;
+
+    #[test]
+    fn argmax_takes_the_first_largest_and_skips_nan() {
+        assert_eq!(argmax(&[1.0f32, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[f64::NAN, -1.0, f64::NAN, -0.5]), 3);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+    }
 }

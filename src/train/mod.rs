@@ -437,12 +437,7 @@ pub fn evaluate(
         for h in heads {
             let logits = out[h].as_f32().unwrap();
             for (i, row) in logits.outer_iter().enumerate() {
-                let arg = row
-                    .iter()
-                    .enumerate()
-                    .fold((0, f32::NEG_INFINITY), |a, (k, &v)| if v > a.1 { (k, v) } else { a })
-                    .0;
-                if arg as i64 == y[rows[i]] {
+                if crate::diagnose::argmax(row) as i64 == y[rows[i]] {
                     *correct.get_mut(h).unwrap() += 1;
                 }
             }
