@@ -262,9 +262,14 @@ struct TrainArgs {
     /// Continue the run in --out from its last checkpoint
     #[arg(long)]
     resume: bool,
-    /// Reuse an existing --out directory, starting over
+    /// Reuse an existing --out directory, starting over (its checkpoint, log and models are
+    /// removed first)
     #[arg(long)]
     force: bool,
+    /// With --resume: continue with settings other than the checkpoint's (learning rate,
+    /// optimizer, ...), saying what changes; a changed optimizer starts from a zero state
+    #[arg(long, requires = "resume")]
+    new_settings: bool,
     /// Stop after this many steps
     #[arg(long)]
     max_steps: Option<usize>,
@@ -465,13 +470,20 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             outputs,
             output,
         } => {
+            if let Some(p) = &output {
+                onnx::io::refuse_overwrite(p, &[&model, &inputs])?;
+            }
             let m = onnx::load(&model)?;
             let feed = npz::read(&inputs)?;
-            let outs = if outputs.is_empty() {
+            dagr::check_batch(&m, &feed)?;
+            let outs: Vec<String> = if outputs.is_empty() {
                 m.graph().output.iter().map(|o| o.name.clone()).collect()
             } else {
                 outputs
             };
+            if outs.is_empty() {
+                bail!("{} has no outputs: there is nothing to run", model.display());
+            }
             let res = runtime::run(backend, &model, &feed, &outs)?;
             match output {
                 Some(p) => {
@@ -511,12 +523,7 @@ fn inject_cmd(a: InjectArgs) -> Result<()> {
     let cfg = a.dagr.config(a.encoders.clone(), task);
     cfg.validate()?;
     let out = a.output.clone().unwrap_or_else(|| default_output(&a.model));
-    if onnx::io::same_file(&a.model, &out) {
-        bail!(
-            "refusing to overwrite the input model {}\n  hint: pass a different -o/--output path",
-            out.display()
-        );
-    }
+    onnx::io::refuse_overwrite(&out, &[&a.model])?;
     let mut model = onnx::load(&a.model)?;
     if a.train {
         let opts = TrainOptions {
@@ -609,8 +616,12 @@ fn inject_cmd(a: InjectArgs) -> Result<()> {
 }
 
 fn block_cmd(a: BlockArgs) -> Result<()> {
-    if a.modalities < 2 {
-        bail!("--modalities must be at least 2, got {}", a.modalities);
+    if !(2..=dagr_inject::limits::MAX_MODALITIES).contains(&a.modalities) {
+        bail!(
+            "--modalities must be between 2 and {}, got {}",
+            dagr_inject::limits::MAX_MODALITIES,
+            a.modalities
+        );
     }
     if a.dim < 1 {
         bail!("--dim must be positive, got {}", a.dim);
@@ -655,9 +666,6 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     if a.betas.len() != 2 {
         bail!("--betas takes two numbers, e.g. --betas 0.9,0.999");
     }
-    if a.batch_size == 0 || a.epochs == 0 {
-        bail!("--batch-size and --epochs must be positive");
-    }
     let settings = tr::Settings {
         epochs: a.epochs,
         batch_size: a.batch_size,
@@ -692,9 +700,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         cuda: a.device == DeviceArg::Cuda,
         threads: a.threads,
     };
-    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = interrupted.clone();
-    let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    let interrupted = crate::signals::install();
     let run = tr::Run {
         model: &a.model,
         train: &a.data,
@@ -703,10 +709,11 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         original: a.original.as_deref(),
         resume: a.resume,
         force: a.force,
+        new_settings: a.new_settings,
         max_steps: a.max_steps,
     };
-    let logs = tr::fit(&run, settings, interrupted)?;
-    if let Some(l) = logs.last() {
+    let fitted = tr::fit(&run, settings, interrupted)?;
+    if let Some(l) = fitted.logs.last() {
         println!(
             "trained {} epochs ({} steps); final loss {:.5}",
             l.epoch, l.step, l.mean.loss
@@ -715,10 +722,14 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             println!("  validation accuracy {h}: {acc:.4}");
         }
     }
-    println!(
-        "wrote {}/model.onnx, step.onnx, checkpoint.npz, log.jsonl",
-        a.out.display()
-    );
+    if fitted.files.is_empty() {
+        for n in &fitted.notices {
+            println!("{n}");
+        }
+    } else {
+        let names: Vec<String> = fitted.files.iter().map(|f| f.display().to_string()).collect();
+        println!("wrote {}", names.join(", "));
+    }
     Ok(())
 }
 
@@ -732,6 +743,9 @@ fn verify_cmd(
     json: bool,
 ) -> Result<()> {
     use dagr_inject::verify::{self, Check};
+    if !(rtol.is_finite() && rtol >= 0.0) {
+        bail!("--rtol must be a finite number >= 0, got {rtol}");
+    }
     let m = onnx::load(model)?;
     let reference = reference.map(npz::read).transpose()?;
     let feed = match (inputs, &reference) {

@@ -80,8 +80,10 @@ pub fn semantic_margin(u: &Array2<f64>, y: &[i64]) -> Option<f64> {
 
 /// Kolmogorov-Smirnov distance between two samples.
 pub fn ks_distance(a: &[f64], b: &[f64]) -> f64 {
-    let mut a = a.to_vec();
-    let mut b = b.to_vec();
+    // Non-finite values have no place in a distribution of similarities (and would stall the
+    // walk below).
+    let mut a: Vec<f64> = a.iter().copied().filter(|v| v.is_finite()).collect();
+    let mut b: Vec<f64> = b.iter().copied().filter(|v| v.is_finite()).collect();
     a.sort_by(f64::total_cmp);
     b.sort_by(f64::total_cmp);
     let (mut i, mut j, mut d) = (0, 0, 0f64);
@@ -186,17 +188,31 @@ pub(crate) fn run_all(
         };
         let out = r.run(&b)?;
         for o in outs {
-            res.entry(o.clone())
-                .or_default()
-                .push(out[o].as_f32().cloned().unwrap_or_default());
+            let v = out
+                .get(o)
+                .ok_or_else(|| Error::Graph(format!("the model returned no output '{o}'")))?;
+            let a = v.as_f32().filter(|a| a.ndim() == 2).ok_or_else(|| {
+                Error::Config(format!(
+                    "output '{o}' is {} of shape {:?}; embeddings and heads must be float32 [batch, width] (logits: [batch, classes])",
+                    v.dtype_name(),
+                    v.shape()
+                ))
+            })?;
+            res.entry(o.clone()).or_default().push(a.clone());
         }
     }
     Ok(res)
 }
 
+/// Batches of a `[batch, width]` output (checked by `run_all`), stacked.
 fn stack(parts: &[ArrayD<f32>]) -> Array2<f64> {
-    let views: Vec<ndarray::ArrayView2<f32>> = parts.iter().map(|p| p.view().into_dimensionality().unwrap()).collect();
-    ndarray::concatenate(Axis(0), &views).unwrap().mapv(|v| v as f64)
+    let views: Vec<ndarray::ArrayView2<f32>> = parts
+        .iter()
+        .filter_map(|p| p.view().into_dimensionality().ok())
+        .collect();
+    ndarray::concatenate(Axis(0), &views)
+        .map(|a| a.mapv(|v| v as f64))
+        .unwrap_or_else(|_| Array2::zeros((0, 0)))
 }
 
 /// The index of the largest value (the first on ties; NaN never wins): a predicted class.
@@ -296,7 +312,7 @@ fn analyse(
     if let Some(l) = &rec.outputs.labels_input {
         inputs.retain(|i| i != l);
     }
-    let data = Dataset::load(data_path, &idx, &inputs, None)?;
+    let data = Dataset::load_with(data_path, &idx, &inputs, None, labels.as_slice())?;
     let y: Option<Vec<i64>> = match labels {
         Some(l) => match data.arrays.get(l) {
             Some(Value::I64(a)) => Some(a.iter().copied().collect()),

@@ -12,8 +12,22 @@ pub enum Error {
     Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid ONNX model: {reason}\n  hint: the file may be truncated or not an .onnx file; re-export it from your framework")]
     NotOnnx { path: PathBuf, reason: String },
-    #[error("{path}: {reason}")]
-    BadModel { path: PathBuf, reason: String },
+    #[error("{path} has ONNX IR version {version}; this tool reads IR versions {lowest} to {highest}\n  hint: save the model with an IR version in that range (onnx.helper.make_model(..., ir_version={highest}))")]
+    UnsupportedIr {
+        path: PathBuf,
+        version: i64,
+        lowest: i64,
+        highest: i64,
+    },
+    #[error("{what} needs {needed_mb} MB, more than the {available_mb} MB of memory available\n  hint: {hint}")]
+    TooLarge {
+        what: String,
+        needed_mb: u64,
+        available_mb: u64,
+        hint: String,
+    },
+    #[error("non-finite {what} at step {step} (epoch {epoch}); nothing was updated")]
+    NonFinite { step: usize, epoch: usize, what: String },
     #[error("external data of tensor '{tensor}' refers to {location}, which {problem}\n  hint: keep the external data file next to the model, at the location it was saved with")]
     ExternalData {
         tensor: String,
@@ -26,12 +40,15 @@ pub enum Error {
     Config(String),
     #[error("{0}")]
     Graph(String),
-    #[error("refusing to overwrite the input model {0}\n  hint: pass a different -o/--output path")]
+    #[error("refusing to overwrite the input {0}\n  hint: write the output to another path")]
     WouldOverwriteInput(PathBuf),
     #[error("runtime error ({backend}): {message}")]
     Runtime { backend: String, message: String },
-    #[error("data error: {0}")]
+    #[error("{0}")]
     Data(String),
+    /// The run was stopped by a signal (Ctrl-C, SIGTERM) between two steps.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

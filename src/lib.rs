@@ -8,13 +8,16 @@
 //! (reverse-mode rules in one registry, training graphs) -> `runtime` (tract and ONNX Runtime;
 //! `Stepper` keeps a graph's state on the backend between runs) -> `train` (the optimizer as
 //! ONNX nodes folded into a step graph, the training loop), `verify`, `diagnose`, `inspect`
-//! (reports) -> the `dagr-inject` binary.
+//! (reports) -> the `dagr-inject` binary. `error`, `limits` (size checks made before allocating)
+//! and `fault` (the fault-injection test hook) serve every layer.
 
 pub mod dagr;
 pub mod diagnose;
 pub mod error;
+pub mod fault;
 pub mod grad;
 pub mod inspect;
+pub mod limits;
 pub mod locate;
 pub mod npz;
 pub mod onnx;

@@ -1,12 +1,18 @@
 //! The `dagr-inject` command line. Library errors are typed; here they become `anyhow` errors,
-//! printed as one message with a non-zero exit.
+//! printed as one message with a non-zero exit (128 + the signal's number for a run stopped by
+//! Ctrl-C or SIGTERM, as a shell reports it).
 
 mod cli;
+mod signals;
 
 fn main() {
     let args = cli::normalize_args(std::env::args_os().collect());
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let code = match e.downcast_ref::<dagr_inject::Error>() {
+            Some(dagr_inject::Error::Interrupted(_)) => 128 + signals::received().unwrap_or(2),
+            _ => 1,
+        };
+        std::process::exit(code);
     }
 }

@@ -57,22 +57,40 @@ fn compare_floor(check: &str, output: &str, backend: &str, got: &Value, want: &V
 
 /// Inputs for the built-in checks: random floats, and small non-negative integers (labels,
 /// token ids) below `int_bound`, with symbolic dims set to `batch`.
+/// The most elements `random_inputs` fills per input (64 M floats, 256 MB).
+pub const MAX_RANDOM_ELEMENTS: usize = 1 << 26;
+
 pub fn random_inputs(model: &Model, batch: usize, int_bound: i64, seed: u64) -> Result<Tensors> {
     let idx = GraphIndex::new(model)?;
     let mut rng = crate::train::data::Rng(seed);
     let mut out = Tensors::new();
     for name in idx.user_inputs() {
         let f = idx.fact(&name).cloned().unwrap_or_default();
-        let shape: Vec<usize> = f
+        let dims = f
             .shape
-            .ok_or_else(|| Error::Data(format!("the shape of input '{name}' is unknown; pass --inputs")))?
-            .iter()
-            .map(|d| match d {
-                Dim::Known(v) => *v as usize,
+            .ok_or_else(|| Error::Data(format!("the shape of input '{name}' is unknown; pass --inputs")))?;
+        let mut shape = Vec::with_capacity(dims.len());
+        for d in &dims {
+            shape.push(match d {
+                Dim::Known(v) if *v >= 0 => *v as usize,
+                Dim::Known(v) => {
+                    return Err(Error::Data(format!(
+                        "input '{name}' declares the dimension {v}, which no tensor has; fix the model or pass --inputs"
+                    )))
+                }
                 _ => batch,
-            })
-            .collect();
-        let n: usize = shape.iter().product();
+            });
+        }
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
+            .ok_or_else(|| {
+                Error::Data(format!(
+                    "input '{name}' has shape {shape:?}, too large to fill with random values (at most {MAX_RANDOM_ELEMENTS} elements); pass --inputs"
+                ))
+            })?;
+        let shaped = |e: ndarray::ShapeError| Error::Data(format!("input '{name}': {e}"));
         let v = match f.dtype {
             dtype::INT64 | dtype::INT32 => Value::I64(
                 ArrayD::from_shape_vec(
@@ -81,7 +99,7 @@ pub fn random_inputs(model: &Model, batch: usize, int_bound: i64, seed: u64) -> 
                         .map(|_| (rng.next_u64() % int_bound.max(1) as u64) as i64)
                         .collect(),
                 )
-                .unwrap(),
+                .map_err(shaped)?,
             ),
             _ => Value::F32(
                 ArrayD::from_shape_vec(
@@ -90,7 +108,7 @@ pub fn random_inputs(model: &Model, batch: usize, int_bound: i64, seed: u64) -> 
                         .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0)
                         .collect(),
                 )
-                .unwrap(),
+                .map_err(shaped)?,
             ),
         };
         out.insert(name, v);

@@ -10,7 +10,7 @@ use dagr_inject::onnx;
 use dagr_inject::runtime::{Backend, Value};
 use dagr_inject::train::data::Dataset;
 use dagr_inject::train::optim::{learning_rate, Optimizer, Schedule};
-use dagr_inject::train::{fit, step_graph, Run, Settings, Trainer};
+use dagr_inject::train::{checkpoint, fit, step_graph, Run, Settings, Trainer};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -312,6 +312,25 @@ fn the_step_graph_runs_standalone_as_its_record_says() {
     }
 }
 
+/// The state tensors of the checkpoint in `dir`, checked (record, checksum) by the library.
+fn checkpoint_state(dir: &Path) -> dagr_inject::runtime::StateValues {
+    let mut z = dagr_inject::npz::Npz::open(&dir.join(checkpoint::FILE)).unwrap();
+    let names: Vec<String> = z
+        .names()
+        .into_iter()
+        .filter(|n| n != checkpoint::RECORD_ENTRY)
+        .collect();
+    let shapes = names
+        .iter()
+        .map(|n| (n.clone(), z.array(n).unwrap().shape().to_vec()))
+        .collect();
+    checkpoint::load(dir, &shapes).unwrap().1
+}
+
+fn shapes_of(s: &dagr_inject::runtime::StateValues) -> std::collections::BTreeMap<String, Vec<usize>> {
+    s.iter().map(|(k, v)| (k.clone(), v.shape().to_vec())).collect()
+}
+
 fn run_dir<'a>(graph: &'a Path, data: &'a Path, out: &'a Path) -> Run<'a> {
     Run {
         model: graph,
@@ -321,6 +340,7 @@ fn run_dir<'a>(graph: &'a Path, data: &'a Path, out: &'a Path) -> Run<'a> {
         original: None,
         resume: false,
         force: false,
+        new_settings: false,
         max_steps: None,
     }
 }
@@ -360,16 +380,17 @@ fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
     let mut r = run_dir(&graph, &data, &half);
     r.resume = true;
     fit(&r, s.clone(), no).unwrap();
-    let a = dagr_inject::npz::read(&full.join("checkpoint.npz")).unwrap();
-    let b = dagr_inject::npz::read(&half.join("checkpoint.npz")).unwrap();
-    let c = dagr_inject::npz::read(&again.join("checkpoint.npz")).unwrap();
+    let a = checkpoint_state(&full);
+    let b = checkpoint_state(&half);
+    let c = checkpoint_state(&again);
     assert_eq!(a, c, "the same seed must give the same run");
     assert_eq!(a, b, "resuming must give the same parameters as an uninterrupted run");
     // A checkpoint whose tensors do not fit the graph is refused before any step.
     let mut bad = a.clone();
     let key = bad.keys().find(|k| k.starts_with("param/")).unwrap().clone();
-    bad.insert(key, Value::F32(ndarray::ArrayD::zeros(vec![3, 3, 3])));
-    dagr_inject::npz::write(&half.join("checkpoint.npz"), &bad).unwrap();
+    bad.insert(key, ndarray::ArrayD::zeros(vec![3, 3, 3]));
+    let record = checkpoint::load(&half, &shapes_of(&a)).unwrap().0;
+    checkpoint::save(&half, &record, &bad).unwrap();
     let mut r = run_dir(&graph, &data, &half);
     r.resume = true;
     let e = fit(&r, s.clone(), Arc::new(AtomicBool::new(false)))
@@ -428,11 +449,11 @@ fn exported_model_predicts_like_the_trained_graph() {
     let m = onnx::load(&exported).unwrap();
     assert!(m.metadata("dagr_inject").is_none() && !m.graph().node.iter().any(|n| n.name.starts_with("dagr/")));
     // The training graph fed with the checkpoint's parameters computes the same logits.
-    let ck = dagr_inject::npz::read(&out.join("checkpoint.npz")).unwrap();
+    let ck = checkpoint_state(&out);
     let mut feed = dagr_inject::npz::read(&data).unwrap();
     for (k, v) in ck.iter() {
         if let Some(p) = k.strip_prefix("param/") {
-            feed.insert(p.to_string(), v.clone());
+            feed.insert(p.to_string(), Value::F32(v.clone()));
         }
     }
     for backend in BACKENDS {
@@ -504,6 +525,13 @@ fn bad_training_inputs_stop_cleanly() {
     wild.epochs = 3;
     let mut r = run_dir(&graph, &p, &out);
     r.resume = true;
+    // Other settings than the checkpoint's are refused unless asked for.
+    let e = fit(&r, wild.clone(), no.clone()).unwrap_err().to_string();
+    assert!(
+        e.contains("other settings") && e.contains("lr: checkpoint 0.05, this run 1e+30"),
+        "{e}"
+    );
+    r.new_settings = true;
     let e = fit(&r, wild, no.clone()).unwrap_err().to_string();
     assert!(e.contains("non-finite") && e.contains("last good checkpoint"), "{e}");
     assert_eq!(
@@ -512,13 +540,21 @@ fn bad_training_inputs_stop_cleanly() {
         "the good checkpoint was overwritten"
     );
 
-    // Ctrl-C: the run stops before the next step and says how to continue.
-    let e = fit(
-        &run_dir(&graph, &p, &dir.path().join("o5")),
-        s,
-        Arc::new(AtomicBool::new(true)),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("interrupted") && e.contains("--resume"), "{e}");
+    // Ctrl-C: the run stops before the next step and says how to continue ...
+    let mut more = s.clone();
+    more.epochs = 3;
+    let mut r = run_dir(&graph, &p, &out);
+    r.resume = true;
+    let e = fit(&r, more, Arc::new(AtomicBool::new(true))).unwrap_err().to_string();
+    assert!(
+        e.contains("interrupted") && e.contains("intact") && e.contains("--resume"),
+        "{e}"
+    );
+    // ... and before any epoch completed, it says that nothing was kept.
+    let o5 = dir.path().join("o5");
+    let e = fit(&run_dir(&graph, &p, &o5), s, Arc::new(AtomicBool::new(true)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("interrupted") && e.contains("nothing was saved"), "{e}");
+    assert!(!o5.exists());
 }

@@ -111,19 +111,33 @@ impl Config {
                 return bad(format!("the encoder '{a}' is named twice in --encoders"));
             }
         }
-        if !(self.tau > 0.0 && self.tau.is_finite()) {
-            return bad(format!("--tau must be a positive number, got {}", self.tau));
+        if self.encoders.len() > crate::limits::MAX_MODALITIES {
+            return bad(format!(
+                "DAGR takes at most {} encoders, got {}",
+                crate::limits::MAX_MODALITIES,
+                self.encoders.len()
+            ));
+        }
+        // The graph computes in float32: exp(-d^2 / tau) with d^2 up to 4, gradients scaled by
+        // lambda / tau. These ranges keep every intermediate finite.
+        if !(TAU_RANGE.contains(&self.tau)) {
+            return bad(format!(
+                "--tau must be between {:e} and {:e} (float32 computes exp(-d^2/tau) with d^2 up to 4), got {}",
+                TAU_RANGE.start(),
+                TAU_RANGE.end(),
+                self.tau
+            ));
         }
         if !(self.delta >= 0.0 && self.delta.is_finite()) {
             return bad(format!("--delta must be >= 0, got {}", self.delta));
         }
         for (n, v) in [("--lambda-disp", self.lambda_disp), ("--lambda-anc", self.lambda_anc)] {
-            if !v.is_finite() || v < 0.0 {
-                return bad(format!("{n} must be a finite number >= 0, got {v}"));
+            if !(0.0..=MAX_LAMBDA).contains(&v) {
+                return bad(format!("{n} must be a number between 0 and {MAX_LAMBDA:e}, got {v}"));
             }
         }
         if let Dispersion::Hinge { margin } = self.dispersion {
-            if !(margin > 0.0 && margin.is_finite()) {
+            if !(margin > 0.0 && margin <= 1e6) {
                 return bad(format!("--margin must be positive, got {margin}"));
             }
         }
@@ -138,3 +152,8 @@ impl Config {
         Ok(())
     }
 }
+
+/// The temperatures DAGR's float32 graph computes with (see `Config::validate`).
+pub const TAU_RANGE: std::ops::RangeInclusive<f64> = 1e-6..=1e6;
+/// The largest weight of a DAGR term.
+pub const MAX_LAMBDA: f64 = 1e6;

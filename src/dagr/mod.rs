@@ -60,6 +60,24 @@ pub fn record_of(model: &Model) -> Option<Record> {
     model.metadata(METADATA_KEY).and_then(|s| serde_json::from_str(s).ok())
 }
 
+/// Refuse a batch whose DAGR terms cannot fit in memory: the dispersion term holds
+/// `[batch, batch]` matrices for every modality. Models without DAGR pass.
+pub fn check_batch(model: &Model, feed: &crate::runtime::Tensors) -> Result<()> {
+    let Some(rec) = record_of(model) else {
+        return Ok(());
+    };
+    let batch = feed
+        .values()
+        .filter_map(|v| v.shape().first().copied())
+        .max()
+        .unwrap_or(0);
+    crate::limits::check_alloc_hint(
+        crate::limits::dagr_pairwise_bytes(batch as u64, rec.encoders.len() as u64),
+        &format!("DAGR's pairwise terms at batch {batch}"),
+        "run smaller batches: the dispersion term holds [batch, batch] matrices",
+    )
+}
+
 /// The width `D'` of an encoder output after reduction, when its shape says so.
 fn reduced_width(f: &ValueFact, reduce: Reduce) -> Option<i64> {
     let s = f.shape.as_ref()?;

@@ -46,6 +46,13 @@ pub fn decompose_batchnorm(model: &mut Model) -> Result<Vec<RunningStats>> {
     let mut replacements: Vec<(usize, Vec<NodeProto>)> = Vec::new();
     for &i in &positions {
         let n = model.graph().node[i].clone();
+        if n.input.len() != 5 || n.input.iter().any(String::is_empty) {
+            return Err(Error::Graph(format!(
+                "BatchNormalization '{}' has {} inputs; it needs five (X, scale, B, mean, var)",
+                n.name,
+                n.input.len()
+            )));
+        }
         let x = &n.input[0];
         let rank = idx.fact(x).and_then(|f| f.rank()).ok_or_else(|| {
             Error::Graph(format!(

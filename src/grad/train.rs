@@ -277,7 +277,11 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         if existing.contains(p) {
             continue;
         }
-        let t = g.initializer.iter().find(|t| &t.name == p).unwrap();
+        let t = g.initializer.iter().find(|t| &t.name == p).ok_or_else(|| {
+            Error::Graph(format!(
+                "'{p}' is state to train or update but is computed by a node, not stored as an initializer\n  hint: store it as an initializer (e.g. export with constant folding off), or freeze it"
+            ))
+        })?;
         let f = ValueFact::new(t.data_type, t.dims.iter().map(|&d| Dim::Known(d)).collect());
         g.input.push(f.to_value_info(p));
     }

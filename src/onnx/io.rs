@@ -88,8 +88,8 @@ impl Model {
     }
 }
 
-/// ONNX IR versions we read and write.
-pub const IR_VERSIONS: std::ops::RangeInclusive<i64> = 3..=11;
+/// ONNX IR versions we read and write (14 is what onnx 1.23 writes).
+pub const IR_VERSIONS: std::ops::RangeInclusive<i64> = 3..=14;
 
 fn validate(model: &Model, label: &Path) -> Result<()> {
     let bad = |reason: String| Error::NotOnnx {
@@ -101,12 +101,12 @@ fn validate(model: &Model, label: &Path) -> Result<()> {
         return Err(bad("it decodes as protobuf but has no ONNX model fields".into()));
     }
     if !IR_VERSIONS.contains(&p.ir_version) {
-        return Err(bad(format!(
-            "unsupported IR version {} (supported: {} to {})",
-            p.ir_version,
-            IR_VERSIONS.start(),
-            IR_VERSIONS.end()
-        )));
+        return Err(Error::UnsupportedIr {
+            path: label.to_path_buf(),
+            version: p.ir_version,
+            lowest: *IR_VERSIONS.start(),
+            highest: *IR_VERSIONS.end(),
+        });
     }
     if p.graph.is_none() {
         return Err(bad("the model has no graph".into()));
@@ -189,24 +189,32 @@ pub fn is_external(t: &TensorProto) -> bool {
     t.data_location.enum_value() == Ok(DataLocation::EXTERNAL)
 }
 
-/// The `location`, `offset` and `length` entries of an external tensor.
-pub fn external_info(t: &TensorProto) -> (Option<String>, u64, Option<u64>) {
+/// The `location`, `offset` and `length` entries of an external tensor; an `offset` or
+/// `length` that is not a whole number is an error.
+pub fn external_info(t: &TensorProto) -> Result<(Option<String>, u64, Option<u64>)> {
     let mut loc = None;
     let mut off = 0;
     let mut len = None;
     for e in &t.external_data {
+        let num = |v: &str| {
+            v.trim().parse::<u64>().map_err(|_| Error::ExternalData {
+                tensor: t.name.clone(),
+                location: loc.clone().unwrap_or_default(),
+                problem: format!("has {} '{v}', which is not a byte count", e.key),
+            })
+        };
         match e.key.as_str() {
             "location" => loc = Some(e.value.clone()),
-            "offset" => off = e.value.parse().unwrap_or(0),
-            "length" => len = e.value.parse().ok(),
+            "offset" => off = num(&e.value)?,
+            "length" => len = Some(num(&e.value)?),
             _ => {}
         }
     }
-    (loc, off, len)
+    Ok((loc, off, len))
 }
 
 fn check_external(t: &TensorProto, base: &Path) -> Result<()> {
-    let (loc, off, len) = external_info(t);
+    let (loc, off, len) = external_info(t)?;
     let err = |location: &str, problem: &str| Error::ExternalData {
         tensor: t.name.clone(),
         location: location.to_string(),
@@ -222,7 +230,23 @@ fn check_external(t: &TensorProto, base: &Path) -> Result<()> {
     }
     let path = base.join(rel);
     let meta = fs::metadata(&path).map_err(|_| err(&loc, &format!("does not exist at {}", path.display())))?;
-    let need = off + len.unwrap_or(0);
+    // A symbolic link may lead out of the model's directory: the runtimes refuse that, and so
+    // does this tool.
+    match (fs::canonicalize(&path), fs::canonicalize(base)) {
+        (Ok(real), Ok(dir)) if real.starts_with(&dir) => {}
+        (Ok(real), Ok(_)) => return Err(err(
+            &loc,
+            &format!(
+                "resolves through a symbolic link to {}, outside the model's directory (ONNX Runtime refuses that too)",
+                real.display()
+            ),
+        )),
+        _ => return Err(err(&loc, "cannot be resolved to a file below the model's directory")),
+    }
+    if !meta.is_file() {
+        return Err(err(&loc, "is not a regular file"));
+    }
+    let need = off.saturating_add(len.unwrap_or(0));
     if need > meta.len() {
         return Err(err(
             &loc,
@@ -238,6 +262,15 @@ fn check_external(t: &TensorProto, base: &Path) -> Result<()> {
 /// Write `bytes` to `path` atomically: a temporary file in the same directory, then a rename, so
 /// that a failure never leaves a partial file behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// Write `path` atomically with `fill`: a temporary file in the same directory (mode 0666 less
+/// the umask, as a plain create would get), fsynced, renamed into place, and the directory
+/// fsynced, so that whenever the process dies the path holds the old file or the new one, whole.
+/// A temporary file left by a killed process starts with `.dagr-inject-` and ends with `.tmp`
+/// (`remove_stale_temps` clears them).
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -246,15 +279,51 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".dagr-inject-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(werr)?;
-    tmp.write_all(bytes).map_err(werr)?;
+    let mut b = tempfile::Builder::new();
+    b.prefix(TEMP_PREFIX).suffix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = b.tempfile_in(dir).map_err(werr)?;
+    fill(tmp.as_file_mut()).map_err(werr)?;
+    crate::fault::point("write.before-sync");
     tmp.as_file().sync_all().map_err(werr)?;
+    crate::fault::point("write.before-rename");
     tmp.persist(path).map_err(|e| werr(e.error))?;
+    sync_dir(dir);
+    crate::fault::point("write.after-rename");
     Ok(())
+}
+
+/// The prefix of every temporary file this tool writes.
+pub const TEMP_PREFIX: &str = ".dagr-inject-";
+
+/// Flush a directory's entries (a rename in it) to disk; best effort where the platform has no
+/// such call.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Remove the temporary files a killed process left in `dir` (see `write_atomic_with`).
+pub fn remove_stale_temps(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(TEMP_PREFIX) {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+            }
+        }
+    }
 }
 
 /// Save a model to `path`. External data files referenced by the model are copied next to the
@@ -272,7 +341,7 @@ pub fn save(model: &Model, path: &Path) -> Result<()> {
         .unwrap_or(Path::new("."));
     let locations: BTreeSet<String> = external_tensors(&model.proto)
         .into_iter()
-        .filter_map(|t| external_info(t).0)
+        .filter_map(|t| external_info(t).ok().and_then(|i| i.0))
         .collect();
     for loc in &locations {
         let from = model.base_dir.join(loc);
@@ -304,21 +373,11 @@ pub fn save(model: &Model, path: &Path) -> Result<()> {
 }
 
 fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
-    let dir = to.parent().unwrap_or(Path::new("."));
-    let werr = |source| Error::Write {
-        path: to.to_path_buf(),
-        source,
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".dagr-inject-")
-        .tempfile_in(dir)
-        .map_err(werr)?;
-    fs::copy(from, tmp.path()).map_err(|source| Error::Read {
+    let mut src = fs::File::open(from).map_err(|source| Error::Read {
         path: from.to_path_buf(),
         source,
     })?;
-    tmp.persist(to).map_err(|e| werr(e.error))?;
-    Ok(())
+    write_atomic_with(to, |f| std::io::copy(&mut src, f).map(|_| ()))
 }
 
 fn files_equal(a: &Path, b: &Path) -> Result<bool> {
@@ -358,6 +417,14 @@ fn files_equal(a: &Path, b: &Path) -> Result<bool> {
         if ba[..na] != bb[..na] {
             return Ok(false);
         }
+    }
+}
+
+/// Refuse to write `output` when it is one of `inputs` (through any path: links, `..`).
+pub fn refuse_overwrite(output: &Path, inputs: &[&Path]) -> Result<()> {
+    match inputs.iter().find(|i| same_file(i, output)) {
+        Some(i) => Err(Error::WouldOverwriteInput(i.to_path_buf())),
+        None => Ok(()),
     }
 }
 

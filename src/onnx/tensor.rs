@@ -33,7 +33,7 @@ pub fn numel(t: &TensorProto) -> usize {
 /// The raw little-endian bytes of a tensor, reading external data from `base_dir` if needed.
 pub fn raw_bytes(t: &TensorProto, base_dir: &Path) -> Result<Vec<u8>> {
     if is_external(t) {
-        let (loc, off, len) = external_info(t);
+        let (loc, off, len) = external_info(t)?;
         let loc = loc.unwrap_or_default();
         let path = base_dir.join(&loc);
         use std::io::{Read, Seek, SeekFrom};
@@ -48,6 +48,7 @@ pub fn raw_bytes(t: &TensorProto, base_dir: &Path) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
         match len {
             Some(n) => {
+                crate::limits::check_alloc(n, &format!("the external data of tensor '{}'", t.name))?;
                 buf.resize(n as usize, 0);
                 f.read_exact(&mut buf).map_err(|source| Error::Read {
                     path: path.clone(),
@@ -68,6 +69,10 @@ pub fn raw_bytes(t: &TensorProto, base_dir: &Path) -> Result<Vec<u8>> {
 
 /// Integer values of an int64/int32 tensor (e.g. a Reshape shape or axes input).
 pub fn to_i64(t: &TensorProto, base_dir: &Path) -> Result<Vec<i64>> {
+    to_i64_unchecked(t, base_dir).and_then(|v| whole(t, v))
+}
+
+fn to_i64_unchecked(t: &TensorProto, base_dir: &Path) -> Result<Vec<i64>> {
     let n = numel(t);
     match t.data_type {
         dtype::INT64 => {
@@ -102,6 +107,25 @@ pub fn to_i64(t: &TensorProto, base_dir: &Path) -> Result<Vec<i64>> {
 
 /// Float values of a floating tensor, converted to f32.
 pub fn to_f32(t: &TensorProto, base_dir: &Path) -> Result<Vec<f32>> {
+    to_f32_unchecked(t, base_dir).and_then(|v| whole(t, v))
+}
+
+/// `values` when they are as many as the tensor's dims say, else an error naming the tensor (a
+/// truncated or damaged model).
+fn whole<T>(t: &TensorProto, values: Vec<T>) -> Result<Vec<T>> {
+    let n = numel(t);
+    if values.len() != n || t.dims.iter().any(|&d| d < 0) {
+        return Err(Error::Graph(format!(
+            "tensor '{}' holds {} values but its dims {:?} need {n}: the model is damaged or truncated\n  hint: re-export the model",
+            t.name,
+            values.len(),
+            t.dims
+        )));
+    }
+    Ok(values)
+}
+
+fn to_f32_unchecked(t: &TensorProto, base_dir: &Path) -> Result<Vec<f32>> {
     let n = numel(t);
     match t.data_type {
         dtype::FLOAT => {

@@ -187,13 +187,17 @@ impl Stepper {
         }
     }
 
-    /// Replace the current state (resuming from a checkpoint); every value must keep its shape.
-    pub fn set_state(&mut self, values: &StateValues) -> Result<()> {
-        // Checked against the shapes the backend holds, without copying its state.
-        let shapes = match self {
+    /// The shape of every state tensor, read from the backend's buffers without copying them.
+    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        match self {
             Stepper::Tract(s) => s.shapes(),
             Stepper::Ort(s) => s.shapes(),
-        };
+        }
+    }
+
+    /// Replace the current state (resuming from a checkpoint); every value must keep its shape.
+    pub fn set_state(&mut self, values: &StateValues) -> Result<()> {
+        let shapes = self.shapes();
         for (k, v) in values {
             match shapes.get(k) {
                 None => return Err(Error::Data(format!("the state has no entry '{k}'"))),

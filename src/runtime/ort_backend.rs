@@ -89,6 +89,9 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
         ort::init_from(&lib)
             .map_err(|e| format!("cannot load {}: {e}", lib.display()))?
             .with_name("dagr-inject")
+            // ONNX Runtime's own log lines would print before (and repeat) the errors it
+            // returns, which this tool reports once, with a hint.
+            .with_logger(std::sync::Arc::new(|_, _, _, _, _| {}))
             .build()
             .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
     });

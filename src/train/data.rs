@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::onnx::{dtype, Dim, GraphIndex};
 use crate::runtime::{Tensors, Value};
-use ndarray::{Axis, IxDyn};
+use ndarray::Axis;
 use std::path::Path;
 
 /// A reproducible generator whose whole state is one u64 (stored in checkpoints).
@@ -39,14 +39,34 @@ pub struct Dataset {
 impl Dataset {
     /// Load `path` and check it against the inputs the training graph needs.
     pub fn load(path: &Path, idx: &GraphIndex, inputs: &[String], labels: Option<(&str, i64)>) -> Result<Dataset> {
-        let arrays = crate::npz::read(path)?;
+        Self::load_with(path, idx, inputs, labels, &[])
+    }
+
+    /// `load`, also reading the arrays named in `also` when the file has them. Only the arrays
+    /// named are read; a float array holding NaN or infinity is refused.
+    pub fn load_with(
+        path: &Path,
+        idx: &GraphIndex,
+        inputs: &[String],
+        labels: Option<(&str, i64)>,
+        also: &[&str],
+    ) -> Result<Dataset> {
+        let wanted: Vec<String> = inputs
+            .iter()
+            .cloned()
+            .chain(labels.map(|l| l.0.to_string()))
+            .chain(also.iter().map(|s| s.to_string()))
+            .collect();
+        let arrays = crate::npz::read_only(path, &wanted)?;
         let bad = |m: String| Error::Data(format!("{}: {m}", path.display()));
         let mut len = None;
         for name in inputs {
             let v = arrays.get(name).ok_or_else(|| {
                 bad(format!(
                     "no array named '{name}' (the graph input); arrays present: {}",
-                    arrays.keys().cloned().collect::<Vec<_>>().join(", ")
+                    crate::npz::Npz::open(path)
+                        .map(|z| z.names().join(", "))
+                        .unwrap_or_default()
                 ))
             })?;
             let f = idx.fact(name).cloned().unwrap_or_default();
@@ -62,6 +82,16 @@ impl Dataset {
                     dtype::name(got),
                     dtype::name(want)
                 )));
+            }
+            if let Value::F32(a) = v {
+                if let Some(i) = a.iter().position(|x| !x.is_finite()) {
+                    let per = a.len() / a.shape().first().copied().unwrap_or(1).max(1);
+                    return Err(bad(format!(
+                        "'{name}' holds a non-finite value ({}) in sample {}\n  hint: clean or impute the data before training",
+                        a.iter().nth(i).copied().unwrap_or(f32::NAN),
+                        i / per.max(1)
+                    )));
+                }
             }
             let shape = v.shape();
             if let Some(s) = &f.shape {
@@ -109,9 +139,9 @@ impl Dataset {
             .filter(|(_, v)| v.shape().first() == Some(&self.len))
             .map(|(k, v)| {
                 let v = match v {
-                    Value::F32(a) => Value::F32(a.select(Axis(0), rows).into_dimensionality::<IxDyn>().unwrap()),
-                    Value::I64(a) => Value::I64(a.select(Axis(0), rows).into_dimensionality::<IxDyn>().unwrap()),
-                    Value::Bool(a) => Value::Bool(a.select(Axis(0), rows).into_dimensionality::<IxDyn>().unwrap()),
+                    Value::F32(a) => Value::F32(a.select(Axis(0), rows)),
+                    Value::I64(a) => Value::I64(a.select(Axis(0), rows)),
+                    Value::Bool(a) => Value::Bool(a.select(Axis(0), rows)),
                 };
                 (k.clone(), v)
             })

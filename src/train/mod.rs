@@ -5,6 +5,7 @@
 //! nodes (`step_graph`), so one run of the graph is one whole step and the parameters and the
 //! optimizer state stay where the backend keeps them (`runtime::Stepper`).
 
+pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod step_graph;
@@ -39,6 +40,79 @@ pub struct Settings {
     /// ONNX Runtime's intra-op threads (default: one per physical core).
     #[serde(default)]
     pub threads: Option<usize>,
+}
+
+impl Settings {
+    /// Refuse settings that cannot give a finite, meaningful run, as `torch.optim` refuses
+    /// them (a negative learning rate, momentum or weight decay, betas outside [0, 1)) and
+    /// values that do not fit the float32 the step graph computes in.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let f32_max = f32::MAX as f64;
+        let nonneg = |name: &str, v: f64| -> Result<()> {
+            if !(v.is_finite() && v >= 0.0 && v <= f32_max) {
+                return Err(Error::Config(format!(
+                    "{name} must be a finite number >= 0 that fits in float32, got {v}"
+                )));
+            }
+            Ok(())
+        };
+        if self.epochs == 0 || self.batch_size == 0 {
+            return bad("the number of epochs and the batch size must be positive".into());
+        }
+        nonneg("the learning rate (lr)", self.lr)?;
+        match self.optimizer {
+            Optimizer::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            } => {
+                nonneg("momentum", momentum)?;
+                nonneg("weight decay", weight_decay)?;
+                if nesterov && momentum <= 0.0 {
+                    return bad("Nesterov momentum requires a momentum > 0".into());
+                }
+            }
+            Optimizer::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                for (n, b) in [("beta1", beta1), ("beta2", beta2)] {
+                    if !(0.0..1.0).contains(&b) {
+                        return bad(format!("AdamW's {n} must be in [0, 1), got {b}"));
+                    }
+                }
+                nonneg("AdamW's eps", eps)?;
+                nonneg("weight decay", weight_decay)?;
+            }
+        }
+        match self.schedule {
+            Schedule::Constant => {}
+            Schedule::Step { step_size, gamma } => {
+                if step_size == 0 {
+                    return bad("the step schedule's step size must be at least 1 epoch".into());
+                }
+                nonneg("the step schedule's gamma", gamma)?;
+            }
+            Schedule::Cosine { min_lr } => nonneg("the cosine schedule's minimum learning rate", min_lr)?,
+        }
+        if let Some(c) = self.clip_grad_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return bad(format!("the gradient-norm clip must be a positive number, got {c}"));
+            }
+        }
+        if let Some(t) = self.threads {
+            if t == 0 || t > crate::limits::MAX_THREADS {
+                return bad(format!(
+                    "the thread count must be between 1 and {}, got {t}",
+                    crate::limits::MAX_THREADS
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Read the training record a `--train` rewrite stored in the model.
@@ -143,6 +217,8 @@ pub struct Trainer {
     /// Holds the step graph's file for the backend.
     workdir: tempfile::TempDir,
     pub total_steps: usize,
+    /// State keys in the order of the step graph's `STATE_CHECK` output.
+    state_keys: Vec<String>,
 }
 
 fn scalar(t: &Tensors, n: &str) -> Option<f64> {
@@ -153,7 +229,15 @@ fn scalar(t: &Tensors, n: &str) -> Option<f64> {
 }
 
 impl Trainer {
+    /// A trainer whose step graph is kept in the system's temporary directory.
     pub fn new(path: &Path, settings: Settings) -> Result<Trainer> {
+        Self::new_in(path, settings, &std::env::temp_dir())
+    }
+
+    /// A trainer whose step graph is kept in a temporary directory inside `workdir` (a run
+    /// directory, where a killed run's leftovers are cleared at the next start).
+    pub fn new_in(path: &Path, settings: Settings, workdir: &Path) -> Result<Trainer> {
+        settings.validate()?;
         let model = onnx::load(path)?;
         let record = record_of(&model)?;
         let pnames: Vec<String> = record.params.iter().map(|p| p.0.clone()).collect();
@@ -174,7 +258,11 @@ impl Trainer {
         }
         let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm)?;
         let o = &record.dagr.outputs;
-        let mut fetch: Vec<String> = vec![step_graph::GRAD_SQ.to_string(), record.loss.clone()];
+        let mut fetch: Vec<String> = vec![
+            step_graph::GRAD_SQ.to_string(),
+            step_graph::STATE_CHECK.to_string(),
+            record.loss.clone(),
+        ];
         for t in [
             Some(&o.loss),
             Some(&o.dispersion),
@@ -189,13 +277,17 @@ impl Trainer {
                 fetch.push(t.clone());
             }
         }
-        let workdir = tempfile::tempdir().map_err(|source| Error::Write {
-            path: std::env::temp_dir(),
-            source,
-        })?;
+        let workdir = tempfile::Builder::new()
+            .prefix(onnx::io::TEMP_PREFIX)
+            .tempdir_in(workdir)
+            .map_err(|source| Error::Write {
+                path: workdir.to_path_buf(),
+                source,
+            })?;
         let step_path = workdir.path().join("step.onnx");
         // Saved before the backend loads it; `fit` keeps a copy in the run's directory.
         onnx::save(&sg.model, &step_path)?;
+        let state_keys = sg.state.iter().map(|l| l.key.clone()).collect();
         let stepper = Stepper::new(
             settings.backend,
             settings.cuda,
@@ -207,6 +299,7 @@ impl Trainer {
         )?;
         Ok(Trainer {
             path: path.to_path_buf(),
+            state_keys,
             record,
             progress: Progress {
                 rng: Rng(settings.seed),
@@ -275,16 +368,26 @@ impl Trainer {
             .get(step_graph::GRAD_SQ)
             .and_then(Value::as_f32)
             .ok_or_else(|| Error::Graph("the step graph returned no gradient norms".into()))?;
-        let bad = sq.iter().position(|v| !v.is_finite());
-        if !loss.is_finite() || bad.is_some() {
-            let what = match bad {
-                Some(i) if loss.is_finite() => format!("gradient of '{}'", self.record.params[i].0),
-                _ => "loss".to_string(),
-            };
-            return Err(Error::Data(format!(
-                "non-finite {what} at step {} (epoch {}): loss {loss}; nothing was updated",
-                self.progress.step + 1,
-                self.progress.epoch + 1
+        let non_finite = |what: String| Error::NonFinite {
+            step: self.progress.step + 1,
+            epoch: self.progress.epoch + 1,
+            what,
+        };
+        if !loss.is_finite() {
+            return Err(non_finite(format!("loss ({loss})")));
+        }
+        if let Some(i) = sq.iter().position(|v| !v.is_finite()) {
+            return Err(non_finite(format!("gradient of '{}'", self.record.params[i].0)));
+        }
+        // The update itself (a huge learning rate, eps 0 over a zero gradient, ...).
+        let check = out
+            .get(step_graph::STATE_CHECK)
+            .and_then(Value::as_f32)
+            .ok_or_else(|| Error::Graph("the step graph returned no state check".into()))?;
+        if let Some(i) = check.iter().position(|v| !v.is_finite()) {
+            let key = self.state_keys.get(i).cloned().unwrap_or_default();
+            return Err(non_finite(format!(
+                "update of '{key}' (learning rate {lr}: check the optimizer settings)"
             )));
         }
         self.stepper.commit();
@@ -304,45 +407,84 @@ impl Trainer {
 
     // ---- checkpoints -------------------------------------------------------------------
 
-    /// Write `state` (from `state()`) and the run's progress to `dir`.
+    /// Write `state` (from `state()`) and the run's progress to `dir` (see `checkpoint`).
     pub fn save_checkpoint(&self, dir: &Path, state: &StateValues) -> Result<()> {
-        let t: Tensors = state.iter().map(|(k, v)| (k.clone(), Value::F32(v.clone()))).collect();
-        crate::npz::write(&dir.join("checkpoint.npz"), &t)?;
-        let meta = serde_json::json!({
-            "step": self.progress.step, "epoch": self.progress.epoch, "rng": self.progress.rng.0,
-            "settings": self.settings, "model": self.path,
-        });
-        onnx::io::write_atomic(
-            &dir.join("checkpoint.json"),
-            serde_json::to_string_pretty(&meta).unwrap().as_bytes(),
-        )
+        let record = checkpoint::Record {
+            format: checkpoint::FORMAT,
+            step: self.progress.step,
+            epoch: self.progress.epoch,
+            rng: self.progress.rng.0,
+            settings: self.settings.clone(),
+            model: self.path.clone(),
+            sha256: String::new(),
+        };
+        checkpoint::save(dir, &record, state)
     }
 
-    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("checkpoint.json")).map_err(
-            |source| Error::Read {
-                path: dir.join("checkpoint.json"),
-                source,
-            },
-        )?)
-        .map_err(|e| Error::Data(format!("checkpoint.json: {e}")))?;
-        let mut values = StateValues::new();
-        for (k, v) in crate::npz::read(&dir.join("checkpoint.npz"))? {
-            let Value::F32(a) = v else {
-                return Err(Error::Data(format!("checkpoint entry '{k}' is not float32")));
+    /// Continue from the checkpoint in `dir`. Settings other than those of the checkpoint are
+    /// refused unless `new_settings`; then the optimizer's state is reset when the optimizer
+    /// changed. Returns what was reset or changed, one line each.
+    pub fn load_checkpoint(&mut self, dir: &Path, new_settings: bool) -> Result<Vec<String>> {
+        let shapes = self.stepper.shapes();
+        // The shape each entry of the checkpoint must have: the state's, or for the slots of
+        // another optimizer, their parameter's.
+        let mut expected = BTreeMap::new();
+        for k in checkpoint::entries(dir)? {
+            let param = k.split_once('/').map(|(_, p)| step_graph::param_key(p));
+            match shapes.get(&k).or_else(|| param.and_then(|p| shapes.get(&p))) {
+                Some(s) => expected.insert(k, s.clone()),
+                None => {
+                    return Err(Error::Data(format!(
+                        "the checkpoint in {} does not fit this training run: it holds '{k}', which is not state of this run\n  hint: resume with the training graph it was made with",
+                        dir.display()
+                    )))
+                }
             };
-            values.insert(k, a);
         }
-        self.stepper.set_state(&values).map_err(|e| {
-            Error::Data(format!(
-                "the checkpoint in {} does not fit this training run: {e}\n  hint: resume with the optimizer settings it was made with (see checkpoint.json)",
-                dir.display()
-            ))
-        })?;
-        self.progress.step = meta["step"].as_u64().unwrap_or(0) as usize;
-        self.progress.epoch = meta["epoch"].as_u64().unwrap_or(0) as usize;
-        self.progress.rng = Rng(meta["rng"].as_u64().unwrap_or(self.settings.seed));
-        Ok(())
+        let (record, mut values) = checkpoint::load(dir, &expected)?;
+        let diffs = checkpoint::differences(&record.settings, &self.settings);
+        let mut notes = Vec::new();
+        if !diffs.is_empty() {
+            if !new_settings {
+                return Err(Error::Config(format!(
+                    "the checkpoint in {} was made with other settings:\n    {}\n  hint: resume with the same settings, or ask for the new ones explicitly (--new-settings)",
+                    dir.display(),
+                    diffs.join("\n    ")
+                )));
+            }
+            notes.extend(diffs.iter().map(|d| format!("changed {d}")));
+        }
+        let missing: Vec<String> = shapes.keys().filter(|k| !values.contains_key(*k)).cloned().collect();
+        let extra: Vec<String> = values.keys().filter(|k| !shapes.contains_key(*k)).cloned().collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            let optimizer_state = |k: &String| !(k.starts_with("param/") || k.starts_with("bn/"));
+            if !(new_settings && missing.iter().chain(&extra).all(optimizer_state)) {
+                return Err(Error::Data(format!(
+                    "the checkpoint in {} does not fit this training run: {}\n  hint: resume with the model and optimizer it was made with",
+                    dir.display(),
+                    missing
+                        .iter()
+                        .map(|k| format!("no entry '{k}'"))
+                        .chain(extra.iter().map(|k| format!("'{k}' is not state of this run")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            values.retain(|k, _| shapes.contains_key(k));
+            for k in &missing {
+                values.insert(k.clone(), ArrayD::zeros(shapes[k].as_slice()));
+            }
+            notes.push(format!(
+                "the optimizer changed: its state was reset ({} tensors zeroed, {} dropped)",
+                missing.len(),
+                extra.len()
+            ));
+        }
+        self.stepper.set_state(&values)?;
+        self.progress.step = record.step;
+        self.progress.epoch = record.epoch;
+        self.progress.rng = Rng(record.rng);
+        Ok(notes)
     }
 
     // ---- export ------------------------------------------------------------------------
@@ -351,8 +493,8 @@ impl Trainer {
     /// inference mode: what serves predictions, with no DAGR cost.
     /// `state` is the trainer's (from `state()`).
     pub fn export(&self, original: &Model, state: &StateValues) -> Result<Model> {
+        // Keeps the original's source path, so that saving over the original is refused.
         let mut m = original.clone();
-        m.source = None;
         let values: BTreeMap<&str, &ArrayD<f32>> = state
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("param/").or_else(|| k.strip_prefix("bn/"))?, v)))
@@ -390,6 +532,8 @@ pub struct Run<'a> {
     pub original: Option<&'a Path>,
     pub resume: bool,
     pub force: bool,
+    /// Resuming with settings other than the checkpoint's is allowed (and said).
+    pub new_settings: bool,
     /// Stop after this many steps (for tests and benchmarks).
     pub max_steps: Option<usize>,
 }
@@ -449,12 +593,71 @@ pub fn evaluate(
         .collect())
 }
 
+/// What a finished `fit` reports besides the epochs' logs.
+#[derive(Debug, Default)]
+pub struct Fitted {
+    /// One per epoch trained by this call.
+    pub logs: Vec<EpochLog>,
+    /// Said once, before training: where a resumed run continues, what a new setting changed.
+    pub notices: Vec<String>,
+    /// The files this run writes in its directory.
+    pub files: Vec<PathBuf>,
+}
+
+/// The files a run writes in its directory, by role.
+pub const MODEL_FILE: &str = "model.onnx";
+pub const STEP_FILE: &str = "step.onnx";
+pub const LOG_FILE: &str = "log.jsonl";
+pub const LOCK_FILE: &str = ".lock";
+
+/// The user's files a run must never overwrite: the training graph, the original model, the
+/// data. An output that is one of them (through any path) is refused before anything is written.
+fn refuse_overwriting_inputs(run: &Run, original: Option<&Path>) -> Result<()> {
+    let inputs: Vec<&Path> = [Some(run.model), original, Some(run.train), run.val]
+        .into_iter()
+        .flatten()
+        .collect();
+    for name in [MODEL_FILE, STEP_FILE, LOG_FILE, LOCK_FILE, checkpoint::FILE] {
+        let out = run.out.join(name);
+        if let Some(input) = inputs.iter().find(|i| onnx::io::same_file(i, &out)) {
+            return Err(Error::Config(format!(
+                "the run directory {} would write {name}, which is the input {}\n  hint: choose another output directory",
+                run.out.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Train: epochs over `run.train`, validation and a checkpoint after each, JSON logs, the
 /// trained inference model in `run.out/model.onnx`.
-pub fn fit(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result<Vec<EpochLog>> {
+///
+/// The run directory is locked while the run uses it; leftovers of a killed run (temporary
+/// files) are cleared at the start. An epoch ends by writing, in this order, the exported model,
+/// the log line and then the checkpoint, which commits the epoch: a resumed run continues after
+/// the last checkpoint and drops the log lines of any epoch after it.
+pub fn fit(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result<Fitted> {
+    settings.validate()?;
+    if run.max_steps == Some(0) {
+        return Err(Error::Config("the step limit must be at least 1".into()));
+    }
+    let model = onnx::load(run.model)?;
+    let record = record_of(&model)?;
+    let original = run
+        .original
+        .map(Path::to_path_buf)
+        .or_else(|| record.original.as_ref().map(PathBuf::from));
+    refuse_overwriting_inputs(run, original.as_deref())?;
     if run.out.exists() && !run.resume && !run.force {
         return Err(Error::Config(format!(
             "the output directory {} exists\n  hint: pass --resume to continue its run, or --force to start over in it",
+            run.out.display()
+        )));
+    }
+    if run.out.exists() && !run.out.is_dir() {
+        return Err(Error::Config(format!(
+            "{} exists and is not a directory",
             run.out.display()
         )));
     }
@@ -463,30 +666,101 @@ pub fn fit(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Resul
         path: run.out.to_path_buf(),
         source,
     })?;
-    let result = fit_in(run, settings, interrupted);
+    let lock_path = run.out.join(LOCK_FILE);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| Error::Write {
+            path: lock_path.clone(),
+            source,
+        })?;
+    if let Err(e) = lock.try_lock() {
+        return Err(Error::Config(format!(
+            "another run is using {} ({e})\n  hint: wait for it to finish, or choose another output directory",
+            run.out.display()
+        )));
+    }
+    onnx::io::remove_stale_temps(run.out);
+    if run.force {
+        for name in [MODEL_FILE, STEP_FILE, LOG_FILE, checkpoint::FILE] {
+            let p = run.out.join(name);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|source| Error::Write { path: p, source })?;
+            }
+        }
+    }
+    let result = fit_in(run, settings, interrupted, original);
     // A run that failed before its first checkpoint leaves no directory behind, so that the
     // same command works once the problem is fixed.
-    if result.is_err() && created && !run.out.join("checkpoint.json").exists() {
+    if result.is_err() && created && !checkpoint::exists(run.out) {
         let _ = std::fs::remove_dir_all(run.out);
+        if let Err(Error::Interrupted(m)) = result {
+            return Err(Error::Interrupted(format!(
+                "{m}; no epoch had completed, so nothing was saved and {} was removed",
+                run.out.display()
+            )));
+        }
     }
+    drop(lock);
     result
 }
 
-fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result<Vec<EpochLog>> {
-    let mut t = Trainer::new(run.model, settings.clone())?;
-    // The whole training step as one standard ONNX graph, for other runtimes and for reading.
-    let step_bytes = std::fs::read(t.step_graph_path()).map_err(|source| Error::Read {
-        path: t.step_graph_path(),
+/// Keep the log lines of the epochs up to `epoch` (a resumed run writes the later ones anew);
+/// a torn last line is dropped too.
+fn trim_log(path: &Path, epoch: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["epoch"].as_u64())
+                .is_some_and(|e| e as usize <= epoch)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept != text {
+        onnx::io::write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Append one line to the log in a single write, flushed to disk.
+fn append_log(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    let werr = |source| Error::Write {
+        path: path.to_path_buf(),
         source,
-    })?;
-    onnx::io::write_atomic(&run.out.join("step.onnx"), &step_bytes)?;
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(werr)?;
+    crate::fault::point("log.before-write");
+    f.write_all(format!("{line}\n").as_bytes()).map_err(werr)?;
+    f.sync_data().map_err(werr)?;
+    crate::fault::point("log.after-write");
+    Ok(())
+}
+
+fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>, original: Option<PathBuf>) -> Result<Fitted> {
+    let mut t = Trainer::new_in(run.model, settings.clone(), run.out)?;
+    let mut fitted = Fitted {
+        files: [MODEL_FILE, STEP_FILE, checkpoint::FILE, LOG_FILE]
+            .iter()
+            .map(|f| run.out.join(f))
+            .collect(),
+        ..Default::default()
+    };
     let model = onnx::load(run.model)?;
     let idx = GraphIndex::new(&model)?;
-    let original_path = run
-        .original
-        .map(Path::to_path_buf)
-        .or_else(|| t.record.original.as_ref().map(PathBuf::from))
-        .ok_or_else(|| Error::Config("the original model is unknown; pass --original MODEL".into()))?;
+    let original_path =
+        original.ok_or_else(|| Error::Config("the original model is unknown; pass --original MODEL".into()))?;
     let original = onnx::load(&original_path)?;
     let (heads, labels) = match &t.record.dagr.config.task {
         crate::dagr::Task::CrossEntropy { logits, .. } => (logits.clone(), t.record.dagr.outputs.labels_input.clone()),
@@ -507,15 +781,61 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
         Some(p) => Some(Dataset::load(p, &idx, &inputs, label_check)?),
         None => None,
     };
-    if run.resume && run.out.join("checkpoint.json").exists() {
-        t.load_checkpoint(run.out)?;
-        eprintln!("resuming after epoch {} (step {})", t.progress.epoch, t.progress.step);
-    }
+    let modalities = t.record.dagr.encoders.len() as u64;
+    crate::limits::check_alloc_hint(
+        crate::limits::dagr_pairwise_bytes(settings.batch_size.min(train.len) as u64, modalities),
+        &format!("DAGR's pairwise terms at batch size {}", settings.batch_size),
+        "use a smaller batch size: the dispersion term holds [batch, batch] matrices",
+    )?;
     let per_epoch = train.batches(settings.batch_size, None, settings.drop_last).len();
+    if per_epoch == 0 {
+        return Err(Error::Config(format!(
+            "an epoch has no batch: the data has {} samples, fewer than the batch size {} whose partial batch drop-last drops",
+            train.len, settings.batch_size
+        )));
+    }
+    let log_path = run.out.join(LOG_FILE);
+    if run.resume {
+        if checkpoint::exists(run.out) {
+            let notes = t.load_checkpoint(run.out, run.new_settings)?;
+            trim_log(&log_path, t.progress.epoch)?;
+            fitted.notices.push(format!(
+                "resuming after epoch {} (step {})",
+                t.progress.epoch, t.progress.step
+            ));
+            fitted.notices.extend(notes);
+        } else if std::fs::read_to_string(&log_path).is_ok_and(|l| !l.trim().is_empty()) {
+            return Err(Error::Data(format!(
+                "{} has a log of completed epochs but no {}: the checkpoint was removed\n  hint: restore it, or start over with --force",
+                run.out.display(),
+                checkpoint::FILE
+            )));
+        } else {
+            fitted
+                .notices
+                .push("no checkpoint yet: starting from the first epoch".into());
+        }
+    }
+    for n in &fitted.notices {
+        eprintln!("{n}");
+    }
+    if t.progress.epoch >= settings.epochs {
+        fitted.notices.push(format!(
+            "the run in {} has already trained {} epochs: nothing to do (ask for more epochs to continue)",
+            run.out.display(),
+            t.progress.epoch
+        ));
+        fitted.files.clear();
+        return Ok(fitted);
+    }
+    // The whole training step as one standard ONNX graph, for other runtimes and for reading.
+    let step_bytes = std::fs::read(t.step_graph_path()).map_err(|source| Error::Read {
+        path: t.step_graph_path(),
+        source,
+    })?;
+    onnx::io::write_atomic(&run.out.join(STEP_FILE), &step_bytes)?;
     t.total_steps = per_epoch * settings.epochs;
-    let mut logs = Vec::new();
-    let log_path = run.out.join("log.jsonl");
-    let model_out = run.out.join("model.onnx");
+    let model_out = run.out.join(MODEL_FILE);
     while t.progress.epoch < settings.epochs {
         let mut rng = t.progress.rng;
         let batches = train.batches(
@@ -536,17 +856,24 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
         for rows in &batches {
             if interrupted.load(Ordering::SeqCst) {
                 bar.abandon();
-                return Err(Error::Data(format!(
-                    "interrupted during epoch {}; the last checkpoint (epoch {}) in {} is intact: continue with --resume",
+                return Err(Error::Interrupted(format!(
+                    "interrupted during epoch {}{}",
                     t.progress.epoch + 1,
-                    t.progress.epoch,
-                    run.out.display()
+                    if checkpoint::exists(run.out) {
+                        format!(
+                            "; the last checkpoint (epoch {}) in {} is intact: continue with --resume",
+                            t.progress.epoch,
+                            run.out.display()
+                        )
+                    } else {
+                        String::new()
+                    }
                 )));
             }
             let s = t.step(train.batch(rows)).map_err(|e| match e {
-                Error::Data(m) => Error::Data(format!(
-                    "{m}\n  the last good checkpoint is {} (epoch {})",
-                    run.out.join("checkpoint.npz").display(),
+                Error::NonFinite { .. } if checkpoint::exists(run.out) => Error::Data(format!(
+                    "{e}\n  the last good checkpoint is {} (epoch {})",
+                    run.out.join(checkpoint::FILE).display(),
                     t.progress.epoch
                 )),
                 other => other,
@@ -570,6 +897,7 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
         // One copy of the state from the backend serves the export and the checkpoint.
         let state = t.state()?;
         let exported = t.export(&original, &state)?;
+        crate::fault::point("epoch.before-export");
         onnx::save(&exported, &model_out)?;
         let val_accuracy = match (&val, &labels) {
             (Some(v), Some(l)) if !heads.is_empty() => {
@@ -581,7 +909,6 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
             Some(v) => epoch_geometry(&exported, &t.record, v, labels.as_deref(), settings.backend)?,
             None => BTreeMap::new(),
         };
-        t.save_checkpoint(run.out, &state)?;
         let log = EpochLog {
             epoch: t.progress.epoch,
             step: t.progress.step,
@@ -592,27 +919,19 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result
             step_seconds: secs,
             backend_seconds: (t.backend_time - backend_before).as_secs_f64(),
         };
-        let line = serde_json::to_string(&log).unwrap();
+        let line = serde_json::to_string(&log).map_err(|e| Error::Graph(format!("epoch log: {e}")))?;
         eprintln!("{line}");
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|source| Error::Write {
-                path: log_path.clone(),
-                source,
-            })?;
-        writeln!(f, "{line}").map_err(|source| Error::Write {
-            path: log_path.clone(),
-            source,
-        })?;
-        logs.push(log);
+        append_log(&log_path, &line)?;
+        // The checkpoint commits the epoch.
+        crate::fault::point("epoch.before-checkpoint");
+        t.save_checkpoint(run.out, &state)?;
+        crate::fault::point("epoch.after-checkpoint");
+        fitted.logs.push(log);
         if run.max_steps.is_some_and(|m| t.progress.step >= m) {
             break;
         }
     }
-    Ok(logs)
+    Ok(fitted)
 }
 
 /// Effective rank and margin per modality, drift and similarity gap per pair, of the exported

@@ -23,6 +23,11 @@ use std::collections::HashSet;
 /// The output holding each parameter's squared gradient norm, in `TrainRecord::params` order.
 pub const GRAD_SQ: &str = "dagr/opt/grad_sq";
 
+/// The output that checks the update: one value per state tensor, in `StepGraph::state` order,
+/// the sum of the updated tensor times zero: 0 when every element is finite, NaN otherwise. The
+/// host refuses a step whose update is not finite before making it the state.
+pub const STATE_CHECK: &str = "dagr/opt/state_check";
+
 /// Metadata key of a step graph's `StepRecord` (it replaces the training graph's record, so
 /// that a step graph is never mistaken for a training graph to build another step on).
 pub const METADATA_KEY: &str = "dagr_inject.step";
@@ -39,6 +44,9 @@ pub struct StepRecord {
     /// The loss the step descends, and the per-parameter squared gradient norms.
     pub loss: String,
     pub grad_sq: String,
+    /// The finiteness check of the update (see `STATE_CHECK`), in `state` order.
+    #[serde(default)]
+    pub state_check: String,
     /// Parameter names in the order of `grad_sq`.
     pub params: Vec<String>,
 }
@@ -77,7 +85,7 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     let fact_of = |n: &str| idx.fact(n).cloned().unwrap_or(ValueFact::new(dtype::FLOAT, vec![]));
     // The fixed names of the step graph's own inputs and outputs must be free.
     let scalars = opt.scalar_names();
-    for name in scalars.iter().copied().chain([GRAD_SQ]) {
+    for name in scalars.iter().copied().chain([GRAD_SQ, STATE_CHECK]) {
         if b.names.fresh(name) != name {
             return Err(Error::Graph(format!("the model already has a tensor named '{name}'")));
         }
@@ -157,6 +165,21 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     for s in &scalars {
         new_inputs.push((s.to_string(), ValueFact::new(dtype::FLOAT, vec![])));
     }
+    let zero = b.scalar(0.0);
+    let checks: Vec<String> = state
+        .iter()
+        .map(|l| {
+            let z = b.binary("Mul", &l.output, &zero, "check");
+            let flat = b.op("Reshape", &[&z, &flat_shape], vec![], "check");
+            b.reduce("ReduceSum", &flat, Some(&[0]), true, "check")
+        })
+        .collect();
+    let refs: Vec<&str> = checks.iter().map(String::as_str).collect();
+    b.op_named("Concat", &refs, vec![attr_int("axis", 0)], STATE_CHECK);
+    new_outputs.push((
+        STATE_CHECK.into(),
+        ValueFact::new(dtype::FLOAT, vec![Dim::Known(state.len() as _)]),
+    ));
     b.finish(&mut model);
 
     // Outputs: the reports and the state's updates; the `<param>_grad` outputs become internal.
@@ -183,6 +206,7 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
         scalars: scalars.iter().map(|s| s.to_string()).collect(),
         loss: rec.loss.clone(),
         grad_sq: GRAD_SQ.into(),
+        state_check: STATE_CHECK.into(),
         params: rec.params.iter().map(|p| p.0.clone()).collect(),
     };
     model.remove_metadata(crate::grad::train::METADATA_KEY);
