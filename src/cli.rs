@@ -753,6 +753,7 @@ fn verify_cmd(
         (None, Some(r)) => r.clone(),
         (None, None) => verify::random_inputs(&m, 4, 2, 0)?,
     };
+    dagr::check_batch(&m, &feed)?;
     let mut checks: Vec<Check> = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     let mut record = |name: &str, r: dagr_inject::Result<Vec<Check>>| match r {

@@ -37,12 +37,14 @@ pub const MAX_THREADS: usize = 1024;
 /// The most modalities a DAGR block takes: its anchoring term has one node group per pair.
 pub const MAX_MODALITIES: usize = 64;
 
-/// Bytes DAGR's pairwise terms hold for a batch of `batch` over `modalities` modalities: a few
-/// `[B, B]` float32 matrices per modality (distances, kernel, their gradients).
+/// An estimate of the bytes DAGR's pairwise terms hold for a batch of `batch` over
+/// `modalities` modalities: the forward and backward graphs keep about sixteen `[B, B]` float32
+/// matrices per modality alive (Gram matrix, distances, kernel, log-mean-exp terms and their
+/// gradients); runtimes reuse some, so this errs on the side of refusing only what cannot fit.
 pub fn dagr_pairwise_bytes(batch: u64, modalities: u64) -> u64 {
     batch
         .saturating_mul(batch)
         .saturating_mul(4)
-        .saturating_mul(6)
+        .saturating_mul(16)
         .saturating_mul(modalities.max(1))
 }

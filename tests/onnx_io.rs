@@ -49,10 +49,10 @@ fn unknown_fields_survive() {
 }
 
 #[test]
-fn ir_versions_7_to_11_load_and_save() {
+fn ir_versions_7_to_14_load_and_save() {
     let dir = tempfile::tempdir().unwrap();
     let base = onnx::load(&root().join("models/av_mlp.legacy.onnx")).unwrap();
-    for ir in 7..=11 {
+    for ir in 7..=14 {
         let mut m = base.clone();
         m.proto.ir_version = ir;
         m.source = None;

@@ -122,7 +122,7 @@ impl Config {
         // lambda / tau. These ranges keep every intermediate finite.
         if !(TAU_RANGE.contains(&self.tau)) {
             return bad(format!(
-                "--tau must be between {:e} and {:e} (float32 computes exp(-d^2/tau) with d^2 up to 4), got {}",
+                "--tau must be a positive number between {:e} and {:e} (float32 computes exp(-d^2/tau) with d^2 up to 4), got {}",
                 TAU_RANGE.start(),
                 TAU_RANGE.end(),
                 self.tau

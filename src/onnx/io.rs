@@ -117,6 +117,28 @@ fn validate(model: &Model, label: &Path) -> Result<()> {
     for t in external_tensors(p) {
         check_external(t, &model.base_dir)?;
     }
+    if let Some(g) = p.graph.as_ref() {
+        for t in g
+            .initializer
+            .iter()
+            .filter(|t| !is_external(t) && !t.raw_data.is_empty())
+        {
+            let size = crate::onnx::dtype::size_of(t.data_type);
+            let need = t.dims.iter().try_fold(size.unwrap_or(0) as u64, |a, &d| {
+                u64::try_from(d).ok().and_then(|d| a.checked_mul(d))
+            });
+            if size.is_some() && need != Some(t.raw_data.len() as u64) {
+                return Err(bad(format!(
+                    "initializer '{}' holds {} bytes, but its dims {:?} of {} need {}",
+                    t.name,
+                    t.raw_data.len(),
+                    t.dims,
+                    crate::onnx::dtype::name(t.data_type),
+                    need.map_or("more than any file".to_string(), |n| n.to_string())
+                )));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -234,13 +256,15 @@ fn check_external(t: &TensorProto, base: &Path) -> Result<()> {
     // does this tool.
     match (fs::canonicalize(&path), fs::canonicalize(base)) {
         (Ok(real), Ok(dir)) if real.starts_with(&dir) => {}
-        (Ok(real), Ok(_)) => return Err(err(
-            &loc,
-            &format!(
+        (Ok(real), Ok(_)) => {
+            return Err(err(
+                &loc,
+                &format!(
                 "resolves through a symbolic link to {}, outside the model's directory (ONNX Runtime refuses that too)",
                 real.display()
             ),
-        )),
+            ))
+        }
         _ => return Err(err(&loc, "cannot be resolved to a file below the model's directory")),
     }
     if !meta.is_file() {

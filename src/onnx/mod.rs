@@ -29,6 +29,17 @@ pub mod dtype {
         matches!(t, FLOAT | FLOAT16 | DOUBLE | BFLOAT16)
     }
 
+    /// Bytes per element of the fixed-size types (`None` for strings and unknown types).
+    pub fn size_of(t: i32) -> Option<usize> {
+        match t {
+            UINT8 | INT8 | BOOL => Some(1),
+            4 | 5 | FLOAT16 | BFLOAT16 => Some(2),
+            FLOAT | INT32 | 12 => Some(4),
+            INT64 | DOUBLE | 13 => Some(8),
+            _ => None,
+        }
+    }
+
     pub fn name(t: i32) -> &'static str {
         match t {
             0 => "undefined",

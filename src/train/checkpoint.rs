@@ -86,35 +86,51 @@ pub fn exists(dir: &Path) -> bool {
 
 /// The tensor entries of the checkpoint in `dir` (without reading them).
 pub fn entries(dir: &Path) -> Result<Vec<String>> {
-    let z = Npz::open(&dir.join(FILE))?;
+    let path = dir.join(FILE);
+    let z = Npz::open(&path).map_err(|e| damaged(&path, e.to_string()))?;
     Ok(z.names().into_iter().filter(|n| n != RECORD_ENTRY).collect())
+}
+
+fn damaged(path: &Path, m: String) -> Error {
+    Error::Data(format!(
+        "the checkpoint {} cannot be resumed: {m}\n  hint: restore a good copy, or start over with --force",
+        path.display()
+    ))
+}
+
+/// The record of the checkpoint in `dir`, checked for its fields and format (not yet against
+/// the tensors' checksum, which `load` checks).
+pub fn record(dir: &Path) -> Result<Record> {
+    let path = dir.join(FILE);
+    let mut z = Npz::open(&path).map_err(|e| damaged(&path, e.to_string()))?;
+    read_record(&mut z).map_err(|m| damaged(&path, m))
+}
+
+fn read_record(z: &mut Npz) -> std::result::Result<Record, String> {
+    if !z.names().iter().any(|n| n == RECORD_ENTRY) {
+        return Err(format!(
+            "it has no '{RECORD_ENTRY}' record (written by an older dagr-inject, or not a checkpoint)"
+        ));
+    }
+    let bytes = z.bytes(RECORD_ENTRY).map_err(|e| e.to_string())?;
+    let record: Record =
+        serde_json::from_slice(&bytes).map_err(|e| format!("its record is unreadable or incomplete ({e})"))?;
+    if record.format != FORMAT {
+        return Err(format!(
+            "its record has format {}, this version reads format {FORMAT}",
+            record.format
+        ));
+    }
+    Ok(record)
 }
 
 /// Read and check `dir/checkpoint.npz` against the state a run holds (`shapes`, by key).
 pub fn load(dir: &Path, shapes: &BTreeMap<String, Vec<usize>>) -> Result<(Record, StateValues)> {
     let path = dir.join(FILE);
-    let bad = |m: String| {
-        Error::Data(format!(
-            "the checkpoint {} cannot be resumed: {m}\n  hint: restore a good copy, or start over with --force",
-            path.display()
-        ))
-    };
+    let bad = |m: String| damaged(&path, m);
     let mut z = Npz::open(&path).map_err(|e| bad(e.to_string()))?;
     let names = z.names();
-    if !names.iter().any(|n| n == RECORD_ENTRY) {
-        return Err(bad(format!(
-            "it has no '{RECORD_ENTRY}' record (written by an older dagr-inject, or not a checkpoint)"
-        )));
-    }
-    let bytes = z.bytes(RECORD_ENTRY).map_err(|e| bad(e.to_string()))?;
-    let record: Record =
-        serde_json::from_slice(&bytes).map_err(|e| bad(format!("its record is unreadable or incomplete ({e})")))?;
-    if record.format != FORMAT {
-        return Err(bad(format!(
-            "its record has format {}, this version reads format {FORMAT}",
-            record.format
-        )));
-    }
+    let record = read_record(&mut z).map_err(bad)?;
     for n in &names {
         if n != RECORD_ENTRY && !shapes.contains_key(n) {
             return Err(bad(format!(

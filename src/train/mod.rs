@@ -384,7 +384,7 @@ impl Trainer {
             .get(step_graph::STATE_CHECK)
             .and_then(Value::as_f32)
             .ok_or_else(|| Error::Graph("the step graph returned no state check".into()))?;
-        if let Some(i) = check.iter().position(|v| !v.is_finite()) {
+        if let Some(i) = check.iter().position(|&v| v != 0.0) {
             let key = self.state_keys.get(i).cloned().unwrap_or_default();
             return Err(non_finite(format!(
                 "update of '{key}' (learning rate {lr}: check the optimizer settings)"
@@ -428,17 +428,24 @@ impl Trainer {
         let shapes = self.stepper.shapes();
         // The shape each entry of the checkpoint must have: the state's, or for the slots of
         // another optimizer, their parameter's.
+        checkpoint::record(dir)?;
+        let held = checkpoint::entries(dir)?;
+        let is_model_state = |k: &String| k.starts_with("param/") || k.starts_with("bn/");
+        let does_not_fit = |m: String| {
+            Error::Data(format!(
+                "the checkpoint in {} does not fit this training run: {m}\n  hint: resume with the training graph and optimizer it was made with",
+                dir.display()
+            ))
+        };
+        if let Some(k) = shapes.keys().filter(|k| is_model_state(k)).find(|k| !held.contains(k)) {
+            return Err(does_not_fit(format!("it has no entry '{k}'")));
+        }
         let mut expected = BTreeMap::new();
-        for k in checkpoint::entries(dir)? {
+        for k in held {
             let param = k.split_once('/').map(|(_, p)| step_graph::param_key(p));
             match shapes.get(&k).or_else(|| param.and_then(|p| shapes.get(&p))) {
                 Some(s) => expected.insert(k, s.clone()),
-                None => {
-                    return Err(Error::Data(format!(
-                        "the checkpoint in {} does not fit this training run: it holds '{k}', which is not state of this run\n  hint: resume with the training graph it was made with",
-                        dir.display()
-                    )))
-                }
+                None => return Err(does_not_fit(format!("it holds '{k}', which is not state of this run"))),
             };
         }
         let (record, mut values) = checkpoint::load(dir, &expected)?;
@@ -454,30 +461,30 @@ impl Trainer {
             }
             notes.extend(diffs.iter().map(|d| format!("changed {d}")));
         }
+        // Another kind of optimizer starts from a zero state; the same kind keeps its slots
+        // (a new momentum keeps the buffer, as editing a PyTorch param group does), and slots
+        // it did not have start at zero.
+        let kind_changed =
+            std::mem::discriminant(&record.settings.optimizer) != std::mem::discriminant(&self.settings.optimizer);
         let missing: Vec<String> = shapes.keys().filter(|k| !values.contains_key(*k)).cloned().collect();
-        let extra: Vec<String> = values.keys().filter(|k| !shapes.contains_key(*k)).cloned().collect();
-        if !missing.is_empty() || !extra.is_empty() {
-            let optimizer_state = |k: &String| !(k.starts_with("param/") || k.starts_with("bn/"));
-            if !(new_settings && missing.iter().chain(&extra).all(optimizer_state)) {
-                return Err(Error::Data(format!(
-                    "the checkpoint in {} does not fit this training run: {}\n  hint: resume with the model and optimizer it was made with",
-                    dir.display(),
-                    missing
-                        .iter()
-                        .map(|k| format!("no entry '{k}'"))
-                        .chain(extra.iter().map(|k| format!("'{k}' is not state of this run")))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+        let extra = values.keys().filter(|k| !shapes.contains_key(*k)).count();
+        if kind_changed || !missing.is_empty() || extra > 0 {
+            if !new_settings {
+                return Err(does_not_fit(format!(
+                    "its optimizer state differs ({} entries missing, {extra} not state of this run)",
+                    missing.len()
                 )));
             }
-            values.retain(|k, _| shapes.contains_key(k));
-            for k in &missing {
-                values.insert(k.clone(), ArrayD::zeros(shapes[k].as_slice()));
+            values.retain(|k, _| is_model_state(k) || (!kind_changed && shapes.contains_key(k)));
+            let mut zeroed = 0;
+            for (k, s) in &shapes {
+                if !values.contains_key(k) {
+                    values.insert(k.clone(), ArrayD::zeros(s.as_slice()));
+                    zeroed += 1;
+                }
             }
             notes.push(format!(
-                "the optimizer changed: its state was reset ({} tensors zeroed, {} dropped)",
-                missing.len(),
-                extra.len()
+                "the optimizer changed: its state was reset ({zeroed} tensors start at zero)"
             ));
         }
         self.stepper.set_state(&values)?;
@@ -729,6 +736,16 @@ fn trim_log(path: &Path, epoch: usize) -> Result<()> {
     Ok(())
 }
 
+/// The last epoch the log has a line for (0 when none).
+fn logged_epochs(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["epoch"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Append one line to the log in a single write, flushed to disk.
 fn append_log(path: &Path, line: &str) -> Result<()> {
     use std::io::Write;
@@ -804,13 +821,16 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>, original:
                 t.progress.epoch, t.progress.step
             ));
             fitted.notices.extend(notes);
-        } else if std::fs::read_to_string(&log_path).is_ok_and(|l| !l.trim().is_empty()) {
+        } else if logged_epochs(&log_path) > 1 {
             return Err(Error::Data(format!(
                 "{} has a log of completed epochs but no {}: the checkpoint was removed\n  hint: restore it, or start over with --force",
                 run.out.display(),
                 checkpoint::FILE
             )));
         } else {
+            // At most the first epoch's log line, written just before its checkpoint: that
+            // checkpoint never landed (the process was killed while writing it).
+            trim_log(&log_path, 0)?;
             fitted
                 .notices
                 .push("no checkpoint yet: starting from the first epoch".into());

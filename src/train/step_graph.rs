@@ -23,9 +23,10 @@ use std::collections::HashSet;
 /// The output holding each parameter's squared gradient norm, in `TrainRecord::params` order.
 pub const GRAD_SQ: &str = "dagr/opt/grad_sq";
 
-/// The output that checks the update: one value per state tensor, in `StepGraph::state` order,
-/// the sum of the updated tensor times zero: 0 when every element is finite, NaN otherwise. The
-/// host refuses a step whose update is not finite before making it the state.
+/// The output that checks the update: one value per state tensor, in `StepGraph::state` order:
+/// 0 when every element of the updated tensor is finite, 1 otherwise (`IsNaN or IsInf`, reduced
+/// by max; `x * 0` would do in exact arithmetic, but runtimes fold a product with zero away).
+/// The host refuses a step whose update is not finite before making it the state.
 pub const STATE_CHECK: &str = "dagr/opt/state_check";
 
 /// Metadata key of a step graph's `StepRecord` (it replaces the training graph's record, so
@@ -165,13 +166,15 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     for s in &scalars {
         new_inputs.push((s.to_string(), ValueFact::new(dtype::FLOAT, vec![])));
     }
-    let zero = b.scalar(0.0);
     let checks: Vec<String> = state
         .iter()
         .map(|l| {
-            let z = b.binary("Mul", &l.output, &zero, "check");
-            let flat = b.op("Reshape", &[&z, &flat_shape], vec![], "check");
-            b.reduce("ReduceSum", &flat, Some(&[0]), true, "check")
+            let flat = b.op("Reshape", &[&l.output, &flat_shape], vec![], "check");
+            let nan = b.unary("IsNaN", &flat, "check");
+            let inf = b.unary("IsInf", &flat, "check");
+            let bad = b.binary("Or", &nan, &inf, "check");
+            let bad = b.cast(&bad, dtype::FLOAT, "check");
+            b.reduce("ReduceMax", &bad, Some(&[0]), true, "check")
         })
         .collect();
     let refs: Vec<&str> = checks.iter().map(String::as_str).collect();
