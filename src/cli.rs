@@ -435,6 +435,11 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
                 onnx::io::write_atomic(&p, &m.to_bytes()?)?;
                 p
             };
+            if let Some(l) = &logs {
+                for n in ["curves.svg", "curves.png"] {
+                    onnx::io::refuse_overwrite(&out.join(n), &[l])?;
+                }
+            }
             let r = dagr_inject::diagnose::write_report(&path, &data, labels.as_deref(), &heads, backend, &out)?;
             if let Some(l) = logs {
                 let text = std::fs::read_to_string(&l).with_context(|| format!("reading {}", l.display()))?;

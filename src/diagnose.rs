@@ -647,6 +647,19 @@ pub fn write_report(
     out: &Path,
 ) -> Result<Report> {
     let (r, embeddings, y) = analyse(path, data, labels, heads, backend)?;
+    // None of the files written may be an input, through any path.
+    let mut names: Vec<String> = ["report.json", "report.txt"].map(String::from).to_vec();
+    for pic in ["similarity", "robustness", "curves"]
+        .map(String::from)
+        .into_iter()
+        .chain(embeddings.iter().map(|(m, _)| format!("pca_{}", m.replace('/', "_"))))
+    {
+        names.push(format!("{pic}.svg"));
+        names.push(format!("{pic}.png"));
+    }
+    for n in &names {
+        onnx::io::refuse_overwrite(&out.join(n), &[path, data])?;
+    }
     std::fs::create_dir_all(out).map_err(|source| Error::Write {
         path: out.to_path_buf(),
         source,

@@ -499,6 +499,26 @@ fn outputs_never_overwrite_inputs_and_runs_do_not_share_a_directory() {
     a[i + 1] = s(&out.join("log.jsonl"));
     let e = fails(&a);
     assert!(e.contains("which is the input"), "{e}");
+    // diagnose whose data sits where its report goes.
+    let dagr_model = dir.path().join("m.dagr.onnx");
+    bin()
+        .args([&s(&st.original), "--encoders", "audio,visual", "-o", &s(&dagr_model)])
+        .assert()
+        .success();
+    let rep = dir.path().join("rep");
+    std::fs::create_dir_all(&rep).unwrap();
+    std::fs::copy(&st.data, rep.join("report.json")).unwrap();
+    let held = sha(&rep.join("report.json"));
+    let e = fails(&[
+        "diagnose".into(),
+        s(&dagr_model),
+        "--data".into(),
+        s(&rep.join("report.json")),
+        "--out".into(),
+        s(&rep),
+    ]);
+    assert!(e.contains("refusing to overwrite the input"), "{e}");
+    assert_eq!(sha(&rep.join("report.json")), held);
     assert_eq!(keep, [&st.graph, &st.data, &st.original, &inputs].map(|p| sha(p)));
 
     // A second run on a directory in use is refused.
