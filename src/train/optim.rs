@@ -1,5 +1,5 @@
 //! Optimizers and learning-rate schedules, with the semantics of `torch.optim` (so that a step
-//! here equals a step there; tests/train_loop.rs checks it against PyTorch).
+//! here equals a step there; tests/it/train_loop.rs checks it against PyTorch).
 //!
 //! Each optimizer is declared in one place: the state it keeps per parameter
 //! (`Optimizer::slots`), its update as ONNX nodes (`Optimizer::emit_update`, folded into the

@@ -1,6 +1,6 @@
 //! The gradient registry: one line per operator, in the spirit of PyTorch's
 //! `derivatives.yaml`. Each rule builds the vector-Jacobian product of its op from standard ONNX
-//! operators only. `tests/grad_rules.rs` holds a finite-difference case for every entry and
+//! operators only. `tests/it/grad_rules.rs` holds a finite-difference case for every entry and
 //! fails when an entry has none.
 
 pub mod elementwise;

@@ -1,8 +1,7 @@
 //! Geometry diagnostics on hand-computed cases, and `diagnose` end to end.
 
-mod common;
 use assert_cmd::Command;
-use common::*;
+use crate::common::*;
 use dagr_inject::diagnose::{effective_rank, ks_distance, pair, semantic_margin};
 use dagr_inject::train::data::Rng;
 use ndarray::{array, Array2};

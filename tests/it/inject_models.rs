@@ -2,8 +2,7 @@
 //! ONNX Runtime, leaves the original outputs bit-identical, and its DAGR outputs equal the
 //! reference computed from the model's own encoder outputs.
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::dagr::{self, reference, Config, Task};
 use dagr_inject::onnx::{self, GraphIndex, Model};
 use dagr_inject::runtime::{Backend, Tensors, Value};

@@ -1,7 +1,6 @@
 //! Every resolution path of `--encoders`, on models from both PyTorch exporters.
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::locate::{resolve_all, Resolution, ScopeSource};
 use dagr_inject::onnx::{self, GraphIndex};
 

@@ -2,8 +2,7 @@
 //! central differences of the loss against the rule's gradient for every float input, on tract
 //! and ONNX Runtime. `every_rule_has_a_case` fails when the registry gains a rule without one.
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::grad::{self, rules};
 use dagr_inject::onnx::builder::{attr_float, attr_int, attr_ints, attr_string, Builder};
 use dagr_inject::onnx::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};

@@ -2,8 +2,7 @@
 //! itself (a DAGR block, whose inputs are the encoder outputs), for each potential, variant and
 //! reduction; and the same gradients on tract and ONNX Runtime agree.
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::dagr::{self, Config, Dispersion, Reduce, Variant};
 use dagr_inject::onnx;
 use dagr_inject::runtime::{ort_backend, Backend, Tensors, Value};

@@ -2,8 +2,7 @@
 //! both backends; resume equals an uninterrupted run; the same seed gives the same result; the
 //! exported inference model predicts as the trained graph; bad inputs stop cleanly.
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::dagr::{Config, Task};
 use dagr_inject::grad::train::{make_training_graph, TrainOptions};
 use dagr_inject::onnx;

@@ -3,9 +3,8 @@
 //! result on both backends; damaged checkpoints, bad flags, bad data and output paths that are
 //! inputs are refused with one message, a non-zero exit, no panic, and no input changed.
 
-mod common;
 use assert_cmd::Command;
-use common::*;
+use crate::common::*;
 use dagr_inject::runtime::StateValues;
 use dagr_inject::train::checkpoint;
 use sha2::{Digest, Sha256};

@@ -1,8 +1,7 @@
 //! Lossless model I/O: round trips on every exported model, unknown fields, IR versions,
 //! external data (copied when saving elsewhere, never left dangling), and a > 2 GiB tensor.
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::onnx::{self, proto::tensor_proto::DataLocation, proto::StringStringEntryProto, Model};
 use dagr_inject::runtime::Backend;
 use protobuf::Message;

@@ -1,8 +1,7 @@
 //! Library-level checks of `inject`: half-precision encoders, and inputs the CLI tests cannot
 //! reach easily (fixed batch sizes, integer tensors).
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::dagr::{self, reference, Config, Task};
 use dagr_inject::onnx::{self, builder::attr_int, dtype, Dim, Model, ValueFact};
 use dagr_inject::runtime::{Backend, Tensors, Value};

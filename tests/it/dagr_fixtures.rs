@@ -1,8 +1,7 @@
 //! DAGR losses and `dagr/grad/*` against PyTorch autograd (fixtures/generate.py), on tract and
 //! ONNX Runtime, and the Rust reference implementation against the same fixtures.
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::dagr::reference;
 use dagr_inject::runtime::{Tensors, Value};
 use ndarray::{ArrayD, Ix2};

@@ -2,8 +2,7 @@
 //! every exported model, value_info removed so that our inference does all the work), and
 //! property tests of broadcasting.
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::onnx::{self, shape::broadcast, Dim, GraphIndex};
 use dagr_inject::runtime::Backend;
 use proptest::prelude::*;

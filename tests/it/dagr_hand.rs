@@ -1,7 +1,6 @@
 //! The hand-computed case of the spec (section 9), on the Rust reference and on both backends.
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::dagr::{self, reference, Config};
 use dagr_inject::onnx;
 use dagr_inject::runtime::{Tensors, Value};

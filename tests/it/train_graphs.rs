@@ -3,8 +3,7 @@
 //! loss and Pareto's alpha, on ONNX Runtime and tract, with and without --stop-gradient and
 //! Pareto balancing. Each graph also passes onnx.checker.
 
-mod common;
-use common::*;
+use crate::common::*;
 use dagr_inject::dagr::{Config, Task};
 use dagr_inject::grad::train::{make_training_graph, Pareto, TrainOptions};
 use dagr_inject::onnx;
