@@ -717,7 +717,11 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         new_settings: a.new_settings,
         max_steps: a.max_steps,
     };
-    let fitted = tr::fit(&run, settings, interrupted)?;
+    let mut report = TrainReport {
+        stop: interrupted,
+        bar: None,
+    };
+    let fitted = tr::fit(&run, settings, &mut report)?;
     if let Some(l) = fitted.logs.last() {
         println!(
             "trained {} epochs ({} steps); final loss {:.5}",
@@ -736,6 +740,49 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         println!("wrote {}", names.join(", "));
     }
     Ok(())
+}
+
+/// What `train` shows: a progress bar per epoch on a terminal, notices and each epoch's JSON
+/// log line on stderr; it stops on Ctrl-C or SIGTERM.
+struct TrainReport {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl dagr_inject::train::Callbacks for TrainReport {
+    fn notice(&mut self, text: &str) {
+        eprintln!("{text}");
+    }
+    fn epoch_start(&mut self, epoch: usize, epochs: usize, steps: usize) {
+        let bar = indicatif::ProgressBar::new(steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(format!("{epoch}/{epochs}"));
+        self.bar = Some(bar);
+    }
+    fn step(&mut self, stats: &dagr_inject::train::StepStats, samples_per_second: f64) {
+        if let Some(b) = &self.bar {
+            b.set_message(format!("loss {:.4} ({samples_per_second:.0} samples/s)", stats.loss));
+            b.inc(1);
+        }
+    }
+    fn epoch_end(&mut self, _log: &dagr_inject::train::EpochLog, line: &str) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+        eprintln!("{line}");
+    }
+    fn should_stop(&self) -> bool {
+        let stop = self.stop.load(std::sync::atomic::Ordering::SeqCst);
+        if stop {
+            if let Some(b) = &self.bar {
+                b.abandon();
+            }
+        }
+        stop
+    }
 }
 
 fn verify_cmd(

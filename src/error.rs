@@ -40,6 +40,15 @@ pub enum Error {
     Config(String),
     #[error("{0}")]
     Graph(String),
+    /// An operator on the path from the parameters to the loss has no gradient rule.
+    #[error("no gradient rule for {op} (node '{node}'), which lies between the parameters and the loss\n  hint: freeze the parameters before it, or cut the path there (stop-gradient)")]
+    NoGradientRule { op: String, node: String },
+    /// A tensor's shape (or rank) could not be inferred where it is needed.
+    #[error("the shape of '{tensor}' is unknown{context}\n  hint: add value_info for it (onnx.shape_inference.infer_shapes) or export with fixed shapes")]
+    ShapeUnknown { tensor: String, context: String },
+    /// The model is not a training graph (or is a step graph).
+    #[error("{0}")]
+    NotATrainingGraph(String),
     #[error("refusing to overwrite the input {0}\n  hint: write the output to another path")]
     WouldOverwriteInput(PathBuf),
     #[error("runtime error ({backend}): {message}")]

@@ -131,11 +131,9 @@ pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Res
                 dtype::name(f.dtype)
             )));
         }
-        let rank = f.rank().ok_or_else(|| {
-            Error::Encoder(format!(
-                "the shape of '{}' ({}) is unknown, so it cannot be reduced to [batch, D]\n  hint: add value_info for it (onnx.shape_inference.infer_shapes) or name another tensor",
-                e.tensor, e.modality
-            ))
+        let rank = f.rank().ok_or_else(|| Error::ShapeUnknown {
+            tensor: e.tensor.clone(),
+            context: format!(" (encoder '{}'), so it cannot be reduced to [batch, D]", e.modality),
         })?;
         inputs.push(emit::EncoderInput {
             modality: e.modality.clone(),

@@ -56,11 +56,16 @@ impl Ctx<'_> {
     }
 
     pub fn shape(&self, t: &str) -> Result<Vec<Dim>> {
-        self.idx.fact(t).and_then(|f| f.shape.clone()).ok_or_else(|| {
-            self.err(format!(
-                "the shape of '{t}' is unknown (add value_info or use a fixed-shape export)"
-            ))
-        })
+        self.idx
+            .fact(t)
+            .and_then(|f| f.shape.clone())
+            .ok_or_else(|| Error::ShapeUnknown {
+                tensor: t.to_string(),
+                context: format!(
+                    ", so the gradient of {} node '{}' cannot be built",
+                    self.node.op_type, self.node.name
+                ),
+            })
     }
     pub fn rank(&self, t: &str) -> Result<usize> {
         Ok(self.shape(t)?.len())

@@ -102,13 +102,13 @@ pub fn backward(
         if outs.iter().all(Option::is_none) {
             continue;
         }
-        let rule = rules::lookup(&n.domain, &n.op_type).ok_or_else(|| {
-            Error::Graph(format!(
-                "no gradient rule for {}{} (node '{}'), which lies between the parameters and the loss\n  hint: freeze the parameters before it (--freeze) or cut the path with --stop-gradient",
-                if n.domain.is_empty() { String::new() } else { format!("{}::", n.domain) },
-                n.op_type,
-                n.name
-            ))
+        let rule = rules::lookup(&n.domain, &n.op_type).ok_or_else(|| Error::NoGradientRule {
+            op: if n.domain.is_empty() {
+                n.op_type.clone()
+            } else {
+                format!("{}::{}", n.domain, n.op_type)
+            },
+            node: n.name.clone(),
         })?;
         let mut ctx = ctx::Ctx {
             b,

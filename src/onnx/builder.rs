@@ -241,15 +241,6 @@ impl Builder {
         }
     }
 
-    pub fn squeeze(&mut self, x: &str, axes: &[i64], hint: &str) -> String {
-        if self.opset >= 13 {
-            let a = self.const_i64(axes);
-            self.op("Squeeze", &[x, &a], vec![], hint)
-        } else {
-            self.op("Squeeze", &[x], vec![attr_ints("axes", axes)], hint)
-        }
-    }
-
     pub fn binary(&mut self, op: &str, a: &str, b: &str, hint: &str) -> String {
         self.op(op, &[a, b], vec![], hint)
     }

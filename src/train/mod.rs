@@ -118,13 +118,13 @@ impl Settings {
 /// Read the training record a `--train` rewrite stored in the model.
 pub fn record_of(model: &Model) -> Result<TrainRecord> {
     if model.metadata(step_graph::METADATA_KEY).is_some() {
-        return Err(Error::Config(
+        return Err(Error::NotATrainingGraph(
             "this is a step graph (the step.onnx that `train` writes): it already holds its optimizer\n  hint: train the training graph it came from (built with --train), or run the step graph yourself in any ONNX runtime"
                 .into(),
         ));
     }
     let s = model.metadata(METADATA_KEY).ok_or_else(|| {
-        Error::Config(
+        Error::NotATrainingGraph(
             "this model is not a training graph\n  hint: build one with `dagr-inject MODEL --encoders a,b --logits ... --labels y --train -o model.train.onnx`"
                 .into(),
         )
@@ -600,6 +600,34 @@ pub fn evaluate(
         .collect())
 }
 
+/// What a training run tells its caller as it goes, and how the caller stops it. The library
+/// prints nothing: the command line draws a progress bar and prints the epoch logs, the Python
+/// binding does what a notebook wants. Every method has a silent default.
+pub trait Callbacks {
+    /// A remark before training: where a resumed run continues, what a new setting changed.
+    fn notice(&mut self, _text: &str) {}
+    /// Epoch `epoch` (1-based) of `epochs` starts, with `steps` steps.
+    fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _steps: usize) {}
+    /// A step was taken: its statistics, and the epoch's throughput so far.
+    fn step(&mut self, _stats: &StepStats, _samples_per_second: f64) {}
+    /// The epoch ended; `line` is the JSON line written to the log.
+    fn epoch_end(&mut self, _log: &EpochLog, _line: &str) {}
+    /// Asked before every step: true stops the run there (the last checkpoint stays intact).
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// No reports, never stops.
+impl Callbacks for () {}
+
+/// No reports; stops when the flag is set (a signal handler's flag, for instance).
+impl Callbacks for Arc<AtomicBool> {
+    fn should_stop(&self) -> bool {
+        self.load(Ordering::SeqCst)
+    }
+}
+
 /// What a finished `fit` reports besides the epochs' logs.
 #[derive(Debug, Default)]
 pub struct Fitted {
@@ -644,7 +672,7 @@ fn refuse_overwriting_inputs(run: &Run, original: Option<&Path>) -> Result<()> {
 /// files) are cleared at the start. An epoch ends by writing, in this order, the exported model,
 /// the log line and then the checkpoint, which commits the epoch: a resumed run continues after
 /// the last checkpoint and drops the log lines of any epoch after it.
-pub fn fit(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Result<Fitted> {
+pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Result<Fitted> {
     settings.validate()?;
     if run.max_steps == Some(0) {
         return Err(Error::Config("the step limit must be at least 1".into()));
@@ -698,7 +726,7 @@ pub fn fit(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>) -> Resul
             }
         }
     }
-    let result = fit_in(run, settings, interrupted, original);
+    let result = fit_in(run, settings, callbacks, original);
     // A run that failed before its first checkpoint leaves no directory behind, so that the
     // same command works once the problem is fixed.
     if result.is_err() && created && !checkpoint::exists(run.out) {
@@ -765,7 +793,7 @@ fn append_log(path: &Path, line: &str) -> Result<()> {
     Ok(())
 }
 
-fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>, original: Option<PathBuf>) -> Result<Fitted> {
+fn fit_in(run: &Run, settings: Settings, cb: &mut dyn Callbacks, original: Option<PathBuf>) -> Result<Fitted> {
     let mut t = Trainer::new_in(run.model, settings.clone(), run.out)?;
     let mut fitted = Fitted {
         files: [MODEL_FILE, STEP_FILE, checkpoint::FILE, LOG_FILE]
@@ -837,7 +865,7 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>, original:
         }
     }
     for n in &fitted.notices {
-        eprintln!("{n}");
+        cb.notice(n);
     }
     if t.progress.epoch >= settings.epochs {
         fitted.notices.push(format!(
@@ -863,19 +891,13 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>, original:
             settings.shuffle.then_some(&mut rng),
             settings.drop_last,
         );
-        let bar = indicatif::ProgressBar::new(batches.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.set_prefix(format!("{}/{}", t.progress.epoch + 1, settings.epochs));
+        cb.epoch_start(t.progress.epoch + 1, settings.epochs, batches.len());
         let started = std::time::Instant::now();
         let backend_before = t.backend_time;
         let mut stats = Vec::with_capacity(batches.len());
         let mut samples = 0usize;
         for rows in &batches {
-            if interrupted.load(Ordering::SeqCst) {
-                bar.abandon();
+            if cb.should_stop() {
                 return Err(Error::Interrupted(format!(
                     "interrupted during epoch {}{}",
                     t.progress.epoch + 1,
@@ -899,18 +921,12 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>, original:
                 other => other,
             })?;
             samples += rows.len();
-            bar.set_message(format!(
-                "loss {:.4} ({:.0} samples/s)",
-                s.loss,
-                samples as f64 / started.elapsed().as_secs_f64()
-            ));
-            bar.inc(1);
+            cb.step(&s, samples as f64 / started.elapsed().as_secs_f64());
             stats.push(s);
             if run.max_steps.is_some_and(|m| t.progress.step >= m) {
                 break;
             }
         }
-        bar.finish();
         let secs = started.elapsed().as_secs_f64();
         t.progress.rng = rng;
         t.progress.epoch += 1;
@@ -940,12 +956,12 @@ fn fit_in(run: &Run, settings: Settings, interrupted: Arc<AtomicBool>, original:
             backend_seconds: (t.backend_time - backend_before).as_secs_f64(),
         };
         let line = serde_json::to_string(&log).map_err(|e| Error::Graph(format!("epoch log: {e}")))?;
-        eprintln!("{line}");
         append_log(&log_path, &line)?;
         // The checkpoint commits the epoch.
         crate::fault::point("epoch.before-checkpoint");
         t.save_checkpoint(run.out, &state)?;
         crate::fault::point("epoch.after-checkpoint");
+        cb.epoch_end(&log, &line);
         fitted.logs.push(log);
         if run.max_steps.is_some_and(|m| t.progress.step >= m) {
             break;

@@ -1,8 +1,8 @@
 //! The binary, run as a user would: `inspect`, `inject`, `block`, `run`, and every bad input:
 //! one clear message, a non-zero exit, no panic, and no output file left behind.
 
-use assert_cmd::Command;
 use crate::common::*;
+use assert_cmd::Command;
 use predicates::prelude::*;
 use std::path::Path;
 

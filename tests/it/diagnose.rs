@@ -1,7 +1,7 @@
 //! Geometry diagnostics on hand-computed cases, and `diagnose` end to end.
 
-use assert_cmd::Command;
 use crate::common::*;
+use assert_cmd::Command;
 use dagr_inject::diagnose::{effective_rank, ks_distance, pair, semantic_margin};
 use dagr_inject::train::data::Rng;
 use ndarray::{array, Array2};

@@ -420,6 +420,25 @@ fn gather_gradients_below_opset_16_say_why() {
     }
 }
 
+/// An op without a rule on the path to the loss is a typed error naming op and node (the first
+/// element-wise op, of a few that shape inference knows, that the registry has no rule for).
+#[test]
+fn an_op_without_a_rule_is_named() {
+    let Some(op) = ["Softplus", "Sin", "Cos", "Elu", "Reciprocal", "HardSwish", "Hardmax"]
+        .into_iter()
+        .find(|op| rules::lookup("", op).is_none())
+    else {
+        panic!("every candidate has a rule now: list an op the registry has no rule for");
+    };
+    let c = case("norule", op, vec![x(&[2, 3])]);
+    match try_build(&c).map(|_| ()) {
+        Err(dagr_inject::Error::NoGradientRule { op: o, node }) => {
+            assert_eq!((o.as_str(), node.as_str()), (op, format!("op/{op}").as_str()));
+        }
+        other => panic!("expected NoGradientRule for {op}, got {other:?}"),
+    }
+}
+
 #[test]
 fn every_rule_has_a_case() {
     let covered: HashSet<&str> = cases().iter().map(|c| c.op).collect();

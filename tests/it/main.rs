@@ -1,8 +1,8 @@
 //! The integration tests, one binary (linking tract, ONNX Runtime and resvg once): one module
 //! per area.
 
-mod common;
 mod cli;
+mod common;
 mod dagr_finite_diff;
 mod dagr_fixtures;
 mod dagr_hand;

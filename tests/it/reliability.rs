@@ -3,8 +3,8 @@
 //! result on both backends; damaged checkpoints, bad flags, bad data and output paths that are
 //! inputs are refused with one message, a non-zero exit, no panic, and no input changed.
 
-use assert_cmd::Command;
 use crate::common::*;
+use assert_cmd::Command;
 use dagr_inject::runtime::StateValues;
 use dagr_inject::train::checkpoint;
 use sha2::{Digest, Sha256};

@@ -362,23 +362,23 @@ fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
     s.warmup_steps = 2;
     let no = Arc::new(AtomicBool::new(false));
     let full = dir.path().join("full");
-    fit(&run_dir(&graph, &data, &full), s.clone(), no.clone()).unwrap();
+    fit(&run_dir(&graph, &data, &full), s.clone(), &mut no.clone()).unwrap();
     let again = dir.path().join("again");
-    fit(&run_dir(&graph, &data, &again), s.clone(), no.clone()).unwrap();
+    fit(&run_dir(&graph, &data, &again), s.clone(), &mut no.clone()).unwrap();
     // Interrupted after two of four epochs (3 steps each), same settings.
     let half = dir.path().join("half");
     let mut stopped = run_dir(&graph, &data, &half);
     stopped.max_steps = Some(6);
-    fit(&stopped, s.clone(), no.clone()).unwrap();
+    fit(&stopped, s.clone(), &mut no.clone()).unwrap();
     // An existing directory is refused without --resume/--force ...
-    let e = fit(&run_dir(&graph, &data, &half), s.clone(), no.clone())
+    let e = fit(&run_dir(&graph, &data, &half), s.clone(), &mut no.clone())
         .unwrap_err()
         .to_string();
     assert!(e.contains("exists") && e.contains("--resume"), "{e}");
     // ... and continued with it.
     let mut r = run_dir(&graph, &data, &half);
     r.resume = true;
-    fit(&r, s.clone(), no).unwrap();
+    fit(&r, s.clone(), &mut no.clone()).unwrap();
     let a = checkpoint_state(&full);
     let b = checkpoint_state(&half);
     let c = checkpoint_state(&again);
@@ -392,7 +392,7 @@ fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
     checkpoint::save(&half, &record, &bad).unwrap();
     let mut r = run_dir(&graph, &data, &half);
     r.resume = true;
-    let e = fit(&r, s.clone(), Arc::new(AtomicBool::new(false)))
+    let e = fit(&r, s.clone(), &mut Arc::new(AtomicBool::new(false)))
         .unwrap_err()
         .to_string();
     assert!(e.contains("does not fit") && e.contains("[3, 3, 3]"), "{e}");
@@ -440,7 +440,7 @@ fn exported_model_predicts_like_the_trained_graph() {
     fit(
         &run_dir(&graph, &data, &out),
         s.clone(),
-        Arc::new(AtomicBool::new(false)),
+        &mut Arc::new(AtomicBool::new(false)),
     )
     .unwrap();
     let exported = out.join("model.onnx");
@@ -491,7 +491,7 @@ fn bad_training_inputs_stop_cleanly() {
     let mut missing = good.clone();
     missing.remove("visual");
     let p = write("missing.npz", &missing);
-    let e = fit(&run_dir(&graph, &p, &dir.path().join("o1")), s.clone(), no.clone())
+    let e = fit(&run_dir(&graph, &p, &dir.path().join("o1")), s.clone(), &mut no.clone())
         .unwrap_err()
         .to_string();
     assert!(e.contains("no array named 'visual'"), "{e}");
@@ -499,7 +499,7 @@ fn bad_training_inputs_stop_cleanly() {
     let mut shape = good.clone();
     shape.insert("audio".into(), Value::F32(ndarray::ArrayD::zeros(vec![24, 39])));
     let p = write("shape.npz", &shape);
-    let e = fit(&run_dir(&graph, &p, &dir.path().join("o2")), s.clone(), no.clone())
+    let e = fit(&run_dir(&graph, &p, &dir.path().join("o2")), s.clone(), &mut no.clone())
         .unwrap_err()
         .to_string();
     assert!(e.contains("'audio' has shape [24, 39]"), "{e}");
@@ -507,7 +507,7 @@ fn bad_training_inputs_stop_cleanly() {
     let mut labels = good.clone();
     labels.insert("label".into(), Value::I64(ndarray::ArrayD::from_elem(vec![24], 10)));
     let p = write("labels.npz", &labels);
-    let e = fit(&run_dir(&graph, &p, &dir.path().join("o3")), s.clone(), no.clone())
+    let e = fit(&run_dir(&graph, &p, &dir.path().join("o3")), s.clone(), &mut no.clone())
         .unwrap_err()
         .to_string();
     assert!(e.contains("label 10") && e.contains("out of range"), "{e}");
@@ -517,7 +517,7 @@ fn bad_training_inputs_stop_cleanly() {
     let out = dir.path().join("o4");
     let mut calm = s.clone();
     calm.epochs = 1;
-    fit(&run_dir(&graph, &p, &out), calm, no.clone()).unwrap();
+    fit(&run_dir(&graph, &p, &out), calm, &mut no.clone()).unwrap();
     let before = std::fs::read(out.join("checkpoint.npz")).unwrap();
     let mut wild = s.clone();
     wild.lr = 1e30;
@@ -525,13 +525,13 @@ fn bad_training_inputs_stop_cleanly() {
     let mut r = run_dir(&graph, &p, &out);
     r.resume = true;
     // Other settings than the checkpoint's are refused unless asked for.
-    let e = fit(&r, wild.clone(), no.clone()).unwrap_err().to_string();
+    let e = fit(&r, wild.clone(), &mut no.clone()).unwrap_err().to_string();
     assert!(
         e.contains("other settings") && e.contains("lr: checkpoint 0.05, this run 1e+30"),
         "{e}"
     );
     r.new_settings = true;
-    let e = fit(&r, wild, no.clone()).unwrap_err().to_string();
+    let e = fit(&r, wild, &mut no.clone()).unwrap_err().to_string();
     assert!(e.contains("non-finite") && e.contains("last good checkpoint"), "{e}");
     assert_eq!(
         before,
@@ -544,14 +544,16 @@ fn bad_training_inputs_stop_cleanly() {
     more.epochs = 3;
     let mut r = run_dir(&graph, &p, &out);
     r.resume = true;
-    let e = fit(&r, more, Arc::new(AtomicBool::new(true))).unwrap_err().to_string();
+    let e = fit(&r, more, &mut Arc::new(AtomicBool::new(true)))
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("interrupted") && e.contains("intact") && e.contains("--resume"),
         "{e}"
     );
     // ... and before any epoch completed, it says that nothing was kept.
     let o5 = dir.path().join("o5");
-    let e = fit(&run_dir(&graph, &p, &o5), s, Arc::new(AtomicBool::new(true)))
+    let e = fit(&run_dir(&graph, &p, &o5), s, &mut Arc::new(AtomicBool::new(true)))
         .unwrap_err()
         .to_string();
     assert!(e.contains("interrupted") && e.contains("nothing was saved"), "{e}");

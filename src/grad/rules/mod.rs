@@ -29,7 +29,7 @@ fn g0_owned(g: &[Option<String>]) -> Option<String> {
 pub struct Rule {
     pub op: &'static str,
     pub vjp: Vjp,
-    /// The formula, for people (and `dagr-inject grad-rules`).
+    /// The formula, for people reading the registry.
     pub formula: &'static str,
 }
 
