@@ -7,6 +7,6 @@ scripts/setup.sh
 cargo fmt --check
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --locked --tests 2>&1 | tee "$log"
+cargo test --workspace --locked --tests 2>&1 | tee "$log"
 # One closing line over all test binaries (cargo prints one per binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

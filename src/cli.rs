@@ -1,7 +1,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use dagr_inject::dagr::training::{self as train, Pareto, TrainOptions};
 use dagr_inject::dagr::{self, Config, Dispersion, Reduce, Task, Variant};
-use dagr_inject::grad::train::{self, Pareto, TrainOptions};
 use dagr_inject::onnx::{self, Model};
 use dagr_inject::runtime::{self, Backend};
 use dagr_inject::{inspect, npz};
@@ -61,8 +61,8 @@ enum Command {
         /// The model before the rewrite: its outputs must be unchanged
         #[arg(long)]
         original: Option<PathBuf>,
-        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Backend::Tract, Backend::Ort])]
-        backend: Vec<Backend>,
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [BackendArg::Tract, BackendArg::Ort])]
+        backend: Vec<BackendArg>,
         /// Relative tolerance (max |got - want| / max |want|)
         #[arg(long, default_value_t = 1e-5)]
         rtol: f64,
@@ -86,7 +86,7 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         encoders: Vec<String>,
         #[arg(long, value_enum, default_value = "tract")]
-        backend: Backend,
+        backend: BackendArg,
         /// Directory for report.json, report.txt and the pictures
         #[arg(long)]
         out: PathBuf,
@@ -101,7 +101,7 @@ enum Command {
         #[arg(long)]
         inputs: PathBuf,
         #[arg(long, value_enum, default_value = "tract")]
-        backend: Backend,
+        backend: BackendArg,
         /// Outputs to compute (default: all graph outputs)
         #[arg(long, value_delimiter = ',')]
         outputs: Vec<String>,
@@ -236,7 +236,7 @@ struct TrainArgs {
     #[arg(long)]
     clip_grad_norm: Option<f64>,
     #[arg(long, value_enum, default_value = "tract")]
-    backend: Backend,
+    backend: BackendArg,
     /// cuda: ONNX Runtime's CUDA execution provider (needs --backend ort and onnxruntime-gpu);
     /// parameters and optimizer state then stay on the GPU
     #[arg(long, value_enum, default_value = "cpu")]
@@ -273,6 +273,25 @@ struct TrainArgs {
     /// Stop after this many steps
     #[arg(long)]
     max_steps: Option<usize>,
+}
+
+/// Which runtime executes a model.
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum BackendArg {
+    /// tract: pure Rust, embedded, no install needed
+    Tract,
+    /// ONNX Runtime (CPU execution provider, or CUDA with --device cuda), loaded from its
+    /// shared library
+    Ort,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::Tract => Backend::Tract,
+            BackendArg::Ort => Backend::Ort,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -440,7 +459,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
                     onnx::io::refuse_overwrite(&out.join(n), &[l])?;
                 }
             }
-            let r = dagr_inject::diagnose::write_report(&path, &data, labels.as_deref(), &heads, backend, &out)?;
+            let r = dagr_inject::diagnose::write_report(&path, &data, labels.as_deref(), &heads, backend.into(), &out)?;
             if let Some(l) = logs {
                 let text = std::fs::read_to_string(&l).with_context(|| format!("reading {}", l.display()))?;
                 dagr_inject::diagnose::write_picture(&out, "curves", &dagr_inject::diagnose::curves_svg(&text))?;
@@ -464,7 +483,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             reference.as_deref(),
             inputs.as_deref(),
             original.as_deref(),
-            &backend,
+            &backend.iter().map(|&b| b.into()).collect::<Vec<Backend>>(),
             rtol,
             json,
         )?,
@@ -480,7 +499,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             }
             let m = onnx::load(&model)?;
             let feed = npz::read(&inputs)?;
-            dagr::check_batch(&m, &feed)?;
+            dagr::check_batch(&m, batch_of(&feed))?;
             let outs: Vec<String> = if outputs.is_empty() {
                 m.graph().output.iter().map(|o| o.name.clone()).collect()
             } else {
@@ -489,7 +508,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             if outs.is_empty() {
                 bail!("{} has no outputs: there is nothing to run", model.display());
             }
-            let res = runtime::run(backend, &model, &feed, &outs)?;
+            let res = runtime::run(backend.into(), &model, &feed, &outs)?;
             match output {
                 Some(p) => {
                     npz::write(&p, &res)?;
@@ -508,6 +527,14 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The largest leading dimension of the inputs: the batch.
+fn batch_of(feed: &runtime::Tensors) -> usize {
+    feed.values()
+        .filter_map(|v| v.shape().first().copied())
+        .max()
+        .unwrap_or(0)
 }
 
 fn default_output(model: &Path) -> PathBuf {
@@ -667,7 +694,8 @@ fn block_cmd(a: BlockArgs) -> Result<()> {
 }
 
 fn train_cmd(a: TrainArgs) -> Result<()> {
-    use dagr_inject::train::{self as tr, optim};
+    use dagr_inject::dagr::optim;
+    use dagr_inject::train as tr;
     if a.betas.len() != 2 {
         bail!("--betas takes two numbers, e.g. --betas 0.9,0.999");
     }
@@ -701,7 +729,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         seed: a.seed,
         shuffle: !a.no_shuffle,
         drop_last: a.drop_last,
-        backend: a.backend,
+        backend: a.backend.into(),
         cuda: a.device == DeviceArg::Cuda,
         threads: a.threads,
     };
@@ -805,7 +833,7 @@ fn verify_cmd(
         (None, Some(r)) => r.clone(),
         (None, None) => verify::random_inputs(&m, 4, 2, 0)?,
     };
-    dagr::check_batch(&m, &feed)?;
+    dagr::check_batch(&m, batch_of(&feed))?;
     let mut checks: Vec<Check> = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     let mut record = |name: &str, r: dagr_inject::Result<Vec<Check>>| match r {

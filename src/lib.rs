@@ -2,28 +2,27 @@
 //! regularization), in standard ONNX operators, build their training graphs, and run them on
 //! tract or ONNX Runtime.
 //!
-//! Layers, each using only the ones before it:
-//! `onnx` (model I/O, graph index, shape facts, builders) -> `locate` (encoder outputs) ->
-//! `dagr` (the regularizer subgraph, its analytic gradients, an ndarray reference) -> `grad`
-//! (reverse-mode rules in one registry, training graphs) -> `runtime` (tract and ONNX Runtime;
-//! `Stepper` keeps a graph's state on the backend between runs) -> `train` (the optimizer as
-//! ONNX nodes folded into a step graph, the training loop), `verify`, `diagnose`, `inspect`
-//! (reports) -> the `dagr-inject` binary. `error`, `limits` (size checks made before allocating)
-//! and `fault` (the fault-injection test hook) serve every layer.
+//! The layers are crates, each depending only on the ones before it (the compiler forbids a
+//! back-edge):
+//! `dagr-onnx` (model I/O, graph index, shape facts, builders; errors, bounds, the fault hook) ->
+//! `dagr-autodiff` (reverse-mode engine, one rule per operator) -> `dagr-core` (encoder
+//! location, the regularizer and its reference, training graphs, optimizers as ONNX nodes, step
+//! graphs, embedding geometry) -> `dagr-runtime` (host tensors, `.npz`, datasets, tract and ONNX
+//! Runtime, `Stepper`) -> `dagr-train` (the loop, checkpoints, evaluation) -> `dagr-report`
+//! (verify, diagnose, inspect) -> this crate: the `dagr-inject` command, and this facade, which
+//! re-exports each layer under a short name.
 
-pub mod dagr;
-pub mod diagnose;
-pub mod error;
-pub mod fault;
-pub mod grad;
-pub mod inspect;
-pub mod limits;
-pub mod locate;
-pub mod npz;
-pub mod onnx;
-pub mod runtime;
-pub mod train;
-pub mod verify;
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub use dagr::{inject, Config};
+pub use dagr_autodiff as autodiff;
+pub use dagr_core as dagr;
+pub use dagr_core::locate;
+pub use dagr_onnx as onnx;
+pub use dagr_onnx::{error, fault, limits};
+pub use dagr_report::{diagnose, inspect, verify};
+pub use dagr_runtime as runtime;
+pub use dagr_runtime::npz;
+pub use dagr_train as train;
+
+pub use dagr_core::{inject, Config};
 pub use error::{Error, Result};

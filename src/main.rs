@@ -2,6 +2,8 @@
 //! printed as one message with a non-zero exit (128 + the signal's number for a run stopped by
 //! Ctrl-C or SIGTERM, as a shell reports it).
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod cli;
 mod signals;
 

@@ -2,8 +2,8 @@
 
 use crate::common::*;
 use assert_cmd::Command;
-use dagr_inject::diagnose::{effective_rank, ks_distance, pair, semantic_margin};
-use dagr_inject::train::data::Rng;
+use dagr_inject::dagr::geometry::{effective_rank, ks_distance, pair, semantic_margin};
+use dagr_inject::runtime::data::Rng;
 use ndarray::{array, Array2};
 
 #[test]

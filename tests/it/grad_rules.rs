@@ -3,7 +3,7 @@
 //! and ONNX Runtime. `every_rule_has_a_case` fails when the registry gains a rule without one.
 
 use crate::common::*;
-use dagr_inject::grad::{self, rules};
+use dagr_inject::autodiff::{self as grad, rules};
 use dagr_inject::onnx::builder::{attr_float, attr_int, attr_ints, attr_string, Builder};
 use dagr_inject::onnx::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 use dagr_inject::onnx::{self, dtype, tensor, Dim, GraphIndex, Model, ValueFact};

@@ -214,6 +214,15 @@ fn damaged_checkpoints_are_refused() {
         dagr_inject::npz::write_entries(&p.join(checkpoint::FILE), &e).unwrap();
     };
     let rec_json = serde_json::to_value(&record).unwrap();
+    // A damage that edits the record (keeping its old checksum).
+    let edit = |f: fn(&mut serde_json::Value)| -> Damage {
+        let (rec_json, st0, write_record) = (&rec_json, &st0, &write_record);
+        Box::new(move |p: &Path| {
+            let mut r = rec_json.clone();
+            f(&mut r);
+            write_record(r, st0, p)
+        })
+    };
     let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "truncated",
@@ -252,46 +261,36 @@ fn damaged_checkpoints_are_refused() {
         ),
         (
             "epoch missing",
-            Box::new(|p: &Path| {
-                let mut r = rec_json.clone();
+            edit(|r| {
                 r.as_object_mut().unwrap().remove("epoch");
-                write_record(r, &st0, p)
             }),
             "missing field `epoch`",
         ),
         (
             "epoch a string",
-            Box::new(|p: &Path| {
-                let mut r = rec_json.clone();
+            edit(|r| {
                 r["epoch"] = "1".into();
-                write_record(r, &st0, p)
             }),
             "invalid type",
         ),
         (
             "epoch negative",
-            Box::new(|p: &Path| {
-                let mut r = rec_json.clone();
+            edit(|r| {
                 r["epoch"] = (-1).into();
-                write_record(r, &st0, p)
             }),
             "invalid value",
         ),
         (
             "rng missing",
-            Box::new(|p: &Path| {
-                let mut r = rec_json.clone();
+            edit(|r| {
                 r.as_object_mut().unwrap().remove("rng");
-                write_record(r, &st0, p)
             }),
             "missing field `rng`",
         ),
         (
             "epoch edited",
-            Box::new(|p: &Path| {
-                let mut r = rec_json.clone();
+            edit(|r| {
                 r["epoch"] = 99.into();
-                write_record(r, &st0, p)
             }),
             "checksum does not match",
         ),

@@ -4,8 +4,8 @@
 //! Pareto balancing. Each graph also passes onnx.checker.
 
 use crate::common::*;
+use dagr_inject::dagr::training::{make_training_graph, Pareto, TrainOptions};
 use dagr_inject::dagr::{Config, Task};
-use dagr_inject::grad::train::{make_training_graph, Pareto, TrainOptions};
 use dagr_inject::onnx;
 use dagr_inject::runtime::Tensors;
 use serde::Deserialize;

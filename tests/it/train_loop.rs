@@ -3,13 +3,14 @@
 //! exported inference model predicts as the trained graph; bad inputs stop cleanly.
 
 use crate::common::*;
+use dagr_inject::dagr::optim::{learning_rate, Optimizer, Schedule};
+use dagr_inject::dagr::step_graph;
+use dagr_inject::dagr::training::{make_training_graph, TrainOptions};
 use dagr_inject::dagr::{Config, Task};
-use dagr_inject::grad::train::{make_training_graph, TrainOptions};
 use dagr_inject::onnx;
+use dagr_inject::runtime::data::Dataset;
 use dagr_inject::runtime::{Backend, Value};
-use dagr_inject::train::data::Dataset;
-use dagr_inject::train::optim::{learning_rate, Optimizer, Schedule};
-use dagr_inject::train::{checkpoint, fit, step_graph, Run, Settings, Trainer};
+use dagr_inject::train::{checkpoint, fit, Run, Settings, Trainer};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

@@ -1,0 +1,208 @@
+//! What a gradient rule sees: the forward node, facts about its tensors, a builder for the
+//! backward nodes, and shared helpers (un-broadcasting, zeros, shapes) so that each rule stays
+//! a few lines of math.
+
+use dagr_onnx::builder::{attr_int, attr_tensor, Builder};
+use dagr_onnx::error::{Error, Result};
+use dagr_onnx::proto::NodeProto;
+use dagr_onnx::{dtype, tensor, Dim, GraphIndex};
+use std::collections::HashMap;
+
+pub struct Ctx<'a> {
+    pub b: &'a mut Builder,
+    pub idx: &'a GraphIndex,
+    /// Integer constants of the graph (axes, shapes, indices given as initializers/Constants).
+    pub consts: &'a HashMap<String, Vec<i64>>,
+    pub node: &'a NodeProto,
+}
+
+/// The output gradients of a node (None: no gradient reaches that output) and which inputs need
+/// a gradient. A rule returns one entry per input; None means "no gradient" (never a zero
+/// tensor that nobody asked for).
+pub type Vjp = fn(&mut Ctx, &[Option<String>], &[bool]) -> Result<Vec<Option<String>>>;
+
+impl Ctx<'_> {
+    pub fn input(&self, i: usize) -> &str {
+        self.node.input.get(i).map(String::as_str).unwrap_or("")
+    }
+    pub fn output(&self, i: usize) -> &str {
+        &self.node.output[i]
+    }
+    pub fn has_input(&self, i: usize) -> bool {
+        !self.input(i).is_empty()
+    }
+    pub fn hint(&self) -> String {
+        self.node.op_type.to_lowercase()
+    }
+
+    pub fn err(&self, what: impl std::fmt::Display) -> Error {
+        Error::Graph(format!(
+            "cannot build the gradient of {} node '{}': {what}",
+            self.node.op_type, self.node.name
+        ))
+    }
+
+    pub fn attr_i(&self, name: &str, default: i64) -> i64 {
+        dagr_onnx::attr::attr_i(self.node, name).unwrap_or(default)
+    }
+    pub fn attr_f(&self, name: &str, default: f32) -> f32 {
+        dagr_onnx::attr::attr_f(self.node, name).unwrap_or(default)
+    }
+    pub fn attr_ints(&self, name: &str) -> Option<Vec<i64>> {
+        dagr_onnx::attr::attr_ints(self.node, name)
+    }
+    pub fn attr_s(&self, name: &str) -> Option<String> {
+        dagr_onnx::attr::attr_s(self.node, name)
+    }
+
+    pub fn shape(&self, t: &str) -> Result<Vec<Dim>> {
+        self.idx
+            .fact(t)
+            .and_then(|f| f.shape.clone())
+            .ok_or_else(|| Error::ShapeUnknown {
+                tensor: t.to_string(),
+                context: format!(
+                    ", so the gradient of {} node '{}' cannot be built",
+                    self.node.op_type, self.node.name
+                ),
+            })
+    }
+    pub fn rank(&self, t: &str) -> Result<usize> {
+        Ok(self.shape(t)?.len())
+    }
+    pub fn dtype(&self, t: &str) -> i32 {
+        self.idx.fact(t).map(|f| f.dtype).unwrap_or(dtype::FLOAT)
+    }
+    /// Known sizes of all dims of `t`.
+    pub fn known_shape(&self, t: &str) -> Result<Vec<i64>> {
+        self.shape(t)?
+            .iter()
+            .map(|d| match d {
+                Dim::Known(v) => Ok(*v),
+                _ => Err(self.err(format!("'{t}' needs a static shape here, it has {:?}", self.shape(t)))),
+            })
+            .collect()
+    }
+    /// An integer constant input (axes, shape, indices) known at build time.
+    pub fn const_input(&self, i: usize) -> Option<Vec<i64>> {
+        self.consts.get(self.input(i)).cloned()
+    }
+    /// The axes of a reduction: attribute before the opset that made them an input.
+    pub fn reduce_axes(&self, rank: usize) -> Result<Option<Vec<usize>>> {
+        let as_input = if self.node.op_type == "ReduceSum" {
+            self.b.opset >= 13
+        } else {
+            self.b.opset >= 18
+        };
+        let raw = if as_input {
+            if self.has_input(1) {
+                Some(
+                    self.const_input(1)
+                        .ok_or_else(|| self.err("its axes must be a constant"))?,
+                )
+            } else {
+                None
+            }
+        } else {
+            self.attr_ints("axes")
+        };
+        Ok(raw.map(|a| a.iter().map(|&x| norm_axis(x, rank)).collect()))
+    }
+
+    // ---- emitting helpers ------------------------------------------------------------
+
+    pub fn op(&mut self, op: &str, inputs: &[&str]) -> String {
+        let h = format!("grad/{}", self.hint());
+        self.b.op(op, inputs, vec![], &h)
+    }
+    pub fn op_a(&mut self, op: &str, inputs: &[&str], attrs: Vec<dagr_onnx::proto::AttributeProto>) -> String {
+        let h = format!("grad/{}", self.hint());
+        self.b.op(op, inputs, attrs, &h)
+    }
+    pub fn scalar(&mut self, v: f64) -> String {
+        self.b.scalar(v)
+    }
+    pub fn ints(&mut self, v: &[i64]) -> String {
+        self.b.const_i64(v)
+    }
+    pub fn shape_of(&mut self, t: &str) -> String {
+        self.op("Shape", &[t])
+    }
+    pub fn reduce_sum(&mut self, x: &str, axes: &[i64], keepdims: bool) -> String {
+        let h = format!("grad/{}", self.hint());
+        self.b.reduce("ReduceSum", x, Some(axes), keepdims, &h)
+    }
+    pub fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> String {
+        let h = format!("grad/{}", self.hint());
+        self.b.unsqueeze(x, axes, &h)
+    }
+    pub fn cast(&mut self, x: &str, to: i32) -> String {
+        self.op_a("Cast", &[x], vec![attr_int("to", to as i64)])
+    }
+    /// Float32 zeros shaped like `t` (gradients are float32).
+    pub fn zeros_like(&mut self, t: &str) -> String {
+        let s = self.shape_of(t);
+        let z = tensor::f32_tensor("", &[1], &[0.0]);
+        self.op_a("ConstantOfShape", &[&s], vec![attr_tensor("value", z)])
+    }
+    /// Same as `zeros_like`, for tensors the rule itself made (no facts needed).
+    pub fn zeros_like_dynamic(&mut self, t: &str) -> String {
+        self.zeros_like(t)
+    }
+    /// A reduced gradient reshaped to a parameter's own shape.
+    pub fn unbroadcast_to(&mut self, g: &str, target: &str) -> Result<String> {
+        Ok(self.reshape_like(g, target))
+    }
+    /// Reshape `g` to the shape of `t`.
+    pub fn reshape_like(&mut self, g: &str, t: &str) -> String {
+        let s = self.shape_of(t);
+        self.op("Reshape", &[g, &s])
+    }
+
+    /// Sum `g` (shaped like the broadcast result `y`) back to the shape of input `x`.
+    pub fn unbroadcast(&mut self, g: &str, x: &str, y: &str) -> Result<String> {
+        let xs = self.shape(x)?;
+        let ys = self.shape(y)?;
+        if xs == ys {
+            return Ok(g.to_string());
+        }
+        Ok(self.sum_to(g, &ys, &xs, x))
+    }
+
+    /// Sum `g` (dims `gd`) down to dims `xd` (numpy broadcasting), then reshape like `like`:
+    /// the leading axes `xd` lacks, plus every axis where `xd` has size 1 and `gd` may not. The
+    /// axes are static (tract needs constant axes); a dim of unknown size is taken as not
+    /// broadcast.
+    pub fn sum_to(&mut self, g: &str, gd: &[Dim], xd: &[Dim], like: &str) -> String {
+        let lead = gd.len().saturating_sub(xd.len());
+        let mut axes: Vec<i64> = (0..lead as i64).collect();
+        for (i, d) in xd.iter().enumerate() {
+            if *d == Dim::Known(1) && gd.get(lead + i) != Some(&Dim::Known(1)) {
+                axes.push((lead + i) as i64);
+            }
+        }
+        let summed = if axes.is_empty() {
+            g.to_string()
+        } else {
+            self.reduce_sum(g, &axes, true)
+        };
+        self.reshape_like(&summed, like)
+    }
+
+    /// `size(a) / size(b)` as a float32 scalar: the number of elements a reduction folded.
+    pub fn size_ratio(&mut self, a: &str, b: &str) -> String {
+        let sa = self.op("Size", &[a]);
+        let sb = self.op("Size", &[b]);
+        let sa = self.cast(&sa, dtype::FLOAT);
+        let sb = self.cast(&sb, dtype::FLOAT);
+        self.op("Div", &[&sa, &sb])
+    }
+}
+
+pub fn norm_axis(a: i64, rank: usize) -> usize {
+    if a < 0 {
+        (a + rank as i64).max(0) as usize
+    } else {
+        a as usize
+    }
+}

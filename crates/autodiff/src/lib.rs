@@ -1,0 +1,135 @@
+//! Reverse-mode differentiation of ONNX graphs into standard ONNX operators.
+//!
+//! `backward` walks the nodes between the tensors to differentiate with respect to and the
+//! seeded tensors in reverse topological order, asks each op's rule (`rules::RULES`) for the
+//! vector-Jacobian product, and sums the contributions a tensor receives from all its
+//! consumers. The `dagr` layer builds whole training graphs on top of it.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod ctx;
+pub mod rules;
+
+use dagr_onnx::builder::Builder;
+use dagr_onnx::error::{Error, Result};
+use dagr_onnx::{dtype, shape, GraphIndex, Model};
+use std::collections::{HashMap, HashSet};
+
+/// Gradients accumulated per tensor; summed when first read.
+#[derive(Default)]
+struct Accum {
+    parts: HashMap<String, Vec<String>>,
+}
+
+impl Accum {
+    fn add(&mut self, t: &str, g: String) {
+        self.parts.entry(t.to_string()).or_default().push(g);
+    }
+    fn take(&mut self, b: &mut Builder, t: &str) -> Option<String> {
+        let parts = self.parts.remove(t)?;
+        if parts.len() == 1 {
+            return parts.into_iter().next();
+        }
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let s = b.op("Sum", &refs, vec![], "grad/accumulate");
+        self.parts.insert(t.to_string(), vec![s.clone()]);
+        Some(s)
+    }
+}
+
+/// Differentiate: `seeds` are (tensor, its gradient) pairs, `wrt` the tensors whose gradients
+/// are wanted. Gradient does not flow through the tensors in `stop`. Returns the gradient
+/// tensor of each `wrt` entry that the seeds reach.
+pub fn backward(
+    model: &Model,
+    idx: &GraphIndex,
+    b: &mut Builder,
+    seeds: &[(String, String)],
+    wrt: &[String],
+    stop: &HashSet<String>,
+) -> Result<HashMap<String, String>> {
+    let g = model.graph();
+    let is_float = |t: &str| {
+        idx.fact(t)
+            .map(|f| f.dtype == 0 || dtype::is_float(f.dtype))
+            .unwrap_or(true)
+    };
+
+    // Tensors that depend on a `wrt` tensor (not through a stopped tensor).
+    let mut reach: HashSet<String> = wrt.iter().cloned().collect();
+    for &i in &idx.topo {
+        let n = &g.node[i];
+        if n.input.iter().any(|x| reach.contains(x) && !stop.contains(x)) {
+            for o in &n.output {
+                if !o.is_empty() && is_float(o) {
+                    reach.insert(o.clone());
+                }
+            }
+        }
+    }
+    // Tensors the seeds depend on.
+    let mut needed: HashSet<String> = seeds.iter().map(|s| s.0.clone()).collect();
+    for &i in idx.topo.iter().rev() {
+        let n = &g.node[i];
+        if n.output.iter().any(|o| needed.contains(o)) {
+            needed.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
+        }
+    }
+
+    let consts = shape::int_constants(model);
+    let mut acc = Accum::default();
+    for (t, s) in seeds {
+        acc.add(t, s.clone());
+    }
+    for &i in idx.topo.iter().rev() {
+        let n = &g.node[i];
+        if !n.output.iter().any(|o| needed.contains(o)) {
+            continue;
+        }
+        let need: Vec<bool> = n
+            .input
+            .iter()
+            .map(|x| !x.is_empty() && reach.contains(x) && !stop.contains(x) && is_float(x))
+            .collect();
+        if !need.iter().any(|&x| x) {
+            continue;
+        }
+        let outs: Vec<Option<String>> = n
+            .output
+            .iter()
+            .map(|o| if stop.contains(o) { None } else { acc.take(b, o) })
+            .collect();
+        if outs.iter().all(Option::is_none) {
+            continue;
+        }
+        let rule = rules::lookup(&n.domain, &n.op_type).ok_or_else(|| Error::NoGradientRule {
+            op: if n.domain.is_empty() {
+                n.op_type.clone()
+            } else {
+                format!("{}::{}", n.domain, n.op_type)
+            },
+            node: n.name.clone(),
+        })?;
+        let mut ctx = ctx::Ctx {
+            b,
+            idx,
+            consts: &consts,
+            node: n,
+        };
+        let grads = (rule.vjp)(&mut ctx, &outs, &need)?;
+        for (j, gr) in grads.into_iter().enumerate() {
+            if let Some(gr) = gr {
+                if need.get(j).copied().unwrap_or(false) {
+                    acc.add(&n.input[j], gr);
+                }
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    for w in wrt {
+        if let Some(gr) = acc.take(b, w) {
+            out.insert(w.clone(), gr);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,355 @@
+//! Element-wise operators. Binary ops broadcast; `Ctx::unbroadcast` sums the gradient back to
+//! each operand's shape.
+
+use super::{g0, Out};
+use crate::ctx::Ctx;
+use dagr_onnx::dtype;
+
+pub fn identity(_: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    Ok(vec![g0(g).map(String::from)])
+}
+
+pub fn neg(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    Ok(vec![g0(g).map(|g| c.op("Neg", &[g]))])
+}
+
+pub fn add(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None, None]) };
+    let y = c.output(0).to_string();
+    let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
+    let ga = if need[0] { Some(c.unbroadcast(g, &a, &y)?) } else { None };
+    let gb = if need[1] { Some(c.unbroadcast(g, &b, &y)?) } else { None };
+    Ok(vec![ga, gb])
+}
+
+pub fn sub(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None, None]) };
+    let y = c.output(0).to_string();
+    let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
+    let ga = if need[0] { Some(c.unbroadcast(g, &a, &y)?) } else { None };
+    let gb = if need[1] {
+        let n = c.op("Neg", &[g]);
+        Some(c.unbroadcast(&n, &b, &y)?)
+    } else {
+        None
+    };
+    Ok(vec![ga, gb])
+}
+
+/// Variadic Sum: each input gets the (un-broadcast) output gradient.
+pub fn sum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let y = c.output(0).to_string();
+    (0..need.len())
+        .map(|i| {
+            let x = c.input(i).to_string();
+            Ok(if need[i] { Some(c.unbroadcast(g, &x, &y)?) } else { None })
+        })
+        .collect()
+}
+
+pub fn mul(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None, None]) };
+    let y = c.output(0).to_string();
+    let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
+    let ga = if need[0] {
+        let t = c.op("Mul", &[g, &b]);
+        Some(c.unbroadcast(&t, &a, &y)?)
+    } else {
+        None
+    };
+    let gb = if need[1] {
+        let t = c.op("Mul", &[g, &a]);
+        Some(c.unbroadcast(&t, &b, &y)?)
+    } else {
+        None
+    };
+    Ok(vec![ga, gb])
+}
+
+/// d(a/b)/da = 1/b, d(a/b)/db = -y/b.
+pub fn div(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None, None]) };
+    let y = c.output(0).to_string();
+    let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
+    let gdb = c.op("Div", &[g, &b]);
+    let ga = if need[0] {
+        Some(c.unbroadcast(&gdb, &a, &y)?)
+    } else {
+        None
+    };
+    let gb = if need[1] {
+        let t = c.op("Mul", &[&gdb, &y]);
+        let t = c.op("Neg", &[&t]);
+        Some(c.unbroadcast(&t, &b, &y)?)
+    } else {
+        None
+    };
+    Ok(vec![ga, gb])
+}
+
+/// d(a^b)/da = b a^(b-1); d(a^b)/db = y ln(a), taken as 0 where a <= 0.
+pub fn pow(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None, None]) };
+    let y = c.output(0).to_string();
+    let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
+    let ga = if need[0] {
+        let one = c.scalar(1.0);
+        let b32 = if c.dtype(&b) != dtype::FLOAT {
+            c.cast(&b, dtype::FLOAT)
+        } else {
+            b.clone()
+        };
+        let bm1 = c.op("Sub", &[&b32, &one]);
+        let p = c.op("Pow", &[&a, &bm1]);
+        let t = c.op("Mul", &[&p, &b32]);
+        let t = c.op("Mul", &[&t, g]);
+        Some(c.unbroadcast(&t, &a, &y)?)
+    } else {
+        None
+    };
+    let gb = if need[1] {
+        let zero = c.scalar(0.0);
+        let pos = c.op("Greater", &[&a, &zero]);
+        let one = c.scalar(1.0);
+        let safe = c.op("Where", &[&pos, &a, &one]);
+        let ln = c.op("Log", &[&safe]);
+        let t = c.op("Mul", &[&y, &ln]);
+        let t = c.op("Mul", &[&t, g]);
+        let t = c.op("Where", &[&pos, &t, &zero]);
+        Some(c.unbroadcast(&t, &b, &y)?)
+    } else {
+        None
+    };
+    Ok(vec![ga, gb])
+}
+
+pub fn relu(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let x = c.input(0).to_string();
+    let zero = c.scalar(0.0);
+    let pos = c.op("Greater", &[&x, &zero]);
+    Ok(vec![Some(c.op("Where", &[&pos, g, &zero]))])
+}
+
+pub fn leaky_relu(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let x = c.input(0).to_string();
+    let alpha = c.attr_f("alpha", 0.01) as f64;
+    let zero = c.scalar(0.0);
+    let a = c.scalar(alpha);
+    let pos = c.op("Greater", &[&x, &zero]);
+    let neg = c.op("Mul", &[g, &a]);
+    Ok(vec![Some(c.op("Where", &[&pos, g, &neg]))])
+}
+
+pub fn sigmoid(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let y = c.output(0).to_string();
+    let one = c.scalar(1.0);
+    let om = c.op("Sub", &[&one, &y]);
+    let d = c.op("Mul", &[&y, &om]);
+    Ok(vec![Some(c.op("Mul", &[g, &d]))])
+}
+
+pub fn tanh(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let y = c.output(0).to_string();
+    let one = c.scalar(1.0);
+    let y2 = c.op("Mul", &[&y, &y]);
+    let d = c.op("Sub", &[&one, &y2]);
+    Ok(vec![Some(c.op("Mul", &[g, &d]))])
+}
+
+/// d erf(x)/dx = 2/sqrt(pi) exp(-x^2) (GELU exports as Erf primitives).
+pub fn erf(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let x = c.input(0).to_string();
+    let x2 = c.op("Mul", &[&x, &x]);
+    let nx2 = c.op("Neg", &[&x2]);
+    let e = c.op("Exp", &[&nx2]);
+    let k = c.scalar(2.0 / std::f64::consts::PI.sqrt());
+    let d = c.op("Mul", &[&e, &k]);
+    Ok(vec![Some(c.op("Mul", &[g, &d]))])
+}
+
+pub fn exp(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let y = c.output(0).to_string();
+    Ok(vec![Some(c.op("Mul", &[g, &y]))])
+}
+
+pub fn log(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let x = c.input(0).to_string();
+    Ok(vec![Some(c.op("Div", &[g, &x]))])
+}
+
+pub fn sqrt(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let y = c.output(0).to_string();
+    let half = c.scalar(0.5);
+    let t = c.op("Div", &[g, &y]);
+    Ok(vec![Some(c.op("Mul", &[&t, &half]))])
+}
+
+pub fn abs(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let x = c.input(0).to_string();
+    let s = c.op("Sign", &[&x]);
+    Ok(vec![Some(c.op("Mul", &[g, &s]))])
+}
+
+/// Gradient passes where min <= x <= max (inclusive, as PyTorch's clamp).
+pub fn clip(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let x = c.input(0).to_string();
+    let mut mask: Option<String> = None;
+    let bounds: Vec<(String, &str)> = if c.b.opset >= 11 {
+        [(1, "GreaterOrEqual"), (2, "LessOrEqual")]
+            .iter()
+            .filter(|(i, _)| c.has_input(*i))
+            .map(|(i, op)| (c.input(*i).to_string(), *op))
+            .collect()
+    } else {
+        let mut v = Vec::new();
+        for (name, op) in [("min", "GreaterOrEqual"), ("max", "LessOrEqual")] {
+            if let Some(a) = dagr_onnx::attr::attr_f(c.node, name) {
+                v.push((c.scalar(a as f64), op));
+            }
+        }
+        v
+    };
+    for (bound, op) in bounds {
+        let m = c.op(op, &[&x, &bound]);
+        mask = Some(match mask {
+            None => m,
+            Some(prev) => c.op("And", &[&prev, &m]),
+        });
+    }
+    let out = match mask {
+        None => g.to_string(),
+        Some(m) => {
+            let zero = c.scalar(0.0);
+            c.op("Where", &[&m, g, &zero])
+        }
+    };
+    let mut v = vec![Some(out)];
+    v.resize(need.len(), None);
+    Ok(v)
+}
+
+/// Two-input Max/Min: the selected operand gets the gradient; ties split it in half (PyTorch).
+fn minmax(c: &mut Ctx, g: &[Option<String>], need: &[bool], pick: &str) -> Out {
+    if need.len() != 2 {
+        return Err(c.err("only the two-input form has a gradient rule"));
+    }
+    let Some(g) = g0(g) else { return Ok(vec![None, None]) };
+    let y = c.output(0).to_string();
+    let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
+    let wins = c.op(pick, &[&a, &b]);
+    let tie = c.op("Equal", &[&a, &b]);
+    let one = c.scalar(1.0);
+    let half = c.scalar(0.5);
+    let zero = c.scalar(0.0);
+    let wa = c.op("Where", &[&wins, &one, &zero]);
+    let wa = c.op("Where", &[&tie, &half, &wa]);
+    let mut out = vec![None, None];
+    if need[0] {
+        let t = c.op("Mul", &[g, &wa]);
+        out[0] = Some(c.unbroadcast(&t, &a, &y)?);
+    }
+    if need[1] {
+        let wb = c.op("Sub", &[&one, &wa]);
+        let t = c.op("Mul", &[g, &wb]);
+        out[1] = Some(c.unbroadcast(&t, &b, &y)?);
+    }
+    Ok(out)
+}
+
+pub fn max(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    minmax(c, g, need, "Greater")
+}
+pub fn min(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    minmax(c, g, need, "Less")
+}
+
+pub fn where_(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0(g) else {
+        return Ok(vec![None, None, None]);
+    };
+    let y = c.output(0).to_string();
+    let cond = c.input(0).to_string();
+    let zero = c.scalar(0.0);
+    let mut out = vec![None, None, None];
+    if need[1] {
+        let t = c.op("Where", &[&cond, g, &zero]);
+        let x = c.input(1).to_string();
+        out[1] = Some(c.unbroadcast(&t, &x, &y)?);
+    }
+    if need[2] {
+        let t = c.op("Where", &[&cond, &zero, g]);
+        let x = c.input(2).to_string();
+        out[2] = Some(c.unbroadcast(&t, &x, &y)?);
+    }
+    Ok(out)
+}
+
+/// Cast: the gradient is cast back to the input's type (only floating inputs get one).
+pub fn cast(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0(g) else { return Ok(vec![None]) };
+    let x = c.input(0).to_string();
+    let t = c.dtype(&x);
+    if !dtype::is_float(t) {
+        return Ok(vec![None]);
+    }
+    Ok(vec![Some(if t == c.dtype(c.output(0)) {
+        g.to_string()
+    } else {
+        c.cast(g, t)
+    })])
+}
+
+/// Dropout: with a mask output, dX = dY * mask / (1 - ratio); in inference mode, identity.
+pub fn dropout(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let training = if c.b.opset >= 12 {
+        c.has_input(2) && c.const_input(2).map(|v| v.first() == Some(&1)).unwrap_or(true)
+    } else {
+        false
+    };
+    let has_mask = c.node.output.len() > 1 && !c.output(1).is_empty();
+    let mut v = vec![None; need.len()];
+    if !training {
+        v[0] = Some(g.to_string());
+        return Ok(v);
+    }
+    if !has_mask {
+        return Err(c.err(
+            "training-mode Dropout needs its mask output for the gradient; export with the mask or set the ratio to 0",
+        ));
+    }
+    let ratio = if c.has_input(1) {
+        let r = c.input(1).to_string();
+        if c.dtype(&r) != dtype::FLOAT {
+            c.cast(&r, dtype::FLOAT)
+        } else {
+            r
+        }
+    } else {
+        c.scalar(0.5)
+    };
+    let mask = c.output(1).to_string();
+    let m = c.cast(&mask, dtype::FLOAT);
+    let one = c.scalar(1.0);
+    let keep = c.op("Sub", &[&one, &ratio]);
+    let t = c.op("Mul", &[g, &m]);
+    v[0] = Some(c.op("Div", &[&t, &keep]));
+    Ok(v)
+}

@@ -1,0 +1,399 @@
+//! Convolution, pooling, normalization and softmax.
+
+use super::{g0_owned, Out};
+use crate::ctx::{norm_axis, Ctx};
+use dagr_onnx::builder::{attr_int, attr_ints};
+use dagr_onnx::error::Result;
+
+/// Softmax over `axes`: dX = Y (g - sum(g Y)).
+pub fn softmax(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let y = c.output(0).to_string();
+    let axes = softmax_axes(c)?;
+    let gy = c.op("Mul", &[&g, &y]);
+    let s = c.reduce_sum(&gy, &axes, true);
+    let d = c.op("Sub", &[&g, &s]);
+    Ok(vec![Some(c.op("Mul", &[&y, &d]))])
+}
+
+/// LogSoftmax: dX = g - exp(Y) sum(g).
+pub fn log_softmax(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let y = c.output(0).to_string();
+    let axes = softmax_axes(c)?;
+    let s = c.reduce_sum(&g, &axes, true);
+    let p = c.op("Exp", &[&y]);
+    let ps = c.op("Mul", &[&p, &s]);
+    Ok(vec![Some(c.op("Sub", &[&g, &ps]))])
+}
+
+/// From opset 13 Softmax normalizes one axis (default -1); before, the input is coerced to 2-D
+/// at `axis` (default 1), so the sum runs over every axis from `axis` on.
+fn softmax_axes(c: &Ctx) -> Result<Vec<i64>> {
+    let r = c.rank(c.input(0))?;
+    if c.b.opset >= 13 {
+        Ok(vec![norm_axis(c.attr_i("axis", -1), r) as i64])
+    } else {
+        Ok((norm_axis(c.attr_i("axis", 1), r)..r).map(|a| a as i64).collect())
+    }
+}
+
+struct ConvGeom {
+    sp: usize,
+    strides: Vec<i64>,
+    dil: Vec<i64>,
+    /// begin pads then end pads, explicit (auto_pad resolved)
+    pads: Vec<i64>,
+    kernel: Vec<i64>,
+    /// spatial input sizes
+    input: Vec<i64>,
+}
+
+fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
+    let x = c.input(0);
+    let xs = c.shape(x)?;
+    let sp = xs.len() - 2;
+    let input: Vec<i64> = xs[2..]
+        .iter()
+        .map(|d| match d {
+            dagr_onnx::Dim::Known(v) => Ok(*v),
+            _ => Err(c.err("its spatial input dims must be static")),
+        })
+        .collect::<Result<_>>()?;
+    let strides = c.attr_ints("strides").unwrap_or_else(|| vec![1; sp]);
+    let dil = c.attr_ints("dilations").unwrap_or_else(|| vec![1; sp]);
+    let auto = c.attr_s("auto_pad").unwrap_or_default();
+    let pads = match auto.as_str() {
+        "SAME_UPPER" | "SAME_LOWER" => {
+            let mut b = vec![0; sp];
+            let mut e = vec![0; sp];
+            for i in 0..sp {
+                let out = (input[i] + strides[i] - 1) / strides[i];
+                let total = ((out - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1 - input[i]).max(0);
+                let small = total / 2;
+                if auto == "SAME_UPPER" {
+                    b[i] = small;
+                    e[i] = total - small;
+                } else {
+                    b[i] = total - small;
+                    e[i] = small;
+                }
+            }
+            [b, e].concat()
+        }
+        "VALID" => vec![0; 2 * sp],
+        _ => c.attr_ints("pads").unwrap_or_else(|| vec![0; 2 * sp]),
+    };
+    Ok(ConvGeom {
+        sp,
+        strides,
+        dil,
+        pads,
+        kernel,
+        input,
+    })
+}
+
+impl ConvGeom {
+    /// output_padding making ConvTranspose return exactly the input size (< stride).
+    fn output_padding(&self) -> Vec<i64> {
+        (0..self.sp)
+            .map(|i| {
+                let span =
+                    self.input[i] + self.pads[i] + self.pads[i + self.sp] - self.dil[i] * (self.kernel[i] - 1) - 1;
+                span.rem_euclid(self.strides[i])
+            })
+            .collect()
+    }
+    fn transpose_attrs(&self, group: i64) -> Vec<dagr_onnx::proto::AttributeProto> {
+        vec![
+            attr_ints("strides", &self.strides),
+            attr_ints("dilations", &self.dil),
+            attr_ints("pads", &self.pads),
+            attr_ints("output_padding", &self.output_padding()),
+            attr_ints("kernel_shape", &self.kernel),
+            attr_int("group", group),
+        ]
+    }
+}
+
+/// Conv. dX = ConvTranspose(g, W) with explicit pads and output_padding (never output_shape,
+/// which re-splits asymmetric pads). dW = a Conv of the input with the gradient as kernel
+/// (strides and dilations swapped), groups folded into the batch, cropped to the kernel size.
+pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let (x, w) = (c.input(0).to_string(), c.input(1).to_string());
+    let ws = c.known_shape(&w)?;
+    let group = c.attr_i("group", 1);
+    let geo = conv_geom(c, ws[2..].to_vec())?;
+    let sp = geo.sp;
+    let mut out = vec![None; need.len()];
+    if need[0] {
+        out[0] = Some(c.op_a("ConvTranspose", &[&g, &w], geo.transpose_attrs(group)));
+    }
+    if need[1] {
+        let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
+        perm.swap(0, 1);
+        let gt = c.op_a("Transpose", &[&g], vec![attr_ints("perm", &perm)]);
+        let xt = if group == 1 {
+            c.op_a("Transpose", &[&x], vec![attr_ints("perm", &perm)])
+        } else {
+            let cg = ws[1];
+            let mut split = vec![0, group, cg];
+            split.extend(&geo.input);
+            let s = c.ints(&split);
+            let x5 = c.op("Reshape", &[&x, &s]);
+            let mut p: Vec<i64> = vec![2, 1, 0];
+            p.extend((3..(sp + 3) as i64).collect::<Vec<_>>());
+            let xp = c.op_a("Transpose", &[&x5], vec![attr_ints("perm", &p)]);
+            let mut fold = vec![cg, -1];
+            fold.extend(&geo.input);
+            let f = c.ints(&fold);
+            c.op("Reshape", &[&xp, &f])
+        };
+        let r = c.op_a(
+            "Conv",
+            &[&xt, &gt],
+            vec![
+                attr_ints("strides", &geo.dil),
+                attr_ints("dilations", &geo.strides),
+                attr_ints("pads", &geo.pads),
+                attr_int("group", group),
+            ],
+        );
+        let r = c.op_a("Transpose", &[&r], vec![attr_ints("perm", &perm)]);
+        let starts = c.ints(&vec![0; sp]);
+        let ends = c.ints(&geo.kernel);
+        let axes = c.ints(&(2..(sp + 2) as i64).collect::<Vec<_>>());
+        out[1] = Some(c.op("Slice", &[&r, &starts, &ends, &axes]));
+    }
+    if need.len() > 2 && need[2] {
+        let mut axes = vec![0];
+        axes.extend(2..(sp + 2) as i64);
+        out[2] = Some(c.reduce_sum(&g, &axes, false));
+    }
+    Ok(out)
+}
+
+/// MaxPool: route each output gradient to the input element that was the maximum. The rule
+/// re-runs MaxPool with its Indices output and keeps only the in-plane part of each index
+/// (tract numbers them per (n, c) plane, ONNX Runtime over the whole tensor), then scatters
+/// with reduction "add" (overlapping windows).
+pub fn max_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    if c.b.opset < 16 {
+        return Err(c.err("its gradient scatters with reduction=\"add\", which needs opset 16 or newer"));
+    }
+    if c.attr_i("storage_order", 0) != 0 {
+        return Err(c.err("storage_order=1 is not supported"));
+    }
+    let x = c.input(0).to_string();
+    let xs = c.known_shape(&x).or_else(|_| {
+        // the batch may be symbolic; spatial dims must be static
+        let s = c.shape(&x)?;
+        Ok::<Vec<i64>, dagr_onnx::error::Error>(
+            s.iter()
+                .map(|d| if let dagr_onnx::Dim::Known(v) = d { *v } else { -1 })
+                .collect(),
+        )
+    })?;
+    let plane: i64 = xs[2..].iter().product();
+    if plane <= 0 {
+        return Err(c.err("its spatial input dims must be static"));
+    }
+    let attrs = c.node.attribute.clone();
+    let h = format!("grad/{}", c.hint());
+    let outs = c.b.node_n("MaxPool", &[&x], 2, attrs, &h);
+    let idx = &outs[1];
+    let p = c.b.const_i64(&[plane]);
+    let local = c.op("Mod", &[idx, &p]);
+    let flat = c.ints(&[0, 0, -1]);
+    let local = c.op("Reshape", &[&local, &flat]);
+    let gf = c.op("Reshape", &[&g, &flat]);
+    let xf = c.op("Reshape", &[&x, &flat]);
+    let zeros = c.zeros_like_dynamic(&xf);
+    let sc = c.op_a(
+        "ScatterElements",
+        &[&zeros, &local, &gf],
+        vec![attr_int("axis", 2), dagr_onnx::builder::attr_string("reduction", "add")],
+    );
+    Ok(vec![Some(c.reshape_like(&sc, &x)), None])
+}
+
+/// AveragePool: spread each output gradient evenly over its window, with a ConvTranspose by a
+/// ones kernel (one group per channel). Divisors exclude padding unless count_include_pad.
+pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    if c.attr_i("ceil_mode", 0) != 0 {
+        return Err(c.err("ceil_mode=1 is not supported"));
+    }
+    let x = c.input(0).to_string();
+    let kernel = c
+        .attr_ints("kernel_shape")
+        .ok_or_else(|| c.err("kernel_shape is missing"))?;
+    let geo = conv_geom(c, kernel.clone())?;
+    let channels = match c.shape(&x)?[1] {
+        dagr_onnx::Dim::Known(v) => v,
+        _ => return Err(c.err("its channel dim must be static")),
+    };
+    let padded = geo.pads.iter().any(|&p| p != 0);
+    let include = c.attr_i("count_include_pad", 0) == 1;
+    let ksize: i64 = kernel.iter().product();
+    let scaled = if padded && !include {
+        // divisor per output position = number of real (unpadded) input elements in its window
+        let mut ones_shape = vec![1, 1];
+        ones_shape.extend(&geo.input);
+        let n: usize = ones_shape.iter().product::<i64>() as usize;
+        let ones = c.b.const_f32(&ones_shape, &vec![1.0; n]);
+        let mut kshape = vec![1, 1];
+        kshape.extend(&kernel);
+        let kones = c.b.const_f32(&kshape, &vec![1.0; ksize as usize]);
+        let counts = c.op_a(
+            "Conv",
+            &[&ones, &kones],
+            vec![
+                attr_ints("strides", &geo.strides),
+                attr_ints("pads", &geo.pads),
+                attr_ints("dilations", &geo.dil),
+            ],
+        );
+        c.op("Div", &[&g, &counts])
+    } else {
+        let k = c.scalar(ksize as f64);
+        c.op("Div", &[&g, &k])
+    };
+    let mut kshape = vec![channels, 1];
+    kshape.extend(&kernel);
+    let kones = c.b.const_f32(&kshape, &vec![1.0; (channels * ksize) as usize]);
+    Ok(vec![Some(c.op_a(
+        "ConvTranspose",
+        &[&scaled, &kones],
+        geo.transpose_attrs(channels),
+    ))])
+}
+
+pub fn global_average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let x = c.input(0).to_string();
+    let y = c.output(0).to_string();
+    let n = c.size_ratio(&x, &y);
+    let d = c.op("Div", &[&g, &n]);
+    let s = c.shape_of(&x);
+    Ok(vec![Some(c.op("Expand", &[&d, &s]))])
+}
+
+/// BatchNormalization. Inference mode: an affine map with the running statistics. Training
+/// mode: the batch statistics depend on X, giving dX = scale r / M (M g - sum g - x̂ sum(g x̂)).
+pub fn batch_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let x = c.input(0).to_string();
+    let r = c.rank(&x)?;
+    let eps = c.attr_f("epsilon", 1e-5) as f64;
+    let training = c.attr_i("training_mode", 0) == 1 || (c.b.opset < 14 && c.node.output.len() > 1);
+    let mut stat_axes = vec![0];
+    stat_axes.extend(2..r as i64);
+    let bcast: Vec<i64> = stat_axes.clone();
+    let (scale, mean_in, var_in) = (c.input(1).to_string(), c.input(3).to_string(), c.input(4).to_string());
+    let (mean, var) = if training {
+        let h = format!("grad/{}", c.hint());
+        let m = c.b.reduce("ReduceMean", &x, Some(&stat_axes), true, &h);
+        let d = c.op("Sub", &[&x, &m]);
+        let d2 = c.op("Mul", &[&d, &d]);
+        let v = c.b.reduce("ReduceMean", &d2, Some(&stat_axes), true, &h);
+        (m, v)
+    } else {
+        (c.unsqueeze(&mean_in, &bcast), c.unsqueeze(&var_in, &bcast))
+    };
+    let e = c.scalar(eps);
+    let ve = c.op("Add", &[&var, &e]);
+    let sd = c.op("Sqrt", &[&ve]);
+    let one = c.scalar(1.0);
+    let rstd = c.op("Div", &[&one, &sd]);
+    let xc = c.op("Sub", &[&x, &mean]);
+    let xhat = c.op("Mul", &[&xc, &rstd]);
+    let gamma = c.unsqueeze(&scale, &bcast);
+    let dbeta = c.reduce_sum(&g, &stat_axes, true);
+    let gx = c.op("Mul", &[&g, &xhat]);
+    let dgamma = c.reduce_sum(&gx, &stat_axes, true);
+    let mut out = vec![None; need.len()];
+    if need[0] {
+        let gr = c.op("Mul", &[&gamma, &rstd]);
+        out[0] = Some(if training {
+            let m = c.size_ratio(&x, &mean);
+            let mg = c.op("Mul", &[&g, &m]);
+            let t = c.op("Sub", &[&mg, &dbeta]);
+            let xd = c.op("Mul", &[&xhat, &dgamma]);
+            let t = c.op("Sub", &[&t, &xd]);
+            let t = c.op("Mul", &[&t, &gr]);
+            c.op("Div", &[&t, &m])
+        } else {
+            c.op("Mul", &[&g, &gr])
+        });
+    }
+    if need[1] {
+        out[1] = Some(c.reshape_like(&dgamma, &scale));
+    }
+    if need[2] {
+        let b = c.input(2).to_string();
+        out[2] = Some(c.reshape_like(&dbeta, &b));
+    }
+    Ok(out)
+}
+
+/// LayerNormalization over the axes from `axis` on:
+/// dX = r (ĝ - mean(ĝ) - x̂ mean(ĝ x̂)), ĝ = g * scale; dScale = sum_lead g x̂; dB = sum_lead g.
+pub fn layer_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let x = c.input(0).to_string();
+    let r = c.rank(&x)?;
+    let axis = norm_axis(c.attr_i("axis", -1), r);
+    let eps = c.attr_f("epsilon", 1e-5) as f64;
+    let norm_axes: Vec<i64> = (axis..r).map(|a| a as i64).collect();
+    let lead: Vec<i64> = (0..axis).map(|a| a as i64).collect();
+    let h = format!("grad/{}", c.hint());
+    let mean = c.b.reduce("ReduceMean", &x, Some(&norm_axes), true, &h);
+    let xc = c.op("Sub", &[&x, &mean]);
+    let xc2 = c.op("Mul", &[&xc, &xc]);
+    let var = c.b.reduce("ReduceMean", &xc2, Some(&norm_axes), true, &h);
+    let e = c.scalar(eps);
+    let ve = c.op("Add", &[&var, &e]);
+    let sd = c.op("Sqrt", &[&ve]);
+    let xhat = c.op("Div", &[&xc, &sd]);
+    let scale = c.input(1).to_string();
+    let mut out = vec![None; need.len()];
+    if need[0] {
+        let gh = c.op("Mul", &[&g, &scale]);
+        let m1 = c.b.reduce("ReduceMean", &gh, Some(&norm_axes), true, &h);
+        let ghx = c.op("Mul", &[&gh, &xhat]);
+        let m2 = c.b.reduce("ReduceMean", &ghx, Some(&norm_axes), true, &h);
+        let t = c.op("Sub", &[&gh, &m1]);
+        let xm = c.op("Mul", &[&xhat, &m2]);
+        let t = c.op("Sub", &[&t, &xm]);
+        out[0] = Some(c.op("Div", &[&t, &sd]));
+    }
+    if need.len() > 1 && need[1] {
+        let gx = c.op("Mul", &[&g, &xhat]);
+        let s = if lead.is_empty() {
+            gx
+        } else {
+            c.reduce_sum(&gx, &lead, false)
+        };
+        out[1] = Some(c.unbroadcast_to(&s, &scale)?);
+    }
+    if need.len() > 2 && need[2] {
+        let b = c.input(2).to_string();
+        let s = if lead.is_empty() {
+            g.clone()
+        } else {
+            c.reduce_sum(&g, &lead, false)
+        };
+        out[2] = Some(c.unbroadcast_to(&s, &b)?);
+    }
+    Ok(out)
+}

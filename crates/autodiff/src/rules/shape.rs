@@ -1,0 +1,260 @@
+//! Data-movement operators: reshapes, transposes, concatenation, slicing, gathering,
+//! broadcasting and reductions.
+
+use super::{g0_owned, Out};
+use crate::ctx::{norm_axis, Ctx};
+use dagr_onnx::builder::{attr_int, attr_ints, attr_string};
+use dagr_onnx::error::Result;
+use dagr_onnx::{dtype, Dim};
+
+/// Reshape, Flatten, Squeeze, Unsqueeze: the gradient takes the input's shape back.
+pub fn reshape(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let x = c.input(0).to_string();
+    let mut v = vec![Some(c.reshape_like(&g, &x))];
+    v.resize(need.len(), None);
+    Ok(v)
+}
+
+pub fn transpose(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let r = c.rank(c.input(0))?;
+    let perm = c.attr_ints("perm").unwrap_or_else(|| (0..r as i64).rev().collect());
+    let mut inv = vec![0i64; r];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p as usize] = i as i64;
+    }
+    Ok(vec![Some(c.op_a("Transpose", &[&g], vec![attr_ints("perm", &inv)]))])
+}
+
+/// Concat: each input gets its slice of the gradient (one Slice per input, constant bounds,
+/// which tract needs).
+pub fn concat(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let r = c.rank(c.input(0))?;
+    let axis = norm_axis(c.attr_i("axis", 0), r) as i64;
+    let mut start = 0i64;
+    let mut out = Vec::new();
+    for (i, &need_i) in need.iter().enumerate() {
+        let x = c.input(i).to_string();
+        let len = match &c.shape(&x)?[axis as usize] {
+            Dim::Known(v) => *v,
+            _ => return Err(c.err("the concatenated dims must be static")),
+        };
+        if need_i {
+            let s = c.ints(&[start]);
+            let e = c.ints(&[start + len]);
+            let a = c.ints(&[axis]);
+            out.push(Some(c.op("Slice", &[&g, &s, &e, &a])));
+        } else {
+            out.push(None);
+        }
+        start += len;
+    }
+    Ok(out)
+}
+
+/// Split: the output gradients concatenated; outputs without one contribute zeros of their
+/// shape (skipping them would give the wrong size).
+pub fn split(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    if g.iter().all(Option::is_none) {
+        return Ok(vec![None; need.len()]);
+    }
+    let r = c.rank(c.input(0))?;
+    let axis = norm_axis(c.attr_i("axis", 0), r) as i64;
+    let mut parts = Vec::new();
+    for (i, gi) in g.iter().enumerate() {
+        parts.push(match gi {
+            Some(x) => x.clone(),
+            None => {
+                let o = c.output(i).to_string();
+                c.zeros_like(&o)
+            }
+        });
+    }
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let mut v = vec![Some(c.op_a("Concat", &refs, vec![attr_int("axis", axis)]))];
+    v.resize(need.len(), None);
+    Ok(v)
+}
+
+/// Slice with step 1 and constant bounds: pad the gradient back with zeros.
+pub fn slice(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let x = c.input(0).to_string();
+    let xs = c.shape(&x)?;
+    let r = xs.len();
+    let starts = c.const_input(1).ok_or_else(|| c.err("its starts must be constant"))?;
+    let ends = c.const_input(2).ok_or_else(|| c.err("its ends must be constant"))?;
+    let axes = if c.has_input(3) {
+        c.const_input(3).ok_or_else(|| c.err("its axes must be constant"))?
+    } else {
+        (0..starts.len() as i64).collect()
+    };
+    if c.has_input(4) {
+        let steps = c.const_input(4).ok_or_else(|| c.err("its steps must be constant"))?;
+        if steps.iter().any(|&s| s != 1) {
+            return Err(c.err("only step 1 has a gradient rule"));
+        }
+    }
+    let mut pads = vec![0i64; 2 * r];
+    for ((&s, &e), &a) in starts.iter().zip(&ends).zip(&axes) {
+        let a = norm_axis(a, r);
+        let d = match &xs[a] {
+            Dim::Known(v) => *v,
+            _ => return Err(c.err("the sliced dims must be static")),
+        };
+        let clamp = |v: i64| if v < 0 { (v + d).clamp(0, d) } else { v.clamp(0, d) };
+        let (s, e) = (clamp(s), clamp(e).max(clamp(s)));
+        pads[a] = s;
+        pads[a + r] = d - e;
+    }
+    let p = c.ints(&pads);
+    let mut v = vec![Some(c.op_a("Pad", &[&g, &p], vec![attr_string("mode", "constant")]))];
+    v.resize(need.len(), None);
+    Ok(v)
+}
+
+/// Indices made non-negative (tract's ScatterND does not wrap them).
+fn normalized_indices(c: &mut Ctx, idx: &str, x: &str, axis: usize) -> String {
+    let idx = if c.dtype(idx) != dtype::INT64 {
+        c.cast(idx, dtype::INT64)
+    } else {
+        idx.to_string()
+    };
+    let s = c.shape_of(x);
+    let a = c.ints(&[axis as i64]);
+    let d = c.op_a("Gather", &[&s, &a], vec![attr_int("axis", 0)]);
+    let zero = c.b.scalar_i64(0);
+    let neg = c.op("Less", &[&idx, &zero]);
+    let wrapped = c.op("Add", &[&idx, &d]);
+    c.op("Where", &[&neg, &wrapped, &idx])
+}
+
+/// The upstream gradient of Gather/GatherElements when X's gradient is wanted. Both scatter it
+/// back with `reduction="add"`, which needs opset 16.
+fn scatter_add_upstream(c: &Ctx, g: &[Option<String>], need: &[bool]) -> Result<Option<String>> {
+    let Some(g) = g0_owned(g) else { return Ok(None) };
+    if !need[0] {
+        return Ok(None);
+    }
+    if c.b.opset < 16 {
+        return Err(c.err("its gradient scatters with reduction=\"add\", which needs opset 16 or newer"));
+    }
+    Ok(Some(g))
+}
+
+/// Gather (embedding lookups): scatter-add the gradient rows back into zeros of X's shape.
+pub fn gather(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = scatter_add_upstream(c, g, need)? else {
+        return Ok(vec![None, None]);
+    };
+    let x = c.input(0).to_string();
+    let i = c.input(1).to_string();
+    let rx = c.rank(&x)?;
+    let ri = c.rank(&i)?;
+    let axis = norm_axis(c.attr_i("axis", 0), rx);
+    let idx = normalized_indices(c, &i, &x, axis);
+    let idx = c.unsqueeze(&idx, &[ri as i64]);
+    let add = attr_string("reduction", "add");
+    if axis == 0 {
+        let zeros = c.zeros_like(&x);
+        return Ok(vec![Some(c.op_a("ScatterND", &[&zeros, &idx, &g], vec![add])), None]);
+    }
+    // Move the gathered axis to the front, scatter, move it back.
+    let mut p: Vec<i64> = vec![axis as i64];
+    p.extend((0..rx as i64).filter(|&a| a != axis as i64));
+    let xt = c.op_a("Transpose", &[&x], vec![attr_ints("perm", &p)]);
+    let zeros = c.zeros_like_dynamic(&xt);
+    // g is X[:axis] + I + X[axis+1:]; bring the index dims to the front.
+    let rg = rx - 1 + ri;
+    let mut pg: Vec<i64> = (axis..axis + ri).map(|a| a as i64).collect();
+    pg.extend((0..axis).map(|a| a as i64));
+    pg.extend((axis + ri..rg).map(|a| a as i64));
+    let gt = c.op_a("Transpose", &[&g], vec![attr_ints("perm", &pg)]);
+    let sc = c.op_a("ScatterND", &[&zeros, &idx, &gt], vec![add]);
+    let mut inv = vec![0i64; rx];
+    for (k, &v) in p.iter().enumerate() {
+        inv[v as usize] = k as i64;
+    }
+    Ok(vec![
+        Some(c.op_a("Transpose", &[&sc], vec![attr_ints("perm", &inv)])),
+        None,
+    ])
+}
+
+pub fn gather_elements(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = scatter_add_upstream(c, g, need)? else {
+        return Ok(vec![None, None]);
+    };
+    let x = c.input(0).to_string();
+    let rx = c.rank(&x)?;
+    let axis = norm_axis(c.attr_i("axis", 0), rx);
+    let i = c.input(1).to_string();
+    let idx = normalized_indices(c, &i, &x, axis);
+    let zeros = c.zeros_like(&x);
+    Ok(vec![
+        Some(c.op_a(
+            "ScatterElements",
+            &[&zeros, &idx, &g],
+            vec![attr_int("axis", axis as i64), attr_string("reduction", "add")],
+        )),
+        None,
+    ])
+}
+
+pub fn expand(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None, None]);
+    };
+    let (x, y) = (c.input(0).to_string(), c.output(0).to_string());
+    Ok(vec![Some(c.unbroadcast(&g, &x, &y)?), None])
+}
+
+/// ReduceSum / ReduceMean: put the reduced axes back (Unsqueeze when keepdims=0), broadcast to
+/// X's shape, and divide by the number of reduced elements for the mean.
+fn reduce(c: &mut Ctx, g: &[Option<String>], need: &[bool], mean: bool) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let x = c.input(0).to_string();
+    let r = c.rank(&x)?;
+    let keep = c.attr_i("keepdims", 1) == 1;
+    let axes = c.reduce_axes(r)?;
+    let noop = c.attr_i("noop_with_empty_axes", 0) == 1;
+    let mut v = vec![None; need.len()];
+    let axes: Vec<i64> = match axes {
+        Some(a) if !a.is_empty() => a.iter().map(|&a| a as i64).collect(),
+        _ if noop => {
+            v[0] = Some(g);
+            return Ok(v);
+        }
+        _ => (0..r as i64).collect(),
+    };
+    let mut sorted = axes.clone();
+    sorted.sort();
+    let gk = if keep { g } else { c.unsqueeze(&g, &sorted) };
+    let s = c.shape_of(&x);
+    let ex = c.op("Expand", &[&gk, &s]);
+    v[0] = Some(if mean {
+        let y = c.output(0).to_string();
+        let n = c.size_ratio(&x, &y);
+        c.op("Div", &[&ex, &n])
+    } else {
+        ex
+    });
+    Ok(v)
+}
+
+pub fn reduce_sum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    reduce(c, g, need, false)
+}
+pub fn reduce_mean(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    reduce(c, g, need, true)
+}

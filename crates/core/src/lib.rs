@@ -1,0 +1,402 @@
+//! DAGR on ONNX graphs: finding the encoders (`locate`), the regularizer subgraph (`emit`), its
+//! direct reference implementation (`reference`), `inject`, which rewrites a model in place,
+//! the training graph (`training`, with `portable` BatchNorm), the optimizers as ONNX nodes
+//! (`optim`) folded into the step graph (`step_graph`), and the geometry of embeddings
+//! (`geometry`: effective rank, drift, similarity gap).
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod block;
+pub mod config;
+pub mod emit;
+pub mod geometry;
+pub mod locate;
+pub mod optim;
+pub mod portable;
+pub mod reference;
+pub mod step_graph;
+pub mod training;
+
+pub use config::{Config, Dispersion, Reduce, Task, Variant};
+
+use crate::locate::Encoder;
+use dagr_onnx::builder::{attr_int, Builder};
+use dagr_onnx::error::{Error, Result};
+use dagr_onnx::{dtype, Dim, GraphIndex, Model, ValueFact};
+use serde::{Deserialize, Serialize};
+
+/// Model metadata key under which a rewrite records its configuration.
+pub const METADATA_KEY: &str = "dagr_inject";
+
+/// Names of the graph outputs a rewrite added.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Outputs {
+    pub loss: String,
+    pub dispersion: String,
+    /// (modality, output)
+    pub dispersion_per_modality: Vec<(String, String)>,
+    pub anchoring: Option<String>,
+    pub task_loss: Option<String>,
+    pub total_loss: Option<String>,
+    /// (modality, output): `dL_DAGR/dz` for the raw encoder output
+    pub grads: Vec<(String, String)>,
+    /// (modality, output): the L2-normalized `[B, D]` embeddings
+    pub embeddings: Vec<(String, String)>,
+    /// (modality, dL_disp/dz, dL_anc/dz), unweighted; only for Pareto-balanced training graphs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub term_grads: Vec<(String, String, String)>,
+    /// The label input added for `--labels`, if any.
+    pub labels_input: Option<String>,
+}
+
+/// What a rewrite did; also stored (as JSON) in the model's metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub tool_version: String,
+    pub config: Config,
+    /// (modality, tensor)
+    pub encoders: Vec<(String, String)>,
+    pub outputs: Outputs,
+}
+
+/// The result of `inject`.
+#[derive(Debug, Clone)]
+pub struct Injected {
+    pub encoders: Vec<Encoder>,
+    pub record: Record,
+}
+
+/// Read the record of an earlier rewrite, if the model has one.
+pub fn record_of(model: &Model) -> Option<Record> {
+    model.metadata(METADATA_KEY).and_then(|s| serde_json::from_str(s).ok())
+}
+
+/// Refuse a batch whose DAGR terms cannot fit in memory: the dispersion term holds
+/// `[batch, batch]` matrices for every modality. Models without DAGR pass.
+pub fn check_batch(model: &Model, batch: usize) -> Result<()> {
+    let Some(rec) = record_of(model) else {
+        return Ok(());
+    };
+    dagr_onnx::limits::check_alloc_hint(
+        dagr_onnx::limits::dagr_pairwise_bytes(batch as u64, rec.encoders.len() as u64),
+        &format!("DAGR's pairwise terms at batch {batch}"),
+        "run smaller batches: the dispersion term holds [batch, batch] matrices",
+    )
+}
+
+/// The width `D'` of an encoder output after reduction, when its shape says so.
+fn reduced_width(f: &ValueFact, reduce: Reduce) -> Option<i64> {
+    let s = f.shape.as_ref()?;
+    let known = |d: &Dim| {
+        if let Dim::Known(v) = d {
+            Some(*v)
+        } else {
+            None
+        }
+    };
+    match (s.len(), reduce) {
+        (2, _) => known(&s[1]),
+        (_, Reduce::Flatten) => s[1..]
+            .iter()
+            .try_fold(1i64, |a, d| known(d).and_then(|v| a.checked_mul(v))),
+        (_, Reduce::Mean) => known(s.last()?),
+    }
+}
+
+/// Add the DAGR subgraph to `model` (spec sections 1-4, 6, 7).
+pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
+    inject_with(model, cfg, false)
+}
+
+/// `inject`, optionally also exposing each term's encoder-output gradient, unweighted
+/// (`dagr/grad_disp/<m>`, `dagr/grad_anc/<m>`), which Pareto balancing needs.
+pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Result<Injected> {
+    cfg.validate()?;
+    if let Some(prev) = model.metadata(METADATA_KEY) {
+        return Err(Error::Config(format!(
+            "this model was already rewritten by dagr-inject ({prev}); rewrite the original model instead"
+        )));
+    }
+    let opset = model.opset();
+    if opset < 13 {
+        return Err(Error::Config(format!(
+            "the model uses opset {opset}; dagr-inject needs opset 13 or newer\n  hint: convert it with onnx.version_converter.convert_version(model, 17)"
+        )));
+    }
+    let idx = GraphIndex::new(model)?;
+    let encoders = locate::resolve_all(model, &idx, &cfg.encoders)?;
+
+    let mut inputs = Vec::new();
+    for e in &encoders {
+        let f = idx.fact(&e.tensor).cloned().unwrap_or_default();
+        if f.dtype != 0 && !dtype::is_float(f.dtype) {
+            return Err(Error::Encoder(format!(
+                "the encoder output '{}' ({}) has type {}; DAGR needs a floating-point embedding",
+                e.tensor,
+                e.modality,
+                dtype::name(f.dtype)
+            )));
+        }
+        let rank = f.rank().ok_or_else(|| Error::ShapeUnknown {
+            tensor: e.tensor.clone(),
+            context: format!(" (encoder '{}'), so it cannot be reduced to [batch, D]", e.modality),
+        })?;
+        inputs.push(emit::EncoderInput {
+            modality: e.modality.clone(),
+            tensor: e.tensor.clone(),
+            dtype: if f.dtype == 0 { dtype::FLOAT } else { f.dtype },
+            rank,
+        });
+    }
+
+    // Anchoring compares embeddings row by row: widths must agree.
+    let widths: Vec<Option<i64>> = encoders
+        .iter()
+        .map(|e| idx.fact(&e.tensor).and_then(|f| reduced_width(f, cfg.reduce)))
+        .collect();
+    let mut widths_agree = true;
+    for a in 0..encoders.len() {
+        for b in a + 1..encoders.len() {
+            if let (Some(wa), Some(wb)) = (widths[a], widths[b]) {
+                if wa != wb {
+                    widths_agree = false;
+                    if cfg.variant.uses_anchoring() {
+                        return Err(Error::Encoder(format!(
+                            "anchoring needs equal embedding widths, but '{}' ({}) has width {wa} and '{}' ({}) has width {wb}\n  hint: pass --no-anchor (dispersion only), or name tensors of equal width",
+                            encoders[a].tensor, encoders[a].modality, encoders[b].tensor, encoders[b].modality
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    let batch = batch_dim(&idx, &encoders)?;
+
+    let mut b = Builder::new(model, "dagr/");
+    let em = emit::emit(&mut b, &inputs, cfg, widths_agree, separate_terms)?;
+
+    let mut new_outputs: Vec<ValueFact> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    let mut expose = |b: &mut Builder, src: &str, name: &str, fact: ValueFact| -> String {
+        let out = b.names.fresh(name);
+        b.op_named("Identity", &[src], vec![], &out);
+        names.push(out.clone());
+        new_outputs.push(fact);
+        out
+    };
+    let scalar = || ValueFact::new(dtype::FLOAT, vec![]);
+    let mut outputs = Outputs {
+        loss: expose(&mut b, &em.loss, "dagr/loss", scalar()),
+        dispersion: expose(&mut b, &em.dispersion, "dagr/dispersion", scalar()),
+        ..Default::default()
+    };
+    for (e, t) in encoders.iter().zip(&em.dispersion_per_modality) {
+        let n = expose(&mut b, t, &format!("dagr/dispersion/{}", e.modality), scalar());
+        outputs.dispersion_per_modality.push((e.modality.clone(), n));
+    }
+    if let Some(a) = &em.anchoring {
+        outputs.anchoring = Some(expose(&mut b, a, "dagr/anchoring", scalar()));
+    }
+    for ((e, g), inp) in encoders.iter().zip(&em.grads).zip(&inputs) {
+        let f = idx.fact(&e.tensor).cloned().unwrap_or_default();
+        let fact = ValueFact {
+            dtype: inp.dtype,
+            shape: f.shape,
+        };
+        let n = expose(&mut b, g, &format!("dagr/grad/{}", e.modality), fact);
+        outputs.grads.push((e.modality.clone(), n));
+    }
+    if let Some((td, ta)) = &em.term_grads {
+        for ((e, d), (a, inp)) in encoders.iter().zip(td).zip(ta.iter().zip(&inputs)) {
+            let f = idx.fact(&e.tensor).cloned().unwrap_or_default();
+            let fact = ValueFact {
+                dtype: inp.dtype,
+                shape: f.shape,
+            };
+            let nd = expose(&mut b, d, &format!("dagr/grad_disp/{}", e.modality), fact.clone());
+            let na = expose(&mut b, a, &format!("dagr/grad_anc/{}", e.modality), fact);
+            outputs.term_grads.push((e.modality.clone(), nd, na));
+        }
+    }
+    for (e, u) in encoders.iter().zip(&em.embeddings) {
+        let fact = ValueFact::new(dtype::FLOAT, vec![batch.clone(), Dim::Unknown]);
+        let n = expose(&mut b, u, &format!("dagr/embedding/{}", e.modality), fact);
+        outputs.embeddings.push((e.modality.clone(), n));
+    }
+
+    // Task loss and the total objective.
+    let mut label_input = None;
+    let task = match &cfg.task {
+        Task::None => None,
+        Task::Loss { output } => Some(task_from_output(&mut b, &idx, output)?),
+        Task::CrossEntropy { logits, labels } => {
+            let (t, lab) = cross_entropy(&mut b, &idx, logits, labels, &batch)?;
+            label_input = lab;
+            Some(t)
+        }
+    };
+    if let Some(t) = task {
+        let total = b.binary("Add", &t, &em.loss, "total");
+        outputs.task_loss = Some(expose(&mut b, &t, "dagr/task_loss", scalar()));
+        outputs.total_loss = Some(expose(&mut b, &total, "dagr/total_loss", scalar()));
+    }
+    b.finish(model);
+
+    let g = model.graph_mut();
+    for (n, f) in names.iter().zip(&new_outputs) {
+        g.output.push(f.to_value_info(n));
+    }
+    if let Some((name, fact)) = &label_input {
+        g.input.push(fact.to_value_info(name));
+        outputs.labels_input = Some(name.clone());
+    }
+    let record = Record {
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        config: cfg.clone(),
+        encoders: encoders
+            .iter()
+            .map(|e| (e.modality.clone(), e.tensor.clone()))
+            .collect(),
+        outputs,
+    };
+    let json = serde_json::to_string(&record).map_err(|e| Error::Graph(e.to_string()))?;
+    model.set_metadata(METADATA_KEY, &json);
+    Ok(Injected { encoders, record })
+}
+
+/// The batch dimension shared by the encoder outputs (an error if two known sizes differ).
+fn batch_dim(idx: &GraphIndex, encs: &[Encoder]) -> Result<Dim> {
+    let mut found: Option<(Dim, &str)> = None;
+    for e in encs {
+        let d = idx
+            .fact(&e.tensor)
+            .and_then(|f| f.shape.as_ref())
+            .and_then(|s| s.first().cloned());
+        if let Some(d) = d {
+            if let Some((prev, t)) = &found {
+                if let (Dim::Known(x), Dim::Known(y)) = (prev, &d) {
+                    if x != y {
+                        return Err(Error::Encoder(format!(
+                            "the encoder outputs disagree on the batch size: '{t}' has {x}, '{}' has {y}",
+                            e.tensor
+                        )));
+                    }
+                }
+                if matches!(prev, Dim::Known(_)) {
+                    continue;
+                }
+            }
+            found = Some((d, &e.tensor));
+        }
+    }
+    Ok(found.map(|(d, _)| d).unwrap_or(Dim::Unknown))
+}
+
+fn produced(idx: &GraphIndex, t: &str) -> bool {
+    idx.producer.contains_key(t)
+}
+
+fn task_from_output(b: &mut Builder, idx: &GraphIndex, output: &str) -> Result<String> {
+    if !produced(idx, output) {
+        return Err(Error::Config(format!(
+            "--loss '{output}' is not a tensor the model computes\n  hint: outputs are: {}",
+            idx.graph_outputs.join(", ")
+        )));
+    }
+    let f = idx.fact(output).cloned().unwrap_or_default();
+    if let Some(s) = &f.shape {
+        let numel: Option<i64> = s
+            .iter()
+            .map(|d| if let Dim::Known(v) = d { Some(*v) } else { None })
+            .product();
+        if numel != Some(1) {
+            return Err(Error::Config(format!(
+                "--loss '{output}' has shape {}, but a loss must be a scalar\n  hint: name the model's scalar loss output, or use --logits/--labels to append a cross-entropy",
+                f.shape_string()
+            )));
+        }
+    }
+    if f.dtype != 0 && !dtype::is_float(f.dtype) {
+        return Err(Error::Config(format!(
+            "--loss '{output}' has type {}, expected a float",
+            dtype::name(f.dtype)
+        )));
+    }
+    let x = if f.dtype != dtype::FLOAT {
+        b.cast(output, dtype::FLOAT, "task")
+    } else {
+        output.to_string()
+    };
+    Ok(b.reduce("ReduceSum", &x, None, false, "task"))
+}
+
+/// Sum over heads of `-mean_i log_softmax(logits)[i, y_i]`, written with LogSoftmax and
+/// GatherElements (portable: tract has no SoftmaxCrossEntropyLoss).
+fn cross_entropy(
+    b: &mut Builder,
+    idx: &GraphIndex,
+    logits: &[String],
+    labels: &str,
+    batch: &Dim,
+) -> Result<(String, Option<(String, ValueFact)>)> {
+    let (label_name, new_input) = if idx.is_graph_input(labels) {
+        let f = idx.fact(labels).cloned().unwrap_or_default();
+        if f.dtype != dtype::INT64 {
+            return Err(Error::Config(format!(
+                "--labels '{labels}' is an existing input of type {}, expected int64",
+                dtype::name(f.dtype)
+            )));
+        }
+        (labels.to_string(), None)
+    } else if b.names.contains(labels) {
+        return Err(Error::Config(format!(
+            "--labels '{labels}' names a tensor the model already has; choose a new input name"
+        )));
+    } else {
+        let name = b.names.fresh(labels);
+        let fact = ValueFact::new(dtype::INT64, vec![batch.clone()]);
+        (name.clone(), Some((name, fact)))
+    };
+    let mut terms = Vec::new();
+    for l in logits {
+        if !produced(idx, l) && !idx.is_graph_input(l) {
+            return Err(Error::Config(format!(
+                "--logits '{l}' is not a tensor of the model\n  hint: outputs are: {}",
+                idx.graph_outputs.join(", ")
+            )));
+        }
+        let f = idx.fact(l).cloned().unwrap_or_default();
+        if let Some(s) = &f.shape {
+            if s.len() != 2 {
+                return Err(Error::Config(format!(
+                    "--logits '{l}' has shape {}, expected [batch, classes]",
+                    f.shape_string()
+                )));
+            }
+            if let (Dim::Known(x), Dim::Known(y)) = (&s[0], batch) {
+                if x != y {
+                    return Err(Error::Config(format!(
+                        "--logits '{l}' has batch size {x}, but the encoder outputs have batch size {y}"
+                    )));
+                }
+            }
+        }
+        let x = if f.dtype != 0 && f.dtype != dtype::FLOAT {
+            b.cast(l, dtype::FLOAT, "task")
+        } else {
+            l.clone()
+        };
+        let logp = b.op("LogSoftmax", &[&x], vec![attr_int("axis", 1)], "task");
+        let lab = b.unsqueeze(&label_name, &[1], "task");
+        let picked = b.op("GatherElements", &[&logp, &lab], vec![attr_int("axis", 1)], "task");
+        let mean = b.reduce("ReduceMean", &picked, None, false, "task");
+        terms.push(b.unary("Neg", &mean, "task"));
+    }
+    let refs: Vec<&str> = terms.iter().map(String::as_str).collect();
+    let total = if refs.len() == 1 {
+        terms[0].clone()
+    } else {
+        b.op("Sum", &refs, vec![], "task")
+    };
+    Ok((total, new_input))
+}

@@ -1,0 +1,221 @@
+//! The step graph: a training graph with its optimizer folded in, so that one run is one whole
+//! training step and the parameters never leave the backend.
+//!
+//! Inputs: the batch, every piece of state (parameters, BatchNorm running statistics, the
+//! optimizer's per-parameter slots) and the optimizer's per-step scalars. Outputs: the updated
+//! state, the loss and its terms, and `grad_sq`, the squared L2 norm of each parameter's
+//! gradient before clipping (one float per parameter), from which the host takes the global
+//! gradient norm and sees a non-finite gradient before it accepts the step. The state outputs
+//! are bound back to the state inputs by `runtime::Stepper` (IoBinding on ONNX Runtime).
+//!
+//! Clipping by global norm happens in the graph as `torch.nn.utils.clip_grad_norm_` does it:
+//! `g * min(1, max_norm / (||g|| + 1e-6))`.
+
+use super::optim::{Optimizer, Slot};
+use crate::training::TrainRecord;
+use dagr_onnx::builder::{attr_int, Builder};
+use dagr_onnx::error::{Error, Result};
+use dagr_onnx::state::StateLink;
+use dagr_onnx::{dtype, Dim, GraphIndex, Model, ValueFact};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+
+/// The output holding each parameter's squared gradient norm, in `TrainRecord::params` order.
+pub const GRAD_SQ: &str = "dagr/opt/grad_sq";
+
+/// The output that checks the update: one value per state tensor, in `StepGraph::state` order:
+/// 0 when every element of the updated tensor is finite, 1 otherwise (`IsNaN or IsInf`, reduced
+/// by max; `x * 0` would do in exact arithmetic, but runtimes fold a product with zero away).
+/// The host refuses a step whose update is not finite before making it the state.
+pub const STATE_CHECK: &str = "dagr/opt/state_check";
+
+/// Metadata key of a step graph's `StepRecord` (it replaces the training graph's record, so
+/// that a step graph is never mistaken for a training graph to build another step on).
+pub const METADATA_KEY: &str = "dagr_inject.step";
+
+/// What a step graph holds, recorded in its metadata for other runtimes and for `inspect`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub optimizer: Optimizer,
+    pub clip_grad_norm: Option<f64>,
+    /// Every state tensor: its checkpoint key, input and updated output.
+    pub state: Vec<StateLink>,
+    /// The per-step scalar inputs (see `optim::scalar`).
+    pub scalars: Vec<String>,
+    /// The loss the step descends, and the per-parameter squared gradient norms.
+    pub loss: String,
+    pub grad_sq: String,
+    /// The finiteness check of the update (see `STATE_CHECK`), in `state` order.
+    #[serde(default)]
+    pub state_check: String,
+    /// Parameter names in the order of `grad_sq`.
+    pub params: Vec<String>,
+}
+
+/// Checkpoint and state keys: `param/<name>`, `bn/<name>`, `m/<name>`, `v/<name>`.
+pub fn param_key(p: &str) -> String {
+    format!("param/{p}")
+}
+pub fn bn_key(s: &str) -> String {
+    format!("bn/{s}")
+}
+pub fn slot_key(slot: Slot, p: &str) -> String {
+    format!("{}/{p}", slot.key())
+}
+
+pub struct StepGraph {
+    pub model: Model,
+    /// Every state tensor: its key, the input it is read from and the output of its update.
+    pub state: Vec<StateLink>,
+    /// The optimizer's per-step scalar inputs.
+    pub scalars: Vec<&'static str>,
+}
+
+/// Fold `opt` (and clipping to `clip` if given) into the training graph `train`.
+pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>) -> Result<StepGraph> {
+    if let Some(c) = clip {
+        if !(c > 0.0 && c.is_finite()) {
+            return Err(Error::Config(format!(
+                "--clip-grad-norm must be a positive number, got {c}"
+            )));
+        }
+    }
+    let mut model = train.clone();
+    let idx = GraphIndex::new(&model)?;
+    let mut b = Builder::new(&model, "dagr/opt/");
+    let fact_of = |n: &str| idx.fact(n).cloned().unwrap_or(ValueFact::new(dtype::FLOAT, vec![]));
+    // The fixed names of the step graph's own inputs and outputs must be free.
+    let scalars = opt.scalar_names();
+    for name in scalars.iter().copied().chain([GRAD_SQ, STATE_CHECK]) {
+        if b.names.fresh(name) != name {
+            return Err(Error::Graph(format!("the model already has a tensor named '{name}'")));
+        }
+    }
+
+    // Squared norms, one per parameter, as a [P] vector.
+    let flat_shape = b.const_i64(&[-1]);
+    let mut norms = Vec::new();
+    for (_, g) in &rec.params {
+        let flat = b.op("Reshape", &[g, &flat_shape], vec![], "norm");
+        norms.push(b.reduce("ReduceSumSquare", &flat, Some(&[0]), true, "norm"));
+    }
+    let refs: Vec<&str> = norms.iter().map(String::as_str).collect();
+    b.op_named("Concat", &refs, vec![attr_int("axis", 0)], GRAD_SQ);
+
+    let scale = clip.map(|c| {
+        let total = b.reduce("ReduceSum", GRAD_SQ, None, false, "clip");
+        let norm = b.unary("Sqrt", &total, "clip");
+        let tiny = b.scalar(1e-6);
+        let den = b.binary("Add", &norm, &tiny, "clip");
+        let max = b.scalar(c);
+        let coef = b.binary("Div", &max, &den, "clip");
+        let one = b.scalar(1.0);
+        b.binary("Min", &coef, &one, "clip")
+    });
+
+    let mut state = Vec::new();
+    let mut new_inputs: Vec<(String, ValueFact)> = Vec::new();
+    let mut new_outputs: Vec<(String, ValueFact)> = vec![(
+        GRAD_SQ.into(),
+        ValueFact::new(dtype::FLOAT, vec![Dim::Known(rec.params.len() as _)]),
+    )];
+    for (p, g) in &rec.params {
+        let fact = fact_of(p);
+        let g = match &scale {
+            Some(s) => b.binary("Mul", g, s, "clip"),
+            None => g.clone(),
+        };
+        let slot_inputs: Vec<String> = opt
+            .slots()
+            .iter()
+            .map(|&s| {
+                let name = b.names.fresh(&format!("dagr/opt/{}/{p}", s.key()));
+                new_inputs.push((name.clone(), fact.clone()));
+                name
+            })
+            .collect();
+        let (p_next, slots_next) = opt.emit_update(&mut b, p, &g, &slot_inputs);
+        let out = b.names.fresh(&format!("dagr/opt/next/{p}"));
+        b.op_named("Identity", &[&p_next], vec![], &out);
+        new_outputs.push((out.clone(), fact.clone()));
+        state.push(StateLink {
+            key: param_key(p),
+            input: p.clone(),
+            output: out,
+        });
+        for ((&slot, input), next) in opt.slots().iter().zip(slot_inputs).zip(slots_next) {
+            let out = b.names.fresh(&format!("{input}/next"));
+            b.op_named("Identity", &[&next], vec![], &out);
+            new_outputs.push((out.clone(), fact.clone()));
+            state.push(StateLink {
+                key: slot_key(slot, p),
+                input,
+                output: out,
+            });
+        }
+    }
+    for s in &rec.batchnorm {
+        for (init, next) in [&s.mean, &s.var] {
+            state.push(StateLink {
+                key: bn_key(init),
+                input: init.clone(),
+                output: next.clone(),
+            });
+        }
+    }
+    for s in &scalars {
+        new_inputs.push((s.to_string(), ValueFact::new(dtype::FLOAT, vec![])));
+    }
+    let checks: Vec<String> = state
+        .iter()
+        .map(|l| {
+            let flat = b.op("Reshape", &[&l.output, &flat_shape], vec![], "check");
+            let nan = b.unary("IsNaN", &flat, "check");
+            let inf = b.unary("IsInf", &flat, "check");
+            let bad = b.binary("Or", &nan, &inf, "check");
+            let bad = b.cast(&bad, dtype::FLOAT, "check");
+            b.reduce("ReduceMax", &bad, Some(&[0]), true, "check")
+        })
+        .collect();
+    let refs: Vec<&str> = checks.iter().map(String::as_str).collect();
+    b.op_named("Concat", &refs, vec![attr_int("axis", 0)], STATE_CHECK);
+    new_outputs.push((
+        STATE_CHECK.into(),
+        ValueFact::new(dtype::FLOAT, vec![Dim::Known(state.len() as _)]),
+    ));
+    b.finish(&mut model);
+
+    // Outputs: the reports and the state's updates; the `<param>_grad` outputs become internal.
+    let grads: HashSet<&String> = rec.params.iter().map(|p| &p.1).collect();
+    let g = model.graph_mut();
+    g.output.retain(|o| !grads.contains(&o.name));
+    for (n, f) in new_outputs {
+        if !g.output.iter().any(|o| o.name == n) {
+            g.output.push(f.to_value_info(&n));
+        }
+    }
+    for (n, f) in new_inputs {
+        g.input.push(f.to_value_info(&n));
+    }
+    // State is always fed: drop its initializers (tract folds an initializer into a constant,
+    // and the step graph stays small).
+    let fed: HashSet<&String> = state.iter().map(|s| &s.input).collect();
+    g.initializer.retain(|t| !fed.contains(&t.name));
+    dagr_onnx::index::prune(&mut model);
+    let record = StepRecord {
+        optimizer: opt,
+        clip_grad_norm: clip,
+        state: state.clone(),
+        scalars: scalars.iter().map(|s| s.to_string()).collect(),
+        loss: rec.loss.clone(),
+        grad_sq: GRAD_SQ.into(),
+        state_check: STATE_CHECK.into(),
+        params: rec.params.iter().map(|p| p.0.clone()).collect(),
+    };
+    model.remove_metadata(crate::training::METADATA_KEY);
+    model.set_metadata(
+        METADATA_KEY,
+        &serde_json::to_string(&record).map_err(|e| Error::Graph(e.to_string()))?,
+    );
+    Ok(StepGraph { model, state, scalars })
+}

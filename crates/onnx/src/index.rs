@@ -1,0 +1,288 @@
+//! A read-only index over a graph: who produces and who consumes each tensor, a topological
+//! order, and the value facts (element type and shape, symbolic dims included) of every tensor,
+//! taken from the model's own value_info and completed by our shape inference.
+
+use crate::error::{Error, Result};
+use crate::proto::{GraphProto, NodeProto, TypeProto, ValueInfoProto};
+use crate::{shape, Model};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+
+/// One dimension of a tensor shape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Dim {
+    Known(i64),
+    Sym(String),
+    Unknown,
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Known(v) => write!(f, "{v}"),
+            Dim::Sym(s) => write!(f, "{s}"),
+            Dim::Unknown => write!(f, "?"),
+        }
+    }
+}
+
+/// What is known of a tensor: its element type and, if known, its shape.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ValueFact {
+    /// ONNX element type (0 when unknown).
+    pub dtype: i32,
+    pub shape: Option<Vec<Dim>>,
+}
+
+impl ValueFact {
+    pub fn new(dtype: i32, shape: Vec<Dim>) -> Self {
+        ValueFact {
+            dtype,
+            shape: Some(shape),
+        }
+    }
+    pub fn rank(&self) -> Option<usize> {
+        self.shape.as_ref().map(Vec::len)
+    }
+    pub fn shape_string(&self) -> String {
+        match &self.shape {
+            Some(s) => format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+            None => "[?]".into(),
+        }
+    }
+    pub fn from_type_proto(t: &TypeProto) -> Option<ValueFact> {
+        if !t.has_tensor_type() {
+            return None;
+        }
+        let tt = t.tensor_type();
+        let shape = tt.shape.as_ref().map(|s| {
+            s.dim
+                .iter()
+                .map(|d| {
+                    if d.has_dim_value() {
+                        Dim::Known(d.dim_value())
+                    } else if d.has_dim_param() && !d.dim_param().is_empty() {
+                        Dim::Sym(d.dim_param().to_string())
+                    } else {
+                        Dim::Unknown
+                    }
+                })
+                .collect()
+        });
+        Some(ValueFact {
+            dtype: tt.elem_type,
+            shape,
+        })
+    }
+
+    /// A `ValueInfoProto` carrying this fact.
+    pub fn to_value_info(&self, name: &str) -> ValueInfoProto {
+        use crate::proto::{tensor_shape_proto::Dimension, type_proto, TensorShapeProto};
+        let mut tt = type_proto::Tensor::new();
+        tt.elem_type = self.dtype;
+        if let Some(s) = &self.shape {
+            let mut sp = TensorShapeProto::new();
+            for d in s {
+                let mut dim = Dimension::new();
+                match d {
+                    Dim::Known(v) => dim.set_dim_value(*v),
+                    Dim::Sym(p) => dim.set_dim_param(p.clone()),
+                    Dim::Unknown => {}
+                }
+                sp.dim.push(dim);
+            }
+            tt.shape = protobuf::MessageField::some(sp);
+        }
+        let mut tp = TypeProto::new();
+        tp.set_tensor_type(tt);
+        let mut vi = ValueInfoProto::new();
+        vi.name = name.to_string();
+        vi.type_ = protobuf::MessageField::some(tp);
+        vi
+    }
+}
+
+/// Index over the main graph of a model.
+#[derive(Debug, Clone)]
+pub struct GraphIndex {
+    /// tensor -> (node index, output slot)
+    pub producer: HashMap<String, (usize, usize)>,
+    /// tensor -> consuming node indices (a node appears once per tensor even if it uses it twice)
+    pub consumers: HashMap<String, Vec<usize>>,
+    pub initializers: HashSet<String>,
+    pub graph_inputs: Vec<String>,
+    pub graph_outputs: Vec<String>,
+    /// Nodes in an order where every producer precedes its consumers.
+    pub topo: Vec<usize>,
+    pub facts: HashMap<String, ValueFact>,
+}
+
+/// Every tensor name a node reads, including names its subgraphs capture from the outer scope.
+pub fn node_reads(n: &NodeProto) -> Vec<String> {
+    let mut out: Vec<String> = n.input.iter().filter(|s| !s.is_empty()).cloned().collect();
+    for a in &n.attribute {
+        let mut gs: Vec<&GraphProto> = a.graphs.iter().collect();
+        if let Some(g) = a.g.as_ref() {
+            gs.push(g);
+        }
+        for g in gs {
+            let local: HashSet<&str> = g
+                .node
+                .iter()
+                .flat_map(|n| n.output.iter().map(String::as_str))
+                .chain(g.input.iter().map(|i| i.name.as_str()))
+                .chain(g.initializer.iter().map(|i| i.name.as_str()))
+                .collect();
+            for inner in &g.node {
+                for r in node_reads(inner) {
+                    if !local.contains(r.as_str()) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+impl GraphIndex {
+    pub fn new(model: &Model) -> Result<GraphIndex> {
+        let g = model.graph();
+        let mut producer = HashMap::new();
+        let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, n) in g.node.iter().enumerate() {
+            for (slot, o) in n.output.iter().enumerate() {
+                if !o.is_empty() {
+                    producer.insert(o.clone(), (i, slot));
+                }
+            }
+            let mut seen = HashSet::new();
+            for r in node_reads(n) {
+                if seen.insert(r.clone()) {
+                    consumers.entry(r).or_default().push(i);
+                }
+            }
+        }
+        let initializers: HashSet<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
+        let graph_inputs = g.input.iter().map(|v| v.name.clone()).collect();
+        let graph_outputs = g.output.iter().map(|v| v.name.clone()).collect();
+        let topo = topo_order(g, &producer)?;
+
+        let mut facts = HashMap::new();
+        for vi in g.input.iter().chain(g.value_info.iter()).chain(g.output.iter()) {
+            if let Some(f) = vi.type_.as_ref().and_then(ValueFact::from_type_proto) {
+                merge_fact(&mut facts, &vi.name, f);
+            }
+        }
+        for t in &g.initializer {
+            let dims = t.dims.iter().map(|&d| Dim::Known(d)).collect();
+            facts.insert(t.name.clone(), ValueFact::new(t.data_type, dims));
+        }
+        let mut idx = GraphIndex {
+            producer,
+            consumers,
+            initializers,
+            graph_inputs,
+            graph_outputs,
+            topo,
+            facts,
+        };
+        shape::infer(model, &mut idx);
+        Ok(idx)
+    }
+
+    pub fn fact(&self, name: &str) -> Option<&ValueFact> {
+        self.facts.get(name)
+    }
+
+    pub fn is_graph_input(&self, name: &str) -> bool {
+        self.graph_inputs.iter().any(|n| n == name)
+    }
+
+    /// Graph inputs that are not initializers: what a user feeds.
+    pub fn user_inputs(&self) -> Vec<String> {
+        self.graph_inputs
+            .iter()
+            .filter(|n| !self.initializers.contains(*n))
+            .cloned()
+            .collect()
+    }
+
+    pub fn consumers_of(&self, name: &str) -> &[usize] {
+        self.consumers.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// A fact from value_info never loses information already known (an output's declared shape may
+/// be less precise than an intermediate's value_info).
+fn merge_fact(facts: &mut HashMap<String, ValueFact>, name: &str, f: ValueFact) {
+    match facts.get_mut(name) {
+        Some(old) => {
+            if old.dtype == 0 {
+                old.dtype = f.dtype;
+            }
+            if old.shape.is_none() {
+                old.shape = f.shape;
+            }
+        }
+        None => {
+            facts.insert(name.to_string(), f);
+        }
+    }
+}
+
+fn topo_order(g: &GraphProto, producer: &HashMap<String, (usize, usize)>) -> Result<Vec<usize>> {
+    let n = g.node.len();
+    let mut indeg = vec![0usize; n];
+    let mut succ: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, node) in g.node.iter().enumerate() {
+        let mut deps = HashSet::new();
+        for r in node_reads(node) {
+            if let Some(&(p, _)) = producer.get(&r) {
+                if p != i && deps.insert(p) {
+                    succ[p].push(i);
+                    indeg[i] += 1;
+                }
+            }
+        }
+    }
+    let mut q: VecDeque<usize> = (0..n).filter(|&i| indeg[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = q.pop_front() {
+        order.push(i);
+        for &s in &succ[i] {
+            indeg[s] -= 1;
+            if indeg[s] == 0 {
+                q.push_back(s);
+            }
+        }
+    }
+    if order.len() != n {
+        let stuck = (0..n)
+            .find(|&i| indeg[i] > 0)
+            .map(|i| g.node[i].name.clone())
+            .unwrap_or_default();
+        return Err(Error::Graph(format!(
+            "the graph has a cycle (node '{stuck}' depends on its own output); ONNX graphs must be acyclic"
+        )));
+    }
+    Ok(order)
+}
+
+/// Remove nodes none of whose outputs reaches a graph output.
+pub fn prune(model: &mut Model) {
+    let g = model.graph_mut();
+    let mut live: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    let mut keep = vec![false; g.node.len()];
+    for i in (0..g.node.len()).rev() {
+        let n = &g.node[i];
+        if n.output.iter().any(|o| live.contains(o)) {
+            keep[i] = true;
+            live.extend(node_reads(n));
+        }
+    }
+    let mut k = keep.iter();
+    g.node.retain(|_| k.next().copied().unwrap_or(true));
+    g.initializer
+        .retain(|t| live.contains(&t.name) || g.input.iter().any(|i| i.name == t.name));
+}

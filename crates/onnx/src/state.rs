@@ -1,0 +1,11 @@
+//! State that a graph run again and again reads and writes (a step graph's parameters and
+//! optimizer state): which input it is read from and which output holds its update.
+
+/// A piece of state that a graph reads from `input` and writes, updated, to `output`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StateLink {
+    /// The name the state is known by outside the graph (checkpoint keys).
+    pub key: String,
+    pub input: String,
+    pub output: String,
+}

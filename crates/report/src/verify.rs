@@ -1,0 +1,419 @@
+//! `dagr-inject verify`: check a rewritten model's outputs against a reference file, against the
+//! original model, against the built-in reference implementation of DAGR, against finite
+//! differences (parameter gradients of training graphs), and across backends.
+
+use dagr_core::{self as dagr, reference};
+use dagr_onnx::error::{Error, Result};
+use dagr_onnx::{self as onnx, dtype, Dim, GraphIndex, Model};
+use dagr_runtime::{self as runtime, Backend, Tensors, Value};
+use ndarray::ArrayD;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub check: String,
+    pub output: String,
+    pub backend: String,
+    pub max_abs: f64,
+    /// max |got - want| / max |want|
+    pub rel: f64,
+    pub pass: bool,
+}
+
+fn compare(check: &str, output: &str, backend: &str, got: &Value, want: &Value, rtol: f64) -> Check {
+    compare_floor(check, output, backend, got, want, rtol, 0.0)
+}
+
+/// `floor`: the smallest scale the error is relative to, for outputs whose true value is
+/// (nearly) zero, such as the gradient of a bias followed by BatchNorm.
+fn compare_floor(check: &str, output: &str, backend: &str, got: &Value, want: &Value, rtol: f64, floor: f64) -> Check {
+    let (max_abs, rel) = match (got, want) {
+        (Value::F32(a), Value::F32(b)) if a.shape() == b.shape() => {
+            let scale = b.iter().fold(floor, |m, v| m.max(v.abs() as f64));
+            let d = a
+                .iter()
+                .zip(b.iter())
+                .fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
+            let nonfinite = a.iter().any(|v| !v.is_finite()) != b.iter().any(|v| !v.is_finite());
+            if nonfinite {
+                (f64::INFINITY, f64::INFINITY)
+            } else {
+                (d, if scale > 0.0 { d / scale } else { d })
+            }
+        }
+        (a, b) if a == b => (0.0, 0.0),
+        _ => (f64::INFINITY, f64::INFINITY),
+    };
+    Check {
+        check: check.into(),
+        output: output.into(),
+        backend: backend.into(),
+        max_abs,
+        rel,
+        pass: rel <= rtol,
+    }
+}
+
+/// Inputs for the built-in checks: random floats, and small non-negative integers (labels,
+/// token ids) below `int_bound`, with symbolic dims set to `batch`.
+/// The most elements `random_inputs` fills per input (64 M floats, 256 MB).
+pub const MAX_RANDOM_ELEMENTS: usize = 1 << 26;
+
+pub fn random_inputs(model: &Model, batch: usize, int_bound: i64, seed: u64) -> Result<Tensors> {
+    let idx = GraphIndex::new(model)?;
+    let mut rng = dagr_runtime::data::Rng(seed);
+    let mut out = Tensors::new();
+    for name in idx.user_inputs() {
+        let f = idx.fact(&name).cloned().unwrap_or_default();
+        let dims = f
+            .shape
+            .ok_or_else(|| Error::Data(format!("the shape of input '{name}' is unknown; pass --inputs")))?;
+        let mut shape = Vec::with_capacity(dims.len());
+        for d in &dims {
+            shape.push(match d {
+                Dim::Known(v) if *v >= 0 => *v as usize,
+                Dim::Known(v) => {
+                    return Err(Error::Data(format!(
+                        "input '{name}' declares the dimension {v}, which no tensor has; fix the model or pass --inputs"
+                    )))
+                }
+                _ => batch,
+            });
+        }
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
+            .ok_or_else(|| {
+                Error::Data(format!(
+                    "input '{name}' has shape {shape:?}, too large to fill with random values (at most {MAX_RANDOM_ELEMENTS} elements); pass --inputs"
+                ))
+            })?;
+        let shaped = |e: ndarray::ShapeError| Error::Data(format!("input '{name}': {e}"));
+        let v = match f.dtype {
+            dtype::INT64 | dtype::INT32 => Value::I64(
+                ArrayD::from_shape_vec(
+                    shape,
+                    (0..n)
+                        .map(|_| (rng.next_u64() % int_bound.max(1) as u64) as i64)
+                        .collect(),
+                )
+                .map_err(shaped)?,
+            ),
+            _ => Value::F32(
+                ArrayD::from_shape_vec(
+                    shape,
+                    (0..n)
+                        .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0)
+                        .collect(),
+                )
+                .map_err(shaped)?,
+            ),
+        };
+        out.insert(name, v);
+    }
+    Ok(out)
+}
+
+/// Outputs of the reference file on every backend.
+pub fn against_reference(path: &Path, reference: &Tensors, backends: &[Backend], rtol: f64) -> Result<Vec<Check>> {
+    let model = onnx::load(path)?;
+    let outs: Vec<String> = model
+        .graph()
+        .output
+        .iter()
+        .map(|o| o.name.clone())
+        .filter(|n| reference.contains_key(n))
+        .collect();
+    if outs.is_empty() {
+        return Err(Error::Data(
+            "the reference file has no array named like an output of the model".into(),
+        ));
+    }
+    let mut checks = Vec::new();
+    for &b in backends {
+        let got = runtime::run(b, path, reference, &outs)?;
+        for o in &outs {
+            checks.push(compare("reference", o, b.name(), &got[o], &reference[o], rtol));
+        }
+    }
+    Ok(checks)
+}
+
+/// The original model's outputs are unchanged (bit for bit) by the rewrite.
+pub fn against_original(path: &Path, original: &Path, inputs: &Tensors, backends: &[Backend]) -> Result<Vec<Check>> {
+    let orig = onnx::load(original)?;
+    let outs: Vec<String> = orig.graph().output.iter().map(|o| o.name.clone()).collect();
+    let mut checks = Vec::new();
+    for &b in backends {
+        let want = runtime::run(b, original, inputs, &outs)?;
+        let got = runtime::run(b, path, inputs, &outs)?;
+        for o in &outs {
+            checks.push(compare("original unchanged", o, b.name(), &got[o], &want[o], 0.0));
+        }
+    }
+    Ok(checks)
+}
+
+/// DAGR's outputs against the built-in reference, from the model's own encoder outputs.
+pub fn against_builtin(path: &Path, inputs: &Tensors, backends: &[Backend], rtol: f64) -> Result<Vec<Check>> {
+    let model = onnx::load(path)?;
+    let rec = dagr::record_of(&model)
+        .ok_or_else(|| Error::Config("the model was not rewritten by dagr-inject (no dagr_inject metadata)".into()))?;
+    let idx = GraphIndex::new(&model)?;
+    // A copy that also outputs the raw encoder outputs.
+    let dir = tempfile::tempdir().map_err(|source| Error::Write {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let exposed = dir.path().join("exposed.onnx");
+    let mut m = model.clone();
+    m.source = None;
+    m.base_dir = model.base_dir.clone();
+    let enc: Vec<String> = rec.encoders.iter().map(|e| e.1.clone()).collect();
+    for t in &enc {
+        if !m.graph().output.iter().any(|o| &o.name == t) {
+            let f = idx.fact(t).cloned().unwrap_or_default();
+            m.graph_mut().output.push(f.to_value_info(t));
+        }
+    }
+    onnx::io::write_atomic(&exposed, &m.to_bytes()?)?;
+    let o = &rec.outputs;
+    let mut names = enc.clone();
+    names.push(o.loss.clone());
+    names.extend(o.grads.iter().map(|g| g.1.clone()));
+    let mut checks = Vec::new();
+    for &b in backends {
+        let got = runtime::run(b, &exposed, inputs, &names)?;
+        let zs: Vec<ArrayD<f64>> = enc
+            .iter()
+            .map(|t| {
+                got.get(t)
+                    .and_then(|v| v.as_f32())
+                    .map(|a| a.mapv(|v| v as f64))
+                    .ok_or_else(|| Error::Graph(format!("the encoder output '{t}' is not a float32 output")))
+            })
+            .collect::<Result<_>>()?;
+        let reduced: Vec<ndarray::Array2<f64>> = zs.iter().map(|z| reference::reduce(z, rec.config.reduce)).collect();
+        let r = reference::compute(&reduced, &rec.config);
+        let want_loss = Value::F32(ArrayD::from_elem(vec![], r.loss as f32));
+        checks.push(compare(
+            "built-in reference",
+            &o.loss,
+            b.name(),
+            &got[&o.loss],
+            &want_loss,
+            rtol,
+        ));
+        for (k, (_, g)) in o.grads.iter().enumerate() {
+            let full = reference::reduce_backward(&r.grads[k], zs[k].shape(), rec.config.reduce);
+            let want = Value::F32(full.mapv(|v| v as f32));
+            checks.push(compare(
+                "built-in reference",
+                g,
+                b.name(),
+                &got[g],
+                &want,
+                rtol.max(1e-5),
+            ));
+        }
+    }
+    Ok(checks)
+}
+
+/// Central differences of the training loss against `<param>_grad` on `coords` random
+/// coordinates of each parameter (training graphs only).
+pub fn param_finite_differences(path: &Path, inputs: &Tensors, backend: Backend, coords: usize) -> Result<Vec<Check>> {
+    let model = onnx::load(path)?;
+    // Only training graphs have parameter gradients; a damaged training record is an error.
+    let rec = match dagr_train::record_of(&model) {
+        Ok(r) => r,
+        Err(Error::NotATrainingGraph(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let pnames: Vec<String> = rec.params.iter().map(|p| p.0.clone()).collect();
+    let mut feed = inputs.clone();
+    for t in &model.graph().initializer {
+        if pnames.contains(&t.name) {
+            let v = onnx::tensor::to_f32(t, &model.base_dir)?;
+            let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            let a =
+                ArrayD::from_shape_vec(shape, v).map_err(|e| Error::Graph(format!("parameter '{}': {e}", t.name)))?;
+            feed.insert(t.name.clone(), Value::F32(a));
+        }
+    }
+    let mut outs: Vec<String> = rec.params.iter().map(|p| p.1.clone()).collect();
+    outs.push(rec.loss.clone());
+    let mut runner = runtime::Runner::new(backend, path, &feed, &outs)?;
+    let base = runner.run(&feed)?;
+    let mut rng = dagr_runtime::data::Rng(17);
+    let mut checks = Vec::new();
+    for (p, g) in &rec.params {
+        let grad = base
+            .get(g)
+            .and_then(|v| v.as_f32())
+            .ok_or_else(|| Error::Graph(format!("the gradient output '{g}' is not a float32 output")))?
+            .clone();
+        checks.push(fd_check(
+            &mut runner,
+            &feed,
+            p,
+            &grad,
+            &rec.loss,
+            g,
+            backend,
+            coords,
+            1e-4,
+            &mut rng,
+        )?);
+    }
+    Ok(checks)
+}
+
+/// Every output of the model equal on tract and ONNX Runtime.
+pub fn cross_backend(path: &Path, inputs: &Tensors, rtol: f64) -> Result<Vec<Check>> {
+    let model = onnx::load(path)?;
+    let outs: Vec<String> = model.graph().output.iter().map(|o| o.name.clone()).collect();
+    let a = runtime::run(Backend::Tract, path, inputs, &outs)?;
+    let b = runtime::run(Backend::Ort, path, inputs, &outs)?;
+    // Parameter gradients are compared on the scale of the largest one.
+    let grad_scale = outs
+        .iter()
+        .filter(|o| o.ends_with("_grad"))
+        .filter_map(|o| b[o].as_f32())
+        .fold(0f64, |m, a| a.iter().fold(m, |m, v| m.max(v.abs() as f64)));
+    Ok(outs
+        .iter()
+        .map(|o| {
+            let floor = if o.ends_with("_grad") { 1e-2 * grad_scale } else { 0.0 };
+            compare_floor("tract = ort", o, "both", &a[o], &b[o], rtol, floor)
+        })
+        .collect())
+}
+
+/// Central differences of `dagr/loss` with respect to the encoder outputs against
+/// `dagr/grad/*`, on the model itself: a copy in which each encoder output becomes a graph input
+/// (its producer's output renamed), so that the encoder outputs can be perturbed directly.
+pub fn dagr_finite_differences(path: &Path, inputs: &Tensors, backend: Backend, coords: usize) -> Result<Vec<Check>> {
+    let model = onnx::load(path)?;
+    let rec = dagr::record_of(&model)
+        .ok_or_else(|| Error::Config("the model was not rewritten by dagr-inject (no dagr_inject metadata)".into()))?;
+    let idx = GraphIndex::new(&model)?;
+    let o = &rec.outputs;
+    // First the encoder outputs themselves, from the unmodified model.
+    let enc: Vec<String> = rec.encoders.iter().map(|e| e.1.clone()).collect();
+    let dir = tempfile::tempdir().map_err(|source| Error::Write {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let mut exposed = model.clone();
+    exposed.source = None;
+    for t in &enc {
+        if !exposed.graph().output.iter().any(|x| &x.name == t) {
+            let f = idx.fact(t).cloned().unwrap_or_default();
+            exposed.graph_mut().output.push(f.to_value_info(t));
+        }
+    }
+    let p1 = dir.path().join("exposed.onnx");
+    onnx::io::write_atomic(&p1, &exposed.to_bytes()?)?;
+    let z = runtime::run(backend, &p1, inputs, &enc)?;
+    // Then the cut model: encoder outputs are inputs.
+    let mut cut = model.clone();
+    cut.source = None;
+    let g = cut.graph_mut();
+    for t in &enc {
+        for n in g.node.iter_mut() {
+            for out in n.output.iter_mut() {
+                if out == t {
+                    *out = format!("{t}__cut");
+                }
+            }
+        }
+        let f = idx.fact(t).cloned().unwrap_or_default();
+        g.input.push(f.to_value_info(t));
+    }
+    let p2 = dir.path().join("cut.onnx");
+    onnx::io::write_atomic(&p2, &cut.to_bytes()?)?;
+    let mut feed = inputs.clone();
+    for t in &enc {
+        feed.insert(t.clone(), z[t].clone());
+    }
+    let mut outs: Vec<String> = o.grads.iter().map(|g| g.1.clone()).collect();
+    outs.push(o.loss.clone());
+    let mut runner = runtime::Runner::new(backend, &p2, &feed, &outs)?;
+    let base = runner.run(&feed)?;
+    let mut rng = dagr_runtime::data::Rng(23);
+    let mut checks = Vec::new();
+    for (t, (_, gname)) in enc.iter().zip(&o.grads) {
+        let Some(grad) = base[gname].as_f32().cloned() else {
+            continue;
+        };
+        checks.push(fd_check(
+            &mut runner,
+            &feed,
+            t,
+            &grad,
+            &o.loss,
+            gname,
+            backend,
+            coords,
+            1e-6,
+            &mut rng,
+        )?);
+    }
+    Ok(checks)
+}
+
+/// Central differences of the scalar output `loss` with respect to `coords` random entries of
+/// the input `wrt`, against the analytic gradient `grad` (reported as output `name`), relative
+/// to the gradient's largest entry (at least `floor`). The step is small enough not to cross
+/// many ReLU kinks, large enough for float32 losses.
+#[allow(clippy::too_many_arguments)]
+fn fd_check(
+    runner: &mut runtime::Runner,
+    feed: &Tensors,
+    wrt: &str,
+    grad: &ArrayD<f32>,
+    loss: &str,
+    name: &str,
+    backend: Backend,
+    coords: usize,
+    floor: f64,
+    rng: &mut dagr_runtime::data::Rng,
+) -> Result<Check> {
+    let h = 1e-3f32;
+    let scale = grad.iter().fold(floor, |m, v| m.max(v.abs() as f64));
+    let x0 = feed[wrt]
+        .as_f32()
+        .ok_or_else(|| Error::Data(format!("'{wrt}' is not a float tensor")))?
+        .clone();
+    let mut f2 = feed.clone();
+    let mut loss_at = |i: usize, delta: f32| -> Result<f64> {
+        let mut x = x0.clone();
+        if let Some(v) = x.iter_mut().nth(i) {
+            *v += delta;
+        }
+        f2.insert(wrt.to_string(), Value::F32(x));
+        let out = runner.run(&f2)?;
+        Ok(out[loss]
+            .as_f32()
+            .and_then(|a| a.iter().next().copied())
+            .unwrap_or(f32::NAN) as f64)
+    };
+    let mut worst = 0f64;
+    for _ in 0..coords {
+        let i = (rng.next_u64() % grad.len().max(1) as u64) as usize;
+        let fd = (loss_at(i, h)? - loss_at(i, -h)?) / (2.0 * h as f64);
+        let g = grad.iter().nth(i).copied().unwrap_or(0.0) as f64;
+        worst = worst.max((fd - g).abs() / scale);
+    }
+    Ok(Check {
+        check: "finite differences".into(),
+        output: name.into(),
+        backend: backend.name().into(),
+        max_abs: worst * scale,
+        rel: worst,
+        pass: worst <= 2e-2,
+    })
+}

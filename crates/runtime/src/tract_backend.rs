@@ -1,0 +1,218 @@
+//! tract backend. Input facts are fixed from the actual inputs before optimization, so symbolic
+//! batch dims are resolved and every shape is concrete.
+
+use super::{rt_err, Tensors, Value};
+use dagr_onnx::error::Result;
+use std::path::Path;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+fn err(e: impl std::fmt::Display) -> dagr_onnx::error::Error {
+    rt_err("tract", e)
+}
+
+/// An optimized tract plan for fixed input shapes, run as often as needed.
+pub struct Prepared {
+    plan: std::sync::Arc<TypedSimplePlan>,
+    input_names: Vec<String>,
+    outputs: Vec<String>,
+}
+
+fn to_tensor(v: &Value) -> Tensor {
+    match v {
+        Value::F32(a) => a.clone().into_tensor(),
+        Value::I64(a) => a.clone().into_tensor(),
+        Value::Bool(a) => a.clone().into_tensor(),
+    }
+}
+
+impl Prepared {
+    /// Inputs in `example` that are also initializers (the parameters of a training graph) are
+    /// fed, not folded: tract would otherwise treat them as constants.
+    pub fn new(path: &Path, example: &Tensors, outputs: &[String]) -> Result<Prepared> {
+        let onnx_model = dagr_onnx::load(path)?;
+        // Only initializers that are also graph inputs can be overridden (as in ONNX Runtime).
+        let graph_inputs: std::collections::HashSet<&String> =
+            onnx_model.graph().input.iter().map(|i| &i.name).collect();
+        let fed: Vec<&String> = onnx_model
+            .graph()
+            .initializer
+            .iter()
+            .map(|t| &t.name)
+            .filter(|n| example.contains_key(*n) && graph_inputs.contains(n))
+            .collect();
+        let mut model = if fed.is_empty() {
+            tract_onnx::onnx().model_for_path(path).map_err(err)?
+        } else {
+            if !dagr_onnx::io::external_tensors(&onnx_model.proto).is_empty() {
+                return Err(err(
+                    "feeding parameters of a model with external data is not supported on tract; use --backend ort",
+                ));
+            }
+            let fed: std::collections::HashSet<String> = fed.into_iter().cloned().collect();
+            let mut m = onnx_model.clone();
+            m.graph_mut().initializer.retain(|t| !fed.contains(&t.name));
+            let bytes = m.to_bytes()?;
+            tract_onnx::onnx().model_for_read(&mut bytes.as_slice()).map_err(err)?
+        };
+        let outlets = model.input_outlets().map_err(err)?.to_vec();
+        let input_names: Vec<String> = outlets.iter().map(|o| model.node(o.node).name.clone()).collect();
+        // Facts from value_info may name a symbolic batch ("batch") that the concrete input
+        // shapes below cannot unify with; let tract infer every intermediate from the inputs.
+        let input_nodes: Vec<usize> = outlets.iter().map(|o| o.node).collect();
+        for id in 0..model.nodes().len() {
+            if input_nodes.contains(&id) {
+                continue;
+            }
+            for slot in 0..model.node(id).outputs.len() {
+                let o = OutletId::new(id, slot);
+                if model.outlet_fact(o).map_err(err)?.value.is_concrete() {
+                    continue;
+                }
+                model.set_outlet_fact(o, InferenceFact::default()).map_err(err)?;
+            }
+        }
+        for (i, name) in input_names.iter().enumerate() {
+            let v = example
+                .get(name)
+                .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?;
+            let t = to_tensor(v);
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))
+                .map_err(err)?;
+        }
+        let mut wanted = Vec::new();
+        for name in outputs {
+            let o = model
+                .find_outlet_label(name)
+                .ok_or_else(|| err(format!("the model has no tensor named '{name}'")))?;
+            wanted.push(o);
+        }
+        model.select_output_outlets(&wanted).map_err(err)?;
+        let plan = model.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
+        Ok(Prepared {
+            plan,
+            input_names,
+            outputs: outputs.to_vec(),
+        })
+    }
+
+    pub fn run(&self, inputs: &Tensors) -> Result<Tensors> {
+        let mut feed: TVec<TValue> = tvec!();
+        for name in &self.input_names {
+            let v = inputs
+                .get(name)
+                .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?;
+            feed.push(to_tensor(v).into_tvalue());
+        }
+        let res = self.plan.run(feed).map_err(err)?;
+        let mut out = Tensors::new();
+        for (name, t) in self.outputs.iter().zip(res) {
+            let v = match t.datum_type() {
+                DatumType::F32 => Value::F32(t.to_plain_array_view::<f32>().map_err(err)?.to_owned()),
+                DatumType::I64 => Value::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned()),
+                DatumType::Bool => Value::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned()),
+                DatumType::F16 | DatumType::F64 => {
+                    let c = t.cast_to::<f32>().map_err(err)?;
+                    Value::F32(c.to_plain_array_view::<f32>().map_err(err)?.to_owned())
+                }
+                other => return Err(err(format!("output '{name}' has unsupported type {other:?}"))),
+            };
+            out.insert(name.clone(), v);
+        }
+        Ok(out)
+    }
+}
+
+pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
+    Prepared::new(path, inputs, outputs)?.run(inputs)
+}
+
+/// `runtime::Stepper` on tract: the state is kept in host memory (tract's device), one plan per
+/// set of feed shapes (a last, partial batch gets its own).
+pub struct Stepper {
+    path: std::path::PathBuf,
+    links: Vec<super::StateLink>,
+    /// By input name.
+    state: Tensors,
+    pending: Option<Tensors>,
+    fetch: Vec<String>,
+    plans: std::collections::HashMap<Vec<Vec<usize>>, Prepared>,
+}
+
+impl Stepper {
+    pub fn new(path: &Path, links: Vec<super::StateLink>, initial: &super::StateValues, fetch: &[String]) -> Stepper {
+        let state = links
+            .iter()
+            .map(|l| (l.input.clone(), Value::F32(initial[&l.key].clone())))
+            .collect();
+        Stepper {
+            path: path.to_path_buf(),
+            links,
+            state,
+            pending: None,
+            fetch: fetch.to_vec(),
+            plans: Default::default(),
+        }
+    }
+
+    pub fn run(&mut self, mut feed: Tensors) -> Result<Tensors> {
+        let shapes: Vec<Vec<usize>> = feed.values().map(|v| v.shape().to_vec()).collect();
+        let fed: Vec<String> = feed.keys().cloned().collect();
+        feed.extend(std::mem::take(&mut self.state));
+        let plan = match self.plans.entry(shapes) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut wanted = self.fetch.clone();
+                wanted.extend(self.links.iter().map(|l| l.output.clone()));
+                Prepared::new(&self.path, &feed, &wanted).map(|p| e.insert(p))
+            }
+        };
+        let result = plan.and_then(|p| p.run(&feed));
+        for n in fed {
+            feed.remove(&n);
+        }
+        self.state = feed;
+        let mut out = result?;
+        self.pending = Some(
+            self.links
+                .iter()
+                .filter_map(|l| out.remove(&l.output).map(|v| (l.input.clone(), v)))
+                .collect(),
+        );
+        Ok(out)
+    }
+
+    pub fn commit(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.state.extend(p);
+        }
+    }
+
+    pub fn state(&self) -> super::StateValues {
+        self.links
+            .iter()
+            .filter_map(|l| match self.state.get(&l.input) {
+                Some(Value::F32(a)) => Some((l.key.clone(), a.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The shape of each state tensor, by key.
+    pub fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        self.links
+            .iter()
+            .filter_map(|l| Some((l.key.clone(), self.state.get(&l.input)?.shape().to_vec())))
+            .collect()
+    }
+
+    pub fn set_state(&mut self, values: &super::StateValues) {
+        for l in &self.links {
+            if let Some(v) = values.get(&l.key) {
+                self.state.insert(l.input.clone(), Value::F32(v.clone()));
+            }
+        }
+        self.pending = None;
+    }
+}

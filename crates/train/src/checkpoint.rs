@@ -1,0 +1,187 @@
+//! Checkpoints: one file, `checkpoint.npz`, written atomically (a temporary file, fsynced,
+//! renamed into place, the directory fsynced), so that whenever a kill lands the run directory
+//! holds the previous checkpoint or the new one, whole. The file is a plain NumPy archive: every
+//! state tensor (`param/`, `bn/`, `m/`, `v/` keys) and a `__checkpoint__` entry, the JSON record
+//! of the run's progress and settings as uint8 bytes, whose SHA-256 covers the record and every
+//! tensor. Loading refuses, naming the problem, anything it cannot honour: a damaged file, a
+//! missing or ill-typed field, a missing, extra or misshapen tensor, a checksum mismatch.
+
+use super::Settings;
+use dagr_onnx::error::{Error, Result};
+use dagr_runtime::npz::{self as npz, Entry, Npz};
+use dagr_runtime::{StateValues, Value};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The checkpoint's file name inside a run directory.
+pub const FILE: &str = "checkpoint.npz";
+/// The archive entry holding the record.
+pub const RECORD_ENTRY: &str = "__checkpoint__";
+/// The record's format; a checkpoint of another format is refused.
+pub const FORMAT: u32 = 2;
+
+/// What a checkpoint records besides the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub format: u32,
+    /// Steps taken and epochs completed.
+    pub step: usize,
+    pub epoch: usize,
+    /// The shuffling generator's state after `epoch` epochs.
+    pub rng: u64,
+    /// The settings the run was made with.
+    pub settings: Settings,
+    /// The training graph it trains.
+    pub model: PathBuf,
+    /// SHA-256 (hex) of the record with this field empty, then of every tensor: key, shape and
+    /// little-endian bytes, in key order.
+    #[serde(default)]
+    pub sha256: String,
+}
+
+fn digest(record: &Record, state: &StateValues) -> Result<String> {
+    let mut r = record.clone();
+    r.sha256.clear();
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(&r).map_err(|e| Error::Graph(format!("checkpoint record: {e}")))?);
+    for (k, v) in state {
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+        for &d in v.shape() {
+            h.update((d as u64).to_le_bytes());
+        }
+        for x in v.iter() {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Write `state` and `record` (its checksum filled in here) to `dir/checkpoint.npz`. A state
+/// holding a non-finite value is refused: a good checkpoint is never replaced by a bad one.
+pub fn save(dir: &Path, record: &Record, state: &StateValues) -> Result<()> {
+    for (k, v) in state {
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Data(format!(
+                "refusing to write a checkpoint whose '{k}' holds non-finite values; the previous checkpoint is kept"
+            )));
+        }
+    }
+    let mut r = record.clone();
+    r.sha256 = digest(&r, state)?;
+    let json = serde_json::to_vec_pretty(&r).map_err(|e| Error::Graph(format!("checkpoint record: {e}")))?;
+    let values: Vec<(String, Value)> = state.iter().map(|(k, v)| (k.clone(), Value::F32(v.clone()))).collect();
+    let mut entries: Vec<(&str, Entry)> = values.iter().map(|(k, v)| (k.as_str(), Entry::Tensor(v))).collect();
+    entries.push((RECORD_ENTRY, Entry::Bytes(&json)));
+    npz::write_entries(&dir.join(FILE), &entries)
+}
+
+/// True when `dir` holds a checkpoint file.
+pub fn exists(dir: &Path) -> bool {
+    dir.join(FILE).is_file()
+}
+
+/// The tensor entries of the checkpoint in `dir` (without reading them).
+pub fn entries(dir: &Path) -> Result<Vec<String>> {
+    let path = dir.join(FILE);
+    let z = Npz::open(&path).map_err(|e| damaged(&path, e.to_string()))?;
+    Ok(z.names().into_iter().filter(|n| n != RECORD_ENTRY).collect())
+}
+
+fn damaged(path: &Path, m: String) -> Error {
+    Error::Data(format!(
+        "the checkpoint {} cannot be resumed: {m}\n  hint: restore a good copy, or start over with --force",
+        path.display()
+    ))
+}
+
+/// The record of the checkpoint in `dir`, checked for its fields and format (not yet against
+/// the tensors' checksum, which `load` checks).
+pub fn record(dir: &Path) -> Result<Record> {
+    let path = dir.join(FILE);
+    let mut z = Npz::open(&path).map_err(|e| damaged(&path, e.to_string()))?;
+    read_record(&mut z).map_err(|m| damaged(&path, m))
+}
+
+fn read_record(z: &mut Npz) -> std::result::Result<Record, String> {
+    if !z.names().iter().any(|n| n == RECORD_ENTRY) {
+        return Err(format!(
+            "it has no '{RECORD_ENTRY}' record (written by an older dagr-inject, or not a checkpoint)"
+        ));
+    }
+    let bytes = z.bytes(RECORD_ENTRY).map_err(|e| e.to_string())?;
+    let record: Record =
+        serde_json::from_slice(&bytes).map_err(|e| format!("its record is unreadable or incomplete ({e})"))?;
+    if record.format != FORMAT {
+        return Err(format!(
+            "its record has format {}, this version reads format {FORMAT}",
+            record.format
+        ));
+    }
+    Ok(record)
+}
+
+/// Read and check `dir/checkpoint.npz` against the state a run holds (`shapes`, by key).
+pub fn load(dir: &Path, shapes: &BTreeMap<String, Vec<usize>>) -> Result<(Record, StateValues)> {
+    let path = dir.join(FILE);
+    let bad = |m: String| damaged(&path, m);
+    let mut z = Npz::open(&path).map_err(|e| bad(e.to_string()))?;
+    let names = z.names();
+    let record = read_record(&mut z).map_err(bad)?;
+    for n in &names {
+        if n != RECORD_ENTRY && !shapes.contains_key(n) {
+            return Err(bad(format!(
+                "it holds '{n}', which this run does not (another model or optimizer?)"
+            )));
+        }
+    }
+    let mut state = StateValues::new();
+    for (k, shape) in shapes {
+        if !names.contains(k) {
+            return Err(bad(format!("it has no entry '{k}'")));
+        }
+        let Value::F32(a) = z.array(k).map_err(|e| bad(e.to_string()))? else {
+            return Err(bad(format!("its entry '{k}' is not float32")));
+        };
+        if a.shape() != shape.as_slice() {
+            return Err(bad(format!(
+                "'{k}' has shape {:?}, the graph holds {shape:?} (it does not fit this training run)",
+                a.shape()
+            )));
+        }
+        state.insert(k.clone(), a);
+    }
+    let want = digest(&record, &state)?;
+    if want != record.sha256 {
+        return Err(bad(
+            "its checksum does not match its contents: it was changed or damaged after it was written".into(),
+        ));
+    }
+    Ok((record, state))
+}
+
+/// The settings that must match for a resumed run to continue the same run: every one but the
+/// number of epochs and where it runs (backend, device, threads). Returns one line per
+/// difference.
+pub fn differences(was: &Settings, now: &Settings) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(was), serde_json::to_value(now))
+    else {
+        return vec!["the settings cannot be compared".into()];
+    };
+    let free = ["epochs", "backend", "cuda", "threads"];
+    let mut out = Vec::new();
+    for (k, va) in &a {
+        if free.contains(&k.as_str()) {
+            continue;
+        }
+        let vb = b.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        if *va != vb {
+            out.push(format!("{k}: checkpoint {va}, this run {vb}"));
+        }
+    }
+    out
+}

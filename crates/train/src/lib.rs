@@ -1,0 +1,972 @@
+//! `dagr-inject train`: run a training graph (built with `--train`) step by step on tract or
+//! ONNX Runtime, update the parameters, log, checkpoint, and export the trained inference model.
+//!
+//! The optimizer (`optim`, equal to `torch.optim`) is folded into the training graph as ONNX
+//! nodes (`step_graph`), so one run of the graph is one whole step and the parameters and the
+//! optimizer state stay where the backend keeps them (`runtime::Stepper`).
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod checkpoint;
+pub mod eval;
+
+use dagr_core::training::{TrainRecord, METADATA_KEY};
+use dagr_core::{optim, step_graph};
+use dagr_onnx::error::{Error, Result};
+use dagr_onnx::{self as onnx, dtype, tensor, GraphIndex, Model};
+use dagr_runtime::data::{Dataset, Rng};
+use dagr_runtime::{Backend, StateValues, Stepper, Tensors, Value};
+use ndarray::ArrayD;
+use optim::{Optimizer, Schedule};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Settings {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub optimizer: Optimizer,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub clip_grad_norm: Option<f64>,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub drop_last: bool,
+    pub backend: Backend,
+    pub cuda: bool,
+    /// ONNX Runtime's intra-op threads (default: one per physical core).
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+impl Settings {
+    /// Refuse settings that cannot give a finite, meaningful run, as `torch.optim` refuses
+    /// them (a negative learning rate, momentum or weight decay, betas outside [0, 1)) and
+    /// values that do not fit the float32 the step graph computes in.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let f32_max = f32::MAX as f64;
+        let nonneg = |name: &str, v: f64| -> Result<()> {
+            if !(v.is_finite() && v >= 0.0 && v <= f32_max) {
+                return Err(Error::Config(format!(
+                    "{name} must be a finite number >= 0 that fits in float32, got {v}"
+                )));
+            }
+            Ok(())
+        };
+        if self.epochs == 0 || self.batch_size == 0 {
+            return bad("the number of epochs and the batch size must be positive".into());
+        }
+        nonneg("the learning rate (lr)", self.lr)?;
+        match self.optimizer {
+            Optimizer::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            } => {
+                nonneg("momentum", momentum)?;
+                nonneg("weight decay", weight_decay)?;
+                if nesterov && momentum <= 0.0 {
+                    return bad("Nesterov momentum requires a momentum > 0".into());
+                }
+            }
+            Optimizer::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                for (n, b) in [("beta1", beta1), ("beta2", beta2)] {
+                    if !(0.0..1.0).contains(&b) {
+                        return bad(format!("AdamW's {n} must be in [0, 1), got {b}"));
+                    }
+                }
+                nonneg("AdamW's eps", eps)?;
+                nonneg("weight decay", weight_decay)?;
+            }
+        }
+        match self.schedule {
+            Schedule::Constant => {}
+            Schedule::Step { step_size, gamma } => {
+                if step_size == 0 {
+                    return bad("the step schedule's step size must be at least 1 epoch".into());
+                }
+                nonneg("the step schedule's gamma", gamma)?;
+            }
+            Schedule::Cosine { min_lr } => nonneg("the cosine schedule's minimum learning rate", min_lr)?,
+        }
+        if let Some(c) = self.clip_grad_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return bad(format!("the gradient-norm clip must be a positive number, got {c}"));
+            }
+        }
+        if let Some(t) = self.threads {
+            if t == 0 || t > dagr_onnx::limits::MAX_THREADS {
+                return bad(format!(
+                    "the thread count must be between 1 and {}, got {t}",
+                    dagr_onnx::limits::MAX_THREADS
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Read the training record a `--train` rewrite stored in the model.
+pub fn record_of(model: &Model) -> Result<TrainRecord> {
+    if model.metadata(step_graph::METADATA_KEY).is_some() {
+        return Err(Error::NotATrainingGraph(
+            "this is a step graph (the step.onnx that `train` writes): it already holds its optimizer\n  hint: train the training graph it came from (built with --train), or run the step graph yourself in any ONNX runtime"
+                .into(),
+        ));
+    }
+    let s = model.metadata(METADATA_KEY).ok_or_else(|| {
+        Error::NotATrainingGraph(
+            "this model is not a training graph\n  hint: build one with `dagr-inject MODEL --encoders a,b --logits ... --labels y --train -o model.train.onnx`"
+                .into(),
+        )
+    })?;
+    serde_json::from_str(s).map_err(|e| Error::Config(format!("the training metadata is unreadable: {e}")))
+}
+
+/// How far a run is: everything but the tensors (which stay on the backend).
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Steps taken.
+    pub step: usize,
+    /// Epochs completed.
+    pub epoch: usize,
+    pub rng: Rng,
+}
+
+fn initializer_arrays(model: &Model, names: &[String]) -> Result<BTreeMap<String, ArrayD<f32>>> {
+    let mut out = BTreeMap::new();
+    for n in names {
+        let t = model
+            .graph()
+            .initializer
+            .iter()
+            .find(|t| &t.name == n)
+            .ok_or_else(|| Error::Graph(format!("the training graph has no initializer '{n}'")))?;
+        if t.data_type != dtype::FLOAT {
+            return Err(Error::Config(format!(
+                "parameter '{n}' is {}; training supports float32 parameters",
+                dtype::name(t.data_type)
+            )));
+        }
+        let v = tensor::to_f32(t, &model.base_dir)?;
+        let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        out.insert(
+            n.clone(),
+            ArrayD::from_shape_vec(shape, v).map_err(|e| Error::Graph(e.to_string()))?,
+        );
+    }
+    Ok(out)
+}
+
+/// What one step reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepStats {
+    pub loss: f64,
+    pub task_loss: Option<f64>,
+    pub dagr_loss: f64,
+    pub dispersion: f64,
+    pub anchoring: Option<f64>,
+    pub pareto_alpha: Option<f64>,
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+impl StepStats {
+    /// The mean of each quantity over `steps` (an optional one over the steps that have it);
+    /// the learning rate is the last step's.
+    pub fn mean(steps: &[StepStats]) -> StepStats {
+        let n = steps.len().max(1) as f64;
+        let avg = |f: fn(&StepStats) -> f64| steps.iter().map(f).sum::<f64>() / n;
+        let avg_opt = |f: fn(&StepStats) -> Option<f64>| {
+            let v: Vec<f64> = steps.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        StepStats {
+            loss: avg(|s| s.loss),
+            task_loss: avg_opt(|s| s.task_loss),
+            dagr_loss: avg(|s| s.dagr_loss),
+            dispersion: avg(|s| s.dispersion),
+            anchoring: avg_opt(|s| s.anchoring),
+            pareto_alpha: avg_opt(|s| s.pareto_alpha),
+            grad_norm: avg(|s| s.grad_norm),
+            lr: steps.last().map_or(0.0, |s| s.lr),
+        }
+    }
+}
+
+/// A training graph with its optimizer folded in (`step_graph`), ready to step. Parameters,
+/// running statistics and optimizer state live in the backend's `Stepper` (on the GPU with
+/// `--device cuda`); they come to the host for checkpoints and export only.
+pub struct Trainer {
+    pub path: PathBuf,
+    pub record: TrainRecord,
+    pub settings: Settings,
+    pub progress: Progress,
+    /// Time spent inside the backend's runs so far.
+    pub backend_time: std::time::Duration,
+    stepper: Stepper,
+    /// Holds the step graph's file for the backend.
+    workdir: tempfile::TempDir,
+    pub total_steps: usize,
+    /// State keys in the order of the step graph's `STATE_CHECK` output.
+    state_keys: Vec<String>,
+}
+
+fn scalar(t: &Tensors, n: &str) -> Option<f64> {
+    t.get(n)
+        .and_then(Value::as_f32)
+        .and_then(|a| a.iter().next().copied())
+        .map(|v| v as f64)
+}
+
+impl Trainer {
+    /// A trainer whose step graph is kept in the system's temporary directory.
+    pub fn new(path: &Path, settings: Settings) -> Result<Trainer> {
+        Self::new_in(path, settings, &std::env::temp_dir())
+    }
+
+    /// A trainer whose step graph is kept in a temporary directory inside `workdir` (a run
+    /// directory, where a killed run's leftovers are cleared at the next start).
+    pub fn new_in(path: &Path, settings: Settings, workdir: &Path) -> Result<Trainer> {
+        settings.validate()?;
+        let model = onnx::load(path)?;
+        let record = record_of(&model)?;
+        let pnames: Vec<String> = record.params.iter().map(|p| p.0.clone()).collect();
+        let bnames: Vec<String> = record
+            .batchnorm
+            .iter()
+            .flat_map(|s| [s.mean.0.clone(), s.var.0.clone()])
+            .collect();
+        let mut initial = StateValues::new();
+        for (p, a) in initializer_arrays(&model, &pnames)? {
+            for &slot in settings.optimizer.slots() {
+                initial.insert(step_graph::slot_key(slot, &p), ArrayD::zeros(a.raw_dim()));
+            }
+            initial.insert(step_graph::param_key(&p), a);
+        }
+        for (b, a) in initializer_arrays(&model, &bnames)? {
+            initial.insert(step_graph::bn_key(&b), a);
+        }
+        let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm)?;
+        let o = &record.dagr.outputs;
+        let mut fetch: Vec<String> = vec![
+            step_graph::GRAD_SQ.to_string(),
+            step_graph::STATE_CHECK.to_string(),
+            record.loss.clone(),
+        ];
+        for t in [
+            Some(&o.loss),
+            Some(&o.dispersion),
+            o.anchoring.as_ref(),
+            o.task_loss.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(record.pareto_alpha.as_ref())
+        {
+            if !fetch.contains(t) {
+                fetch.push(t.clone());
+            }
+        }
+        let workdir = tempfile::Builder::new()
+            .prefix(onnx::io::TEMP_PREFIX)
+            .tempdir_in(workdir)
+            .map_err(|source| Error::Write {
+                path: workdir.to_path_buf(),
+                source,
+            })?;
+        let step_path = workdir.path().join("step.onnx");
+        // Saved before the backend loads it; `fit` keeps a copy in the run's directory.
+        onnx::save(&sg.model, &step_path)?;
+        let state_keys = sg.state.iter().map(|l| l.key.clone()).collect();
+        let stepper = Stepper::new(
+            settings.backend,
+            settings.cuda,
+            settings.threads,
+            &step_path,
+            sg.state,
+            &initial,
+            &fetch,
+        )?;
+        Ok(Trainer {
+            path: path.to_path_buf(),
+            state_keys,
+            record,
+            progress: Progress {
+                rng: Rng(settings.seed),
+                ..Default::default()
+            },
+            settings,
+            backend_time: Default::default(),
+            stepper,
+            workdir,
+            total_steps: 0,
+        })
+    }
+
+    /// Inputs the data must provide: the graph inputs that are neither parameters nor state.
+    pub fn data_inputs(&self, idx: &GraphIndex) -> Vec<String> {
+        let state: std::collections::HashSet<&String> = self
+            .record
+            .params
+            .iter()
+            .map(|p| &p.0)
+            .chain(self.record.batchnorm.iter().flat_map(|s| [&s.mean.0, &s.var.0]))
+            .collect();
+        idx.user_inputs()
+            .into_iter()
+            .chain(
+                idx.graph_inputs
+                    .iter()
+                    .filter(|n| idx.initializers.contains(*n))
+                    .cloned(),
+            )
+            .filter(|n| !state.contains(n))
+            .collect()
+    }
+
+    /// The step graph this trainer runs (standard ONNX; see `step_graph`).
+    pub fn step_graph_path(&self) -> PathBuf {
+        self.workdir.path().join("step.onnx")
+    }
+
+    /// Every state tensor (`param/`, `bn/`, `m/`, `v/` keys), copied from the backend.
+    pub fn state(&self) -> Result<StateValues> {
+        self.stepper.state()
+    }
+
+    /// One training step on `batch`: forward, backward and the optimizer update, all in the
+    /// step graph. Nothing changes when the loss or a gradient is not finite.
+    pub fn step(&mut self, batch: Tensors) -> Result<StepStats> {
+        let lr = optim::learning_rate(
+            self.settings.lr,
+            self.settings.schedule,
+            self.settings.warmup_steps,
+            self.progress.step,
+            self.total_steps.max(1),
+            self.progress.epoch,
+        );
+        let mut feed = batch;
+        for (name, v) in self.settings.optimizer.scalars(lr, self.progress.step + 1) {
+            feed.insert(name.to_string(), Value::F32(ndarray::arr0(v as f32).into_dyn()));
+        }
+        let started = std::time::Instant::now();
+        let out = self.stepper.run(feed);
+        self.backend_time += started.elapsed();
+        let out = out?;
+        let loss = scalar(&out, &self.record.loss).unwrap_or(f64::NAN);
+        let sq = out
+            .get(step_graph::GRAD_SQ)
+            .and_then(Value::as_f32)
+            .ok_or_else(|| Error::Graph("the step graph returned no gradient norms".into()))?;
+        let non_finite = |what: String| Error::NonFinite {
+            step: self.progress.step + 1,
+            epoch: self.progress.epoch + 1,
+            what,
+        };
+        if !loss.is_finite() {
+            return Err(non_finite(format!("loss ({loss})")));
+        }
+        if let Some(i) = sq.iter().position(|v| !v.is_finite()) {
+            return Err(non_finite(format!("gradient of '{}'", self.record.params[i].0)));
+        }
+        // The update itself (a huge learning rate, eps 0 over a zero gradient, ...).
+        let check = out
+            .get(step_graph::STATE_CHECK)
+            .and_then(Value::as_f32)
+            .ok_or_else(|| Error::Graph("the step graph returned no state check".into()))?;
+        if let Some(i) = check.iter().position(|&v| v != 0.0) {
+            let key = self.state_keys.get(i).cloned().unwrap_or_default();
+            return Err(non_finite(format!(
+                "update of '{key}' (learning rate {lr}: check the optimizer settings)"
+            )));
+        }
+        self.stepper.commit();
+        self.progress.step += 1;
+        let o = &self.record.dagr.outputs;
+        Ok(StepStats {
+            loss,
+            task_loss: o.task_loss.as_ref().and_then(|t| scalar(&out, t)),
+            dagr_loss: scalar(&out, &o.loss).unwrap_or(f64::NAN),
+            dispersion: scalar(&out, &o.dispersion).unwrap_or(f64::NAN),
+            anchoring: o.anchoring.as_ref().and_then(|t| scalar(&out, t)),
+            pareto_alpha: self.record.pareto_alpha.as_ref().and_then(|t| scalar(&out, t)),
+            grad_norm: sq.iter().map(|&v| v as f64).sum::<f64>().sqrt(),
+            lr,
+        })
+    }
+
+    // ---- checkpoints -------------------------------------------------------------------
+
+    /// Write `state` (from `state()`) and the run's progress to `dir` (see `checkpoint`).
+    pub fn save_checkpoint(&self, dir: &Path, state: &StateValues) -> Result<()> {
+        let record = checkpoint::Record {
+            format: checkpoint::FORMAT,
+            step: self.progress.step,
+            epoch: self.progress.epoch,
+            rng: self.progress.rng.0,
+            settings: self.settings.clone(),
+            model: self.path.clone(),
+            sha256: String::new(),
+        };
+        checkpoint::save(dir, &record, state)
+    }
+
+    /// Continue from the checkpoint in `dir`. Settings other than those of the checkpoint are
+    /// refused unless `new_settings`; then the optimizer's state is reset when the optimizer
+    /// changed. Returns what was reset or changed, one line each.
+    pub fn load_checkpoint(&mut self, dir: &Path, new_settings: bool) -> Result<Vec<String>> {
+        let shapes = self.stepper.shapes();
+        // The shape each entry of the checkpoint must have: the state's, or for the slots of
+        // another optimizer, their parameter's.
+        checkpoint::record(dir)?;
+        let held = checkpoint::entries(dir)?;
+        let is_model_state = |k: &String| k.starts_with("param/") || k.starts_with("bn/");
+        let does_not_fit = |m: String| {
+            Error::Data(format!(
+                "the checkpoint in {} does not fit this training run: {m}\n  hint: resume with the training graph and optimizer it was made with",
+                dir.display()
+            ))
+        };
+        if let Some(k) = shapes.keys().filter(|k| is_model_state(k)).find(|k| !held.contains(k)) {
+            return Err(does_not_fit(format!("it has no entry '{k}'")));
+        }
+        let mut expected = BTreeMap::new();
+        for k in held {
+            let param = k.split_once('/').map(|(_, p)| step_graph::param_key(p));
+            match shapes.get(&k).or_else(|| param.and_then(|p| shapes.get(&p))) {
+                Some(s) => expected.insert(k, s.clone()),
+                None => return Err(does_not_fit(format!("it holds '{k}', which is not state of this run"))),
+            };
+        }
+        let (record, mut values) = checkpoint::load(dir, &expected)?;
+        let diffs = checkpoint::differences(&record.settings, &self.settings);
+        let mut notes = Vec::new();
+        if !diffs.is_empty() {
+            if !new_settings {
+                return Err(Error::Config(format!(
+                    "the checkpoint in {} was made with other settings:\n    {}\n  hint: resume with the same settings, or ask for the new ones explicitly (--new-settings)",
+                    dir.display(),
+                    diffs.join("\n    ")
+                )));
+            }
+            notes.extend(diffs.iter().map(|d| format!("changed {d}")));
+        }
+        // Another kind of optimizer starts from a zero state; the same kind keeps its slots
+        // (a new momentum keeps the buffer, as editing a PyTorch param group does), and slots
+        // it did not have start at zero.
+        let kind_changed =
+            std::mem::discriminant(&record.settings.optimizer) != std::mem::discriminant(&self.settings.optimizer);
+        let missing: Vec<String> = shapes.keys().filter(|k| !values.contains_key(*k)).cloned().collect();
+        let extra = values.keys().filter(|k| !shapes.contains_key(*k)).count();
+        if kind_changed || !missing.is_empty() || extra > 0 {
+            if !new_settings {
+                return Err(does_not_fit(format!(
+                    "its optimizer state differs ({} entries missing, {extra} not state of this run)",
+                    missing.len()
+                )));
+            }
+            values.retain(|k, _| is_model_state(k) || (!kind_changed && shapes.contains_key(k)));
+            let mut zeroed = 0;
+            for (k, s) in &shapes {
+                if !values.contains_key(k) {
+                    values.insert(k.clone(), ArrayD::zeros(s.as_slice()));
+                    zeroed += 1;
+                }
+            }
+            notes.push(format!(
+                "the optimizer changed: its state was reset ({zeroed} tensors start at zero)"
+            ));
+        }
+        self.stepper.set_state(&values)?;
+        self.progress.step = record.step;
+        self.progress.epoch = record.epoch;
+        self.progress.rng = Rng(record.rng);
+        Ok(notes)
+    }
+
+    // ---- export ------------------------------------------------------------------------
+
+    /// The original model with the trained weights and running statistics, BatchNorm in
+    /// inference mode: what serves predictions, with no DAGR cost.
+    /// `state` is the trainer's (from `state()`).
+    pub fn export(&self, original: &Model, state: &StateValues) -> Result<Model> {
+        // Keeps the original's source path, so that saving over the original is refused.
+        let mut m = original.clone();
+        let values: BTreeMap<&str, &ArrayD<f32>> = state
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("param/").or_else(|| k.strip_prefix("bn/"))?, v)))
+            .collect();
+        for t in m.graph_mut().initializer.iter_mut() {
+            if let Some(a) = values.get(t.name.as_str()) {
+                let data: Vec<f32> = a.iter().copied().collect();
+                *t = tensor::f32_tensor(&t.name, &t.dims, &data);
+            }
+        }
+        let g = m.graph_mut();
+        let outputs: std::collections::HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+        let consumed: std::collections::HashSet<String> = g.node.iter().flat_map(|n| n.input.clone()).collect();
+        for n in g.node.iter_mut() {
+            if n.op_type == "BatchNormalization"
+                && n.output
+                    .iter()
+                    .skip(1)
+                    .all(|o| o.is_empty() || (!outputs.contains(o) && !consumed.contains(o)))
+            {
+                n.output.truncate(1);
+                n.attribute.retain(|a| a.name != "training_mode");
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Where the data and the run's files are.
+pub struct Run<'a> {
+    pub model: &'a Path,
+    pub train: &'a Path,
+    pub val: Option<&'a Path>,
+    pub out: &'a Path,
+    pub original: Option<&'a Path>,
+    pub resume: bool,
+    pub force: bool,
+    /// Resuming with settings other than the checkpoint's is allowed (and said).
+    pub new_settings: bool,
+    /// Stop after this many steps (for tests and benchmarks).
+    pub max_steps: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub step: usize,
+    /// Means over the epoch's steps (the last learning rate).
+    #[serde(flatten)]
+    pub mean: StepStats,
+    pub val_accuracy: BTreeMap<String, f64>,
+    /// Geometry of the validation embeddings (exported model, DAGR's normalization).
+    pub geometry: BTreeMap<String, f64>,
+    pub samples_per_second: f64,
+    /// Wall time of the epoch's steps, and the part of it spent inside the backend's run; the
+    /// rest is the runner's own (data, feeding, checks, logging).
+    pub step_seconds: f64,
+    pub backend_seconds: f64,
+}
+
+/// What a training run tells its caller as it goes, and how the caller stops it. The library
+/// prints nothing: the command line draws a progress bar and prints the epoch logs, the Python
+/// binding does what a notebook wants. Every method has a silent default.
+pub trait Callbacks {
+    /// A remark before training: where a resumed run continues, what a new setting changed.
+    fn notice(&mut self, _text: &str) {}
+    /// Epoch `epoch` (1-based) of `epochs` starts, with `steps` steps.
+    fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _steps: usize) {}
+    /// A step was taken: its statistics, and the epoch's throughput so far.
+    fn step(&mut self, _stats: &StepStats, _samples_per_second: f64) {}
+    /// The epoch ended; `line` is the JSON line written to the log.
+    fn epoch_end(&mut self, _log: &EpochLog, _line: &str) {}
+    /// Asked before every step: true stops the run there (the last checkpoint stays intact).
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// No reports, never stops.
+impl Callbacks for () {}
+
+/// No reports; stops when the flag is set (a signal handler's flag, for instance).
+impl Callbacks for Arc<AtomicBool> {
+    fn should_stop(&self) -> bool {
+        self.load(Ordering::SeqCst)
+    }
+}
+
+/// What a finished `fit` reports besides the epochs' logs.
+#[derive(Debug, Default)]
+pub struct Fitted {
+    /// One per epoch trained by this call.
+    pub logs: Vec<EpochLog>,
+    /// Said once, before training: where a resumed run continues, what a new setting changed.
+    pub notices: Vec<String>,
+    /// The files this run writes in its directory.
+    pub files: Vec<PathBuf>,
+}
+
+/// The files a run writes in its directory, by role.
+pub const MODEL_FILE: &str = "model.onnx";
+pub const STEP_FILE: &str = "step.onnx";
+pub const LOG_FILE: &str = "log.jsonl";
+pub const LOCK_FILE: &str = ".lock";
+
+/// The user's files a run must never overwrite: the training graph, the original model, the
+/// data. An output that is one of them (through any path) is refused before anything is written.
+fn refuse_overwriting_inputs(run: &Run, original: Option<&Path>) -> Result<()> {
+    let inputs: Vec<&Path> = [Some(run.model), original, Some(run.train), run.val]
+        .into_iter()
+        .flatten()
+        .collect();
+    for name in [MODEL_FILE, STEP_FILE, LOG_FILE, LOCK_FILE, checkpoint::FILE] {
+        let out = run.out.join(name);
+        if let Some(input) = inputs.iter().find(|i| onnx::io::same_file(i, &out)) {
+            return Err(Error::Config(format!(
+                "the run directory {} would write {name}, which is the input {}\n  hint: choose another output directory",
+                run.out.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Train: epochs over `run.train`, validation and a checkpoint after each, JSON logs, the
+/// trained inference model in `run.out/model.onnx`.
+///
+/// The run directory is locked while the run uses it; leftovers of a killed run (temporary
+/// files) are cleared at the start. An epoch ends by writing, in this order, the exported model,
+/// the log line and then the checkpoint, which commits the epoch: a resumed run continues after
+/// the last checkpoint and drops the log lines of any epoch after it.
+pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Result<Fitted> {
+    settings.validate()?;
+    if run.max_steps == Some(0) {
+        return Err(Error::Config("the step limit must be at least 1".into()));
+    }
+    let model = onnx::load(run.model)?;
+    let record = record_of(&model)?;
+    let original = run
+        .original
+        .map(Path::to_path_buf)
+        .or_else(|| record.original.as_ref().map(PathBuf::from));
+    refuse_overwriting_inputs(run, original.as_deref())?;
+    if run.out.exists() && !run.resume && !run.force {
+        return Err(Error::Config(format!(
+            "the output directory {} exists\n  hint: pass --resume to continue its run, or --force to start over in it",
+            run.out.display()
+        )));
+    }
+    if run.out.exists() && !run.out.is_dir() {
+        return Err(Error::Config(format!(
+            "{} exists and is not a directory",
+            run.out.display()
+        )));
+    }
+    let created = !run.out.exists();
+    std::fs::create_dir_all(run.out).map_err(|source| Error::Write {
+        path: run.out.to_path_buf(),
+        source,
+    })?;
+    let lock_path = run.out.join(LOCK_FILE);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| Error::Write {
+            path: lock_path.clone(),
+            source,
+        })?;
+    if let Err(e) = lock.try_lock() {
+        return Err(Error::Config(format!(
+            "another run is using {} ({e})\n  hint: wait for it to finish, or choose another output directory",
+            run.out.display()
+        )));
+    }
+    onnx::io::remove_stale_temps(run.out);
+    if run.force {
+        for name in [MODEL_FILE, STEP_FILE, LOG_FILE, checkpoint::FILE] {
+            let p = run.out.join(name);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|source| Error::Write { path: p, source })?;
+            }
+        }
+    }
+    let result = fit_in(run, settings, callbacks, original);
+    // A run that failed before its first checkpoint leaves no directory behind, so that the
+    // same command works once the problem is fixed.
+    if result.is_err() && created && !checkpoint::exists(run.out) {
+        let _ = std::fs::remove_dir_all(run.out);
+        if let Err(Error::Interrupted(m)) = result {
+            return Err(Error::Interrupted(format!(
+                "{m}; no epoch had completed, so nothing was saved and {} was removed",
+                run.out.display()
+            )));
+        }
+    }
+    drop(lock);
+    result
+}
+
+/// Keep the log lines of the epochs up to `epoch` (a resumed run writes the later ones anew);
+/// a torn last line is dropped too.
+fn trim_log(path: &Path, epoch: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["epoch"].as_u64())
+                .is_some_and(|e| e as usize <= epoch)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept != text {
+        onnx::io::write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The last epoch the log has a line for (0 when none).
+fn logged_epochs(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["epoch"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Append one line to the log in a single write, flushed to disk.
+fn append_log(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    let werr = |source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(werr)?;
+    dagr_onnx::fault::point("log.before-write");
+    f.write_all(format!("{line}\n").as_bytes()).map_err(werr)?;
+    f.sync_data().map_err(werr)?;
+    dagr_onnx::fault::point("log.after-write");
+    Ok(())
+}
+
+fn fit_in(run: &Run, settings: Settings, cb: &mut dyn Callbacks, original: Option<PathBuf>) -> Result<Fitted> {
+    let mut t = Trainer::new_in(run.model, settings.clone(), run.out)?;
+    let mut fitted = Fitted {
+        files: [MODEL_FILE, STEP_FILE, checkpoint::FILE, LOG_FILE]
+            .iter()
+            .map(|f| run.out.join(f))
+            .collect(),
+        ..Default::default()
+    };
+    let model = onnx::load(run.model)?;
+    let idx = GraphIndex::new(&model)?;
+    let original_path =
+        original.ok_or_else(|| Error::Config("the original model is unknown; pass --original MODEL".into()))?;
+    let original = onnx::load(&original_path)?;
+    let (heads, labels) = match &t.record.dagr.config.task {
+        dagr_core::Task::CrossEntropy { logits, .. } => (logits.clone(), t.record.dagr.outputs.labels_input.clone()),
+        _ => (Vec::new(), None),
+    };
+    let classes = heads
+        .first()
+        .and_then(|h| idx.fact(h))
+        .and_then(|f| f.shape.clone())
+        .and_then(|s| match s.get(1) {
+            Some(dagr_onnx::Dim::Known(c)) => Some(*c),
+            _ => None,
+        });
+    let inputs = t.data_inputs(&idx);
+    let label_check = labels.as_deref().zip(classes);
+    let train = Dataset::load(run.train, &idx, &inputs, label_check)?;
+    let val = match run.val {
+        Some(p) => Some(Dataset::load(p, &idx, &inputs, label_check)?),
+        None => None,
+    };
+    let modalities = t.record.dagr.encoders.len() as u64;
+    dagr_onnx::limits::check_alloc_hint(
+        dagr_onnx::limits::dagr_pairwise_bytes(settings.batch_size.min(train.len) as u64, modalities),
+        &format!("DAGR's pairwise terms at batch size {}", settings.batch_size),
+        "use a smaller batch size: the dispersion term holds [batch, batch] matrices",
+    )?;
+    let per_epoch = train.batches(settings.batch_size, None, settings.drop_last).len();
+    if per_epoch == 0 {
+        return Err(Error::Config(format!(
+            "an epoch has no batch: the data has {} samples, fewer than the batch size {} whose partial batch drop-last drops",
+            train.len, settings.batch_size
+        )));
+    }
+    let log_path = run.out.join(LOG_FILE);
+    if run.resume {
+        if checkpoint::exists(run.out) {
+            let notes = t.load_checkpoint(run.out, run.new_settings)?;
+            trim_log(&log_path, t.progress.epoch)?;
+            fitted.notices.push(format!(
+                "resuming after epoch {} (step {})",
+                t.progress.epoch, t.progress.step
+            ));
+            fitted.notices.extend(notes);
+        } else if logged_epochs(&log_path) > 1 {
+            return Err(Error::Data(format!(
+                "{} has a log of completed epochs but no {}: the checkpoint was removed\n  hint: restore it, or start over with --force",
+                run.out.display(),
+                checkpoint::FILE
+            )));
+        } else {
+            // At most the first epoch's log line, written just before its checkpoint: that
+            // checkpoint never landed (the process was killed while writing it).
+            trim_log(&log_path, 0)?;
+            fitted
+                .notices
+                .push("no checkpoint yet: starting from the first epoch".into());
+        }
+    }
+    for n in &fitted.notices {
+        cb.notice(n);
+    }
+    if t.progress.epoch >= settings.epochs {
+        fitted.notices.push(format!(
+            "the run in {} has already trained {} epochs: nothing to do (ask for more epochs to continue)",
+            run.out.display(),
+            t.progress.epoch
+        ));
+        fitted.files.clear();
+        return Ok(fitted);
+    }
+    // The whole training step as one standard ONNX graph, for other runtimes and for reading.
+    let step_bytes = std::fs::read(t.step_graph_path()).map_err(|source| Error::Read {
+        path: t.step_graph_path(),
+        source,
+    })?;
+    onnx::io::write_atomic(&run.out.join(STEP_FILE), &step_bytes)?;
+    t.total_steps = per_epoch * settings.epochs;
+    let model_out = run.out.join(MODEL_FILE);
+    while t.progress.epoch < settings.epochs {
+        let mut rng = t.progress.rng;
+        let batches = train.batches(
+            settings.batch_size,
+            settings.shuffle.then_some(&mut rng),
+            settings.drop_last,
+        );
+        cb.epoch_start(t.progress.epoch + 1, settings.epochs, batches.len());
+        let started = std::time::Instant::now();
+        let backend_before = t.backend_time;
+        let mut stats = Vec::with_capacity(batches.len());
+        let mut samples = 0usize;
+        for rows in &batches {
+            if cb.should_stop() {
+                return Err(Error::Interrupted(format!(
+                    "interrupted during epoch {}{}",
+                    t.progress.epoch + 1,
+                    if checkpoint::exists(run.out) {
+                        format!(
+                            "; the last checkpoint (epoch {}) in {} is intact: continue with --resume",
+                            t.progress.epoch,
+                            run.out.display()
+                        )
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+            let s = t.step(train.batch(rows)).map_err(|e| match e {
+                Error::NonFinite { .. } if checkpoint::exists(run.out) => Error::Data(format!(
+                    "{e}\n  the last good checkpoint is {} (epoch {})",
+                    run.out.join(checkpoint::FILE).display(),
+                    t.progress.epoch
+                )),
+                other => other,
+            })?;
+            samples += rows.len();
+            cb.step(&s, samples as f64 / started.elapsed().as_secs_f64());
+            stats.push(s);
+            if run.max_steps.is_some_and(|m| t.progress.step >= m) {
+                break;
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        t.progress.rng = rng;
+        t.progress.epoch += 1;
+        // One copy of the state from the backend serves the export and the checkpoint.
+        let state = t.state()?;
+        let exported = t.export(&original, &state)?;
+        dagr_onnx::fault::point("epoch.before-export");
+        onnx::save(&exported, &model_out)?;
+        let val_accuracy = match (&val, &labels) {
+            (Some(v), Some(l)) if !heads.is_empty() => eval::accuracy_on(&model_out, settings.backend, v, &heads, l)?,
+            _ => BTreeMap::new(),
+        };
+        let geometry = match &val {
+            Some(v) => epoch_geometry(&exported, &t.record, v, labels.as_deref(), settings.backend)?,
+            None => BTreeMap::new(),
+        };
+        let log = EpochLog {
+            epoch: t.progress.epoch,
+            step: t.progress.step,
+            mean: StepStats::mean(&stats),
+            val_accuracy,
+            geometry,
+            samples_per_second: samples as f64 / secs,
+            step_seconds: secs,
+            backend_seconds: (t.backend_time - backend_before).as_secs_f64(),
+        };
+        let line = serde_json::to_string(&log).map_err(|e| Error::Graph(format!("epoch log: {e}")))?;
+        append_log(&log_path, &line)?;
+        // The checkpoint commits the epoch.
+        dagr_onnx::fault::point("epoch.before-checkpoint");
+        t.save_checkpoint(run.out, &state)?;
+        dagr_onnx::fault::point("epoch.after-checkpoint");
+        cb.epoch_end(&log, &line);
+        fitted.logs.push(log);
+        if run.max_steps.is_some_and(|m| t.progress.step >= m) {
+            break;
+        }
+    }
+    Ok(fitted)
+}
+
+/// Effective rank and margin per modality, drift and similarity gap per pair, of the exported
+/// model's embeddings on the validation data (DAGR's normalization added in memory).
+fn epoch_geometry(
+    exported: &Model,
+    rec: &TrainRecord,
+    val: &Dataset,
+    labels: Option<&str>,
+    backend: Backend,
+) -> Result<BTreeMap<String, f64>> {
+    let mut m = exported.clone();
+    let cfg = dagr_core::Config {
+        encoders: rec.dagr.encoders.iter().map(|(n, t)| format!("{n}={t}")).collect(),
+        ..rec.dagr.config.clone()
+    };
+    let cfg = dagr_core::Config {
+        task: dagr_core::Task::None,
+        ..cfg
+    };
+    dagr_core::inject(&mut m, &cfg)?;
+    let dir = tempfile::tempdir().map_err(|source| Error::Write {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let p = dir.path().join("geometry.onnx");
+    onnx::io::write_atomic(&p, &m.to_bytes()?)?;
+    let (mods, pairs) = crate::eval::geometry_on(&p, val, labels, backend)?;
+    let mut out = BTreeMap::new();
+    for md in mods {
+        out.insert(format!("erank.{}", md.name), md.effective_rank);
+        if let Some(v) = md.semantic_margin {
+            out.insert(format!("margin.{}", md.name), v);
+        }
+    }
+    for p in pairs {
+        out.insert(format!("drift.{}-{}", p.a, p.b), p.drift);
+        out.insert(format!("gap.{}-{}", p.a, p.b), p.gap);
+    }
+    Ok(out)
+}
