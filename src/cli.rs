@@ -117,22 +117,22 @@ struct DagrArgs {
     #[arg(long, value_enum, default_value = "flatten")]
     reduce: ReduceArg,
     /// RBF temperature (> 0)
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = dagr::config::defaults::TAU)]
     tau: f64,
     /// Anchoring tolerance: pairs closer than this get no gradient (>= 0)
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = dagr::config::defaults::DELTA)]
     delta: f64,
     /// Weight of the dispersion term
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = dagr::config::defaults::LAMBDA_DISP)]
     lambda_disp: f64,
     /// Weight of the anchoring term
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = dagr::config::defaults::LAMBDA_ANC)]
     lambda_anc: f64,
     /// Dispersion potential
     #[arg(long, value_enum, default_value = "rbf")]
     dispersion: DispersionArg,
     /// Margin r of the hinge dispersion potential
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = dagr::config::defaults::MARGIN)]
     margin: f64,
     /// Ablation variant
     #[arg(long, value_enum, default_value = "dagr")]
@@ -439,7 +439,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             out,
             logs,
         } => {
-            let tmp = tempfile::tempdir()?;
+            let scratch;
             let path = if encoders.is_empty() {
                 model.clone()
             } else {
@@ -449,10 +449,8 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
                     ..Default::default()
                 };
                 dagr::inject(&mut m, &cfg)?;
-                let p = tmp.path().join("rewritten.onnx");
-                m.source = None;
-                onnx::io::write_atomic(&p, &m.to_bytes()?)?;
-                p
+                scratch = onnx::io::Scratch::new(&m)?;
+                scratch.path().to_path_buf()
             };
             if let Some(l) = &logs {
                 for n in ["curves.svg", "curves.png"] {

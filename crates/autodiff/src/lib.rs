@@ -27,11 +27,7 @@ impl Accum {
     }
     fn take(&mut self, b: &mut Builder, t: &str) -> Option<String> {
         let parts = self.parts.remove(t)?;
-        if parts.len() == 1 {
-            return parts.into_iter().next();
-        }
-        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-        let s = b.op("Sum", &refs, vec![], "grad/accumulate");
+        let s = b.sum(&parts, "grad/accumulate");
         self.parts.insert(t.to_string(), vec![s.clone()]);
         Some(s)
     }

@@ -75,15 +75,25 @@ pub struct Config {
     pub task: Task,
 }
 
+/// The defaults of the paper's experiments (the command line's defaults too).
+pub mod defaults {
+    pub const TAU: f64 = 0.5;
+    pub const DELTA: f64 = 0.5;
+    pub const LAMBDA_DISP: f64 = 0.1;
+    pub const LAMBDA_ANC: f64 = 0.1;
+    /// Margin of the hinge dispersion potential.
+    pub const MARGIN: f64 = 1.0;
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
             encoders: Vec::new(),
             reduce: Reduce::Flatten,
-            tau: 0.5,
-            delta: 0.5,
-            lambda_disp: 0.1,
-            lambda_anc: 0.1,
+            tau: defaults::TAU,
+            delta: defaults::DELTA,
+            lambda_disp: defaults::LAMBDA_DISP,
+            lambda_anc: defaults::LAMBDA_ANC,
             dispersion: Dispersion::Rbf,
             variant: Variant::Dagr,
             task: Task::None,

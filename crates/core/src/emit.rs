@@ -196,14 +196,6 @@ fn anchoring(b: &mut Builder, ua: &str, ub: &str, cfg: &Config, h: &str) -> (Str
     (loss, g)
 }
 
-fn sum_all(b: &mut Builder, xs: &[String], h: &str) -> String {
-    let refs: Vec<&str> = xs.iter().map(String::as_str).collect();
-    if refs.len() == 1 {
-        return refs[0].to_string();
-    }
-    b.op("Sum", &refs, vec![], h)
-}
-
 /// Build the subgraph for encoders `encs` (at least two).
 pub fn emit(
     b: &mut Builder,
@@ -244,7 +236,7 @@ pub fn emit(
             gd[k].push(b.binary("Mul", &g, &s, &h));
         }
     }
-    let disp_sum = sum_all(b, &per, "dispersion");
+    let disp_sum = b.sum(&per, "dispersion");
     let inv_m = b.scalar(1.0 / m as f64);
     let disp = b.binary("Mul", &disp_sum, &inv_m, "dispersion");
 
@@ -264,7 +256,7 @@ pub fn emit(
                 ga[c].push(pb);
             }
         }
-        let anc_sum = sum_all(b, &anc_terms, "anchoring");
+        let anc_sum = b.sum(&anc_terms, "anchoring");
         let inv_p = b.scalar(1.0 / pairs.len() as f64);
         anc = Some(b.binary("Mul", &anc_sum, &inv_p, "anchoring"));
     }
@@ -287,7 +279,7 @@ pub fn emit(
         let mut parts = Vec::new();
         for (w, p) in [(wd, &gd[k]), (wa, &ga[k])] {
             if w > 0.0 && !p.is_empty() {
-                let t = sum_all(b, p, &h);
+                let t = b.sum(p, &h);
                 let s = b.scalar(w);
                 parts.push(b.binary("Mul", &t, &s, &h));
             }
@@ -295,7 +287,7 @@ pub fn emit(
         grads.push(if parts.is_empty() {
             zeros_like(b, &e.tensor, e.dtype, &h)
         } else {
-            let g = sum_all(b, &parts, &h);
+            let g = b.sum(&parts, &h);
             to_input_space(b, &g, n, e, cfg.reduce, &h)
         });
         if let Some((td, ta)) = term_grads.as_mut() {
@@ -304,7 +296,7 @@ pub fn emit(
                 list.push(if p.is_empty() {
                     zeros_like(b, &e.tensor, e.dtype, &h)
                 } else {
-                    let g = sum_all(b, p, &h);
+                    let g = b.sum(p, &h);
                     to_input_space(b, &g, n, e, cfg.reduce, &h)
                 });
             }

@@ -392,11 +392,6 @@ fn cross_entropy(
         let mean = b.reduce("ReduceMean", &picked, None, false, "task");
         terms.push(b.unary("Neg", &mean, "task"));
     }
-    let refs: Vec<&str> = terms.iter().map(String::as_str).collect();
-    let total = if refs.len() == 1 {
-        terms[0].clone()
-    } else {
-        b.op("Sum", &refs, vec![], "task")
-    };
+    let total = b.sum(&terms, "task");
     Ok((total, new_input))
 }

@@ -63,19 +63,10 @@ pub const METADATA_KEY: &str = "dagr_inject.train";
 
 /// Float initializers that `roots` depend on.
 fn ancestors(model: &Model, idx: &GraphIndex, roots: &[String]) -> BTreeSet<String> {
-    let mut seen: HashSet<String> = roots.iter().cloned().collect();
-    let mut stack: Vec<String> = roots.to_vec();
-    let g = model.graph();
-    while let Some(t) = stack.pop() {
-        if let Some(&(n, _)) = idx.producer.get(&t) {
-            for i in dagr_onnx::index::node_reads(&g.node[n]) {
-                if seen.insert(i.clone()) {
-                    stack.push(i);
-                }
-            }
-        }
-    }
-    g.initializer
+    let seen = dagr_onnx::index::upstream(model, idx, roots);
+    model
+        .graph()
+        .initializer
         .iter()
         .filter(|t| seen.contains(&t.name) && dtype::is_float(t.data_type))
         .map(|t| t.name.clone())
@@ -330,16 +321,8 @@ fn mgda_alpha(b: &mut Builder, pairs: &[(String, String)]) -> String {
         let t = b.binary("Mul", &amd, &amd, "pareto");
         dens.push(b.reduce("ReduceSum", &t, None, false, "pareto"));
     }
-    let sum = |b: &mut Builder, v: &[String]| -> String {
-        let refs: Vec<&str> = v.iter().map(String::as_str).collect();
-        if refs.len() == 1 {
-            v[0].clone()
-        } else {
-            b.op("Sum", &refs, vec![], "pareto")
-        }
-    };
-    let num = sum(b, &nums);
-    let den = sum(b, &dens);
+    let num = b.sum(&nums, "pareto");
+    let den = b.sum(&dens, "pareto");
     let tiny = b.scalar(1e-12);
     let small = b.binary("Less", &den, &tiny, "pareto");
     let safe = b.binary("Max", &den, &tiny, "pareto");

@@ -241,6 +241,18 @@ impl Builder {
         }
     }
 
+    /// The element-wise sum of `xs`: the tensor itself when there is one (no node), else a
+    /// `Sum` node. `xs` must not be empty.
+    pub fn sum(&mut self, xs: &[String], hint: &str) -> String {
+        match xs {
+            [one] => one.clone(),
+            _ => {
+                let refs: Vec<&str> = xs.iter().map(String::as_str).collect();
+                self.op("Sum", &refs, vec![], hint)
+            }
+        }
+    }
+
     pub fn binary(&mut self, op: &str, a: &str, b: &str, hint: &str) -> String {
         self.op(op, &[a, b], vec![], hint)
     }

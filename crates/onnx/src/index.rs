@@ -269,6 +269,24 @@ fn topo_order(g: &GraphProto, producer: &HashMap<String, (usize, usize)>) -> Res
     Ok(order)
 }
 
+/// Every tensor that `roots` depend on (themselves included), through node inputs and the
+/// outer names that subgraphs (If, Loop, Scan bodies) capture.
+pub fn upstream(model: &Model, idx: &GraphIndex, roots: &[String]) -> HashSet<String> {
+    let mut seen: HashSet<String> = roots.iter().cloned().collect();
+    let mut stack: Vec<String> = roots.to_vec();
+    let g = model.graph();
+    while let Some(t) = stack.pop() {
+        if let Some(n) = idx.producer.get(&t).and_then(|&(n, _)| g.node.get(n)) {
+            for i in node_reads(n) {
+                if seen.insert(i.clone()) {
+                    stack.push(i);
+                }
+            }
+        }
+    }
+    seen
+}
+
 /// Remove nodes none of whose outputs reaches a graph output.
 pub fn prune(model: &mut Model) {
     let g = model.graph_mut();

@@ -61,6 +61,17 @@ impl Model {
         }
     }
 
+    /// Make the tensors `names` graph outputs too (those that are not already), with the facts
+    /// `idx` knows of them.
+    pub fn expose(&mut self, idx: &crate::GraphIndex, names: &[String]) {
+        for t in names {
+            if !self.graph().output.iter().any(|o| &o.name == t) {
+                let f = idx.fact(t).cloned().unwrap_or_default();
+                self.graph_mut().output.push(f.to_value_info(t));
+            }
+        }
+    }
+
     pub fn remove_metadata(&mut self, key: &str) {
         self.proto.metadata_props.retain(|p| p.key != key);
     }
@@ -441,6 +452,40 @@ fn files_equal(a: &Path, b: &Path) -> Result<bool> {
         if ba[..na] != bb[..na] {
             return Ok(false);
         }
+    }
+}
+
+/// A model written for a runtime to load (a rewritten copy, a copy with more outputs), removed
+/// when dropped. A model with external data is written beside its data (the locations are
+/// relative to the model's file), any other to the system's temporary directory.
+pub struct Scratch {
+    file: tempfile::TempPath,
+}
+
+impl Scratch {
+    pub fn new(model: &Model) -> Result<Scratch> {
+        let dir = if external_tensors(&model.proto).is_empty() {
+            std::env::temp_dir()
+        } else {
+            model.base_dir.clone()
+        };
+        let werr = |source| Error::Write {
+            path: dir.clone(),
+            source,
+        };
+        let mut f = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .suffix(".onnx")
+            .tempfile_in(&dir)
+            .map_err(werr)?;
+        f.write_all(&model.to_bytes()?).map_err(werr)?;
+        Ok(Scratch {
+            file: f.into_temp_path(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.file
     }
 }
 

@@ -28,17 +28,7 @@ fn modality_inputs(model: &Model, idx: &GraphIndex, encoders: &[(String, String)
     encoders
         .iter()
         .map(|(m, t)| {
-            let mut seen = std::collections::HashSet::new();
-            let mut stack = vec![t.clone()];
-            while let Some(x) = stack.pop() {
-                if let Some(&(n, _)) = idx.producer.get(&x) {
-                    for i in &model.graph().node[n].input {
-                        if seen.insert(i.clone()) {
-                            stack.push(i.clone());
-                        }
-                    }
-                }
-            }
+            let seen = dagr_onnx::index::upstream(model, idx, std::slice::from_ref(t));
             (m.clone(), users.iter().filter(|u| seen.contains(*u)).cloned().collect())
         })
         .collect()

@@ -163,29 +163,18 @@ pub fn against_builtin(path: &Path, inputs: &Tensors, backends: &[Backend], rtol
         .ok_or_else(|| Error::Config("the model was not rewritten by dagr-inject (no dagr_inject metadata)".into()))?;
     let idx = GraphIndex::new(&model)?;
     // A copy that also outputs the raw encoder outputs.
-    let dir = tempfile::tempdir().map_err(|source| Error::Write {
-        path: std::env::temp_dir(),
-        source,
-    })?;
-    let exposed = dir.path().join("exposed.onnx");
-    let mut m = model.clone();
-    m.source = None;
-    m.base_dir = model.base_dir.clone();
     let enc: Vec<String> = rec.encoders.iter().map(|e| e.1.clone()).collect();
-    for t in &enc {
-        if !m.graph().output.iter().any(|o| &o.name == t) {
-            let f = idx.fact(t).cloned().unwrap_or_default();
-            m.graph_mut().output.push(f.to_value_info(t));
-        }
-    }
-    onnx::io::write_atomic(&exposed, &m.to_bytes()?)?;
+    let mut m = model.clone();
+    m.expose(&idx, &enc);
+    let scratch = onnx::io::Scratch::new(&m)?;
+    let exposed = scratch.path();
     let o = &rec.outputs;
     let mut names = enc.clone();
     names.push(o.loss.clone());
     names.extend(o.grads.iter().map(|g| g.1.clone()));
     let mut checks = Vec::new();
     for &b in backends {
-        let got = runtime::run(b, &exposed, inputs, &names)?;
+        let got = runtime::run(b, exposed, inputs, &names)?;
         let zs: Vec<ArrayD<f64>> = enc
             .iter()
             .map(|t| {
@@ -303,21 +292,10 @@ pub fn dagr_finite_differences(path: &Path, inputs: &Tensors, backend: Backend, 
     let o = &rec.outputs;
     // First the encoder outputs themselves, from the unmodified model.
     let enc: Vec<String> = rec.encoders.iter().map(|e| e.1.clone()).collect();
-    let dir = tempfile::tempdir().map_err(|source| Error::Write {
-        path: std::env::temp_dir(),
-        source,
-    })?;
     let mut exposed = model.clone();
-    exposed.source = None;
-    for t in &enc {
-        if !exposed.graph().output.iter().any(|x| &x.name == t) {
-            let f = idx.fact(t).cloned().unwrap_or_default();
-            exposed.graph_mut().output.push(f.to_value_info(t));
-        }
-    }
-    let p1 = dir.path().join("exposed.onnx");
-    onnx::io::write_atomic(&p1, &exposed.to_bytes()?)?;
-    let z = runtime::run(backend, &p1, inputs, &enc)?;
+    exposed.expose(&idx, &enc);
+    let exposed = onnx::io::Scratch::new(&exposed)?;
+    let z = runtime::run(backend, exposed.path(), inputs, &enc)?;
     // Then the cut model: encoder outputs are inputs.
     let mut cut = model.clone();
     cut.source = None;
@@ -333,15 +311,15 @@ pub fn dagr_finite_differences(path: &Path, inputs: &Tensors, backend: Backend, 
         let f = idx.fact(t).cloned().unwrap_or_default();
         g.input.push(f.to_value_info(t));
     }
-    let p2 = dir.path().join("cut.onnx");
-    onnx::io::write_atomic(&p2, &cut.to_bytes()?)?;
+    let cut = onnx::io::Scratch::new(&cut)?;
+    let p2 = cut.path();
     let mut feed = inputs.clone();
     for t in &enc {
         feed.insert(t.clone(), z[t].clone());
     }
     let mut outs: Vec<String> = o.grads.iter().map(|g| g.1.clone()).collect();
     outs.push(o.loss.clone());
-    let mut runner = runtime::Runner::new(backend, &p2, &feed, &outs)?;
+    let mut runner = runtime::Runner::new(backend, p2, &feed, &outs)?;
     let base = runner.run(&feed)?;
     let mut rng = dagr_runtime::data::Rng(23);
     let mut checks = Vec::new();

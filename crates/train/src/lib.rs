@@ -674,11 +674,23 @@ pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Resu
             path: lock_path.clone(),
             source,
         })?;
-    if let Err(e) = lock.try_lock() {
-        return Err(Error::Config(format!(
-            "another run is using {} ({e})\n  hint: wait for it to finish, or choose another output directory",
-            run.out.display()
-        )));
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::Config(format!(
+                "another run is using {}\n  hint: wait for it to finish, or choose another output directory",
+                run.out.display()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(Error::Write {
+                path: lock_path,
+                source: std::io::Error::new(
+                    e.kind(),
+                    format!("cannot lock the run directory ({e}); it must be on a file system with file locks"),
+                ),
+            })
+        }
     }
     onnx::io::remove_stale_temps(run.out);
     if run.force {
@@ -950,13 +962,8 @@ fn epoch_geometry(
         ..cfg
     };
     dagr_core::inject(&mut m, &cfg)?;
-    let dir = tempfile::tempdir().map_err(|source| Error::Write {
-        path: std::env::temp_dir(),
-        source,
-    })?;
-    let p = dir.path().join("geometry.onnx");
-    onnx::io::write_atomic(&p, &m.to_bytes()?)?;
-    let (mods, pairs) = crate::eval::geometry_on(&p, val, labels, backend)?;
+    let scratch = onnx::io::Scratch::new(&m)?;
+    let (mods, pairs) = crate::eval::geometry_on(scratch.path(), val, labels, backend)?;
     let mut out = BTreeMap::new();
     for md in mods {
         out.insert(format!("erank.{}", md.name), md.effective_rank);
