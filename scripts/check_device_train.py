@@ -41,7 +41,9 @@ def main():
                                 "--out", out], capture_output=True, text=True)
             if r.returncode != 0:
                 sys.exit(f"train --device {dev} failed:\n{r.stderr}")
-            states[dev] = dict(np.load(os.path.join(out, "checkpoint.npz")))
+            ck = np.load(os.path.join(out, "checkpoint.npz"))
+            # The state tensors; "__checkpoint__" is the run's record (it names the device).
+            states[dev] = {k: ck[k] for k in ck.files if k != "__checkpoint__"}
         worst = 0.0
         for k, cpu in states["cpu"].items():
             gpu = states["cuda"][k]

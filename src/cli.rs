@@ -728,7 +728,10 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         shuffle: !a.no_shuffle,
         drop_last: a.drop_last,
         backend: a.backend.into(),
-        cuda: a.device == DeviceArg::Cuda,
+        device: match a.device {
+            DeviceArg::Cpu => runtime::Device::Cpu,
+            DeviceArg::Cuda => runtime::Device::Cuda,
+        },
         threads: a.threads,
     };
     let interrupted = crate::signals::install();

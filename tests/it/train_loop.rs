@@ -83,7 +83,7 @@ fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
         shuffle: false,
         drop_last: false,
         backend,
-        cuda: false,
+        device: dagr_inject::runtime::Device::Cpu,
         threads: None,
     }
 }

@@ -1,10 +1,10 @@
 //! Finding encoder outputs: resolving the names a user passes to `--encoders`, and ranking the
 //! tensors of a model that look like encoder outputs (for `inspect`).
 //!
-//! PyTorch's two exporters record module structure differently: the legacy exporter names nodes
-//! `/audio_encoder/fc/Gemm`; the dynamo exporter leaves node names opaque and writes the module
-//! path into node `metadata_props` (`pkg.torch.onnx.name_scopes`, `namespace`). Both become a
-//! module path here, e.g. `["audio_encoder", "fc"]`.
+//! Exporters record module structure differently: PyTorch's legacy exporter names nodes
+//! `/audio_encoder/fc/Gemm`; its dynamo exporter leaves node names opaque and writes the module
+//! path into node `metadata_props` (`pkg.torch.onnx.name_scopes`, `namespace`). Each convention
+//! is one `ScopeConvention`; all become a module path here, e.g. `["audio_encoder", "fc"]`.
 
 use dagr_onnx::error::{Error, Result};
 use dagr_onnx::proto::NodeProto;
@@ -22,30 +22,73 @@ pub enum ScopeSource {
     NodeName,
 }
 
-/// The module path of a node, if its exporter recorded one.
-pub fn node_scope(n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
-    let meta = |k: &str| n.metadata_props.iter().find(|p| p.key == k).map(|p| p.value.as_str());
-    if let Some(v) = meta("pkg.torch.onnx.name_scopes") {
-        let items = parse_py_str_list(v);
-        if items.len() >= 2 {
-            let module = &items[items.len() - 2];
-            return Some((split_path(module), ScopeSource::Metadata));
-        }
+/// How one exporter records the module a node belongs to: the extension point for exporter
+/// naming conventions (one implementation per convention, listed in `CONVENTIONS`).
+pub trait ScopeConvention: Sync {
+    /// The exporter and the record read, for people ("PyTorch dynamo: name_scopes metadata").
+    fn describe(&self) -> &'static str;
+    /// The module path of `n` (e.g. `["audio_encoder", "fc"]`), if this convention recorded one.
+    fn scope(&self, n: &NodeProto) -> Option<(Vec<String>, ScopeSource)>;
+}
+
+fn meta<'a>(n: &'a NodeProto, key: &str) -> Option<&'a str> {
+    n.metadata_props.iter().find(|p| p.key == key).map(|p| p.value.as_str())
+}
+
+/// PyTorch's dynamo exporter: `pkg.torch.onnx.name_scopes`, a Python list whose last-but-one
+/// entry is the module path (`['', 'audio_encoder', 'audio_encoder.fc', 'linear']`).
+pub struct TorchNameScopes;
+
+impl ScopeConvention for TorchNameScopes {
+    fn describe(&self) -> &'static str {
+        "PyTorch dynamo exporter: pkg.torch.onnx.name_scopes metadata"
     }
-    if let Some(v) = meta("namespace") {
-        // ": __main__.M/audio_encoder: __main__.Enc/audio_encoder.fc: torch.nn.Linear/linear: aten.linear"
-        let parts: Vec<&str> = v.split('/').collect();
-        if parts.len() >= 2 {
-            let module = parts[parts.len() - 2].split(':').next().unwrap_or("").trim();
-            return Some((split_path(module), ScopeSource::Metadata));
-        }
+    fn scope(&self, n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
+        let items = parse_py_str_list(meta(n, "pkg.torch.onnx.name_scopes")?);
+        let module = items.len().checked_sub(2).and_then(|i| items.get(i))?;
+        Some((split_path(module), ScopeSource::Metadata))
     }
-    if n.name.starts_with('/') {
+}
+
+/// PyTorch's dynamo exporter, older form: `namespace` metadata,
+/// `": __main__.M/audio_encoder: __main__.Enc/audio_encoder.fc: torch.nn.Linear/linear: aten.linear"`.
+pub struct TorchNamespace;
+
+impl ScopeConvention for TorchNamespace {
+    fn describe(&self) -> &'static str {
+        "PyTorch dynamo exporter: namespace metadata"
+    }
+    fn scope(&self, n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
+        let parts: Vec<&str> = meta(n, "namespace")?.split('/').collect();
+        let part = parts.len().checked_sub(2).and_then(|i| parts.get(i))?;
+        let module = part.split(':').next().unwrap_or("").trim();
+        Some((split_path(module), ScopeSource::Metadata))
+    }
+}
+
+/// PyTorch's legacy (TorchScript) exporter: node names `/audio_encoder/fc/Gemm`.
+pub struct TorchLegacyNames;
+
+impl ScopeConvention for TorchLegacyNames {
+    fn describe(&self) -> &'static str {
+        "PyTorch legacy exporter: /module/sub/Op node names"
+    }
+    fn scope(&self, n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
+        if !n.name.starts_with('/') {
+            return None;
+        }
         let mut comps: Vec<String> = n.name.split('/').filter(|s| !s.is_empty()).map(String::from).collect();
         comps.pop();
-        return Some((comps, ScopeSource::NodeName));
+        Some((comps, ScopeSource::NodeName))
     }
-    None
+}
+
+/// The conventions tried, in order; a node takes the path of the first that recognizes it.
+pub static CONVENTIONS: &[&dyn ScopeConvention] = &[&TorchNameScopes, &TorchNamespace, &TorchLegacyNames];
+
+/// The module path of a node, if its exporter recorded one (see `CONVENTIONS`).
+pub fn node_scope(n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
+    CONVENTIONS.iter().find_map(|c| c.scope(n))
 }
 
 fn split_path(module: &str) -> Vec<String> {

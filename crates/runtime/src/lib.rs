@@ -67,12 +67,73 @@ impl Backend {
     }
 }
 
+/// Where an engine computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// ONNX Runtime's CUDA execution provider.
+    Cuda,
+}
+
+/// An engine that runs ONNX graphs: the extension point for backends. Each engine prepares a
+/// graph once for repeated runs (`Prepared`) and keeps a step graph's state between runs
+/// (`StateStepper`); `Backend::engine` lists the engines there are.
+pub trait Engine: Sync {
+    fn name(&self) -> &'static str;
+    /// Run the model at `path` once.
+    fn run(&self, path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors>;
+    /// Prepare `path` on the CPU; `example` fixes the input shapes (an engine may specialize
+    /// its plan to them).
+    fn prepare(&self, path: &Path, example: &Tensors, outputs: &[String]) -> Result<Box<dyn Prepared>>;
+    /// Prepare the step graph at `path` on `device` with `threads` intra-op threads (the
+    /// engine's default if none): state per `links`, starting from `initial`, `fetch` returned
+    /// to the host each run.
+    fn stepper(
+        &self,
+        path: &Path,
+        device: Device,
+        threads: Option<usize>,
+        links: Vec<StateLink>,
+        initial: &StateValues,
+        fetch: &[String],
+    ) -> Result<Box<dyn StateStepper>>;
+}
+
+/// A graph prepared once for repeated runs with inputs of the same shapes.
+pub trait Prepared {
+    fn run(&mut self, inputs: &Tensors) -> Result<Tensors>;
+}
+
+/// A graph run again and again whose state stays with the engine between runs; a run's state
+/// update takes effect only on `commit`.
+pub trait StateStepper {
+    /// Run once with `feed` (every input that is not state); returns the fetched outputs.
+    fn run(&mut self, feed: Tensors) -> Result<Tensors>;
+    /// Make the last run's state updates the current state.
+    fn commit(&mut self);
+    /// The current state, copied to the host.
+    fn state(&self) -> Result<StateValues>;
+    /// The shape of every state tensor, without copying the state.
+    fn shapes(&self) -> BTreeMap<String, Vec<usize>>;
+    /// Replace the current state; every value has the shape `shapes` gives.
+    fn set_state(&mut self, values: &StateValues) -> Result<()>;
+}
+
+impl Backend {
+    /// The engine behind this backend.
+    pub fn engine(self) -> &'static dyn Engine {
+        match self {
+            Backend::Tract => &tract_backend::Tract,
+            Backend::Ort => &ort_backend::OnnxRuntime,
+        }
+    }
+}
+
 /// Run the model at `path` with `inputs`, returning the named `outputs`.
 pub fn run(backend: Backend, path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
-    match backend {
-        Backend::Tract => tract_backend::run(path, inputs, outputs),
-        Backend::Ort => ort_backend::run(path, inputs, outputs),
-    }
+    backend.engine().run(path, inputs, outputs)
 }
 
 pub(crate) fn rt_err(backend: &str, e: impl std::fmt::Display) -> Error {
@@ -84,31 +145,17 @@ pub(crate) fn rt_err(backend: &str, e: impl std::fmt::Display) -> Error {
 
 /// A model prepared once for repeated runs with inputs of the same shapes (training steps,
 /// finite differences): tract's optimized plan, or an ONNX Runtime session.
-pub enum Runner {
-    Tract(tract_backend::Prepared),
-    /// The session, the names it can be fed, and the outputs to fetch.
-    Ort(Box<ort::session::Session>, Vec<String>, Vec<String>),
-}
+pub struct Runner(Box<dyn Prepared>);
 
 impl Runner {
     /// Prepare `path` on the CPU; `example` fixes the input shapes (tract specializes the plan
     /// to them).
     pub fn new(backend: Backend, path: &Path, example: &Tensors, outputs: &[String]) -> Result<Runner> {
-        Ok(match backend {
-            Backend::Tract => Runner::Tract(tract_backend::Prepared::new(path, example, outputs)?),
-            Backend::Ort => {
-                let s = ort_backend::session(path)?;
-                let names = ort_backend::feedable(&s);
-                Runner::Ort(Box::new(s), names, outputs.to_vec())
-            }
-        })
+        Ok(Runner(backend.engine().prepare(path, example, outputs)?))
     }
 
     pub fn run(&mut self, inputs: &Tensors) -> Result<Tensors> {
-        match self {
-            Runner::Tract(p) => p.run(inputs),
-            Runner::Ort(s, names, outs) => ort_backend::run_session_fed(s, names, inputs, outs),
-        }
+        self.0.run(inputs)
     }
 }
 
@@ -117,22 +164,18 @@ impl Runner {
 /// CUDA execution provider), one read and one written per run, so a run moves only the feed
 /// and the fetched outputs. A run's state update takes effect only on `commit`, so a step that
 /// goes wrong (a non-finite loss) is discarded by not committing it.
-pub enum Stepper {
-    Tract(tract_backend::Stepper),
-    Ort(Box<ort_backend::Stepper>),
-}
+pub struct Stepper(Box<dyn StateStepper>);
 
 /// State values by key.
 pub type StateValues = BTreeMap<String, ArrayD<f32>>;
 
 impl Stepper {
     /// Prepare the graph at `path`; `initial` holds a value for every link's key; `fetch` the
-    /// outputs each run returns to the host.
-    /// `cuda`: ONNX Runtime's CUDA execution provider (an error on tract, or if it cannot
-    /// load); `threads`: ONNX Runtime's intra-op threads (its default: the physical cores).
+    /// outputs each run returns to the host. `device`: where the engine computes (an error
+    /// where it cannot); `threads`: intra-op threads (the engine's default: the physical cores).
     pub fn new(
         backend: Backend,
-        cuda: bool,
+        device: Device,
         threads: Option<usize>,
         path: &Path,
         links: Vec<StateLink>,
@@ -144,50 +187,29 @@ impl Stepper {
                 return Err(Error::Graph(format!("no initial value for the state '{}'", l.key)));
             }
         }
-        Ok(match backend {
-            Backend::Tract if cuda => {
-                return Err(rt_err(
-                    "tract",
-                    "tract runs on the CPU only; use --backend ort --device cuda",
-                ))
-            }
-            Backend::Tract => Stepper::Tract(tract_backend::Stepper::new(path, links, initial, fetch)),
-            Backend::Ort => Stepper::Ort(Box::new(ort_backend::Stepper::new(
-                path, cuda, threads, links, initial, fetch,
-            )?)),
-        })
+        Ok(Stepper(
+            backend.engine().stepper(path, device, threads, links, initial, fetch)?,
+        ))
     }
 
     /// Run once with `feed` (every input that is not state); returns the fetched outputs.
     pub fn run(&mut self, feed: Tensors) -> Result<Tensors> {
-        match self {
-            Stepper::Tract(s) => s.run(feed),
-            Stepper::Ort(s) => s.run(feed),
-        }
+        self.0.run(feed)
     }
 
     /// Make the last run's state updates the current state.
     pub fn commit(&mut self) {
-        match self {
-            Stepper::Tract(s) => s.commit(),
-            Stepper::Ort(s) => s.commit(),
-        }
+        self.0.commit()
     }
 
     /// The current state, copied to the host.
     pub fn state(&self) -> Result<StateValues> {
-        match self {
-            Stepper::Tract(s) => Ok(s.state()),
-            Stepper::Ort(s) => s.state(),
-        }
+        self.0.state()
     }
 
     /// The shape of every state tensor, read from the backend's buffers without copying them.
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
-        match self {
-            Stepper::Tract(s) => s.shapes(),
-            Stepper::Ort(s) => s.shapes(),
-        }
+        self.0.shapes()
     }
 
     /// Replace the current state (resuming from a checkpoint); every value must keep its shape.
@@ -205,12 +227,6 @@ impl Stepper {
                 _ => {}
             }
         }
-        match self {
-            Stepper::Tract(s) => {
-                s.set_state(values);
-                Ok(())
-            }
-            Stepper::Ort(s) => s.set_state(values),
-        }
+        self.0.set_state(values)
     }
 }

@@ -341,3 +341,68 @@ impl Stepper {
         Ok(())
     }
 }
+
+/// ONNX Runtime as an `Engine`, loaded from its shared library: the CPU execution provider, or
+/// CUDA (never a silent fall-back to the CPU).
+pub struct OnnxRuntime;
+
+/// A session, the names it can be fed, and the outputs to fetch.
+struct PreparedSession {
+    session: Session,
+    names: Vec<String>,
+    outputs: Vec<String>,
+}
+
+impl crate::Prepared for PreparedSession {
+    fn run(&mut self, inputs: &Tensors) -> Result<Tensors> {
+        run_session_fed(&mut self.session, &self.names, inputs, &self.outputs)
+    }
+}
+
+impl crate::StateStepper for Stepper {
+    fn run(&mut self, feed: Tensors) -> Result<Tensors> {
+        Stepper::run(self, feed)
+    }
+    fn commit(&mut self) {
+        Stepper::commit(self)
+    }
+    fn state(&self) -> Result<crate::StateValues> {
+        Stepper::state(self)
+    }
+    fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        Stepper::shapes(self)
+    }
+    fn set_state(&mut self, values: &crate::StateValues) -> Result<()> {
+        Stepper::set_state(self, values)
+    }
+}
+
+impl crate::Engine for OnnxRuntime {
+    fn name(&self) -> &'static str {
+        "ort"
+    }
+    fn run(&self, path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
+        run(path, inputs, outputs)
+    }
+    fn prepare(&self, path: &Path, _example: &Tensors, outputs: &[String]) -> Result<Box<dyn crate::Prepared>> {
+        let session = session(path)?;
+        let names = feedable(&session);
+        Ok(Box::new(PreparedSession {
+            session,
+            names,
+            outputs: outputs.to_vec(),
+        }))
+    }
+    fn stepper(
+        &self,
+        path: &Path,
+        device: crate::Device,
+        threads: Option<usize>,
+        links: Vec<crate::StateLink>,
+        initial: &crate::StateValues,
+        fetch: &[String],
+    ) -> Result<Box<dyn crate::StateStepper>> {
+        let cuda = device == crate::Device::Cuda;
+        Ok(Box::new(Stepper::new(path, cuda, threads, links, initial, fetch)?))
+    }
+}

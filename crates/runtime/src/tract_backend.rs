@@ -216,3 +216,57 @@ impl Stepper {
         self.pending = None;
     }
 }
+
+/// tract as an `Engine`: pure Rust, embedded, on the CPU.
+pub struct Tract;
+
+impl crate::Prepared for Prepared {
+    fn run(&mut self, inputs: &Tensors) -> Result<Tensors> {
+        Prepared::run(self, inputs)
+    }
+}
+
+impl crate::StateStepper for Stepper {
+    fn run(&mut self, feed: Tensors) -> Result<Tensors> {
+        Stepper::run(self, feed)
+    }
+    fn commit(&mut self) {
+        Stepper::commit(self)
+    }
+    fn state(&self) -> Result<crate::StateValues> {
+        Ok(Stepper::state(self))
+    }
+    fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        Stepper::shapes(self)
+    }
+    fn set_state(&mut self, values: &crate::StateValues) -> Result<()> {
+        Stepper::set_state(self, values);
+        Ok(())
+    }
+}
+
+impl crate::Engine for Tract {
+    fn name(&self) -> &'static str {
+        "tract"
+    }
+    fn run(&self, path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
+        run(path, inputs, outputs)
+    }
+    fn prepare(&self, path: &Path, example: &Tensors, outputs: &[String]) -> Result<Box<dyn crate::Prepared>> {
+        Ok(Box::new(Prepared::new(path, example, outputs)?))
+    }
+    fn stepper(
+        &self,
+        path: &Path,
+        device: crate::Device,
+        _threads: Option<usize>,
+        links: Vec<crate::StateLink>,
+        initial: &crate::StateValues,
+        fetch: &[String],
+    ) -> Result<Box<dyn crate::StateStepper>> {
+        if device != crate::Device::Cpu {
+            return Err(err("tract runs on the CPU only; use --backend ort --device cuda"));
+        }
+        Ok(Box::new(Stepper::new(path, links, initial, fetch)))
+    }
+}

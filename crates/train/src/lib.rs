@@ -15,7 +15,7 @@ use dagr_core::{optim, step_graph};
 use dagr_onnx::error::{Error, Result};
 use dagr_onnx::{self as onnx, dtype, tensor, GraphIndex, Model};
 use dagr_runtime::data::{Dataset, Rng};
-use dagr_runtime::{Backend, StateValues, Stepper, Tensors, Value};
+use dagr_runtime::{Backend, Device, StateValues, Stepper, Tensors, Value};
 use ndarray::ArrayD;
 use optim::{Optimizer, Schedule};
 use serde::{Deserialize, Serialize};
@@ -37,7 +37,9 @@ pub struct Settings {
     pub shuffle: bool,
     pub drop_last: bool,
     pub backend: Backend,
-    pub cuda: bool,
+    /// Where the backend computes.
+    #[serde(default)]
+    pub device: Device,
     /// ONNX Runtime's intra-op threads (default: one per physical core).
     #[serde(default)]
     pub threads: Option<usize>,
@@ -291,7 +293,7 @@ impl Trainer {
         let state_keys = sg.state.iter().map(|l| l.key.clone()).collect();
         let stepper = Stepper::new(
             settings.backend,
-            settings.cuda,
+            settings.device,
             settings.threads,
             &step_path,
             sg.state,
