@@ -46,20 +46,46 @@ pub fn venv_python() -> PathBuf {
 
 /// `onnx.checker.check_model(full_check=True)` on a file.
 pub fn onnx_check(path: &Path) {
+    onnx_check_all(&[path.to_path_buf()]);
+}
+
+/// `onnx.checker.check_model(full_check=True)` on every file, in one Python process.
+pub fn onnx_check_all(paths: &[PathBuf]) {
+    if paths.is_empty() {
+        return;
+    }
+    let script = "import onnx, sys\nbad = []\nfor p in sys.argv[1:]:\n    try:\n        onnx.checker.check_model(onnx.load(p), full_check=True)\n    except Exception as e:\n        bad.append(f'{p}: {e}')\nprint('\\n'.join(bad), file=sys.stderr)\nsys.exit(1 if bad else 0)";
     let out = Command::new(venv_python())
-        .args([
-            "-c",
-            "import onnx, sys; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True)",
-            path.to_str().unwrap(),
-        ])
+        .arg("-c")
+        .arg(script)
+        .args(paths)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "onnx.checker rejected {}:\n{}",
-        path.display(),
+        "onnx.checker rejected:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Files to pass through `onnx.checker` together, in one Python process, when the test ends
+/// (when it has not failed already). Declare it after the directory the files are in, so that
+/// it is dropped first.
+#[derive(Default)]
+pub struct OnnxChecks(Vec<PathBuf>);
+
+impl OnnxChecks {
+    pub fn add(&mut self, path: &Path) {
+        self.0.push(path.to_path_buf());
+    }
+}
+
+impl Drop for OnnxChecks {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            onnx_check_all(&self.0);
+        }
+    }
 }
 
 /// Make sure ONNX Runtime can be loaded: a test that needs it fails here if it is missing.

@@ -28,6 +28,7 @@ fn parameter_gradients_match_pytorch_on_both_backends() {
     let fx = dagr_inject::npz::read(&root().join("fixtures/train_reference.npz")).unwrap();
     let fx64 = npz_f64(&root().join("fixtures/train_reference.npz"));
     let dir = tempfile::tempdir().unwrap();
+    let mut checks = OnnxChecks::default();
     for (k, c) in cases.iter().enumerate() {
         let path = root().join("models").join(&c.model);
         let mut model = onnx::load(&path).unwrap();
@@ -55,7 +56,7 @@ fn parameter_gradients_match_pytorch_on_both_backends() {
         let rec = make_training_graph(&mut model, &cfg, &opts).unwrap_or_else(|e| panic!("case {k} {}: {e}", c.model));
         let out = dir.path().join(format!("case{k}.onnx"));
         onnx::save(&model, &out).unwrap();
-        onnx_check(&out);
+        checks.add(&out);
 
         let prefix = format!("{k}/input/");
         let feed: Tensors = fx
