@@ -770,8 +770,182 @@ fn append_log(path: &Path, line: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a run reads before its first step: the original model (to export into), the heads and
+/// label input (for validation), and the datasets, checked against the graph.
+struct RunInputs {
+    original: Model,
+    heads: Vec<String>,
+    labels: Option<String>,
+    train: Dataset,
+    val: Option<Dataset>,
+    /// Steps in an epoch.
+    per_epoch: usize,
+}
+
+impl RunInputs {
+    fn load(run: &Run, t: &Trainer, original: Option<PathBuf>) -> Result<RunInputs> {
+        let settings = &t.settings;
+        let model = onnx::load(run.model)?;
+        let idx = GraphIndex::new(&model)?;
+        let original_path =
+            original.ok_or_else(|| Error::Config("the original model is unknown; pass --original MODEL".into()))?;
+        let original = onnx::load(&original_path)?;
+        let (heads, labels) = match &t.record.dagr.config.task {
+            dagr_core::Task::CrossEntropy { logits, .. } => {
+                (logits.clone(), t.record.dagr.outputs.labels_input.clone())
+            }
+            _ => (Vec::new(), None),
+        };
+        let classes = heads
+            .first()
+            .and_then(|h| idx.fact(h))
+            .and_then(|f| f.shape.clone())
+            .and_then(|s| match s.get(1) {
+                Some(dagr_onnx::Dim::Known(c)) => Some(*c),
+                _ => None,
+            });
+        let inputs = t.data_inputs(&idx);
+        let label_check = labels.as_deref().zip(classes);
+        let train = Dataset::load(run.train, &idx, &inputs, label_check)?;
+        let val = match run.val {
+            Some(p) => Some(Dataset::load(p, &idx, &inputs, label_check)?),
+            None => None,
+        };
+        let modalities = t.record.dagr.encoders.len() as u64;
+        dagr_onnx::limits::check_alloc_hint(
+            dagr_onnx::limits::dagr_pairwise_bytes(settings.batch_size.min(train.len) as u64, modalities),
+            &format!("DAGR's pairwise terms at batch size {}", settings.batch_size),
+            "use a smaller batch size: the dispersion term holds [batch, batch] matrices",
+        )?;
+        let per_epoch = train.batches(settings.batch_size, None, settings.drop_last).len();
+        if per_epoch == 0 {
+            return Err(Error::Config(format!(
+                "an epoch has no batch: the data has {} samples, fewer than the batch size {} whose partial batch drop-last drops",
+                train.len, settings.batch_size
+            )));
+        }
+        Ok(RunInputs {
+            original,
+            heads,
+            labels,
+            train,
+            val,
+            per_epoch,
+        })
+    }
+}
+
+/// Continue from the checkpoint in `run.out`, if there is one; returns what to tell the user.
+fn resume(run: &Run, t: &mut Trainer, log_path: &Path) -> Result<Vec<String>> {
+    if checkpoint::exists(run.out) {
+        let notes = t.load_checkpoint(run.out, run.new_settings)?;
+        trim_log(log_path, t.progress.epoch)?;
+        let mut all = vec![format!(
+            "resuming after epoch {} (step {})",
+            t.progress.epoch, t.progress.step
+        )];
+        all.extend(notes);
+        return Ok(all);
+    }
+    if logged_epochs(log_path) > 1 {
+        return Err(Error::Data(format!(
+            "{} has a log of completed epochs but no {}: the checkpoint was removed\n  hint: restore it, or start over with --force",
+            run.out.display(),
+            checkpoint::FILE
+        )));
+    }
+    // At most the first epoch's log line, written just before its checkpoint: that checkpoint
+    // never landed (the process was killed while writing it).
+    trim_log(log_path, 0)?;
+    Ok(vec!["no checkpoint yet: starting from the first epoch".into()])
+}
+
+/// The steps of one epoch: their statistics, the samples seen, and the wall time. Stops early
+/// (with the steps so far) at the step limit; returns an error when the caller stops the run or
+/// a step is not finite.
+fn train_epoch(
+    run: &Run,
+    t: &mut Trainer,
+    data: &RunInputs,
+    cb: &mut dyn Callbacks,
+) -> Result<(Vec<StepStats>, usize, std::time::Duration)> {
+    let settings = t.settings.clone();
+    let mut rng = t.progress.rng;
+    let batches = data.train.batches(
+        settings.batch_size,
+        settings.shuffle.then_some(&mut rng),
+        settings.drop_last,
+    );
+    cb.epoch_start(t.progress.epoch + 1, settings.epochs, batches.len());
+    let started = std::time::Instant::now();
+    let mut stats = Vec::with_capacity(batches.len());
+    let mut samples = 0usize;
+    for rows in &batches {
+        if cb.should_stop() {
+            return Err(Error::Interrupted(format!(
+                "interrupted during epoch {}{}",
+                t.progress.epoch + 1,
+                if checkpoint::exists(run.out) {
+                    format!(
+                        "; the last checkpoint (epoch {}) in {} is intact: continue with --resume",
+                        t.progress.epoch,
+                        run.out.display()
+                    )
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        let s = t.step(data.train.batch(rows)).map_err(|e| match e {
+            Error::NonFinite { .. } if checkpoint::exists(run.out) => Error::Data(format!(
+                "{e}\n  the last good checkpoint is {} (epoch {})",
+                run.out.join(checkpoint::FILE).display(),
+                t.progress.epoch
+            )),
+            other => other,
+        })?;
+        samples += rows.len();
+        cb.step(&s, samples as f64 / started.elapsed().as_secs_f64());
+        stats.push(s);
+        if run.max_steps.is_some_and(|m| t.progress.step >= m) {
+            break;
+        }
+    }
+    t.progress.rng = rng;
+    t.progress.epoch += 1;
+    Ok((stats, samples, started.elapsed()))
+}
+
+/// The end of an epoch, in the order that makes a kill at any point safe: the exported model,
+/// the validation metrics, the log line, and then the checkpoint, which commits the epoch.
+fn finish_epoch(run: &Run, t: &Trainer, data: &RunInputs, log: EpochLog) -> Result<(EpochLog, String)> {
+    let backend = t.settings.backend;
+    let mut log = log;
+    // One copy of the state from the backend serves the export and the checkpoint.
+    let state = t.state()?;
+    let exported = t.export(&data.original, &state)?;
+    let model_out = run.out.join(MODEL_FILE);
+    dagr_onnx::fault::point("epoch.before-export");
+    onnx::save(&exported, &model_out)?;
+    if let (Some(v), Some(l)) = (&data.val, &data.labels) {
+        if !data.heads.is_empty() {
+            log.val_accuracy = eval::accuracy_on(&model_out, backend, v, &data.heads, l)?;
+        }
+    }
+    if let Some(v) = &data.val {
+        log.geometry = epoch_geometry(&exported, &t.record, v, data.labels.as_deref(), backend)?;
+    }
+    let line = serde_json::to_string(&log).map_err(|e| Error::Graph(format!("epoch log: {e}")))?;
+    append_log(&run.out.join(LOG_FILE), &line)?;
+    dagr_onnx::fault::point("epoch.before-checkpoint");
+    t.save_checkpoint(run.out, &state)?;
+    dagr_onnx::fault::point("epoch.after-checkpoint");
+    Ok((log, line))
+}
+
 fn fit_in(run: &Run, settings: Settings, cb: &mut dyn Callbacks, original: Option<PathBuf>) -> Result<Fitted> {
     let mut t = Trainer::new_in(run.model, settings.clone(), run.out)?;
+    let data = RunInputs::load(run, &t, original)?;
     let mut fitted = Fitted {
         files: [MODEL_FILE, STEP_FILE, checkpoint::FILE, LOG_FILE]
             .iter()
@@ -779,67 +953,8 @@ fn fit_in(run: &Run, settings: Settings, cb: &mut dyn Callbacks, original: Optio
             .collect(),
         ..Default::default()
     };
-    let model = onnx::load(run.model)?;
-    let idx = GraphIndex::new(&model)?;
-    let original_path =
-        original.ok_or_else(|| Error::Config("the original model is unknown; pass --original MODEL".into()))?;
-    let original = onnx::load(&original_path)?;
-    let (heads, labels) = match &t.record.dagr.config.task {
-        dagr_core::Task::CrossEntropy { logits, .. } => (logits.clone(), t.record.dagr.outputs.labels_input.clone()),
-        _ => (Vec::new(), None),
-    };
-    let classes = heads
-        .first()
-        .and_then(|h| idx.fact(h))
-        .and_then(|f| f.shape.clone())
-        .and_then(|s| match s.get(1) {
-            Some(dagr_onnx::Dim::Known(c)) => Some(*c),
-            _ => None,
-        });
-    let inputs = t.data_inputs(&idx);
-    let label_check = labels.as_deref().zip(classes);
-    let train = Dataset::load(run.train, &idx, &inputs, label_check)?;
-    let val = match run.val {
-        Some(p) => Some(Dataset::load(p, &idx, &inputs, label_check)?),
-        None => None,
-    };
-    let modalities = t.record.dagr.encoders.len() as u64;
-    dagr_onnx::limits::check_alloc_hint(
-        dagr_onnx::limits::dagr_pairwise_bytes(settings.batch_size.min(train.len) as u64, modalities),
-        &format!("DAGR's pairwise terms at batch size {}", settings.batch_size),
-        "use a smaller batch size: the dispersion term holds [batch, batch] matrices",
-    )?;
-    let per_epoch = train.batches(settings.batch_size, None, settings.drop_last).len();
-    if per_epoch == 0 {
-        return Err(Error::Config(format!(
-            "an epoch has no batch: the data has {} samples, fewer than the batch size {} whose partial batch drop-last drops",
-            train.len, settings.batch_size
-        )));
-    }
-    let log_path = run.out.join(LOG_FILE);
     if run.resume {
-        if checkpoint::exists(run.out) {
-            let notes = t.load_checkpoint(run.out, run.new_settings)?;
-            trim_log(&log_path, t.progress.epoch)?;
-            fitted.notices.push(format!(
-                "resuming after epoch {} (step {})",
-                t.progress.epoch, t.progress.step
-            ));
-            fitted.notices.extend(notes);
-        } else if logged_epochs(&log_path) > 1 {
-            return Err(Error::Data(format!(
-                "{} has a log of completed epochs but no {}: the checkpoint was removed\n  hint: restore it, or start over with --force",
-                run.out.display(),
-                checkpoint::FILE
-            )));
-        } else {
-            // At most the first epoch's log line, written just before its checkpoint: that
-            // checkpoint never landed (the process was killed while writing it).
-            trim_log(&log_path, 0)?;
-            fitted
-                .notices
-                .push("no checkpoint yet: starting from the first epoch".into());
-        }
+        fitted.notices = resume(run, &mut t, &run.out.join(LOG_FILE))?;
     }
     for n in &fitted.notices {
         cb.notice(n);
@@ -859,83 +974,22 @@ fn fit_in(run: &Run, settings: Settings, cb: &mut dyn Callbacks, original: Optio
         source,
     })?;
     onnx::io::write_atomic(&run.out.join(STEP_FILE), &step_bytes)?;
-    t.total_steps = per_epoch * settings.epochs;
-    let model_out = run.out.join(MODEL_FILE);
+    t.total_steps = data.per_epoch * settings.epochs;
     while t.progress.epoch < settings.epochs {
-        let mut rng = t.progress.rng;
-        let batches = train.batches(
-            settings.batch_size,
-            settings.shuffle.then_some(&mut rng),
-            settings.drop_last,
-        );
-        cb.epoch_start(t.progress.epoch + 1, settings.epochs, batches.len());
-        let started = std::time::Instant::now();
         let backend_before = t.backend_time;
-        let mut stats = Vec::with_capacity(batches.len());
-        let mut samples = 0usize;
-        for rows in &batches {
-            if cb.should_stop() {
-                return Err(Error::Interrupted(format!(
-                    "interrupted during epoch {}{}",
-                    t.progress.epoch + 1,
-                    if checkpoint::exists(run.out) {
-                        format!(
-                            "; the last checkpoint (epoch {}) in {} is intact: continue with --resume",
-                            t.progress.epoch,
-                            run.out.display()
-                        )
-                    } else {
-                        String::new()
-                    }
-                )));
-            }
-            let s = t.step(train.batch(rows)).map_err(|e| match e {
-                Error::NonFinite { .. } if checkpoint::exists(run.out) => Error::Data(format!(
-                    "{e}\n  the last good checkpoint is {} (epoch {})",
-                    run.out.join(checkpoint::FILE).display(),
-                    t.progress.epoch
-                )),
-                other => other,
-            })?;
-            samples += rows.len();
-            cb.step(&s, samples as f64 / started.elapsed().as_secs_f64());
-            stats.push(s);
-            if run.max_steps.is_some_and(|m| t.progress.step >= m) {
-                break;
-            }
-        }
-        let secs = started.elapsed().as_secs_f64();
-        t.progress.rng = rng;
-        t.progress.epoch += 1;
-        // One copy of the state from the backend serves the export and the checkpoint.
-        let state = t.state()?;
-        let exported = t.export(&original, &state)?;
-        dagr_onnx::fault::point("epoch.before-export");
-        onnx::save(&exported, &model_out)?;
-        let val_accuracy = match (&val, &labels) {
-            (Some(v), Some(l)) if !heads.is_empty() => eval::accuracy_on(&model_out, settings.backend, v, &heads, l)?,
-            _ => BTreeMap::new(),
-        };
-        let geometry = match &val {
-            Some(v) => epoch_geometry(&exported, &t.record, v, labels.as_deref(), settings.backend)?,
-            None => BTreeMap::new(),
-        };
+        let (stats, samples, took) = train_epoch(run, &mut t, &data, cb)?;
+        let secs = took.as_secs_f64();
         let log = EpochLog {
             epoch: t.progress.epoch,
             step: t.progress.step,
             mean: StepStats::mean(&stats),
-            val_accuracy,
-            geometry,
+            val_accuracy: BTreeMap::new(),
+            geometry: BTreeMap::new(),
             samples_per_second: samples as f64 / secs,
             step_seconds: secs,
             backend_seconds: (t.backend_time - backend_before).as_secs_f64(),
         };
-        let line = serde_json::to_string(&log).map_err(|e| Error::Graph(format!("epoch log: {e}")))?;
-        append_log(&log_path, &line)?;
-        // The checkpoint commits the epoch.
-        dagr_onnx::fault::point("epoch.before-checkpoint");
-        t.save_checkpoint(run.out, &state)?;
-        dagr_onnx::fault::point("epoch.after-checkpoint");
+        let (log, line) = finish_epoch(run, &t, &data, log)?;
         cb.epoch_end(&log, &line);
         fitted.logs.push(log);
         if run.max_steps.is_some_and(|m| t.progress.step >= m) {
