@@ -40,6 +40,23 @@ fn fails(args: &[String]) -> String {
     all
 }
 
+/// `MODEL --encoders audio,visual --logits logits --labels label --train -o OUT`.
+fn inject_train_args(model: &Path, out: &Path) -> Vec<String> {
+    [
+        s(model),
+        "--encoders".into(),
+        "audio,visual".into(),
+        "--logits".into(),
+        "logits".into(),
+        "--labels".into(),
+        "label".into(),
+        "--train".into(),
+        "-o".into(),
+        s(out),
+    ]
+    .to_vec()
+}
+
 /// The av_mlp training graph, its original model, and its data, in `dir`.
 struct Setup {
     graph: PathBuf,
@@ -51,21 +68,7 @@ fn setup(dir: &Path) -> Setup {
     let original = dir.join("av_mlp.onnx");
     std::fs::copy(root().join("models/av_mlp.legacy.onnx"), &original).unwrap();
     let graph = dir.join("av_mlp.train.onnx");
-    bin()
-        .args([
-            &s(&original),
-            "--encoders",
-            "audio,visual",
-            "--logits",
-            "logits",
-            "--labels",
-            "label",
-            "--train",
-            "-o",
-            &s(&graph),
-        ])
-        .assert()
-        .success();
+    bin().args(inject_train_args(&original, &graph)).assert().success();
     let data = dir.join("data.npz");
     std::fs::copy(root().join("fixtures/optim_data_av_mlp.npz"), &data).unwrap();
     Setup { graph, data, original }
@@ -759,18 +762,7 @@ fn damaged_models_are_refused_with_a_message() {
         let e = fails(&cmd);
         assert!(e.contains("holds 4 bytes") && e.contains("need 10240"), "{e}");
     }
-    let e = fails(&[
-        s(&p),
-        "--encoders".into(),
-        "audio,visual".into(),
-        "--logits".into(),
-        "logits".into(),
-        "--labels".into(),
-        "label".into(),
-        "--train".into(),
-        "-o".into(),
-        s(&dir.path().join("t.onnx")),
-    ]);
+    let e = fails(&inject_train_args(&p, &dir.path().join("t.onnx")));
     assert!(e.contains("holds 4 bytes"), "{e}");
     // Input dims no tensor can have.
     for d in [1i64 << 62, -7, 2_000_000_000] {
@@ -848,18 +840,7 @@ fn damaged_models_are_refused_with_a_message() {
     c.attribute.push(a);
     g.node.insert(0, c);
     let p = save(&m, "bnconst.onnx");
-    let e = fails(&[
-        s(&p),
-        "--encoders".into(),
-        "audio,visual".into(),
-        "--logits".into(),
-        "logits".into(),
-        "--labels".into(),
-        "label".into(),
-        "--train".into(),
-        "-o".into(),
-        s(&dir.path().join("bn.train.onnx")),
-    ]);
+    let e = fails(&inject_train_args(&p, &dir.path().join("bn.train.onnx")));
     assert!(e.contains("computed by a node"), "{e}");
     // No outputs; an IR version newer than any onnx writes.
     let mut m = base.clone();

@@ -271,11 +271,13 @@ impl Stepper {
             fetch: fetch.to_vec(),
             cuda,
         };
-        s.set_state(initial)?;
+        crate::StateStepper::set_state(&mut s, initial)?;
         Ok(s)
     }
+}
 
-    pub fn run(&mut self, feed: Tensors) -> Result<Tensors> {
+impl crate::StateStepper for Stepper {
+    fn run(&mut self, feed: Tensors) -> Result<Tensors> {
         self.ran = false;
         let binding = &mut self.bindings[self.current];
         for (name, v) in feed {
@@ -296,14 +298,14 @@ impl Stepper {
         Ok(out)
     }
 
-    pub fn commit(&mut self) {
+    fn commit(&mut self) {
         if std::mem::take(&mut self.ran) {
             self.current = 1 - self.current;
         }
     }
 
     /// The current state, copied to the host.
-    pub fn state(&self) -> Result<super::StateValues> {
+    fn state(&self) -> Result<super::StateValues> {
         let mut out = super::StateValues::new();
         for (l, t) in self.links.iter().zip(&self.buffers[self.current]) {
             let a = if self.cuda {
@@ -318,7 +320,7 @@ impl Stepper {
     }
 
     /// The shape of each state tensor, by key (read from the buffers, no copy).
-    pub fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+    fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
         self.links
             .iter()
             .zip(&self.buffers[self.current])
@@ -327,7 +329,7 @@ impl Stepper {
     }
 
     /// Overwrite the current state with `values` (by key; shapes already checked).
-    pub fn set_state(&mut self, values: &super::StateValues) -> Result<()> {
+    fn set_state(&mut self, values: &super::StateValues) -> Result<()> {
         for (l, t) in self.links.iter().zip(self.buffers[self.current].iter_mut()) {
             let Some(a) = values.get(&l.key) else { continue };
             if self.cuda {
@@ -356,24 +358,6 @@ struct PreparedSession {
 impl crate::Prepared for PreparedSession {
     fn run(&mut self, inputs: &Tensors) -> Result<Tensors> {
         run_session_fed(&mut self.session, &self.names, inputs, &self.outputs)
-    }
-}
-
-impl crate::StateStepper for Stepper {
-    fn run(&mut self, feed: Tensors) -> Result<Tensors> {
-        Stepper::run(self, feed)
-    }
-    fn commit(&mut self) {
-        Stepper::commit(self)
-    }
-    fn state(&self) -> Result<crate::StateValues> {
-        Stepper::state(self)
-    }
-    fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
-        Stepper::shapes(self)
-    }
-    fn set_state(&mut self, values: &crate::StateValues) -> Result<()> {
-        Stepper::set_state(self, values)
     }
 }
 

@@ -155,8 +155,10 @@ impl Stepper {
             plans: Default::default(),
         }
     }
+}
 
-    pub fn run(&mut self, mut feed: Tensors) -> Result<Tensors> {
+impl crate::StateStepper for Stepper {
+    fn run(&mut self, mut feed: Tensors) -> Result<Tensors> {
         let shapes: Vec<Vec<usize>> = feed.values().map(|v| v.shape().to_vec()).collect();
         let fed: Vec<String> = feed.keys().cloned().collect();
         feed.extend(std::mem::take(&mut self.state));
@@ -183,37 +185,39 @@ impl Stepper {
         Ok(out)
     }
 
-    pub fn commit(&mut self) {
+    fn commit(&mut self) {
         if let Some(p) = self.pending.take() {
             self.state.extend(p);
         }
     }
 
-    pub fn state(&self) -> super::StateValues {
-        self.links
+    fn state(&self) -> Result<super::StateValues> {
+        Ok(self
+            .links
             .iter()
             .filter_map(|l| match self.state.get(&l.input) {
                 Some(Value::F32(a)) => Some((l.key.clone(), a.clone())),
                 _ => None,
             })
-            .collect()
+            .collect())
     }
 
     /// The shape of each state tensor, by key.
-    pub fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+    fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
         self.links
             .iter()
             .filter_map(|l| Some((l.key.clone(), self.state.get(&l.input)?.shape().to_vec())))
             .collect()
     }
 
-    pub fn set_state(&mut self, values: &super::StateValues) {
+    fn set_state(&mut self, values: &super::StateValues) -> Result<()> {
         for l in &self.links {
             if let Some(v) = values.get(&l.key) {
                 self.state.insert(l.input.clone(), Value::F32(v.clone()));
             }
         }
         self.pending = None;
+        Ok(())
     }
 }
 
@@ -223,25 +227,6 @@ pub struct Tract;
 impl crate::Prepared for Prepared {
     fn run(&mut self, inputs: &Tensors) -> Result<Tensors> {
         Prepared::run(self, inputs)
-    }
-}
-
-impl crate::StateStepper for Stepper {
-    fn run(&mut self, feed: Tensors) -> Result<Tensors> {
-        Stepper::run(self, feed)
-    }
-    fn commit(&mut self) {
-        Stepper::commit(self)
-    }
-    fn state(&self) -> Result<crate::StateValues> {
-        Ok(Stepper::state(self))
-    }
-    fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
-        Stepper::shapes(self)
-    }
-    fn set_state(&mut self, values: &crate::StateValues) -> Result<()> {
-        Stepper::set_state(self, values);
-        Ok(())
     }
 }
 
