@@ -71,44 +71,50 @@ enum Command {
     },
     /// Geometry diagnostics of the embeddings (effective rank, drift, margin, similarity gap,
     /// Recall@K), robustness to missing or noisy modalities, pictures (SVG and PNG)
-    Diagnose {
-        /// A rewritten model, or any model with --encoders (rewritten in memory)
-        model: PathBuf,
-        #[arg(long)]
-        data: PathBuf,
-        /// Int64 class labels in the data (margin, PCA colours, accuracies)
-        #[arg(long)]
-        labels: Option<String>,
-        /// Logits outputs whose accuracy to report under missing/noisy modalities
-        #[arg(long, value_delimiter = ',')]
-        heads: Vec<String>,
-        /// Encoders, for a model not rewritten yet
-        #[arg(long, value_delimiter = ',')]
-        encoders: Vec<String>,
-        #[arg(long, value_enum, default_value = "tract")]
-        backend: BackendArg,
-        /// Directory for report.json, report.txt and the pictures
-        #[arg(long)]
-        out: PathBuf,
-        /// A `train` log.jsonl: also draw curves.svg (losses, geometry, accuracy per epoch)
-        #[arg(long)]
-        logs: Option<PathBuf>,
-    },
+    Diagnose(DiagnoseArgs),
     /// Run a model on tract or ONNX Runtime with inputs from an .npz file
-    Run {
-        model: PathBuf,
-        /// .npz whose arrays are named like the graph inputs
-        #[arg(long)]
-        inputs: PathBuf,
-        #[arg(long, value_enum, default_value = "tract")]
-        backend: BackendArg,
-        /// Outputs to compute (default: all graph outputs)
-        #[arg(long, value_delimiter = ',')]
-        outputs: Vec<String>,
-        /// Write the outputs to this .npz (default: print a summary)
-        #[arg(short, long)]
-        output: Option<PathBuf>,
-    },
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct DiagnoseArgs {
+    /// A rewritten model, or any model with --encoders (rewritten in memory)
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// Int64 class labels in the data (margin, PCA colours, accuracies)
+    #[arg(long)]
+    labels: Option<String>,
+    /// Logits outputs whose accuracy to report under missing/noisy modalities
+    #[arg(long, value_delimiter = ',')]
+    heads: Vec<String>,
+    /// Encoders, for a model not rewritten yet
+    #[arg(long, value_delimiter = ',')]
+    encoders: Vec<String>,
+    #[arg(long, value_enum, default_value = "tract")]
+    backend: BackendArg,
+    /// Directory for report.json, report.txt and the pictures
+    #[arg(long)]
+    out: PathBuf,
+    /// A `train` log.jsonl: also draw curves.svg (losses, geometry, accuracy per epoch)
+    #[arg(long)]
+    logs: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    model: PathBuf,
+    /// .npz whose arrays are named like the graph inputs
+    #[arg(long)]
+    inputs: PathBuf,
+    #[arg(long, value_enum, default_value = "tract")]
+    backend: BackendArg,
+    /// Outputs to compute (default: all graph outputs)
+    #[arg(long, value_delimiter = ',')]
+    outputs: Vec<String>,
+    /// Write the outputs to this .npz (default: print a summary)
+    #[arg(short, long)]
+    output: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -429,45 +435,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         Command::Inject(a) => inject_cmd(a)?,
         Command::Block(a) => block_cmd(a)?,
         Command::Train(a) => train_cmd(a)?,
-        Command::Diagnose {
-            model,
-            data,
-            labels,
-            heads,
-            encoders,
-            backend,
-            out,
-            logs,
-        } => {
-            let scratch;
-            let path = if encoders.is_empty() {
-                model.clone()
-            } else {
-                let mut m = onnx::load(&model)?;
-                let cfg = Config {
-                    encoders,
-                    ..Default::default()
-                };
-                dagr::inject(&mut m, &cfg)?;
-                scratch = onnx::io::Scratch::new(&m)?;
-                scratch.path().to_path_buf()
-            };
-            if let Some(l) = &logs {
-                for n in ["curves.svg", "curves.png"] {
-                    onnx::io::refuse_overwrite(&out.join(n), &[l])?;
-                }
-            }
-            let r = dagr_inject::diagnose::write_report(&path, &data, labels.as_deref(), &heads, backend.into(), &out)?;
-            if let Some(l) = logs {
-                let text = std::fs::read_to_string(&l).with_context(|| format!("reading {}", l.display()))?;
-                dagr_inject::diagnose::write_picture(&out, "curves", &dagr_inject::diagnose::curves_svg(&text))?;
-            }
-            print!("{}", r.to_text());
-            println!(
-                "\nwrote {}/report.json, report.txt and the pictures (.svg and .png)",
-                out.display()
-            );
-        }
+        Command::Diagnose(a) => diagnose_cmd(a)?,
         Command::Verify {
             model,
             reference,
@@ -485,42 +453,72 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             rtol,
             json,
         )?,
-        Command::Run {
-            model,
-            inputs,
-            backend,
-            outputs,
-            output,
-        } => {
-            if let Some(p) = &output {
-                onnx::io::refuse_overwrite(p, &[&model, &inputs])?;
-            }
-            let m = onnx::load(&model)?;
-            let feed = npz::read(&inputs)?;
-            dagr::check_batch(&m, batch_of(&feed))?;
-            let outs: Vec<String> = if outputs.is_empty() {
-                m.graph().output.iter().map(|o| o.name.clone()).collect()
-            } else {
-                outputs
-            };
-            if outs.is_empty() {
-                bail!("{} has no outputs: there is nothing to run", model.display());
-            }
-            let res = runtime::run(backend.into(), &model, &feed, &outs)?;
-            match output {
-                Some(p) => {
-                    npz::write(&p, &res)?;
-                    println!("wrote {} outputs to {}", res.len(), p.display());
-                }
-                None => {
-                    for (k, v) in &res {
-                        let preview = match v.as_f32() {
-                            Some(a) => format!("{:?}", a.iter().take(4).collect::<Vec<_>>()),
-                            None => String::new(),
-                        };
-                        println!("{k:<32} {} {:?} {preview}", v.dtype_name(), v.shape());
-                    }
-                }
+        Command::Run(a) => run_cmd(a)?,
+    }
+    Ok(())
+}
+
+fn diagnose_cmd(a: DiagnoseArgs) -> Result<()> {
+    let scratch;
+    let path = if a.encoders.is_empty() {
+        a.model.clone()
+    } else {
+        let mut m = onnx::load(&a.model)?;
+        let cfg = Config {
+            encoders: a.encoders.clone(),
+            ..Default::default()
+        };
+        dagr::inject(&mut m, &cfg)?;
+        scratch = onnx::io::Scratch::new(&m)?;
+        scratch.path().to_path_buf()
+    };
+    if let Some(l) = &a.logs {
+        for n in ["curves.svg", "curves.png"] {
+            onnx::io::refuse_overwrite(&a.out.join(n), &[l])?;
+        }
+    }
+    let r =
+        dagr_inject::diagnose::write_report(&path, &a.data, a.labels.as_deref(), &a.heads, a.backend.into(), &a.out)?;
+    if let Some(l) = &a.logs {
+        let text = std::fs::read_to_string(l).with_context(|| format!("reading {}", l.display()))?;
+        dagr_inject::diagnose::write_picture(&a.out, "curves", &dagr_inject::diagnose::curves_svg(&text))?;
+    }
+    print!("{}", r.to_text());
+    println!(
+        "\nwrote {}/report.json, report.txt and the pictures (.svg and .png)",
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn run_cmd(a: RunArgs) -> Result<()> {
+    if let Some(p) = &a.output {
+        onnx::io::refuse_overwrite(p, &[&a.model, &a.inputs])?;
+    }
+    let m = onnx::load(&a.model)?;
+    let feed = npz::read(&a.inputs)?;
+    dagr::check_batch(&m, batch_of(&feed))?;
+    let outs: Vec<String> = if a.outputs.is_empty() {
+        m.graph().output.iter().map(|o| o.name.clone()).collect()
+    } else {
+        a.outputs.clone()
+    };
+    if outs.is_empty() {
+        bail!("{} has no outputs: there is nothing to run", a.model.display());
+    }
+    let res = runtime::run(a.backend.into(), &a.model, &feed, &outs)?;
+    match &a.output {
+        Some(p) => {
+            npz::write(p, &res)?;
+            println!("wrote {} outputs to {}", res.len(), p.display());
+        }
+        None => {
+            for (k, v) in &res {
+                let preview = match v.as_f32() {
+                    Some(a) => format!("{:?}", a.iter().take(4).collect::<Vec<_>>()),
+                    None => String::new(),
+                };
+                println!("{k:<32} {} {:?} {preview}", v.dtype_name(), v.shape());
             }
         }
     }
