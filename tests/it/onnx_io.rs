@@ -184,4 +184,13 @@ fn saving_over_the_input_is_refused() {
     let m = onnx::load(&p).unwrap();
     let e = onnx::save(&m, &p).unwrap_err().to_string();
     assert!(e.contains("refusing to overwrite"), "{e}");
+    // Nor over its external data.
+    let ext = dir.path().join("ext");
+    std::fs::create_dir(&ext).unwrap();
+    let m = externalize(&onnx::load(&p).unwrap(), &ext, "m.onnx");
+    let weights = ext.join("weights.bin");
+    let before = std::fs::read(&weights).unwrap();
+    let e = onnx::save(&m, &weights).unwrap_err().to_string();
+    assert!(e.contains("refusing to overwrite") && e.contains("weights.bin"), "{e}");
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
 }

@@ -370,14 +370,21 @@ pub fn save(model: &Model, path: &Path) -> Result<()> {
             return Err(Error::WouldOverwriteInput(path.to_path_buf()));
         }
     }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let locations: BTreeSet<String> = external_tensors(&model.proto)
         .into_iter()
         .filter_map(|t| external_info(t).ok().and_then(|i| i.0))
         .collect();
+    // Nor over the external data the model reads.
+    for loc in &locations {
+        let data = model.base_dir.join(loc);
+        if same_file(&data, path) {
+            return Err(Error::WouldOverwriteInput(data));
+        }
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     for loc in &locations {
         let from = model.base_dir.join(loc);
         let to = dir.join(loc);
