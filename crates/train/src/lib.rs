@@ -429,8 +429,7 @@ impl Trainer {
     /// changed. Returns what was reset or changed, one line each.
     pub fn load_checkpoint(&mut self, dir: &Path, new_settings: bool) -> Result<Vec<String>> {
         let shapes = self.stepper.shapes();
-        // The shape each entry of the checkpoint must have: the state's, or for the slots of
-        // another optimizer, their parameter's.
+        // The record first: a file that is no checkpoint says so before anything else.
         checkpoint::record(dir)?;
         let held = checkpoint::entries(dir)?;
         let is_model_state = |k: &String| k.starts_with("param/") || k.starts_with("bn/");
@@ -443,6 +442,8 @@ impl Trainer {
         if let Some(k) = shapes.keys().filter(|k| is_model_state(k)).find(|k| !held.contains(k)) {
             return Err(does_not_fit(format!("it has no entry '{k}'")));
         }
+        // The shape each entry must have: the state's, or for the slots of another optimizer,
+        // their parameter's.
         let mut expected = BTreeMap::new();
         for k in held {
             let param = k.split_once('/').map(|(_, p)| step_graph::param_key(p));
