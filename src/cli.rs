@@ -408,6 +408,42 @@ pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
     args
 }
 
+/// Library messages name settings by their field names in backticks (`lambda_disp`), as the
+/// Python binding spells them; on the command line each is a flag (--lambda-disp). The flags
+/// are read from the argument definitions, so a setting without a flag is left as it is.
+pub fn flags_for_fields(message: &str) -> String {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let mut longs: Vec<String> = Vec::new();
+    for c in std::iter::once(&cmd).chain(cmd.get_subcommands()) {
+        longs.extend(c.get_arguments().filter_map(|a| a.get_long()).map(str::to_string));
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find('`') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('`') else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let name = &after[..close];
+        let flag = name.replace('_', "-");
+        let is_field = !name.is_empty() && name.bytes().all(|c| c.is_ascii_lowercase() || c == b'_');
+        if is_field && longs.contains(&flag) {
+            out.push_str("--");
+            out.push_str(&flag);
+        } else {
+            out.push('`');
+            out.push_str(name);
+            out.push('`');
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 pub fn run(args: Vec<OsString>) -> Result<()> {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
@@ -760,7 +796,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     if fitted.files.is_empty() {
         for n in &fitted.notices {
-            println!("{n}");
+            println!("{}", flags_for_fields(n));
         }
     } else {
         let names: Vec<String> = fitted.files.iter().map(|f| f.display().to_string()).collect();
@@ -778,7 +814,7 @@ struct TrainReport {
 
 impl dagr_inject::train::Callbacks for TrainReport {
     fn notice(&mut self, text: &str) {
-        eprintln!("{text}");
+        eprintln!("{}", flags_for_fields(text));
     }
     fn epoch_start(&mut self, epoch: usize, epochs: usize, steps: usize) {
         let bar = indicatif::ProgressBar::new(steps as u64);
@@ -904,4 +940,22 @@ fn verify_cmd(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flags_for_fields;
+
+    #[test]
+    fn settings_in_library_messages_become_flags() {
+        assert_eq!(
+            flags_for_fields("`lambda_disp` must be >= 0; pass `no_anchor`, `train` or `epochs`"),
+            "--lambda-disp must be >= 0; pass --no-anchor, --train or --epochs"
+        );
+        // Not settings: left as written (a command, an unknown name, an unclosed quote).
+        assert_eq!(
+            flags_for_fields("see `dagr-inject inspect`, `not_a_flag` and `tau"),
+            "see `dagr-inject inspect`, `not_a_flag` and `tau"
+        );
+    }
 }

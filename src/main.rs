@@ -1,5 +1,5 @@
 //! The `dagr-inject` command line. Library errors are typed; here they become `anyhow` errors,
-//! printed as one message with a non-zero exit (128 + the signal's number for a run stopped by
+//! printed as one message (settings named as flags) with a non-zero exit (128 + the signal's number for a run stopped by
 //! Ctrl-C or SIGTERM, as a shell reports it).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -10,7 +10,7 @@ mod signals;
 fn main() {
     let args = cli::normalize_args(std::env::args_os().collect());
     if let Err(e) = cli::run(args) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", cli::flags_for_fields(&format!("{e:#}")));
         let code = match e.downcast_ref::<dagr_inject::Error>() {
             Some(dagr_inject::Error::Interrupted(_)) => 128 + signals::received().unwrap_or(2),
             _ => 1,

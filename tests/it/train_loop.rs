@@ -375,7 +375,7 @@ fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
     let e = fit(&run_dir(&graph, &data, &half), s.clone(), &mut no.clone())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("exists") && e.contains("--resume"), "{e}");
+    assert!(e.contains("exists") && e.contains("`resume`"), "{e}");
     // ... and continued with it.
     let mut r = run_dir(&graph, &data, &half);
     r.resume = true;
@@ -549,7 +549,7 @@ fn bad_training_inputs_stop_cleanly() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("interrupted") && e.contains("intact") && e.contains("--resume"),
+        e.contains("interrupted") && e.contains("intact") && e.contains("`resume`"),
         "{e}"
     );
     // ... and before any epoch completed, it says that nothing was kept.

@@ -36,10 +36,11 @@ impl Ctx<'_> {
     }
 
     pub fn err(&self, what: impl std::fmt::Display) -> Error {
-        Error::Graph(format!(
-            "cannot build the gradient of {} node '{}': {what}",
-            self.node.op_type, self.node.name
-        ))
+        Error::GradientUnsupported {
+            op: self.node.op_type.clone(),
+            node: self.node.name.clone(),
+            reason: what.to_string(),
+        }
     }
 
     pub fn attr_i(&self, name: &str, default: i64) -> i64 {

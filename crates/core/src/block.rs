@@ -16,7 +16,7 @@ pub fn skeleton(names: &[String], dim: i64, opset: i64) -> Result<Model> {
 /// Like `skeleton`, with per-modality non-batch shapes (`[batch, ..shape]`).
 pub fn skeleton_shaped(names: &[String], shapes: &[Vec<i64>], opset: i64) -> Result<Model> {
     if opset < 13 {
-        return Err(Error::Config(format!("--opset must be 13 or newer, got {opset}")));
+        return Err(Error::Config(format!("`opset` must be 13 or newer, got {opset}")));
     }
     let mut g = GraphProto::new();
     g.name = "dagr_block".into();

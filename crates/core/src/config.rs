@@ -111,14 +111,14 @@ impl Config {
         let bad = |m: String| Err(Error::Config(m));
         if self.encoders.len() < 2 {
             return bad(format!(
-                "DAGR needs at least two encoders, got {} ({}); pass --encoders a,b",
+                "DAGR needs at least two encoders, got {} ({}); pass `encoders` a,b",
                 self.encoders.len(),
                 self.encoders.join(",")
             ));
         }
         for (i, a) in self.encoders.iter().enumerate() {
             if self.encoders[..i].contains(a) {
-                return bad(format!("the encoder '{a}' is named twice in --encoders"));
+                return bad(format!("the encoder '{a}' is named twice in `encoders`"));
             }
         }
         if self.encoders.len() > dagr_onnx::limits::MAX_MODALITIES {
@@ -132,31 +132,31 @@ impl Config {
         // lambda / tau. These ranges keep every intermediate finite.
         if !(TAU_RANGE.contains(&self.tau)) {
             return bad(format!(
-                "--tau must be a positive number between {:e} and {:e} (float32 computes exp(-d^2/tau) with d^2 up to 4), got {}",
+                "`tau` must be a positive number between {:e} and {:e} (float32 computes exp(-d^2/tau) with d^2 up to 4), got {}",
                 TAU_RANGE.start(),
                 TAU_RANGE.end(),
                 self.tau
             ));
         }
         if !(self.delta >= 0.0 && self.delta.is_finite()) {
-            return bad(format!("--delta must be >= 0, got {}", self.delta));
+            return bad(format!("`delta` must be >= 0, got {}", self.delta));
         }
-        for (n, v) in [("--lambda-disp", self.lambda_disp), ("--lambda-anc", self.lambda_anc)] {
+        for (n, v) in [("`lambda_disp`", self.lambda_disp), ("`lambda_anc`", self.lambda_anc)] {
             if !(0.0..=MAX_LAMBDA).contains(&v) {
                 return bad(format!("{n} must be a number between 0 and {MAX_LAMBDA:e}, got {v}"));
             }
         }
         if let Dispersion::Hinge { margin } = self.dispersion {
             if !(margin > 0.0 && margin <= 1e6) {
-                return bad(format!("--margin must be positive, got {margin}"));
+                return bad(format!("`margin` must be positive, got {margin}"));
             }
         }
         if let Task::CrossEntropy { logits, labels } = &self.task {
             if logits.is_empty() {
-                return bad("--labels needs --logits naming at least one logits tensor".into());
+                return bad("`labels` needs `logits` naming at least one logits tensor".into());
             }
             if labels.trim().is_empty() {
-                return bad("--labels needs a name for the label input".into());
+                return bad("`labels` needs a name for the label input".into());
             }
         }
         Ok(())

@@ -162,7 +162,7 @@ pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Res
                     widths_agree = false;
                     if cfg.variant.uses_anchoring() {
                         return Err(Error::Encoder(format!(
-                            "anchoring needs equal embedding widths, but '{}' ({}) has width {wa} and '{}' ({}) has width {wb}\n  hint: pass --no-anchor (dispersion only), or name tensors of equal width",
+                            "anchoring needs equal embedding widths, but '{}' ({}) has width {wa} and '{}' ({}) has width {wb}\n  hint: pass `no_anchor` (dispersion only), or name tensors of equal width",
                             encoders[a].tensor, encoders[a].modality, encoders[b].tensor, encoders[b].modality
                         )));
                     }
@@ -259,7 +259,7 @@ pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Res
             .collect(),
         outputs,
     };
-    let json = serde_json::to_string(&record).map_err(|e| Error::Graph(e.to_string()))?;
+    let json = serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?;
     model.set_metadata(METADATA_KEY, &json);
     Ok(Injected { encoders, record })
 }
@@ -299,7 +299,7 @@ fn produced(idx: &GraphIndex, t: &str) -> bool {
 fn task_from_output(b: &mut Builder, idx: &GraphIndex, output: &str) -> Result<String> {
     if !produced(idx, output) {
         return Err(Error::Config(format!(
-            "--loss '{output}' is not a tensor the model computes\n  hint: outputs are: {}",
+            "`loss` '{output}' is not a tensor the model computes\n  hint: outputs are: {}",
             idx.graph_outputs.join(", ")
         )));
     }
@@ -311,14 +311,14 @@ fn task_from_output(b: &mut Builder, idx: &GraphIndex, output: &str) -> Result<S
             .product();
         if numel != Some(1) {
             return Err(Error::Config(format!(
-                "--loss '{output}' has shape {}, but a loss must be a scalar\n  hint: name the model's scalar loss output, or use --logits/--labels to append a cross-entropy",
+                "`loss` '{output}' has shape {}, but a loss must be a scalar\n  hint: name the model's scalar loss output, or use `logits`/`labels` to append a cross-entropy",
                 f.shape_string()
             )));
         }
     }
     if f.dtype != 0 && !dtype::is_float(f.dtype) {
         return Err(Error::Config(format!(
-            "--loss '{output}' has type {}, expected a float",
+            "`loss` '{output}' has type {}, expected a float",
             dtype::name(f.dtype)
         )));
     }
@@ -343,14 +343,14 @@ fn cross_entropy(
         let f = idx.fact(labels).cloned().unwrap_or_default();
         if f.dtype != dtype::INT64 {
             return Err(Error::Config(format!(
-                "--labels '{labels}' is an existing input of type {}, expected int64",
+                "`labels` '{labels}' is an existing input of type {}, expected int64",
                 dtype::name(f.dtype)
             )));
         }
         (labels.to_string(), None)
     } else if b.names.contains(labels) {
         return Err(Error::Config(format!(
-            "--labels '{labels}' names a tensor the model already has; choose a new input name"
+            "`labels` '{labels}' names a tensor the model already has; choose a new input name"
         )));
     } else {
         let name = b.names.fresh(labels);
@@ -361,7 +361,7 @@ fn cross_entropy(
     for l in logits {
         if !produced(idx, l) && !idx.is_graph_input(l) {
             return Err(Error::Config(format!(
-                "--logits '{l}' is not a tensor of the model\n  hint: outputs are: {}",
+                "`logits` '{l}' is not a tensor of the model\n  hint: outputs are: {}",
                 idx.graph_outputs.join(", ")
             )));
         }
@@ -369,14 +369,14 @@ fn cross_entropy(
         if let Some(s) = &f.shape {
             if s.len() != 2 {
                 return Err(Error::Config(format!(
-                    "--logits '{l}' has shape {}, expected [batch, classes]",
+                    "`logits` '{l}' has shape {}, expected [batch, classes]",
                     f.shape_string()
                 )));
             }
             if let (Dim::Known(x), Dim::Known(y)) = (&s[0], batch) {
                 if x != y {
                     return Err(Error::Config(format!(
-                        "--logits '{l}' has batch size {x}, but the encoder outputs have batch size {y}"
+                        "`logits` '{l}' has batch size {x}, but the encoder outputs have batch size {y}"
                     )));
                 }
             }

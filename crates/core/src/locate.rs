@@ -252,7 +252,7 @@ pub fn resolve(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) ->
     let entry = entry.trim();
     if entry.is_empty() {
         return Err(Error::Encoder(
-            "an empty encoder name was given; pass --encoders a,b".into(),
+            "an empty encoder name was given; pass `encoders` a,b".into(),
         ));
     }
     if let Some((name, tensor)) = entry.split_once('=') {
@@ -310,7 +310,7 @@ pub fn resolve(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) ->
                     },
                 )),
                 0 => Err(Error::Encoder(format!(
-                    "the module scope '{scope}' (matched by '{entry}') produces no tensor that is used outside it\n  hint: pass the tensor explicitly, e.g. --encoders {entry}=TENSOR (see `dagr-inject inspect`)"
+                    "the module scope '{scope}' (matched by '{entry}') produces no tensor that is used outside it\n  hint: pass the tensor explicitly, e.g. `encoders` {entry}=TENSOR (the inspect report lists candidates)"
                 ))),
                 _ => Err(Error::Encoder(format!(
                     "the module scope '{scope}' (matched by '{entry}') has several outputs used outside it; pick one with {entry}=TENSOR:\n{}",
@@ -432,7 +432,7 @@ pub fn candidates(model: &Model, idx: &GraphIndex) -> Vec<Candidate> {
                     score += 1;
                     reasons.push("[batch, D]".into());
                 } else {
-                    reasons.push(format!("rank {} (reduce with --reduce)", s.len()));
+                    reasons.push(format!("rank {} (reduce with `reduce`)", s.len()));
                 }
             }
             let fused = idx

@@ -47,7 +47,7 @@ pub fn decompose_batchnorm(model: &mut Model) -> Result<Vec<RunningStats>> {
     for &i in &positions {
         let n = model.graph().node[i].clone();
         if n.input.len() != 5 || n.input.iter().any(String::is_empty) {
-            return Err(Error::Graph(format!(
+            return Err(Error::InvalidModel(format!(
                 "BatchNormalization '{}' has {} inputs; it needs five (X, scale, B, mean, var)",
                 n.name,
                 n.input.len()
@@ -55,7 +55,7 @@ pub fn decompose_batchnorm(model: &mut Model) -> Result<Vec<RunningStats>> {
         }
         let x = &n.input[0];
         let rank = idx.fact(x).and_then(|f| f.rank()).ok_or_else(|| {
-            Error::Graph(format!(
+            Error::InvalidModel(format!(
                 "the rank of the input of BatchNormalization '{}' is unknown",
                 n.name
             ))

@@ -76,7 +76,7 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     if let Some(c) = clip {
         if !(c > 0.0 && c.is_finite()) {
             return Err(Error::Config(format!(
-                "--clip-grad-norm must be a positive number, got {c}"
+                "`clip_grad_norm` must be a positive number, got {c}"
             )));
         }
     }
@@ -88,7 +88,7 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     let scalars = opt.scalar_names();
     for name in scalars.iter().copied().chain([GRAD_SQ, STATE_CHECK]) {
         if b.names.fresh(name) != name {
-            return Err(Error::Graph(format!("the model already has a tensor named '{name}'")));
+            return Err(Error::NameTaken { name: name.to_string() });
         }
     }
 
@@ -215,7 +215,7 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     model.remove_metadata(crate::training::METADATA_KEY);
     model.set_metadata(
         METADATA_KEY,
-        &serde_json::to_string(&record).map_err(|e| Error::Graph(e.to_string()))?,
+        &serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?,
     );
     Ok(StepGraph { model, state, scalars })
 }

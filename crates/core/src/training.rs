@@ -77,11 +77,11 @@ fn ancestors(model: &Model, idx: &GraphIndex, roots: &[String]) -> BTreeSet<Stri
 pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions) -> Result<TrainRecord> {
     if let Some(p) = opts.pareto {
         if !(opts.beta > 0.0 && opts.beta.is_finite()) {
-            return Err(Error::Config(format!("--beta must be positive, got {}", opts.beta)));
+            return Err(Error::Config(format!("`beta` must be positive, got {}", opts.beta)));
         }
         if !cfg.variant.uses_dispersion() || !cfg.variant.uses_anchoring() {
             return Err(Error::Config(format!(
-                "--pareto {p:?} balances dispersion against anchoring; it needs --variant dagr"
+                "`pareto` {p:?} balances dispersion against anchoring; it needs `variant` dagr"
             )));
         }
     }
@@ -104,13 +104,13 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     for s in &opts.stop_gradient {
         if !idx.producer.contains_key(s) && !idx.is_graph_input(s) {
             return Err(Error::Config(format!(
-                "--stop-gradient '{s}' is not a tensor of the model"
+                "`stop_gradient` '{s}' is not a tensor of the model"
             )));
         }
     }
     let mut frozen = GlobSetBuilder::new();
     for f in &opts.freeze {
-        frozen.add(Glob::new(f).map_err(|e| Error::Config(format!("--freeze '{f}': {e}")))?);
+        frozen.add(Glob::new(f).map_err(|e| Error::Config(format!("`freeze` '{f}': {e}")))?);
     }
     let frozen = frozen.build().map_err(|e| Error::Config(e.to_string()))?;
 
@@ -139,14 +139,14 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
             .iter()
             .find(|g| g.0 == m)
             .map(|g| g.1.clone())
-            .ok_or_else(|| Error::Graph(format!("the DAGR rewrite has no gradient output for '{m}'")))
+            .ok_or_else(|| Error::Internal(format!("the DAGR rewrite has no gradient output for '{m}'")))
     };
     let task_seed = rec.outputs.task_loss.as_ref().map(|t| (t.clone(), b.scalar(1.0)));
     let mut pareto_alpha = None;
 
     if opts.no_dagr && (task_seed.is_none() || opts.pareto.is_some()) {
         return Err(Error::Config(
-            "--no-dagr trains the task loss alone: it needs --loss or --logits/--labels, and no --pareto".into(),
+            "`no_dagr` trains the task loss alone: it needs `loss` or `logits`/`labels`, and no `pareto`".into(),
         ));
     }
     let grads: HashMap<String, String> = match opts.pareto {
@@ -231,7 +231,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         let Some(gr) = grads.get(p) else { continue };
         let name = format!("{p}_grad");
         if b.names.contains(&name) {
-            return Err(Error::Graph(format!("the model already has a tensor named '{name}'")));
+            return Err(Error::NameTaken { name: name.to_string() });
         }
         b.names.fresh(&name);
         b.op_named("Identity", &[gr], vec![], &name);
@@ -269,7 +269,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
             continue;
         }
         let t = g.initializer.iter().find(|t| &t.name == p).ok_or_else(|| {
-            Error::Graph(format!(
+            Error::InvalidModel(format!(
                 "'{p}' is state to train or update but is computed by a node, not stored as an initializer\n  hint: store it as an initializer (e.g. export with constant folding off), or freeze it"
             ))
         })?;
@@ -304,7 +304,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
                 .to_string()
         }),
     };
-    let json = serde_json::to_string(&record).map_err(|e| Error::Graph(e.to_string()))?;
+    let json = serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?;
     model.set_metadata(METADATA_KEY, &json);
     Ok(record)
 }

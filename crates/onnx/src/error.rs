@@ -38,8 +38,19 @@ pub enum Error {
     Encoder(String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The model's content is damaged or outside what ONNX allows (wrong tensor data, a cycle,
+    /// a node missing required inputs, state computed by a node instead of stored).
     #[error("{0}")]
-    Graph(String),
+    InvalidModel(String),
+    /// A name the rewrite must create is taken by a tensor of the model.
+    #[error("the model already has a tensor named '{name}'\n  hint: rename that tensor in the model; names under dagr/ are reserved for the rewrite")]
+    NameTaken { name: String },
+    /// A rule exists for the node's operator, but not for this use of it.
+    #[error("cannot build the gradient of {op} node '{node}': {reason}")]
+    GradientUnsupported { op: String, node: String, reason: String },
+    /// Something this tool built is not what it should be: a bug, never the user's input.
+    #[error("internal error: {0}\n  hint: this is a bug in dagr-inject; please report it with the command and model that caused it")]
+    Internal(String),
     /// An operator on the path from the parameters to the loss has no gradient rule.
     #[error("no gradient rule for {op} (node '{node}'), which lies between the parameters and the loss\n  hint: freeze the parameters before it, or cut the path there (stop-gradient)")]
     NoGradientRule { op: String, node: String },

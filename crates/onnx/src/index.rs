@@ -262,7 +262,7 @@ fn topo_order(g: &GraphProto, producer: &HashMap<String, (usize, usize)>) -> Res
             .find(|&i| indeg[i] > 0)
             .map(|i| g.node[i].name.clone())
             .unwrap_or_default();
-        return Err(Error::Graph(format!(
+        return Err(Error::InvalidModel(format!(
             "the graph has a cycle (node '{stuck}' depends on its own output); ONNX graphs must be acyclic"
         )));
     }

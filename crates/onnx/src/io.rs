@@ -80,7 +80,7 @@ impl Model {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         self.proto
             .write_to_bytes()
-            .map_err(|e| Error::Graph(format!("cannot serialize model: {e}")))
+            .map_err(|e| Error::Internal(format!("cannot serialize the model: {e}")))
     }
 
     /// Parse a model from bytes; `base_dir` resolves external data.

@@ -97,7 +97,7 @@ fn to_i64_unchecked(t: &TensorProto, base_dir: &Path) -> Result<Vec<i64>> {
                 .map(|c| i32::from_le_bytes(bytes(c)) as i64)
                 .collect())
         }
-        other => Err(Error::Graph(format!(
+        other => Err(Error::InvalidModel(format!(
             "tensor '{}' has type {}, expected an integer tensor",
             t.name,
             dtype::name(other)
@@ -115,7 +115,7 @@ pub fn to_f32(t: &TensorProto, base_dir: &Path) -> Result<Vec<f32>> {
 fn whole<T>(t: &TensorProto, values: Vec<T>) -> Result<Vec<T>> {
     let n = numel(t);
     if values.len() != n || t.dims.iter().any(|&d| d < 0) {
-        return Err(Error::Graph(format!(
+        return Err(Error::InvalidModel(format!(
             "tensor '{}' holds {} values but its dims {:?} need {n}: the model is damaged or truncated\n  hint: re-export the model",
             t.name,
             values.len(),
@@ -150,7 +150,7 @@ fn to_f32_unchecked(t: &TensorProto, base_dir: &Path) -> Result<Vec<f32>> {
                 .map(|c| f64::from_le_bytes(bytes(c)) as f32)
                 .collect())
         }
-        other => Err(Error::Graph(format!(
+        other => Err(Error::InvalidModel(format!(
             "tensor '{}' has type {}, expected float32 or float64",
             t.name,
             dtype::name(other)

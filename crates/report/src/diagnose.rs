@@ -69,7 +69,7 @@ fn analyse(
             Some(Value::I64(a)) => Some(a.iter().copied().collect()),
             _ => {
                 return Err(Error::Data(format!(
-                    "{}: no int64 array '{l}' for --labels",
+                    "{}: no int64 array '{l}' for `labels`",
                     data_path.display()
                 )))
             }
@@ -356,7 +356,7 @@ pub fn pca_svg(name: &str, u: &Array2<f64>, y: &[i64]) -> String {
 /// Render an SVG picture to PNG (system fonts for the labels, white background).
 pub fn svg_to_png(svg: &str) -> Result<Vec<u8>> {
     use resvg::{tiny_skia, usvg};
-    let bad = |e: String| Error::Graph(format!("cannot render a picture: {e}"));
+    let bad = |e: String| Error::Internal(format!("cannot render a picture: {e}"));
     let mut opt = usvg::Options::default();
     opt.fontdb_mut().load_system_fonts();
     // "sans-serif" maps to Arial by default; use whatever sans face the system has.
@@ -420,7 +420,7 @@ pub fn write_report(
     onnx::io::write_atomic(
         &out.join("report.json"),
         serde_json::to_string_pretty(&r)
-            .map_err(|e| Error::Graph(format!("report: {e}")))?
+            .map_err(|e| Error::Internal(format!("report: {e}")))?
             .as_bytes(),
     )?;
     onnx::io::write_atomic(&out.join("report.txt"), r.to_text().as_bytes())?;

@@ -68,14 +68,14 @@ pub fn random_inputs(model: &Model, batch: usize, int_bound: i64, seed: u64) -> 
         let f = idx.fact(&name).cloned().unwrap_or_default();
         let dims = f
             .shape
-            .ok_or_else(|| Error::Data(format!("the shape of input '{name}' is unknown; pass --inputs")))?;
+            .ok_or_else(|| Error::Data(format!("the shape of input '{name}' is unknown; pass `inputs`")))?;
         let mut shape = Vec::with_capacity(dims.len());
         for d in &dims {
             shape.push(match d {
                 Dim::Known(v) if *v >= 0 => *v as usize,
                 Dim::Known(v) => {
                     return Err(Error::Data(format!(
-                        "input '{name}' declares the dimension {v}, which no tensor has; fix the model or pass --inputs"
+                        "input '{name}' declares the dimension {v}, which no tensor has; fix the model or pass `inputs`"
                     )))
                 }
                 _ => batch,
@@ -87,7 +87,7 @@ pub fn random_inputs(model: &Model, batch: usize, int_bound: i64, seed: u64) -> 
             .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
             .ok_or_else(|| {
                 Error::Data(format!(
-                    "input '{name}' has shape {shape:?}, too large to fill with random values (at most {MAX_RANDOM_ELEMENTS} elements); pass --inputs"
+                    "input '{name}' has shape {shape:?}, too large to fill with random values (at most {MAX_RANDOM_ELEMENTS} elements); pass `inputs`"
                 ))
             })?;
         let shaped = |e: ndarray::ShapeError| Error::Data(format!("input '{name}': {e}"));
@@ -181,7 +181,7 @@ pub fn against_builtin(path: &Path, inputs: &Tensors, backends: &[Backend], rtol
                 got.get(t)
                     .and_then(|v| v.as_f32())
                     .map(|a| a.mapv(|v| v as f64))
-                    .ok_or_else(|| Error::Graph(format!("the encoder output '{t}' is not a float32 output")))
+                    .ok_or_else(|| Error::Internal(format!("the encoder output '{t}' is not a float32 output")))
             })
             .collect::<Result<_>>()?;
         let reduced: Vec<ndarray::Array2<f64>> = zs.iter().map(|z| reference::reduce(z, rec.config.reduce)).collect();
@@ -227,8 +227,8 @@ pub fn param_finite_differences(path: &Path, inputs: &Tensors, backend: Backend,
         if pnames.contains(&t.name) {
             let v = onnx::tensor::to_f32(t, &model.base_dir)?;
             let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-            let a =
-                ArrayD::from_shape_vec(shape, v).map_err(|e| Error::Graph(format!("parameter '{}': {e}", t.name)))?;
+            let a = ArrayD::from_shape_vec(shape, v)
+                .map_err(|e| Error::Internal(format!("parameter '{}': {e}", t.name)))?;
             feed.insert(t.name.clone(), Value::F32(a));
         }
     }
@@ -242,7 +242,7 @@ pub fn param_finite_differences(path: &Path, inputs: &Tensors, backend: Backend,
         let grad = base
             .get(g)
             .and_then(|v| v.as_f32())
-            .ok_or_else(|| Error::Graph(format!("the gradient output '{g}' is not a float32 output")))?
+            .ok_or_else(|| Error::Internal(format!("the gradient output '{g}' is not a float32 output")))?
             .clone();
         checks.push(fd_check(
             &mut runner,

@@ -184,7 +184,7 @@ impl Stepper {
     ) -> Result<Stepper> {
         for l in &links {
             if !initial.contains_key(&l.key) {
-                return Err(Error::Graph(format!("no initial value for the state '{}'", l.key)));
+                return Err(Error::Internal(format!("no initial value for the state '{}'", l.key)));
             }
         }
         Ok(Stepper(

@@ -115,7 +115,7 @@ pub fn session_on(path: &Path, cuda: bool, threads: Option<usize>) -> Result<Ses
         let ep = ort::ep::CUDA::default().build().error_on_failure();
         b = b.with_execution_providers([ep]).map_err(|e| {
             err(format!(
-                "cannot use the CUDA execution provider: {e}\n  hint: install onnxruntime-gpu==1.31.1 (CUDA 13, cuDNN 9) and point ORT_DYLIB_PATH at its libonnxruntime.so, or use --device cpu"
+                "cannot use the CUDA execution provider: {e}\n  hint: install onnxruntime-gpu==1.31.1 (CUDA 13, cuDNN 9) and point ORT_DYLIB_PATH at its libonnxruntime.so, or use `device` cpu"
             ))
         })?;
     }

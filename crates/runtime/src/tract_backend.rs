@@ -46,7 +46,7 @@ impl Prepared {
         } else {
             if !dagr_onnx::io::external_tensors(&onnx_model.proto).is_empty() {
                 return Err(err(
-                    "feeding parameters of a model with external data is not supported on tract; use --backend ort",
+                    "feeding parameters of a model with external data is not supported on tract; use `backend` ort",
                 ));
             }
             let fed: std::collections::HashSet<String> = fed.into_iter().cloned().collect();
@@ -250,7 +250,7 @@ impl crate::Engine for Tract {
         fetch: &[String],
     ) -> Result<Box<dyn crate::StateStepper>> {
         if device != crate::Device::Cpu {
-            return Err(err("tract runs on the CPU only; use --backend ort --device cuda"));
+            return Err(err("tract runs on the CPU only; use `backend` ort `device` cuda"));
         }
         Ok(Box::new(Stepper::new(path, links, initial, fetch)))
     }

@@ -46,7 +46,7 @@ fn digest(record: &Record, state: &StateValues) -> Result<String> {
     let mut r = record.clone();
     r.sha256.clear();
     let mut h = Sha256::new();
-    h.update(serde_json::to_vec(&r).map_err(|e| Error::Graph(format!("checkpoint record: {e}")))?);
+    h.update(serde_json::to_vec(&r).map_err(|e| Error::Internal(format!("checkpoint record: {e}")))?);
     for (k, v) in state {
         h.update((k.len() as u64).to_le_bytes());
         h.update(k.as_bytes());
@@ -72,7 +72,7 @@ pub fn save(dir: &Path, record: &Record, state: &StateValues) -> Result<()> {
     }
     let mut r = record.clone();
     r.sha256 = digest(&r, state)?;
-    let json = serde_json::to_vec_pretty(&r).map_err(|e| Error::Graph(format!("checkpoint record: {e}")))?;
+    let json = serde_json::to_vec_pretty(&r).map_err(|e| Error::Internal(format!("checkpoint record: {e}")))?;
     let values: Vec<(String, Value)> = state.iter().map(|(k, v)| (k.clone(), Value::F32(v.clone()))).collect();
     let mut entries: Vec<(&str, Entry)> = values.iter().map(|(k, v)| (k.as_str(), Entry::Tensor(v))).collect();
     entries.push((RECORD_ENTRY, Entry::Bytes(&json)));
@@ -93,7 +93,7 @@ pub fn entries(dir: &Path) -> Result<Vec<String>> {
 
 fn damaged(path: &Path, m: String) -> Error {
     Error::Data(format!(
-        "the checkpoint {} cannot be resumed: {m}\n  hint: restore a good copy, or start over with --force",
+        "the checkpoint {} cannot be resumed: {m}\n  hint: restore a good copy, or start over with `force`",
         path.display()
     ))
 }

@@ -33,7 +33,7 @@ pub fn run_all(
         for o in outs {
             let v = out
                 .get(o)
-                .ok_or_else(|| Error::Graph(format!("the model returned no output '{o}'")))?;
+                .ok_or_else(|| Error::Internal(format!("the model returned no output '{o}'")))?;
             let a = v.as_f32().filter(|a| a.ndim() == 2).ok_or_else(|| {
                 Error::Config(format!(
                     "output '{o}' is {} of shape {:?}; embeddings and heads must be float32 [batch, width] (logits: [batch, classes])",

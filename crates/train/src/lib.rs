@@ -122,13 +122,13 @@ impl Settings {
 pub fn record_of(model: &Model) -> Result<TrainRecord> {
     if model.metadata(step_graph::METADATA_KEY).is_some() {
         return Err(Error::NotATrainingGraph(
-            "this is a step graph (the step.onnx that `train` writes): it already holds its optimizer\n  hint: train the training graph it came from (built with --train), or run the step graph yourself in any ONNX runtime"
+            "this is a step graph (the step.onnx that training writes): it already holds its optimizer\n  hint: train the training graph it came from (built with `train`), or run the step graph yourself in any ONNX runtime"
                 .into(),
         ));
     }
     let s = model.metadata(METADATA_KEY).ok_or_else(|| {
         Error::NotATrainingGraph(
-            "this model is not a training graph\n  hint: build one with `dagr-inject MODEL --encoders a,b --logits ... --labels y --train -o model.train.onnx`"
+            "this model is not a training graph\n  hint: build one with the training rewrite (`train`, with `encoders`, and `loss` or `logits` and `labels`)"
                 .into(),
         )
     })?;
@@ -153,7 +153,7 @@ fn initializer_arrays(model: &Model, names: &[String]) -> Result<BTreeMap<String
             .initializer
             .iter()
             .find(|t| &t.name == n)
-            .ok_or_else(|| Error::Graph(format!("the training graph has no initializer '{n}'")))?;
+            .ok_or_else(|| Error::InvalidModel(format!("the training graph has no initializer '{n}', which its training record lists\n  hint: rebuild the training graph; it was edited after it was written")))?;
         if t.data_type != dtype::FLOAT {
             return Err(Error::Config(format!(
                 "parameter '{n}' is {}; training supports float32 parameters",
@@ -164,7 +164,7 @@ fn initializer_arrays(model: &Model, names: &[String]) -> Result<BTreeMap<String
         let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
         out.insert(
             n.clone(),
-            ArrayD::from_shape_vec(shape, v).map_err(|e| Error::Graph(e.to_string()))?,
+            ArrayD::from_shape_vec(shape, v).map_err(|e| Error::Internal(e.to_string()))?,
         );
     }
     Ok(out)
@@ -370,7 +370,7 @@ impl Trainer {
         let sq = out
             .get(step_graph::GRAD_SQ)
             .and_then(Value::as_f32)
-            .ok_or_else(|| Error::Graph("the step graph returned no gradient norms".into()))?;
+            .ok_or_else(|| Error::Internal("the step graph returned no gradient norms".into()))?;
         let non_finite = |what: String| Error::NonFinite {
             step: self.progress.step + 1,
             epoch: self.progress.epoch + 1,
@@ -386,7 +386,7 @@ impl Trainer {
         let check = out
             .get(step_graph::STATE_CHECK)
             .and_then(Value::as_f32)
-            .ok_or_else(|| Error::Graph("the step graph returned no state check".into()))?;
+            .ok_or_else(|| Error::Internal("the step graph returned no state check".into()))?;
         if let Some(i) = check.iter().position(|&v| v != 0.0) {
             let key = self.state_keys.get(i).cloned().unwrap_or_default();
             return Err(non_finite(format!(
@@ -458,7 +458,7 @@ impl Trainer {
         if !diffs.is_empty() {
             if !new_settings {
                 return Err(Error::Config(format!(
-                    "the checkpoint in {} was made with other settings:\n    {}\n  hint: resume with the same settings, or ask for the new ones explicitly (--new-settings)",
+                    "the checkpoint in {} was made with other settings:\n    {}\n  hint: resume with the same settings, or ask for the new ones explicitly (`new_settings`)",
                     dir.display(),
                     diffs.join("\n    ")
                 )));
@@ -652,7 +652,7 @@ pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Resu
     refuse_overwriting_inputs(run, original.as_deref())?;
     if run.out.exists() && !run.resume && !run.force {
         return Err(Error::Config(format!(
-            "the output directory {} exists\n  hint: pass --resume to continue its run, or --force to start over in it",
+            "the output directory {} exists\n  hint: pass `resume` to continue its run, or `force` to start over in it",
             run.out.display()
         )));
     }
@@ -789,7 +789,7 @@ impl RunInputs {
         let model = onnx::load(run.model)?;
         let idx = GraphIndex::new(&model)?;
         let original_path =
-            original.ok_or_else(|| Error::Config("the original model is unknown; pass --original MODEL".into()))?;
+            original.ok_or_else(|| Error::Config("the original model is unknown; pass `original` MODEL".into()))?;
         let original = onnx::load(&original_path)?;
         let (heads, labels) = match &t.record.dagr.config.task {
             dagr_core::Task::CrossEntropy { logits, .. } => {
@@ -850,7 +850,7 @@ fn resume(run: &Run, t: &mut Trainer, log_path: &Path) -> Result<Vec<String>> {
     }
     if logged_epochs(log_path) > 1 {
         return Err(Error::Data(format!(
-            "{} has a log of completed epochs but no {}: the checkpoint was removed\n  hint: restore it, or start over with --force",
+            "{} has a log of completed epochs but no {}: the checkpoint was removed\n  hint: restore it, or start over with `force`",
             run.out.display(),
             checkpoint::FILE
         )));
@@ -888,7 +888,7 @@ fn train_epoch(
                 t.progress.epoch + 1,
                 if checkpoint::exists(run.out) {
                     format!(
-                        "; the last checkpoint (epoch {}) in {} is intact: continue with --resume",
+                        "; the last checkpoint (epoch {}) in {} is intact: continue with `resume`",
                         t.progress.epoch,
                         run.out.display()
                     )
@@ -936,7 +936,7 @@ fn finish_epoch(run: &Run, t: &Trainer, data: &RunInputs, log: EpochLog) -> Resu
     if let Some(v) = &data.val {
         log.geometry = epoch_geometry(&exported, &t.record, v, data.labels.as_deref(), backend)?;
     }
-    let line = serde_json::to_string(&log).map_err(|e| Error::Graph(format!("epoch log: {e}")))?;
+    let line = serde_json::to_string(&log).map_err(|e| Error::Internal(format!("epoch log: {e}")))?;
     append_log(&run.out.join(LOG_FILE), &line)?;
     dagr_onnx::fault::point("epoch.before-checkpoint");
     t.save_checkpoint(run.out, &state)?;
@@ -962,7 +962,7 @@ fn fit_in(run: &Run, settings: Settings, cb: &mut dyn Callbacks, original: Optio
     }
     if t.progress.epoch >= settings.epochs {
         fitted.notices.push(format!(
-            "the run in {} has already trained {} epochs: nothing to do (ask for more epochs to continue)",
+            "the run in {} has already trained {} epochs: nothing to do (raise `epochs` to continue)",
             run.out.display(),
             t.progress.epoch
         ));
