@@ -517,7 +517,7 @@ fn diagnose_cmd(a: DiagnoseArgs) -> Result<()> {
         dagr_inject::diagnose::write_report(&path, &a.data, a.labels.as_deref(), &a.heads, a.backend.into(), &a.out)?;
     if let Some(l) = &a.logs {
         let text = std::fs::read_to_string(l).with_context(|| format!("reading {}", l.display()))?;
-        dagr_inject::diagnose::write_picture(&a.out, "curves", &dagr_inject::diagnose::curves_svg(&text))?;
+        dagr_inject::plots::write_picture(&a.out, "curves", &dagr_inject::plots::curves(&text)?)?;
     }
     print!("{}", r.to_text());
     println!(

@@ -19,7 +19,7 @@ pub use dagr_core as dagr;
 pub use dagr_core::locate;
 pub use dagr_onnx as onnx;
 pub use dagr_onnx::{error, fault, limits};
-pub use dagr_report::{diagnose, inspect, verify};
+pub use dagr_report::{diagnose, inspect, plots, verify};
 pub use dagr_runtime as runtime;
 pub use dagr_runtime::npz;
 pub use dagr_train as train;

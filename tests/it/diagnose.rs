@@ -3,6 +3,7 @@
 use crate::common::*;
 use assert_cmd::Command;
 use dagr_inject::dagr::geometry::{effective_rank, ks_distance, pair, semantic_margin};
+use dagr_inject::plots;
 use dagr_inject::runtime::data::Rng;
 use ndarray::{array, Array2};
 
@@ -80,6 +81,28 @@ fn diagnose_writes_the_report_and_pictures() {
             .unwrap()
             .matches("<circle")
             .count()
-            == 24
+            >= 24,
+        "a point per sample (and a legend mark per class)"
     );
+}
+
+#[test]
+fn names_are_escaped_and_every_picture_renders() {
+    // A series name with XML's special characters must not break the SVG.
+    let log = "{\"epoch\":1,\"loss\":2.0,\"a<b&c\":1.0}\n{\"epoch\":2,\"loss\":1.5,\"a<b&c\":0.5}\n";
+    let svg = plots::curves(log).unwrap();
+    assert!(svg.contains("a&lt;b&amp;c"), "{svg}");
+    assert!(svg.matches("<polyline").count() >= 2);
+    assert!(!plots::svg_to_png(&svg).unwrap().is_empty());
+    // A constant series still gets a range; an empty log an empty picture that renders.
+    assert!(
+        !plots::svg_to_png(&plots::curves("{\"epoch\":1,\"loss\":1.0}\n").unwrap())
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!plots::svg_to_png(&plots::curves("").unwrap()).unwrap().is_empty());
+    let u = ndarray::array![[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.5, 0.5]];
+    let svg = plots::pca("a&b", &u, &[0, 1, 1, 0]).unwrap();
+    assert_eq!(svg.matches("<circle").count(), 4 + 2, "4 points and 2 legend marks");
+    assert!(svg.contains("a&amp;b"));
 }

@@ -418,7 +418,7 @@ fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
         assert!(last["geometry"][key].as_f64().is_some(), "no {key} in {last}");
     }
     // ... which diagnose draws.
-    let svg = dagr_inject::diagnose::curves_svg(&log);
+    let svg = dagr_inject::plots::curves(&log).unwrap();
     assert!(svg.contains("geometry.erank.audio") && svg.matches("<polyline").count() >= 10);
 }
 

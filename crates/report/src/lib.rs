@@ -6,4 +6,5 @@
 
 pub mod diagnose;
 pub mod inspect;
+pub mod plots;
 pub mod verify;
