@@ -112,115 +112,48 @@ pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
 /// (`dagr/grad_disp/<m>`, `dagr/grad_anc/<m>`), which Pareto balancing needs.
 pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Result<Injected> {
     cfg.validate()?;
-    if let Some(prev) = model.metadata(METADATA_KEY) {
-        return Err(Error::Config(format!(
-            "this model was already rewritten by dagr-inject ({prev}); rewrite the original model instead"
-        )));
-    }
-    let opset = model.opset();
-    if opset < 13 {
-        return Err(Error::Config(format!(
-            "the model uses opset {opset}; dagr-inject needs opset 13 or newer\n  hint: convert it with onnx.version_converter.convert_version(model, 17)"
-        )));
-    }
+    check_rewritable(model)?;
     let idx = GraphIndex::new(model)?;
     let encoders = locate::resolve_all(model, &idx, &cfg.encoders)?;
-
-    let mut inputs = Vec::new();
-    for e in &encoders {
-        let f = idx.fact(&e.tensor).cloned().unwrap_or_default();
-        if f.dtype != 0 && !dtype::is_float(f.dtype) {
-            return Err(Error::Encoder(format!(
-                "the encoder output '{}' ({}) has type {}; DAGR needs a floating-point embedding",
-                e.tensor,
-                e.modality,
-                dtype::name(f.dtype)
-            )));
-        }
-        let rank = f.rank().ok_or_else(|| Error::ShapeUnknown {
-            tensor: e.tensor.clone(),
-            context: format!(" (encoder '{}'), so it cannot be reduced to [batch, D]", e.modality),
-        })?;
-        inputs.push(emit::EncoderInput {
-            modality: e.modality.clone(),
-            tensor: e.tensor.clone(),
-            dtype: if f.dtype == 0 { dtype::FLOAT } else { f.dtype },
-            rank,
-        });
-    }
-
-    // Anchoring compares embeddings row by row: widths must agree.
-    let widths: Vec<Option<i64>> = encoders
-        .iter()
-        .map(|e| idx.fact(&e.tensor).and_then(|f| reduced_width(f, cfg.reduce)))
-        .collect();
-    let mut widths_agree = true;
-    for a in 0..encoders.len() {
-        for b in a + 1..encoders.len() {
-            if let (Some(wa), Some(wb)) = (widths[a], widths[b]) {
-                if wa != wb {
-                    widths_agree = false;
-                    if cfg.variant.uses_anchoring() {
-                        return Err(Error::Encoder(format!(
-                            "anchoring needs equal embedding widths, but '{}' ({}) has width {wa} and '{}' ({}) has width {wb}\n  hint: pass `no_anchor` (dispersion only), or name tensors of equal width",
-                            encoders[a].tensor, encoders[a].modality, encoders[b].tensor, encoders[b].modality
-                        )));
-                    }
-                }
-            }
-        }
-    }
+    let inputs = encoder_inputs(&idx, &encoders)?;
+    let widths_agree = widths_agree(&idx, &encoders, cfg)?;
     let batch = batch_dim(&idx, &encoders)?;
 
     let mut b = Builder::new(model, "dagr/");
     let em = emit::emit(&mut b, &inputs, cfg, widths_agree, separate_terms)?;
-
-    let mut new_outputs: Vec<ValueFact> = Vec::new();
-    let mut names: Vec<String> = Vec::new();
-    let mut expose = |b: &mut Builder, src: &str, name: &str, fact: ValueFact| -> String {
-        let out = b.names.fresh(name);
-        b.op_named("Identity", &[src], vec![], &out);
-        names.push(out.clone());
-        new_outputs.push(fact);
-        out
-    };
+    let mut ex = Exposed::default();
     let scalar = || ValueFact::new(dtype::FLOAT, vec![]);
+    // A gradient has its encoder output's shape and type.
+    let like = |e: &Encoder, inp: &emit::EncoderInput| ValueFact {
+        dtype: inp.dtype,
+        shape: idx.fact(&e.tensor).and_then(|f| f.shape.clone()),
+    };
     let mut outputs = Outputs {
-        loss: expose(&mut b, &em.loss, "dagr/loss", scalar()),
-        dispersion: expose(&mut b, &em.dispersion, "dagr/dispersion", scalar()),
+        loss: ex.expose(&mut b, &em.loss, "dagr/loss", scalar()),
+        dispersion: ex.expose(&mut b, &em.dispersion, "dagr/dispersion", scalar()),
         ..Default::default()
     };
     for (e, t) in encoders.iter().zip(&em.dispersion_per_modality) {
-        let n = expose(&mut b, t, &format!("dagr/dispersion/{}", e.modality), scalar());
+        let n = ex.expose(&mut b, t, &format!("dagr/dispersion/{}", e.modality), scalar());
         outputs.dispersion_per_modality.push((e.modality.clone(), n));
     }
     if let Some(a) = &em.anchoring {
-        outputs.anchoring = Some(expose(&mut b, a, "dagr/anchoring", scalar()));
+        outputs.anchoring = Some(ex.expose(&mut b, a, "dagr/anchoring", scalar()));
     }
     for ((e, g), inp) in encoders.iter().zip(&em.grads).zip(&inputs) {
-        let f = idx.fact(&e.tensor).cloned().unwrap_or_default();
-        let fact = ValueFact {
-            dtype: inp.dtype,
-            shape: f.shape,
-        };
-        let n = expose(&mut b, g, &format!("dagr/grad/{}", e.modality), fact);
+        let n = ex.expose(&mut b, g, &format!("dagr/grad/{}", e.modality), like(e, inp));
         outputs.grads.push((e.modality.clone(), n));
     }
     if let Some((td, ta)) = &em.term_grads {
         for ((e, d), (a, inp)) in encoders.iter().zip(td).zip(ta.iter().zip(&inputs)) {
-            let f = idx.fact(&e.tensor).cloned().unwrap_or_default();
-            let fact = ValueFact {
-                dtype: inp.dtype,
-                shape: f.shape,
-            };
-            let nd = expose(&mut b, d, &format!("dagr/grad_disp/{}", e.modality), fact.clone());
-            let na = expose(&mut b, a, &format!("dagr/grad_anc/{}", e.modality), fact);
+            let nd = ex.expose(&mut b, d, &format!("dagr/grad_disp/{}", e.modality), like(e, inp));
+            let na = ex.expose(&mut b, a, &format!("dagr/grad_anc/{}", e.modality), like(e, inp));
             outputs.term_grads.push((e.modality.clone(), nd, na));
         }
     }
     for (e, u) in encoders.iter().zip(&em.embeddings) {
         let fact = ValueFact::new(dtype::FLOAT, vec![batch.clone(), Dim::Unknown]);
-        let n = expose(&mut b, u, &format!("dagr/embedding/{}", e.modality), fact);
+        let n = ex.expose(&mut b, u, &format!("dagr/embedding/{}", e.modality), fact);
         outputs.embeddings.push((e.modality.clone(), n));
     }
 
@@ -237,13 +170,13 @@ pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Res
     };
     if let Some(t) = task {
         let total = b.binary("Add", &t, &em.loss, "total");
-        outputs.task_loss = Some(expose(&mut b, &t, "dagr/task_loss", scalar()));
-        outputs.total_loss = Some(expose(&mut b, &total, "dagr/total_loss", scalar()));
+        outputs.task_loss = Some(ex.expose(&mut b, &t, "dagr/task_loss", scalar()));
+        outputs.total_loss = Some(ex.expose(&mut b, &total, "dagr/total_loss", scalar()));
     }
     b.finish(model);
 
     let g = model.graph_mut();
-    for (n, f) in names.iter().zip(&new_outputs) {
+    for (n, f) in &ex.0 {
         g.output.push(f.to_value_info(n));
     }
     if let Some((name, fact)) = &label_input {
@@ -262,6 +195,89 @@ pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Res
     let json = serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?;
     model.set_metadata(METADATA_KEY, &json);
     Ok(Injected { encoders, record })
+}
+
+/// The new graph outputs: each an Identity of an internal tensor under a fresh public name.
+#[derive(Default)]
+struct Exposed(Vec<(String, ValueFact)>);
+
+impl Exposed {
+    fn expose(&mut self, b: &mut Builder, src: &str, name: &str, fact: ValueFact) -> String {
+        let out = b.names.fresh(name);
+        b.op_named("Identity", &[src], vec![], &out);
+        self.0.push((out.clone(), fact));
+        out
+    }
+}
+
+/// A model that is not yet rewritten, at an opset the rewrite can use.
+fn check_rewritable(model: &Model) -> Result<()> {
+    if let Some(prev) = model.metadata(METADATA_KEY) {
+        return Err(Error::Config(format!(
+            "this model was already rewritten by dagr-inject ({prev}); rewrite the original model instead"
+        )));
+    }
+    let opset = model.opset();
+    if opset < 13 {
+        return Err(Error::Config(format!(
+            "the model uses opset {opset}; dagr-inject needs opset 13 or newer\n  hint: convert it with onnx.version_converter.convert_version(model, 17)"
+        )));
+    }
+    Ok(())
+}
+
+/// Each encoder output's type and rank, which the DAGR block is built for.
+fn encoder_inputs(idx: &GraphIndex, encoders: &[Encoder]) -> Result<Vec<emit::EncoderInput>> {
+    encoders
+        .iter()
+        .map(|e| {
+            let f = idx.fact(&e.tensor).cloned().unwrap_or_default();
+            if f.dtype != 0 && !dtype::is_float(f.dtype) {
+                return Err(Error::Encoder(format!(
+                    "the encoder output '{}' ({}) has type {}; DAGR needs a floating-point embedding",
+                    e.tensor,
+                    e.modality,
+                    dtype::name(f.dtype)
+                )));
+            }
+            let rank = f.rank().ok_or_else(|| Error::ShapeUnknown {
+                tensor: e.tensor.clone(),
+                context: format!(" (encoder '{}'), so it cannot be reduced to [batch, D]", e.modality),
+            })?;
+            Ok(emit::EncoderInput {
+                modality: e.modality.clone(),
+                tensor: e.tensor.clone(),
+                dtype: if f.dtype == 0 { dtype::FLOAT } else { f.dtype },
+                rank,
+            })
+        })
+        .collect()
+}
+
+/// Whether all known embedding widths agree; anchoring compares embeddings row by row, so with
+/// anchoring on, two known widths that differ are an error.
+fn widths_agree(idx: &GraphIndex, encoders: &[Encoder], cfg: &Config) -> Result<bool> {
+    let widths: Vec<Option<i64>> = encoders
+        .iter()
+        .map(|e| idx.fact(&e.tensor).and_then(|f| reduced_width(f, cfg.reduce)))
+        .collect();
+    let mut agree = true;
+    for a in 0..encoders.len() {
+        for b in a + 1..encoders.len() {
+            if let (Some(wa), Some(wb)) = (widths[a], widths[b]) {
+                if wa != wb {
+                    agree = false;
+                    if cfg.variant.uses_anchoring() {
+                        return Err(Error::Encoder(format!(
+                            "anchoring needs equal embedding widths, but '{}' ({}) has width {wa} and '{}' ({}) has width {wb}\n  hint: pass `no_anchor` (dispersion only), or name tensors of equal width",
+                            encoders[a].tensor, encoders[a].modality, encoders[b].tensor, encoders[b].modality
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    Ok(agree)
 }
 
 /// The batch dimension shared by the encoder outputs (an error if two known sizes differ).

@@ -92,26 +92,12 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
         }
     }
 
-    // Squared norms, one per parameter, as a [P] vector.
     let flat_shape = b.const_i64(&[-1]);
-    let mut norms = Vec::new();
-    for (_, g) in &rec.params {
-        let flat = b.op("Reshape", &[g, &flat_shape], vec![], "norm");
-        norms.push(b.reduce("ReduceSumSquare", &flat, Some(&[0]), true, "norm"));
-    }
-    let refs: Vec<&str> = norms.iter().map(String::as_str).collect();
-    b.op_named("Concat", &refs, vec![attr_int("axis", 0)], GRAD_SQ);
-
-    let scale = clip.map(|c| {
-        let total = b.reduce("ReduceSum", GRAD_SQ, None, false, "clip");
-        let norm = b.unary("Sqrt", &total, "clip");
-        let tiny = b.scalar(1e-6);
-        let den = b.binary("Add", &norm, &tiny, "clip");
-        let max = b.scalar(c);
-        let coef = b.binary("Div", &max, &den, "clip");
-        let one = b.scalar(1.0);
-        b.binary("Min", &coef, &one, "clip")
+    let grads: Vec<&str> = rec.params.iter().map(|p| p.1.as_str()).collect();
+    per_tensor(&mut b, &grads, &flat_shape, GRAD_SQ, |b, flat| {
+        b.reduce("ReduceSumSquare", flat, Some(&[0]), true, "norm")
     });
+    let scale = clip.map(|c| clip_coefficient(&mut b, c));
 
     let mut state = Vec::new();
     let mut new_inputs: Vec<(String, ValueFact)> = Vec::new();
@@ -166,42 +152,21 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     for s in &scalars {
         new_inputs.push((s.to_string(), ValueFact::new(dtype::FLOAT, vec![])));
     }
-    let checks: Vec<String> = state
-        .iter()
-        .map(|l| {
-            let flat = b.op("Reshape", &[&l.output, &flat_shape], vec![], "check");
-            let nan = b.unary("IsNaN", &flat, "check");
-            let inf = b.unary("IsInf", &flat, "check");
-            let bad = b.binary("Or", &nan, &inf, "check");
-            let bad = b.cast(&bad, dtype::FLOAT, "check");
-            b.reduce("ReduceMax", &bad, Some(&[0]), true, "check")
-        })
-        .collect();
-    let refs: Vec<&str> = checks.iter().map(String::as_str).collect();
-    b.op_named("Concat", &refs, vec![attr_int("axis", 0)], STATE_CHECK);
+    let next: Vec<&str> = state.iter().map(|l| l.output.as_str()).collect();
+    per_tensor(&mut b, &next, &flat_shape, STATE_CHECK, |b, flat| {
+        let nan = b.unary("IsNaN", flat, "check");
+        let inf = b.unary("IsInf", flat, "check");
+        let bad = b.binary("Or", &nan, &inf, "check");
+        let bad = b.cast(&bad, dtype::FLOAT, "check");
+        b.reduce("ReduceMax", &bad, Some(&[0]), true, "check")
+    });
     new_outputs.push((
         STATE_CHECK.into(),
         ValueFact::new(dtype::FLOAT, vec![Dim::Known(state.len() as _)]),
     ));
     b.finish(&mut model);
 
-    // Outputs: the reports and the state's updates; the `<param>_grad` outputs become internal.
-    let grads: HashSet<&String> = rec.params.iter().map(|p| &p.1).collect();
-    let g = model.graph_mut();
-    g.output.retain(|o| !grads.contains(&o.name));
-    for (n, f) in new_outputs {
-        if !g.output.iter().any(|o| o.name == n) {
-            g.output.push(f.to_value_info(&n));
-        }
-    }
-    for (n, f) in new_inputs {
-        g.input.push(f.to_value_info(&n));
-    }
-    // State is always fed: drop its initializers (tract folds an initializer into a constant,
-    // and the step graph stays small).
-    let fed: HashSet<&String> = state.iter().map(|s| &s.input).collect();
-    g.initializer.retain(|t| !fed.contains(&t.name));
-    dagr_onnx::index::prune(&mut model);
+    rewire(&mut model, rec, &state, new_inputs, new_outputs);
     let record = StepRecord {
         optimizer: opt,
         clip_grad_norm: clip,
@@ -218,4 +183,63 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
         &serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?,
     );
     Ok(StepGraph { model, state, scalars })
+}
+
+/// `out = Concat(f(flatten(x)) for x in xs)`: one value per tensor (squared norms, checks).
+fn per_tensor(
+    b: &mut Builder,
+    xs: &[&str],
+    flat_shape: &str,
+    out: &str,
+    mut f: impl FnMut(&mut Builder, &str) -> String,
+) {
+    let parts: Vec<String> = xs
+        .iter()
+        .map(|x| {
+            let flat = b.op("Reshape", &[x, flat_shape], vec![], "flat");
+            f(b, &flat)
+        })
+        .collect();
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    b.op_named("Concat", &refs, vec![attr_int("axis", 0)], out);
+}
+
+/// `min(max_norm / (||g|| + 1e-6), 1)` over all gradients (`torch.nn.utils.clip_grad_norm_`),
+/// from the squared norms in `GRAD_SQ`.
+fn clip_coefficient(b: &mut Builder, max_norm: f64) -> String {
+    let total = b.reduce("ReduceSum", GRAD_SQ, None, false, "clip");
+    let norm = b.unary("Sqrt", &total, "clip");
+    let tiny = b.scalar(1e-6);
+    let den = b.binary("Add", &norm, &tiny, "clip");
+    let max = b.scalar(max_norm);
+    let coef = b.binary("Div", &max, &den, "clip");
+    let one = b.scalar(1.0);
+    b.binary("Min", &coef, &one, "clip")
+}
+
+/// The step graph's interface: the reports and the state's updates as outputs (the
+/// `<param>_grad` outputs become internal), the slots and scalars as inputs; the state is always
+/// fed, so its initializers go (tract folds an initializer into a constant, and the step graph
+/// stays small).
+fn rewire(
+    model: &mut Model,
+    rec: &TrainRecord,
+    state: &[StateLink],
+    new_inputs: Vec<(String, ValueFact)>,
+    new_outputs: Vec<(String, ValueFact)>,
+) {
+    let grads: HashSet<&String> = rec.params.iter().map(|p| &p.1).collect();
+    let g = model.graph_mut();
+    g.output.retain(|o| !grads.contains(&o.name));
+    for (n, f) in new_outputs {
+        if !g.output.iter().any(|o| o.name == n) {
+            g.output.push(f.to_value_info(&n));
+        }
+    }
+    for (n, f) in new_inputs {
+        g.input.push(f.to_value_info(&n));
+    }
+    let fed: HashSet<&String> = state.iter().map(|s| &s.input).collect();
+    g.initializer.retain(|t| !fed.contains(&t.name));
+    dagr_onnx::index::prune(model);
 }

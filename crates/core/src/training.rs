@@ -73,18 +73,11 @@ fn ancestors(model: &Model, idx: &GraphIndex, roots: &[String]) -> BTreeSet<Stri
         .collect()
 }
 
-/// Build the training graph of `model` in place.
+/// Build the training graph of `model` in place: DAGR's forward and backward (inject), portable
+/// BatchNorm, the parameters' gradients (plain or Pareto-balanced), then the parameters as graph
+/// inputs and their gradients as outputs.
 pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions) -> Result<TrainRecord> {
-    if let Some(p) = opts.pareto {
-        if !(opts.beta > 0.0 && opts.beta.is_finite()) {
-            return Err(Error::Config(format!("`beta` must be positive, got {}", opts.beta)));
-        }
-        if !cfg.variant.uses_dispersion() || !cfg.variant.uses_anchoring() {
-            return Err(Error::Config(format!(
-                "`pareto` {p:?} balances dispersion against anchoring; it needs `variant` dagr"
-            )));
-        }
-    }
+    check_options(cfg, opts)?;
     // Only the model's own initializers can be parameters (not constants this tool adds).
     let original: HashSet<String> = model.graph().initializer.iter().map(|t| t.name.clone()).collect();
     // BatchNorm running statistics are state, not parameters.
@@ -98,129 +91,46 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     // Encoders are located on the model as exported, before BatchNorm is decomposed.
     let injected = dagr::inject_with(model, cfg, opts.pareto.is_some())?;
     let batchnorm = portable::decompose_batchnorm(model)?;
-    let rec = injected.record.clone();
-    let idx = GraphIndex::new(model)?;
-
-    for s in &opts.stop_gradient {
-        if !idx.producer.contains_key(s) && !idx.is_graph_input(s) {
-            return Err(Error::Config(format!(
-                "`stop_gradient` '{s}' is not a tensor of the model"
-            )));
-        }
-    }
-    let mut frozen = GlobSetBuilder::new();
-    for f in &opts.freeze {
-        frozen.add(Glob::new(f).map_err(|e| Error::Config(format!("`freeze` '{f}': {e}")))?);
-    }
-    let frozen = frozen.build().map_err(|e| Error::Config(e.to_string()))?;
-
-    let encoders: Vec<String> = rec.encoders.iter().map(|(_, t)| t.clone()).collect();
-    let mut roots = encoders.clone();
-    if let Some(t) = &rec.outputs.task_loss {
-        roots.push(t.clone());
-    }
-    let trainable = |p: &String| original.contains(p) && !bn_state.contains(p) && !frozen.is_match(p);
-    let params: Vec<String> = ancestors(model, &idx, &roots).into_iter().filter(trainable).collect();
-    if params.is_empty() {
-        return Err(Error::Config(
-            "no trainable parameter reaches the loss (all frozen?)".into(),
-        ));
-    }
-    let enc_params: BTreeSet<String> = ancestors(model, &idx, &encoders)
-        .into_iter()
-        .filter(trainable)
-        .collect();
-    let stop: HashSet<String> = opts.stop_gradient.iter().cloned().collect();
-
-    let mut b = Builder::new(model, "grad/");
-    let grad_name = |m: &str| {
-        rec.outputs
-            .grads
-            .iter()
-            .find(|g| g.0 == m)
-            .map(|g| g.1.clone())
-            .ok_or_else(|| Error::Internal(format!("the DAGR rewrite has no gradient output for '{m}'")))
-    };
-    let task_seed = rec.outputs.task_loss.as_ref().map(|t| (t.clone(), b.scalar(1.0)));
-    let mut pareto_alpha = None;
-
-    if opts.no_dagr && (task_seed.is_none() || opts.pareto.is_some()) {
+    let rec = injected.record;
+    if opts.no_dagr && (rec.outputs.task_loss.is_none() || opts.pareto.is_some()) {
         return Err(Error::Config(
             "`no_dagr` trains the task loss alone: it needs `loss` or `logits`/`labels`, and no `pareto`".into(),
         ));
     }
+    let idx = GraphIndex::new(model)?;
+    let (params, enc_params) = select_params(model, &idx, &rec, opts, |p| {
+        original.contains(p) && !bn_state.contains(p)
+    })?;
+    let stop: HashSet<String> = opts.stop_gradient.iter().cloned().collect();
+
+    let mut b = Builder::new(model, "grad/");
+    let task_seed = rec.outputs.task_loss.as_ref().map(|t| (t.clone(), b.scalar(1.0)));
+    let mut pareto_alpha = None;
     let grads: HashMap<String, String> = match opts.pareto {
         None => {
             let mut seeds: Vec<(String, String)> = task_seed.into_iter().collect();
             if !opts.no_dagr {
                 for (m, t) in &rec.encoders {
-                    seeds.push((t.clone(), grad_name(m)?));
+                    let g =
+                        rec.outputs.grads.iter().find(|g| &g.0 == m).ok_or_else(|| {
+                            Error::Internal(format!("the DAGR rewrite has no gradient output for '{m}'"))
+                        })?;
+                    seeds.push((t.clone(), g.1.clone()));
                 }
             }
             dagr_autodiff::backward(model, &idx, &mut b, &seeds, &params, &stop)?
         }
         Some(level) => {
-            let task = match task_seed {
-                Some(s) => dagr_autodiff::backward(model, &idx, &mut b, &[s], &params, &stop)?,
-                None => HashMap::new(),
+            let balanced = Balanced {
+                level,
+                beta: opts.beta,
+                params: &params,
+                encoder_params: &enc_params,
+                stop: &stop,
             };
-            let disp_seeds: Vec<(String, String)> = rec
-                .encoders
-                .iter()
-                .zip(&rec.outputs.term_grads)
-                .map(|((_, t), g)| (t.clone(), g.1.clone()))
-                .collect();
-            let anc_seeds: Vec<(String, String)> = rec
-                .encoders
-                .iter()
-                .zip(&rec.outputs.term_grads)
-                .map(|((_, t), g)| (t.clone(), g.2.clone()))
-                .collect();
-            let enc_list: Vec<String> = enc_params.iter().cloned().collect();
-            let gd = dagr_autodiff::backward(model, &idx, &mut b, &disp_seeds, &enc_list, &stop)?;
-            let ga = dagr_autodiff::backward(model, &idx, &mut b, &anc_seeds, &enc_list, &stop)?;
-            let pairs: Vec<(String, String)> = match level {
-                Pareto::Feature => disp_seeds
-                    .iter()
-                    .zip(&anc_seeds)
-                    .map(|(d, a)| (d.1.clone(), a.1.clone()))
-                    .collect(),
-                Pareto::Param => enc_list
-                    .iter()
-                    .filter_map(|p| Some((gd.get(p)?.clone(), ga.get(p)?.clone())))
-                    .collect(),
-            };
-            let alpha = mgda_alpha(&mut b, &pairs);
-            pareto_alpha = Some(alpha.clone());
-            let beta = b.scalar(opts.beta);
-            let wd = b.binary("Mul", &alpha, &beta, "pareto");
-            let one = b.scalar(1.0);
-            let oma = b.binary("Sub", &one, &alpha, "pareto");
-            let wa = b.binary("Mul", &oma, &beta, "pareto");
-            let mut out = HashMap::new();
-            for p in &params {
-                let mut parts = Vec::new();
-                if let Some(t) = task.get(p) {
-                    parts.push(t.clone());
-                }
-                if let Some(d) = gd.get(p) {
-                    parts.push(b.binary("Mul", d, &wd, "pareto"));
-                }
-                if let Some(a) = ga.get(p) {
-                    parts.push(b.binary("Mul", a, &wa, "pareto"));
-                }
-                let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-                match refs.len() {
-                    0 => {}
-                    1 => {
-                        out.insert(p.clone(), parts[0].clone());
-                    }
-                    _ => {
-                        out.insert(p.clone(), b.op("Sum", &refs, vec![], "pareto"));
-                    }
-                }
-            }
-            out
+            let (grads, alpha) = balanced.gradients(model, &idx, &mut b, &rec, task_seed)?;
+            pareto_alpha = Some(alpha);
+            grads
         }
     };
 
@@ -231,7 +141,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         let Some(gr) = grads.get(p) else { continue };
         let name = format!("{p}_grad");
         if b.names.contains(&name) {
-            return Err(Error::NameTaken { name: name.to_string() });
+            return Err(Error::NameTaken { name });
         }
         b.names.fresh(&name);
         b.op_named("Identity", &[gr], vec![], &name);
@@ -255,32 +165,12 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         n
     });
     b.finish(model);
-
-    // Parameters become graph inputs (their values stay as initializers, so the model still
-    // runs unfed).
-    let g = model.graph_mut();
-    let existing: HashSet<String> = g.input.iter().map(|i| i.name.clone()).collect();
     let state: Vec<String> = batchnorm
         .iter()
         .flat_map(|s| [s.mean.0.clone(), s.var.0.clone()])
         .collect();
-    for p in param_grads.iter().map(|p| &p.0).chain(&state) {
-        if existing.contains(p) {
-            continue;
-        }
-        let t = g.initializer.iter().find(|t| &t.name == p).ok_or_else(|| {
-            Error::InvalidModel(format!(
-                "'{p}' is state to train or update but is computed by a node, not stored as an initializer\n  hint: store it as an initializer (e.g. export with constant folding off), or freeze it"
-            ))
-        })?;
-        let f = ValueFact::new(t.data_type, t.dims.iter().map(|&d| Dim::Known(d)).collect());
-        g.input.push(f.to_value_info(p));
-    }
-    for (n, f) in &new_outputs {
-        if !g.output.iter().any(|o| &o.name == n) {
-            g.output.push(f.to_value_info(n));
-        }
-    }
+    let fed: Vec<&String> = param_grads.iter().map(|p| &p.0).chain(&state).collect();
+    feed_and_expose(model, &fed, &new_outputs)?;
     dagr_onnx::index::prune(model);
 
     let loss = if opts.no_dagr {
@@ -293,7 +183,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         dagr: rec,
         options: opts.clone(),
         params: param_grads,
-        encoder_params: enc_params.into_iter().collect(),
+        encoder_params: enc_params,
         batchnorm,
         loss,
         pareto_alpha: alpha_out,
@@ -307,6 +197,154 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     let json = serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?;
     model.set_metadata(METADATA_KEY, &json);
     Ok(record)
+}
+
+/// The options that do not depend on the model.
+fn check_options(cfg: &Config, opts: &TrainOptions) -> Result<()> {
+    if let Some(p) = opts.pareto {
+        if !(opts.beta > 0.0 && opts.beta.is_finite()) {
+            return Err(Error::Config(format!("`beta` must be positive, got {}", opts.beta)));
+        }
+        if !cfg.variant.uses_dispersion() || !cfg.variant.uses_anchoring() {
+            return Err(Error::Config(format!(
+                "`pareto` {p:?} balances dispersion against anchoring; it needs `variant` dagr"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The parameters to train (float initializers upstream of the encoders or the task loss that
+/// `eligible` admits and no `freeze` pattern matches), and those of them upstream of the encoders.
+fn select_params(
+    model: &Model,
+    idx: &GraphIndex,
+    rec: &Record,
+    opts: &TrainOptions,
+    eligible: impl Fn(&String) -> bool,
+) -> Result<(Vec<String>, Vec<String>)> {
+    for s in &opts.stop_gradient {
+        if !idx.producer.contains_key(s) && !idx.is_graph_input(s) {
+            return Err(Error::Config(format!(
+                "`stop_gradient` '{s}' is not a tensor of the model"
+            )));
+        }
+    }
+    let mut frozen = GlobSetBuilder::new();
+    for f in &opts.freeze {
+        frozen.add(Glob::new(f).map_err(|e| Error::Config(format!("`freeze` '{f}': {e}")))?);
+    }
+    let frozen = frozen.build().map_err(|e| Error::Config(e.to_string()))?;
+    let trainable = |p: &String| eligible(p) && !frozen.is_match(p);
+    let encoders: Vec<String> = rec.encoders.iter().map(|(_, t)| t.clone()).collect();
+    let mut roots = encoders.clone();
+    roots.extend(rec.outputs.task_loss.iter().cloned());
+    let params: Vec<String> = ancestors(model, idx, &roots).into_iter().filter(trainable).collect();
+    if params.is_empty() {
+        return Err(Error::Config(
+            "no trainable parameter reaches the loss (all frozen?)".into(),
+        ));
+    }
+    let enc_params = ancestors(model, idx, &encoders).into_iter().filter(trainable).collect();
+    Ok((params, enc_params))
+}
+
+/// Parameters (and running statistics) become graph inputs, their values staying as
+/// initializers so that the model still runs unfed; `outputs` become graph outputs.
+fn feed_and_expose(model: &mut Model, fed: &[&String], outputs: &[(String, ValueFact)]) -> Result<()> {
+    let g = model.graph_mut();
+    let existing: HashSet<String> = g.input.iter().map(|i| i.name.clone()).collect();
+    for p in fed {
+        if existing.contains(*p) {
+            continue;
+        }
+        let t = g.initializer.iter().find(|t| &t.name == *p).ok_or_else(|| {
+            Error::InvalidModel(format!(
+                "'{p}' is state to train or update but is computed by a node, not stored as an initializer\n  hint: store it as an initializer (e.g. export with constant folding off), or freeze it"
+            ))
+        })?;
+        let f = ValueFact::new(t.data_type, t.dims.iter().map(|&d| Dim::Known(d)).collect());
+        g.input.push(f.to_value_info(p));
+    }
+    for (n, f) in outputs {
+        if !g.output.iter().any(|o| &o.name == n) {
+            g.output.push(f.to_value_info(n));
+        }
+    }
+    Ok(())
+}
+
+/// Pareto-balanced gradients (spec section 5): the task's gradient plus DAGR's two terms
+/// weighted `beta * alpha` and `beta * (1 - alpha)`, alpha from MGDA over the encoder features
+/// or the encoder parameters.
+struct Balanced<'a> {
+    level: Pareto,
+    beta: f64,
+    params: &'a [String],
+    encoder_params: &'a [String],
+    stop: &'a HashSet<String>,
+}
+
+impl Balanced<'_> {
+    /// The gradient of every parameter, and alpha's tensor.
+    fn gradients(
+        &self,
+        model: &Model,
+        idx: &GraphIndex,
+        b: &mut Builder,
+        rec: &Record,
+        task_seed: Option<(String, String)>,
+    ) -> Result<(HashMap<String, String>, String)> {
+        let task = match task_seed {
+            Some(s) => dagr_autodiff::backward(model, idx, b, &[s], self.params, self.stop)?,
+            None => HashMap::new(),
+        };
+        let seeds = |term: fn(&(String, String, String)) -> &String| -> Vec<(String, String)> {
+            rec.encoders
+                .iter()
+                .zip(&rec.outputs.term_grads)
+                .map(|((_, t), g)| (t.clone(), term(g).clone()))
+                .collect()
+        };
+        let (disp_seeds, anc_seeds) = (seeds(|g| &g.1), seeds(|g| &g.2));
+        let enc = self.encoder_params;
+        let gd = dagr_autodiff::backward(model, idx, b, &disp_seeds, enc, self.stop)?;
+        let ga = dagr_autodiff::backward(model, idx, b, &anc_seeds, enc, self.stop)?;
+        let pairs: Vec<(String, String)> = match self.level {
+            Pareto::Feature => disp_seeds
+                .iter()
+                .zip(&anc_seeds)
+                .map(|(d, a)| (d.1.clone(), a.1.clone()))
+                .collect(),
+            Pareto::Param => enc
+                .iter()
+                .filter_map(|p| Some((gd.get(p)?.clone(), ga.get(p)?.clone())))
+                .collect(),
+        };
+        let alpha = mgda_alpha(b, &pairs);
+        let beta = b.scalar(self.beta);
+        let wd = b.binary("Mul", &alpha, &beta, "pareto");
+        let one = b.scalar(1.0);
+        let oma = b.binary("Sub", &one, &alpha, "pareto");
+        let wa = b.binary("Mul", &oma, &beta, "pareto");
+        let mut out = HashMap::new();
+        for p in self.params {
+            let mut parts = Vec::new();
+            if let Some(t) = task.get(p) {
+                parts.push(t.clone());
+            }
+            if let Some(d) = gd.get(p) {
+                parts.push(b.binary("Mul", d, &wd, "pareto"));
+            }
+            if let Some(a) = ga.get(p) {
+                parts.push(b.binary("Mul", a, &wa, "pareto"));
+            }
+            if !parts.is_empty() {
+                out.insert(p.clone(), b.sum(&parts, "pareto"));
+            }
+        }
+        Ok((out, alpha))
+    }
 }
 
 /// `alpha* = clip((g_a - g_d) . g_a / ||g_d - g_a||^2, 0, 1)`, 0.5 when the denominator is
