@@ -115,6 +115,13 @@ fn external_data_is_kept_reachable_and_runs() {
         let want = run(backend, &path, &feed, &["logits".to_string()]);
         let got = run(backend, &moved, &feed, &["logits".to_string()]);
         assert_eq!(want, got, "{}: external-data model differs", backend.name());
+        // Where the model's directory is not writable, a scratch copy (for verify, run, eval)
+        // goes to a temporary directory with the data linked or copied beside it.
+        let scratch = onnx::io::Scratch::beside_linked_data(&m).unwrap();
+        assert!(!scratch.path().starts_with(src_dir.path()));
+        assert!(scratch.path().with_file_name("weights.bin").exists());
+        let got = run(backend, scratch.path(), &feed, &["logits".to_string()]);
+        assert_eq!(want, got, "{}: scratch copy differs", backend.name());
     }
     let _ = Backend::Tract;
 }

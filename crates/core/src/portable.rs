@@ -15,13 +15,7 @@ pub struct RunningStats {
     pub var: (String, String),
 }
 
-/// Training mode: the `training_mode` attribute (opset 14+), or the running-statistics outputs
-/// that only training mode has.
-pub fn is_training_batchnorm(n: &NodeProto) -> bool {
-    n.op_type == "BatchNormalization"
-        && n.domain.is_empty()
-        && (attr::attr_i(n, "training_mode") == Some(1) || n.output.iter().skip(1).any(|o| !o.is_empty()))
-}
+use dagr_onnx::ops::is_training_batchnorm;
 
 /// Replace every BatchNormalization by primitives, in place (same position, so the node order
 /// stays topological): training mode normalizes with the batch statistics, inference mode with

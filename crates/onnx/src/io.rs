@@ -464,30 +464,70 @@ fn files_equal(a: &Path, b: &Path) -> Result<bool> {
 
 /// A model written for a runtime to load (a rewritten copy, a copy with more outputs), removed
 /// when dropped. A model with external data is written beside its data (the locations are
-/// relative to the model's file), any other to the system's temporary directory.
+/// relative to the model's file, and the runtimes refuse links that lead out of its directory);
+/// where the model's directory is not writable, into a temporary directory that holds the data
+/// files too, hard-linked where the file system allows and copied otherwise. Any other model
+/// goes to the system's temporary directory.
 pub struct Scratch {
     file: tempfile::TempPath,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Scratch {
     pub fn new(model: &Model) -> Result<Scratch> {
-        let dir = if external_tensors(&model.proto).is_empty() {
-            std::env::temp_dir()
-        } else {
-            model.base_dir.clone()
-        };
+        if external_tensors(&model.proto).is_empty() {
+            return Self::write_in(model, &std::env::temp_dir(), None);
+        }
+        match Self::write_in(model, &model.base_dir, None) {
+            Ok(s) => Ok(s),
+            Err(_) => Self::beside_linked_data(model),
+        }
+    }
+
+    /// The model in a new temporary directory, with its external data files linked or copied
+    /// there at the same relative locations.
+    pub fn beside_linked_data(model: &Model) -> Result<Scratch> {
+        let tmp = std::env::temp_dir();
+        let dir = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempdir_in(&tmp)
+            .map_err(|source| Error::Write { path: tmp, source })?;
+        let mut done = std::collections::HashSet::new();
+        for t in external_tensors(&model.proto) {
+            let (Some(loc), _, _) = external_info(t)? else { continue };
+            if !done.insert(loc.clone()) {
+                continue;
+            }
+            let (from, to) = (model.base_dir.join(&loc), dir.path().join(&loc));
+            let werr = |source| Error::Write {
+                path: to.clone(),
+                source,
+            };
+            if let Some(parent) = to.parent() {
+                fs::create_dir_all(parent).map_err(werr)?;
+            }
+            if fs::hard_link(&from, &to).is_err() {
+                fs::copy(&from, &to).map_err(werr)?;
+            }
+        }
+        let path = dir.path().to_path_buf();
+        Self::write_in(model, &path, Some(dir))
+    }
+
+    fn write_in(model: &Model, dir: &Path, keep: Option<tempfile::TempDir>) -> Result<Scratch> {
         let werr = |source| Error::Write {
-            path: dir.clone(),
+            path: dir.to_path_buf(),
             source,
         };
         let mut f = tempfile::Builder::new()
             .prefix(TEMP_PREFIX)
             .suffix(".onnx")
-            .tempfile_in(&dir)
+            .tempfile_in(dir)
             .map_err(werr)?;
         f.write_all(&model.to_bytes()?).map_err(werr)?;
         Ok(Scratch {
             file: f.into_temp_path(),
+            _dir: keep,
         })
     }
 

@@ -15,6 +15,7 @@ pub mod fault;
 pub mod index;
 pub mod io;
 pub mod limits;
+pub mod ops;
 pub mod rng;
 pub mod shape;
 pub mod state;

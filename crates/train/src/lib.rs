@@ -520,7 +520,7 @@ impl Trainer {
         let outputs: std::collections::HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
         let consumed: std::collections::HashSet<String> = g.node.iter().flat_map(|n| n.input.clone()).collect();
         for n in g.node.iter_mut() {
-            if n.op_type == "BatchNormalization"
+            if dagr_onnx::ops::is_training_batchnorm(n)
                 && n.output
                     .iter()
                     .skip(1)

@@ -293,7 +293,7 @@ pub fn batch_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let x = c.input(0).to_string();
     let r = c.rank(&x)?;
     let eps = c.attr_f("epsilon", 1e-5) as f64;
-    let training = c.attr_i("training_mode", 0) == 1 || (c.b.opset < 14 && c.node.output.len() > 1);
+    let training = dagr_onnx::ops::is_training_batchnorm(c.node);
     let mut stat_axes = vec![0];
     stat_axes.extend(2..r as i64);
     let bcast: Vec<i64> = stat_axes.clone();
