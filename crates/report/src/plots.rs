@@ -5,6 +5,7 @@ use crate::diagnose::Report;
 use dagr_onnx::error::{Error, Result};
 use dagr_onnx::{self as onnx};
 use ndarray::{Array1, Array2, Axis};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::collections::BTreeMap;
@@ -37,6 +38,19 @@ fn panels(
         root.present().map_err(plot_err)?;
     }
     Ok(svg)
+}
+
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The labels of the series drawn so far, in a framed box at `at`.
+fn legend<'a: 'b, 'b>(chart: &mut Chart<'b, 'a>, at: SeriesLabelPosition) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)
 }
 
 /// The range of `v` widened so that a constant series still has a height.
@@ -96,12 +110,7 @@ pub fn robustness(r: &Report) -> Result<String> {
                 .label(m.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_err)
+        legend(&mut chart, SeriesLabelPosition::MiddleRight)
     })
 }
 
@@ -150,13 +159,7 @@ pub fn similarity(r: &Report) -> Result<String> {
                 .label(label)
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.mix(0.6).filled()));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_err)
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)
     })
 }
 
@@ -219,12 +222,7 @@ pub fn pca(name: &str, u: &Array2<f64>, y: &[i64]) -> Result<String> {
                 .label(format!("class {cls}"))
                 .legend(move |(x, y)| Circle::new((x + 6, y), 3, color.filled()));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_err)
+        legend(&mut chart, SeriesLabelPosition::MiddleRight)
     })
 }
 
