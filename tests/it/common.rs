@@ -208,3 +208,24 @@ pub fn block_for(case: &Case, dir: &Path) -> (PathBuf, Model, dagr::Injected) {
     onnx::save(&model, &path).unwrap();
     (path, model, done)
 }
+
+/// The value of each symbolic input dimension in `feed` (for evaluating inferred shapes).
+pub fn bindings(idx: &dagr_inject::onnx::GraphIndex, feed: &Tensors) -> std::collections::HashMap<String, i64> {
+    let mut env = std::collections::HashMap::new();
+    for (name, v) in feed {
+        let Some(shape) = idx.fact(name).and_then(|f| f.shape.clone()) else {
+            continue;
+        };
+        for (d, &n) in shape.iter().zip(v.shape()) {
+            if let dagr_inject::onnx::Dim::Sym(e) = d {
+                let syms: Vec<&String> = e.symbols().collect();
+                if let [one] = syms.as_slice() {
+                    if d.to_string() == **one {
+                        env.insert(one.to_string(), n as i64);
+                    }
+                }
+            }
+        }
+    }
+    env
+}

@@ -12,7 +12,7 @@ pub mod rules;
 
 use dagr_onnx::builder::Builder;
 use dagr_onnx::error::{Error, Result};
-use dagr_onnx::{dtype, shape, GraphIndex, Model};
+use dagr_onnx::{dtype, GraphIndex, Model};
 use std::collections::{HashMap, HashSet};
 
 /// Gradients accumulated per tensor; summed when first read.
@@ -72,7 +72,7 @@ pub fn backward(
         }
     }
 
-    let consts = shape::int_constants(model);
+    let consts = idx.int_constants();
     let mut acc = Accum::default();
     for (t, s) in seeds {
         acc.add(t, s.clone());

@@ -4,27 +4,10 @@
 
 use crate::error::{Error, Result};
 use crate::proto::{GraphProto, NodeProto, TypeProto, ValueInfoProto};
-use crate::{shape, Model};
+use crate::{infer, Model};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fmt;
 
-/// One dimension of a tensor shape.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Dim {
-    Known(i64),
-    Sym(String),
-    Unknown,
-}
-
-impl fmt::Display for Dim {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Dim::Known(v) => write!(f, "{v}"),
-            Dim::Sym(s) => write!(f, "{s}"),
-            Dim::Unknown => write!(f, "?"),
-        }
-    }
-}
+pub use crate::dim::Dim;
 
 /// What is known of a tensor: its element type and, if known, its shape.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -62,7 +45,7 @@ impl ValueFact {
                     if d.has_dim_value() {
                         Dim::Known(d.dim_value())
                     } else if d.has_dim_param() && !d.dim_param().is_empty() {
-                        Dim::Sym(d.dim_param().to_string())
+                        Dim::sym(d.dim_param())
                     } else {
                         Dim::Unknown
                     }
@@ -86,7 +69,7 @@ impl ValueFact {
                 let mut dim = Dimension::new();
                 match d {
                     Dim::Known(v) => dim.set_dim_value(*v),
-                    Dim::Sym(p) => dim.set_dim_param(p.clone()),
+                    Dim::Sym(p) => dim.set_dim_param(p.to_string()),
                     Dim::Unknown => {}
                 }
                 sp.dim.push(dim);
@@ -115,6 +98,8 @@ pub struct GraphIndex {
     /// Nodes in an order where every producer precedes its consumers.
     pub topo: Vec<usize>,
     pub facts: HashMap<String, ValueFact>,
+    /// Values of small integer tensors (shape computations), float constants and sequences.
+    pub known: infer::Known,
 }
 
 /// Every tensor name a node reads, including names its subgraphs capture from the outer scope.
@@ -186,13 +171,29 @@ impl GraphIndex {
             graph_outputs,
             topo,
             facts,
+            known: infer::Known::default(),
         };
-        shape::infer(model, &mut idx);
+        idx.known = infer::infer(model, &mut idx);
         Ok(idx)
     }
 
     pub fn fact(&self, name: &str) -> Option<&ValueFact> {
         self.facts.get(name)
+    }
+
+    /// The value of a small integer tensor, each element known or symbolic.
+    pub fn value(&self, name: &str) -> Option<&Vec<Dim>> {
+        self.known.values.get(name)
+    }
+
+    /// Integer tensors whose every element is known at build time: constants, and shapes
+    /// computed from static dims.
+    pub fn int_constants(&self) -> HashMap<String, Vec<i64>> {
+        self.known
+            .values
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.iter().map(Dim::known).collect::<Option<Vec<i64>>>()?)))
+            .collect()
     }
 
     pub fn is_graph_input(&self, name: &str) -> bool {

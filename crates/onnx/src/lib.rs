@@ -10,14 +10,15 @@
 
 pub mod attr;
 pub mod builder;
+pub mod dim;
 pub mod error;
 pub mod fault;
 pub mod index;
+pub mod infer;
 pub mod io;
 pub mod limits;
 pub mod ops;
 pub mod rng;
-pub mod shape;
 pub mod state;
 pub mod tensor;
 

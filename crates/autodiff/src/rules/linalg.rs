@@ -44,7 +44,7 @@ pub fn matmul(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         let r = if ra == 1 { gr + 1 } else { gr };
         g2 = c.unsqueeze(&g2, &[r as i64]);
     }
-    let batch = dagr_onnx::shape::broadcast(&[sa2[..sa2.len() - 2].to_vec(), sb2[..sb2.len() - 2].to_vec()]);
+    let batch = dagr_onnx::infer::broadcast(&[sa2[..sa2.len() - 2].to_vec(), sb2[..sb2.len() - 2].to_vec()]);
     let m = sa2[sa2.len() - 2].clone();
     let k = sa2[sa2.len() - 1].clone();
     let n = sb2[sb2.len() - 1].clone();

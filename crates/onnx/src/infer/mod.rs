@@ -1,0 +1,317 @@
+//! Shape inference with value propagation, one rule per operator.
+//!
+//! Every tensor gets a fact (element type and shape, each dimension known, symbolic or
+//! unknown). Small integer tensors also get their **value**, element by element, each element a
+//! known integer or a symbolic dimension expression: `Shape(x)` of a `[batch, 7, 32]` tensor is
+//! `[batch, 7, 32]`, `Gather(Shape(x), 0) * 7` is `7*batch`, and a `Reshape` to
+//! `Concat(Unsqueeze(that), [-1])` has the shape `[7*batch, 32]`. That is how exporters write
+//! shapes (`view(b, -1)`, `chunk`, `expand`, RNN initial states), and why a shape tensor must be
+//! evaluated rather than only typed. ONNX Runtime's `symbolic_shape_infer.py` is the model.
+//!
+//! The model's own value_info is kept; an inferred fact only fills what it leaves out (a whole
+//! shape, or single unknown dims). Ops without a rule leave their outputs unknown, which callers
+//! treat as "shape not known", never as an error. Rules read inputs whether an opset passes a
+//! value as an attribute or as an input (`axes`, `split`, `pads`), so one rule covers the
+//! opsets without version branches.
+
+mod elementwise;
+mod nn;
+mod shape_ops;
+
+use crate::attr::{attr, attr_i, attr_ints};
+use crate::dim::Dim;
+use crate::index::{GraphIndex, ValueFact};
+use crate::proto::NodeProto;
+use crate::{dtype, tensor, Model};
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+/// The largest integer tensor whose value is tracked (shape tensors are short).
+pub const MAX_VALUE_LEN: usize = 64;
+
+/// A rule fills the facts (and values) of a node's outputs from those of its inputs; `None`
+/// when what it needs is not known.
+type Rule = fn(&mut Node) -> Option<()>;
+
+fn table() -> &'static HashMap<&'static str, Rule> {
+    static TABLE: OnceLock<HashMap<&'static str, Rule>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t: HashMap<&'static str, Rule> = HashMap::new();
+        for (names, rule) in elementwise::RULES.iter().chain(shape_ops::RULES).chain(nn::RULES) {
+            for n in *names {
+                t.insert(n, *rule);
+            }
+        }
+        t
+    })
+}
+
+/// The operators that have an inference rule.
+pub fn supported_ops() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = table().keys().copied().collect();
+    v.sort();
+    v
+}
+
+/// What inference knows besides each tensor's fact: small integer values and the elements of
+/// sequences.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// Integer tensors of at most `MAX_VALUE_LEN` elements: their elements, row-major.
+    pub values: HashMap<String, Vec<Dim>>,
+    /// Small float constants (Resize scales, OneHot depth).
+    pub floats: HashMap<String, Vec<f64>>,
+    /// The facts of a sequence's elements, where their number is known.
+    pub sequences: HashMap<String, Vec<ValueFact>>,
+}
+
+/// A node being inferred: reads the facts of its inputs, writes those of its outputs.
+pub struct Node<'a> {
+    pub n: &'a NodeProto,
+    pub opset: i64,
+    facts: &'a HashMap<String, ValueFact>,
+    known: &'a Known,
+    out: Vec<Option<ValueFact>>,
+    out_values: Vec<Option<Vec<Dim>>>,
+    out_seq: Vec<Option<Vec<ValueFact>>>,
+}
+
+impl<'a> Node<'a> {
+    fn name(&self, i: usize) -> Option<&'a str> {
+        self.n.input.get(i).map(String::as_str).filter(|s| !s.is_empty())
+    }
+    pub fn has(&self, i: usize) -> bool {
+        self.name(i).is_some()
+    }
+    pub fn inputs(&self) -> usize {
+        self.n.input.len()
+    }
+    pub fn fact(&self, i: usize) -> Option<&'a ValueFact> {
+        self.name(i).and_then(|s| self.facts.get(s))
+    }
+    pub fn shape(&self, i: usize) -> Option<Vec<Dim>> {
+        self.fact(i).and_then(|f| f.shape.clone())
+    }
+    pub fn dtype(&self, i: usize) -> i32 {
+        self.fact(i).map(|f| f.dtype).unwrap_or(0)
+    }
+    /// The value of an integer input, each element known or symbolic.
+    pub fn value(&self, i: usize) -> Option<Vec<Dim>> {
+        self.name(i).and_then(|s| self.known.values.get(s)).cloned()
+    }
+    /// The value of an integer input when every element is known.
+    pub fn ints(&self, i: usize) -> Option<Vec<i64>> {
+        self.value(i)?.iter().map(Dim::known).collect()
+    }
+    pub fn floats(&self, i: usize) -> Option<Vec<f64>> {
+        let name = self.name(i)?;
+        if let Some(f) = self.known.floats.get(name) {
+            return Some(f.clone());
+        }
+        Some(self.ints(i)?.iter().map(|&v| v as f64).collect())
+    }
+    pub fn sequence(&self, i: usize) -> Option<&'a Vec<ValueFact>> {
+        self.name(i).and_then(|s| self.known.sequences.get(s))
+    }
+    /// An integer list given as input `i` (newer opsets) or as attribute `name` (older ones);
+    /// `Some(None)` when neither is present, `None` when the input is there but not known.
+    pub fn ints_or_attr(&self, i: usize, name: &str) -> Option<Option<Vec<i64>>> {
+        if self.has(i) {
+            return self.ints(i).map(Some);
+        }
+        Some(attr_ints(self.n, name))
+    }
+    pub fn attr_i(&self, name: &str, default: i64) -> i64 {
+        attr_i(self.n, name).unwrap_or(default)
+    }
+    pub fn attr_ints(&self, name: &str) -> Option<Vec<i64>> {
+        attr_ints(self.n, name)
+    }
+    pub fn attr_s(&self, name: &str) -> Option<String> {
+        crate::attr::attr_s(self.n, name)
+    }
+    pub fn attr_f(&self, name: &str) -> Option<f32> {
+        crate::attr::attr_f(self.n, name)
+    }
+
+    pub fn set(&mut self, o: usize, dtype: i32, shape: Option<Vec<Dim>>) {
+        if o < self.out.len() {
+            self.out[o] = Some(ValueFact { dtype, shape });
+        }
+    }
+    /// Output `o` has input `i`'s fact.
+    pub fn same(&mut self, o: usize, i: usize) {
+        let f = self.fact(i).cloned().unwrap_or_default();
+        self.set(o, f.dtype, f.shape);
+    }
+    pub fn set_value(&mut self, o: usize, v: Vec<Dim>) {
+        if o < self.out_values.len() && v.len() <= MAX_VALUE_LEN {
+            self.out_values[o] = Some(v);
+        }
+    }
+    pub fn set_sequence(&mut self, o: usize, elems: Vec<ValueFact>) {
+        if o < self.out_seq.len() {
+            self.out_seq[o] = Some(elems);
+        }
+    }
+    pub fn outputs(&self) -> usize {
+        self.n.output.len()
+    }
+}
+
+/// Normalize a possibly negative axis for `rank` dims; `None` when out of range.
+pub fn axis(a: i64, rank: usize) -> Option<usize> {
+    let r = rank as i64;
+    let a = if a < 0 { a + r } else { a };
+    (0..r).contains(&a).then_some(a as usize)
+}
+
+/// Numpy-style broadcast of several shapes.
+pub fn broadcast(shapes: &[Vec<Dim>]) -> Vec<Dim> {
+    let rank = shapes.iter().map(Vec::len).max().unwrap_or(0);
+    (0..rank)
+        .map(|i| {
+            let mut out = Dim::Known(1);
+            for s in shapes {
+                let off = rank - s.len();
+                if i < off {
+                    continue;
+                }
+                let d = &s[i - off];
+                out = match (&out, d) {
+                    (Dim::Known(1), _) => d.clone(),
+                    (_, Dim::Known(1)) => out,
+                    (a, b) if a == b => out,
+                    (Dim::Known(_), _) => out,
+                    (_, Dim::Known(_)) => d.clone(),
+                    _ => Dim::Unknown,
+                };
+            }
+            out
+        })
+        .collect()
+}
+
+/// Record the value of a constant tensor `t` named `name` (integers, booleans, small floats).
+fn take_constant(k: &mut Known, name: &str, t: &crate::proto::TensorProto, base_dir: &std::path::Path) {
+    if tensor::numel(t) > MAX_VALUE_LEN {
+        return;
+    }
+    match t.data_type {
+        dtype::INT64 | dtype::INT32 => {
+            if let Ok(v) = tensor::to_i64(t, base_dir) {
+                k.values
+                    .insert(name.to_string(), v.into_iter().map(Dim::Known).collect());
+            }
+        }
+        dtype::BOOL => {
+            let v: Vec<Dim> = if t.int32_data.is_empty() {
+                t.raw_data.iter().map(|&b| Dim::Known((b != 0) as i64)).collect()
+            } else {
+                t.int32_data.iter().map(|&b| Dim::Known((b != 0) as i64)).collect()
+            };
+            if v.len() == tensor::numel(t) {
+                k.values.insert(name.to_string(), v);
+            }
+        }
+        t2 if dtype::is_float(t2) => {
+            if let Ok(v) = tensor::to_f32(t, base_dir) {
+                k.floats
+                    .insert(name.to_string(), v.into_iter().map(f64::from).collect());
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Integer and float constants: initializers and Constant nodes.
+fn constants(model: &Model) -> Known {
+    let g = model.graph();
+    let mut k = Known::default();
+    for t in &g.initializer {
+        take_constant(&mut k, &t.name, t, &model.base_dir);
+    }
+    for n in &g.node {
+        if n.op_type != "Constant" || !n.domain.is_empty() || n.output.is_empty() {
+            continue;
+        }
+        let o = n.output[0].as_str();
+        if let Some(t) = attr(n, "value").and_then(|a| a.t.as_ref()) {
+            take_constant(&mut k, o, t, &model.base_dir);
+        } else if let Some(a) = attr(n, "value_ints") {
+            k.values
+                .insert(o.to_string(), a.ints.iter().map(|&v| Dim::Known(v)).collect());
+        } else if let Some(a) = attr(n, "value_int") {
+            k.values.insert(o.to_string(), vec![Dim::Known(a.i)]);
+        } else if let Some(a) = attr(n, "value_float") {
+            k.floats.insert(o.to_string(), vec![a.f as f64]);
+        } else if let Some(a) = attr(n, "value_floats") {
+            k.floats
+                .insert(o.to_string(), a.floats.iter().map(|&v| v as f64).collect());
+        }
+    }
+    k
+}
+
+/// Fill the facts of `idx` in topological order, and return the values learnt on the way.
+pub fn infer(model: &Model, idx: &mut GraphIndex) -> Known {
+    let mut known = constants(model);
+    let opset = model.opset();
+    let g = model.graph();
+    let table = table();
+    for &i in &idx.topo.clone() {
+        let n = &g.node[i];
+        if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+            continue;
+        }
+        let Some(rule) = table.get(n.op_type.as_str()) else {
+            continue;
+        };
+        let k = n.output.len();
+        let mut node = Node {
+            n,
+            opset,
+            facts: &idx.facts,
+            known: &known,
+            out: vec![None; k],
+            out_values: vec![None; k],
+            out_seq: vec![None; k],
+        };
+        let _ = rule(&mut node);
+        let (out, values, seqs) = (node.out, node.out_values, node.out_seq);
+        for (j, o) in n.output.iter().enumerate() {
+            if o.is_empty() {
+                continue;
+            }
+            if let Some(f) = &out[j] {
+                merge(idx.facts.entry(o.clone()).or_default(), f);
+            }
+            if let Some(v) = &values[j] {
+                known.values.entry(o.clone()).or_insert_with(|| v.clone());
+            }
+            if let Some(s) = &seqs[j] {
+                known.sequences.insert(o.clone(), s.clone());
+            }
+        }
+    }
+    known
+}
+
+/// An inferred fact fills what the declared one leaves out: the type, the shape, or single
+/// unknown dims of a shape of the same rank.
+fn merge(old: &mut ValueFact, new: &ValueFact) {
+    if old.dtype == 0 {
+        old.dtype = new.dtype;
+    }
+    match (&mut old.shape, &new.shape) {
+        (None, s) => old.shape = s.clone(),
+        (Some(o), Some(n)) if o.len() == n.len() => {
+            for (a, b) in o.iter_mut().zip(n) {
+                if a.is_unknown() {
+                    *a = b.clone();
+                }
+            }
+        }
+        _ => {}
+    }
+}
