@@ -628,6 +628,9 @@ fn inject_cmd(a: InjectArgs) -> Result<()> {
         if let Some(a) = &rec.pareto_alpha {
             println!("  {a}");
         }
+        for w in &rec.warnings {
+            eprintln!("warning: {}", flags_for_fields(w));
+        }
         println!("wrote {}", out.display());
         return Ok(());
     }

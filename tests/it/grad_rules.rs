@@ -105,6 +105,37 @@ fn cases() -> Vec<Case> {
         case("sigmoid", "Sigmoid", vec![x(&[3, 4])]),
         case("tanh", "Tanh", vec![x(&[3, 4])]),
         case("erf", "Erf", vec![x(&[3, 4])]),
+        case("gelu", "Gelu", vec![x(&[3, 4])]).opset(20),
+        case("gelu_tanh", "Gelu", vec![x(&[3, 4])])
+            .attrs(vec![attr_string("approximate", "tanh")])
+            .opset(20),
+        case("hard_sigmoid", "HardSigmoid", vec![x(&[3, 4])])
+            .attrs(vec![attr_float("alpha", 0.3), attr_float("beta", 0.4)]),
+        case(
+            "hard_swish",
+            "HardSwish",
+            vec![In::F(vec![6], vec![-4.0, -2.0, -0.5, 0.7, 2.5, 3.5])],
+        ),
+        case(
+            "instance_norm",
+            "InstanceNormalization",
+            vec![x(&[2, 3, 5]), x(&[3]), x(&[3])],
+        )
+        .attrs(vec![attr_float("epsilon", 1e-3)]),
+        // A repeated index: its gradients add up.
+        case(
+            "gather_nd",
+            "GatherND",
+            vec![x(&[3, 4, 2]), In::Ints(vec![3, 2], vec![0, 1, 2, 3, 0, 1])],
+        ),
+        // Negative indices count from the end (tract 0.23 panics on them in the forward pass).
+        case(
+            "gather_nd_negative",
+            "GatherND",
+            vec![x(&[3, 4, 2]), In::Ints(vec![2, 2], vec![-1, 1, 2, -4])],
+        )
+        .only(ORT_ONLY),
+        case("cast_like", "CastLike", vec![x(&[3, 4]), In::F(vec![], vec![0.0])]),
         case("exp", "Exp", vec![x(&[3, 4])]),
         case("log", "Log", vec![x(&[3, 4])]).gen(Positive),
         case("sqrt", "Sqrt", vec![x(&[3, 4])]).gen(Positive),

@@ -16,3 +16,4 @@ mod reliability;
 mod shape_inference;
 mod train_graphs;
 mod train_loop;
+mod zoo;

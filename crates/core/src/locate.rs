@@ -29,6 +29,11 @@ pub trait ScopeConvention: Sync {
     fn describe(&self) -> &'static str;
     /// The module path of `n` (e.g. `["audio_encoder", "fc"]`), if this convention recorded one.
     fn scope(&self, n: &NodeProto) -> Option<(Vec<String>, ScopeSource)>;
+    /// Whether the initializer `name` is a constant the exporter computed (folded) rather than
+    /// a parameter of the source model. Exporters that record nothing about it say `false`.
+    fn is_folded_constant(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 fn meta<'a>(n: &'a NodeProto, key: &str) -> Option<&'a str> {
@@ -48,6 +53,16 @@ impl ScopeConvention for TorchNameScopes {
         let module = items.len().checked_sub(2).and_then(|i| items.get(i))?;
         Some((split_path(module), ScopeSource::Metadata))
     }
+    fn is_folded_constant(&self, name: &str) -> bool {
+        dynamo_folded(name)
+    }
+}
+
+/// The dynamo exporter names parameters by their module path (`audio_encoder.fc.weight`, and
+/// `<conv>.weight_bias` for a BatchNorm it folded into a convolution) and the constants its
+/// optimizer folds by the value they replace (`val_83`, `embedding_2`, `clamp_2`): no dot.
+fn dynamo_folded(name: &str) -> bool {
+    !name.contains('.')
 }
 
 /// PyTorch's dynamo exporter, older form: `namespace` metadata,
@@ -63,6 +78,9 @@ impl ScopeConvention for TorchNamespace {
         let part = parts.len().checked_sub(2).and_then(|i| parts.get(i))?;
         let module = part.split(':').next().unwrap_or("").trim();
         Some((split_path(module), ScopeSource::Metadata))
+    }
+    fn is_folded_constant(&self, name: &str) -> bool {
+        dynamo_folded(name)
     }
 }
 
@@ -85,6 +103,15 @@ impl ScopeConvention for TorchLegacyNames {
 
 /// The conventions tried, in order; a node takes the path of the first that recognizes it.
 pub static CONVENTIONS: &[&dyn ScopeConvention] = &[&TorchNameScopes, &TorchNamespace, &TorchLegacyNames];
+
+/// The convention of the exporter that wrote `model`: the first that recognizes one of its
+/// nodes.
+pub fn convention_of(model: &Model) -> Option<&'static dyn ScopeConvention> {
+    CONVENTIONS
+        .iter()
+        .copied()
+        .find(|c| model.graph().node.iter().any(|n| c.scope(n).is_some()))
+}
 
 /// The module path of a node, if its exporter recorded one (see `CONVENTIONS`).
 pub fn node_scope(n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
@@ -174,6 +201,9 @@ impl Scopes {
     pub fn leaving(&self, model: &Model, idx: &GraphIndex, scope: &str) -> Vec<String> {
         let comps = split_path(scope);
         let g = model.graph();
+        // Constants and shape-only values that the exporter labels with the scope (and reuses
+        // elsewhere) are not what the module computes.
+        let data = idx.data_dependent(model);
         let mut out = Vec::new();
         for &i in &idx.topo {
             if !self.in_scope(i, &comps) {
@@ -189,7 +219,7 @@ impl Scopes {
                     .fact(o)
                     .map(|f| f.dtype == 0 || dtype::is_float(f.dtype))
                     .unwrap_or(true);
-                if used_outside && floating {
+                if used_outside && floating && data.contains(o) {
                     out.push(o.clone());
                 }
             }

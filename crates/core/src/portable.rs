@@ -138,3 +138,112 @@ pub fn decompose_batchnorm(model: &mut Model) -> Result<Vec<RunningStats>> {
     g.initializer.extend(inits);
     Ok(stats)
 }
+
+/// Replace dynamo's `split`/`chunk` form, a SplitToSequence read only by SequenceAt at known
+/// positions, by a Split (and Squeeze where `keepdims=0`): the same values as plain tensors,
+/// which tract runs and the gradient rules differentiate. Sequences used any other way stay.
+/// Returns how many were replaced.
+pub fn lower_sequences(model: &mut Model) -> Result<usize> {
+    let idx = GraphIndex::new(model)?;
+    let opset = model.opset();
+    let mut b = Builder::new(model, "");
+    // (position of the SplitToSequence, its replacement, SequenceAt position -> part)
+    type Plan = (usize, Vec<NodeProto>, Vec<(usize, String)>);
+    let mut plans: Vec<Plan> = Vec::new();
+    let g = model.graph();
+    for (i, n) in g.node.iter().enumerate() {
+        if n.op_type != "SplitToSequence" || !n.domain.is_empty() || n.output.len() != 1 {
+            continue;
+        }
+        let seq = &n.output[0];
+        let (Some(elems), Some(rank)) = (
+            idx.known.sequences.get(seq),
+            idx.fact(&n.input[0]).and_then(|f| f.rank()),
+        ) else {
+            continue;
+        };
+        if idx.graph_outputs.contains(seq) || elems.is_empty() {
+            continue;
+        }
+        let a = attr::attr_i(n, "axis").unwrap_or(0);
+        let axis = if a < 0 { a + rank as i64 } else { a };
+        // keepdims=0 only applies when no split is given: parts of size 1, the axis removed.
+        let squeeze = attr::attr_i(n, "keepdims") == Some(0) && n.input.get(1).is_none_or(|s| s.is_empty());
+        let sizes: Option<Vec<i64>> = elems
+            .iter()
+            .map(|f| match squeeze {
+                true => Some(1),
+                false => f.shape.as_ref()?.get(axis as usize)?.known(),
+            })
+            .collect();
+        let Some(sizes) = sizes else { continue };
+        let k = sizes.len() as i64;
+        let uses: Option<Vec<(usize, usize)>> = idx
+            .consumers_of(seq)
+            .iter()
+            .map(|&c| {
+                let u = &g.node[c];
+                let pos = idx.value(u.input.get(1)?)?.first()?;
+                let p = pos.known()?;
+                let p = if p < 0 { p + k } else { p };
+                (u.op_type == "SequenceAt" && (0..k).contains(&p)).then_some((c, p as usize))
+            })
+            .collect();
+        let Some(uses) = uses else { continue };
+        let before = b.nodes.len();
+        let split_attrs = match opset >= 13 {
+            true => vec![dagr_onnx::builder::attr_int("axis", axis)],
+            false => vec![
+                dagr_onnx::builder::attr_int("axis", axis),
+                dagr_onnx::builder::attr_ints("split", &sizes),
+            ],
+        };
+        let parts = if opset >= 13 {
+            let s = b.const_i64(&sizes);
+            b.node_n("Split", &[&n.input[0], &s], sizes.len(), split_attrs, "sequence")
+        } else {
+            b.node_n("Split", &[&n.input[0]], sizes.len(), split_attrs, "sequence")
+        };
+        let parts: Vec<String> = if squeeze {
+            parts
+                .iter()
+                .map(|p| match opset >= 13 {
+                    true => {
+                        let ax = b.const_i64(&[axis]);
+                        b.op("Squeeze", &[p, &ax], vec![], "sequence")
+                    }
+                    false => b.op(
+                        "Squeeze",
+                        &[p],
+                        vec![dagr_onnx::builder::attr_ints("axes", &[axis])],
+                        "sequence",
+                    ),
+                })
+                .collect()
+        } else {
+            parts
+        };
+        let mut nodes: Vec<NodeProto> = b.nodes.drain(before..).collect();
+        for nn in nodes.iter_mut() {
+            nn.metadata_props = n.metadata_props.clone();
+        }
+        plans.push((i, nodes, uses.into_iter().map(|(c, p)| (c, parts[p].clone())).collect()));
+    }
+    let count = plans.len();
+    let inits = std::mem::take(&mut b.initializers);
+    let g = model.graph_mut();
+    // Each SequenceAt becomes an Identity of its part (its output keeps its name).
+    for (_, _, uses) in &plans {
+        for (c, part) in uses {
+            let u = &mut g.node[*c];
+            u.op_type = "Identity".into();
+            u.input = vec![part.clone()];
+            u.attribute.clear();
+        }
+    }
+    for (i, nodes, _) in plans.into_iter().rev() {
+        g.node.splice(i..i + 1, nodes);
+    }
+    g.initializer.extend(inits);
+    Ok(count)
+}

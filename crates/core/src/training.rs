@@ -53,6 +53,10 @@ pub struct TrainRecord {
     /// The graph output holding the loss that the parameter gradients are the gradient of.
     pub loss: String,
     pub pareto_alpha: Option<String>,
+    /// What the user should know before training this graph (DAGR reaching no parameter, a
+    /// parameter shared between modules).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// The model this training graph was built from (for exporting the trained inference
     /// model), as given when building it.
     #[serde(default)]
@@ -80,6 +84,16 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     check_options(cfg, opts)?;
     // Only the model's own initializers can be parameters (not constants this tool adds).
     let original: HashSet<String> = model.graph().initializer.iter().map(|t| t.name.clone()).collect();
+    // Not parameters: a scalar or one-element initializer (an epsilon, a scale the exporter
+    // stored), a constant the exporter folded (as its naming convention tells).
+    let convention = crate::locate::convention_of(model);
+    let constant: HashSet<String> = model
+        .graph()
+        .initializer
+        .iter()
+        .filter(|t| t.dims.iter().all(|&d| d == 1) || convention.is_some_and(|c| c.is_folded_constant(&t.name)))
+        .map(|t| t.name.clone())
+        .collect();
     // BatchNorm running statistics are state, not parameters.
     let bn_state: HashSet<String> = model
         .graph()
@@ -99,9 +113,10 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     }
     let idx = GraphIndex::new(model)?;
     let (params, enc_params) = select_params(model, &idx, &rec, opts, |p| {
-        original.contains(p) && !bn_state.contains(p)
+        original.contains(p) && !bn_state.contains(p) && !constant.contains(p)
     })?;
     let stop: HashSet<String> = opts.stop_gradient.iter().cloned().collect();
+    let warnings = warnings(model, &idx, &params, &enc_params, opts.no_dagr);
 
     let mut b = Builder::new(model, "grad/");
     let task_seed = rec.outputs.task_loss.as_ref().map(|t| (t.clone(), b.scalar(1.0)));
@@ -187,6 +202,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         batchnorm,
         loss,
         pareto_alpha: alpha_out,
+        warnings,
         original: model.source.as_ref().map(|p| {
             std::fs::canonicalize(p)
                 .unwrap_or_else(|_| p.clone())
@@ -197,6 +213,37 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     let json = serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?;
     model.set_metadata(METADATA_KEY, &json);
     Ok(record)
+}
+
+/// What a user must know before training: DAGR's gradient reaching no parameter (it would only
+/// train the heads), and parameters read by several top-level modules, which PyTorch's
+/// exporters produce from weights tied in the model, or by merging initializers of equal value
+/// (the legacy exporter in eval mode, the dynamo exporter's optimizer): those train as one.
+fn warnings(model: &Model, idx: &GraphIndex, params: &[String], enc_params: &[String], no_dagr: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if enc_params.is_empty() && !no_dagr {
+        out.push(
+            "DAGR's gradient reaches no trainable parameter: the encoder outputs depend on no parameter that trains (all frozen, constants, or weights the exporter stored as Constant nodes), so only the task loss trains the model".into(),
+        );
+    }
+    let g = model.graph();
+    for p in params {
+        let mut modules: BTreeSet<String> = BTreeSet::new();
+        for &c in idx.consumers_of(p) {
+            if let Some((path, _)) = crate::locate::node_scope(&g.node[c]) {
+                if let Some(top) = path.first() {
+                    modules.insert(top.clone());
+                }
+            }
+        }
+        if modules.len() > 1 {
+            out.push(format!(
+                "parameter '{p}' is read by the modules {}: it trains as one tensor. If the model does not tie these weights, the exporter merged initializers of equal value (torch.onnx.export in eval mode, or dynamo's optimizer): export for training (training=TrainingMode.TRAINING, or dynamo=True with optimize=False)",
+                modules.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    out
 }
 
 /// The options that do not depend on the model.

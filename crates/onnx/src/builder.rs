@@ -64,6 +64,7 @@ pub fn attr_int(name: &str, v: i64) -> AttributeProto {
     a.name = name.into();
     a.type_ = AttributeType::INT.into();
     a.i = v;
+    crate::attr::keep_zero(&mut a);
     a
 }
 pub fn attr_float(name: &str, v: f32) -> AttributeProto {
@@ -71,6 +72,7 @@ pub fn attr_float(name: &str, v: f32) -> AttributeProto {
     a.name = name.into();
     a.type_ = AttributeType::FLOAT.into();
     a.f = v;
+    crate::attr::keep_zero(&mut a);
     a
 }
 pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
@@ -85,6 +87,7 @@ pub fn attr_string(name: &str, v: &str) -> AttributeProto {
     a.name = name.into();
     a.type_ = AttributeType::STRING.into();
     a.s = v.as_bytes().to_vec();
+    crate::attr::keep_zero(&mut a);
     a
 }
 pub fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {

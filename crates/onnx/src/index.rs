@@ -209,6 +209,24 @@ impl GraphIndex {
             .collect()
     }
 
+    /// The tensors whose values depend on the data fed to the model: reachable from a user
+    /// input through nodes that read values. Constants, and values computed from shapes alone
+    /// (`Shape`, `Size`, `ConstantOfShape`, `EyeLike`), are not.
+    pub fn data_dependent(&self, model: &Model) -> HashSet<String> {
+        let mut out: HashSet<String> = self.user_inputs().into_iter().collect();
+        let g = model.graph();
+        for &i in &self.topo {
+            let n = &g.node[i];
+            if matches!(n.op_type.as_str(), "Shape" | "Size" | "ConstantOfShape" | "EyeLike") {
+                continue;
+            }
+            if node_reads(n).iter().any(|r| out.contains(r)) {
+                out.extend(n.output.iter().filter(|o| !o.is_empty()).cloned());
+            }
+        }
+        out
+    }
+
     pub fn consumers_of(&self, name: &str) -> &[usize] {
         self.consumers.get(name).map(Vec::as_slice).unwrap_or(&[])
     }

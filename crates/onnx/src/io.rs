@@ -85,10 +85,11 @@ impl Model {
 
     /// Parse a model from bytes; `base_dir` resolves external data.
     pub fn from_bytes(bytes: &[u8], base_dir: &Path, label: &Path) -> Result<Model> {
-        let proto = ModelProto::parse_from_bytes(bytes).map_err(|e| Error::NotOnnx {
+        let mut proto = ModelProto::parse_from_bytes(bytes).map_err(|e| Error::NotOnnx {
             path: label.to_path_buf(),
             reason: format!("protobuf decoding failed ({e})"),
         })?;
+        crate::attr::keep_zeros(&mut proto);
         let model = Model {
             proto,
             base_dir: base_dir.to_path_buf(),

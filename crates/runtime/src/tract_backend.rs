@@ -89,7 +89,7 @@ impl Prepared {
             wanted.push(o);
         }
         model.select_output_outlets(&wanted).map_err(err)?;
-        let plan = model.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
+        let plan = guarded(|| model.into_optimized().and_then(|m| m.into_runnable()))?.map_err(err)?;
         Ok(Prepared {
             plan,
             input_names,
@@ -105,7 +105,7 @@ impl Prepared {
                 .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?;
             feed.push(to_tensor(v).into_tvalue());
         }
-        let res = self.plan.run(feed).map_err(err)?;
+        let res = guarded(|| self.plan.run(feed))?.map_err(err)?;
         let mut out = Tensors::new();
         for (name, t) in self.outputs.iter().zip(res) {
             let v = match t.datum_type() {
@@ -122,6 +122,19 @@ impl Prepared {
         }
         Ok(out)
     }
+}
+
+/// Run `f`, turning a panic inside tract (an unsupported case it asserts on, e.g. a negative
+/// GatherND index in tract 0.23) into an error instead of aborting the caller.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let what = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "no message".into());
+        err(format!("tract failed on this graph ({what}); use `backend` ort"))
+    })
 }
 
 pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {

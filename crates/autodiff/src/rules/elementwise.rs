@@ -1,7 +1,7 @@
 //! Element-wise operators. Binary ops broadcast; `Ctx::unbroadcast` sums the gradient back to
 //! each operand's shape.
 
-use super::{g0, Out};
+use super::{g0, g0_owned, Out};
 use crate::ctx::Ctx;
 use dagr_onnx::dtype;
 
@@ -352,4 +352,101 @@ pub fn dropout(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let t = c.op("Mul", &[g, &m]);
     v[0] = Some(c.op("Div", &[&t, &keep]));
     Ok(v)
+}
+
+/// CastLike: like Cast toward the type of input 1, which carries no gradient.
+pub fn cast_like(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let mut out = cast(c, g, &need[..1])?;
+    out.push(None);
+    Ok(out)
+}
+
+/// Gelu (opset 20): `approximate="none"`: `dX = g (Φ(x) + x φ(x))`; `"tanh"`:
+/// `dX = g (0.5 (1 + t) + 0.5 x (1 - t²) k (1 + 3c x²))`, `t = tanh(k (x + c x³))`.
+pub fn gelu(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let x = c.input(0).to_string();
+    let half = c.scalar(0.5);
+    let one = c.scalar(1.0);
+    let d = if c.attr_s("approximate").as_deref() == Some("tanh") {
+        let k = c.scalar((2.0 / std::f64::consts::PI).sqrt());
+        let cc = c.scalar(0.044715);
+        let three_c = c.scalar(3.0 * 0.044715);
+        let x2 = c.op("Mul", &[&x, &x]);
+        let x3 = c.op("Mul", &[&x2, &x]);
+        let cx3 = c.op("Mul", &[&cc, &x3]);
+        let inner = c.op("Add", &[&x, &cx3]);
+        let u = c.op("Mul", &[&k, &inner]);
+        let t = c.op("Tanh", &[&u]);
+        let opt = c.op("Add", &[&one, &t]);
+        let left = c.op("Mul", &[&half, &opt]);
+        let t2 = c.op("Mul", &[&t, &t]);
+        let sech2 = c.op("Sub", &[&one, &t2]);
+        let cx2 = c.op("Mul", &[&three_c, &x2]);
+        let du = c.op("Add", &[&one, &cx2]);
+        let du = c.op("Mul", &[&k, &du]);
+        let hx = c.op("Mul", &[&half, &x]);
+        let right = c.op("Mul", &[&hx, &sech2]);
+        let right = c.op("Mul", &[&right, &du]);
+        c.op("Add", &[&left, &right])
+    } else {
+        let inv_sqrt2 = c.scalar(std::f64::consts::FRAC_1_SQRT_2);
+        let inv_sqrt2pi = c.scalar(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+        let xs = c.op("Mul", &[&x, &inv_sqrt2]);
+        let e = c.op("Erf", &[&xs]);
+        let ope = c.op("Add", &[&one, &e]);
+        let cdf = c.op("Mul", &[&half, &ope]);
+        let x2 = c.op("Mul", &[&x, &x]);
+        let mhx2 = c.op("Mul", &[&x2, &half]);
+        let nx2 = c.op("Neg", &[&mhx2]);
+        let ex = c.op("Exp", &[&nx2]);
+        let pdf = c.op("Mul", &[&ex, &inv_sqrt2pi]);
+        let xpdf = c.op("Mul", &[&x, &pdf]);
+        c.op("Add", &[&cdf, &xpdf])
+    };
+    Ok(vec![Some(c.op("Mul", &[&g, &d]))])
+}
+
+/// HardSigmoid `max(0, min(1, alpha x + beta))`: `dX = g alpha` where `0 < alpha x + beta < 1`.
+pub fn hard_sigmoid(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let x = c.input(0).to_string();
+    let alpha = c.attr_f("alpha", 0.2) as f64;
+    let beta = c.attr_f("beta", 0.5) as f64;
+    let inside = linear_inside(c, &x, alpha, beta);
+    let a = c.scalar(alpha);
+    let ga = c.op("Mul", &[&g, &a]);
+    let zero = c.scalar(0.0);
+    Ok(vec![Some(c.op("Where", &[&inside, &ga, &zero]))])
+}
+
+/// Where `0 < alpha x + beta < 1`.
+fn linear_inside(c: &mut Ctx, x: &str, alpha: f64, beta: f64) -> String {
+    let a = c.scalar(alpha);
+    let b = c.scalar(beta);
+    let ax = c.op("Mul", &[x, &a]);
+    let v = c.op("Add", &[&ax, &b]);
+    let zero = c.scalar(0.0);
+    let one = c.scalar(1.0);
+    let above = c.op("Greater", &[&v, &zero]);
+    let below = c.op("Less", &[&v, &one]);
+    c.op("And", &[&above, &below])
+}
+
+/// HardSwish `x hardsigmoid(x)` (alpha 1/6, beta 1/2): `dX = g (2x + 3)/6` on (-3, 3), `g` above.
+pub fn hard_swish(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let x = c.input(0).to_string();
+    let inside = linear_inside(c, &x, 1.0 / 6.0, 0.5);
+    let third = c.scalar(1.0 / 3.0);
+    let half = c.scalar(0.5);
+    let x3 = c.op("Mul", &[&x, &third]);
+    let slope = c.op("Add", &[&x3, &half]);
+    let three = c.scalar(3.0);
+    let above = c.op("GreaterOrEqual", &[&x, &three]);
+    let one = c.scalar(1.0);
+    let zero = c.scalar(0.0);
+    let outside = c.op("Where", &[&above, &one, &zero]);
+    let d = c.op("Where", &[&inside, &slope, &outside]);
+    Ok(vec![Some(c.op("Mul", &[&g, &d]))])
 }

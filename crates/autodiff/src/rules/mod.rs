@@ -68,6 +68,10 @@ rules! {
     "Min" => ew::min, "dA = unb(g [A < B] + g/2 [A = B]), dB likewise";
     "Where" => ew::where_, "dX = unb(where(C, g, 0)), dY = unb(where(C, 0, g))";
     "Cast" => ew::cast, "dX = cast(g, type of X) for floating X";
+    "CastLike" => ew::cast_like, "dX = cast(g, type of X) for floating X; the type input has none";
+    "Gelu" => ew::gelu, "dX = g (Φ(X) + X φ(X)); tanh: its derivative";
+    "HardSigmoid" => ew::hard_sigmoid, "dX = g alpha where 0 < alpha X + beta < 1";
+    "HardSwish" => ew::hard_swish, "dX = g (2X + 3)/6 on (-3, 3), g above";
     "Dropout" => ew::dropout, "dX = g mask / (1 - ratio) in training mode, g otherwise";
     "MatMul" => linalg::matmul, "dA = unb(g B^T), dB = unb(A^T g)";
     "Gemm" => linalg::gemm, "dA = alpha g B'^T (transposed back), dB = alpha A'^T g, dC = beta unb(g)";
@@ -78,6 +82,7 @@ rules! {
     "AveragePool" => nn::average_pool, "dX = ConvTranspose(g / count, ones)";
     "GlobalAveragePool" => nn::global_average_pool, "dX = expand(g / (H W))";
     "BatchNormalization" => nn::batch_norm, "inference: dX = g scale r; training: dX = scale r/M (M g - sum g - x̂ sum(g x̂))";
+    "InstanceNormalization" => nn::instance_norm, "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale, over the spatial dims; dscale = Σ g x̂, dB = Σ g";
     "LayerNormalization" => nn::layer_norm, "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale";
     "Flatten" => shape::reshape, "dX = reshape(g, shape(X))";
     "Reshape" => shape::reshape, "dX = reshape(g, shape(X))";
@@ -88,6 +93,7 @@ rules! {
     "Split" => shape::split, "dX = concat(g_i, zeros for missing g_i)";
     "Slice" => shape::slice, "dX = pad(g) (step 1)";
     "Gather" => shape::gather, "dX = scatter_nd_add(zeros, indices, g)";
+    "GatherND" => shape::gather_nd, "dX = scatter_nd_add(zeros, indices, g) (batch_dims 0)";
     "GatherElements" => shape::gather_elements, "dX = scatter_elements_add(zeros, indices, g)";
     "Expand" => shape::expand, "dX = unb(g)";
     "ReduceSum" => shape::reduce_sum, "dX = expand(g)";

@@ -397,3 +397,52 @@ pub fn layer_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     }
     Ok(out)
 }
+
+/// InstanceNormalization: per sample and channel over the spatial dims, with `[C]` scale and
+/// bias: `dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂))`, `ĝ = g scale`; `dscale = Σ g x̂`, `dB = Σ g`
+/// over the batch and spatial dims.
+pub fn instance_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let x = c.input(0).to_string();
+    let r = c.rank(&x)?;
+    if r < 3 {
+        return Err(c.err("its input must have a batch, a channel and a spatial dim"));
+    }
+    let eps = c.attr_f("epsilon", 1e-5) as f64;
+    let spatial: Vec<i64> = (2..r as i64).collect();
+    let h = format!("grad/{}", c.hint());
+    let mean = c.b.reduce("ReduceMean", &x, Some(&spatial), true, &h);
+    let xc = c.op("Sub", &[&x, &mean]);
+    let xc2 = c.op("Mul", &[&xc, &xc]);
+    let var = c.b.reduce("ReduceMean", &xc2, Some(&spatial), true, &h);
+    let e = c.scalar(eps);
+    let ve = c.op("Add", &[&var, &e]);
+    let sd = c.op("Sqrt", &[&ve]);
+    let xhat = c.op("Div", &[&xc, &sd]);
+    // [C] -> [C, 1, ...] to broadcast over the spatial dims.
+    let per_channel: Vec<i64> = (1..r as i64 - 1).collect();
+    let mut out = vec![None; need.len()];
+    let batch_spatial: Vec<i64> = std::iter::once(0).chain(2..r as i64).collect();
+    if need[0] {
+        let scale = c.input(1).to_string();
+        let s = c.unsqueeze(&scale, &per_channel);
+        let gh = c.op("Mul", &[&g, &s]);
+        let m1 = c.b.reduce("ReduceMean", &gh, Some(&spatial), true, &h);
+        let ghx = c.op("Mul", &[&gh, &xhat]);
+        let m2 = c.b.reduce("ReduceMean", &ghx, Some(&spatial), true, &h);
+        let t = c.op("Sub", &[&gh, &m1]);
+        let xm = c.op("Mul", &[&xhat, &m2]);
+        let t = c.op("Sub", &[&t, &xm]);
+        out[0] = Some(c.op("Div", &[&t, &sd]));
+    }
+    if need.len() > 1 && need[1] {
+        let gx = c.op("Mul", &[&g, &xhat]);
+        out[1] = Some(c.reduce_sum(&gx, &batch_spatial, false));
+    }
+    if need.len() > 2 && need[2] {
+        out[2] = Some(c.reduce_sum(&g, &batch_spatial, false));
+    }
+    Ok(out)
+}

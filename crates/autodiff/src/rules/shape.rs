@@ -128,8 +128,9 @@ fn normalized_indices(c: &mut Ctx, idx: &str, x: &str, axis: usize) -> String {
     } else {
         idx.to_string()
     };
+    // The dim as a scalar, so that the indices keep their rank (a scalar index stays one).
     let s = c.shape_of(x);
-    let a = c.ints(&[axis as i64]);
+    let a = c.b.scalar_i64(axis as i64);
     let d = c.op_a("Gather", &[&s, &a], vec![attr_int("axis", 0)]);
     let zero = c.b.scalar_i64(0);
     let neg = c.op("Less", &[&idx, &zero]);
@@ -257,4 +258,37 @@ pub fn reduce_sum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 }
 pub fn reduce_mean(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     reduce(c, g, need, true)
+}
+
+/// GatherND (`batch_dims=0`): scatter-add the gradient slices back at their indices.
+pub fn gather_nd(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = scatter_add_upstream(c, g, need)? else {
+        return Ok(vec![None, None]);
+    };
+    if c.attr_i("batch_dims", 0) != 0 {
+        return Err(c.err("batch_dims > 0 is not supported"));
+    }
+    let x = c.input(0).to_string();
+    let i = c.input(1).to_string();
+    let k = match c.shape(&i)?.last().and_then(|d| d.known()) {
+        Some(k) => k,
+        None => return Err(c.err("the last dim of its indices must be known")),
+    };
+    // Negative indices count from the end of their dim.
+    let i = if c.dtype(&i) != dtype::INT64 {
+        c.cast(&i, dtype::INT64)
+    } else {
+        i
+    };
+    let s = c.shape_of(&x);
+    let zero_i = c.ints(&[0]);
+    let k_i = c.ints(&[k]);
+    let dims = c.op("Slice", &[&s, &zero_i, &k_i]);
+    let zero = c.b.scalar_i64(0);
+    let neg = c.op("Less", &[&i, &zero]);
+    let wrapped = c.op("Add", &[&i, &dims]);
+    let idx = c.op("Where", &[&neg, &wrapped, &i]);
+    let zeros = c.zeros_like(&x);
+    let add = attr_string("reduction", "add");
+    Ok(vec![Some(c.op_a("ScatterND", &[&zeros, &idx, &g], vec![add])), None])
 }

@@ -195,6 +195,8 @@ fn compare(c: &mut Node) -> Option<()> {
             _ => (*x != 0) != (*y != 0),
         } as i64),
         _ if a == b && op == "Equal" => Dim::Known(1),
+        // A symbolic value is a dimension, never negative: `Equal(shape, -1)` is false.
+        (Dim::Sym(_), Dim::Known(k)) | (Dim::Known(k), Dim::Sym(_)) if *k < 0 && op == "Equal" => Dim::Known(0),
         _ => Dim::Unknown,
     })
 }
@@ -234,19 +236,28 @@ fn where_(c: &mut Node) -> Option<()> {
 
 fn cast(c: &mut Node) -> Option<()> {
     let to = c.attr_i("to", 0) as i32;
-    c.set(0, to, c.shape(0));
-    if matches!(to, dtype::INT64 | dtype::INT32) {
-        c.set_value(0, c.value(0)?);
-    }
-    Some(())
+    cast_to(c, to)
 }
 
 /// CastLike: the type of input 1, the shape (and value) of input 0.
 fn cast_like(c: &mut Node) -> Option<()> {
     let to = c.dtype(1);
+    cast_to(c, to)
+}
+
+/// The value of a cast: integers stay, float constants truncate toward zero (as a cast does).
+fn cast_to(c: &mut Node, to: i32) -> Option<()> {
     c.set(0, to, c.shape(0));
     if matches!(to, dtype::INT64 | dtype::INT32) {
-        c.set_value(0, c.value(0)?);
+        let v = match c.value(0) {
+            Some(v) => v,
+            None => c.floats(0)?.iter().map(|&f| Dim::Known(f.trunc() as i64)).collect(),
+        };
+        c.set_value(0, v);
+    } else if dtype::is_float(to) {
+        if let Some(f) = c.floats(0) {
+            c.set_floats(0, f);
+        }
     }
     Some(())
 }

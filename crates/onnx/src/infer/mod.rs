@@ -74,6 +74,7 @@ pub struct Node<'a> {
     out: Vec<Option<ValueFact>>,
     out_values: Vec<Option<Vec<Dim>>>,
     out_seq: Vec<Option<Vec<ValueFact>>>,
+    out_floats: Vec<Option<Vec<f64>>>,
 }
 
 impl<'a> Node<'a> {
@@ -147,6 +148,11 @@ impl<'a> Node<'a> {
     pub fn set_value(&mut self, o: usize, v: Vec<Dim>) {
         if o < self.out_values.len() && v.len() <= MAX_VALUE_LEN {
             self.out_values[o] = Some(v);
+        }
+    }
+    pub fn set_floats(&mut self, o: usize, v: Vec<f64>) {
+        if o < self.out_floats.len() && v.len() <= MAX_VALUE_LEN {
+            self.out_floats[o] = Some(v);
         }
     }
     pub fn set_sequence(&mut self, o: usize, elems: Vec<ValueFact>) {
@@ -276,9 +282,10 @@ pub fn infer(model: &Model, idx: &mut GraphIndex) -> Known {
             out: vec![None; k],
             out_values: vec![None; k],
             out_seq: vec![None; k],
+            out_floats: vec![None; k],
         };
         let _ = rule(&mut node);
-        let (out, values, seqs) = (node.out, node.out_values, node.out_seq);
+        let (out, values, seqs, floats) = (node.out, node.out_values, node.out_seq, node.out_floats);
         for (j, o) in n.output.iter().enumerate() {
             if o.is_empty() {
                 continue;
@@ -288,6 +295,9 @@ pub fn infer(model: &Model, idx: &mut GraphIndex) -> Known {
             }
             if let Some(v) = &values[j] {
                 known.values.entry(o.clone()).or_insert_with(|| v.clone());
+            }
+            if let Some(f) = &floats[j] {
+                known.floats.entry(o.clone()).or_insert_with(|| f.clone());
             }
             if let Some(s) = &seqs[j] {
                 known.sequences.insert(o.clone(), s.clone());

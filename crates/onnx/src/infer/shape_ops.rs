@@ -176,7 +176,23 @@ fn transpose(c: &mut Node) -> Option<()> {
         .iter()
         .map(|&p| usize::try_from(p).ok().and_then(|p| s.get(p).cloned()))
         .collect();
-    c.set(0, c.dtype(0), out);
+    c.set(0, c.dtype(0), out.clone());
+    // The value of a transposed small tensor.
+    let (v, dims) = (c.value(0)?, s.iter().map(Dim::known).collect::<Option<Vec<i64>>>()?);
+    if dims.iter().product::<i64>() != v.len() as i64 || perm.len() != dims.len() {
+        return None;
+    }
+    let str = strides(&dims);
+    let out_dims: Vec<i64> = perm.iter().map(|&p| dims[p as usize]).collect();
+    let mut idx = vec![0i64];
+    for (k, &p) in perm.iter().enumerate() {
+        let (n, st) = (out_dims[k], str[p as usize]);
+        idx = idx
+            .iter()
+            .flat_map(|&base| (0..n).map(move |j| base + j * st))
+            .collect();
+    }
+    c.set_value(0, idx.iter().map(|&i| v[i as usize].clone()).collect());
     Some(())
 }
 
@@ -200,6 +216,12 @@ fn concat(c: &mut Node) -> Option<()> {
         Some(out)
     });
     c.set(0, dt, out);
+    // Float constants joined (Resize scales).
+    if dtype::is_float(dt) {
+        let f: Option<Vec<Vec<f64>>> = (0..k).filter(|&i| c.has(i)).map(|i| c.floats(i)).collect();
+        c.set_floats(0, f?.concat());
+        return Some(());
+    }
     let vals: Option<Vec<Vec<Dim>>> = (0..k).filter(|&i| c.has(i)).map(|i| c.value(i)).collect();
     c.set_value(0, vals?.concat());
     Some(())
@@ -311,28 +333,13 @@ fn slice(c: &mut Node) -> Option<()> {
     if ends.len() != n || axes.len() != n || steps.len() != n {
         return None;
     }
-    // The value of a sliced 1-D shape tensor.
+    // The value of a sliced small tensor (1-D shape tensors, exporters' 2-D pad tables).
     if let (Some(v), Some(x)) = (c.value(0), &x) {
-        if x.len() == 1 && n == 1 {
-            let len = v.len() as i64;
-            if let (Some(s), Some(e)) = (starts[0].known(), ends[0].known()) {
-                let norm = |v: i64, lo: i64, hi: i64| (if v < 0 { v.saturating_add(len) } else { v }).clamp(lo, hi);
-                let step = steps[0];
-                let picked: Vec<Dim> = if step > 0 {
-                    let (s, e) = (norm(s, 0, len), norm(e, 0, len));
-                    (s..e).step_by(step as usize).map(|i| v[i as usize].clone()).collect()
-                } else if step < 0 {
-                    let (s, e) = (norm(s, 0, len - 1), norm(e, -1, len - 1));
-                    let mut out = Vec::new();
-                    let mut i = s;
-                    while i > e {
-                        out.push(v[i as usize].clone());
-                        i += step;
-                    }
-                    out
-                } else {
-                    return None;
-                };
+        let dims: Option<Vec<i64>> = x.iter().map(Dim::known).collect();
+        let st: Option<Vec<i64>> = starts.iter().map(Dim::known).collect();
+        let en: Option<Vec<i64>> = ends.iter().map(Dim::known).collect();
+        if let (Some(dims), Some(st), Some(en)) = (dims, st, en) {
+            if let Some(picked) = slice_value(&v, &dims, &st, &en, &axes, &steps) {
                 c.set_value(0, picked);
             }
         }
@@ -344,6 +351,54 @@ fn slice(c: &mut Node) -> Option<()> {
     }
     c.set(0, dt, Some(out));
     Some(())
+}
+
+/// Row-major strides of a shape.
+fn strides(dims: &[i64]) -> Vec<i64> {
+    let mut s = vec![1i64; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * dims[i + 1];
+    }
+    s
+}
+
+/// The elements of `v` (shape `dims`) that a Slice selects, in order.
+fn slice_value(v: &[Dim], dims: &[i64], st: &[i64], en: &[i64], axes: &[i64], steps: &[i64]) -> Option<Vec<Dim>> {
+    if dims.iter().product::<i64>() != v.len() as i64 {
+        return None;
+    }
+    // Per dim: the source indices it keeps.
+    let mut keep: Vec<Vec<i64>> = dims.iter().map(|&d| (0..d).collect()).collect();
+    for k in 0..st.len() {
+        let a = axis(axes[k], dims.len())?;
+        let (d, step) = (dims[a], steps[k]);
+        let norm = |v: i64, lo: i64, hi: i64| (if v < 0 { v.saturating_add(d) } else { v }).clamp(lo, hi);
+        keep[a] = if step > 0 {
+            let (s, e) = (norm(st[k], 0, d), norm(en[k], 0, d));
+            (s..e).step_by(step as usize).collect()
+        } else if step < 0 {
+            let (s, e) = (norm(st[k], 0, d - 1), norm(en[k], -1, d - 1));
+            let mut out = Vec::new();
+            let mut i = s;
+            while i > e {
+                out.push(i);
+                i += step;
+            }
+            out
+        } else {
+            return None;
+        };
+    }
+    let str = strides(dims);
+    let mut out = vec![0i64];
+    for (a, ks) in keep.iter().enumerate() {
+        let st = str[a];
+        out = out
+            .iter()
+            .flat_map(|&base| ks.iter().map(move |&k| base + k * st))
+            .collect();
+    }
+    out.iter().map(|&i| v.get(usize::try_from(i).ok()?).cloned()).collect()
 }
 
 fn split(c: &mut Node) -> Option<()> {
