@@ -82,3 +82,42 @@ proptest! {
         prop_assert_eq!(broadcast(&[a.clone(), a.clone()]), a);
     }
 }
+
+/// The check run on every graph before it is written catches what no runtime would load.
+#[test]
+fn emitted_graph_check_names_the_broken_node() {
+    use dagr_inject::onnx::builder::Builder;
+    let base = onnx::load(&root().join("models/av_mlp.legacy.onnx")).unwrap();
+    onnx::infer::check(&base).unwrap();
+    let x = base.graph().input[0].name.clone();
+    // A Reshape to [-1, -1].
+    let mut m = base.clone();
+    let mut b = Builder::new(&m, "t/");
+    let s = b.const_i64(&[-1, -1]);
+    let y = b.op("Reshape", &[&x, &s], vec![], "bad");
+    b.finish(&mut m);
+    m.graph_mut().output.push(onnx::ValueFact::default().to_value_info(&y));
+    let e = onnx::infer::check(&m).unwrap_err().to_string();
+    assert!(
+        e.contains("internal error") && e.contains("Reshape") && e.contains("more than one -1"),
+        "{e}"
+    );
+    // A ScatterND whose updates have the wrong rank (the scalar-index Gather bug).
+    let mut m = base.clone();
+    let mut b = Builder::new(&m, "t/");
+    // indices [1] pick one row: the updates must be that row, rank 1, not rank 2.
+    let idx = b.const_i64(&[0]);
+    let y = b.op("ScatterND", &[&x, &idx, &x], vec![], "bad");
+    b.finish(&mut m);
+    m.graph_mut().output.push(onnx::ValueFact::default().to_value_info(&y));
+    let e = onnx::infer::check(&m).unwrap_err().to_string();
+    assert!(e.contains("ScatterND") && e.contains("rank"), "{e}");
+    // A node reading a tensor nothing defines.
+    let mut m = base.clone();
+    let mut b = Builder::new(&m, "t/");
+    let y = b.op("Relu", &["nowhere"], vec![], "bad");
+    b.finish(&mut m);
+    m.graph_mut().output.push(onnx::ValueFact::default().to_value_info(&y));
+    let e = onnx::infer::check(&m).unwrap_err().to_string();
+    assert!(e.contains("'nowhere'"), "{e}");
+}

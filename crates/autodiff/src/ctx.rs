@@ -171,22 +171,47 @@ impl Ctx<'_> {
     }
 
     /// Sum `g` (dims `gd`) down to dims `xd` (numpy broadcasting), then reshape like `like`:
-    /// the leading axes `xd` lacks, plus every axis where `xd` has size 1 and `gd` may not. The
-    /// axes are static (tract needs constant axes); a dim of unknown size is taken as not
-    /// broadcast.
+    /// the leading axes `xd` lacks, plus every axis where `xd` has size 1 and `gd` may not.
+    /// Where `xd` has a symbolic dim not known to equal `gd`'s, whether it broadcasts is decided
+    /// at run time (ONNX Runtime's dynamic broadcast fallback, in standard ops): the axis summed
+    /// with `keepdims`, chosen by `Where(dim == 1)`, then sliced to the dim's length. The
+    /// reduction axes stay constants (tract needs them so).
     pub fn sum_to(&mut self, g: &str, gd: &[Dim], xd: &[Dim], like: &str) -> String {
         let lead = gd.len().saturating_sub(xd.len());
         let mut axes: Vec<i64> = (0..lead as i64).collect();
+        let mut undecided = Vec::new();
         for (i, d) in xd.iter().enumerate() {
-            if *d == Dim::Known(1) && gd.get(lead + i) != Some(&Dim::Known(1)) {
-                axes.push((lead + i) as i64);
+            let o = gd.get(lead + i);
+            match d {
+                Dim::Known(1) if o != Some(&Dim::Known(1)) => axes.push((lead + i) as i64),
+                Dim::Known(_) => {}
+                _ if o == Some(d) || o == Some(&Dim::Known(1)) => {}
+                _ => undecided.push(i),
             }
         }
-        let summed = if axes.is_empty() {
+        let mut summed = if axes.is_empty() {
             g.to_string()
         } else {
             self.reduce_sum(g, &axes, true)
         };
+        // Run-time decisions need `like`'s own dims, axis for axis.
+        let aligned = self.idx.fact(like).and_then(|f| f.rank()) == Some(xd.len());
+        if aligned && !undecided.is_empty() {
+            let shape = self.shape_of(like);
+            let one = self.b.scalar_i64(1);
+            let start = self.ints(&[0]);
+            for i in undecided {
+                let a = (lead + i) as i64;
+                let at = self.b.scalar_i64(i as i64);
+                let d = self.op_a("Gather", &[&shape, &at], vec![attr_int("axis", 0)]);
+                let is_one = self.op("Equal", &[&d, &one]);
+                let red = self.reduce_sum(&summed, &[a], true);
+                let picked = self.op("Where", &[&is_one, &red, &summed]);
+                let end = self.unsqueeze(&d, &[0]);
+                let ax = self.ints(&[a]);
+                summed = self.op("Slice", &[&picked, &start, &end, &ax]);
+            }
+        }
         self.reshape_like(&summed, like)
     }
 

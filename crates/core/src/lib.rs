@@ -196,6 +196,7 @@ pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Res
     };
     let json = serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?;
     model.set_metadata(METADATA_KEY, &json);
+    dagr_onnx::infer::check(model)?;
     Ok(Injected { encoders, record })
 }
 

@@ -182,6 +182,7 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
         METADATA_KEY,
         &serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?,
     );
+    dagr_onnx::infer::check(&model)?;
     Ok(StepGraph { model, state, scalars })
 }
 

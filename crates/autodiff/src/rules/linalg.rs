@@ -58,8 +58,8 @@ pub fn matmul(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     if need[1] {
         if rb == 2 && ra >= 2 {
             // A 2-D weight: fold every batch dim into one Gemm (no batch reduction needed).
-            let kk = c.ints(&[-1, dim_or(&k)]);
-            let nn = c.ints(&[-1, dim_or(&n)]);
+            let kk = rows_of(c, &k, &a2);
+            let nn = rows_of(c, &n, &g2);
             let a_flat = c.op("Reshape", &[&a2, &kk]);
             let g_flat = c.op("Reshape", &[&g2, &nn]);
             let gb = c.op_a("Gemm", &[&a_flat, &g_flat], vec![attr_int("transA", 1)]);
@@ -74,10 +74,19 @@ pub fn matmul(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     Ok(out)
 }
 
-fn dim_or(d: &Dim) -> i64 {
+/// The shape `[-1, d]` that folds every leading dim of `t` into rows of its last dim `d`:
+/// a constant when `d` is known, read from `t`'s shape at run time otherwise (a Reshape may
+/// hold only one -1).
+fn rows_of(c: &mut Ctx, d: &Dim, t: &str) -> String {
     match d {
-        Dim::Known(v) => *v,
-        _ => -1,
+        Dim::Known(v) => c.ints(&[-1, *v]),
+        _ => {
+            let s = c.shape_of(t);
+            let (from, to) = (c.ints(&[-1]), c.ints(&[i64::MAX]));
+            let last = c.op("Slice", &[&s, &from, &to]);
+            let minus_one = c.ints(&[-1]);
+            c.op_a("Concat", &[&minus_one, &last], vec![attr_int("axis", 0)])
+        }
     }
 }
 

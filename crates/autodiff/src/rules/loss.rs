@@ -23,12 +23,16 @@ pub fn softmax_cross_entropy(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -
     let scores = c.input(0).to_string();
     let labels = c.input(1).to_string();
     let ss = c.shape(&scores)?;
-    let classes = match &ss[1] {
-        Dim::Known(v) => *v,
-        _ => return Err(c.err("the class dim must be static")),
-    };
     let p = c.op_a("Softmax", &[&scores], vec![attr_int("axis", 1)]);
-    let depth = c.ints(&[classes]);
+    // The class count: a constant, or read from the scores' shape at run time.
+    let depth = match ss.get(1) {
+        Some(Dim::Known(v)) => c.ints(&[*v]),
+        _ => {
+            let s = c.shape_of(&scores);
+            let (a, b) = (c.ints(&[1]), c.ints(&[2]));
+            c.op("Slice", &[&s, &a, &b])
+        }
+    };
     let values = c.b.const_f32(&[2], &[0.0, 1.0]);
     let lab = if c.dtype(&labels) != dtype::INT64 {
         c.cast(&labels, dtype::INT64)

@@ -45,21 +45,15 @@ struct ConvGeom {
     /// begin pads then end pads, explicit (auto_pad resolved)
     pads: Vec<i64>,
     kernel: Vec<i64>,
-    /// spatial input sizes
-    input: Vec<i64>,
+    /// spatial input sizes (None: symbolic)
+    input: Vec<Option<i64>>,
 }
 
 fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
     let x = c.input(0);
     let xs = c.shape(x)?;
     let sp = xs.len() - 2;
-    let input: Vec<i64> = xs[2..]
-        .iter()
-        .map(|d| match d {
-            dagr_onnx::Dim::Known(v) => Ok(*v),
-            _ => Err(c.err("its spatial input dims must be static")),
-        })
-        .collect::<Result<_>>()?;
+    let input: Vec<Option<i64>> = xs[2..].iter().map(|d| d.known()).collect();
     let strides = c.attr_ints("strides").unwrap_or_else(|| vec![1; sp]);
     let dil = c.attr_ints("dilations").unwrap_or_else(|| vec![1; sp]);
     let auto = c.attr_s("auto_pad").unwrap_or_default();
@@ -68,8 +62,17 @@ fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
             let mut b = vec![0; sp];
             let mut e = vec![0; sp];
             for i in 0..sp {
-                let out = (input[i] + strides[i] - 1) / strides[i];
-                let total = ((out - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1 - input[i]).max(0);
+                // With stride 1 the total padding does not depend on the input size.
+                let total = match (input[i], strides[i]) {
+                    (_, 1) => dil[i] * (kernel[i] - 1),
+                    (Some(d), st) => {
+                        let out = (d + st - 1) / st;
+                        ((out - 1) * st + dil[i] * (kernel[i] - 1) + 1 - d).max(0)
+                    }
+                    (None, _) => {
+                        return Err(c.err("auto_pad SAME with a stride over a symbolic spatial dim is not supported"))
+                    }
+                };
                 let small = total / 2;
                 if auto == "SAME_UPPER" {
                     b[i] = small;
@@ -95,15 +98,32 @@ fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
 }
 
 impl ConvGeom {
-    /// output_padding making ConvTranspose return exactly the input size (< stride).
+    /// output_padding making ConvTranspose return exactly the input size (< stride); for a
+    /// symbolic dim, the largest (stride - 1), and the result is cropped (`crop`).
     fn output_padding(&self) -> Vec<i64> {
         (0..self.sp)
-            .map(|i| {
-                let span =
-                    self.input[i] + self.pads[i] + self.pads[i + self.sp] - self.dil[i] * (self.kernel[i] - 1) - 1;
-                span.rem_euclid(self.strides[i])
+            .map(|i| match self.input[i] {
+                Some(d) => {
+                    let span = d + self.pads[i] + self.pads[i + self.sp] - self.dil[i] * (self.kernel[i] - 1) - 1;
+                    span.rem_euclid(self.strides[i])
+                }
+                None => self.strides[i] - 1,
             })
             .collect()
+    }
+    /// Whether the transposed convolution may come out longer than the input (a symbolic dim
+    /// with a stride over 1): the positions past the input get no window, so cropping is exact.
+    fn needs_crop(&self) -> bool {
+        (0..self.sp).any(|i| self.input[i].is_none() && self.strides[i] > 1)
+    }
+    /// ConvTranspose of `g` by `w` back to the input's spatial size.
+    fn transpose_back(&self, c: &mut Ctx, g: &str, w: &str, x: &str, group: i64) -> String {
+        let t = c.op_a("ConvTranspose", &[g, w], self.transpose_attrs(group));
+        if !self.needs_crop() {
+            return t;
+        }
+        let (starts, ends, axes) = spatial_of(c, x, self.sp);
+        c.op("Slice", &[&t, &starts, &ends, &axes])
     }
     fn transpose_attrs(&self, group: i64) -> Vec<dagr_onnx::proto::AttributeProto> {
         vec![
@@ -131,7 +151,7 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let sp = geo.sp;
     let mut out = vec![None; need.len()];
     if need[0] {
-        out[0] = Some(c.op_a("ConvTranspose", &[&g, &w], geo.transpose_attrs(group)));
+        out[0] = Some(geo.transpose_back(c, &g, &w, &x, group));
     }
     if need[1] {
         let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
@@ -141,16 +161,17 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
             c.op_a("Transpose", &[&x], vec![attr_ints("perm", &perm)])
         } else {
             let cg = ws[1];
-            let mut split = vec![0, group, cg];
-            split.extend(&geo.input);
-            let s = c.ints(&split);
+            // [N, group, C/group, spatial...] and [C/group, N group, spatial...], the spatial
+            // sizes constants or read from the input's shape.
+            let (_, spatial, _) = spatial_of(c, &x, sp);
+            let head = c.ints(&[0, group, cg]);
+            let s = c.op_a("Concat", &[&head, &spatial], vec![attr_int("axis", 0)]);
             let x5 = c.op("Reshape", &[&x, &s]);
             let mut p: Vec<i64> = vec![2, 1, 0];
             p.extend((3..(sp + 3) as i64).collect::<Vec<_>>());
             let xp = c.op_a("Transpose", &[&x5], vec![attr_ints("perm", &p)]);
-            let mut fold = vec![cg, -1];
-            fold.extend(&geo.input);
-            let f = c.ints(&fold);
+            let head = c.ints(&[cg, -1]);
+            let f = c.op_a("Concat", &[&head, &spatial], vec![attr_int("axis", 0)]);
             c.op("Reshape", &[&xp, &f])
         };
         let r = c.op_a(
@@ -190,24 +211,26 @@ pub fn max_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
         return Err(c.err("storage_order=1 is not supported"));
     }
     let x = c.input(0).to_string();
-    let xs = c.known_shape(&x).or_else(|_| {
-        // the batch may be symbolic; spatial dims must be static
-        let s = c.shape(&x)?;
-        Ok::<Vec<i64>, dagr_onnx::error::Error>(
-            s.iter()
-                .map(|d| if let dagr_onnx::Dim::Known(v) = d { *v } else { -1 })
-                .collect(),
-        )
-    })?;
-    let plane: i64 = xs[2..].iter().product();
-    if plane <= 0 {
-        return Err(c.err("its spatial input dims must be static"));
+    let xs = c.shape(&x)?;
+    if xs.len() < 3 {
+        return Err(c.err("its input must have a batch, a channel and a spatial dim"));
     }
+    // The flat index of a plane's element: modulo the plane size, known or read at run time.
+    let spatial: Option<Vec<i64>> = xs[2..].iter().map(|d| d.known()).collect();
+    let p = match spatial {
+        Some(s) => c.b.const_i64(&[s.iter().product()]),
+        None => {
+            let shape = c.shape_of(&x);
+            let (from, to) = (c.ints(&[2]), c.ints(&[i64::MAX]));
+            let dims = c.op("Slice", &[&shape, &from, &to]);
+            let h = format!("grad/{}", c.hint());
+            c.b.reduce("ReduceProd", &dims, Some(&[0]), true, &h)
+        }
+    };
     let attrs = c.node.attribute.clone();
     let h = format!("grad/{}", c.hint());
     let outs = c.b.node_n("MaxPool", &[&x], 2, attrs, &h);
     let idx = &outs[1];
-    let p = c.b.const_i64(&[plane]);
     let local = c.op("Mod", &[idx, &p]);
     let flat = c.ints(&[0, 0, -1]);
     let local = c.op("Reshape", &[&local, &flat]);
@@ -243,10 +266,15 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     let ksize: i64 = kernel.iter().product();
     let scaled = if padded && !include {
         // divisor per output position = number of real (unpadded) input elements in its window
-        let mut ones_shape = vec![1, 1];
-        ones_shape.extend(&geo.input);
-        let n: usize = ones_shape.iter().product::<i64>() as usize;
-        let ones = c.b.const_f32(&ones_shape, &vec![1.0; n]);
+        let (_, spatial, _) = spatial_of(c, &x, geo.sp);
+        let head = c.ints(&[1, 1]);
+        let shape = c.op_a("Concat", &[&head, &spatial], vec![attr_int("axis", 0)]);
+        let one = dagr_onnx::tensor::f32_tensor("", &[1], &[1.0]);
+        let ones = c.op_a(
+            "ConstantOfShape",
+            &[&shape],
+            vec![dagr_onnx::builder::attr_tensor("value", one)],
+        );
         let mut kshape = vec![1, 1];
         kshape.extend(&kernel);
         let kones = c.b.const_f32(&kshape, &vec![1.0; ksize as usize]);
@@ -267,11 +295,24 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     let mut kshape = vec![channels, 1];
     kshape.extend(&kernel);
     let kones = c.b.const_f32(&kshape, &vec![1.0; (channels * ksize) as usize]);
-    Ok(vec![Some(c.op_a(
-        "ConvTranspose",
-        &[&scaled, &kones],
-        geo.transpose_attrs(channels),
-    ))])
+    Ok(vec![Some(geo.transpose_back(c, &scaled, &kones, &x, channels))])
+}
+
+/// `(zeros, spatial sizes, spatial axes)` of `x` as 1-D int64 tensors: the Slice bounds that
+/// keep its spatial dims whole; the sizes are constants where known, read at run time if not.
+fn spatial_of(c: &mut Ctx, x: &str, sp: usize) -> (String, String, String) {
+    let starts = c.ints(&vec![0; sp]);
+    let axes = c.ints(&(2..(sp + 2) as i64).collect::<Vec<_>>());
+    let known: Option<Vec<i64>> = c.shape(x).ok().and_then(|s| s[2..].iter().map(|d| d.known()).collect());
+    let ends = match known {
+        Some(k) => c.ints(&k),
+        None => {
+            let s = c.shape_of(x);
+            let (from, to) = (c.ints(&[2]), c.ints(&[i64::MAX]));
+            c.op("Slice", &[&s, &from, &to])
+        }
+    };
+    (starts, ends, axes)
 }
 
 pub fn global_average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {

@@ -37,23 +37,33 @@ pub fn concat(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     };
     let r = c.rank(c.input(0))?;
     let axis = norm_axis(c.attr_i("axis", 0), r) as i64;
-    let mut start = 0i64;
+    let lens: Vec<Dim> = (0..need.len())
+        .map(|i| Ok(c.shape(c.input(i))?[axis as usize].clone()))
+        .collect::<dagr_onnx::Result<_>>()?;
+    let a = c.ints(&[axis]);
     let mut out = Vec::new();
+    if lens.iter().all(|d| d.known().is_some()) {
+        let mut start = 0i64;
+        for (len, &need_i) in lens.iter().zip(need) {
+            let len = len.known().unwrap_or(0);
+            out.push(need_i.then(|| {
+                let (s, e) = (c.ints(&[start]), c.ints(&[start + len]));
+                c.op("Slice", &[&g, &s, &e, &a])
+            }));
+            start += len;
+        }
+        return Ok(out);
+    }
+    // Offsets from the inputs' shapes at run time.
+    let (from, to) = (c.ints(&[axis]), c.ints(&[axis + 1]));
+    let mut start = c.ints(&[0]);
     for (i, &need_i) in need.iter().enumerate() {
         let x = c.input(i).to_string();
-        let len = match &c.shape(&x)?[axis as usize] {
-            Dim::Known(v) => *v,
-            _ => return Err(c.err("the concatenated dims must be static")),
-        };
-        if need_i {
-            let s = c.ints(&[start]);
-            let e = c.ints(&[start + len]);
-            let a = c.ints(&[axis]);
-            out.push(Some(c.op("Slice", &[&g, &s, &e, &a])));
-        } else {
-            out.push(None);
-        }
-        start += len;
+        let s = c.shape_of(&x);
+        let len = c.op("Slice", &[&s, &from, &to]);
+        let end = c.op("Add", &[&start, &len]);
+        out.push(need_i.then(|| c.op("Slice", &[&g, &start, &end, &a])));
+        start = end;
     }
     Ok(out)
 }
@@ -104,18 +114,46 @@ pub fn slice(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         }
     }
     let mut pads = vec![0i64; 2 * r];
+    let mut dynamic: Vec<(usize, i64, i64)> = Vec::new();
     for ((&s, &e), &a) in starts.iter().zip(&ends).zip(&axes) {
         let a = norm_axis(a, r);
         let d = match &xs[a] {
             Dim::Known(v) => *v,
-            _ => return Err(c.err("the sliced dims must be static")),
+            _ => {
+                dynamic.push((a, s, e));
+                continue;
+            }
         };
         let clamp = |v: i64| if v < 0 { (v + d).clamp(0, d) } else { v.clamp(0, d) };
         let (s, e) = (clamp(s), clamp(e).max(clamp(s)));
         pads[a] = s;
         pads[a + r] = d - e;
     }
-    let p = c.ints(&pads);
+    let p = if dynamic.is_empty() {
+        c.ints(&pads)
+    } else {
+        // A symbolic dim d: the start and end clamped into [0, d] at run time.
+        let shape = c.shape_of(&x);
+        let zero = c.ints(&[0]);
+        let mut parts: Vec<String> = pads.iter().map(|&v| c.ints(&[v])).collect();
+        for (a, s, e) in dynamic {
+            let (from, to) = (c.ints(&[a as i64]), c.ints(&[a as i64 + 1]));
+            let d = c.op("Slice", &[&shape, &from, &to]);
+            let mut clamp = |v: i64| {
+                let v = v.clamp(-(i64::MAX / 2), i64::MAX / 2);
+                let k = c.ints(&[v]);
+                let v = if v < 0 { c.op("Add", &[&k, &d]) } else { k };
+                let v = c.op("Max", &[&v, &zero]);
+                c.op("Min", &[&v, &d])
+            };
+            let (s, e) = (clamp(s), clamp(e));
+            let e = c.op("Max", &[&e, &s]);
+            parts[a] = s;
+            parts[a + r] = c.op("Sub", &[&d, &e]);
+        }
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        c.op_a("Concat", &refs, vec![attr_int("axis", 0)])
+    };
     let mut v = vec![Some(c.op_a("Pad", &[&g, &p], vec![attr_string("mode", "constant")]))];
     v.resize(need.len(), None);
     Ok(v)

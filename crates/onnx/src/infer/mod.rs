@@ -325,3 +325,58 @@ fn merge(old: &mut ValueFact, new: &ValueFact) {
         _ => {}
     }
 }
+
+/// Check a graph this tool built before it is written: every input a node reads exists, every
+/// graph output is computed, and the node invariants that inference can see hold (a Reshape
+/// target with at most one -1, a ScatterND whose updates have the rank its indices require).
+/// A failure is this tool's bug, reported as an internal error naming the node.
+pub fn check(model: &Model) -> crate::Result<()> {
+    let idx = GraphIndex::new(model)?;
+    let g = model.graph();
+    let bad = |n: &NodeProto, what: String| {
+        crate::Error::Internal(format!(
+            "the graph built has an invalid {} node '{}': {what}",
+            n.op_type, n.name
+        ))
+    };
+    let mut defined: std::collections::HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
+    defined.extend(g.initializer.iter().map(|t| t.name.as_str()));
+    for &i in &idx.topo {
+        let n = &g.node[i];
+        if let Some(missing) = n.input.iter().find(|s| !s.is_empty() && !defined.contains(s.as_str())) {
+            return Err(bad(n, format!("it reads '{missing}', which nothing defines")));
+        }
+        defined.extend(n.output.iter().map(String::as_str));
+        match n.op_type.as_str() {
+            "Reshape" => {
+                if let Some(v) = n.input.get(1).and_then(|t| idx.value(t)) {
+                    if v.iter().filter(|d| **d == Dim::Known(-1)).count() > 1 {
+                        return Err(bad(n, format!("its target shape {v:?} has more than one -1")));
+                    }
+                }
+            }
+            "ScatterND" => {
+                let rank = |k: usize| n.input.get(k).and_then(|t| idx.fact(t)).and_then(|f| f.shape.clone());
+                if let (Some(d), Some(ix), Some(u)) = (rank(0), rank(1), rank(2)) {
+                    if let Some(k) = ix.last().and_then(Dim::known) {
+                        let want = ix.len() - 1 + d.len().saturating_sub(k as usize);
+                        if u.len() != want {
+                            return Err(bad(
+                                n,
+                                format!("its updates have rank {}, but data of rank {} and indices of shape {ix:?} need rank {want}", u.len(), d.len()),
+                            ));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(o) = g.output.iter().find(|o| !defined.contains(o.name.as_str())) {
+        return Err(crate::Error::Internal(format!(
+            "the graph built has an output '{}' that nothing computes",
+            o.name
+        )));
+    }
+    Ok(())
+}
