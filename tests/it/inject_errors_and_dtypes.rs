@@ -114,3 +114,27 @@ fn integer_encoders_and_mismatched_logits_are_refused() {
     let e = dagr::inject(&mut m, &cfg).unwrap_err().to_string();
     assert!(e.contains("batch size 3") && e.contains("batch size 4"), "{e}");
 }
+
+/// A scalar or a 1-D tensor named as an encoder output is refused with its shape (it was a
+/// panic).
+#[test]
+fn scalar_and_vector_encoder_outputs_are_refused() {
+    for keep in [0i64, 1] {
+        let names = vec!["a".to_string(), "b".to_string()];
+        let mut m = dagr::block::skeleton(&names, 6, 17).unwrap();
+        let mut b = onnx::builder::Builder::new(&m, "t/");
+        // keepdims=0 over all axes: a scalar; over axis 1 only: a [batch] vector.
+        let r = if keep == 0 {
+            b.reduce("ReduceSum", "a/z", None, false, "s")
+        } else {
+            b.reduce("ReduceSum", "a/z", Some(&[1]), false, "s")
+        };
+        b.finish(&mut m);
+        let cfg = Config {
+            encoders: vec![format!("a={r}"), "b=b/z".into()],
+            ..Default::default()
+        };
+        let e = dagr::inject(&mut m, &cfg).unwrap_err().to_string();
+        assert!(e.contains("[batch, D]") && e.contains(&r), "{e}");
+    }
+}

@@ -87,19 +87,13 @@ pub fn check_batch(model: &Model, batch: usize) -> Result<()> {
 /// The width `D'` of an encoder output after reduction, when its shape says so.
 fn reduced_width(f: &ValueFact, reduce: Reduce) -> Option<i64> {
     let s = f.shape.as_ref()?;
-    let known = |d: &Dim| {
-        if let Dim::Known(v) = d {
-            Some(*v)
-        } else {
-            None
-        }
-    };
     match (s.len(), reduce) {
-        (2, _) => known(&s[1]),
+        (0 | 1, _) => None,
+        (2, _) => s[1].known(),
         (_, Reduce::Flatten) => s[1..]
             .iter()
-            .try_fold(1i64, |a, d| known(d).and_then(|v| a.checked_mul(v))),
-        (_, Reduce::Mean) => known(s.last()?),
+            .try_fold(1i64, |a, d| d.known().and_then(|v| a.checked_mul(v))),
+        (_, Reduce::Mean) => s.last()?.known(),
     }
 }
 
@@ -247,6 +241,14 @@ fn encoder_inputs(idx: &GraphIndex, encoders: &[Encoder]) -> Result<Vec<emit::En
                 tensor: e.tensor.clone(),
                 context: format!(" (encoder '{}'), so it cannot be reduced to [batch, D]", e.modality),
             })?;
+            if rank < 2 {
+                return Err(Error::Encoder(format!(
+                    "the encoder output '{}' ({}) has shape {}; DAGR needs a batch of embeddings, [batch, D] or more dims (reduced to [batch, D])\n  hint: name the tensor the encoder produces per sample (the inspect report lists candidates)",
+                    e.tensor,
+                    e.modality,
+                    f.shape_string()
+                )));
+            }
             Ok(emit::EncoderInput {
                 modality: e.modality.clone(),
                 tensor: e.tensor.clone(),
