@@ -869,7 +869,7 @@ fn verify_cmd(
     let feed = match (inputs, &reference) {
         (Some(p), _) => npz::read(p)?,
         (None, Some(r)) => r.clone(),
-        (None, None) => verify::random_inputs(&m, 4, 2, 0)?,
+        (None, None) => verify::random_inputs(&m, 4, 0)?,
     };
     dagr::check_batch(&m, batch_of(&feed))?;
     let mut checks: Vec<Check> = Vec::new();

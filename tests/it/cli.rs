@@ -3,6 +3,7 @@
 
 use crate::common::*;
 use assert_cmd::Command;
+use dagr_inject::onnx;
 use predicates::prelude::*;
 use std::path::Path;
 
@@ -398,5 +399,94 @@ fn cuda_never_falls_back_to_the_cpu() {
         );
         assert!(e.contains("CUDA") || e.contains("cuda"), "{e}");
         assert!(!out.exists(), "a run that never stepped leaves no directory behind");
+    }
+}
+
+/// `verify` on honest training graphs of real models passes (training-mode BatchNorm with ReLU
+/// and max pooling; BERT with token ids and masks drawn as the graph uses them), and fails when
+/// one DAGR constant is scaled by 1.05 or one gradient rule's constant is changed.
+#[test]
+fn verify_passes_honest_training_graphs_and_fails_mutated_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let verify = |p: &std::path::Path| {
+        let o = bin().args(["verify", p.to_str().unwrap(), "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+        (o.status.success(), v)
+    };
+    let cases = [
+        (model("av_cnn.legacy.onnx"), "audio,visual", "label"),
+        (
+            root()
+                .join("models/zoo/bert_distilbert.legacy.onnx")
+                .display()
+                .to_string(),
+            "query_encoder,doc_encoder",
+            "y",
+        ),
+    ];
+    for (k, (src, enc, labels)) in cases.iter().enumerate() {
+        let out = dir.path().join(format!("{k}.train.onnx"));
+        bin()
+            .args([
+                src.as_str(),
+                "--encoders",
+                enc,
+                "--logits",
+                "logits",
+                "--labels",
+                labels,
+                "--train",
+            ])
+            .args(["-o", out.to_str().unwrap()])
+            .assert()
+            .success();
+        let (ok, v) = verify(&out);
+        assert!(ok, "{src}: verify fails an honest graph: {v}");
+    }
+    // Mutations of the av_cnn training graph.
+    let out = dir.path().join("0.train.onnx");
+    let m = onnx::load(&out).unwrap();
+    let scaled = |name: &str, by: f32| {
+        let mut m = m.clone();
+        let t = m.graph_mut().initializer.iter_mut().find(|t| t.name == name).unwrap();
+        let v = onnx::tensor::to_f32(t, std::path::Path::new(".")).unwrap();
+        *t = onnx::tensor::f32_tensor(name, &t.dims.clone(), &[v[0] * by]);
+        let p = dir.path().join(format!("{}.onnx", name.replace('/', "_")));
+        onnx::save(&m, &p).unwrap();
+        p
+    };
+    // lambda (0.1) of the DAGR terms, and 2/sqrt(pi) in the gradient of Erf (GELU).
+    let find = |prefix: &str, value: f32| {
+        m.graph()
+            .initializer
+            .iter()
+            .find(|t| {
+                t.name.starts_with(prefix)
+                    && t.dims.is_empty()
+                    && onnx::tensor::to_f32(t, std::path::Path::new("."))
+                        .map(|v| (v[0] - value).abs() < 1e-6)
+                        .unwrap_or(false)
+            })
+            .map(|t| t.name.clone())
+            .unwrap_or_else(|| panic!("no {prefix} constant {value}"))
+    };
+    for (name, by, check) in [
+        (find("dagr/", 0.1), 1.05, "built-in reference"),
+        (
+            find("grad/", std::f32::consts::FRAC_2_SQRT_PI),
+            1.5,
+            "finite differences",
+        ),
+    ] {
+        let (ok, v) = verify(&scaled(&name, by));
+        assert!(!ok, "verify passes with {name} scaled by {by}");
+        let failed: Vec<&str> = v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["pass"] == false)
+            .filter_map(|c| c["check"].as_str())
+            .collect();
+        assert!(failed.contains(&check), "{name} x{by}: failing checks {failed:?}");
     }
 }
