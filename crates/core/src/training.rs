@@ -84,24 +84,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     check_options(cfg, opts)?;
     // Only the model's own initializers can be parameters (not constants this tool adds).
     let original: HashSet<String> = model.graph().initializer.iter().map(|t| t.name.clone()).collect();
-    // Not parameters: a scalar or one-element initializer (an epsilon, a scale the exporter
-    // stored), a constant the exporter folded (as its naming convention tells).
-    let convention = crate::locate::convention_of(model);
-    let constant: HashSet<String> = model
-        .graph()
-        .initializer
-        .iter()
-        .filter(|t| t.dims.iter().all(|&d| d == 1) || convention.is_some_and(|c| c.is_folded_constant(&t.name)))
-        .map(|t| t.name.clone())
-        .collect();
-    // BatchNorm running statistics are state, not parameters.
-    let bn_state: HashSet<String> = model
-        .graph()
-        .node
-        .iter()
-        .filter(|n| n.op_type == "BatchNormalization")
-        .flat_map(|n| n.input.iter().skip(3).take(2).cloned())
-        .collect();
+    let fixed = not_parameters(model);
     // Encoders are located on the model as exported, before BatchNorm is decomposed.
     let injected = dagr::inject_with(model, cfg, opts.pareto.is_some())?;
     let batchnorm = portable::decompose_batchnorm(model)?;
@@ -113,7 +96,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     }
     let idx = GraphIndex::new(model)?;
     let (params, enc_params) = select_params(model, &idx, &rec, opts, |p| {
-        original.contains(p) && !bn_state.contains(p) && !constant.contains(p)
+        original.contains(p) && !fixed.contains_key(p)
     })?;
     let stop: HashSet<String> = opts.stop_gradient.iter().cloned().collect();
     let warnings = warnings(model, &idx, &params, &enc_params, opts.no_dagr);
@@ -242,6 +225,41 @@ fn warnings(model: &Model, idx: &GraphIndex, params: &[String], enc_params: &[St
                 "parameter '{p}' is read by the modules {}: it trains as one tensor. If the model does not tie these weights, the exporter merged initializers of equal value (torch.onnx.export in eval mode, or dynamo's optimizer): export for training (training=TrainingMode.TRAINING, or dynamo=True with optimize=False)",
                 modules.into_iter().collect::<Vec<_>>().join(", ")
             ));
+        }
+    }
+    out
+}
+
+/// Why a float initializer of the model never trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotParameter {
+    /// A scalar or one-element tensor: an epsilon, a scale the exporter stored.
+    Scalar,
+    /// A constant the exporter computed (as its naming convention tells).
+    Folded,
+    /// BatchNorm running statistics: state that training updates, not by gradient.
+    RunningStatistics,
+}
+
+/// The float initializers of `model` that are not parameters, and why.
+pub fn not_parameters(model: &Model) -> std::collections::BTreeMap<String, NotParameter> {
+    let convention = crate::locate::convention_of(model);
+    let g = model.graph();
+    let mut out = std::collections::BTreeMap::new();
+    for n in g.node.iter().filter(|n| n.op_type == "BatchNormalization") {
+        for s in n.input.iter().skip(3).take(2) {
+            out.insert(s.clone(), NotParameter::RunningStatistics);
+        }
+    }
+    for t in g.initializer.iter().filter(|t| dtype::is_float(t.data_type)) {
+        if out.contains_key(&t.name) {
+            continue;
+        }
+        if t.dims.iter().all(|&d| d == 1) {
+            out.insert(t.name.clone(), NotParameter::Scalar);
+        } else if convention.is_some_and(|c| c.is_folded_constant(&t.name)) {
+            out.insert(t.name.clone(), NotParameter::Folded);
         }
     }
     out

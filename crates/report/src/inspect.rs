@@ -25,6 +25,8 @@ pub struct Report {
     pub op_counts: BTreeMap<String, usize>,
     pub parameter_tensors: usize,
     pub parameters: u64,
+    /// Float initializers that never train (`--train`), by reason.
+    pub not_trained: BTreeMap<String, usize>,
     pub external_data: bool,
     pub encoder_candidates: Vec<Candidate>,
     /// The configuration a previous `dagr-inject` rewrite recorded, if any.
@@ -90,6 +92,16 @@ pub fn report(model: &Model) -> Result<Report> {
         nodes: g.node.len(),
         op_counts,
         parameter_tensors: params.len(),
+        not_trained: dagr_core::training::not_parameters(model)
+            .values()
+            .fold(BTreeMap::new(), |mut m, r| {
+                let key = serde_json::to_value(r)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                *m.entry(key).or_insert(0) += 1;
+                m
+            }),
         parameters: params.iter().map(|t| tensor::numel(t) as u64).sum(),
         external_data: !dagr_onnx::io::external_tensors(&model.proto).is_empty(),
         encoder_candidates: locate::candidates(model, &idx),
@@ -126,6 +138,14 @@ impl Report {
             self.parameter_tensors,
             if self.external_data { " (external data)" } else { "" }
         );
+        if !self.not_trained.is_empty() {
+            let parts: Vec<String> = self
+                .not_trained
+                .iter()
+                .map(|(k, n)| format!("{n} {}", k.replace('_', " ")))
+                .collect();
+            let _ = writeln!(s, "            not trained: {}", parts.join(", "));
+        }
         let _ = writeln!(s, "nodes       {}", self.nodes);
         let _ = writeln!(s, "\ninputs");
         for t in &self.inputs {
