@@ -345,6 +345,22 @@ fn values(n: usize, gen: Gen, seed: u64) -> Vec<f32> {
     }
 }
 
+/// The values of case `ci`'s differentiated inputs.
+fn feed_for(c: &Case, ci: usize) -> Tensors {
+    let mut feed = Tensors::new();
+    for (i, inp) in c.inputs.iter().enumerate() {
+        if let In::X(s) = inp {
+            let n: usize = s.iter().product();
+            let v = values(n, c.gen, (ci * 31 + i) as u64);
+            feed.insert(
+                format!("in{i}"),
+                Value::F32(ArrayD::from_shape_vec(s.clone(), v).unwrap()),
+            );
+        }
+    }
+    feed
+}
+
 /// The one-op model, its loss, and the gradient outputs `<input>_grad`.
 fn build(c: &Case) -> (Model, Vec<String>) {
     try_build(c).unwrap_or_else(|e| panic!("{}: {e}", c.name))
@@ -512,17 +528,7 @@ fn every_rule_matches_central_differences() {
         let path = dir.path().join(format!("{}.onnx", c.name));
         onnx::save(&model, &path).unwrap();
         checks.add(&path);
-        let mut feed = Tensors::new();
-        for (i, inp) in c.inputs.iter().enumerate() {
-            if let In::X(s) = inp {
-                let n: usize = s.iter().product();
-                let v = values(n, c.gen, (ci * 31 + i) as u64);
-                feed.insert(
-                    format!("in{i}"),
-                    Value::F32(ArrayD::from_shape_vec(s.clone(), v).unwrap()),
-                );
-            }
-        }
+        let feed = feed_for(c, ci);
         let outs: Vec<String> = std::iter::once("loss".to_string())
             .chain(wrt.iter().map(|w| format!("{w}_grad")))
             .collect();
@@ -596,17 +602,7 @@ fn every_rule_handles_symbolic_dims() {
                 continue;
             }
         };
-        let mut feed = Tensors::new();
-        for (i, inp) in c.inputs.iter().enumerate() {
-            if let In::X(s) = inp {
-                let n: usize = s.iter().product();
-                let v = values(n, c.gen, (ci * 31 + i) as u64);
-                feed.insert(
-                    format!("in{i}"),
-                    Value::F32(ArrayD::from_shape_vec(s.clone(), v).unwrap()),
-                );
-            }
-        }
+        let feed = feed_for(c, ci);
         let outs: Vec<String> = wrt.iter().map(|w| format!("{w}_grad")).collect();
         let run_one = |m: &Model, tag: &str| -> Result<Tensors, String> {
             let p = dir.path().join(format!("{}.{tag}.onnx", c.name));

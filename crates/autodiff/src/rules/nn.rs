@@ -397,26 +397,12 @@ pub fn layer_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let eps = c.attr_f("epsilon", 1e-5) as f64;
     let norm_axes: Vec<i64> = (axis..r).map(|a| a as i64).collect();
     let lead: Vec<i64> = (0..axis).map(|a| a as i64).collect();
-    let h = format!("grad/{}", c.hint());
-    let mean = c.b.reduce("ReduceMean", &x, Some(&norm_axes), true, &h);
-    let xc = c.op("Sub", &[&x, &mean]);
-    let xc2 = c.op("Mul", &[&xc, &xc]);
-    let var = c.b.reduce("ReduceMean", &xc2, Some(&norm_axes), true, &h);
-    let e = c.scalar(eps);
-    let ve = c.op("Add", &[&var, &e]);
-    let sd = c.op("Sqrt", &[&ve]);
-    let xhat = c.op("Div", &[&xc, &sd]);
+    let (xhat, sd) = standardize(c, &x, &norm_axes, eps);
     let scale = c.input(1).to_string();
     let mut out = vec![None; need.len()];
     if need[0] {
         let gh = c.op("Mul", &[&g, &scale]);
-        let m1 = c.b.reduce("ReduceMean", &gh, Some(&norm_axes), true, &h);
-        let ghx = c.op("Mul", &[&gh, &xhat]);
-        let m2 = c.b.reduce("ReduceMean", &ghx, Some(&norm_axes), true, &h);
-        let t = c.op("Sub", &[&gh, &m1]);
-        let xm = c.op("Mul", &[&xhat, &m2]);
-        let t = c.op("Sub", &[&t, &xm]);
-        out[0] = Some(c.op("Div", &[&t, &sd]));
+        out[0] = Some(standardize_backward(c, &gh, &xhat, &sd, &norm_axes));
     }
     if need.len() > 1 && need[1] {
         let gx = c.op("Mul", &[&g, &xhat]);
@@ -453,15 +439,7 @@ pub fn instance_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     }
     let eps = c.attr_f("epsilon", 1e-5) as f64;
     let spatial: Vec<i64> = (2..r as i64).collect();
-    let h = format!("grad/{}", c.hint());
-    let mean = c.b.reduce("ReduceMean", &x, Some(&spatial), true, &h);
-    let xc = c.op("Sub", &[&x, &mean]);
-    let xc2 = c.op("Mul", &[&xc, &xc]);
-    let var = c.b.reduce("ReduceMean", &xc2, Some(&spatial), true, &h);
-    let e = c.scalar(eps);
-    let ve = c.op("Add", &[&var, &e]);
-    let sd = c.op("Sqrt", &[&ve]);
-    let xhat = c.op("Div", &[&xc, &sd]);
+    let (xhat, sd) = standardize(c, &x, &spatial, eps);
     // [C] -> [C, 1, ...] to broadcast over the spatial dims.
     let per_channel: Vec<i64> = (1..r as i64 - 1).collect();
     let mut out = vec![None; need.len()];
@@ -470,13 +448,7 @@ pub fn instance_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         let scale = c.input(1).to_string();
         let s = c.unsqueeze(&scale, &per_channel);
         let gh = c.op("Mul", &[&g, &s]);
-        let m1 = c.b.reduce("ReduceMean", &gh, Some(&spatial), true, &h);
-        let ghx = c.op("Mul", &[&gh, &xhat]);
-        let m2 = c.b.reduce("ReduceMean", &ghx, Some(&spatial), true, &h);
-        let t = c.op("Sub", &[&gh, &m1]);
-        let xm = c.op("Mul", &[&xhat, &m2]);
-        let t = c.op("Sub", &[&t, &xm]);
-        out[0] = Some(c.op("Div", &[&t, &sd]));
+        out[0] = Some(standardize_backward(c, &gh, &xhat, &sd, &spatial));
     }
     if need.len() > 1 && need[1] {
         let gx = c.op("Mul", &[&g, &xhat]);
@@ -486,4 +458,31 @@ pub fn instance_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         out[2] = Some(c.reduce_sum(&g, &batch_spatial, false));
     }
     Ok(out)
+}
+
+/// `x̂ = (x - mean) / sd`, `sd = sqrt(var + eps)`, the moments over `axes` (kept): what
+/// LayerNormalization and InstanceNormalization normalize with.
+fn standardize(c: &mut Ctx, x: &str, axes: &[i64], eps: f64) -> (String, String) {
+    let h = format!("grad/{}", c.hint());
+    let mean = c.b.reduce("ReduceMean", x, Some(axes), true, &h);
+    let xc = c.op("Sub", &[x, &mean]);
+    let xc2 = c.op("Mul", &[&xc, &xc]);
+    let var = c.b.reduce("ReduceMean", &xc2, Some(axes), true, &h);
+    let e = c.scalar(eps);
+    let ve = c.op("Add", &[&var, &e]);
+    let sd = c.op("Sqrt", &[&ve]);
+    (c.op("Div", &[&xc, &sd]), sd)
+}
+
+/// The input gradient of a standardization, given `ĝ` (the output gradient times the scale):
+/// `(ĝ - mean ĝ - x̂ mean(ĝ x̂)) / sd` over `axes`.
+fn standardize_backward(c: &mut Ctx, gh: &str, xhat: &str, sd: &str, axes: &[i64]) -> String {
+    let h = format!("grad/{}", c.hint());
+    let m1 = c.b.reduce("ReduceMean", gh, Some(axes), true, &h);
+    let ghx = c.op("Mul", &[gh, xhat]);
+    let m2 = c.b.reduce("ReduceMean", &ghx, Some(axes), true, &h);
+    let t = c.op("Sub", &[gh, &m1]);
+    let xm = c.op("Mul", &[xhat, &m2]);
+    let t = c.op("Sub", &[&t, &xm]);
+    c.op("Div", &[&t, sd])
 }
