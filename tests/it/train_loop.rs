@@ -560,3 +560,151 @@ fn bad_training_inputs_stop_cleanly() {
     assert!(e.contains("interrupted") && e.contains("nothing was saved"), "{e}");
     assert!(!o5.exists());
 }
+
+/// A training-mode Dropout without a mask output (what the dynamo exporter writes) trains: its
+/// mask becomes an input that the trainer draws from its seed, so tract and ONNX Runtime take
+/// the same steps; the gradient through it passes finite differences; the exported model
+/// predicts in inference mode.
+#[test]
+fn training_mode_dropout_is_fed_its_mask_and_trains_alike_on_both_backends() {
+    use dagr_inject::onnx::builder::Builder;
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = onnx::load(&root().join("models/av_mlp.legacy.onnx")).unwrap();
+    // Dropout(p = 0.3, training) after the audio encoder's hidden ReLU.
+    let (pos, relu) = m
+        .graph()
+        .node
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.op_type == "Relu" && n.name.contains("audio"))
+        .map(|(i, n)| (i, n.output[0].clone()))
+        .unwrap();
+    let mut b = Builder::new(&m, "t/");
+    let ratio = b.const_f32(&[], &[0.3]);
+    let mut t = onnx::tensor::i64_tensor("t/training", &[], &[]);
+    t.data_type = onnx::dtype::BOOL;
+    t.raw_data = vec![1];
+    b.initializers.push(t);
+    b.op_named("Dropout", &[&relu, &ratio, "t/training"], vec![], "t/dropped");
+    let mut node = b.nodes.pop().unwrap();
+    node.name = "/audio_encoder/dropout/Dropout".into();
+    b.finish(&mut m);
+    for n in m.graph_mut().node.iter_mut() {
+        for i in n.input.iter_mut() {
+            if *i == relu {
+                *i = "t/dropped".into();
+            }
+        }
+    }
+    m.graph_mut().node.insert(pos + 1, node);
+    let cfg = Config {
+        encoders: vec!["audio".into(), "visual".into()],
+        task: Task::CrossEntropy {
+            logits: vec!["logits".into()],
+            labels: "label".into(),
+        },
+        ..Default::default()
+    };
+    let rec = make_training_graph(&mut m, &cfg, &TrainOptions::default()).unwrap();
+    assert_eq!(rec.dropout_masks.len(), 1);
+    let mask = &rec.dropout_masks[0];
+    assert_eq!(
+        (mask.ratio as f32, mask.shape.as_slice()),
+        (0.3, &["batch".to_string(), "64".to_string()][..])
+    );
+    assert!(m.graph().node.iter().all(|n| n.op_type != "Dropout"));
+    let graph = dir.path().join("dropout.train.onnx");
+    onnx::save(&m, &graph).unwrap();
+    onnx_check(&graph);
+
+    // The gradient through a fed mask: finite differences (ONNX Runtime), and backend parity.
+    let data_path = root().join("fixtures/optim_data_av_mlp.npz");
+    let idx = onnx::GraphIndex::new(&m).unwrap();
+    let t = Trainer::new(
+        &graph,
+        settings(
+            Optimizer::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 0.0,
+            },
+            0.05,
+            Backend::Tract,
+        ),
+    )
+    .unwrap();
+    let data = Dataset::load(&data_path, &idx, &t.data_inputs(&idx), None).unwrap();
+    assert!(!t.data_inputs(&idx).contains(&mask.input), "the mask is not data");
+    let mut feed = data.batch(&[0, 1, 2, 3]);
+    let bits: Vec<bool> = (0..4 * 64).map(|i| (i * 7 + 3) % 10 >= 3).collect();
+    feed.insert(
+        mask.input.clone(),
+        Value::Bool(ndarray::ArrayD::from_shape_vec(vec![4, 64], bits).unwrap()),
+    );
+    let checks = dagr_inject::verify::param_finite_differences(&graph, &feed, Backend::Ort, 2).unwrap();
+    assert!(checks.iter().all(|c| c.pass), "{checks:?}");
+    let outs: Vec<String> = rec
+        .params
+        .iter()
+        .map(|p| p.1.clone())
+        .chain([rec.loss.clone()])
+        .collect();
+    let a = run(Backend::Tract, &graph, &feed, &outs);
+    let b = run(Backend::Ort, &graph, &feed, &outs);
+    for o in &outs {
+        let (x, y) = (f32_of(&a, o), f32_of(&b, o));
+        let d = x.iter().zip(y.iter()).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(d < 1e-5, "{o}: tract and ONNX Runtime differ by {d}");
+    }
+
+    // Three steps on each backend draw the same masks: the same parameters after.
+    let mut finals = Vec::new();
+    for backend in BACKENDS {
+        let mut t = Trainer::new(
+            &graph,
+            settings(
+                Optimizer::Sgd {
+                    momentum: 0.9,
+                    nesterov: false,
+                    weight_decay: 0.0,
+                },
+                0.05,
+                backend,
+            ),
+        )
+        .unwrap();
+        for k in 0..3 {
+            t.step(data.batch(&[k, k + 1, k + 2, k + 3])).unwrap();
+        }
+        finals.push(t.state().unwrap());
+    }
+    for (k, v) in &finals[0] {
+        let w = &finals[1][k];
+        let d = v.iter().zip(w.iter()).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(d < 1e-5, "{k}: the backends' states differ by {d} after 3 steps");
+    }
+    // The exported model predicts: no Dropout in training mode left.
+    let exported = Trainer::new(
+        &graph,
+        settings(
+            Optimizer::Sgd {
+                momentum: 0.0,
+                nesterov: false,
+                weight_decay: 0.0,
+            },
+            0.05,
+            Backend::Tract,
+        ),
+    )
+    .unwrap()
+    .export(
+        &onnx::load(&root().join("models/av_mlp.legacy.onnx")).unwrap(),
+        &finals[0],
+    )
+    .unwrap();
+    assert!(exported
+        .graph()
+        .node
+        .iter()
+        .all(|n| n.op_type != "Dropout" || n.input.len() <= 2));
+}

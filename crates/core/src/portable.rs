@@ -247,3 +247,109 @@ pub fn lower_sequences(model: &mut Model) -> Result<usize> {
     g.initializer.extend(inits);
     Ok(count)
 }
+
+/// A training-mode Dropout made portable: its mask is the graph input `input` (bool, the shape
+/// of the dropped tensor, symbolic dims by name), drawn by the trainer each step with keep
+/// probability `1 - ratio`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct DropoutMask {
+    pub input: String,
+    pub ratio: f64,
+    /// The mask's dims: integers or the model's symbolic dims (`batch`, `7*batch`).
+    pub shape: Vec<String>,
+}
+
+/// Replace every training-mode Dropout (its `training_mode` a constant true) by
+/// `Y = X * mask / (1 - ratio)` with the mask fed as a graph input, and its mask output (if
+/// anything reads it) by that input. Runtimes draw Dropout masks their own way (tract runs
+/// Dropout as the identity, the dynamo exporter writes no mask output); a fed mask makes the
+/// step the same on every backend, reproducible from the trainer's seed, and differentiable by
+/// the Mul rule.
+pub fn feed_dropout_masks(model: &mut Model) -> Result<Vec<DropoutMask>> {
+    let idx = GraphIndex::new(model)?;
+    let consts = idx.int_constants();
+    let mut b = Builder::new(model, "");
+    let mut replaced: Vec<(usize, Vec<NodeProto>)> = Vec::new();
+    let mut masks = Vec::new();
+    let mut inputs = Vec::new();
+    let g = model.graph();
+    for (i, n) in g.node.iter().enumerate() {
+        if n.op_type != "Dropout" || !n.domain.is_empty() {
+            continue;
+        }
+        let training = n
+            .input
+            .get(2)
+            .filter(|s| !s.is_empty())
+            .and_then(|t| consts.get(t))
+            .and_then(|v| v.first().copied());
+        match training {
+            Some(1) => {}
+            Some(_) => continue,
+            None if n.input.get(2).is_none_or(|s| s.is_empty()) => continue,
+            None => {
+                return Err(Error::InvalidModel(format!(
+                    "Dropout '{}' decides its training mode at run time; export with a fixed mode",
+                    n.name
+                )))
+            }
+        }
+        let ratio = match n.input.get(1).filter(|s| !s.is_empty()) {
+            None => 0.5,
+            Some(r) => match idx.known.floats.get(r).and_then(|v| v.first()) {
+                Some(&v) => v,
+                None => {
+                    return Err(Error::InvalidModel(format!(
+                        "Dropout '{}' has a ratio computed at run time; export with a constant ratio",
+                        n.name
+                    )))
+                }
+            },
+        };
+        if !(0.0..1.0).contains(&ratio) {
+            return Err(Error::InvalidModel(format!(
+                "Dropout '{}' has ratio {ratio}, outside [0, 1)",
+                n.name
+            )));
+        }
+        let x = &n.input[0];
+        let shape = idx
+            .fact(x)
+            .and_then(|f| f.shape.clone())
+            .filter(|s| s.iter().all(|d| !d.is_unknown()));
+        let Some(shape) = shape else {
+            return Err(Error::ShapeUnknown {
+                tensor: x.clone(),
+                context: format!(" (the input of training-mode Dropout '{}', whose mask is fed)", n.name),
+            });
+        };
+        let mask = b.names.fresh(&format!("dagr/dropout_mask/{}", n.output[0]));
+        inputs.push(dagr_onnx::ValueFact::new(dtype::BOOL, shape.clone()).to_value_info(&mask));
+        let before = b.nodes.len();
+        let keep = b.cast(&mask, idx.fact(x).map(|f| f.dtype).unwrap_or(dtype::FLOAT), "dropout");
+        let scale = b.scalar(1.0 / (1.0 - ratio));
+        let kept = b.binary("Mul", x, &keep, "dropout");
+        b.op_named("Mul", &[&kept, &scale], vec![], &n.output[0]);
+        if let Some(m) = n.output.get(1).filter(|s| !s.is_empty()) {
+            b.op_named("Identity", &[&mask], vec![], m);
+        }
+        let mut nodes: Vec<NodeProto> = b.nodes.drain(before..).collect();
+        for nn in nodes.iter_mut() {
+            nn.metadata_props = n.metadata_props.clone();
+        }
+        replaced.push((i, nodes));
+        masks.push(DropoutMask {
+            input: mask,
+            ratio,
+            shape: shape.iter().map(|d| d.to_string()).collect(),
+        });
+    }
+    let inits = std::mem::take(&mut b.initializers);
+    let g = model.graph_mut();
+    for (i, nodes) in replaced.into_iter().rev() {
+        g.node.splice(i..i + 1, nodes);
+    }
+    g.initializer.extend(inits);
+    g.input.extend(inputs);
+    Ok(masks)
+}

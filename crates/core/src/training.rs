@@ -50,6 +50,9 @@ pub struct TrainRecord {
     /// Parameters whose gradient includes the geometry term (ancestors of an encoder output).
     pub encoder_params: Vec<String>,
     pub batchnorm: Vec<RunningStats>,
+    /// Training-mode Dropouts whose masks the trainer feeds (see `portable::feed_dropout_masks`).
+    #[serde(default)]
+    pub dropout_masks: Vec<portable::DropoutMask>,
     /// The graph output holding the loss that the parameter gradients are the gradient of.
     pub loss: String,
     pub pareto_alpha: Option<String>,
@@ -88,6 +91,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     // Encoders are located on the model as exported, before BatchNorm is decomposed.
     let injected = dagr::inject_with(model, cfg, opts.pareto.is_some())?;
     let batchnorm = portable::decompose_batchnorm(model)?;
+    let dropout_masks = portable::feed_dropout_masks(model)?;
     let rec = injected.record;
     if opts.no_dagr && (rec.outputs.task_loss.is_none() || opts.pareto.is_some()) {
         return Err(Error::Config(
@@ -183,6 +187,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         params: param_grads,
         encoder_params: enc_params,
         batchnorm,
+        dropout_masks,
         loss,
         pareto_alpha: alpha_out,
         warnings,

@@ -145,6 +145,15 @@ impl Dim {
         Dim::Sym(Expr::from(name))
     }
 
+    /// A dim as `Display` writes it: an integer, `?`, or a symbolic expression.
+    pub fn parse(s: &str) -> Dim {
+        match s.parse::<i64>() {
+            Ok(v) => Dim::Known(v),
+            Err(_) if s == "?" => Dim::Unknown,
+            Err(_) => Dim::sym(s),
+        }
+    }
+
     pub fn known(&self) -> Option<i64> {
         match self {
             Dim::Known(v) => Some(*v),

@@ -100,6 +100,8 @@ pub fn random_inputs(model: &Model, batch: usize, seed: u64) -> Result<Tensors> 
                 };
                 Value::I64(ArrayD::from_shape_vec(shape, values).map_err(shaped)?)
             }
+            // Masks (a fed Dropout mask): everything kept.
+            dtype::BOOL => Value::Bool(ArrayD::from_shape_vec(shape, vec![true; n]).map_err(shaped)?),
             _ => Value::F32(
                 ArrayD::from_shape_vec(
                     shape,

@@ -222,6 +222,8 @@ pub struct Trainer {
     pub total_steps: usize,
     /// State keys in the order of the step graph's `STATE_CHECK` output.
     state_keys: Vec<String>,
+    /// The declared dims of the data inputs, to size the Dropout masks of each batch.
+    input_dims: BTreeMap<String, Vec<onnx::Dim>>,
 }
 
 fn scalar(t: &Tensors, n: &str) -> Option<f64> {
@@ -291,6 +293,12 @@ impl Trainer {
         // Saved before the backend loads it; `fit` keeps a copy in the run's directory.
         onnx::save(&sg.model, &step_path)?;
         let state_keys = sg.state.iter().map(|l| l.key.clone()).collect();
+        let idx = GraphIndex::new(&model)?;
+        let input_dims = idx
+            .user_inputs()
+            .into_iter()
+            .filter_map(|n| Some((n.clone(), idx.fact(&n)?.shape.clone()?)))
+            .collect();
         let stepper = Stepper::new(
             settings.backend,
             settings.device,
@@ -313,6 +321,7 @@ impl Trainer {
             stepper,
             workdir,
             total_steps: 0,
+            input_dims,
         })
     }
 
@@ -325,8 +334,10 @@ impl Trainer {
             .map(|p| &p.0)
             .chain(self.record.batchnorm.iter().flat_map(|s| [&s.mean.0, &s.var.0]))
             .collect();
+        let masks: std::collections::HashSet<&String> = self.record.dropout_masks.iter().map(|m| &m.input).collect();
         idx.user_inputs()
             .into_iter()
+            .filter(|n| !masks.contains(n))
             .chain(
                 idx.graph_inputs
                     .iter()
@@ -335,6 +346,55 @@ impl Trainer {
             )
             .filter(|n| !state.contains(n))
             .collect()
+    }
+
+    /// The Dropout masks of this step, added to `feed`: each element kept with probability
+    /// `1 - ratio`, from a generator seeded by the run's seed, the step and the mask, so that
+    /// a resumed run and another backend draw the same masks.
+    fn draw_dropout_masks(&self, feed: &mut Tensors) -> Result<()> {
+        if self.record.dropout_masks.is_empty() {
+            return Ok(());
+        }
+        // The symbolic dims (the batch) as this batch has them.
+        let mut env = std::collections::HashMap::new();
+        for (name, dims) in &self.input_dims {
+            if let Some(v) = feed.get(name) {
+                for (d, &n) in dims.iter().zip(v.shape()) {
+                    if let onnx::Dim::Sym(e) = d {
+                        if e.symbols().count() == 1 && e.symbols().next() == Some(&d.to_string()) {
+                            env.insert(d.to_string(), n as i64);
+                        }
+                    }
+                }
+            }
+        }
+        for (k, m) in self.record.dropout_masks.iter().enumerate() {
+            let shape: Option<Vec<usize>> = m
+                .shape
+                .iter()
+                .map(|s| onnx::Dim::parse(s).eval(&env).and_then(|v| usize::try_from(v).ok()))
+                .collect();
+            let shape = shape.ok_or_else(|| {
+                Error::Data(format!(
+                    "the Dropout mask '{}' has dims {:?} that this batch does not determine",
+                    m.input, m.shape
+                ))
+            })?;
+            let n: usize = shape.iter().product();
+            let mut rng = Rng(self
+                .settings
+                .seed
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add((self.progress.step as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+                .wrapping_add(k as u64));
+            let keep = 1.0 - m.ratio;
+            let v: Vec<bool> = (0..n)
+                .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < keep)
+                .collect();
+            let a = ArrayD::from_shape_vec(shape, v).map_err(|e| Error::Internal(e.to_string()))?;
+            feed.insert(m.input.clone(), Value::Bool(a));
+        }
+        Ok(())
     }
 
     /// The step graph this trainer runs (standard ONNX; see `step_graph`).
@@ -359,6 +419,7 @@ impl Trainer {
             self.progress.epoch,
         );
         let mut feed = batch;
+        self.draw_dropout_masks(&mut feed)?;
         for (name, v) in self.settings.optimizer.scalars(lr, self.progress.step + 1) {
             feed.insert(name.to_string(), Value::F32(ndarray::arr0(v as f32).into_dyn()));
         }
@@ -528,6 +589,17 @@ impl Trainer {
             {
                 n.output.truncate(1);
                 n.attribute.retain(|a| a.name != "training_mode");
+            }
+            // A trained model predicts: Dropout in inference mode (no training_mode input), its
+            // mask output dropped when nothing reads it.
+            if n.op_type == "Dropout" && n.domain.is_empty() && n.input.len() > 2 {
+                n.input.truncate(2);
+                if n.output
+                    .get(1)
+                    .is_some_and(|o| !outputs.contains(o) && !consumed.contains(o))
+                {
+                    n.output.truncate(1);
+                }
             }
         }
         Ok(m)
