@@ -620,19 +620,15 @@ fn training_mode_dropout_is_fed_its_mask_and_trains_alike_on_both_backends() {
     // The gradient through a fed mask: finite differences (ONNX Runtime), and backend parity.
     let data_path = root().join("fixtures/optim_data_av_mlp.npz");
     let idx = onnx::GraphIndex::new(&m).unwrap();
-    let t = Trainer::new(
-        &graph,
-        settings(
-            Optimizer::Sgd {
-                momentum: 0.9,
-                nesterov: false,
-                weight_decay: 0.0,
-            },
-            0.05,
-            Backend::Tract,
-        ),
-    )
-    .unwrap();
+    let sgd = Optimizer::Sgd {
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 0.0,
+    };
+    let max_diff = |x: &ndarray::ArrayD<f32>, y: &ndarray::ArrayD<f32>| {
+        x.iter().zip(y.iter()).fold(0f32, |m, (p, q)| m.max((p - q).abs()))
+    };
+    let t = Trainer::new(&graph, settings(sgd, 0.05, Backend::Tract)).unwrap();
     let data = Dataset::load(&data_path, &idx, &t.data_inputs(&idx), None).unwrap();
     assert!(!t.data_inputs(&idx).contains(&mask.input), "the mask is not data");
     let mut feed = data.batch(&[0, 1, 2, 3]);
@@ -652,27 +648,14 @@ fn training_mode_dropout_is_fed_its_mask_and_trains_alike_on_both_backends() {
     let a = run(Backend::Tract, &graph, &feed, &outs);
     let b = run(Backend::Ort, &graph, &feed, &outs);
     for o in &outs {
-        let (x, y) = (f32_of(&a, o), f32_of(&b, o));
-        let d = x.iter().zip(y.iter()).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        let d = max_diff(&f32_of(&a, o), &f32_of(&b, o));
         assert!(d < 1e-5, "{o}: tract and ONNX Runtime differ by {d}");
     }
 
     // Three steps on each backend draw the same masks: the same parameters after.
     let mut finals = Vec::new();
     for backend in BACKENDS {
-        let mut t = Trainer::new(
-            &graph,
-            settings(
-                Optimizer::Sgd {
-                    momentum: 0.9,
-                    nesterov: false,
-                    weight_decay: 0.0,
-                },
-                0.05,
-                backend,
-            ),
-        )
-        .unwrap();
+        let mut t = Trainer::new(&graph, settings(sgd, 0.05, backend)).unwrap();
         for k in 0..3 {
             t.step(data.batch(&[k, k + 1, k + 2, k + 3])).unwrap();
         }
@@ -680,28 +663,17 @@ fn training_mode_dropout_is_fed_its_mask_and_trains_alike_on_both_backends() {
     }
     for (k, v) in &finals[0] {
         let w = &finals[1][k];
-        let d = v.iter().zip(w.iter()).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        let d = max_diff(v, w);
         assert!(d < 1e-5, "{k}: the backends' states differ by {d} after 3 steps");
     }
     // The exported model predicts: no Dropout in training mode left.
-    let exported = Trainer::new(
-        &graph,
-        settings(
-            Optimizer::Sgd {
-                momentum: 0.0,
-                nesterov: false,
-                weight_decay: 0.0,
-            },
-            0.05,
-            Backend::Tract,
-        ),
-    )
-    .unwrap()
-    .export(
-        &onnx::load(&root().join("models/av_mlp.legacy.onnx")).unwrap(),
-        &finals[0],
-    )
-    .unwrap();
+    let exported = Trainer::new(&graph, settings(sgd, 0.05, Backend::Tract))
+        .unwrap()
+        .export(
+            &onnx::load(&root().join("models/av_mlp.legacy.onnx")).unwrap(),
+            &finals[0],
+        )
+        .unwrap();
     assert!(exported
         .graph()
         .node
