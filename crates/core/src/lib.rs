@@ -99,11 +99,14 @@ fn reduced_width(f: &ValueFact, reduce: Reduce) -> Option<i64> {
 
 /// Add the DAGR subgraph to `model` (spec sections 1-4, 6, 7).
 pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
-    inject_with(model, cfg, false)
+    let done = inject_with(model, cfg, false)?;
+    dagr_onnx::infer::check(model)?;
+    Ok(done)
 }
 
 /// `inject`, optionally also exposing each term's encoder-output gradient, unweighted
-/// (`dagr/grad_disp/<m>`, `dagr/grad_anc/<m>`), which Pareto balancing needs.
+/// (`dagr/grad_disp/<m>`, `dagr/grad_anc/<m>`), which Pareto balancing needs. The graph is not
+/// yet checked: the caller builds on it (the training graph) and checks what it writes.
 pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Result<Injected> {
     cfg.validate()?;
     check_rewritable(model)?;
@@ -190,7 +193,6 @@ pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Res
     };
     let json = serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?;
     model.set_metadata(METADATA_KEY, &json);
-    dagr_onnx::infer::check(model)?;
     Ok(Injected { encoders, record })
 }
 
