@@ -21,6 +21,10 @@ enum In {
     F(Vec<i64>, Vec<f32>),
     /// Constant bool input.
     B(Vec<i64>, Vec<bool>),
+    /// Constant int32 input (RNN sequence lengths).
+    I32(Vec<i64>, Vec<i32>),
+    /// An optional input left out (its name empty).
+    Absent,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -39,15 +43,22 @@ struct Case {
     attrs: Vec<AttributeProto>,
     inputs: Vec<In>,
     outputs: usize,
+    /// How many of the outputs the loss sums over (the first ones).
+    loss_outputs: usize,
     gen: Gen,
     backends: &'static [Backend],
     opset: i64,
+    /// The dims of the first input declared symbolic by `every_rule_handles_symbolic_dims`
+    /// (default: all but those of size 1 and an image's or signal's channels).
+    symbolic: Option<Vec<usize>>,
 }
 
 const BOTH: &[Backend] = &[Backend::Tract, Backend::Ort];
 /// Ops tract cannot run forward (BatchNormalization with non-constant parameters or in training
 /// mode, SoftmaxCrossEntropyLoss); training graphs use portable forms of them instead.
 const ORT_ONLY: &[Backend] = &[Backend::Ort];
+/// Ops ONNX Runtime cannot run forward (batch-major recurrent layouts).
+const TRACT_ONLY: &[Backend] = &[Backend::Tract];
 
 fn case(name: &'static str, op: &'static str, inputs: Vec<In>) -> Case {
     Case {
@@ -56,9 +67,11 @@ fn case(name: &'static str, op: &'static str, inputs: Vec<In>) -> Case {
         attrs: vec![],
         inputs,
         outputs: 1,
+        loss_outputs: 1,
         gen: Gen::AwayFromZero,
         backends: BOTH,
         opset: 17,
+        symbolic: None,
     }
 }
 
@@ -73,6 +86,16 @@ impl Case {
     }
     fn outputs(mut self, n: usize) -> Self {
         self.outputs = n;
+        self
+    }
+    /// `n` outputs, all in the loss.
+    fn all_outputs(mut self, n: usize) -> Self {
+        self.outputs = n;
+        self.loss_outputs = n;
+        self
+    }
+    fn symbolic(mut self, dims: &[usize]) -> Self {
+        self.symbolic = Some(dims.to_vec());
         self
     }
     fn only(mut self, b: &'static [Backend]) -> Self {
@@ -297,6 +320,134 @@ fn cases() -> Vec<Case> {
         case("reduce_mean_all_18", "ReduceMean", vec![x(&[2, 3, 4])])
             .attrs(vec![attr_int("keepdims", 0)])
             .opset(18),
+        // Recurrent cells (inputs X, W, R, B, sequence_lens, initial_h[, initial_c, P]), the
+        // loss over every output; the batch symbolic, the sequence length known.
+        case(
+            "rnn_initial_state",
+            "RNN",
+            vec![
+                x(&[4, 2, 3]),
+                x(&[1, 5, 3]),
+                x(&[1, 5, 5]),
+                x(&[1, 10]),
+                In::Absent,
+                x(&[1, 2, 5]),
+            ],
+        )
+        .attrs(vec![attr_int("hidden_size", 5)])
+        .all_outputs(2)
+        .symbolic(&[1]),
+        case(
+            "gru_bidirectional_linear_before_reset",
+            "GRU",
+            vec![
+                x(&[3, 2, 4]),
+                x(&[2, 9, 4]),
+                x(&[2, 9, 3]),
+                x(&[2, 18]),
+                In::Absent,
+                x(&[2, 2, 3]),
+            ],
+        )
+        .attrs(vec![
+            attr_int("hidden_size", 3),
+            attr_string("direction", "bidirectional"),
+            attr_int("linear_before_reset", 1),
+        ])
+        .all_outputs(2)
+        .symbolic(&[1]),
+        // tract runs no sequence_lens that differ, ONNX Runtime no layout 1.
+        case(
+            "gru_reverse_sequence_lens",
+            "GRU",
+            vec![
+                x(&[3, 2, 4]),
+                x(&[1, 9, 4]),
+                x(&[1, 9, 3]),
+                x(&[1, 18]),
+                In::I32(vec![2], vec![3, 2]),
+            ],
+        )
+        .attrs(vec![attr_int("hidden_size", 3), attr_string("direction", "reverse")])
+        .all_outputs(2)
+        .symbolic(&[1])
+        .only(ORT_ONLY),
+        case(
+            "gru_layout1",
+            "GRU",
+            vec![
+                x(&[2, 3, 4]),
+                x(&[1, 9, 4]),
+                x(&[1, 9, 3]),
+                x(&[1, 18]),
+                In::Absent,
+                x(&[2, 1, 3]),
+            ],
+        )
+        .attrs(vec![attr_int("hidden_size", 3), attr_int("layout", 1)])
+        .all_outputs(2)
+        .only(TRACT_ONLY),
+        case(
+            "lstm_bidirectional_peepholes",
+            "LSTM",
+            vec![
+                x(&[3, 2, 4]),
+                x(&[2, 12, 4]),
+                x(&[2, 12, 3]),
+                x(&[2, 24]),
+                In::Absent,
+                x(&[2, 2, 3]),
+                x(&[2, 2, 3]),
+                x(&[2, 9]),
+            ],
+        )
+        .attrs(vec![
+            attr_int("hidden_size", 3),
+            attr_string("direction", "bidirectional"),
+        ])
+        .all_outputs(3)
+        .symbolic(&[1]),
+        case(
+            "lstm_sequence_lens_no_bias",
+            "LSTM",
+            vec![
+                x(&[3, 2, 4]),
+                x(&[1, 12, 4]),
+                x(&[1, 12, 3]),
+                In::Absent,
+                In::I32(vec![2], vec![1, 3]),
+            ],
+        )
+        .attrs(vec![attr_int("hidden_size", 3), attr_int("input_forget", 1)])
+        .all_outputs(3)
+        .symbolic(&[1])
+        .only(ORT_ONLY),
+        // Activations with parameters, and clipped gates (tract 0.23's GRU runs its default
+        // activations whatever the node says: the forward differs from ONNX Runtime's).
+        case(
+            "gru_activations_clip",
+            "GRU",
+            vec![x(&[3, 2, 4]), x(&[1, 9, 4]), x(&[1, 9, 3]), x(&[1, 18])],
+        )
+        .attrs(vec![
+            attr_int("hidden_size", 3),
+            attr_float("clip", 1.5),
+            AttributeProto {
+                name: "activations".into(),
+                type_: dagr_inject::onnx::proto::attribute_proto::AttributeType::STRINGS.into(),
+                strings: vec![b"HardSigmoid".to_vec(), b"LeakyRelu".to_vec()],
+                ..Default::default()
+            },
+            AttributeProto {
+                name: "activation_alpha".into(),
+                type_: dagr_inject::onnx::proto::attribute_proto::AttributeType::FLOATS.into(),
+                floats: vec![0.3, 0.1],
+                ..Default::default()
+            },
+        ])
+        .all_outputs(2)
+        .symbolic(&[1])
+        .only(ORT_ONLY),
         case(
             "softmax_cross_entropy",
             "SoftmaxCrossEntropyLoss",
@@ -390,12 +541,16 @@ fn try_build_with(c: &Case, symbolic: bool) -> Result<(Model, Vec<String>), dagr
                 let dims = s
                     .iter()
                     .enumerate()
-                    .map(
-                        |(k, &d)| match symbolic && i == 0 && d != 1 && !(k == 1 && s.len() >= 3) {
+                    .map(|(k, &d)| {
+                        let sym = match &c.symbolic {
+                            Some(ks) => ks.contains(&k),
+                            None => d != 1 && !(k == 1 && s.len() >= 3),
+                        };
+                        match symbolic && i == 0 && sym {
                             true => Dim::sym(&format!("{name}_d{k}")),
                             false => Dim::Known(d as i64),
-                        },
-                    )
+                        }
+                    })
                     .collect();
                 let f = ValueFact::new(dtype::FLOAT, dims);
                 g.input.push(f.to_value_info(&name));
@@ -408,6 +563,16 @@ fn try_build_with(c: &Case, symbolic: bool) -> Result<(Model, Vec<String>), dagr
                 t.data_type = dtype::BOOL;
                 t.raw_data = v.iter().map(|&b| b as u8).collect();
                 g.initializer.push(t);
+            }
+            In::I32(d, v) => {
+                let mut t = tensor::i64_tensor(&name, d, &[]);
+                t.data_type = dtype::INT32;
+                t.raw_data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                g.initializer.push(t);
+            }
+            In::Absent => {
+                node.input.push(String::new());
+                continue;
             }
         }
         node.input.push(name);
@@ -436,18 +601,23 @@ fn try_build_with(c: &Case, symbolic: bool) -> Result<(Model, Vec<String>), dagr
     // loss = sum(y^2 (0.5 + 0.2 y)), in float32: not symmetric in y, so that ops whose output
     // has invariant moments (training-mode normalization) still get a non-zero gradient.
     let mut b = Builder::new(&model, "t/");
-    let y = if c.op == "Cast" {
-        b.cast("y0", dtype::FLOAT, "loss")
-    } else {
-        "y0".to_string()
-    };
-    let sq = b.binary("Mul", &y, &y, "loss");
-    let k = b.scalar(0.2);
-    let half = b.scalar(0.5);
-    let ky = b.binary("Mul", &y, &k, "loss");
-    let w = b.binary("Add", &ky, &half, "loss");
-    let t = b.binary("Mul", &sq, &w, "loss");
-    b.op_named("ReduceSum", &[&t], vec![onnx::builder::attr_int("keepdims", 0)], "loss");
+    let mut terms = Vec::new();
+    for k in 0..c.loss_outputs {
+        let y = if c.op == "Cast" {
+            b.cast(&format!("y{k}"), dtype::FLOAT, "loss")
+        } else {
+            format!("y{k}")
+        };
+        let sq = b.binary("Mul", &y, &y, "loss");
+        let kk = b.scalar(0.2);
+        let half = b.scalar(0.5);
+        let ky = b.binary("Mul", &y, &kk, "loss");
+        let w = b.binary("Add", &ky, &half, "loss");
+        let t = b.binary("Mul", &sq, &w, "loss");
+        terms.push(b.reduce("ReduceSum", &t, None, false, "loss"));
+    }
+    let refs: Vec<&str> = terms.iter().map(String::as_str).collect();
+    b.op_named("Sum", &refs, vec![], "loss");
     b.finish(&mut model);
     let idx = GraphIndex::new(&model).unwrap();
     let mut b = Builder::new(&model, "g/");

@@ -229,14 +229,6 @@ fn zoo_dagr_rewrite_equals_pytorch_on_both_backends() {
 /// the training graph must stop at exactly this rule until then.
 fn missing_rule(e: &Export) -> Option<&'static str> {
     let table: HashMap<(&str, &str), &str> = HashMap::from([
-        (("resnet_gru", "legacy"), "GRU"),
-        (("resnet_gru", "legacy_static"), "GRU"),
-        (("resnet_gru", "dynamo"), "GRU"),
-        (("resnet_gru", "dynamo20"), "GRU"),
-        (("mobilenet_lstm", "legacy"), "LSTM"),
-        (("mobilenet_lstm", "legacy_static"), "LSTM"),
-        (("mobilenet_lstm", "dynamo"), "LSTM"),
-        (("mobilenet_lstm", "dynamo20"), "LSTM"),
         (("shape_idioms", "legacy"), "Resize"),
         (("shape_idioms", "legacy_static"), "Resize"),
         (("shape_idioms", "dynamo"), "Resize"),

@@ -21,6 +21,10 @@ pub struct Ctx<'a> {
 /// tensor that nobody asked for).
 pub type Vjp = fn(&mut Ctx, &[Option<String>], &[bool]) -> Result<Vec<Option<String>>>;
 
+/// An op written as primitive ops: emits them (reading the node's inputs) and returns the tensor
+/// that equals each output of the node ("" for an output the node does not produce).
+pub type Body = fn(&mut Ctx) -> Result<Vec<String>>;
+
 impl Ctx<'_> {
     pub fn input(&self, i: usize) -> &str {
         self.node.input.get(i).map(String::as_str).unwrap_or("")

@@ -12,6 +12,7 @@ pub mod rules;
 
 use dagr_onnx::builder::Builder;
 use dagr_onnx::error::{Error, Result};
+use dagr_onnx::proto::{GraphProto, ModelProto};
 use dagr_onnx::{dtype, GraphIndex, Model};
 use std::collections::{HashMap, HashSet};
 
@@ -112,7 +113,11 @@ pub fn backward(
             consts: &consts,
             node: n,
         };
-        let grads = (rule.vjp)(&mut ctx, &outs, &need)?;
+        let grads = match rule.kind {
+            rules::Kind::Vjp(vjp) => vjp(&mut ctx, &outs, &need)?,
+            rules::Kind::Body(body) => through_body(model, body, &mut ctx, &outs, &need)?,
+            rules::Kind::NoGradient => continue,
+        };
         for (j, gr) in grads.into_iter().enumerate() {
             if let Some(gr) = gr {
                 if need.get(j).copied().unwrap_or(false) {
@@ -128,4 +133,86 @@ pub fn backward(
         }
     }
     Ok(out)
+}
+
+/// The vector-Jacobian product of a node written as a body of primitive ops: the body is
+/// emitted (a recomputation, in the backward part), indexed as a graph of its own whose inputs
+/// are the node's inputs, and differentiated by `backward` from the node's output gradients.
+/// A tensor the node reads twice gets its gradient once.
+fn through_body(
+    model: &Model,
+    body: ctx::Body,
+    c: &mut ctx::Ctx,
+    outs: &[Option<String>],
+    need: &[bool],
+) -> Result<Vec<Option<String>>> {
+    let (n0, i0) = (c.b.nodes.len(), c.b.initializers.len());
+    let produced = body(c)?;
+    let n = c.node;
+    let mut g = GraphProto::new();
+    g.name = format!("body of {}", n.name);
+    let mut inputs: Vec<&String> = Vec::new();
+    for x in n.input.iter().filter(|x| !x.is_empty()) {
+        if !inputs.contains(&x) {
+            inputs.push(x);
+        }
+    }
+    for x in &inputs {
+        let f = c.idx.fact(x).ok_or_else(|| Error::ShapeUnknown {
+            tensor: x.to_string(),
+            context: format!(", so the gradient of {} node '{}' cannot be built", n.op_type, n.name),
+        })?;
+        g.input.push(f.to_value_info(x));
+    }
+    g.node = c.b.nodes[n0..].to_vec();
+    g.initializer = c.b.initializers[i0..].to_vec();
+    // Constants the body shares with what the builder made before it (the builder reuses
+    // equal scalars) come along.
+    let made: HashSet<&String> = g.node.iter().flat_map(|m| m.output.iter()).collect();
+    let mut known: HashSet<String> = inputs.iter().map(|x| x.to_string()).collect();
+    known.extend(g.initializer.iter().map(|t| t.name.clone()));
+    let mut shared = Vec::new();
+    for m in &g.node {
+        for x in &m.input {
+            if !x.is_empty() && !made.contains(x) && known.insert(x.clone()) {
+                match c.b.initializers[..i0].iter().find(|t| &t.name == x) {
+                    Some(t) => shared.push(t.clone()),
+                    None => {
+                        return Err(Error::Internal(format!(
+                            "the body of {} node '{}' reads '{x}', which it neither makes nor receives",
+                            n.op_type, n.name
+                        )))
+                    }
+                }
+            }
+        }
+    }
+    g.initializer.extend(shared);
+    let mut p = ModelProto::new();
+    p.ir_version = model.proto.ir_version;
+    p.opset_import = model.proto.opset_import.clone();
+    p.graph = Some(g).into();
+    let sub = Model {
+        proto: p,
+        base_dir: model.base_dir.clone(),
+        source: None,
+    };
+    let sub_idx = GraphIndex::new(&sub)?;
+    let seeds: Vec<(String, String)> = outs
+        .iter()
+        .zip(&produced)
+        .filter_map(|(g, y)| Some((y.clone(), g.clone()?)))
+        .filter(|(y, _)| !y.is_empty())
+        .collect();
+    let wrt: Vec<String> = inputs
+        .iter()
+        .filter(|x| n.input.iter().zip(need).any(|(i, &w)| w && i == **x))
+        .map(|x| x.to_string())
+        .collect();
+    let mut grads = backward(&sub, &sub_idx, c.b, &seeds, &wrt, &HashSet::new())?;
+    Ok(n.input
+        .iter()
+        .zip(need)
+        .map(|(x, &w)| if w { grads.remove(x) } else { None })
+        .collect())
 }

@@ -244,6 +244,18 @@ impl Builder {
         }
     }
 
+    /// Split along `axis` into pieces of the given sizes (an input from opset 13, an attribute
+    /// before).
+    pub fn split(&mut self, x: &str, axis: i64, sizes: &[i64], hint: &str) -> Vec<String> {
+        let ax = attr_int("axis", axis);
+        if self.opset >= 13 {
+            let s = self.const_i64(sizes);
+            self.node_n("Split", &[x, &s], sizes.len(), vec![ax], hint)
+        } else {
+            self.node_n("Split", &[x], sizes.len(), vec![ax, attr_ints("split", sizes)], hint)
+        }
+    }
+
     /// The element-wise sum of `xs`: the tensor itself when there is one (no node), else a
     /// `Sum` node. `xs` must not be empty.
     pub fn sum(&mut self, xs: &[String], hint: &str) -> String {

@@ -7,9 +7,10 @@ pub mod elementwise;
 pub mod linalg;
 pub mod loss;
 pub mod nn;
+pub mod recurrent;
 pub mod shape;
 
-use crate::ctx::{Ctx, Vjp};
+use crate::ctx;
 use dagr_onnx::error::Result;
 
 /// What a rule returns: the gradient of each input (None where none flows or none is needed).
@@ -28,94 +29,105 @@ fn g0_owned(g: &[Option<String>]) -> Option<String> {
 /// One registry entry.
 pub struct Rule {
     pub op: &'static str,
-    pub vjp: Vjp,
+    pub kind: Kind,
     /// The formula, for people reading the registry.
     pub formula: &'static str,
 }
 
-/// Ops whose outputs carry no gradient (shapes, constants, comparisons, indices).
-fn none(_: &mut Ctx, _: &[Option<String>], need: &[bool]) -> Result<Vec<Option<String>>> {
-    Ok(vec![None; need.len()])
+/// How an op's gradient is built.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    /// A vector-Jacobian product written out.
+    Vjp(ctx::Vjp),
+    /// Differentiated through its body: the op is rewritten into primitive ops (recomputed in
+    /// the backward part, the forward keeps the op itself), and the engine differentiates those.
+    Body(ctx::Body),
+    /// Outputs that carry no gradient (shapes, constants, comparisons, indices, rounding).
+    NoGradient,
 }
 
 macro_rules! rules {
-    ($($op:literal => $f:path, $doc:literal;)*) => {
-        pub static RULES: &[Rule] = &[$(Rule { op: $op, vjp: $f, formula: $doc },)*];
+    ($($op:literal => $kind:expr, $doc:literal;)*) => {
+        pub static RULES: &[Rule] = &[$(Rule { op: $op, kind: $kind, formula: $doc },)*];
     };
 }
 
 use elementwise as ew;
+use Kind::{Body, NoGradient, Vjp};
 rules! {
-    "Add" => ew::add, "dA = unb(g), dB = unb(g)";
-    "Sub" => ew::sub, "dA = unb(g), dB = -unb(g)";
-    "Mul" => ew::mul, "dA = unb(g B), dB = unb(g A)";
-    "Div" => ew::div, "dA = unb(g / B), dB = -unb(g Y / B)";
-    "Pow" => ew::pow, "dA = unb(g B A^(B-1)), dB = unb(g Y ln A) (0 where A <= 0)";
-    "Sum" => ew::sum, "dX_i = unb(g)";
-    "Neg" => ew::neg, "dX = -g";
-    "Identity" => ew::identity, "dX = g";
-    "Relu" => ew::relu, "dX = g where X > 0";
-    "LeakyRelu" => ew::leaky_relu, "dX = g where X > 0, alpha g elsewhere";
-    "Sigmoid" => ew::sigmoid, "dX = g Y (1 - Y)";
-    "Tanh" => ew::tanh, "dX = g (1 - Y^2)";
-    "Erf" => ew::erf, "dX = g 2/sqrt(pi) exp(-X^2)";
-    "Exp" => ew::exp, "dX = g Y";
-    "Log" => ew::log, "dX = g / X";
-    "Sqrt" => ew::sqrt, "dX = g / (2 Y)";
-    "Abs" => ew::abs, "dX = g sign(X)";
-    "Clip" => ew::clip, "dX = g where min <= X <= max";
-    "Max" => ew::max, "dA = unb(g [A > B] + g/2 [A = B]), dB likewise";
-    "Min" => ew::min, "dA = unb(g [A < B] + g/2 [A = B]), dB likewise";
-    "Where" => ew::where_, "dX = unb(where(C, g, 0)), dY = unb(where(C, 0, g))";
-    "Cast" => ew::cast, "dX = cast(g, type of X) for floating X";
-    "CastLike" => ew::cast_like, "dX = cast(g, type of X) for floating X; the type input has none";
-    "Gelu" => ew::gelu, "dX = g (Φ(X) + X φ(X)); tanh: its derivative";
-    "HardSigmoid" => ew::hard_sigmoid, "dX = g alpha where 0 < alpha X + beta < 1";
-    "HardSwish" => ew::hard_swish, "dX = g (2X + 3)/6 on (-3, 3), g above";
-    "Dropout" => ew::dropout, "dX = g mask / (1 - ratio) in training mode, g otherwise";
-    "MatMul" => linalg::matmul, "dA = unb(g B^T), dB = unb(A^T g)";
-    "Gemm" => linalg::gemm, "dA = alpha g B'^T (transposed back), dB = alpha A'^T g, dC = beta unb(g)";
-    "Softmax" => nn::softmax, "dX = Y (g - sum(g Y))";
-    "LogSoftmax" => nn::log_softmax, "dX = g - exp(Y) sum(g)";
-    "Conv" => nn::conv, "dX = ConvTranspose(g, W), dW = Conv(X^T, g^T) cropped, dB = sum(g)";
-    "MaxPool" => nn::max_pool, "dX = scatter_add(g at the argmax indices)";
-    "AveragePool" => nn::average_pool, "dX = ConvTranspose(g / count, ones)";
-    "GlobalAveragePool" => nn::global_average_pool, "dX = expand(g / (H W))";
-    "BatchNormalization" => nn::batch_norm, "inference: dX = g scale r; training: dX = scale r/M (M g - sum g - x̂ sum(g x̂))";
-    "InstanceNormalization" => nn::instance_norm, "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale, over the spatial dims; dscale = Σ g x̂, dB = Σ g";
-    "LayerNormalization" => nn::layer_norm, "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale";
-    "Flatten" => shape::reshape, "dX = reshape(g, shape(X))";
-    "Reshape" => shape::reshape, "dX = reshape(g, shape(X))";
-    "Squeeze" => shape::reshape, "dX = reshape(g, shape(X))";
-    "Unsqueeze" => shape::reshape, "dX = reshape(g, shape(X))";
-    "Transpose" => shape::transpose, "dX = transpose(g, inverse perm)";
-    "Concat" => shape::concat, "dX_i = slice of g";
-    "Split" => shape::split, "dX = concat(g_i, zeros for missing g_i)";
-    "Slice" => shape::slice, "dX = pad(g) (step 1)";
-    "Gather" => shape::gather, "dX = scatter_nd_add(zeros, indices, g)";
-    "GatherND" => shape::gather_nd, "dX = scatter_nd_add(zeros, indices, g) (batch_dims 0)";
-    "GatherElements" => shape::gather_elements, "dX = scatter_elements_add(zeros, indices, g)";
-    "Expand" => shape::expand, "dX = unb(g)";
-    "ReduceSum" => shape::reduce_sum, "dX = expand(g)";
-    "ReduceMean" => shape::reduce_mean, "dX = expand(g) / n";
-    "SoftmaxCrossEntropyLoss" => loss::softmax_cross_entropy, "dS = (softmax(S) - onehot(y)) g / N";
-    "Shape" => none, "no gradient";
-    "Size" => none, "no gradient";
-    "Constant" => none, "no gradient";
-    "ConstantOfShape" => none, "no gradient";
-    "EyeLike" => none, "no gradient";
-    "Equal" => none, "no gradient";
-    "Greater" => none, "no gradient";
-    "Less" => none, "no gradient";
-    "GreaterOrEqual" => none, "no gradient";
-    "LessOrEqual" => none, "no gradient";
-    "Not" => none, "no gradient";
-    "And" => none, "no gradient";
-    "Or" => none, "no gradient";
-    "Range" => none, "no gradient";
-    "ArgMax" => none, "no gradient";
-    "ArgMin" => none, "no gradient";
-    "Sign" => none, "no gradient (zero almost everywhere)";
+    "Add" => Vjp(ew::add), "dA = unb(g), dB = unb(g)";
+    "Sub" => Vjp(ew::sub), "dA = unb(g), dB = -unb(g)";
+    "Mul" => Vjp(ew::mul), "dA = unb(g B), dB = unb(g A)";
+    "Div" => Vjp(ew::div), "dA = unb(g / B), dB = -unb(g Y / B)";
+    "Pow" => Vjp(ew::pow), "dA = unb(g B A^(B-1)), dB = unb(g Y ln A) (0 where A <= 0)";
+    "Sum" => Vjp(ew::sum), "dX_i = unb(g)";
+    "Neg" => Vjp(ew::neg), "dX = -g";
+    "Identity" => Vjp(ew::identity), "dX = g";
+    "Relu" => Vjp(ew::relu), "dX = g where X > 0";
+    "LeakyRelu" => Vjp(ew::leaky_relu), "dX = g where X > 0, alpha g elsewhere";
+    "Sigmoid" => Vjp(ew::sigmoid), "dX = g Y (1 - Y)";
+    "Tanh" => Vjp(ew::tanh), "dX = g (1 - Y^2)";
+    "Erf" => Vjp(ew::erf), "dX = g 2/sqrt(pi) exp(-X^2)";
+    "Exp" => Vjp(ew::exp), "dX = g Y";
+    "Log" => Vjp(ew::log), "dX = g / X";
+    "Sqrt" => Vjp(ew::sqrt), "dX = g / (2 Y)";
+    "Abs" => Vjp(ew::abs), "dX = g sign(X)";
+    "Clip" => Vjp(ew::clip), "dX = g where min <= X <= max";
+    "Max" => Vjp(ew::max), "dA = unb(g [A > B] + g/2 [A = B]), dB likewise";
+    "Min" => Vjp(ew::min), "dA = unb(g [A < B] + g/2 [A = B]), dB likewise";
+    "Where" => Vjp(ew::where_), "dX = unb(where(C, g, 0)), dY = unb(where(C, 0, g))";
+    "Cast" => Vjp(ew::cast), "dX = cast(g, type of X) for floating X";
+    "CastLike" => Vjp(ew::cast_like), "dX = cast(g, type of X) for floating X; the type input has none";
+    "Gelu" => Vjp(ew::gelu), "dX = g (Φ(X) + X φ(X)); tanh: its derivative";
+    "HardSigmoid" => Vjp(ew::hard_sigmoid), "dX = g alpha where 0 < alpha X + beta < 1";
+    "HardSwish" => Vjp(ew::hard_swish), "dX = g (2X + 3)/6 on (-3, 3), g above";
+    "Dropout" => Vjp(ew::dropout), "dX = g mask / (1 - ratio) in training mode, g otherwise";
+    "MatMul" => Vjp(linalg::matmul), "dA = unb(g B^T), dB = unb(A^T g)";
+    "Gemm" => Vjp(linalg::gemm), "dA = alpha g B'^T (transposed back), dB = alpha A'^T g, dC = beta unb(g)";
+    "RNN" => Body(recurrent::rnn), "the ONNX cell, unrolled over the sequence and differentiated";
+    "GRU" => Body(recurrent::gru), "the ONNX cell, unrolled over the sequence and differentiated";
+    "LSTM" => Body(recurrent::lstm), "the ONNX cell, unrolled over the sequence and differentiated";
+    "Softmax" => Vjp(nn::softmax), "dX = Y (g - sum(g Y))";
+    "LogSoftmax" => Vjp(nn::log_softmax), "dX = g - exp(Y) sum(g)";
+    "Conv" => Vjp(nn::conv), "dX = ConvTranspose(g, W), dW = Conv(X^T, g^T) cropped, dB = sum(g)";
+    "MaxPool" => Vjp(nn::max_pool), "dX = scatter_add(g at the argmax indices)";
+    "AveragePool" => Vjp(nn::average_pool), "dX = ConvTranspose(g / count, ones)";
+    "GlobalAveragePool" => Vjp(nn::global_average_pool), "dX = expand(g / (H W))";
+    "BatchNormalization" => Vjp(nn::batch_norm), "inference: dX = g scale r; training: dX = scale r/M (M g - sum g - x̂ sum(g x̂))";
+    "InstanceNormalization" => Vjp(nn::instance_norm), "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale, over the spatial dims; dscale = Σ g x̂, dB = Σ g";
+    "LayerNormalization" => Vjp(nn::layer_norm), "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale";
+    "Flatten" => Vjp(shape::reshape), "dX = reshape(g, shape(X))";
+    "Reshape" => Vjp(shape::reshape), "dX = reshape(g, shape(X))";
+    "Squeeze" => Vjp(shape::reshape), "dX = reshape(g, shape(X))";
+    "Unsqueeze" => Vjp(shape::reshape), "dX = reshape(g, shape(X))";
+    "Transpose" => Vjp(shape::transpose), "dX = transpose(g, inverse perm)";
+    "Concat" => Vjp(shape::concat), "dX_i = slice of g";
+    "Split" => Vjp(shape::split), "dX = concat(g_i, zeros for missing g_i)";
+    "Slice" => Vjp(shape::slice), "dX = pad(g) (step 1)";
+    "Gather" => Vjp(shape::gather), "dX = scatter_nd_add(zeros, indices, g)";
+    "GatherND" => Vjp(shape::gather_nd), "dX = scatter_nd_add(zeros, indices, g) (batch_dims 0)";
+    "GatherElements" => Vjp(shape::gather_elements), "dX = scatter_elements_add(zeros, indices, g)";
+    "Expand" => Vjp(shape::expand), "dX = unb(g)";
+    "ReduceSum" => Vjp(shape::reduce_sum), "dX = expand(g)";
+    "ReduceMean" => Vjp(shape::reduce_mean), "dX = expand(g) / n";
+    "SoftmaxCrossEntropyLoss" => Vjp(loss::softmax_cross_entropy), "dS = (softmax(S) - onehot(y)) g / N";
+    "Shape" => NoGradient, "no gradient";
+    "Size" => NoGradient, "no gradient";
+    "Constant" => NoGradient, "no gradient";
+    "ConstantOfShape" => NoGradient, "no gradient";
+    "EyeLike" => NoGradient, "no gradient";
+    "Equal" => NoGradient, "no gradient";
+    "Greater" => NoGradient, "no gradient";
+    "Less" => NoGradient, "no gradient";
+    "GreaterOrEqual" => NoGradient, "no gradient";
+    "LessOrEqual" => NoGradient, "no gradient";
+    "Not" => NoGradient, "no gradient";
+    "And" => NoGradient, "no gradient";
+    "Or" => NoGradient, "no gradient";
+    "Range" => NoGradient, "no gradient";
+    "ArgMax" => NoGradient, "no gradient";
+    "ArgMin" => NoGradient, "no gradient";
+    "Sign" => NoGradient, "no gradient (zero almost everywhere)";
 }
 
 /// The rule for an operator of the default domain.
@@ -126,7 +138,7 @@ pub fn lookup(domain: &str, op: &str) -> Option<&'static Rule> {
     RULES.iter().find(|r| r.op == op)
 }
 
-/// Ops whose rule is `none`: they never carry a gradient, so tests need no case for them.
+/// Ops whose outputs never carry a gradient, so tests need no case for them.
 pub fn is_non_differentiable(op: &str) -> bool {
-    RULES.iter().any(|r| r.op == op && r.formula.starts_with("no gradient"))
+    RULES.iter().any(|r| r.op == op && matches!(r.kind, Kind::NoGradient))
 }
