@@ -448,6 +448,90 @@ fn cases() -> Vec<Case> {
         .all_outputs(2)
         .symbolic(&[1])
         .only(ORT_ONLY),
+        case("cumsum", "CumSum", vec![x(&[3, 4]), In::Ints(vec![], vec![1])]),
+        case(
+            "cumsum_exclusive_reverse",
+            "CumSum",
+            vec![x(&[3, 4]), In::Ints(vec![], vec![0])],
+        )
+        .attrs(vec![attr_int("exclusive", 1), attr_int("reverse", 1)]),
+        case("pad_constant", "Pad", vec![x(&[2, 3]), ints(&[1, 0, 0, 2])]),
+        // A negative pad crops (tract 0.23 overflows on one).
+        case(
+            "pad_constant_negative_value",
+            "Pad",
+            vec![x(&[3, 4]), ints(&[1, -1, -1, 2]), In::F(vec![], vec![0.5])],
+        )
+        .only(ORT_ONLY),
+        case("pad_reflect", "Pad", vec![x(&[2, 4]), ints(&[0, 2, 0, 1])]).attrs(vec![attr_string("mode", "reflect")]),
+        case("pad_edge", "Pad", vec![x(&[3, 2]), ints(&[2, 1, 1, 3])]).attrs(vec![attr_string("mode", "edge")]),
+        case(
+            "pad_wrap_axes",
+            "Pad",
+            vec![x(&[2, 3]), ints(&[2, 1]), In::Absent, ints(&[1])],
+        )
+        .attrs(vec![attr_string("mode", "wrap")])
+        .opset(19)
+        .only(ORT_ONLY),
+        case(
+            "resize_linear_scales",
+            "Resize",
+            vec![x(&[1, 2, 5]), In::Absent, In::F(vec![3], vec![1.0, 1.0, 2.0])],
+        )
+        .attrs(vec![attr_string("mode", "linear")]),
+        case(
+            "resize_nearest_sizes",
+            "Resize",
+            vec![x(&[2, 2, 4, 3]), In::Absent, In::Absent, ints(&[2, 2, 6, 7])],
+        )
+        .attrs(vec![
+            attr_string("mode", "nearest"),
+            attr_string("coordinate_transformation_mode", "asymmetric"),
+            attr_string("nearest_mode", "round_prefer_ceil"),
+        ]),
+        case(
+            "resize_cubic_align_corners",
+            "Resize",
+            vec![x(&[1, 1, 4, 5]), In::Absent, In::F(vec![4], vec![1.0, 1.0, 1.5, 2.0])],
+        )
+        .attrs(vec![
+            attr_string("mode", "cubic"),
+            attr_string("coordinate_transformation_mode", "align_corners"),
+        ])
+        .only(ORT_ONLY),
+        case(
+            "resize_linear_antialias_down",
+            "Resize",
+            vec![x(&[1, 1, 8, 6]), In::Absent, In::F(vec![4], vec![1.0, 1.0, 0.5, 0.75])],
+        )
+        .attrs(vec![attr_string("mode", "linear"), attr_int("antialias", 1)])
+        .opset(18)
+        .only(ORT_ONLY),
+        case("einsum_conv_like", "Einsum", vec![x(&[2, 3, 4]), x(&[3, 5])])
+            .attrs(vec![attr_string("equation", "bcl,cd->bdl")]),
+        case(
+            "einsum_batched_transposed",
+            "Einsum",
+            vec![x(&[2, 3, 4]), x(&[2, 5, 4])],
+        )
+        .attrs(vec![attr_string("equation", "bij,bkj->bik")]),
+        case(
+            "einsum_implicit_summed_letter",
+            "Einsum",
+            vec![x(&[3, 4]), x(&[4, 2, 5])],
+        )
+        .attrs(vec![attr_string("equation", "ij,jkl")]),
+        case("einsum_ellipsis", "Einsum", vec![x(&[2, 3, 4]), x(&[2, 4, 5])])
+            .attrs(vec![attr_string("equation", "...ij,...jk->...ik")]),
+        // Ellipsis dims broadcasting from 1 (tract 0.23's Einsum does not broadcast).
+        case(
+            "einsum_ellipsis_broadcast",
+            "Einsum",
+            vec![x(&[2, 1, 3, 4]), x(&[1, 5, 4, 2])],
+        )
+        .attrs(vec![attr_string("equation", "...ij,...jk->...ik")])
+        .symbolic(&[2])
+        .only(ORT_ONLY),
         case(
             "softmax_cross_entropy",
             "SoftmaxCrossEntropyLoss",

@@ -2,8 +2,8 @@
 //! dynamic and static batch, dynamo at opsets 18 and 20). For every model x exporter:
 //! inferred shapes and shape values equal what ONNX Runtime computes at two batch sizes;
 //! `inspect` ranks the encoders first; the DAGR rewrite equals PyTorch autograd; and the training
-//! graph's parameter gradients equal PyTorch's, then train steps run on both backends, or
-//! building it stops at the exact missing rule (part 2 of the real-models work adds them).
+//! graph of every export builds with nothing frozen, its parameter gradients equal PyTorch's,
+//! and train steps run on both backends.
 
 use crate::common::*;
 use assert_cmd::Command;
@@ -225,18 +225,6 @@ fn zoo_dagr_rewrite_equals_pytorch_on_both_backends() {
     }
 }
 
-/// The operators that part 2 (the gradient registry) has still to add, per export: building
-/// the training graph must stop at exactly this rule until then.
-fn missing_rule(e: &Export) -> Option<&'static str> {
-    let table: HashMap<(&str, &str), &str> = HashMap::from([
-        (("shape_idioms", "legacy"), "Resize"),
-        (("shape_idioms", "legacy_static"), "Resize"),
-        (("shape_idioms", "dynamo"), "Resize"),
-        (("shape_idioms", "dynamo20"), "Resize"),
-    ]);
-    table.get(&(e.name.as_str(), e.suffix.as_str())).copied()
-}
-
 #[test]
 fn zoo_training_graphs_equal_pytorch_autograd_and_train_on_both_backends() {
     let dir = tempfile::tempdir().unwrap();
@@ -245,19 +233,9 @@ fn zoo_training_graphs_equal_pytorch_autograd_and_train_on_both_backends() {
     for e in zoo() {
         let mut m = onnx::load(&e.path).unwrap();
         let built = make_training_graph(&mut m, &config(&e), &TrainOptions::default());
-        match (built, missing_rule(&e)) {
-            (Err(err), Some(op)) => {
-                let msg = err.to_string();
-                assert!(
-                    msg.starts_with(&format!("no gradient rule for {op} ")),
-                    "{}: {msg}",
-                    e.label()
-                );
-                continue;
-            }
-            (Err(err), None) => panic!("{}: {err}", e.label()),
-            (Ok(_), Some(op)) => panic!("{}: trains now; {op} is no longer missing: update the table", e.label()),
-            (Ok(rec), None) => {
+        match built {
+            Err(err) => panic!("{}: {err}", e.label()),
+            Ok(rec) => {
                 let p = dir.path().join(format!("{}.train.onnx", e.label()));
                 onnx::save(&m, &p).unwrap();
                 checks.add(&p);
@@ -317,7 +295,7 @@ fn zoo_training_graphs_equal_pytorch_autograd_and_train_on_both_backends() {
             }
         }
     }
-    assert!(trained >= 6, "only {trained} exports trained");
+    assert_eq!(trained, zoo().len(), "every export trains");
 }
 
 /// `d/dt loss(params + t v)` at 0 by central differences equals `sum <grad, v>`, for a random

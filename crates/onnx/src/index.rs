@@ -186,6 +186,15 @@ impl GraphIndex {
         self.known.values.get(name)
     }
 
+    /// The values of a small float tensor known at build time (a constant, or computed from
+    /// constants).
+    pub fn float_constant(&self, name: &str) -> Option<Vec<f32>> {
+        self.known
+            .floats
+            .get(name)
+            .map(|v| v.iter().map(|&x| x as f32).collect())
+    }
+
     /// Integer tensors whose every element is known at build time: constants, and shapes
     /// computed from static dims.
     pub fn int_constants(&self) -> HashMap<String, Vec<i64>> {

@@ -141,3 +141,135 @@ pub fn gemm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     }
     Ok(out)
 }
+
+/// An Einsum equation in explicit form, ellipses replaced by letters of their own.
+struct Equation {
+    inputs: Vec<Vec<char>>,
+    output: Vec<char>,
+}
+
+fn parse_einsum(eq: &str, ranks: &[usize]) -> std::result::Result<Equation, String> {
+    let eq: String = eq.chars().filter(|c| !c.is_whitespace()).collect();
+    let (lhs, rhs) = match eq.split_once("->") {
+        Some((l, r)) => (l.to_string(), Some(r.to_string())),
+        None => (eq.clone(), None),
+    };
+    let terms: Vec<&str> = lhs.split(',').collect();
+    if terms.len() != ranks.len() {
+        return Err(format!(
+            "the equation has {} operands, the node {}",
+            terms.len(),
+            ranks.len()
+        ));
+    }
+    // Letters for the ellipsis dims: unused ones, the last of them right-aligned per operand.
+    let spare: Vec<char> = ('A'..='Z').chain('a'..='z').filter(|c| !eq.contains(*c)).collect();
+    let mut ell = 0usize;
+    let mut inputs = Vec::new();
+    for (t, &r) in terms.iter().zip(ranks) {
+        let named = t.replace("...", "").chars().count();
+        let e = if t.contains("...") { r.saturating_sub(named) } else { 0 };
+        ell = ell.max(e);
+        inputs.push((t.to_string(), e));
+    }
+    if spare.len() < ell {
+        return Err("too many ellipsis dims".into());
+    }
+    let ell_letters = &spare[..ell];
+    let expand = |t: &str, e: usize| -> Vec<char> {
+        let mut out = Vec::new();
+        if let Some((a, b)) = t.split_once("...") {
+            out.extend(a.chars());
+            out.extend(&ell_letters[ell - e..]);
+            out.extend(b.chars());
+        } else {
+            out.extend(t.chars());
+        }
+        out
+    };
+    let ins: Vec<Vec<char>> = inputs.iter().map(|(t, e)| expand(t, *e)).collect();
+    for (t, &r) in ins.iter().zip(ranks) {
+        if t.len() != r {
+            return Err(format!(
+                "operand '{}' does not match its rank {r}",
+                t.iter().collect::<String>()
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if !t.iter().all(|c| seen.insert(*c)) {
+            return Err("a letter repeated within one operand (a diagonal) has no gradient rule".into());
+        }
+    }
+    let output = match rhs {
+        Some(r) => expand(&r, ell),
+        None => {
+            let mut once: Vec<char> = lhs
+                .replace("...", "")
+                .chars()
+                .filter(|c| c.is_alphabetic() && lhs.matches(*c).count() == 1)
+                .collect();
+            once.sort_unstable();
+            [ell_letters.to_vec(), once].concat()
+        }
+    };
+    Ok(Equation { inputs: ins, output })
+}
+
+/// Einsum: dA_i = einsum(out, other operands -> A_i's letters) over the letters that appear in
+/// the output or another operand; letters only A_i has (summed away) come back by Unsqueeze and
+/// Expand, and ellipsis dims that broadcast from 1 are summed.
+pub fn einsum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g.first().and_then(|x| x.clone()) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let eq = c.attr_s("equation").unwrap_or_default();
+    let shapes: Vec<Vec<Dim>> = (0..need.len())
+        .map(|i| c.shape(c.input(i)))
+        .collect::<dagr_onnx::Result<_>>()?;
+    let ranks: Vec<usize> = shapes.iter().map(Vec::len).collect();
+    let e = parse_einsum(&eq, &ranks).map_err(|m| c.err(format!("equation '{eq}': {m}")))?;
+    let out_s: String = e.output.iter().collect();
+    let mut out = vec![None; need.len()];
+    for (i, &w) in need.iter().enumerate() {
+        if !w {
+            continue;
+        }
+        let a = &e.inputs[i];
+        let elsewhere =
+            |ch: &char| e.output.contains(ch) || e.inputs.iter().enumerate().any(|(j, t)| j != i && t.contains(ch));
+        let kept: Vec<char> = a.iter().copied().filter(elsewhere).collect();
+        let mut terms = vec![out_s.clone()];
+        let mut ops = vec![g.clone()];
+        for (j, t) in e.inputs.iter().enumerate() {
+            if j != i {
+                terms.push(t.iter().collect());
+                ops.push(c.input(j).to_string());
+            }
+        }
+        let eqn = format!("{}->{}", terms.join(","), kept.iter().collect::<String>());
+        let refs: Vec<&str> = ops.iter().map(String::as_str).collect();
+        let mut d = c.op_a("Einsum", &refs, vec![dagr_onnx::builder::attr_string("equation", &eqn)]);
+        let x = c.input(i).to_string();
+        if kept.len() != a.len() {
+            let dropped: Vec<i64> = (0..a.len())
+                .filter(|&k| !kept.contains(&a[k]))
+                .map(|k| k as i64)
+                .collect();
+            d = c.unsqueeze(&d, &dropped);
+            let s = c.shape_of(&x);
+            d = c.op("Expand", &[&d, &s]);
+        }
+        // Dims of size 1 that broadcast against a larger one elsewhere.
+        let ones: Vec<i64> = shapes[i]
+            .iter()
+            .enumerate()
+            .filter(|(k, dim)| **dim == Dim::Known(1) && kept.contains(&a[*k]))
+            .map(|(k, _)| k as i64)
+            .collect();
+        if !ones.is_empty() {
+            d = c.reduce_sum(&d, &ones, true);
+        }
+        out[i] = Some(d);
+    }
+    Ok(out)
+}

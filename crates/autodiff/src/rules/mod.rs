@@ -8,6 +8,7 @@ pub mod linalg;
 pub mod loss;
 pub mod nn;
 pub mod recurrent;
+pub mod resample;
 pub mod shape;
 
 use crate::ctx;
@@ -87,6 +88,10 @@ rules! {
     "RNN" => Body(recurrent::rnn), "the ONNX cell, unrolled over the sequence and differentiated";
     "GRU" => Body(recurrent::gru), "the ONNX cell, unrolled over the sequence and differentiated";
     "LSTM" => Body(recurrent::lstm), "the ONNX cell, unrolled over the sequence and differentiated";
+    "Einsum" => Vjp(linalg::einsum), "dA_i = einsum(g, other operands -> A_i), expanded over letters only A_i has";
+    "CumSum" => Vjp(resample::cumsum), "dX = cumsum(g) in the other direction";
+    "Pad" => Vjp(resample::pad), "constant: dX = Pad(g, -pads); reflect/edge/wrap: per axis, the transposed map measured on an identity";
+    "Resize" => Vjp(resample::resize), "per resized axis, the transposed map measured by resizing an identity";
     "Softmax" => Vjp(nn::softmax), "dX = Y (g - sum(g Y))";
     "LogSoftmax" => Vjp(nn::log_softmax), "dX = g - exp(Y) sum(g)";
     "Conv" => Vjp(nn::conv), "dX = ConvTranspose(g, W), dW = Conv(X^T, g^T) cropped, dB = sum(g)";

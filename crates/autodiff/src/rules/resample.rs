@@ -1,0 +1,283 @@
+//! Ops that are linear and act on each axis separately (Resize, Pad, CumSum): the gradient
+//! applies each axis's transposed map.
+//!
+//! For Resize and for Pad in the reflect, edge and wrap modes the map of one axis is measured at
+//! run time by applying the op itself to an identity matrix (`[n, n]`, only that axis resized or
+//! padded): row i is the response to the input's i-th position, so every mode, coordinate
+//! transformation, rounding and antialias filter the runtime implements is differentiated as
+//! the runtime computes it, and symbolic sizes need nothing known at build time.
+
+use super::{g0_owned, Out};
+use crate::ctx::{norm_axis, Ctx};
+use dagr_onnx::builder::{attr_float, attr_int, attr_ints, attr_string};
+use dagr_onnx::{dtype, Dim};
+
+impl Ctx<'_> {
+    /// The float32 identity matrix `[n, n]`, `n` the length of `x` along `axis`.
+    fn identity_along(&mut self, x: &str, axis: usize) -> String {
+        let s = self.shape_of(x);
+        let (from, to) = (self.ints(&[axis as i64]), self.ints(&[axis as i64 + 1]));
+        let n = self.op("Slice", &[&s, &from, &to]);
+        let n = self.op_a("Squeeze", &[&n], vec![]);
+        let (zero, one) = (self.b.scalar_i64(0), self.b.scalar_i64(1));
+        let r = self.op("Range", &[&zero, &n, &one]);
+        let rows = self.unsqueeze(&r, &[1]);
+        let cols = self.unsqueeze(&r, &[0]);
+        let eq = self.op("Equal", &[&rows, &cols]);
+        self.cast(&eq, dtype::FLOAT)
+    }
+
+    /// `g` mapped back along `axis` by the transpose of `m` (`[in, out]`: m[i, j] = dy_j / dx_i):
+    /// dx[.., i, ..] = sum_j g[.., j, ..] m[i, j].
+    fn apply_transposed(&mut self, g: &str, m: &str, axis: usize, rank: usize) -> String {
+        let mt = self.op_a("Transpose", &[m], vec![attr_ints("perm", &[1, 0])]);
+        if axis + 1 == rank {
+            return self.op("MatMul", &[g, &mt]);
+        }
+        let mut perm: Vec<i64> = (0..rank as i64).collect();
+        perm.swap(axis, rank - 1);
+        let gt = self.op_a("Transpose", &[g], vec![attr_ints("perm", &perm)]);
+        let d = self.op("MatMul", &[&gt, &mt]);
+        self.op_a("Transpose", &[&d], vec![attr_ints("perm", &perm)])
+    }
+}
+
+/// CumSum: dX = the cumulative sum of g in the other direction, with the same `exclusive`.
+pub fn cumsum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let axis = c.input(1).to_string();
+    let attrs = vec![
+        attr_int("exclusive", c.attr_i("exclusive", 0)),
+        attr_int("reverse", 1 - c.attr_i("reverse", 0).clamp(0, 1)),
+    ];
+    let mut out = vec![Some(c.op_a("CumSum", &[&g, &axis], attrs))];
+    out.resize(need.len(), None);
+    Ok(out)
+}
+
+/// The pads of a Pad node per axis (begin, end), from the attribute (before opset 11) or the
+/// inputs (with `axes` from opset 18); None where they are not known at build time.
+fn pads(c: &Ctx, rank: usize) -> Option<Vec<(i64, i64)>> {
+    let flat = if c.b.opset < 11 {
+        c.attr_ints("pads")?
+    } else {
+        c.const_input(1)?
+    };
+    let axes: Vec<usize> = match c.has_input(3).then(|| c.const_input(3)) {
+        Some(a) => a?.iter().map(|&x| norm_axis(x, rank)).collect(),
+        None => (0..rank).collect(),
+    };
+    let k = axes.len();
+    if flat.len() != 2 * k {
+        return None;
+    }
+    let mut p = vec![(0, 0); rank];
+    for (i, &a) in axes.iter().enumerate() {
+        p[a] = (flat[i], flat[i + k]);
+    }
+    Some(p)
+}
+
+/// Pad. Constant mode: dX = Pad(g, -pads), which crops what was added and pads back with
+/// zeros what negative pads cropped (the pads may be computed at run time). Reflect, edge and
+/// wrap: the transposed map of each padded axis, measured on an identity.
+pub fn pad(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let mut out = vec![None; need.len()];
+    let x = c.input(0).to_string();
+    let mode = c.attr_s("mode").unwrap_or_else(|| "constant".into());
+    let rank = c.rank(&x)?;
+    if mode == "constant" {
+        out[0] = Some(match pads(c, rank) {
+            Some(p) => crop_and_pad_back(c, &g, &p),
+            None => {
+                // Pads computed at run time: Pad by their negation.
+                let p = c.input(1).to_string();
+                let neg = c.op("Neg", &[&p]);
+                let mut ins = vec![g.as_str(), neg.as_str()];
+                let axes = c.input(3).to_string();
+                if !axes.is_empty() {
+                    ins.extend(["", axes.as_str()]);
+                }
+                c.op("Pad", &ins)
+            }
+        });
+        return Ok(out);
+    }
+    let p =
+        pads(c, rank).ok_or_else(|| c.err(format!("in {mode} mode its pads must be known when the graph is built")))?;
+    if p.iter().any(|&(b, e)| b < 0 || e < 0) {
+        return Err(c.err(format!("negative pads in {mode} mode have no gradient rule")));
+    }
+    let mut d = g;
+    for (axis, &(b, e)) in p.iter().enumerate() {
+        if (b, e) == (0, 0) {
+            continue;
+        }
+        let eye = c.identity_along(&x, axis);
+        let m = if c.b.opset < 11 {
+            c.op_a(
+                "Pad",
+                &[&eye],
+                vec![attr_string("mode", &mode), attr_ints("pads", &[0, b, 0, e])],
+            )
+        } else {
+            let pp = c.ints(&[0, b, 0, e]);
+            c.op_a("Pad", &[&eye, &pp], vec![attr_string("mode", &mode)])
+        };
+        d = c.apply_transposed(&d, &m, axis, rank);
+    }
+    out[0] = Some(d);
+    Ok(out)
+}
+
+/// The gradient of a constant Pad with known pads: zeros where the pad cropped (a negative
+/// pad), then a Slice dropping what it added (no negative pads, which tract does not run).
+fn crop_and_pad_back(c: &mut Ctx, g: &str, p: &[(i64, i64)]) -> String {
+    let mut d = g.to_string();
+    let back: Vec<i64> = p
+        .iter()
+        .map(|&(b, _)| (-b).max(0))
+        .chain(p.iter().map(|&(_, e)| (-e).max(0)))
+        .collect();
+    if back.iter().any(|&v| v > 0) {
+        d = if c.b.opset < 11 {
+            c.op_a("Pad", &[&d], vec![attr_ints("pads", &back)])
+        } else {
+            let pp = c.ints(&back);
+            c.op("Pad", &[&d, &pp])
+        };
+    }
+    let axes: Vec<i64> = (0..p.len())
+        .filter(|&a| p[a].0 > 0 || p[a].1 > 0)
+        .map(|a| a as i64)
+        .collect();
+    if axes.is_empty() {
+        return d;
+    }
+    let starts: Vec<i64> = axes.iter().map(|&a| p[a as usize].0.max(0)).collect();
+    let ends: Vec<i64> = axes
+        .iter()
+        .map(|&a| match p[a as usize].1 {
+            e if e > 0 => -e,
+            _ => i64::MAX,
+        })
+        .collect();
+    let (s, e, a) = (c.ints(&starts), c.ints(&ends), c.ints(&axes));
+    c.op("Slice", &[&d, &s, &e, &a])
+}
+
+/// Resize (opset 11 on; 10 has scales only): per resized axis, the transposed map measured by
+/// resizing an identity `[n, n]` along its second axis with the node's own mode, coordinate
+/// transformation, rounding, cubic coefficient, `exclude_outside` and antialias, and the axis's
+/// own scale (or output size). The extrapolation value, constant in X, drops out.
+pub fn resize(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let mut out = vec![None; need.len()];
+    let x = c.input(0).to_string();
+    let xs = c.shape(&x)?;
+    let rank = xs.len();
+    let policy = c.attr_s("keep_aspect_ratio_policy").unwrap_or_else(|| "stretch".into());
+    if policy != "stretch" {
+        return Err(c.err(format!("keep_aspect_ratio_policy '{policy}' has no gradient rule")));
+    }
+    let (scales_at, sizes_at) = if c.b.opset < 11 { (1, usize::MAX) } else { (2, 3) };
+    let axes: Vec<usize> = match c.attr_ints("axes") {
+        Some(a) => a.iter().map(|&v| norm_axis(v, rank)).collect(),
+        None => (0..rank).collect(),
+    };
+    let scales = c
+        .has_input(scales_at)
+        .then(|| float_const(c, c.input(scales_at)))
+        .flatten();
+    let scales = scales.filter(|s| !s.is_empty());
+    let sizes: Option<Vec<Dim>> = (sizes_at != usize::MAX && c.has_input(sizes_at))
+        .then(|| c.idx.value(c.input(sizes_at)).cloned())
+        .flatten();
+    let roi = (c.b.opset >= 11 && c.has_input(1))
+        .then(|| float_const(c, c.input(1)))
+        .flatten()
+        .filter(|r| !r.is_empty());
+    if scales.is_none() && sizes.is_none() {
+        return Err(c.err("its scales or sizes must be known when the graph is built"));
+    }
+    let mut attrs = Vec::new();
+    for name in ["mode", "coordinate_transformation_mode", "nearest_mode"] {
+        if let Some(v) = c.attr_s(name) {
+            attrs.push(attr_string(name, &v));
+        }
+    }
+    for name in ["exclude_outside", "antialias"] {
+        if let Some(v) = dagr_onnx::attr::attr_i(c.node, name) {
+            attrs.push(attr_int(name, v));
+        }
+    }
+    if let Some(v) = dagr_onnx::attr::attr_f(c.node, "cubic_coeff_a") {
+        attrs.push(attr_float("cubic_coeff_a", v));
+    }
+    let mut d = g;
+    for (k, &axis) in axes.iter().enumerate() {
+        let scale = scales.as_ref().and_then(|s| s.get(k).copied());
+        let size = sizes.as_ref().and_then(|s| s.get(k).cloned());
+        let same = match (scale, &size) {
+            (Some(s), _) => s == 1.0 && roi.is_none(),
+            (None, Some(n)) => *n == xs[axis] && roi.is_none(),
+            (None, None) => false,
+        };
+        if same {
+            continue;
+        }
+        let eye = c.identity_along(&x, axis);
+        let mut ins: Vec<String> = vec![eye];
+        if c.b.opset < 11 {
+            let s = c.b.const_f32(&[2], &[1.0, scale.unwrap_or(1.0)]);
+            ins.push(s);
+        } else {
+            let r = match &roi {
+                Some(r) => {
+                    let n = r.len() / 2;
+                    let (s, e) = (r[k.min(n - 1)], r[n + k.min(n - 1)]);
+                    c.b.const_f32(&[4], &[0.0, s, 1.0, e])
+                }
+                None if c.b.opset < 13 => c.b.const_f32(&[0], &[]),
+                None => String::new(),
+            };
+            ins.push(r);
+            match scale {
+                Some(s) => ins.push(c.b.const_f32(&[2], &[1.0, s])),
+                None => {
+                    let nn = c.shape_of(&d);
+                    let (from, to) = (c.ints(&[axis as i64]), c.ints(&[axis as i64 + 1]));
+                    // The output length along this axis: g's length there (not resized yet).
+                    let len = c.op("Slice", &[&nn, &from, &to]);
+                    let s0 = c.shape_of(&x);
+                    let n0 = c.op("Slice", &[&s0, &from, &to]);
+                    let sz = c.op_a("Concat", &[&n0, &len], vec![attr_int("axis", 0)]);
+                    let no_scales = if c.b.opset < 13 {
+                        c.b.const_f32(&[0], &[])
+                    } else {
+                        String::new()
+                    };
+                    ins.push(no_scales);
+                    ins.push(sz);
+                }
+            }
+        }
+        let refs: Vec<&str> = ins.iter().map(String::as_str).collect();
+        let m = c.op_a("Resize", &refs, attrs.clone());
+        d = c.apply_transposed(&d, &m, axis, rank);
+    }
+    out[0] = Some(d);
+    Ok(out)
+}
+
+/// A float constant input's values (scales, roi).
+fn float_const(c: &Ctx, name: &str) -> Option<Vec<f32>> {
+    c.idx.float_constant(name)
+}
