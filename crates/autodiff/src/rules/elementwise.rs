@@ -450,3 +450,199 @@ pub fn hard_swish(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     let d = c.op("Where", &[&inside, &slope, &outside]);
     Ok(vec![Some(c.op("Mul", &[&g, &d]))])
 }
+
+/// `g * d`, d built from X (and Y) by `deriv`: the common shape of the unary rules below.
+fn unary(c: &mut Ctx, g: &[Option<String>], deriv: impl FnOnce(&mut Ctx, &str, &str) -> String) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let (x, y) = (c.input(0).to_string(), c.output(0).to_string());
+    let d = deriv(c, &x, &y);
+    Ok(vec![Some(c.op("Mul", &[&g, &d]))])
+}
+
+/// Where X > `at`: `a`, elsewhere `b`.
+fn above(c: &mut Ctx, x: &str, at: f64, a: &str, b: &str) -> String {
+    let t = c.scalar(at);
+    let m = c.op("Greater", &[x, &t]);
+    c.op("Where", &[&m, a, b])
+}
+
+pub fn elu(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let alpha = c.attr_f("alpha", 1.0) as f64;
+    unary(c, g, |c, x, y| {
+        let (one, a) = (c.scalar(1.0), c.scalar(alpha));
+        let neg = c.op("Add", &[y, &a]);
+        above(c, x, 0.0, &one, &neg)
+    })
+}
+
+pub fn selu(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let alpha = c.attr_f("alpha", 1.673_263_2) as f64;
+    let gamma = c.attr_f("gamma", 1.050_701) as f64;
+    unary(c, g, |c, x, y| {
+        let (gm, ga) = (c.scalar(gamma), c.scalar(gamma * alpha));
+        let neg = c.op("Add", &[y, &ga]);
+        above(c, x, 0.0, &gm, &neg)
+    })
+}
+
+pub fn celu(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let alpha = c.attr_f("alpha", 1.0) as f64;
+    unary(c, g, |c, x, _| {
+        let (one, a) = (c.scalar(1.0), c.scalar(alpha));
+        let xa = c.op("Div", &[x, &a]);
+        let e = c.op("Exp", &[&xa]);
+        above(c, x, 0.0, &one, &e)
+    })
+}
+
+pub fn softplus(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    unary(c, g, |c, x, _| c.op("Sigmoid", &[x]))
+}
+
+pub fn softsign(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    unary(c, g, |c, x, _| {
+        let one = c.scalar(1.0);
+        let a = c.op("Abs", &[x]);
+        let d = c.op("Add", &[&one, &a]);
+        let d2 = c.op("Mul", &[&d, &d]);
+        c.op("Reciprocal", &[&d2])
+    })
+}
+
+/// Mish: y = x tanh(softplus(x)), y' = t + x sigmoid(x) (1 - t^2).
+pub fn mish(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    unary(c, g, |c, x, _| {
+        let sp = c.op("Softplus", &[x]);
+        let t = c.op("Tanh", &[&sp]);
+        let s = c.op("Sigmoid", &[x]);
+        let one = c.scalar(1.0);
+        let t2 = c.op("Mul", &[&t, &t]);
+        let omt = c.op("Sub", &[&one, &t2]);
+        let xs = c.op("Mul", &[x, &s]);
+        let r = c.op("Mul", &[&xs, &omt]);
+        c.op("Add", &[&t, &r])
+    })
+}
+
+pub fn thresholded_relu(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let alpha = c.attr_f("alpha", 1.0) as f64;
+    unary(c, g, |c, x, _| {
+        let (one, zero) = (c.scalar(1.0), c.scalar(0.0));
+        above(c, x, alpha, &one, &zero)
+    })
+}
+
+/// Shrink: 1 where |x| > lambd, 0 between.
+pub fn shrink(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let lambd = c.attr_f("lambd", 0.5) as f64;
+    unary(c, g, |c, x, _| {
+        let (one, zero) = (c.scalar(1.0), c.scalar(0.0));
+        let a = c.op("Abs", &[x]);
+        above(c, &a, lambd, &one, &zero)
+    })
+}
+
+pub fn reciprocal(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    unary(c, g, |c, _, y| {
+        let y2 = c.op("Mul", &[y, y]);
+        c.op("Neg", &[&y2])
+    })
+}
+
+pub fn sin(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    unary(c, g, |c, x, _| c.op("Cos", &[x]))
+}
+
+pub fn cos(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    unary(c, g, |c, x, _| {
+        let s = c.op("Sin", &[x]);
+        c.op("Neg", &[&s])
+    })
+}
+
+pub fn tan(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    unary(c, g, |c, _, y| {
+        let one = c.scalar(1.0);
+        let y2 = c.op("Mul", &[y, y]);
+        c.op("Add", &[&one, &y2])
+    })
+}
+
+pub fn sinh(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    unary(c, g, |c, x, _| c.op("Cosh", &[x]))
+}
+
+pub fn cosh(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    unary(c, g, |c, x, _| c.op("Sinh", &[x]))
+}
+
+/// 1 / sqrt(s (1 - x^2)) style derivatives: `sign / sqrt(k0 + k2 x^2)` or its square root
+/// left out (`root = false`: `sign / (k0 + k2 x^2)`).
+fn inverse_trig(c: &mut Ctx, g: &[Option<String>], k0: f64, k2: f64, sign: f64, root: bool) -> Out {
+    unary(c, g, |c, x, _| {
+        let (a, b, s) = (c.scalar(k0), c.scalar(k2), c.scalar(sign));
+        let x2 = c.op("Mul", &[x, x]);
+        let bx2 = c.op("Mul", &[&x2, &b]);
+        let q = c.op("Add", &[&a, &bx2]);
+        let q = if root { c.op("Sqrt", &[&q]) } else { q };
+        c.op("Div", &[&s, &q])
+    })
+}
+
+pub fn asin(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    inverse_trig(c, g, 1.0, -1.0, 1.0, true)
+}
+pub fn acos(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    inverse_trig(c, g, 1.0, -1.0, -1.0, true)
+}
+pub fn atan(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    inverse_trig(c, g, 1.0, 1.0, 1.0, false)
+}
+pub fn asinh(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    inverse_trig(c, g, 1.0, 1.0, 1.0, true)
+}
+pub fn acosh(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    inverse_trig(c, g, -1.0, 1.0, 1.0, true)
+}
+pub fn atanh(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    inverse_trig(c, g, 1.0, -1.0, 1.0, false)
+}
+
+/// PRelu: dX = g where X > 0, g slope elsewhere; dSlope = unb(g X where X <= 0).
+pub fn prelu(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None, None]);
+    };
+    let (x, slope, y) = (c.input(0).to_string(), c.input(1).to_string(), c.output(0).to_string());
+    let zero = c.scalar(0.0);
+    let pos = c.op("Greater", &[&x, &zero]);
+    let mut out = vec![None, None];
+    if need[0] {
+        let gs = c.op("Mul", &[&g, &slope]);
+        let d = c.op("Where", &[&pos, &g, &gs]);
+        // The slope may be larger than X where it broadcasts X; X's own shape is the output's.
+        out[0] = Some(c.unbroadcast(&d, &x, &y)?);
+    }
+    if need[1] {
+        let gx = c.op("Mul", &[&g, &x]);
+        let d = c.op("Where", &[&pos, &zero, &gx]);
+        out[1] = Some(c.unbroadcast(&d, &slope, &y)?);
+    }
+    Ok(out)
+}
+
+/// Mean of several inputs: each gets unb(g) / n.
+pub fn mean(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let n = c.scalar(need.len() as f64);
+    let gn = c.op("Div", &[&g, &n]);
+    let y = c.output(0).to_string();
+    let mut out = Vec::new();
+    for (i, &w) in need.iter().enumerate() {
+        let x = c.input(i).to_string();
+        out.push(if w { Some(c.unbroadcast(&gn, &x, &y)?) } else { None });
+    }
+    Ok(out)
+}

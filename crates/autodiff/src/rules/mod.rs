@@ -82,6 +82,28 @@ rules! {
     "Gelu" => Vjp(ew::gelu), "dX = g (Φ(X) + X φ(X)); tanh: its derivative";
     "HardSigmoid" => Vjp(ew::hard_sigmoid), "dX = g alpha where 0 < alpha X + beta < 1";
     "HardSwish" => Vjp(ew::hard_swish), "dX = g (2X + 3)/6 on (-3, 3), g above";
+    "Elu" => Vjp(ew::elu), "dX = g where X > 0, g (Y + alpha) elsewhere";
+    "Selu" => Vjp(ew::selu), "dX = g gamma where X > 0, g (Y + gamma alpha) elsewhere";
+    "Celu" => Vjp(ew::celu), "dX = g where X > 0, g exp(X / alpha) elsewhere";
+    "Softplus" => Vjp(ew::softplus), "dX = g sigmoid(X)";
+    "Softsign" => Vjp(ew::softsign), "dX = g / (1 + |X|)^2";
+    "Mish" => Vjp(ew::mish), "dX = g (t + X sigmoid(X) (1 - t^2)), t = tanh(softplus(X))";
+    "ThresholdedRelu" => Vjp(ew::thresholded_relu), "dX = g where X > alpha";
+    "Shrink" => Vjp(ew::shrink), "dX = g where |X| > lambd";
+    "PRelu" => Vjp(ew::prelu), "dX = g where X > 0, g slope elsewhere; dslope = unb(g X where X <= 0)";
+    "Reciprocal" => Vjp(ew::reciprocal), "dX = -g Y^2";
+    "Sin" => Vjp(ew::sin), "dX = g cos X";
+    "Cos" => Vjp(ew::cos), "dX = -g sin X";
+    "Tan" => Vjp(ew::tan), "dX = g (1 + Y^2)";
+    "Sinh" => Vjp(ew::sinh), "dX = g cosh X";
+    "Cosh" => Vjp(ew::cosh), "dX = g sinh X";
+    "Asin" => Vjp(ew::asin), "dX = g / sqrt(1 - X^2)";
+    "Acos" => Vjp(ew::acos), "dX = -g / sqrt(1 - X^2)";
+    "Atan" => Vjp(ew::atan), "dX = g / (1 + X^2)";
+    "Asinh" => Vjp(ew::asinh), "dX = g / sqrt(1 + X^2)";
+    "Acosh" => Vjp(ew::acosh), "dX = g / sqrt(X^2 - 1)";
+    "Atanh" => Vjp(ew::atanh), "dX = g / (1 - X^2)";
+    "Mean" => Vjp(ew::mean), "dX_i = unb(g) / n";
     "Dropout" => Vjp(ew::dropout), "dX = g mask / (1 - ratio) in training mode, g otherwise";
     "MatMul" => Vjp(linalg::matmul), "dA = unb(g B^T), dB = unb(A^T g)";
     "Gemm" => Vjp(linalg::gemm), "dA = alpha g B'^T (transposed back), dB = alpha A'^T g, dC = beta unb(g)";
@@ -115,6 +137,20 @@ rules! {
     "Expand" => Vjp(shape::expand), "dX = unb(g)";
     "ReduceSum" => Vjp(shape::reduce_sum), "dX = expand(g)";
     "ReduceMean" => Vjp(shape::reduce_mean), "dX = expand(g) / n";
+    "ReduceSumSquare" => Vjp(shape::reduce_sum_square), "dX = expand(g) 2X";
+    "ReduceL1" => Vjp(shape::reduce_l1), "dX = expand(g) sign(X)";
+    "ReduceL2" => Vjp(shape::reduce_l2), "dX = expand(g) X / Y";
+    "ReduceLogSum" => Vjp(shape::reduce_log_sum), "dX = expand(g) / exp(Y)";
+    "ReduceLogSumExp" => Vjp(shape::reduce_log_sum_exp), "dX = expand(g) exp(X - Y)";
+    "ReduceMax" => Vjp(shape::reduce_extremum), "dX = expand(g) [X = Y] / count(X = Y)";
+    "ReduceMin" => Vjp(shape::reduce_extremum), "dX = expand(g) [X = Y] / count(X = Y)";
+    "ReduceProd" => Vjp(shape::reduce_prod), "dX = expand(g) Y / X (X without zeros)";
+    "GlobalMaxPool" => Vjp(shape::global_max_pool), "dX = expand(g) [X = Y] / count(X = Y)";
+    "Tile" => Vjp(shape::tile), "dX = sum over the repeats of g";
+    "Trilu" => Vjp(shape::trilu), "dX = trilu(g)";
+    "ScatterND" => Vjp(shape::scatter_nd), "ddata = g with the scattered positions zeroed (none) or g (add); dupdates = gather_nd(g)";
+    "ScatterElements" => Vjp(shape::scatter_elements), "ddata = g with the scattered positions zeroed (none) or g (add); dupdates = gather_elements(g)";
+    "TopK" => Vjp(shape::top_k), "dX = scatter_elements(zeros, indices, g)";
     "SoftmaxCrossEntropyLoss" => Vjp(loss::softmax_cross_entropy), "dS = (softmax(S) - onehot(y)) g / N";
     "Shape" => NoGradient, "no gradient";
     "Size" => NoGradient, "no gradient";
@@ -133,6 +169,17 @@ rules! {
     "ArgMax" => NoGradient, "no gradient";
     "ArgMin" => NoGradient, "no gradient";
     "Sign" => NoGradient, "no gradient (zero almost everywhere)";
+    "Floor" => NoGradient, "no gradient (zero almost everywhere)";
+    "Ceil" => NoGradient, "no gradient (zero almost everywhere)";
+    "Round" => NoGradient, "no gradient (zero almost everywhere)";
+    "Mod" => NoGradient, "no gradient (a discrete op: index arithmetic)";
+    "Hardmax" => NoGradient, "no gradient (zero almost everywhere)";
+    "IsNaN" => NoGradient, "no gradient";
+    "IsInf" => NoGradient, "no gradient";
+    "Xor" => NoGradient, "no gradient";
+    "NonZero" => NoGradient, "no gradient";
+    "OneHot" => NoGradient, "no gradient";
+    "BitShift" => NoGradient, "no gradient";
 }
 
 /// The rule for an operator of the default domain.

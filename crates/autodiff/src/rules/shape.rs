@@ -256,9 +256,23 @@ pub fn expand(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     Ok(vec![Some(c.unbroadcast(&g, &x, &y)?), None])
 }
 
-/// ReduceSum / ReduceMean: put the reduced axes back (Unsqueeze when keepdims=0), broadcast to
-/// X's shape, and divide by the number of reduced elements for the mean.
-fn reduce(c: &mut Ctx, g: &[Option<String>], need: &[bool], mean: bool) -> Out {
+/// The reductions: dX = expand(g) d, the reduced axes put back (Unsqueeze when keepdims=0)
+/// and broadcast to X's shape, times each reduction's local derivative.
+#[derive(Clone, Copy, PartialEq)]
+enum Reduction {
+    Sum,
+    Mean,
+    SumSquare,
+    L1,
+    L2,
+    LogSum,
+    LogSumExp,
+    /// Max and Min: ties share the gradient equally.
+    Extremum,
+    Prod,
+}
+
+fn reduce(c: &mut Ctx, g: &[Option<String>], need: &[bool], kind: Reduction) -> Out {
     let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
@@ -270,32 +284,205 @@ fn reduce(c: &mut Ctx, g: &[Option<String>], need: &[bool], mean: bool) -> Out {
     let mut v = vec![None; need.len()];
     let axes: Vec<i64> = match axes {
         Some(a) if !a.is_empty() => a.iter().map(|&a| a as i64).collect(),
-        _ if noop => {
-            v[0] = Some(g);
-            return Ok(v);
-        }
+        // No axes and `noop_with_empty_axes`: the op is the identity, or its local map.
+        _ if noop => vec![],
         _ => (0..r as i64).collect(),
     };
     let mut sorted = axes.clone();
     sorted.sort();
-    let gk = if keep { g } else { c.unsqueeze(&g, &sorted) };
+    let y = c.output(0).to_string();
+    let back = |c: &mut Ctx, t: &str| -> String {
+        if keep || sorted.is_empty() {
+            t.to_string()
+        } else {
+            c.unsqueeze(t, &sorted)
+        }
+    };
+    let gk = back(c, &g);
     let s = c.shape_of(&x);
     let ex = c.op("Expand", &[&gk, &s]);
-    v[0] = Some(if mean {
-        let y = c.output(0).to_string();
+    let yk = back(c, &y);
+    if kind == Reduction::Mean {
         let n = c.size_ratio(&x, &y);
-        c.op("Div", &[&ex, &n])
-    } else {
-        ex
+        v[0] = Some(c.op("Div", &[&ex, &n]));
+        return Ok(v);
+    }
+    let local = match kind {
+        Reduction::Sum | Reduction::Mean => None,
+        Reduction::SumSquare => {
+            let two = c.scalar(2.0);
+            Some(c.op("Mul", &[&x, &two]))
+        }
+        Reduction::L1 => Some(c.op("Sign", &[&x])),
+        Reduction::L2 => Some(c.op("Div", &[&x, &yk])),
+        Reduction::LogSum => {
+            let sum = c.op("Exp", &[&yk]);
+            Some(c.op("Reciprocal", &[&sum]))
+        }
+        Reduction::LogSumExp => {
+            let d = c.op("Sub", &[&x, &yk]);
+            Some(c.op("Exp", &[&d]))
+        }
+        Reduction::Extremum => {
+            let eq = c.op("Equal", &[&x, &yk]);
+            let m = c.cast(&eq, dtype::FLOAT);
+            let count = if sorted.is_empty() {
+                m.clone()
+            } else {
+                c.reduce_sum(&m, &sorted, true)
+            };
+            Some(c.op("Div", &[&m, &count]))
+        }
+        Reduction::Prod => Some(c.op("Div", &[&yk, &x])),
+    };
+    v[0] = Some(match local {
+        Some(d) => c.op("Mul", &[&ex, &d]),
+        None => ex,
     });
     Ok(v)
 }
 
 pub fn reduce_sum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    reduce(c, g, need, false)
+    reduce(c, g, need, Reduction::Sum)
 }
 pub fn reduce_mean(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    reduce(c, g, need, true)
+    reduce(c, g, need, Reduction::Mean)
+}
+pub fn reduce_sum_square(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    reduce(c, g, need, Reduction::SumSquare)
+}
+pub fn reduce_l1(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    reduce(c, g, need, Reduction::L1)
+}
+pub fn reduce_l2(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    reduce(c, g, need, Reduction::L2)
+}
+pub fn reduce_log_sum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    reduce(c, g, need, Reduction::LogSum)
+}
+pub fn reduce_log_sum_exp(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    reduce(c, g, need, Reduction::LogSumExp)
+}
+pub fn reduce_extremum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    reduce(c, g, need, Reduction::Extremum)
+}
+pub fn reduce_prod(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    reduce(c, g, need, Reduction::Prod)
+}
+
+/// GlobalMaxPool: a max over the spatial axes (ties share the gradient).
+pub fn global_max_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let (x, y) = (c.input(0).to_string(), c.output(0).to_string());
+    let r = c.rank(&x)?;
+    let axes: Vec<i64> = (2..r as i64).collect();
+    let s = c.shape_of(&x);
+    let ex = c.op("Expand", &[&g, &s]);
+    let eq = c.op("Equal", &[&x, &y]);
+    let m = c.cast(&eq, dtype::FLOAT);
+    let count = c.reduce_sum(&m, &axes, true);
+    let share = c.op("Div", &[&m, &count]);
+    Ok(vec![Some(c.op("Mul", &[&ex, &share]))])
+}
+
+/// Tile: the gradient summed over the repeats: g reshaped to [r0, d0, r1, d1, ...] (both read
+/// at run time) and summed over the r axes.
+pub fn tile(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let x = c.input(0).to_string();
+    let reps = c.input(1).to_string();
+    let r = c.rank(&x)?;
+    let s = c.shape_of(&x);
+    let mut parts = Vec::new();
+    for i in 0..r as i64 {
+        let (from, to) = (c.ints(&[i]), c.ints(&[i + 1]));
+        parts.push(c.op("Slice", &[&reps, &from, &to]));
+        parts.push(c.op("Slice", &[&s, &from, &to]));
+    }
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let target = c.op_a("Concat", &refs, vec![attr_int("axis", 0)]);
+    let split = c.op("Reshape", &[&g, &target]);
+    let axes: Vec<i64> = (0..r as i64).map(|i| 2 * i).collect();
+    let mut out = vec![Some(c.reduce_sum(&split, &axes, false))];
+    out.resize(need.len(), None);
+    Ok(out)
+}
+
+/// Trilu: the same triangle of the gradient.
+pub fn trilu(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let upper = c.attr_i("upper", 1);
+    let mut ins = vec![g.as_str()];
+    let k = c.input(1).to_string();
+    if !k.is_empty() {
+        ins.push(&k);
+    }
+    let mut out = vec![Some(c.op_a("Trilu", &ins, vec![attr_int("upper", upper)]))];
+    out.resize(need.len(), None);
+    Ok(out)
+}
+
+/// ScatterND / ScatterElements: without reduction the scattered positions of data get no
+/// gradient (overwritten) and the updates get g at their positions; with reduction="add" data
+/// gets all of g.
+fn scatter(c: &mut Ctx, g: &[Option<String>], need: &[bool], elements: bool) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let reduction = c.attr_s("reduction").unwrap_or_else(|| "none".into());
+    if reduction != "none" && reduction != "add" {
+        return Err(c.err(format!("reduction '{reduction}' has no gradient rule")));
+    }
+    let (idx, upd) = (c.input(1).to_string(), c.input(2).to_string());
+    let axis = c.attr_i("axis", 0);
+    let attrs = || if elements { vec![attr_int("axis", axis)] } else { vec![] };
+    let mut out = vec![None; need.len()];
+    if need[0] {
+        out[0] = Some(if reduction == "add" {
+            g.clone()
+        } else {
+            let z = c.zeros_like(&upd);
+            let op = if elements { "ScatterElements" } else { "ScatterND" };
+            c.op_a(op, &[&g, &idx, &z], attrs())
+        });
+    }
+    if need.get(2).copied().unwrap_or(false) {
+        let op = if elements { "GatherElements" } else { "GatherND" };
+        out[2] = Some(c.op_a(op, &[&g, &idx], attrs()));
+    }
+    Ok(out)
+}
+
+pub fn scatter_nd(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    scatter(c, g, need, false)
+}
+pub fn scatter_elements(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    scatter(c, g, need, true)
+}
+
+/// TopK (values): the gradient scattered back to the selected positions (distinct per row).
+pub fn top_k(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let x = c.input(0).to_string();
+    let idx = c.output(1).to_string();
+    if idx.is_empty() {
+        return Err(c.err("its indices output is needed for the gradient"));
+    }
+    let axis = c.attr_i("axis", -1);
+    let z = c.zeros_like(&x);
+    let mut out = vec![Some(c.op_a(
+        "ScatterElements",
+        &[&z, &idx, &g],
+        vec![attr_int("axis", axis)],
+    ))];
+    out.resize(need.len(), None);
+    Ok(out)
 }
 
 /// GatherND (`batch_dims=0`): scatter-add the gradient slices back at their indices.
