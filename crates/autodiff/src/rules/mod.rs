@@ -3,6 +3,7 @@
 //! operators only. `tests/it/grad_rules.rs` holds a finite-difference case for every entry and
 //! fails when an entry has none.
 
+pub mod composite;
 pub mod elementwise;
 pub mod linalg;
 pub mod loss;
@@ -122,6 +123,11 @@ rules! {
     "GlobalAveragePool" => Vjp(nn::global_average_pool), "dX = expand(g / (H W))";
     "BatchNormalization" => Vjp(nn::batch_norm), "inference: dX = g scale r; training: dX = scale r/M (M g - sum g - x̂ sum(g x̂))";
     "InstanceNormalization" => Vjp(nn::instance_norm), "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale, over the spatial dims; dscale = Σ g x̂, dB = Σ g";
+    "GroupNormalization" => Body(composite::group_norm), "X as [N, G, rest] standardized, scale and bias per group (18) or channel (21)";
+    "LpNormalization" => Body(composite::lp_norm), "X / ReduceL1 or ReduceL2 of X along the axis";
+    "MeanVarianceNormalization" => Body(composite::mean_variance_norm), "the spec's function body: (X - E X) / (sqrt(E X^2 - (E X)^2) + 1e-9)";
+    "RMSNormalization" => Body(composite::rms_norm), "X / sqrt(mean(X^2) + eps) scale";
+    "LRN" => Body(composite::lrn), "X / (bias + alpha/size window-sum X^2)^beta, the window by Pad and Slices";
     "LayerNormalization" => Vjp(nn::layer_norm), "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale";
     "Flatten" => Vjp(shape::reshape), "dX = reshape(g, shape(X))";
     "Reshape" => Vjp(shape::reshape), "dX = reshape(g, shape(X))";

@@ -54,6 +54,7 @@ pub(super) const RULES: &[(&[&str], Rule)] = &[
             "LpNormalization",
             "LRN",
             "MeanVarianceNormalization",
+            "RMSNormalization",
             "ScatterElements",
             "ScatterND",
             "Scatter",
