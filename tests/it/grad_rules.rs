@@ -244,6 +244,27 @@ fn cases() -> Vec<Case> {
             "Conv",
             vec![x(&[1, 2, 4, 4, 3]), x(&[3, 2, 2, 2, 2]), x(&[3])],
         ),
+        case(
+            "conv_transpose_stride_output_padding",
+            "ConvTranspose",
+            vec![x(&[2, 3, 5]), x(&[3, 4, 3]), x(&[4])],
+        )
+        .attrs(vec![
+            attr_ints("strides", &[2]),
+            attr_ints("pads", &[1, 0]),
+            attr_ints("output_padding", &[1]),
+        ]),
+        case(
+            "conv_transpose2d_groups_dilation",
+            "ConvTranspose",
+            vec![x(&[1, 4, 3, 4]), x(&[4, 3, 2, 3])],
+        )
+        .attrs(vec![
+            attr_int("group", 2),
+            attr_ints("strides", &[1, 2]),
+            attr_ints("dilations", &[2, 1]),
+            attr_ints("pads", &[0, 1, 1, 0]),
+        ]),
         case("maxpool", "MaxPool", vec![x(&[2, 2, 6, 6])])
             .attrs(vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])])
             .gen(Distinct),

@@ -118,6 +118,7 @@ rules! {
     "Softmax" => Vjp(nn::softmax), "dX = Y (g - sum(g Y))";
     "LogSoftmax" => Vjp(nn::log_softmax), "dX = g - exp(Y) sum(g)";
     "Conv" => Vjp(nn::conv), "dX = ConvTranspose(g, W), dW = Conv(X^T, g^T) cropped, dB = sum(g)";
+    "ConvTranspose" => Vjp(nn::conv_transpose), "dX = Conv(g, W), dW = Conv's weight gradient with input and output exchanged, dB = sum(g)";
     "MaxPool" => Vjp(nn::max_pool), "dX = scatter_add(g at the argmax indices)";
     "AveragePool" => Vjp(nn::average_pool), "dX = ConvTranspose(g / count, ones)";
     "GlobalAveragePool" => Vjp(nn::global_average_pool), "dX = expand(g / (H W))";

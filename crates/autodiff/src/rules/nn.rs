@@ -154,41 +154,92 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         out[0] = Some(geo.transpose_back(c, &g, &w, &x, group));
     }
     if need[1] {
-        let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
-        perm.swap(0, 1);
-        let gt = c.op_a("Transpose", &[&g], vec![attr_ints("perm", &perm)]);
-        let xt = if group == 1 {
-            c.op_a("Transpose", &[&x], vec![attr_ints("perm", &perm)])
-        } else {
-            let cg = ws[1];
-            // [N, group, C/group, spatial...] and [C/group, N group, spatial...], the spatial
-            // sizes constants or read from the input's shape.
-            let (_, spatial, _) = spatial_of(c, &x, sp);
-            let head = c.ints(&[0, group, cg]);
-            let s = c.op_a("Concat", &[&head, &spatial], vec![attr_int("axis", 0)]);
-            let x5 = c.op("Reshape", &[&x, &s]);
-            let mut p: Vec<i64> = vec![2, 1, 0];
-            p.extend((3..(sp + 3) as i64).collect::<Vec<_>>());
-            let xp = c.op_a("Transpose", &[&x5], vec![attr_ints("perm", &p)]);
-            let head = c.ints(&[cg, -1]);
-            let f = c.op_a("Concat", &[&head, &spatial], vec![attr_int("axis", 0)]);
-            c.op("Reshape", &[&xp, &f])
-        };
-        let r = c.op_a(
+        out[1] = Some(weight_grad(c, &x, &g, &ws, group, &geo));
+    }
+    if need.len() > 2 && need[2] {
+        let mut axes = vec![0];
+        axes.extend(2..(sp + 2) as i64);
+        out[2] = Some(c.reduce_sum(&g, &axes, false));
+    }
+    Ok(out)
+}
+
+/// The gradient of a convolution's weight: a Conv of the input `x` with the output gradient `g`
+/// as kernel (strides and dilations swapped), groups folded into the batch, cropped to the
+/// kernel size.
+fn weight_grad(c: &mut Ctx, x: &str, g: &str, ws: &[i64], group: i64, geo: &ConvGeom) -> String {
+    let sp = geo.sp;
+    let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
+    perm.swap(0, 1);
+    let gt = c.op_a("Transpose", &[g], vec![attr_ints("perm", &perm)]);
+    let xt = if group == 1 {
+        c.op_a("Transpose", &[x], vec![attr_ints("perm", &perm)])
+    } else {
+        let cg = ws[1];
+        // [N, group, C/group, spatial...] and [C/group, N group, spatial...], the spatial
+        // sizes constants or read from the input's shape.
+        let (_, spatial, _) = spatial_of(c, x, sp);
+        let head = c.ints(&[0, group, cg]);
+        let s = c.op_a("Concat", &[&head, &spatial], vec![attr_int("axis", 0)]);
+        let x5 = c.op("Reshape", &[x, &s]);
+        let mut p: Vec<i64> = vec![2, 1, 0];
+        p.extend((3..(sp + 3) as i64).collect::<Vec<_>>());
+        let xp = c.op_a("Transpose", &[&x5], vec![attr_ints("perm", &p)]);
+        let head = c.ints(&[cg, -1]);
+        let f = c.op_a("Concat", &[&head, &spatial], vec![attr_int("axis", 0)]);
+        c.op("Reshape", &[&xp, &f])
+    };
+    let r = c.op_a(
+        "Conv",
+        &[&xt, &gt],
+        vec![
+            attr_ints("strides", &geo.dil),
+            attr_ints("dilations", &geo.strides),
+            attr_ints("pads", &geo.pads),
+            attr_int("group", group),
+        ],
+    );
+    let r = c.op_a("Transpose", &[&r], vec![attr_ints("perm", &perm)]);
+    let starts = c.ints(&vec![0; sp]);
+    let ends = c.ints(&geo.kernel);
+    let axes = c.ints(&(2..(sp + 2) as i64).collect::<Vec<_>>());
+    c.op("Slice", &[&r, &starts, &ends, &axes])
+}
+
+/// ConvTranspose, the input gradient of a Conv: dX = Conv(g, W) with the same strides, pads,
+/// dilations and groups (the output_padding rows fall outside every window); dW = the Conv
+/// weight gradient with the roles of input and output exchanged (g the input, X the output
+/// gradient); dB = sum(g). Explicit pads only (auto_pad SAME and output_shape choose pads from
+/// the output size).
+pub fn conv_transpose(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let auto = c.attr_s("auto_pad").unwrap_or_default();
+    if auto.starts_with("SAME") || c.attr_ints("output_shape").is_some() {
+        return Err(c.err("auto_pad SAME and output_shape have no gradient rule; give explicit pads"));
+    }
+    let (x, w) = (c.input(0).to_string(), c.input(1).to_string());
+    let ws = c.known_shape(&w)?;
+    let group = c.attr_i("group", 1);
+    let geo = conv_geom(c, ws[2..].to_vec())?;
+    let sp = geo.sp;
+    let mut out = vec![None; need.len()];
+    if need[0] {
+        out[0] = Some(c.op_a(
             "Conv",
-            &[&xt, &gt],
+            &[&g, &w],
             vec![
-                attr_ints("strides", &geo.dil),
-                attr_ints("dilations", &geo.strides),
+                attr_ints("strides", &geo.strides),
+                attr_ints("dilations", &geo.dil),
                 attr_ints("pads", &geo.pads),
+                attr_ints("kernel_shape", &geo.kernel),
                 attr_int("group", group),
             ],
-        );
-        let r = c.op_a("Transpose", &[&r], vec![attr_ints("perm", &perm)]);
-        let starts = c.ints(&vec![0; sp]);
-        let ends = c.ints(&geo.kernel);
-        let axes = c.ints(&(2..(sp + 2) as i64).collect::<Vec<_>>());
-        out[1] = Some(c.op("Slice", &[&r, &starts, &ends, &axes]));
+        ));
+    }
+    if need[1] {
+        out[1] = Some(weight_grad(c, &g, &x, &ws, group, &geo));
     }
     if need.len() > 2 && need[2] {
         let mut axes = vec![0];
