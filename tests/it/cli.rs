@@ -58,6 +58,55 @@ fn inspect_lists_io_and_encoder_candidates() {
     assert_eq!(v["encoder_candidates"][0]["score"], 8);
 }
 
+/// `inspect` says whether `--train` can differentiate a model: here an op of a custom domain
+/// on the audio encoder's path, named by inspect and by the `--train` error alike.
+#[test]
+fn inspect_names_the_ops_without_a_gradient_rule() {
+    bin()
+        .args(["inspect", &model("av_cnn.legacy.onnx")])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "gradients   every op between the parameters and the outputs has a rule",
+        ));
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = onnx::load(Path::new(&model("av_cnn.legacy.onnx"))).unwrap();
+    let idx = onnx::GraphIndex::new(&m).unwrap();
+    let node = m
+        .graph_mut()
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "Relu" && n.name.starts_with("/audio_encoder"))
+        .unwrap();
+    node.domain = "com.example".into();
+    node.op_type = "MyRelu".into();
+    let name = node.name.clone();
+    // Its output's type, as a user gives it for a custom op.
+    let out = node.output[0].clone();
+    let vi = idx.fact(&out).unwrap().to_value_info(&out);
+    m.graph_mut().value_info.push(vi);
+    let p = dir.path().join("custom.onnx");
+    onnx::save(&m, &p).unwrap();
+    bin()
+        .args(["inspect", p.to_str().unwrap()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(format!(
+            "--train stops here: no gradient rule for com.example::MyRelu (1 nodes: {name})"
+        )));
+    bin()
+        .args([
+            p.to_str().unwrap(),
+            "--encoders",
+            "audio_encoder,visual_encoder",
+            "--train",
+        ])
+        .args(["-o", dir.path().join("t.onnx").to_str().unwrap()])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("no gradient rule for com.example::MyRelu"));
+}
+
 #[test]
 fn inject_shorthand_writes_the_model_and_inspect_shows_the_rewrite() {
     let dir = tempfile::tempdir().unwrap();

@@ -135,6 +135,50 @@ pub fn backward(
     Ok(out)
 }
 
+/// The nodes between `from` and `to` (on a float path from one to the other) whose op the
+/// registry has no rule for, as (op, node name), in graph order: what stops a training graph
+/// from being built.
+pub fn ops_without_rule(model: &Model, idx: &GraphIndex, from: &[String], to: &[String]) -> Vec<(String, String)> {
+    let g = model.graph();
+    let is_float = |t: &str| {
+        idx.fact(t)
+            .map(|f| f.dtype == 0 || dtype::is_float(f.dtype))
+            .unwrap_or(true)
+    };
+    let mut reach: HashSet<&str> = from.iter().map(String::as_str).collect();
+    for &i in &idx.topo {
+        let n = &g.node[i];
+        if n.input.iter().any(|x| reach.contains(x.as_str())) {
+            reach.extend(
+                n.output
+                    .iter()
+                    .filter(|o| !o.is_empty() && is_float(o))
+                    .map(String::as_str),
+            );
+        }
+    }
+    let mut needed: HashSet<&str> = to.iter().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for &i in idx.topo.iter().rev() {
+        let n = &g.node[i];
+        if !n.output.iter().any(|o| needed.contains(o.as_str())) {
+            continue;
+        }
+        needed.extend(n.input.iter().map(String::as_str));
+        let on_path = n.input.iter().any(|x| reach.contains(x.as_str()) && is_float(x));
+        if on_path && rules::lookup(&n.domain, &n.op_type).is_none() {
+            let op = if n.domain.is_empty() {
+                n.op_type.clone()
+            } else {
+                format!("{}::{}", n.domain, n.op_type)
+            };
+            out.push((op, n.name.clone()));
+        }
+    }
+    out.reverse();
+    out
+}
+
 /// The vector-Jacobian product of a node written as a body of primitive ops: the body is
 /// emitted (a recomputation, in the backward part), indexed as a graph of its own whose inputs
 /// are the node's inputs, and differentiated by `backward` from the node's output gradients.

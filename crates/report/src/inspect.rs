@@ -27,6 +27,9 @@ pub struct Report {
     pub parameters: u64,
     /// Float initializers that never train (`--train`), by reason.
     pub not_trained: BTreeMap<String, usize>,
+    /// Ops between the parameters and the outputs that have no gradient rule (op -> nodes):
+    /// empty when `--train` can differentiate the model as it is.
+    pub without_gradient_rule: BTreeMap<String, Vec<String>>,
     pub external_data: bool,
     pub encoder_candidates: Vec<Candidate>,
     /// The configuration a previous `dagr-inject` rewrite recorded, if any.
@@ -67,6 +70,16 @@ pub fn report(model: &Model) -> Result<Report> {
         *op_counts.entry(key).or_insert(0) += 1;
     }
     let params: Vec<_> = g.initializer.iter().filter(|t| dtype::is_float(t.data_type)).collect();
+    let not_parameters = dagr_core::training::not_parameters(model);
+    let trainable: Vec<String> = params
+        .iter()
+        .map(|t| t.name.clone())
+        .filter(|n| !not_parameters.contains_key(n))
+        .collect();
+    let mut without_gradient_rule: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (op, node) in dagr_autodiff::ops_without_rule(model, &idx, &trainable, &idx.graph_outputs) {
+        without_gradient_rule.entry(op).or_default().push(node);
+    }
     Ok(Report {
         ir_version: model.proto.ir_version,
         producer: format!("{} {}", model.proto.producer_name, model.proto.producer_version)
@@ -92,16 +105,15 @@ pub fn report(model: &Model) -> Result<Report> {
         nodes: g.node.len(),
         op_counts,
         parameter_tensors: params.len(),
-        not_trained: dagr_core::training::not_parameters(model)
-            .values()
-            .fold(BTreeMap::new(), |mut m, r| {
-                let key = serde_json::to_value(r)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
-                *m.entry(key).or_insert(0) += 1;
-                m
-            }),
+        without_gradient_rule,
+        not_trained: not_parameters.values().fold(BTreeMap::new(), |mut m, r| {
+            let key = serde_json::to_value(r)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            *m.entry(key).or_insert(0) += 1;
+            m
+        }),
         parameters: params.iter().map(|t| tensor::numel(t) as u64).sum(),
         external_data: !dagr_onnx::io::external_tensors(&model.proto).is_empty(),
         encoder_candidates: locate::candidates(model, &idx),
@@ -147,6 +159,27 @@ impl Report {
             let _ = writeln!(s, "            not trained: {}", parts.join(", "));
         }
         let _ = writeln!(s, "nodes       {}", self.nodes);
+        if self.without_gradient_rule.is_empty() {
+            let _ = writeln!(
+                s,
+                "gradients   every op between the parameters and the outputs has a rule (--train can differentiate it)"
+            );
+        } else {
+            let parts: Vec<String> = self
+                .without_gradient_rule
+                .iter()
+                .map(|(op, nodes)| {
+                    let shown: Vec<&str> = nodes.iter().take(3).map(String::as_str).collect();
+                    let more = if nodes.len() > 3 { ", ..." } else { "" };
+                    format!("{op} ({} nodes: {}{more})", nodes.len(), shown.join(", "))
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "gradients   --train stops here: no gradient rule for {}; --freeze the parameters upstream of it, or report the op",
+                parts.join("; ")
+            );
+        }
         let _ = writeln!(s, "\ninputs");
         for t in &self.inputs {
             let _ = writeln!(s, "  {:<28} {:<9} {}", t.name, t.dtype, t.shape);
