@@ -119,3 +119,101 @@ fn parameter_gradients_match_pytorch_on_both_backends() {
         }
     }
 }
+
+/// An `If` whose condition the shapes decide when the graph is built (here `audio`'s width is
+/// 40) is replaced by the branch it takes: the training graph of av_mlp with its audio ReLU
+/// inside such an If (the other branch a Neg, both branches naming their output alike) has the
+/// gradients of the plain model's.
+#[test]
+fn an_if_decided_by_static_shapes_is_folded_and_trains() {
+    use dagr_inject::onnx::builder::{attr_int, Builder};
+    use dagr_inject::onnx::proto::{attribute_proto::AttributeType, AttributeProto, GraphProto, NodeProto};
+    let path = root().join("models/av_mlp.legacy.onnx");
+    let plain = onnx::load(&path).unwrap();
+    let mut with_if = plain.clone();
+    let pos = with_if
+        .graph()
+        .node
+        .iter()
+        .position(|n| n.name == "/audio_encoder/Relu")
+        .unwrap();
+    let relu = with_if.graph().node[pos].clone();
+    let mut b = Builder::new(&with_if, "");
+    let shape = b.op("Shape", &["audio"], vec![], "/audio_encoder/width");
+    let one = b.scalar_i64(1);
+    let width = b.op(
+        "Gather",
+        &[&shape, &one],
+        vec![attr_int("axis", 0)],
+        "/audio_encoder/width",
+    );
+    let forty = b.scalar_i64(40);
+    let cond = b.op("Equal", &[&width, &forty], vec![], "/audio_encoder/width");
+    let branch = |op: &str, name: &str| {
+        let mut n = NodeProto::new();
+        n.op_type = op.into();
+        n.name = name.into();
+        n.input = vec![relu.input[0].clone()];
+        n.output = vec!["y".into()];
+        let mut g = GraphProto::new();
+        g.name = name.into();
+        g.node.push(n);
+        let mut o = dagr_inject::onnx::proto::ValueInfoProto::new();
+        o.name = "y".into();
+        g.output.push(o);
+        g
+    };
+    let graph_attr = |name: &str, g: GraphProto| AttributeProto {
+        name: name.into(),
+        type_: AttributeType::GRAPH.into(),
+        g: Some(g).into(),
+        ..Default::default()
+    };
+    let mut iff = NodeProto::new();
+    iff.op_type = "If".into();
+    iff.name = "/audio_encoder/If".into();
+    iff.input = vec![cond];
+    iff.output = relu.output.clone();
+    iff.attribute = vec![
+        graph_attr("then_branch", branch("Relu", "relu")),
+        graph_attr("else_branch", branch("Neg", "neg")),
+    ];
+    let mut nodes = std::mem::take(&mut b.nodes);
+    nodes.push(iff);
+    let inits = std::mem::take(&mut b.initializers);
+    let g = with_if.graph_mut();
+    g.node.splice(pos..pos + 1, nodes);
+    g.initializer.extend(inits);
+
+    let cfg = Config {
+        encoders: vec!["audio_encoder".into(), "visual_encoder".into()],
+        task: Task::CrossEntropy {
+            logits: vec!["logits".into()],
+            labels: "label".into(),
+        },
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut checks = OnnxChecks::default();
+    let mut grads = Vec::new();
+    for (tag, mut m) in [("plain", plain), ("if", with_if)] {
+        let rec = make_training_graph(&mut m, &cfg, &TrainOptions::default()).unwrap_or_else(|e| panic!("{tag}: {e}"));
+        assert!(
+            !m.graph().node.iter().any(|n| n.op_type == "If"),
+            "{tag}: the If is still there"
+        );
+        let p = dir.path().join(format!("{tag}.onnx"));
+        onnx::save(&m, &p).unwrap();
+        checks.add(&p);
+        let mut feed = model_inputs(&path);
+        feed.insert(
+            "label".into(),
+            dagr_inject::runtime::Value::I64(ndarray::ArrayD::from_shape_vec(vec![4], vec![1, 0, 3, 9]).unwrap()),
+        );
+        let names: Vec<String> = rec.params.iter().map(|p| p.1.clone()).collect();
+        let out = dagr_inject::runtime::run(dagr_inject::runtime::Backend::Ort, &p, &feed, &names).unwrap();
+        grads.push(names.iter().map(|n| (n.clone(), f32_of(&out, n))).collect::<Vec<_>>());
+    }
+    assert_eq!(grads[0].len(), 10);
+    assert_eq!(grads[0], grads[1]);
+}

@@ -110,7 +110,9 @@ pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
 pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Result<Injected> {
     cfg.validate()?;
     check_rewritable(model)?;
-    // Sequences of split parts as plain tensors: portable to tract, differentiable.
+    // Branches chosen when the graph is built, and sequences of split parts as plain tensors:
+    // portable to tract, differentiable.
+    portable::fold_constant_ifs(model)?;
     portable::lower_sequences(model)?;
     let idx = GraphIndex::new(model)?;
     let encoders = locate::resolve_all(model, &idx, &cfg.encoders)?;

@@ -248,6 +248,87 @@ pub fn lower_sequences(model: &mut Model) -> Result<usize> {
     Ok(count)
 }
 
+/// Replace every `If` whose condition is known when the graph is built (a constant, or computed
+/// from static shapes) by the nodes of the branch it takes, their names made fresh, and an
+/// Identity per output: the graph then holds only ops the gradient rules and both backends
+/// know. An `If` whose branch holds subgraphs of its own stays. Returns how many were folded.
+pub fn fold_constant_ifs(model: &mut Model) -> Result<usize> {
+    let idx = GraphIndex::new(model)?;
+    let mut b = Builder::new(model, "");
+    let mut plans: Vec<(usize, Vec<NodeProto>)> = Vec::new();
+    for (i, n) in model.graph().node.iter().enumerate() {
+        if n.op_type != "If" || !n.domain.is_empty() {
+            continue;
+        }
+        let Some(cond) = n
+            .input
+            .first()
+            .and_then(|c| idx.value(c))
+            .and_then(|v| match v.as_slice() {
+                [d] => d.known(),
+                _ => None,
+            })
+        else {
+            continue;
+        };
+        let branch = if cond != 0 { "then_branch" } else { "else_branch" };
+        let Some(g) = attr::attr(n, branch).and_then(|a| a.g.as_ref()) else {
+            continue;
+        };
+        let nested = g
+            .node
+            .iter()
+            .any(|m| m.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()));
+        if nested || g.output.len() != n.output.len() {
+            continue;
+        }
+        let mut rename = std::collections::HashMap::new();
+        let local = g
+            .node
+            .iter()
+            .flat_map(|m| m.output.iter())
+            .chain(g.initializer.iter().map(|t| &t.name))
+            .filter(|x| !x.is_empty());
+        for x in local {
+            rename.insert(x.clone(), b.names.fresh(&format!("{}/{x}", n.name)));
+        }
+        let new = |x: &String| rename.get(x).cloned().unwrap_or_else(|| x.clone());
+        let mut nodes = Vec::new();
+        for m in &g.node {
+            let mut m = m.clone();
+            m.name = b.names.fresh(&format!("{}/{}", n.name, m.name));
+            m.input = m.input.iter().map(new).collect();
+            m.output = m.output.iter().map(new).collect();
+            nodes.push(m);
+        }
+        for t in &g.initializer {
+            let mut t = t.clone();
+            t.name = new(&t.name);
+            b.initializers.push(t);
+        }
+        for (o, out) in g.output.iter().zip(&n.output) {
+            if out.is_empty() {
+                continue;
+            }
+            let mut id = NodeProto::new();
+            id.op_type = "Identity".into();
+            id.name = b.names.fresh(&format!("{}/output", n.name));
+            id.input = vec![new(&o.name)];
+            id.output = vec![out.clone()];
+            nodes.push(id);
+        }
+        plans.push((i, nodes));
+    }
+    let count = plans.len();
+    let inits = std::mem::take(&mut b.initializers);
+    let g = model.graph_mut();
+    for (i, nodes) in plans.into_iter().rev() {
+        g.node.splice(i..i + 1, nodes);
+    }
+    g.initializer.extend(inits);
+    Ok(count)
+}
+
 /// A training-mode Dropout made portable: its mask is the graph input `input` (bool, the shape
 /// of the dropped tensor, symbolic dims by name), drawn by the trainer each step with keep
 /// probability `1 - ratio`.
