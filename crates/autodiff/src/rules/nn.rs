@@ -157,11 +157,16 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         out[1] = Some(weight_grad(c, &x, &g, &ws, group, &geo));
     }
     if need.len() > 2 && need[2] {
-        let mut axes = vec![0];
-        axes.extend(2..(sp + 2) as i64);
-        out[2] = Some(c.reduce_sum(&g, &axes, false));
+        out[2] = Some(bias_grad(c, &g, sp));
     }
     Ok(out)
+}
+
+/// The gradient of a convolution's bias: g summed over the batch and the spatial dims.
+fn bias_grad(c: &mut Ctx, g: &str, sp: usize) -> String {
+    let mut axes = vec![0];
+    axes.extend(2..(sp + 2) as i64);
+    c.reduce_sum(g, &axes, false)
 }
 
 /// The gradient of a convolution's weight: a Conv of the input `x` with the output gradient `g`
@@ -242,9 +247,7 @@ pub fn conv_transpose(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         out[1] = Some(weight_grad(c, &g, &x, &ws, group, &geo));
     }
     if need.len() > 2 && need[2] {
-        let mut axes = vec![0];
-        axes.extend(2..(sp + 2) as i64);
-        out[2] = Some(c.reduce_sum(&g, &axes, false));
+        out[2] = Some(bias_grad(c, &g, sp));
     }
     Ok(out)
 }
