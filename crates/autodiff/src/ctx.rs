@@ -9,6 +9,8 @@ use dagr_onnx::{dtype, tensor, Dim, GraphIndex};
 use std::collections::HashMap;
 
 pub struct Ctx<'a> {
+    /// The model the node belongs to.
+    pub model: &'a dagr_onnx::Model,
     pub b: &'a mut Builder,
     pub idx: &'a GraphIndex,
     /// Integer constants of the graph (axes, shapes, indices given as initializers/Constants).

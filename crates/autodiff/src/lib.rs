@@ -108,6 +108,7 @@ pub fn backward(
             node: n.name.clone(),
         })?;
         let mut ctx = ctx::Ctx {
+            model,
             b,
             idx,
             consts: &consts,
@@ -115,7 +116,7 @@ pub fn backward(
         };
         let grads = match rule.kind {
             rules::Kind::Vjp(vjp) => vjp(&mut ctx, &outs, &need)?,
-            rules::Kind::Body(body) => through_body(model, body, &mut ctx, &outs, &need)?,
+            rules::Kind::Body(body) => through_body(body, &mut ctx, &outs, &need)?,
             rules::Kind::NoGradient => continue,
         };
         for (j, gr) in grads.into_iter().enumerate() {
@@ -184,7 +185,6 @@ pub fn ops_without_rule(model: &Model, idx: &GraphIndex, from: &[String], to: &[
 /// are the node's inputs, and differentiated by `backward` from the node's output gradients.
 /// A tensor the node reads twice gets its gradient once.
 fn through_body(
-    model: &Model,
     body: ctx::Body,
     c: &mut ctx::Ctx,
     outs: &[Option<String>],
@@ -192,39 +192,86 @@ fn through_body(
 ) -> Result<Vec<Option<String>>> {
     let (n0, i0) = (c.b.nodes.len(), c.b.initializers.len());
     let produced = body(c)?;
+    let seeds: Vec<(String, String)> = outs
+        .iter()
+        .zip(&produced)
+        .filter_map(|(g, y)| Some((y.clone(), g.clone()?)))
+        .filter(|(y, _)| !y.is_empty())
+        .collect();
+    let (n1, i1) = (c.b.nodes.len(), c.b.initializers.len());
+    differentiate_emitted(c, (n0..n1, i0..i1), &seeds, need)
+}
+
+/// Differentiate what the rule emitted in `range` (of its builder's nodes and initializers), as
+/// a graph of its own whose inputs are the node's inputs: the gradient of each input that `need`
+/// asks for, from the `seeds` on emitted tensors.
+pub fn differentiate_emitted(
+    c: &mut ctx::Ctx,
+    range: Emitted,
+    seeds: &[(String, String)],
+    need: &[bool],
+) -> Result<Vec<Option<String>>> {
     let n = c.node;
-    let mut g = GraphProto::new();
-    g.name = format!("body of {}", n.name);
-    let mut inputs: Vec<&String> = Vec::new();
+    let mut inputs: Vec<(String, dagr_onnx::ValueFact)> = Vec::new();
     for x in n.input.iter().filter(|x| !x.is_empty()) {
-        if !inputs.contains(&x) {
-            inputs.push(x);
+        if !inputs.iter().any(|(i, _)| i == x) {
+            let f = c.idx.fact(x).ok_or_else(|| Error::ShapeUnknown {
+                tensor: x.to_string(),
+                context: format!(", so the gradient of {} node '{}' cannot be built", n.op_type, n.name),
+            })?;
+            inputs.push((x.clone(), f.clone()));
         }
     }
-    for x in &inputs {
-        let f = c.idx.fact(x).ok_or_else(|| Error::ShapeUnknown {
-            tensor: x.to_string(),
-            context: format!(", so the gradient of {} node '{}' cannot be built", n.op_type, n.name),
-        })?;
+    let wrt: Vec<String> = inputs
+        .iter()
+        .map(|(x, _)| x.clone())
+        .filter(|x| n.input.iter().zip(need).any(|(i, &w)| w && i == x))
+        .collect();
+    let label = format!("{} node '{}'", n.op_type, n.name);
+    let mut grads = differentiate_subgraph(c.model, c.b, &label, &inputs, range, seeds, &wrt)?;
+    Ok(n.input
+        .iter()
+        .zip(need)
+        .map(|(x, &w)| if w { grads.remove(x) } else { None })
+        .collect())
+}
+
+/// Positions in a builder's nodes and initializers: what one rule emitted.
+pub type Emitted = (std::ops::Range<usize>, std::ops::Range<usize>);
+
+/// `backward` over the nodes `b` emitted in `range`, indexed as a graph whose inputs are
+/// `inputs`; initializers `b` made before (it shares equal scalars) come along. The gradient
+/// nodes go to `b` as well.
+pub fn differentiate_subgraph(
+    model: &Model,
+    b: &mut Builder,
+    label: &str,
+    inputs: &[(String, dagr_onnx::ValueFact)],
+    range: Emitted,
+    seeds: &[(String, String)],
+    wrt: &[String],
+) -> Result<HashMap<String, String>> {
+    let (nodes, inits) = range;
+    let i0 = inits.start;
+    let mut g = GraphProto::new();
+    g.name = format!("body of {label}");
+    for (x, f) in inputs {
         g.input.push(f.to_value_info(x));
     }
-    g.node = c.b.nodes[n0..].to_vec();
-    g.initializer = c.b.initializers[i0..].to_vec();
-    // Constants the body shares with what the builder made before it (the builder reuses
-    // equal scalars) come along.
+    g.node = b.nodes[nodes].to_vec();
+    g.initializer = b.initializers[inits].to_vec();
     let made: HashSet<&String> = g.node.iter().flat_map(|m| m.output.iter()).collect();
-    let mut known: HashSet<String> = inputs.iter().map(|x| x.to_string()).collect();
+    let mut known: HashSet<String> = inputs.iter().map(|(x, _)| x.clone()).collect();
     known.extend(g.initializer.iter().map(|t| t.name.clone()));
     let mut shared = Vec::new();
     for m in &g.node {
         for x in &m.input {
             if !x.is_empty() && !made.contains(x) && known.insert(x.clone()) {
-                match c.b.initializers[..i0].iter().find(|t| &t.name == x) {
+                match b.initializers[..i0].iter().find(|t| &t.name == x) {
                     Some(t) => shared.push(t.clone()),
                     None => {
                         return Err(Error::Internal(format!(
-                            "the body of {} node '{}' reads '{x}', which it neither makes nor receives",
-                            n.op_type, n.name
+                            "the body of {label} reads '{x}', which it neither makes nor receives"
                         )))
                     }
                 }
@@ -242,21 +289,5 @@ fn through_body(
         source: None,
     };
     let sub_idx = GraphIndex::new(&sub)?;
-    let seeds: Vec<(String, String)> = outs
-        .iter()
-        .zip(&produced)
-        .filter_map(|(g, y)| Some((y.clone(), g.clone()?)))
-        .filter(|(y, _)| !y.is_empty())
-        .collect();
-    let wrt: Vec<String> = inputs
-        .iter()
-        .filter(|x| n.input.iter().zip(need).any(|(i, &w)| w && i == **x))
-        .map(|x| x.to_string())
-        .collect();
-    let mut grads = backward(&sub, &sub_idx, c.b, &seeds, &wrt, &HashSet::new())?;
-    Ok(n.input
-        .iter()
-        .zip(need)
-        .map(|(x, &w)| if w { grads.remove(x) } else { None })
-        .collect())
+    backward(&sub, &sub_idx, b, seeds, wrt, &HashSet::new())
 }

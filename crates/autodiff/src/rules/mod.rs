@@ -108,9 +108,9 @@ rules! {
     "Dropout" => Vjp(ew::dropout), "dX = g mask / (1 - ratio) in training mode, g otherwise";
     "MatMul" => Vjp(linalg::matmul), "dA = unb(g B^T), dB = unb(A^T g)";
     "Gemm" => Vjp(linalg::gemm), "dA = alpha g B'^T (transposed back), dB = alpha A'^T g, dC = beta unb(g)";
-    "RNN" => Body(recurrent::rnn), "the ONNX cell, unrolled over the sequence and differentiated";
-    "GRU" => Body(recurrent::gru), "the ONNX cell, unrolled over the sequence and differentiated";
-    "LSTM" => Body(recurrent::lstm), "the ONNX cell, unrolled over the sequence and differentiated";
+    "RNN" => Vjp(recurrent::rnn), "a backward Scan over time whose body is the ONNX cell, differentiated";
+    "GRU" => Vjp(recurrent::gru), "a backward Scan over time whose body is the ONNX cell, differentiated";
+    "LSTM" => Vjp(recurrent::lstm), "a backward Scan over time whose body is the ONNX cell, differentiated";
     "Einsum" => Vjp(linalg::einsum), "dA_i = einsum(g, other operands -> A_i), expanded over letters only A_i has";
     "CumSum" => Vjp(resample::cumsum), "dX = cumsum(g) in the other direction";
     "Pad" => Vjp(resample::pad), "constant: dX = Pad(g, -pads); reflect/edge/wrap: per axis, the transposed map measured on an identity";

@@ -1,17 +1,26 @@
-//! RNN, GRU and LSTM, differentiated through their bodies: each cell written as the ONNX spec
-//! writes it (MatMul, Add, Mul and the cell's activations), unrolled over the sequence length,
-//! which must be known when the graph is built. The forward keeps the fused op; the backward
-//! recomputes the unrolled cells and the engine differentiates them.
+//! RNN, GRU and LSTM. The forward keeps the fused op. The backward, per direction:
 //!
-//! Covered: both directions and `bidirectional`, `layout` 0 and 1, initial states (absent means
-//! zeros), `sequence_lens` (a step past a sequence's length keeps its state and outputs zeros),
-//! `clip`, `linear_before_reset` (GRU), `input_forget` and peepholes (LSTM), and every activation
-//! the spec lists with its `activation_alpha` / `activation_beta`.
+//! 1. the preliminaries, in the outer graph: X W^T plus the biases for every step at once, the
+//!    recurrent weights transposed and split per gate, the initial states;
+//! 2. a forward `Scan` recomputing the state before each step (the fused op does not output the
+//!    LSTM cell states, nor the states in `sequence_lens` form);
+//! 3. a backward `Scan` over time whose body is one cell, written as the ONNX spec writes it
+//!    (MatMul, Add, Mul, the cell's activations) and differentiated by the engine: it carries
+//!    the state gradients and sums the recurrent weights' gradients;
+//! 4. the engine differentiates the preliminaries from what the Scan returns.
+//!
+//! The graph does not grow with the sequence, whose length may be symbolic. Covered: both
+//! directions and `bidirectional`, `layout` 0 and 1, initial states (absent: zeros),
+//! `sequence_lens` (a step past a sequence's length keeps its state and outputs zeros), `clip`,
+//! `linear_before_reset` (GRU), `input_forget` and peepholes (LSTM), and every activation the
+//! spec lists with its `activation_alpha` / `activation_beta`.
 
+use super::Out;
 use crate::ctx::Ctx;
-use dagr_onnx::builder::{attr_float, attr_int, attr_ints};
+use dagr_onnx::builder::{attr_float, attr_int, attr_ints, attr_tensor, Builder};
 use dagr_onnx::error::Result;
-use dagr_onnx::{dtype, Dim};
+use dagr_onnx::proto::{attribute_proto::AttributeType, AttributeProto, GraphProto};
+use dagr_onnx::{dtype, Dim, ValueFact};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Cell {
@@ -37,14 +46,14 @@ impl Cell {
     }
 }
 
-pub fn rnn(c: &mut Ctx) -> Result<Vec<String>> {
-    unroll(c, Cell::Rnn)
+pub fn rnn(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    vjp(c, g, need, Cell::Rnn)
 }
-pub fn gru(c: &mut Ctx) -> Result<Vec<String>> {
-    unroll(c, Cell::Gru)
+pub fn gru(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    vjp(c, g, need, Cell::Gru)
 }
-pub fn lstm(c: &mut Ctx) -> Result<Vec<String>> {
-    unroll(c, Cell::Lstm)
+pub fn lstm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    vjp(c, g, need, Cell::Lstm)
 }
 
 /// One activation with its parameters (the spec's defaults where the node gives none).
@@ -157,345 +166,645 @@ impl Ctx<'_> {
         let i = self.b.scalar_i64(d as i64);
         Some(self.op_a("Gather", &[t, &i], vec![attr_int("axis", 0)]))
     }
-}
-
-/// The node's inputs in layout 0 (`[seq, batch, ...]`, states `[dirs, batch, hidden]`).
-struct Inputs {
-    x: String,
-    h0: String,
-    c0: String,
-}
-
-fn unroll(c: &mut Ctx, cell: Cell) -> Result<Vec<String>> {
-    let hidden = c.attr_i("hidden_size", 0);
-    let w = c.input(1).to_string();
-    let ws = c.known_shape(&w)?;
-    let gates = cell.gates();
-    let hidden = if hidden > 0 {
-        hidden
-    } else {
-        ws.get(1).copied().unwrap_or(0) / gates
-    };
-    if ws.len() != 3 || ws[1] != gates * hidden {
-        return Err(c.err(format!(
-            "W has shape {ws:?}; it should be [dirs, {gates} x {hidden}, input]"
-        )));
+    fn transpose2(&mut self, t: &str) -> String {
+        self.op_a("Transpose", &[t], vec![attr_ints("perm", &[1, 0])])
     }
-    let direction = c.attr_s("direction").unwrap_or_else(|| "forward".into());
-    let reverse: Vec<bool> = match direction.as_str() {
-        "forward" => vec![false],
-        "reverse" => vec![true],
-        "bidirectional" => vec![false, true],
-        d => return Err(c.err(format!("direction '{d}' is not forward, reverse or bidirectional"))),
-    };
-    let layout = c.attr_i("layout", 0);
-    let clip = dagr_onnx::attr::attr(c.node, "clip").map(|a| a.f);
-    let acts = activations(c, cell, reverse.len())?;
-    let x_in = c.input(0).to_string();
-    let xs = c.shape(&x_in)?;
-    let steps = match xs.get(layout as usize) {
-        Some(Dim::Known(t)) => *t as usize,
-        other => {
+    /// Float zeros of the given shape tensor.
+    fn zeros_of_shape(&mut self, shape: &str) -> String {
+        let z = dagr_onnx::tensor::f32_tensor("", &[1], &[0.0]);
+        self.op_a("ConstantOfShape", &[shape], vec![attr_tensor("value", z)])
+    }
+    /// Dims `from..to` of `t`'s shape, as a 1-D int64 tensor.
+    fn dims_of(&mut self, t: &str, from: i64, to: i64) -> String {
+        let s = self.shape_of(t);
+        let (a, b) = (self.ints(&[from]), self.ints(&[to]));
+        self.op("Slice", &[&s, &a, &b])
+    }
+}
+
+/// The node's settings.
+struct Settings {
+    cell: Cell,
+    hidden: i64,
+    reverse: Vec<bool>,
+    layout: i64,
+    clip: Option<f32>,
+    acts: Vec<Vec<Act>>,
+    batch: Dim,
+    linear_before_reset: bool,
+    input_forget: bool,
+}
+
+impl Settings {
+    fn of(c: &Ctx, cell: Cell) -> Result<Settings> {
+        let w = c.input(1);
+        let ws = c.known_shape(w)?;
+        let gates = cell.gates();
+        let hidden = match c.attr_i("hidden_size", 0) {
+            h if h > 0 => h,
+            _ => ws.get(1).copied().unwrap_or(0) / gates,
+        };
+        if ws.len() != 3 || ws[1] != gates * hidden {
             return Err(c.err(format!(
-                "its sequence length is {}; the gradient unrolls the recurrence and needs it known when \
-                 the graph is built (export with a fixed sequence length)",
-                other.map(|d| d.to_string()).unwrap_or_else(|| "unknown".into())
-            )))
+                "W has shape {ws:?}; it should be [dirs, {gates} x {hidden}, input]"
+            )));
         }
-    };
-    if steps == 0 {
-        return Err(c.err("its sequence is empty"));
+        let direction = c.attr_s("direction").unwrap_or_else(|| "forward".into());
+        let reverse: Vec<bool> = match direction.as_str() {
+            "forward" => vec![false],
+            "reverse" => vec![true],
+            "bidirectional" => vec![false, true],
+            d => return Err(c.err(format!("direction '{d}' is not forward, reverse or bidirectional"))),
+        };
+        let layout = c.attr_i("layout", 0);
+        let xs = c.shape(c.input(0))?;
+        let batch = xs
+            .get(if layout == 0 { 1 } else { 0 })
+            .cloned()
+            .ok_or_else(|| c.err("X must be [seq, batch, input]"))?;
+        Ok(Settings {
+            cell,
+            hidden,
+            acts: activations(c, cell, reverse.len())?,
+            reverse,
+            layout,
+            clip: dagr_onnx::attr::attr(c.node, "clip").map(|a| a.f),
+            batch,
+            linear_before_reset: cell == Cell::Gru && c.attr_i("linear_before_reset", 0) != 0,
+            input_forget: cell == Cell::Lstm && c.attr_i("input_forget", 0) != 0,
+        })
     }
+}
 
-    // Layout 1 is [batch, seq, ...]: work in layout 0 and transpose the outputs back.
-    let ins = if layout == 0 {
-        Inputs {
-            x: x_in,
-            h0: c.input(5).to_string(),
-            c0: c.input(6).to_string(),
+/// One direction's recurrent weights as the cell reads them, in the outer graph.
+#[derive(Clone)]
+struct Weights {
+    /// R^T, `[hidden, gates x hidden]` (GRU: the update and reset gates only).
+    rt: String,
+    /// GRU: Rh^T and (with `linear_before_reset` and a bias) Rbh.
+    rh_t: Option<String>,
+    rbh: Option<String>,
+    /// LSTM peepholes `[hidden]` each: input, output, forget.
+    peep: Vec<String>,
+}
+
+impl Weights {
+    /// (tensor, shape) of each weight, in a fixed order.
+    fn all(&self, h: i64, gates: i64) -> Vec<(String, Vec<i64>)> {
+        let mut v = vec![(self.rt.clone(), vec![h, gates * h])];
+        if let Some(r) = &self.rh_t {
+            v[0].1 = vec![h, 2 * h];
+            v.push((r.clone(), vec![h, h]));
         }
+        if let Some(b) = &self.rbh {
+            v.push((b.clone(), vec![h]));
+        }
+        v.extend(self.peep.iter().map(|p| (p.clone(), vec![h])));
+        v
+    }
+}
+
+/// One direction's preliminaries in the outer graph.
+struct Direction {
+    /// X W^T plus the biases, `[seq, batch, gates x hidden]`.
+    xw: String,
+    w: Weights,
+    h0: String,
+    c0: Option<String>,
+}
+
+fn vjp(c: &mut Ctx, g: &[Option<String>], need: &[bool], cell: Cell) -> Out {
+    if g.iter().all(Option::is_none) {
+        return Ok(vec![None; need.len()]);
+    }
+    let s = Settings::of(c, cell)?;
+    let (n0, i0) = (c.b.nodes.len(), c.b.initializers.len());
+    let x0 = if s.layout == 0 {
+        c.input(0).to_string()
     } else {
-        let tr = |c: &mut Ctx, t: &str| -> String {
-            if t.is_empty() {
-                String::new()
-            } else {
-                c.op_a("Transpose", &[t], vec![attr_ints("perm", &[1, 0, 2])])
-            }
-        };
-        let (h, cc) = (c.input(5).to_string(), c.input(6).to_string());
-        Inputs {
-            x: tr(c, &x_in),
-            h0: tr(c, &h),
-            c0: tr(c, &cc),
-        }
+        let x = c.input(0).to_string();
+        c.op_a("Transpose", &[&x], vec![attr_ints("perm", &[1, 0, 2])])
     };
-    let lens = match c.input(4) {
-        "" => None,
-        l => {
-            let l = l.to_string();
-            Some(c.cast(&l, dtype::INT32))
-        }
-    };
-    let (r, bias, peep) = (c.input(2).to_string(), c.input(3).to_string(), c.input(7).to_string());
-
-    let mut ys = Vec::new();
-    let mut hs = Vec::new();
-    let mut cs = Vec::new();
-    for (d, &rev) in reverse.iter().enumerate() {
-        let p = Params::of(c, cell, hidden, d, &w, &r, &bias, &peep, &ins, steps)?;
-        let order: Vec<usize> = if rev {
-            (0..steps).rev().collect()
+    let state_input = |c: &mut Ctx, i: usize| -> Option<String> {
+        let t = c.input(i).to_string();
+        if t.is_empty() {
+            None
+        } else if s.layout == 0 {
+            Some(t)
         } else {
-            (0..steps).collect()
-        };
-        let mut h = p.h0.clone();
-        let mut cc = p.c0.clone();
-        let mut y = vec![String::new(); steps];
-        for t in order {
-            let (hn, cn) = p.step(c, cell, &acts[d], clip, &p.x_steps[t], &h, &cc)?;
-            if let Some(l) = &lens {
-                // [1, batch, 1]: whether step t lies within each sequence.
-                let ti = c.b.const_i64(&[t as i64]);
-                let ti = c.cast(&ti, dtype::INT32);
-                let within = c.op("Less", &[&ti, l]);
-                let within = c.unsqueeze(&within, &[0, 2]);
-                let zero = c.scalar(0.0);
-                y[t] = c.op("Where", &[&within, &hn, &zero]);
-                h = c.op("Where", &[&within, &hn, &h]);
-                if cell == Cell::Lstm {
-                    cc = c.op("Where", &[&within, &cn, &cc]);
-                }
-            } else {
-                y[t] = hn.clone();
-                h = hn;
-                cc = cn;
-            }
-        }
-        let refs: Vec<&str> = y.iter().map(String::as_str).collect();
-        let yd = c.op_a("Concat", &refs, vec![attr_int("axis", 0)]);
-        ys.push(c.unsqueeze(&yd, &[1]));
-        hs.push(h);
-        cs.push(cc);
-    }
-    let cat = |c: &mut Ctx, parts: &[String], axis: i64| -> String {
-        match parts {
-            [one] => one.clone(),
-            _ => {
-                let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-                c.op_a("Concat", &refs, vec![attr_int("axis", axis)])
-            }
+            Some(c.op_a("Transpose", &[&t], vec![attr_ints("perm", &[1, 0, 2])]))
         }
     };
-    let mut y = cat(c, &ys, 1);
-    let mut yh = cat(c, &hs, 0);
-    if layout != 0 {
-        y = c.op_a("Transpose", &[&y], vec![attr_ints("perm", &[2, 0, 1, 3])]);
-        yh = c.op_a("Transpose", &[&yh], vec![attr_ints("perm", &[1, 0, 2])]);
+    let h_init = state_input(c, 5);
+    let c_init = if cell == Cell::Lstm { state_input(c, 6) } else { None };
+    let mut dirs = Vec::new();
+    for d in 0..s.reverse.len() {
+        dirs.push(preliminaries(c, &s, d, &x0, h_init.as_deref(), c_init.as_deref())?);
     }
-    let mut out = vec![y, yh];
-    if cell == Cell::Lstm {
-        let mut yc = cat(c, &cs, 0);
-        if layout != 0 {
-            yc = c.op_a("Transpose", &[&yc], vec![attr_ints("perm", &[1, 0, 2])]);
+    let prelims = (n0..c.b.nodes.len(), i0..c.b.initializers.len());
+
+    let mask = match c.input(4) {
+        "" => None,
+        lens => {
+            let lens = lens.to_string();
+            Some(step_mask(c, &x0, &lens))
         }
-        out.push(yc);
+    };
+    let mut seeds = Vec::new();
+    for (d, dir) in dirs.iter().enumerate() {
+        let rev = s.reverse[d];
+        let (h_prev, c_prev) = forward_states(c, &s, d, dir, mask.as_deref())?;
+        let gy = output_gradient(c, &s, g, d, &dir.xw)?;
+        let carries = final_state_gradients(c, &s, g, d, &dir.h0)?;
+        let grads = backward_scan(
+            c,
+            &s,
+            d,
+            dir,
+            &h_prev,
+            c_prev.as_deref(),
+            &gy,
+            &carries,
+            mask.as_deref(),
+            rev,
+        )?;
+        seeds.extend(grads);
+    }
+    super::super::differentiate_emitted(c, prelims, &seeds, need)
+}
+
+/// X W^T + biases for every step, the recurrent weights, the initial states (zeros if absent).
+fn preliminaries(
+    c: &mut Ctx,
+    s: &Settings,
+    d: usize,
+    x0: &str,
+    h_init: Option<&str>,
+    c_init: Option<&str>,
+) -> Result<Direction> {
+    let hd = s.hidden;
+    let gh = s.cell.gates() * hd;
+    let hint = format!("grad/{}", c.hint());
+    let (w, r, bias, peep) = (
+        c.input(1).to_string(),
+        c.input(2).to_string(),
+        c.input(3).to_string(),
+        c.input(7).to_string(),
+    );
+    let wd = c.direction(&w, d).unwrap_or_default();
+    let wt = c.transpose2(&wd);
+    let mut xw = c.op("MatMul", &[x0, &wt]);
+    let rd = c.direction(&r, d).unwrap_or_default();
+    let (rt, rh_t) = if s.cell == Cell::Gru {
+        let p = c.b.split(&rd, 0, &[2 * hd, hd], &hint);
+        (c.transpose2(&p[0]), Some(c.transpose2(&p[1])))
+    } else {
+        (c.transpose2(&rd), None)
+    };
+    let mut rbh = None;
+    if let Some(bd) = c.direction(&bias, d) {
+        let wb_rb = c.b.split(&bd, 0, &[gh, gh], &hint);
+        xw = c.op("Add", &[&xw, &wb_rb[0]]);
+        let rb = if s.linear_before_reset {
+            // Rbh is applied inside the reset gate's product; the others add straight.
+            let parts = c.b.split(&wb_rb[1], 0, &[2 * hd, hd], &hint);
+            rbh = Some(parts[1].clone());
+            let zeros = c.b.const_f32(&[hd], &vec![0.0; hd as usize]);
+            c.op_a("Concat", &[&parts[0], &zeros], vec![attr_int("axis", 0)])
+        } else {
+            wb_rb[1].clone()
+        };
+        xw = c.op("Add", &[&xw, &rb]);
+    }
+    let peep = match c.direction(&peep, d) {
+        Some(pd) => c.b.split(&pd, 0, &[hd, hd, hd], &hint),
+        None => vec![],
+    };
+    let zeros_state = |c: &mut Ctx| {
+        let b = c.dims_of(x0, 1, 2);
+        let h = c.ints(&[hd]);
+        let shape = c.op_a("Concat", &[&b, &h], vec![attr_int("axis", 0)]);
+        c.zeros_of_shape(&shape)
+    };
+    let h0 = match h_init.and_then(|t| c.direction(t, d)) {
+        Some(h) => h,
+        None => zeros_state(c),
+    };
+    let c0 = match s.cell {
+        Cell::Lstm => Some(match c_init.and_then(|t| c.direction(t, d)) {
+            Some(h) => h,
+            None => zeros_state(c),
+        }),
+        _ => None,
+    };
+    Ok(Direction {
+        xw,
+        w: Weights { rt, rh_t, rbh, peep },
+        h0,
+        c0,
+    })
+}
+
+/// `[seq, batch, 1]`: whether step t lies within each sequence.
+fn step_mask(c: &mut Ctx, x0: &str, lens: &str) -> String {
+    let t = c.dims_of(x0, 0, 1);
+    let t = c.op_a("Squeeze", &[&t], vec![]);
+    let (zero, one) = (c.b.scalar_i64(0), c.b.scalar_i64(1));
+    let steps = c.op("Range", &[&zero, &t, &one]);
+    let steps = c.cast(&steps, dtype::INT32);
+    let steps = c.unsqueeze(&steps, &[1]);
+    let l = c.cast(lens, dtype::INT32);
+    let l = c.unsqueeze(&l, &[0]);
+    let within = c.op("Less", &[&steps, &l]);
+    c.unsqueeze(&within, &[2])
+}
+
+/// One cell, emitted by `c`: the new hidden state and (LSTM) cell state, `[batch, hidden]`.
+#[allow(clippy::too_many_arguments)]
+fn cell_step(c: &mut Ctx, s: &Settings, d: usize, w: &Weights, xw: &str, h: &str, cs: &str) -> (String, String) {
+    let hint = format!("grad/{}", c.hint());
+    let (acts, clip, hd) = (&s.acts[d], s.clip, s.hidden);
+    let hr = c.op("MatMul", &[h, &w.rt]);
+    match s.cell {
+        Cell::Rnn => {
+            let pre = c.op("Add", &[xw, &hr]);
+            (c.activate(&acts[0], &pre, clip), String::new())
+        }
+        Cell::Gru => {
+            let xg = c.b.split(xw, 1, &[hd, hd, hd], &hint);
+            let hg = c.b.split(&hr, 1, &[hd, hd], &hint);
+            let zp = c.op("Add", &[&xg[0], &hg[0]]);
+            let z = c.activate(&acts[0], &zp, clip);
+            let rp = c.op("Add", &[&xg[1], &hg[1]]);
+            let r = c.activate(&acts[0], &rp, clip);
+            let rh_t = w.rh_t.as_deref().unwrap_or_default();
+            let inner = if s.linear_before_reset {
+                let hh = c.op("MatMul", &[h, rh_t]);
+                let hh = match &w.rbh {
+                    Some(b) => c.op("Add", &[&hh, b]),
+                    None => hh,
+                };
+                c.op("Mul", &[&r, &hh])
+            } else {
+                let rh = c.op("Mul", &[&r, h]);
+                c.op("MatMul", &[&rh, rh_t])
+            };
+            let np = c.op("Add", &[&xg[2], &inner]);
+            let n = c.activate(&acts[1], &np, clip);
+            // H = n + z (h - n)
+            let diff = c.op("Sub", &[h, &n]);
+            let zd = c.op("Mul", &[&z, &diff]);
+            (c.op("Add", &[&n, &zd]), String::new())
+        }
+        Cell::Lstm => {
+            let pre = c.op("Add", &[xw, &hr]);
+            let g = c.b.split(&pre, 1, &[hd, hd, hd, hd], &hint);
+            let (pi, po, pf, pc) = (&g[0], &g[1], &g[2], &g[3]);
+            let peep = |c: &mut Ctx, p: &str, k: usize, state: &str| -> String {
+                match w.peep.get(k) {
+                    Some(pk) => {
+                        let m = c.op("Mul", &[pk, state]);
+                        c.op("Add", &[p, &m])
+                    }
+                    None => p.to_string(),
+                }
+            };
+            let ip = peep(c, pi, 0, cs);
+            let i = c.activate(&acts[0], &ip, clip);
+            let f = if s.input_forget {
+                let one = c.scalar(1.0);
+                c.op("Sub", &[&one, &i])
+            } else {
+                let fp = peep(c, pf, 2, cs);
+                c.activate(&acts[0], &fp, clip)
+            };
+            let cand = c.activate(&acts[1], pc, clip);
+            let fc = c.op("Mul", &[&f, cs]);
+            let ic = c.op("Mul", &[&i, &cand]);
+            let cn = c.op("Add", &[&fc, &ic]);
+            let op_ = peep(c, po, 1, &cn);
+            let o = c.activate(&acts[0], &op_, clip);
+            let hc = c.activate(&acts[2], &cn, None);
+            (c.op("Mul", &[&o, &hc]), cn)
+        }
+    }
+}
+
+/// A builder for a Scan body: names fresh in the whole model (subgraphs may not shadow outer
+/// names), handed back to `c.b` when the body is done.
+fn body_builder(c: &Ctx) -> Builder {
+    let mut b = Builder::new(c.model, &c.b.prefix);
+    b.names = c.b.names.clone();
+    b.opset = c.b.opset;
+    b
+}
+
+fn graph_attr(name: &str, g: GraphProto) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        type_: AttributeType::GRAPH.into(),
+        g: Some(g).into(),
+        ..Default::default()
+    }
+}
+
+/// A Scan node in the outer graph: `states` initial values, `scans` sequences (axis 0), all in
+/// the same `reverse` direction; returns (final states, scan outputs).
+#[allow(clippy::too_many_arguments)]
+fn scan(
+    c: &mut Ctx,
+    body: GraphProto,
+    states: &[String],
+    scans: &[String],
+    n_scan_out: usize,
+    reverse: bool,
+) -> (Vec<String>, Vec<String>) {
+    let inputs: Vec<&str> = states.iter().chain(scans).map(String::as_str).collect();
+    let dir = reverse as i64;
+    let attrs = vec![
+        graph_attr("body", body),
+        attr_int("num_scan_inputs", scans.len() as i64),
+        attr_ints("scan_input_directions", &vec![dir; scans.len()]),
+        attr_ints("scan_output_directions", &vec![dir; n_scan_out]),
+    ];
+    let h = format!("grad/{}", c.hint());
+    let mut outs = c.b.node_n("Scan", &inputs, states.len() + n_scan_out, attrs, &h);
+    let scanned = outs.split_off(states.len());
+    (outs, scanned)
+}
+
+/// A Scan body's input or output: symbolic dims left unnamed (tract resolves a body's named
+/// dims apart from the outer graph's and then cannot unify them with the values it runs).
+fn value_info(name: &str, elem: i32, dims: Vec<Dim>) -> dagr_onnx::proto::ValueInfoProto {
+    let dims = dims
+        .into_iter()
+        .map(|d| if d.known().is_some() { d } else { Dim::Unknown })
+        .collect();
+    ValueFact::new(elem, dims).to_value_info(name)
+}
+
+/// The state before each step, `[seq, batch, hidden]` (and the LSTM cell state), recomputed by
+/// a forward Scan in the direction of the cell.
+fn forward_states(
+    c: &mut Ctx,
+    s: &Settings,
+    d: usize,
+    dir: &Direction,
+    mask: Option<&str>,
+) -> Result<(String, Option<String>)> {
+    let mut bb = body_builder(c);
+    let (b_, h_) = (s.batch.clone(), Dim::Known(s.hidden));
+    let state = vec![b_.clone(), h_.clone()];
+    let gh = Dim::Known(s.cell.gates() * s.hidden);
+    let lstm = s.cell == Cell::Lstm;
+    let h_in = bb.name("h_in");
+    let c_in = bb.name("c_in");
+    let xw_t = bb.name("xw_t");
+    let m_t = bb.name("m_t");
+    let (hn, cn) = {
+        let mut cc = Ctx {
+            model: c.model,
+            b: &mut bb,
+            idx: c.idx,
+            consts: c.consts,
+            node: c.node,
+        };
+        let (hn, cn) = cell_step(&mut cc, s, d, &dir.w, &xw_t, &h_in, &c_in);
+        match mask {
+            Some(_) => {
+                let h2 = cc.op("Where", &[&m_t, &hn, &h_in]);
+                let c2 = if lstm { cc.op("Where", &[&m_t, &cn, &c_in]) } else { cn };
+                (h2, c2)
+            }
+            None => (hn, cn),
+        }
+    };
+    let hp = bb.op("Identity", &[&h_in], vec![], "grad/scan");
+    let cp = lstm.then(|| bb.op("Identity", &[&c_in], vec![], "grad/scan"));
+    let mut g = GraphProto::new();
+    g.name = bb.name("forward_states");
+    g.input.push(value_info(&h_in, dtype::FLOAT, state.clone()));
+    if lstm {
+        g.input.push(value_info(&c_in, dtype::FLOAT, state.clone()));
+    }
+    g.input.push(value_info(&xw_t, dtype::FLOAT, vec![b_.clone(), gh]));
+    if mask.is_some() {
+        g.input
+            .push(value_info(&m_t, dtype::BOOL, vec![b_.clone(), Dim::Known(1)]));
+    }
+    g.output.push(value_info(&hn, dtype::FLOAT, state.clone()));
+    if lstm {
+        g.output.push(value_info(&cn, dtype::FLOAT, state.clone()));
+    }
+    g.output.push(value_info(&hp, dtype::FLOAT, state.clone()));
+    if let Some(cp) = &cp {
+        g.output.push(value_info(cp, dtype::FLOAT, state.clone()));
+    }
+    c.b.names = bb.names.clone();
+    g.node = bb.nodes;
+    g.initializer = bb.initializers;
+    let mut states = vec![dir.h0.clone()];
+    states.extend(dir.c0.clone());
+    let mut scans = vec![dir.xw.clone()];
+    scans.extend(mask.map(String::from));
+    let (_, seqs) = scan(c, g, &states, &scans, if lstm { 2 } else { 1 }, s.reverse[d]);
+    Ok((seqs[0].clone(), seqs.get(1).cloned()))
+}
+
+/// The gradient reaching Y for direction `d`, `[seq, batch, hidden]` (zeros if none).
+fn output_gradient(c: &mut Ctx, s: &Settings, g: &[Option<String>], d: usize, xw: &str) -> Result<String> {
+    let i = c.b.scalar_i64(d as i64);
+    Ok(match g.first().and_then(|x| x.clone()) {
+        Some(gy) if s.layout == 0 => c.op_a("Gather", &[&gy, &i], vec![attr_int("axis", 1)]),
+        Some(gy) => {
+            let t = c.op_a("Gather", &[&gy, &i], vec![attr_int("axis", 2)]);
+            c.op_a("Transpose", &[&t], vec![attr_ints("perm", &[1, 0, 2])])
+        }
+        None => {
+            let sb = c.dims_of(xw, 0, 2);
+            let h = c.ints(&[s.hidden]);
+            let shape = c.op_a("Concat", &[&sb, &h], vec![attr_int("axis", 0)]);
+            c.zeros_of_shape(&shape)
+        }
+    })
+}
+
+/// The gradients reaching Y_h (and Y_c) for direction `d`, `[batch, hidden]` (zeros if none):
+/// the state gradients the backward Scan starts from.
+fn final_state_gradients(c: &mut Ctx, s: &Settings, g: &[Option<String>], d: usize, h0: &str) -> Result<Vec<String>> {
+    let i = c.b.scalar_i64(d as i64);
+    let axis = if s.layout == 0 { 0 } else { 1 };
+    let n = if s.cell == Cell::Lstm { 2 } else { 1 };
+    let mut out = Vec::new();
+    for k in 1..=n {
+        out.push(match g.get(k).and_then(|x| x.clone()) {
+            Some(gk) => c.op_a("Gather", &[&gk, &i], vec![attr_int("axis", axis)]),
+            None => c.zeros_like(h0),
+        });
     }
     Ok(out)
 }
 
-/// One direction's weights, split as its cells use them.
-struct Params {
-    /// X W^T + biases, one `[1, batch, gates x hidden]` tensor per step.
-    x_steps: Vec<String>,
-    /// R^T, `[hidden, gates x hidden]` (GRU: the update and reset gates only).
-    rt: String,
-    /// GRU: Rh^T and (with `linear_before_reset`) Rbh.
-    rh_t: Option<String>,
-    rbh: Option<String>,
-    linear_before_reset: bool,
-    input_forget: bool,
-    /// LSTM peepholes `[hidden]` each: input, output, forget.
-    peep: Option<[String; 3]>,
-    hidden: i64,
-    h0: String,
-    c0: String,
-}
-
-impl Params {
-    #[allow(clippy::too_many_arguments)]
-    fn of(
-        c: &mut Ctx,
-        cell: Cell,
-        hidden: i64,
-        d: usize,
-        w: &str,
-        r: &str,
-        bias: &str,
-        peep: &str,
-        ins: &Inputs,
-        steps: usize,
-    ) -> Result<Params> {
-        let gh = cell.gates() * hidden;
-        let hint = c.hint();
-        let lbr = cell == Cell::Gru && c.attr_i("linear_before_reset", 0) != 0;
-        let wd = c.direction(w, d).unwrap_or_default();
-        let wt = c.op_a("Transpose", &[&wd], vec![attr_ints("perm", &[1, 0])]);
-        let mut xw = c.op("MatMul", &[&ins.x, &wt]);
-        let rd = c.direction(r, d).unwrap_or_default();
-        let (rzr, rh) = if cell == Cell::Gru {
-            let p = c.b.split(&rd, 0, &[2 * hidden, hidden], &format!("grad/{hint}"));
-            (p[0].clone(), Some(p[1].clone()))
-        } else {
-            (rd, None)
+/// The backward Scan of direction `d`: returns the seeds for the preliminaries (each tensor
+/// with its gradient): X W^T + biases per step, the recurrent weights, the initial states.
+#[allow(clippy::too_many_arguments)]
+fn backward_scan(
+    c: &mut Ctx,
+    s: &Settings,
+    d: usize,
+    dir: &Direction,
+    h_prev: &str,
+    c_prev: Option<&str>,
+    gy: &str,
+    carries: &[String],
+    mask: Option<&str>,
+    reverse: bool,
+) -> Result<Vec<(String, String)>> {
+    let lstm = s.cell == Cell::Lstm;
+    let (b_, h_) = (s.batch.clone(), Dim::Known(s.hidden));
+    let state = vec![b_.clone(), h_.clone()];
+    let gh = Dim::Known(s.cell.gates() * s.hidden);
+    let weights = dir.w.all(s.hidden, s.cell.gates());
+    let mut bb = body_builder(c);
+    // Body inputs: state gradients, weight-gradient sums, then the step's slices.
+    let dh_in = bb.name("dh_in");
+    let dc_in = bb.name("dc_in");
+    let acc_in: Vec<String> = weights.iter().map(|_| bb.name("dw_in")).collect();
+    let (xw_t, h_t, c_t, gy_t, m_t) = (
+        bb.name("xw_t"),
+        bb.name("h_t"),
+        bb.name("c_t"),
+        bb.name("gy_t"),
+        bb.name("m_t"),
+    );
+    // The cell, with its masked update, as a graph of its own for the engine.
+    let (h_out, c_out, y) = {
+        let mut cc = Ctx {
+            model: c.model,
+            b: &mut bb,
+            idx: c.idx,
+            consts: c.consts,
+            node: c.node,
         };
-        let rt = c.op_a("Transpose", &[&rzr], vec![attr_ints("perm", &[1, 0])]);
-        let rh_t = rh.map(|m| c.op_a("Transpose", &[&m], vec![attr_ints("perm", &[1, 0])]));
-        let mut rbh = None;
-        if let Some(bd) = c.direction(bias, d) {
-            let wb_rb = c.b.split(&bd, 0, &[gh, gh], &format!("grad/{hint}"));
-            xw = c.op("Add", &[&xw, &wb_rb[0]]);
-            let rb = if lbr {
-                // Rbh is applied inside the reset gate's product; the others add straight.
-                let parts = c.b.split(&wb_rb[1], 0, &[2 * hidden, hidden], &format!("grad/{hint}"));
-                rbh = Some(parts[1].clone());
-                let zeros = c.b.const_f32(&[hidden], &vec![0.0; hidden as usize]);
-                c.op_a("Concat", &[&parts[0], &zeros], vec![attr_int("axis", 0)])
-            } else {
-                wb_rb[1].clone()
-            };
-            xw = c.op("Add", &[&xw, &rb]);
+        let (hn, cn) = cell_step(&mut cc, s, d, &dir.w, &xw_t, &h_t, &c_t);
+        match mask {
+            Some(_) => {
+                let zero = cc.scalar(0.0);
+                let y = cc.op("Where", &[&m_t, &hn, &zero]);
+                let h2 = cc.op("Where", &[&m_t, &hn, &h_t]);
+                let c2 = if lstm { cc.op("Where", &[&m_t, &cn, &c_t]) } else { cn };
+                (h2, c2, y)
+            }
+            None => (hn.clone(), cn, hn),
         }
-        let x_steps = if steps == 1 {
-            vec![xw]
-        } else {
-            c.b.split(&xw, 0, &vec![1; steps], &format!("grad/{hint}"))
-        };
-        let peep = match c.direction(peep, d) {
-            Some(pd) => {
-                let p = c.b.split(&pd, 0, &[hidden, hidden, hidden], &format!("grad/{hint}"));
-                Some([p[0].clone(), p[1].clone(), p[2].clone()])
-            }
-            None => None,
-        };
-        let h0 = match c.direction(&ins.h0, d) {
-            Some(h) => c.unsqueeze(&h, &[0]),
-            None => zeros_state(c, &ins.x, hidden),
-        };
-        let c0 = if cell != Cell::Lstm {
-            String::new()
-        } else {
-            match c.direction(&ins.c0, d) {
-                Some(h) => c.unsqueeze(&h, &[0]),
-                None => zeros_state(c, &ins.x, hidden),
-            }
-        };
-        Ok(Params {
-            x_steps,
-            rt,
-            rh_t,
-            rbh,
-            linear_before_reset: lbr,
-            input_forget: c.attr_i("input_forget", 0) != 0,
-            peep,
-            hidden,
-            h0,
-            c0,
+    };
+    let mut cell_inputs = vec![
+        (xw_t.clone(), ValueFact::new(dtype::FLOAT, vec![b_.clone(), gh.clone()])),
+        (h_t.clone(), ValueFact::new(dtype::FLOAT, state.clone())),
+    ];
+    if lstm {
+        cell_inputs.push((c_t.clone(), ValueFact::new(dtype::FLOAT, state.clone())));
+    }
+    if mask.is_some() {
+        cell_inputs.push((
+            m_t.clone(),
+            ValueFact::new(dtype::BOOL, vec![b_.clone(), Dim::Known(1)]),
+        ));
+    }
+    for (w, shape) in &weights {
+        cell_inputs.push((
+            w.clone(),
+            ValueFact::new(dtype::FLOAT, shape.iter().map(|&v| Dim::Known(v)).collect()),
+        ));
+    }
+    let mut seeds = vec![(h_out.clone(), dh_in.clone()), (y.clone(), gy_t.clone())];
+    if lstm {
+        seeds.push((c_out.clone(), dc_in.clone()));
+    }
+    let mut wrt = vec![xw_t.clone(), h_t.clone()];
+    if lstm {
+        wrt.push(c_t.clone());
+    }
+    wrt.extend(weights.iter().map(|w| w.0.clone()));
+    let label = format!("{} node '{}' (one step)", c.node.op_type, c.node.name);
+    let range = (0..bb.nodes.len(), 0..bb.initializers.len());
+    let mut grads = crate::differentiate_subgraph(c.model, &mut bb, &label, &cell_inputs, range, &seeds, &wrt)?;
+    let mut take = |bb: &mut Builder, t: &str, like: &str| -> String {
+        grads.remove(t).unwrap_or_else(|| {
+            let s = bb.op("Shape", &[like], vec![], "grad/scan");
+            let z = dagr_onnx::tensor::f32_tensor("", &[1], &[0.0]);
+            bb.op("ConstantOfShape", &[&s], vec![attr_tensor("value", z)], "grad/scan")
         })
+    };
+    let dh_out = take(&mut bb, &h_t, &h_t);
+    let dc_out = lstm.then(|| take(&mut bb, &c_t, &c_t));
+    let mut acc_out = Vec::new();
+    for ((w, _), a) in weights.iter().zip(&acc_in) {
+        let gw = take(&mut bb, w, w);
+        acc_out.push(bb.op("Add", &[a, &gw], vec![], "grad/scan"));
     }
-
-    /// One cell: the new hidden state (and LSTM cell state), `[1, batch, hidden]`.
-    #[allow(clippy::too_many_arguments)]
-    fn step(
-        &self,
-        c: &mut Ctx,
-        cell: Cell,
-        acts: &[Act],
-        clip: Option<f32>,
-        xw: &str,
-        h: &str,
-        cs: &str,
-    ) -> Result<(String, String)> {
-        let hint = format!("grad/{}", c.hint());
-        let hr = c.op("MatMul", &[h, &self.rt]);
-        let hd = self.hidden;
-        match cell {
-            Cell::Rnn => {
-                let pre = c.op("Add", &[xw, &hr]);
-                Ok((c.activate(&acts[0], &pre, clip), String::new()))
-            }
-            Cell::Gru => {
-                let xg = c.b.split(xw, 2, &[hd, hd, hd], &hint);
-                let hg = c.b.split(&hr, 2, &[hd, hd], &hint);
-                let zp = c.op("Add", &[&xg[0], &hg[0]]);
-                let z = c.activate(&acts[0], &zp, clip);
-                let rp = c.op("Add", &[&xg[1], &hg[1]]);
-                let r = c.activate(&acts[0], &rp, clip);
-                let rh_t = self.rh_t.as_deref().unwrap_or_default();
-                let inner = if self.linear_before_reset {
-                    let hh = c.op("MatMul", &[h, rh_t]);
-                    let hh = match &self.rbh {
-                        Some(b) => c.op("Add", &[&hh, b]),
-                        None => hh,
-                    };
-                    c.op("Mul", &[&r, &hh])
-                } else {
-                    let rh = c.op("Mul", &[&r, h]);
-                    c.op("MatMul", &[&rh, rh_t])
-                };
-                let np = c.op("Add", &[&xg[2], &inner]);
-                let n = c.activate(&acts[1], &np, clip);
-                // H = n + z (h - n)
-                let diff = c.op("Sub", &[h, &n]);
-                let zd = c.op("Mul", &[&z, &diff]);
-                Ok((c.op("Add", &[&n, &zd]), String::new()))
-            }
-            Cell::Lstm => {
-                let pre = c.op("Add", &[xw, &hr]);
-                let g = c.b.split(&pre, 2, &[hd, hd, hd, hd], &hint);
-                let (pi, po, pf, pc) = (&g[0], &g[1], &g[2], &g[3]);
-                let peep = |c: &mut Ctx, p: &str, k: usize, state: &str| -> String {
-                    match &self.peep {
-                        Some(ps) => {
-                            let m = c.op("Mul", &[&ps[k], state]);
-                            c.op("Add", &[p, &m])
-                        }
-                        None => p.to_string(),
-                    }
-                };
-                let ip = peep(c, pi, 0, cs);
-                let i = c.activate(&acts[0], &ip, clip);
-                let f = if self.input_forget {
-                    let one = c.scalar(1.0);
-                    c.op("Sub", &[&one, &i])
-                } else {
-                    let fp = peep(c, pf, 2, cs);
-                    c.activate(&acts[0], &fp, clip)
-                };
-                let cand = c.activate(&acts[1], pc, clip);
-                let fc = c.op("Mul", &[&f, cs]);
-                let ic = c.op("Mul", &[&i, &cand]);
-                let cn = c.op("Add", &[&fc, &ic]);
-                let op_ = peep(c, po, 1, &cn);
-                let o = c.activate(&acts[0], &op_, clip);
-                let hc = c.activate(&acts[2], &cn, None);
-                Ok((c.op("Mul", &[&o, &hc]), cn))
-            }
-        }
+    let dxw = take(&mut bb, &xw_t, &xw_t);
+    let mut g = GraphProto::new();
+    g.name = bb.name("backward_step");
+    g.input.push(value_info(&dh_in, dtype::FLOAT, state.clone()));
+    if lstm {
+        g.input.push(value_info(&dc_in, dtype::FLOAT, state.clone()));
     }
-}
+    for ((_, shape), a) in weights.iter().zip(&acc_in) {
+        g.input.push(value_info(
+            a,
+            dtype::FLOAT,
+            shape.iter().map(|&v| Dim::Known(v)).collect(),
+        ));
+    }
+    g.input
+        .push(value_info(&xw_t, dtype::FLOAT, vec![b_.clone(), gh.clone()]));
+    g.input.push(value_info(&h_t, dtype::FLOAT, state.clone()));
+    if lstm {
+        g.input.push(value_info(&c_t, dtype::FLOAT, state.clone()));
+    }
+    g.input.push(value_info(&gy_t, dtype::FLOAT, state.clone()));
+    if mask.is_some() {
+        g.input
+            .push(value_info(&m_t, dtype::BOOL, vec![b_.clone(), Dim::Known(1)]));
+    }
+    g.output.push(value_info(&dh_out, dtype::FLOAT, state.clone()));
+    if let Some(dc) = &dc_out {
+        g.output.push(value_info(dc, dtype::FLOAT, state.clone()));
+    }
+    for ((_, shape), a) in weights.iter().zip(&acc_out) {
+        g.output.push(value_info(
+            a,
+            dtype::FLOAT,
+            shape.iter().map(|&v| Dim::Known(v)).collect(),
+        ));
+    }
+    g.output.push(value_info(&dxw, dtype::FLOAT, vec![b_.clone(), gh]));
+    c.b.names = bb.names.clone();
+    g.node = bb.nodes;
+    g.initializer = bb.initializers;
 
-/// Zeros `[1, batch, hidden]`, the batch read from `x` (`[seq, batch, input]`).
-fn zeros_state(c: &mut Ctx, x: &str, hidden: i64) -> String {
-    let s = c.shape_of(x);
-    let one = c.b.scalar_i64(1);
-    let batch = c.op_a("Gather", &[&s, &one], vec![attr_int("axis", 0)]);
-    let batch = c.unsqueeze(&batch, &[0]);
-    let (head, tail) = (c.ints(&[1]), c.ints(&[hidden]));
-    let shape = c.op_a("Concat", &[&head, &batch, &tail], vec![attr_int("axis", 0)]);
-    let z = dagr_onnx::tensor::f32_tensor("", &[1], &[0.0]);
-    c.op_a(
-        "ConstantOfShape",
-        &[&shape],
-        vec![dagr_onnx::builder::attr_tensor("value", z)],
-    )
+    let mut states = vec![carries[0].clone()];
+    if lstm {
+        states.push(carries[1].clone());
+    }
+    for (w, _) in &weights {
+        states.push(c.zeros_like(w));
+    }
+    let mut scans = vec![dir.xw.clone(), h_prev.to_string()];
+    scans.extend(c_prev.map(String::from));
+    scans.push(gy.to_string());
+    scans.extend(mask.map(String::from));
+    // Backward in time: the other way round from the cell.
+    let (finals, seqs) = scan(c, g, &states, &scans, 1, !reverse);
+    let mut seeds = vec![(dir.xw.clone(), seqs[0].clone()), (dir.h0.clone(), finals[0].clone())];
+    let mut k = 1;
+    if let Some(c0) = &dir.c0 {
+        seeds.push((c0.clone(), finals[1].clone()));
+        k = 2;
+    }
+    for (i, (w, _)) in weights.iter().enumerate() {
+        seeds.push((w.clone(), finals[k + i].clone()));
+    }
+    Ok(seeds)
 }
