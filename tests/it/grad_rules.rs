@@ -579,6 +579,73 @@ fn cases() -> Vec<Case> {
             attr_float("beta", 0.75),
             attr_float("bias", 1.5),
         ]),
+        // Opset-23 attention (tract 0.23 runs neither op).
+        case(
+            "attention_4d",
+            "Attention",
+            vec![x(&[2, 2, 3, 4]), x(&[2, 2, 5, 4]), x(&[2, 2, 5, 3])],
+        )
+        .opset(23)
+        .symbolic(&[0, 2])
+        .only(ORT_ONLY),
+        case(
+            "attention_3d_grouped_causal_softcap",
+            "Attention",
+            vec![x(&[2, 3, 8]), x(&[2, 3, 4]), x(&[2, 3, 6])],
+        )
+        .attrs(vec![
+            attr_int("q_num_heads", 4),
+            attr_int("kv_num_heads", 2),
+            attr_int("is_causal", 1),
+            attr_float("scale", 0.4),
+            attr_float("softcap", 2.0),
+        ])
+        .opset(23)
+        .symbolic(&[0, 1])
+        .only(ORT_ONLY),
+        case(
+            "attention_bool_mask_past",
+            "Attention",
+            vec![
+                x(&[1, 2, 2, 4]),
+                x(&[1, 2, 2, 4]),
+                x(&[1, 2, 2, 4]),
+                In::B(vec![2, 4], vec![true, false, true, true, true, true, false, true]),
+                x(&[1, 2, 2, 4]),
+                x(&[1, 2, 2, 4]),
+            ],
+        )
+        .attrs(vec![attr_int("is_causal", 1)])
+        .all_outputs(3)
+        .opset(23)
+        .symbolic(&[0])
+        .only(ORT_ONLY),
+        case(
+            "rotary_4d",
+            "RotaryEmbedding",
+            vec![x(&[2, 2, 3, 4]), x(&[2, 3, 2]), x(&[2, 3, 2])],
+        )
+        .opset(23)
+        .symbolic(&[0, 2])
+        .only(ORT_ONLY),
+        case(
+            "rotary_3d_interleaved_partial_positions",
+            "RotaryEmbedding",
+            vec![
+                x(&[2, 3, 8]),
+                x(&[5, 1]),
+                x(&[5, 1]),
+                In::Ints(vec![2, 3], vec![0, 1, 2, 4, 3, 2]),
+            ],
+        )
+        .attrs(vec![
+            attr_int("num_heads", 2),
+            attr_int("interleaved", 1),
+            attr_int("rotary_embedding_dim", 2),
+        ])
+        .opset(23)
+        .symbolic(&[0, 1])
+        .only(ORT_ONLY),
         case("cumsum", "CumSum", vec![x(&[3, 4]), In::Ints(vec![], vec![1])]),
         case(
             "cumsum_exclusive_reverse",
@@ -1017,6 +1084,51 @@ fn every_rule_handles_symbolic_dims() {
             }
             (_, Err(e)) => failures.push(format!("{}: the symbolic-dims graph fails: {e}", c.name)),
             (Err(e), _) => panic!("{}: {e}", c.name),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The shape inference of every op with a case agrees with ONNX Runtime on the case's outputs
+/// (the forward op's, all of them).
+#[test]
+fn every_case_output_shape_matches_onnx_runtime() {
+    require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for (ci, c) in cases().iter().enumerate() {
+        if !c.backends.contains(&Backend::Ort) {
+            continue;
+        }
+        let (mut m, _) = build(c);
+        let idx = GraphIndex::new(&m).unwrap();
+        let names: Vec<String> = (0..c.outputs).map(|k| format!("y{k}")).collect();
+        for n in &names {
+            match idx.fact(n).filter(|f| f.shape.is_some()) {
+                Some(f) => m.graph_mut().output.push(f.to_value_info(n)),
+                None => failures.push(format!("{}: no shape inferred for {n}", c.name)),
+            }
+        }
+        let p = dir.path().join(format!("{}.shapes.onnx", c.name));
+        onnx::save(&m, &p).unwrap();
+        let out = dagr_inject::runtime::run(Backend::Ort, &p, &feed_for(c, ci), &names).unwrap();
+        for n in &names {
+            let want: Vec<Option<i64>> = idx
+                .fact(n)
+                .and_then(|f| f.shape.clone())
+                .unwrap_or_default()
+                .iter()
+                .map(Dim::known)
+                .collect();
+            let got: Vec<Option<i64>> = out[n].shape().iter().map(|&d| Some(d as i64)).collect();
+            if want != got {
+                failures.push(format!("{}: {n} inferred {want:?}, ONNX Runtime {got:?}", c.name));
+            }
         }
     }
     assert!(

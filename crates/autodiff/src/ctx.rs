@@ -90,6 +90,13 @@ impl Ctx<'_> {
             })
             .collect()
     }
+    /// Dim `axis` of `t`, which must be known at build time.
+    pub fn known_dim(&self, t: &str, axis: usize) -> Result<i64> {
+        self.shape(t)?
+            .get(axis)
+            .and_then(Dim::known)
+            .ok_or_else(|| self.err(format!("dim {axis} of '{t}' must be known when the graph is built")))
+    }
     /// An integer constant input (axes, shape, indices) known at build time.
     pub fn const_input(&self, i: usize) -> Option<Vec<i64>> {
         self.consts.get(self.input(i)).cloned()
@@ -219,6 +226,13 @@ impl Ctx<'_> {
             }
         }
         self.reshape_like(&summed, like)
+    }
+
+    /// Dim `axis` of `t` at run time, an int64 scalar.
+    pub fn dim_of(&mut self, t: &str, axis: i64) -> String {
+        let s = self.shape_of(t);
+        let a = self.b.scalar_i64(axis);
+        self.op_a("Gather", &[&s, &a], vec![attr_int("axis", 0)])
     }
 
     /// `size(a) / size(b)` as a float32 scalar: the number of elements a reduction folded.

@@ -2,7 +2,7 @@
 //! written as the spec's function bodies write them (the forward keeps the op itself).
 
 use crate::ctx::{norm_axis, Ctx};
-use dagr_onnx::builder::attr_ints;
+use dagr_onnx::builder::{attr_int, attr_ints};
 use dagr_onnx::error::Result;
 
 impl Ctx<'_> {
@@ -162,4 +162,226 @@ pub fn lrn(c: &mut Ctx) -> Result<Vec<String>> {
     let p = c.scalar(beta as f64);
     let den = c.op("Pow", &[&base, &p]);
     Ok(vec![c.op("Div", &[&x, &den])])
+}
+
+/// Attention (opset 23) as the spec's function body: Q, K, V to `[batch, heads, seq, head]`
+/// (from `[batch, seq, hidden]` with `q_num_heads` / `kv_num_heads`), the past key and value
+/// prepended, KV heads repeated for grouped queries, `sqrt(scale)` on Q and K, the softcap, the
+/// mask (bool: -inf where false; float: added) and the causal bias (offset by the past length),
+/// Softmax, and the product with V. Outputs: Y, the present key and value, and the QK product
+/// in `qk_matmul_output_mode` 0 to 3. Not covered (refused by name): `nonpad_kv_seqlen`, sliding
+/// windows, a mask shorter than the keys.
+pub fn attention(c: &mut Ctx) -> Result<Vec<String>> {
+    if c.has_input(6) {
+        return Err(c.err("nonpad_kv_seqlen has no gradient rule"));
+    }
+    for a in ["left_window_size", "right_window_size"] {
+        if c.attr_i(a, -1) >= 0 {
+            return Err(c.err(format!("{a} has no gradient rule")));
+        }
+    }
+    let (q, k, v) = (c.input(0).to_string(), c.input(1).to_string(), c.input(2).to_string());
+    let rank = c.rank(&q)?;
+    let to_heads = |c: &mut Ctx, t: &str, heads: i64| -> String {
+        let s = c.ints(&[0, 0, heads, -1]);
+        let r = c.op("Reshape", &[t, &s]);
+        c.op_a("Transpose", &[&r], vec![attr_ints("perm", &[0, 2, 1, 3])])
+    };
+    let (q4, mut k4, mut v4, qh, kvh) = if rank == 3 {
+        let (qh, kvh) = (c.attr_i("q_num_heads", 0), c.attr_i("kv_num_heads", 0));
+        if qh <= 0 || kvh <= 0 {
+            return Err(c.err("3-D inputs need q_num_heads and kv_num_heads"));
+        }
+        (to_heads(c, &q, qh), to_heads(c, &k, kvh), to_heads(c, &v, kvh), qh, kvh)
+    } else {
+        let (qs, ks) = (c.known_dim(&q, 1)?, c.known_dim(&k, 1)?);
+        (q.clone(), k.clone(), v.clone(), qs, ks)
+    };
+    let head = if rank == 3 {
+        c.known_dim(&q, 2)? / qh
+    } else {
+        c.known_dim(&q, 3)?
+    };
+    if c.has_input(4) {
+        let (pk, pv) = (c.input(4).to_string(), c.input(5).to_string());
+        k4 = c.op_a("Concat", &[&pk, &k4], vec![attr_int("axis", 2)]);
+        v4 = c.op_a("Concat", &[&pv, &v4], vec![attr_int("axis", 2)]);
+    }
+    let (present_k, present_v) = (k4.clone(), v4.clone());
+    let (mut kr, mut vr) = (k4, v4);
+    if qh != kvh {
+        if kvh <= 0 || qh % kvh != 0 {
+            return Err(c.err(format!("{qh} query heads do not group over {kvh} key/value heads")));
+        }
+        let rep = qh / kvh;
+        for t in [&mut kr, &mut vr] {
+            // [b, kvh, s, d] -> [b, kvh, rep, s, d] -> [b, qh, s, d]: each head repeated in place.
+            let u = c.unsqueeze(t, &[2]);
+            let s = c.shape_of(&u);
+            let reps = c.ints(&[1, 1, rep, 1, 1]);
+            let target = c.op("Mul", &[&s, &reps]);
+            let e = c.op("Expand", &[&u, &target]);
+            let (from, to) = (c.ints(&[-1]), c.ints(&[i64::MAX]));
+            let last = c.op("Slice", &[&s, &from, &to]);
+            let head3 = c.ints(&[0, qh, -1]);
+            let flat = c.op_a("Concat", &[&head3, &last], vec![attr_int("axis", 0)]);
+            *t = c.op("Reshape", &[&e, &flat]);
+        }
+    }
+    let scale = match dagr_onnx::attr::attr(c.node, "scale") {
+        Some(a) => a.f as f64,
+        None => 1.0 / (head as f64).sqrt(),
+    };
+    let sq = c.scalar(scale.sqrt());
+    let qs = c.op("Mul", &[&q4, &sq]);
+    let ks = c.op("Mul", &[&kr, &sq]);
+    let kt = c.op_a("Transpose", &[&ks], vec![attr_ints("perm", &[0, 1, 3, 2])]);
+    let mut logits = c.op("MatMul", &[&qs, &kt]);
+    let cap = c.attr_f("softcap", 0.0);
+    if cap > 0.0 {
+        let cs = c.scalar(cap as f64);
+        let d = c.op("Div", &[&logits, &cs]);
+        let t = c.op("Tanh", &[&d]);
+        logits = c.op("Mul", &[&t, &cs]);
+    }
+    let capped = logits.clone();
+    let neg_inf = c.scalar(f64::NEG_INFINITY);
+    let zero = c.scalar(0.0);
+    let mut bias: Option<String> = None;
+    if c.has_input(3) {
+        let m = c.input(3).to_string();
+        let mb = if c.dtype(&m) == dagr_onnx::dtype::BOOL {
+            c.op("Where", &[&m, &zero, &neg_inf])
+        } else {
+            m
+        };
+        bias = Some(mb);
+    }
+    if c.attr_i("is_causal", 0) != 0 {
+        // Key j is visible to query i when j <= i + the past length.
+        let qlen = c.dim_of(&q4, 2);
+        let klen = c.dim_of(&kr, 2);
+        let (z, one) = (c.b.scalar_i64(0), c.b.scalar_i64(1));
+        let i = c.op("Range", &[&z, &qlen, &one]);
+        let i = c.unsqueeze(&i, &[1]);
+        let offset = if c.has_input(4) {
+            let pk = c.input(4).to_string();
+            c.dim_of(&pk, 2)
+        } else {
+            z.clone()
+        };
+        let i = c.op("Add", &[&i, &offset]);
+        let j = c.op("Range", &[&z, &klen, &one]);
+        let j = c.unsqueeze(&j, &[0]);
+        let allowed = c.op("LessOrEqual", &[&j, &i]);
+        let causal = c.op("Where", &[&allowed, &zero, &neg_inf]);
+        bias = Some(match bias {
+            Some(b) => c.op("Add", &[&b, &causal]),
+            None => causal,
+        });
+    }
+    let biased = match &bias {
+        Some(b) => c.op("Add", &[&logits, b]),
+        None => logits,
+    };
+    let p = c.op_a("Softmax", &[&biased], vec![attr_int("axis", -1)]);
+    let mut y = c.op("MatMul", &[&p, &vr]);
+    if rank == 3 {
+        let t = c.op_a("Transpose", &[&y], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+        let s = c.ints(&[0, 0, -1]);
+        y = c.op("Reshape", &[&t, &s]);
+    }
+    let qk = match c.attr_i("qk_matmul_output_mode", 0) {
+        0 | 1 => capped,
+        2 => biased,
+        _ => p,
+    };
+    Ok(vec![y, present_k, present_v, qk])
+}
+
+/// RotaryEmbedding (opset 23) as the spec writes it: X to `[batch, seq, heads, head]`, the
+/// first `rotary_embedding_dim` of each head rotated in pairs (halves, or even and odd
+/// positions when `interleaved`) by the cos and sin caches (gathered at `position_ids` when
+/// given), the rest passed through.
+pub fn rotary_embedding(c: &mut Ctx) -> Result<Vec<String>> {
+    let x = c.input(0).to_string();
+    let xs = c.shape(&x)?;
+    let rank = xs.len();
+    let x4 = match rank {
+        4 => c.op_a("Transpose", &[&x], vec![attr_ints("perm", &[0, 2, 1, 3])]),
+        3 => {
+            let heads = c.attr_i("num_heads", 0);
+            if heads <= 0 {
+                return Err(c.err("a 3-D input needs num_heads"));
+            }
+            let s = c.ints(&[0, 0, heads, -1]);
+            c.op("Reshape", &[&x, &s])
+        }
+        _ => return Err(c.err("X must be 3-D or 4-D")),
+    };
+    let head = match rank {
+        4 => c.known_dim(&x, 3)?,
+        _ => c.known_dim(&x, 2)? / c.attr_i("num_heads", 1),
+    };
+    let rot = match c.attr_i("rotary_embedding_dim", 0) {
+        0 => head,
+        r => r,
+    };
+    let half = rot / 2;
+    let axis3 = c.ints(&[3]);
+    let (zero_i, rot_i, head_i) = (c.ints(&[0]), c.ints(&[rot]), c.ints(&[head]));
+    let xr = c.op("Slice", &[&x4, &zero_i, &rot_i, &axis3]);
+    let mut caches = Vec::new();
+    for i in [1, 2] {
+        let cache = c.input(i).to_string();
+        let t = if c.has_input(3) {
+            let pos = c.input(3).to_string();
+            c.op_a("Gather", &[&cache, &pos], vec![attr_int("axis", 0)])
+        } else {
+            cache
+        };
+        caches.push(c.unsqueeze(&t, &[2]));
+    }
+    let (cos, sin) = (caches[0].clone(), caches[1].clone());
+    let interleaved = c.attr_i("interleaved", 0) != 0;
+    let hint = format!("grad/{}", c.hint());
+    let (x1, x2) = if interleaved {
+        let s = c.ints(&[0, 0, 0, half, 2]);
+        let pairs = c.op("Reshape", &[&xr, &s]);
+        let parts = c.b.split(&pairs, 4, &[1, 1], &hint);
+        let sq = |c: &mut Ctx, t: &str| {
+            let a = c.ints(&[4]);
+            c.op("Squeeze", &[t, &a])
+        };
+        (sq(c, &parts[0]), sq(c, &parts[1]))
+    } else {
+        let parts = c.b.split(&xr, 3, &[half, half], &hint);
+        (parts[0].clone(), parts[1].clone())
+    };
+    let (c1, s2) = (c.op("Mul", &[&cos, &x1]), c.op("Mul", &[&sin, &x2]));
+    let real = c.op("Sub", &[&c1, &s2]);
+    let (s1, c2) = (c.op("Mul", &[&sin, &x1]), c.op("Mul", &[&cos, &x2]));
+    let imag = c.op("Add", &[&s1, &c2]);
+    let rotated = if interleaved {
+        let r = c.unsqueeze(&real, &[4]);
+        let i = c.unsqueeze(&imag, &[4]);
+        let cat = c.op_a("Concat", &[&r, &i], vec![attr_int("axis", 4)]);
+        let s = c.ints(&[0, 0, 0, rot]);
+        c.op("Reshape", &[&cat, &s])
+    } else {
+        c.op_a("Concat", &[&real, &imag], vec![attr_int("axis", 3)])
+    };
+    let out = if rot < head {
+        let pass = c.op("Slice", &[&x4, &rot_i, &head_i, &axis3]);
+        c.op_a("Concat", &[&rotated, &pass], vec![attr_int("axis", 3)])
+    } else {
+        rotated
+    };
+    let y = if rank == 4 {
+        c.op_a("Transpose", &[&out], vec![attr_ints("perm", &[0, 2, 1, 3])])
+    } else {
+        let s = c.shape_of(&x);
+        c.op("Reshape", &[&out, &s])
+    };
+    Ok(vec![y])
 }

@@ -128,6 +128,8 @@ rules! {
     "LpNormalization" => Body(composite::lp_norm), "X / ReduceL1 or ReduceL2 of X along the axis";
     "MeanVarianceNormalization" => Body(composite::mean_variance_norm), "the spec's function body: (X - E X) / (sqrt(E X^2 - (E X)^2) + 1e-9)";
     "RMSNormalization" => Body(composite::rms_norm), "X / sqrt(mean(X^2) + eps) scale";
+    "Attention" => Body(composite::attention), "the spec's function body: softmax(Q K^T scale + mask + causal) V, grouped KV heads repeated";
+    "RotaryEmbedding" => Body(composite::rotary_embedding), "the spec's rotation of pairs by the cos and sin caches";
     "LRN" => Body(composite::lrn), "X / (bias + alpha/size window-sum X^2)^beta, the window by Pad and Slices";
     "LayerNormalization" => Vjp(nn::layer_norm), "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale";
     "Flatten" => Vjp(shape::reshape), "dX = reshape(g, shape(X))";

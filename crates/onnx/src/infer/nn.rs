@@ -19,7 +19,54 @@ pub(super) const RULES: &[(&[&str], Rule)] = &[
     (&["RNN", "GRU", "LSTM"], recurrent),
     (&["Resize", "Upsample"], resize),
     (&["Einsum"], einsum),
+    (&["Attention"], attention),
+    (&["RotaryEmbedding"], rotary_embedding),
 ];
+
+/// Attention (opset 23): Q, K, V `[batch, heads, seq, head]` or `[batch, seq, hidden]` (heads
+/// from `q_num_heads` / `kv_num_heads`), optional mask and past key and value. Y is shaped
+/// like Q with V's head size; the present key and value add the past length; the QK output is
+/// `[batch, q_heads, q_seq, total_seq]`.
+fn attention(c: &mut Node) -> Option<()> {
+    let (q, k, v) = (c.shape(0)?, c.shape(1)?, c.shape(2)?);
+    let dt = c.dtype(0);
+    let past = c.shape(4).map(|p| p.get(2).cloned().unwrap_or(Dim::Unknown));
+    let total = |kv_seq: &Dim| match &past {
+        Some(p) => p.add(kv_seq),
+        None => kv_seq.clone(),
+    };
+    match (q.len(), k.len(), v.len()) {
+        (4, 4, 4) => {
+            c.set(
+                0,
+                dt,
+                Some(vec![q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()]),
+            );
+            let t = total(&k[2]);
+            c.set(1, dt, Some(vec![k[0].clone(), k[1].clone(), t.clone(), k[3].clone()]));
+            c.set(2, dt, Some(vec![v[0].clone(), v[1].clone(), t.clone(), v[3].clone()]));
+            c.set(3, dt, Some(vec![q[0].clone(), q[1].clone(), q[2].clone(), t]));
+        }
+        (3, 3, 3) => {
+            let qh = Dim::Known(c.attr_i("q_num_heads", 0));
+            let kvh = Dim::Known(c.attr_i("kv_num_heads", 0));
+            let (dk, dv) = (k[2].div(&kvh), v[2].div(&kvh));
+            c.set(0, dt, Some(vec![q[0].clone(), q[1].clone(), qh.mul(&dv)]));
+            let t = total(&k[1]);
+            c.set(1, dt, Some(vec![k[0].clone(), kvh.clone(), t.clone(), dk]));
+            c.set(2, dt, Some(vec![v[0].clone(), kvh, t.clone(), dv]));
+            c.set(3, dt, Some(vec![q[0].clone(), qh, q[1].clone(), t]));
+        }
+        _ => return None,
+    }
+    Some(())
+}
+
+/// RotaryEmbedding (opset 23): the output is shaped like X.
+fn rotary_embedding(c: &mut Node) -> Option<()> {
+    c.same(0, 0);
+    Some(())
+}
 
 fn matmul(c: &mut Node) -> Option<()> {
     let (mut a, mut b) = (c.shape(0)?, c.shape(1)?);
