@@ -217,3 +217,54 @@ fn an_if_decided_by_static_shapes_is_folded_and_trains() {
     assert_eq!(grads[0].len(), 10);
     assert_eq!(grads[0], grads[1]);
 }
+
+/// What trains follows what dynamo recorded in torch.export's graph signature: a parameter of
+/// the root module (a name without a dot, which the naming convention alone takes for a folded
+/// constant) and a scalar parameter (a learned temperature) train; a float buffer does not.
+#[test]
+fn what_trains_follows_the_recorded_graph_signature() {
+    use dagr_inject::dagr::training::{not_parameters, NotParameter};
+    use dagr_inject::onnx::proto::StringStringEntryProto;
+    let path = root().join("models/av_mlp.dynamo.onnx");
+    let mut m = onnx::load(&path).unwrap();
+    let kind = "pkg.torch.export.graph_signature.InputSpec.kind";
+    let rename = |m: &mut onnx::Model, from: &str, to: &str, k: &str| {
+        let g = m.graph_mut();
+        for t in g.initializer.iter_mut().filter(|t| t.name == from) {
+            t.name = to.into();
+        }
+        for n in g.node.iter_mut() {
+            for i in n.input.iter_mut().filter(|i| *i == from) {
+                *i = to.into();
+            }
+        }
+        let v = g.value_info.iter_mut().find(|v| v.name == from).unwrap();
+        v.name = to.into();
+        let p = v.metadata_props.iter_mut().find(|p| p.key == kind).unwrap();
+        p.value = k.into();
+    };
+    rename(&mut m, "fusion_head.bias", "head_bias", "PARAMETER");
+    rename(&mut m, "visual_encoder.fc2.bias", "visual_encoder.fc2.table", "BUFFER");
+    // A scalar parameter (a learned temperature).
+    let g = m.graph_mut();
+    g.initializer
+        .push(onnx::tensor::f32_tensor("temperature", &[], &[0.07]));
+    let mut v = onnx::ValueFact::new(onnx::dtype::FLOAT, vec![]).to_value_info("temperature");
+    let mut entry = StringStringEntryProto::new();
+    entry.key = kind.into();
+    entry.value = "PARAMETER".into();
+    v.metadata_props.push(entry);
+    g.value_info.push(v);
+    let not = not_parameters(&m);
+    assert_eq!(not.get("head_bias"), None, "{not:?}");
+    assert_eq!(not.get("temperature"), None, "{not:?}");
+    assert_eq!(not.get("visual_encoder.fc2.table"), Some(&NotParameter::Buffer));
+    // Without the record, the naming convention decides: no dot, a folded constant.
+    for v in m.graph_mut().value_info.iter_mut() {
+        v.metadata_props.clear();
+    }
+    let not = not_parameters(&m);
+    assert_eq!(not.get("head_bias"), Some(&NotParameter::Folded));
+    assert_eq!(not.get("temperature"), Some(&NotParameter::Scalar));
+    assert_eq!(not.get("visual_encoder.fc2.table"), None);
+}

@@ -245,11 +245,32 @@ pub enum NotParameter {
     Folded,
     /// BatchNorm running statistics: state that training updates, not by gradient.
     RunningStatistics,
+    /// A buffer, as the exporter recorded (PyTorch's `register_buffer`).
+    Buffer,
 }
 
-/// The float initializers of `model` that are not parameters, and why.
+/// What the exporter recorded an initializer to be: torch.export's graph signature, which
+/// dynamo writes on the value_info of each lifted input (`PARAMETER`, `BUFFER`,
+/// `CONSTANT_TENSOR`).
+fn recorded_kinds(model: &Model) -> std::collections::HashMap<String, String> {
+    const KEY: &str = "pkg.torch.export.graph_signature.InputSpec.kind";
+    let g = model.graph();
+    g.value_info
+        .iter()
+        .chain(g.input.iter())
+        .filter_map(|v| {
+            let k = v.metadata_props.iter().find(|p| p.key == KEY)?;
+            Some((v.name.clone(), k.value.clone()))
+        })
+        .collect()
+}
+
+/// The float initializers of `model` that are not parameters, and why. What the exporter
+/// recorded decides where it recorded anything; otherwise scalars and what its naming
+/// convention marks as folded are constants.
 pub fn not_parameters(model: &Model) -> std::collections::BTreeMap<String, NotParameter> {
     let convention = crate::locate::convention_of(model);
+    let recorded = recorded_kinds(model);
     let g = model.graph();
     let mut out = std::collections::BTreeMap::new();
     for n in g.node.iter().filter(|n| n.op_type == "BatchNormalization") {
@@ -260,6 +281,18 @@ pub fn not_parameters(model: &Model) -> std::collections::BTreeMap<String, NotPa
     for t in g.initializer.iter().filter(|t| dtype::is_float(t.data_type)) {
         if out.contains_key(&t.name) {
             continue;
+        }
+        match recorded.get(&t.name).map(String::as_str) {
+            Some("PARAMETER") => continue,
+            Some("BUFFER") => {
+                out.insert(t.name.clone(), NotParameter::Buffer);
+                continue;
+            }
+            Some(_) => {
+                out.insert(t.name.clone(), NotParameter::Folded);
+                continue;
+            }
+            None => {}
         }
         if t.dims.iter().all(|&d| d == 1) {
             out.insert(t.name.clone(), NotParameter::Scalar);
