@@ -47,6 +47,10 @@ struct ConvGeom {
     kernel: Vec<i64>,
     /// spatial input sizes (None: symbolic)
     input: Vec<Option<i64>>,
+    /// Per spatial dim: SAME padding whose amount depends on a symbolic size (its entries in
+    /// `pads` are 0 and the gradients pad and crop at run time), and whether it is SAME_UPPER.
+    same_at_run_time: Vec<bool>,
+    same_upper: bool,
 }
 
 fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
@@ -69,9 +73,7 @@ fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
                         let out = (d + st - 1) / st;
                         ((out - 1) * st + dil[i] * (kernel[i] - 1) + 1 - d).max(0)
                     }
-                    (None, _) => {
-                        return Err(c.err("auto_pad SAME with a stride over a symbolic spatial dim is not supported"))
-                    }
+                    (None, _) => continue,
                 };
                 let small = total / 2;
                 if auto == "SAME_UPPER" {
@@ -87,6 +89,9 @@ fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
         "VALID" => vec![0; 2 * sp],
         _ => c.attr_ints("pads").unwrap_or_else(|| vec![0; 2 * sp]),
     };
+    let same_at_run_time = (0..sp)
+        .map(|i| auto.starts_with("SAME") && input[i].is_none() && strides[i] > 1)
+        .collect();
     Ok(ConvGeom {
         sp,
         strides,
@@ -94,6 +99,8 @@ fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
         pads,
         kernel,
         input,
+        same_at_run_time,
+        same_upper: auto == "SAME_UPPER",
     })
 }
 
@@ -116,14 +123,61 @@ impl ConvGeom {
     fn needs_crop(&self) -> bool {
         (0..self.sp).any(|i| self.input[i].is_none() && self.strides[i] > 1)
     }
-    /// ConvTranspose of `g` by `w` back to the input's spatial size.
+    /// ConvTranspose of `g` by `w` back to the input's spatial size; SAME pads decided at run
+    /// time are cropped from the front.
     fn transpose_back(&self, c: &mut Ctx, g: &str, w: &str, x: &str, group: i64) -> String {
         let t = c.op_a("ConvTranspose", &[g, w], self.transpose_attrs(group));
         if !self.needs_crop() {
             return t;
         }
         let (starts, ends, axes) = spatial_of(c, x, self.sp);
-        c.op("Slice", &[&t, &starts, &ends, &axes])
+        if !self.same_at_run_time.iter().any(|&d| d) {
+            return c.op("Slice", &[&t, &starts, &ends, &axes]);
+        }
+        let (begin, _) = self.run_time_pads(c, x);
+        let ends = c.op("Add", &[&begin, &ends]);
+        c.op("Slice", &[&t, &begin, &ends, &axes])
+    }
+    /// The begin and end pads of each spatial dim, `[sp]` int64 each: SAME pads decided at run
+    /// time from the input's size (ceil(L / s) outputs, the total split as auto_pad says), 0 for
+    /// the other dims (whose pads are the attribute's).
+    fn run_time_pads(&self, c: &mut Ctx, x: &str) -> (String, String) {
+        let (mut begin, mut end) = (Vec::new(), Vec::new());
+        for i in 0..self.sp {
+            if !self.same_at_run_time[i] {
+                begin.push(c.ints(&[0]));
+                end.push(c.ints(&[0]));
+                continue;
+            }
+            let l = c.dim_of(x, 2 + i as i64);
+            let (s, span) = (
+                c.b.scalar_i64(self.strides[i]),
+                c.b.scalar_i64(self.dil[i] * (self.kernel[i] - 1) + 1),
+            );
+            let (one, two, zero) = (c.b.scalar_i64(1), c.b.scalar_i64(2), c.b.scalar_i64(0));
+            let sm1 = c.op("Sub", &[&s, &one]);
+            let up = c.op("Add", &[&l, &sm1]);
+            let outs = c.op("Div", &[&up, &s]);
+            let o1 = c.op("Sub", &[&outs, &one]);
+            let reach = c.op("Mul", &[&o1, &s]);
+            let reach = c.op("Add", &[&reach, &span]);
+            let total = c.op("Sub", &[&reach, &l]);
+            let total = c.op("Max", &[&total, &zero]);
+            let small = c.op("Div", &[&total, &two]);
+            let large = c.op("Sub", &[&total, &small]);
+            let (b, e) = if self.same_upper {
+                (small, large)
+            } else {
+                (large, small)
+            };
+            begin.push(c.unsqueeze(&b, &[0]));
+            end.push(c.unsqueeze(&e, &[0]));
+        }
+        let cat = |c: &mut Ctx, v: &[String]| {
+            let refs: Vec<&str> = v.iter().map(String::as_str).collect();
+            c.op_a("Concat", &refs, vec![attr_int("axis", 0)])
+        };
+        (cat(c, &begin), cat(c, &end))
     }
     fn transpose_attrs(&self, group: i64) -> Vec<dagr_onnx::proto::AttributeProto> {
         vec![
@@ -174,6 +228,17 @@ fn bias_grad(c: &mut Ctx, g: &str, sp: usize) -> String {
 /// kernel size.
 fn weight_grad(c: &mut Ctx, x: &str, g: &str, ws: &[i64], group: i64, geo: &ConvGeom) -> String {
     let sp = geo.sp;
+    // SAME pads decided at run time: pad the input itself.
+    let padded;
+    let x = if geo.same_at_run_time.iter().any(|&d| d) {
+        let (b, e) = geo.run_time_pads(c, x);
+        let z = c.ints(&[0, 0]);
+        let pads = c.op_a("Concat", &[&z, &b, &z, &e], vec![attr_int("axis", 0)]);
+        padded = c.op("Pad", &[x, &pads]);
+        padded.as_str()
+    } else {
+        x
+    };
     let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
     perm.swap(0, 1);
     let gt = c.op_a("Transpose", &[g], vec![attr_ints("perm", &perm)]);
@@ -311,6 +376,9 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
         .attr_ints("kernel_shape")
         .ok_or_else(|| c.err("kernel_shape is missing"))?;
     let geo = conv_geom(c, kernel.clone())?;
+    if geo.same_at_run_time.iter().any(|&d| d) {
+        return Err(c.err("auto_pad SAME with a stride over a symbolic spatial dim is not supported"));
+    }
     let channels = match c.shape(&x)?[1] {
         dagr_onnx::Dim::Known(v) => v,
         _ => return Err(c.err("its channel dim must be static")),
