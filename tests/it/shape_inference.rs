@@ -121,3 +121,103 @@ fn emitted_graph_check_names_the_broken_node() {
     let e = onnx::infer::check(&m).unwrap_err().to_string();
     assert!(e.contains("'nowhere'"), "{e}");
 }
+
+/// Control flow, quantization and data-dependent sizes (ops symbolic_shape_infer.py covers):
+/// a model written by onnx.helper with If (condition from an input), Loop (a carried value and
+/// a scan output), Scan, QuantizeLinear and DequantizeLinear, Compress and NonMaxSuppression.
+/// Every dim we infer as known equals what ONNX Runtime computes, and every output has a rank.
+#[test]
+fn control_flow_and_quantization_shapes_match_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.onnx");
+    let script = r#"
+import sys, onnx
+from onnx import helper as h, TensorProto as T
+f = T.FLOAT
+def vi(n, t, s): return h.make_tensor_value_info(n, t, s)
+then_g = h.make_graph([h.make_node("Relu", ["x"], ["t_out"])], "then", [], [vi("t_out", f, ["b", 6])])
+else_g = h.make_graph([h.make_node("Neg", ["x"], ["e_out"])], "else", [], [vi("e_out", f, ["b", 6])])
+loop_body = h.make_graph(
+    [h.make_node("Identity", ["cond_in"], ["cond_out"]),
+     h.make_node("Add", ["acc_in", "x"], ["acc_out"]),
+     h.make_node("Mul", ["acc_out", "x"], ["scan_out"])],
+    "loop", [vi("i", T.INT64, []), vi("cond_in", T.BOOL, []), vi("acc_in", f, ["b", 6])],
+    [vi("cond_out", T.BOOL, []), vi("acc_out", f, ["b", 6]), vi("scan_out", f, ["b", 6])])
+scan_body = h.make_graph(
+    [h.make_node("Add", ["s_in", "row"], ["s_out"]), h.make_node("Relu", ["s_out"], ["r_out"])],
+    "scan", [vi("s_in", f, [6]), vi("row", f, [6])], [vi("s_out", f, [6]), vi("r_out", f, [6])])
+nodes = [
+    h.make_node("If", ["flag"], ["if_out"], then_branch=then_g, else_branch=else_g),
+    h.make_node("Loop", ["trips", "", "x"], ["loop_acc", "loop_scan"], body=loop_body),
+    h.make_node("Scan", ["zero6", "x"], ["scan_state", "scan_rows"], body=scan_body, num_scan_inputs=1),
+    h.make_node("QuantizeLinear", ["x", "qs", "qz"], ["q"]),
+    h.make_node("DequantizeLinear", ["q", "qs", "qz"], ["dq"]),
+    h.make_node("Compress", ["x", "keep"], ["kept"], axis=1),
+    h.make_node("NonMaxSuppression", ["boxes", "scores"], ["picked"]),
+]
+inits = [
+    h.make_tensor("trips", T.INT64, [], [3]),
+    h.make_tensor("zero6", f, [6], [0.0] * 6),
+    h.make_tensor("qs", f, [], [0.05]),
+    h.make_tensor("qz", T.UINT8, [], [128]),
+    h.make_tensor("keep", T.BOOL, [6], [1, 0, 1, 1, 0, 0]),
+]
+g = h.make_graph(nodes, "control",
+    [vi("x", f, ["b", 6]), vi("flag", T.BOOL, []), vi("boxes", f, [1, 4, 4]), vi("scores", f, [1, 1, 4])],
+    [vi(n, f, None) for n in ["if_out", "loop_acc", "loop_scan", "scan_state", "scan_rows", "dq", "kept"]]
+    + [vi("q", T.UINT8, None), vi("picked", T.INT64, None)], inits)
+m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+m.ir_version = 8
+onnx.save(m, sys.argv[1])
+"#;
+    let out = std::process::Command::new(venv_python())
+        .args(["-c", script, path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = onnx::load(&path).unwrap();
+    let idx = GraphIndex::new(&m).unwrap();
+    let mut feed = dagr_inject::runtime::Tensors::new();
+    let f = |s: &[usize], v: Vec<f32>| {
+        dagr_inject::runtime::Value::F32(ndarray::ArrayD::from_shape_vec(s.to_vec(), v).unwrap())
+    };
+    feed.insert("x".into(), f(&[2, 6], (0..12).map(|i| i as f32 * 0.1 - 0.5).collect()));
+    feed.insert(
+        "flag".into(),
+        dagr_inject::runtime::Value::Bool(ndarray::ArrayD::from_shape_vec(vec![], vec![true]).unwrap()),
+    );
+    feed.insert(
+        "boxes".into(),
+        f(
+            &[1, 4, 4],
+            vec![0., 0., 1., 1., 0., 0.1, 1., 1.1, 0., 5., 1., 6., 0., 5.1, 1., 6.1],
+        ),
+    );
+    feed.insert("scores".into(), f(&[1, 1, 4], vec![0.9, 0.8, 0.7, 0.6]));
+    // uint8 (the quantized tensor) is not a type the runtime layer reads back: its fact is
+    // checked here, its value through DequantizeLinear.
+    let q = idx.fact("q").unwrap();
+    assert_eq!((q.dtype, q.shape_string()), (onnx::dtype::UINT8, "[b, 6]".to_string()));
+    let names: Vec<String> = m
+        .graph()
+        .output
+        .iter()
+        .map(|o| o.name.clone())
+        .filter(|n| n != "q")
+        .collect();
+    let got = run(Backend::Ort, &path, &feed, &names);
+    let env = bindings(&idx, &feed);
+    for n in &names {
+        let want = idx
+            .fact(n)
+            .and_then(|f| f.shape.clone())
+            .unwrap_or_else(|| panic!("{n}: no shape inferred"));
+        let g = got[n].shape();
+        assert_eq!(want.len(), g.len(), "{n}: rank");
+        for (w, &d) in want.iter().zip(g) {
+            if let Some(v) = w.eval(&env) {
+                assert_eq!(v, d as i64, "{n}: inferred {want:?}, ONNX Runtime {g:?}");
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@
 //! value as an attribute or as an input (`axes`, `split`, `pads`), so one rule covers the
 //! opsets without version branches.
 
+mod control;
 mod elementwise;
 mod nn;
 mod shape_ops;
@@ -37,7 +38,12 @@ fn table() -> &'static HashMap<&'static str, Rule> {
     static TABLE: OnceLock<HashMap<&'static str, Rule>> = OnceLock::new();
     TABLE.get_or_init(|| {
         let mut t: HashMap<&'static str, Rule> = HashMap::new();
-        for (names, rule) in elementwise::RULES.iter().chain(shape_ops::RULES).chain(nn::RULES) {
+        for (names, rule) in elementwise::RULES
+            .iter()
+            .chain(shape_ops::RULES)
+            .chain(nn::RULES)
+            .chain(control::RULES)
+        {
             for n in *names {
                 t.insert(n, *rule);
             }
