@@ -229,3 +229,88 @@ pub fn bindings(idx: &dagr_inject::onnx::GraphIndex, feed: &Tensors) -> std::col
     }
     env
 }
+
+/// `d/dt loss(params + t v)` at 0 by central differences equals `sum <grad, v>`, for a random
+/// direction `v` over the given parameters (float32: a check at 2 %, which a wrong rule misses
+/// by far more). `v` moves every coordinate of a tensor of up to 4096 elements and 4096 random
+/// coordinates of a larger one, each by up to its tensor's RMS times the step. `path` is a
+/// model that reads the parameters as inputs. Of `steps`, the first at which the difference
+/// agrees passes (too large a step leaves the linear range of a network with large
+/// activations, too small a one meets float32's rounding: a wrong gradient agrees at none).
+pub fn directional_check(
+    label: &str,
+    m: &dagr_inject::onnx::Model,
+    path: &std::path::Path,
+    feed: &Tensors,
+    loss: &str,
+    params: &[(String, ndarray::ArrayD<f32>)],
+    steps: &[f32],
+) {
+    const DENSE: usize = 4096;
+    if params.is_empty() {
+        return;
+    }
+    let mut rng = dagr_inject::runtime::data::Rng(7);
+    let mut uniform = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+    let (mut analytic, mut spread) = (0f64, 0f64);
+    // (name, values, coordinates moved with their direction)
+    let mut dirs = Vec::new();
+    for (name, grad) in params {
+        let init = m.graph().initializer.iter().find(|i| &i.name == name).unwrap();
+        let v0 = dagr_inject::onnx::tensor::to_f32(init, &m.base_dir).unwrap();
+        let shape: Vec<usize> = init.dims.iter().map(|&d| d as usize).collect();
+        let v0 = ndarray::ArrayD::from_shape_vec(shape, v0).unwrap();
+        let n = v0.len();
+        let coords: Vec<usize> = if n <= DENSE {
+            (0..n).collect()
+        } else {
+            (0..DENSE).map(|_| (uniform() * n as f32) as usize % n).collect()
+        };
+        let flat = v0.as_slice().unwrap();
+        let ms = coords.iter().map(|&i| (flat[i] * flat[i]) as f64).sum::<f64>() / coords.len().max(1) as f64;
+        let rms = ms.sqrt() as f32 + 1e-2;
+        let g = grad.as_slice().unwrap();
+        let moved: Vec<(usize, f32)> = coords.into_iter().map(|i| (i, (uniform() * 2.0 - 1.0) * rms)).collect();
+        for &(i, d) in &moved {
+            analytic += g[i] as f64 * d as f64;
+            spread += (g[i] as f64 * d as f64).powi(2);
+        }
+        dirs.push((name.clone(), v0, moved));
+    }
+    // One session for every evaluation.
+    let outs = [loss.to_string()];
+    let mut runner =
+        dagr_inject::runtime::Runner::new(Backend::Ort, path, feed, &outs).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let mut l = |f: &Tensors| {
+        f32_of(&runner.run(f).unwrap_or_else(|e| panic!("{label}: {e}")), loss)
+            .iter()
+            .next()
+            .copied()
+            .unwrap() as f64
+    };
+    let tol = 2e-2 * analytic.abs().max(spread.sqrt()) + 1e-3;
+    let mut seen = Vec::new();
+    for &t in steps {
+        let (mut plus, mut minus) = (feed.clone(), feed.clone());
+        for (name, v0, moved) in &dirs {
+            let (mut p, mut q) = (v0.clone(), v0.clone());
+            let (ps, qs) = (p.as_slice_mut().unwrap(), q.as_slice_mut().unwrap());
+            for &(i, d) in moved {
+                ps[i] += t * d;
+                qs[i] -= t * d;
+            }
+            plus.insert(name.clone(), dagr_inject::runtime::Value::F32(p));
+            minus.insert(name.clone(), dagr_inject::runtime::Value::F32(q));
+        }
+        let fd = (l(&plus) - l(&minus)) / (2.0 * t as f64);
+        if (fd - analytic).abs() <= tol {
+            return;
+        }
+        seen.push(format!("{fd} at step {t}"));
+    }
+    panic!(
+        "{label}: directional derivative over {} parameters: gradients {analytic}, finite differences {}",
+        params.len(),
+        seen.join(", ")
+    );
+}

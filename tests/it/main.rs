@@ -1,6 +1,7 @@
 //! The integration tests, one binary (linking tract, ONNX Runtime and resvg once): one module
 //! per area.
 
+mod backend_models;
 mod cli;
 mod common;
 mod dagr_finite_diff;
