@@ -1140,3 +1140,115 @@ fn every_case_output_shape_matches_onnx_runtime() {
         failures.join("\n")
     );
 }
+
+/// A float16 segment (cast in, cast out, as mixed-precision exports write it): the gradient
+/// graph is well typed (every constant a rule makes takes the op's float type; onnx.checker and
+/// ONNX Runtime check the gradients' declared float16 outputs against their own inference) and
+/// runs, and its parameter gradients equal those of the same model in float32 to float16's
+/// precision.
+#[test]
+fn a_float16_segment_gets_float16_gradients() {
+    require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let vals = |n: usize, seed: u64| {
+        values(n, Gen::AwayFromZero, seed)
+            .iter()
+            .map(|&v| v as f64 * 0.3)
+            .collect::<Vec<f64>>()
+    };
+    let (w, bias, scale, shift) = (vals(30, 1), vals(5, 2), vals(5, 3), vals(5, 4));
+    let build_one = |half: bool| -> (Model, Vec<String>) {
+        let elem = if half { dtype::FLOAT16 } else { dtype::FLOAT };
+        // float32 values rounded as float16 rounds them, so that both models hold the same.
+        let r = |v: &[f64]| v.iter().map(|&x| half::f16::from_f64(x).to_f64()).collect::<Vec<f64>>();
+        let mut g = GraphProto::new();
+        g.name = "half".into();
+        g.input
+            .push(ValueFact::new(dtype::FLOAT, vec![Dim::Known(4), Dim::Known(6)]).to_value_info("x"));
+        for (name, dims, v) in [
+            ("w", vec![6, 5], &w),
+            ("b", vec![5], &bias),
+            ("scale", vec![5], &scale),
+            ("shift", vec![5], &shift),
+        ] {
+            g.initializer.push(tensor::float_tensor(name, &dims, &r(v), elem));
+        }
+        let mut p = ModelProto::new();
+        p.ir_version = 8;
+        let mut o = OperatorSetIdProto::new();
+        o.version = 18;
+        p.opset_import.push(o);
+        p.graph = protobuf::MessageField::some(g);
+        let mut model = Model {
+            proto: p,
+            base_dir: ".".into(),
+            source: None,
+        };
+        let mut b = Builder::new(&model, "m/");
+        let x = if half {
+            b.cast("x", dtype::FLOAT16, "in")
+        } else {
+            "x".to_string()
+        };
+        let h = b.binary("MatMul", &x, "w", "f");
+        let h = b.binary("Add", &h, "b", "f");
+        let h = b.op(
+            "LayerNormalization",
+            &[&h, "scale", "shift"],
+            vec![attr_int("axis", -1)],
+            "f",
+        );
+        let s = b.unary("Sigmoid", &h, "f");
+        let h = b.binary("Mul", &h, &s, "f");
+        let p = b.op("Softmax", &[&h], vec![attr_int("axis", -1)], "f");
+        let m = b.reduce("ReduceMean", &h, Some(&[1]), true, "f");
+        let h = b.binary("Sub", &h, &m, "f");
+        let h = b.binary("Add", &h, &p, "f");
+        let h = b.unary("Tanh", &h, "f");
+        let y = if half { b.cast(&h, dtype::FLOAT, "out") } else { h };
+        let sq = b.binary("Mul", &y, &y, "loss");
+        b.op_named("ReduceSum", &[&sq], vec![attr_int("keepdims", 0)], "loss");
+        b.finish(&mut model);
+        let idx = GraphIndex::new(&model).unwrap();
+        let params: Vec<String> = ["w", "b", "scale", "shift"].iter().map(|s| s.to_string()).collect();
+        let mut b = Builder::new(&model, "g/");
+        let one = b.scalar(1.0);
+        let grads = grad::backward(&model, &idx, &mut b, &[("loss".into(), one)], &params, &HashSet::new())
+            .unwrap_or_else(|e| panic!("half={half}: {e}"));
+        let mut outs = Vec::new();
+        for w in &params {
+            let o = format!("{w}_grad");
+            b.op_named("Identity", &[&grads[w]], vec![], &o);
+            outs.push(o);
+        }
+        b.finish(&mut model);
+        for (w, o) in params.iter().zip(&outs) {
+            let f = idx.fact(w).unwrap().clone();
+            model.graph_mut().output.push(f.to_value_info(o));
+        }
+        onnx::infer::check(&model).unwrap_or_else(|e| panic!("half={half}: {e}"));
+        (model, outs)
+    };
+    let mut feed = Tensors::new();
+    feed.insert(
+        "x".into(),
+        Value::F32(ArrayD::from_shape_vec(vec![4, 6], values(24, Gen::AwayFromZero, 9)).unwrap()),
+    );
+    let mut got = Vec::new();
+    for half in [false, true] {
+        let (m, outs) = build_one(half);
+        let p = dir.path().join(format!("half_{half}.onnx"));
+        onnx::save(&m, &p).unwrap();
+        onnx_check(&p);
+        got.push(
+            dagr_inject::runtime::run(Backend::Ort, &p, &feed, &outs).unwrap_or_else(|e| panic!("half={half}: {e}")),
+        );
+    }
+    for name in ["w_grad", "b_grad", "scale_grad", "shift_grad"] {
+        let a = f32_of(&got[0], name);
+        let h = f32_of(&got[1], name);
+        let scale = a.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let err = a.iter().zip(h.iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 2e-2 * scale, "{name}: float16 {h:?} against float32 {a:?}");
+    }
+}

@@ -133,8 +133,36 @@ impl Ctx<'_> {
         let h = format!("grad/{}", self.hint());
         self.b.op(op, inputs, attrs, &h)
     }
+    /// A scalar constant in the op's float type (`float_type`): float16 and bfloat16 segments
+    /// get constants of their own type.
     pub fn scalar(&mut self, v: f64) -> String {
-        self.b.scalar(v)
+        let t = self.float_type();
+        self.b.scalar_of(v, t)
+    }
+    /// The float type the op computes in: its first output's, else its first float input's
+    /// (float32 when no fact says).
+    pub fn float_type(&self) -> i32 {
+        let n = self.node;
+        n.output
+            .iter()
+            .take(1)
+            .chain(n.input.iter())
+            .filter_map(|t| self.idx.fact(t).map(|f| f.dtype))
+            .find(|&d| dtype::is_float(d))
+            .unwrap_or(dtype::FLOAT)
+    }
+    /// A constant tensor of ones in the op's float type.
+    pub fn ones(&mut self, dims: &[i64]) -> String {
+        let n: i64 = dims.iter().product();
+        let name = self.b.name("const");
+        let t = tensor::float_tensor(&name, dims, &vec![1.0; n as usize], self.float_type());
+        self.b.initializers.push(t);
+        name
+    }
+    /// `t` (a mask, a count) cast to the op's float type.
+    pub fn to_float(&mut self, t: &str) -> String {
+        let to = self.float_type();
+        self.cast(t, to)
     }
     pub fn ints(&mut self, v: &[i64]) -> String {
         self.b.const_i64(v)
@@ -153,10 +181,15 @@ impl Ctx<'_> {
     pub fn cast(&mut self, x: &str, to: i32) -> String {
         self.op_a("Cast", &[x], vec![attr_int("to", to as i64)])
     }
-    /// Float32 zeros shaped like `t` (gradients are float32).
+    /// Zeros shaped like `t`, of its float type (the op's where `t` is not a float tensor with
+    /// a known type).
     pub fn zeros_like(&mut self, t: &str) -> String {
+        let elem = match self.idx.fact(t).map(|f| f.dtype) {
+            Some(d) if dtype::is_float(d) => d,
+            _ => self.float_type(),
+        };
         let s = self.shape_of(t);
-        let z = tensor::f32_tensor("", &[1], &[0.0]);
+        let z = tensor::float_tensor("", &[1], &[0.0], elem);
         self.op_a("ConstantOfShape", &[&s], vec![attr_tensor("value", z)])
     }
     /// Same as `zeros_like`, for tensors the rule itself made (no facts needed).
@@ -235,12 +268,12 @@ impl Ctx<'_> {
         self.op_a("Gather", &[&s, &a], vec![attr_int("axis", 0)])
     }
 
-    /// `size(a) / size(b)` as a float32 scalar: the number of elements a reduction folded.
+    /// `size(a) / size(b)` as a scalar of the op's float type: the number of elements a reduction folded.
     pub fn size_ratio(&mut self, a: &str, b: &str) -> String {
         let sa = self.op("Size", &[a]);
         let sb = self.op("Size", &[b]);
-        let sa = self.cast(&sa, dtype::FLOAT);
-        let sb = self.cast(&sb, dtype::FLOAT);
+        let sa = self.to_float(&sa);
+        let sb = self.to_float(&sb);
         self.op("Div", &[&sa, &sb])
     }
 }

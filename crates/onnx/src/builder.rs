@@ -108,6 +108,7 @@ pub struct Builder {
     pub initializers: Vec<TensorProto>,
     f32_consts: HashMap<(u32, Vec<i64>), String>,
     i64_consts: HashMap<Vec<i64>, String>,
+    typed_consts: HashMap<(i32, u64), String>,
 }
 
 impl Builder {
@@ -120,6 +121,7 @@ impl Builder {
             initializers: Vec::new(),
             f32_consts: HashMap::new(),
             i64_consts: HashMap::new(),
+            typed_consts: HashMap::new(),
         }
     }
 
@@ -193,6 +195,21 @@ impl Builder {
     /// A float32 scalar constant (the value is rounded to f32).
     pub fn scalar(&mut self, v: f64) -> String {
         self.const_f32(&[], &[v as f32])
+    }
+
+    /// A scalar constant of float type `elem` (float32 shared as `scalar` does).
+    pub fn scalar_of(&mut self, v: f64, elem: i32) -> String {
+        if elem == dtype::FLOAT || !dtype::is_float(elem) {
+            return self.scalar(v);
+        }
+        let key = (elem, v.to_bits());
+        if let Some(n) = self.typed_consts.get(&key) {
+            return n.clone();
+        }
+        let name = self.name("const");
+        self.initializers.push(tensor::float_tensor(&name, &[], &[v], elem));
+        self.typed_consts.insert(key, name.clone());
+        name
     }
 
     /// An int64 1-D constant (axes, shapes), shared between identical uses.

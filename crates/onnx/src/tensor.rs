@@ -16,6 +16,31 @@ pub fn f32_tensor(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
     t
 }
 
+/// A float tensor of any float type (float, double, float16, bfloat16) from f64 values, each
+/// rounded to the nearest of the type.
+pub fn float_tensor(name: &str, dims: &[i64], data: &[f64], elem: i32) -> TensorProto {
+    let mut t = TensorProto::new();
+    t.name = name.to_string();
+    t.dims = dims.to_vec();
+    t.data_type = elem;
+    t.raw_data = match elem {
+        dtype::DOUBLE => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        dtype::FLOAT16 => data
+            .iter()
+            .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
+            .collect(),
+        dtype::BFLOAT16 => data
+            .iter()
+            .flat_map(|&v| half::bf16::from_f64(v).to_le_bytes())
+            .collect(),
+        _ => {
+            t.data_type = dtype::FLOAT;
+            data.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect()
+        }
+    };
+    t
+}
+
 /// Build an int64 tensor.
 pub fn i64_tensor(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
     let mut t = TensorProto::new();

@@ -97,8 +97,9 @@ pub fn pow(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
     let ga = if need[0] {
         let one = c.scalar(1.0);
-        let b32 = if c.dtype(&b) != dtype::FLOAT {
-            c.cast(&b, dtype::FLOAT)
+        // The exponent in the base's type (Pow allows another).
+        let b32 = if c.dtype(&b) != c.float_type() {
+            c.to_float(&b)
         } else {
             b.clone()
         };
@@ -337,8 +338,8 @@ pub fn dropout(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     }
     let ratio = if c.has_input(1) {
         let r = c.input(1).to_string();
-        if c.dtype(&r) != dtype::FLOAT {
-            c.cast(&r, dtype::FLOAT)
+        if c.dtype(&r) != c.float_type() {
+            c.to_float(&r)
         } else {
             r
         }
@@ -346,7 +347,7 @@ pub fn dropout(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         c.scalar(0.5)
     };
     let mask = c.output(1).to_string();
-    let m = c.cast(&mask, dtype::FLOAT);
+    let m = c.to_float(&mask);
     let one = c.scalar(1.0);
     let keep = c.op("Sub", &[&one, &ratio]);
     let t = c.op("Mul", &[g, &m]);

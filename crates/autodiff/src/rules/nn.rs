@@ -391,7 +391,7 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
         let (_, spatial, _) = spatial_of(c, &x, geo.sp);
         let head = c.ints(&[1, 1]);
         let shape = c.op_a("Concat", &[&head, &spatial], vec![attr_int("axis", 0)]);
-        let one = dagr_onnx::tensor::f32_tensor("", &[1], &[1.0]);
+        let one = dagr_onnx::tensor::float_tensor("", &[1], &[1.0], c.float_type());
         let ones = c.op_a(
             "ConstantOfShape",
             &[&shape],
@@ -399,7 +399,7 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
         );
         let mut kshape = vec![1, 1];
         kshape.extend(&kernel);
-        let kones = c.b.const_f32(&kshape, &vec![1.0; ksize as usize]);
+        let kones = c.ones(&kshape);
         let counts = c.op_a(
             "Conv",
             &[&ones, &kones],
@@ -416,7 +416,7 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     };
     let mut kshape = vec![channels, 1];
     kshape.extend(&kernel);
-    let kones = c.b.const_f32(&kshape, &vec![1.0; (channels * ksize) as usize]);
+    let kones = c.ones(&kshape);
     Ok(vec![Some(geo.transpose_back(c, &scaled, &kones, &x, channels))])
 }
 

@@ -10,7 +10,7 @@
 use super::{g0_owned, Out};
 use crate::ctx::{norm_axis, Ctx};
 use dagr_onnx::builder::{attr_float, attr_int, attr_ints, attr_string};
-use dagr_onnx::{dtype, Dim};
+use dagr_onnx::Dim;
 
 impl Ctx<'_> {
     /// The float32 identity matrix `[n, n]`, `n` the length of `x` along `axis`.
@@ -24,7 +24,7 @@ impl Ctx<'_> {
         let rows = self.unsqueeze(&r, &[1]);
         let cols = self.unsqueeze(&r, &[0]);
         let eq = self.op("Equal", &[&rows, &cols]);
-        self.cast(&eq, dtype::FLOAT)
+        self.to_float(&eq)
     }
 
     /// `g` mapped back along `axis` by the transpose of `m` (`[in, out]`: m[i, j] = dy_j / dx_i):

@@ -325,7 +325,7 @@ fn reduce(c: &mut Ctx, g: &[Option<String>], need: &[bool], kind: Reduction) -> 
         }
         Reduction::Extremum => {
             let eq = c.op("Equal", &[&x, &yk]);
-            let m = c.cast(&eq, dtype::FLOAT);
+            let m = c.to_float(&eq);
             let count = if sorted.is_empty() {
                 m.clone()
             } else {
@@ -379,7 +379,7 @@ pub fn global_max_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     let s = c.shape_of(&x);
     let ex = c.op("Expand", &[&g, &s]);
     let eq = c.op("Equal", &[&x, &y]);
-    let m = c.cast(&eq, dtype::FLOAT);
+    let m = c.to_float(&eq);
     let count = c.reduce_sum(&m, &axes, true);
     let share = c.op("Div", &[&m, &count]);
     Ok(vec![Some(c.op("Mul", &[&ex, &share]))])

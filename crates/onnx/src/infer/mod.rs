@@ -377,6 +377,32 @@ pub fn check(model: &Model) -> crate::Result<()> {
             }
             _ => {}
         }
+        // Inputs that the op's signature types alike (T) must be of one type.
+        let same_type: &[usize] = match n.op_type.as_str() {
+            "Add" | "Sub" | "Mul" | "Div" | "Max" | "Min" | "Sum" | "Mean" | "MatMul" | "Gemm" | "Concat" | "Equal"
+            | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "PRelu" => &[0, 1, 2, 3, 4, 5, 6, 7],
+            "Where" => &[1, 2],
+            "LayerNormalization" | "InstanceNormalization" | "BatchNormalization" | "Conv" | "ConvTranspose" => {
+                &[0, 1, 2]
+            }
+            _ => &[],
+        };
+        let types: Vec<(&String, i32)> = same_type
+            .iter()
+            .filter_map(|&k| n.input.get(k).filter(|t| !t.is_empty()))
+            .filter_map(|t| idx.fact(t).map(|f| (t, f.dtype)).filter(|(_, d)| *d != 0))
+            .collect();
+        if let Some((t, d)) = types.iter().find(|(_, d)| *d != types[0].1) {
+            return Err(bad(
+                n,
+                format!(
+                    "its inputs '{}' ({}) and '{t}' ({}) must be of one type",
+                    types[0].0,
+                    crate::dtype::name(types[0].1),
+                    crate::dtype::name(*d)
+                ),
+            ));
+        }
     }
     if let Some(o) = g.output.iter().find(|o| !defined.contains(o.name.as_str())) {
         return Err(crate::Error::Internal(format!(
