@@ -987,6 +987,19 @@ fn every_rule_has_a_case() {
     );
 }
 
+/// An op the registry differentiates also has a shape inference rule (the gradient rules read
+/// the shapes of what they meet): adding one without the other fails here.
+#[test]
+fn every_rule_has_an_inference_rule() {
+    let inferred: HashSet<&str> = onnx::infer::supported_ops().into_iter().collect();
+    let missing: Vec<&str> = rules::RULES
+        .iter()
+        .map(|r| r.op)
+        .filter(|op| !inferred.contains(op))
+        .collect();
+    assert!(missing.is_empty(), "registry ops without shape inference: {missing:?}");
+}
+
 #[test]
 fn every_rule_matches_central_differences() {
     require_ort();

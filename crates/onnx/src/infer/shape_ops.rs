@@ -8,6 +8,7 @@ use crate::dtype;
 use crate::index::ValueFact;
 
 pub(super) const RULES: &[(&[&str], Rule)] = &[
+    (&["EyeLike"], eye_like),
     (&["Shape"], shape),
     (&["Size"], size),
     (&["Constant"], constant),
@@ -742,5 +743,15 @@ fn concat_from_sequence(c: &mut Node) -> Option<()> {
         o
     };
     c.set(0, first.dtype, Some(out));
+    Some(())
+}
+
+/// EyeLike: the input's 2-D shape, in `dtype` (else the input's type).
+fn eye_like(c: &mut Node) -> Option<()> {
+    let dt = match c.attr_i("dtype", 0) {
+        0 => c.dtype(0),
+        d => d as i32,
+    };
+    c.set(0, dt, c.shape(0));
     Some(())
 }
