@@ -314,3 +314,13 @@ pub fn directional_check(
         seen.join(", ")
     );
 }
+
+/// Fails listing every failure, when there are any.
+pub fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

@@ -1054,12 +1054,7 @@ fn every_rule_matches_central_differences() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// Every rule builds when the first input's dims are symbolic (a model exported with dynamic axes),
@@ -1101,12 +1096,7 @@ fn every_rule_handles_symbolic_dims() {
             (Err(e), _) => panic!("{}: {e}", c.name),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// The shape inference of every op with a case agrees with ONNX Runtime on the case's outputs
@@ -1146,12 +1136,7 @@ fn every_case_output_shape_matches_onnx_runtime() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// A float16 segment (cast in, cast out, as mixed-precision exports write it): the gradient

@@ -27,7 +27,21 @@ pub type Vjp = fn(&mut Ctx, &[Option<String>], &[bool]) -> Result<Vec<Option<Str
 /// that equals each output of the node ("" for an output the node does not produce).
 pub type Body = fn(&mut Ctx) -> Result<Vec<String>>;
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// The same node seen through another builder (a subgraph's body).
+    pub fn with_builder<'b>(&'b self, b: &'b mut Builder) -> Ctx<'b>
+    where
+        'a: 'b,
+    {
+        Ctx {
+            model: self.model,
+            b,
+            idx: self.idx,
+            consts: self.consts,
+            node: self.node,
+        }
+    }
+
     pub fn input(&self, i: usize) -> &str {
         self.node.input.get(i).map(String::as_str).unwrap_or("")
     }

@@ -562,13 +562,7 @@ fn forward_states(
     let xw_t = bb.name("xw_t");
     let m_t = bb.name("m_t");
     let (hn, cn) = {
-        let mut cc = Ctx {
-            model: c.model,
-            b: &mut bb,
-            idx: c.idx,
-            consts: c.consts,
-            node: c.node,
-        };
+        let mut cc = c.with_builder(&mut bb);
         let (hn, cn) = cell_step(&mut cc, s, d, &dir.w, &xw_t, &h_in, &c_in);
         match mask {
             Some(_) => {
@@ -679,13 +673,7 @@ fn backward_scan(
     );
     // The cell, with its masked update, as a graph of its own for the engine.
     let (h_out, c_out, y) = {
-        let mut cc = Ctx {
-            model: c.model,
-            b: &mut bb,
-            idx: c.idx,
-            consts: c.consts,
-            node: c.node,
-        };
+        let mut cc = c.with_builder(&mut bb);
         let (hn, cn) = cell_step(&mut cc, s, d, &dir.w, &xw_t, &h_t, &c_t);
         match mask {
             Some(_) => {
