@@ -230,7 +230,7 @@ fn zoo_training_graphs_equal_pytorch_autograd_and_train_on_both_backends() {
     let dir = tempfile::tempdir().unwrap();
     let mut checks = OnnxChecks::default();
     let mut trained = 0;
-    for e in zoo() {
+    for (k, e) in zoo().into_iter().enumerate() {
         let mut m = onnx::load(&e.path).unwrap();
         let built = make_training_graph(&mut m, &config(&e), &TrainOptions::default());
         match built {
@@ -290,6 +290,23 @@ fn zoo_training_graphs_equal_pytorch_autograd_and_train_on_both_backends() {
                     );
                 }
                 directional_check(&e.label(), &m, &p, &feed, &rec.loss, &reparametrized, &[1e-3]);
+                // `verify`'s own finite differences pass on honest training graphs: every
+                // model, each through another exporter in turn (all 24 pass; 6 keep the suite
+                // short).
+                if k % 4 == (k / 4) % 4 {
+                    let fd = dagr_inject::verify::param_finite_differences(&p, &feed, Backend::Ort, 1)
+                        .unwrap_or_else(|err| panic!("{}: verify: {err}", e.label()));
+                    let failed: Vec<String> = fd
+                        .iter()
+                        .filter(|c| !c.pass)
+                        .map(|c| format!("{} rel {:.3e}", c.output, c.rel))
+                        .collect();
+                    assert!(
+                        failed.is_empty(),
+                        "{}: verify fails honest gradients: {failed:?}",
+                        e.label()
+                    );
+                }
                 train_steps(&e, &p, dir.path());
                 trained += 1;
             }
