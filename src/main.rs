@@ -8,6 +8,14 @@ mod cli;
 mod signals;
 
 fn main() {
+    // A panic inside tract that the runtime turns into an error is reported by that error, not
+    // also by the default hook's "thread 'main' panicked at ..." lines.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !dagr_inject::runtime::tract_backend::in_guarded_call() {
+            default_hook(info)
+        }
+    }));
     let args = cli::normalize_args(std::env::args_os().collect());
     if let Err(e) = cli::run(args) {
         eprintln!("error: {}", cli::flags_for_fields(&format!("{e:#}")));

@@ -539,3 +539,68 @@ fn verify_passes_honest_training_graphs_and_fails_mutated_ones() {
         assert!(failed.contains(&check), "{name} x{by}: failing checks {failed:?}");
     }
 }
+
+/// A graph that makes tract panic (a negative GatherND index, which tract 0.23 asserts on)
+/// fails with one error that says so and names the other backend, without the panic's own
+/// "thread panicked" report.
+#[test]
+fn a_tract_panic_is_one_clean_error() {
+    use dagr_inject::onnx::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+    use dagr_inject::onnx::{dtype, Dim, ValueFact};
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = GraphProto::new();
+    g.name = "g".into();
+    g.input
+        .push(ValueFact::new(dtype::FLOAT, vec![Dim::Known(3), Dim::Known(2)]).to_value_info("x"));
+    g.input
+        .push(ValueFact::new(dtype::INT64, vec![Dim::Known(1), Dim::Known(1)]).to_value_info("idx"));
+    let mut n = NodeProto::new();
+    n.op_type = "GatherND".into();
+    n.name = "gather".into();
+    n.input = vec!["x".into(), "idx".into()];
+    n.output = vec!["y".into()];
+    g.node.push(n);
+    g.output
+        .push(ValueFact::new(dtype::FLOAT, vec![Dim::Known(1), Dim::Known(2)]).to_value_info("y"));
+    let mut p = ModelProto::new();
+    p.ir_version = 8;
+    let mut o = OperatorSetIdProto::new();
+    o.version = 17;
+    p.opset_import.push(o);
+    p.graph = protobuf::MessageField::some(g);
+    let m = onnx::Model {
+        proto: p,
+        base_dir: dir.path().into(),
+        source: None,
+    };
+    let path = dir.path().join("g.onnx");
+    onnx::save(&m, &path).unwrap();
+    let inputs = dir.path().join("in.npz");
+    let mut t = dagr_inject::runtime::Tensors::new();
+    t.insert(
+        "x".into(),
+        dagr_inject::runtime::Value::F32(ndarray::ArrayD::from_shape_vec(vec![3, 2], vec![1.0; 6]).unwrap()),
+    );
+    t.insert(
+        "idx".into(),
+        dagr_inject::runtime::Value::I64(ndarray::ArrayD::from_shape_vec(vec![1, 1], vec![-1]).unwrap()),
+    );
+    dagr_inject::npz::write(&inputs, &t).unwrap();
+    let o = bin()
+        .args([
+            "run",
+            path.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--backend",
+            "tract",
+        ])
+        .args(["-o", dir.path().join("out.npz").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("tract failed on this graph"), "{err}");
+    assert!(err.contains("--backend ort"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

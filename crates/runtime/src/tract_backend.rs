@@ -124,10 +124,23 @@ impl Prepared {
     }
 }
 
+thread_local! {
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside a guarded tract call, whose panics become errors: a program's
+/// panic hook can stay quiet about them (the error says what happened).
+pub fn in_guarded_call() -> bool {
+    GUARDED.with(|g| g.get())
+}
+
 /// Run `f`, turning a panic inside tract (an unsupported case it asserts on, e.g. a negative
 /// GatherND index in tract 0.23) into an error instead of aborting the caller.
 fn guarded<T>(f: impl FnOnce() -> T) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+    let outer = GUARDED.with(|g| g.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    r.map_err(|p| {
         let what = p
             .downcast_ref::<String>()
             .cloned()
