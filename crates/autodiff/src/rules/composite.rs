@@ -385,3 +385,108 @@ pub fn rotary_embedding(c: &mut Ctx) -> Result<Vec<String>> {
     };
     Ok(vec![y])
 }
+
+/// Finite-difference cases of this module's ops (see `crate::cases`).
+pub fn cases() -> Vec<crate::cases::Case> {
+    use crate::cases::*;
+    use dagr_onnx::builder::{attr_float, attr_int};
+    vec![
+        case(
+            "group_norm_18",
+            "GroupNormalization",
+            vec![x(&[2, 4, 3]), x(&[2]), x(&[2])],
+        )
+        .attrs(vec![attr_int("num_groups", 2), attr_float("epsilon", 1e-3)])
+        .opset(18)
+        .checker_refuses("GroupNormalization-18 is deprecated (models still carry it)"),
+        case(
+            "group_norm_21",
+            "GroupNormalization",
+            vec![x(&[2, 4, 3, 2]), x(&[4]), x(&[4])],
+        )
+        .attrs(vec![attr_int("num_groups", 2)])
+        .opset(21),
+        case("lp_norm_2", "LpNormalization", vec![x(&[3, 4])]),
+        case("lp_norm_1_axis0", "LpNormalization", vec![x(&[3, 4])]).attrs(vec![attr_int("p", 1), attr_int("axis", 0)]),
+        case(
+            "mean_variance_norm",
+            "MeanVarianceNormalization",
+            vec![x(&[2, 3, 4, 2])],
+        )
+        .checker_refuses("onnx 1.23's own function body of the op fails its shape inference"),
+        case("rms_norm", "RMSNormalization", vec![x(&[2, 3, 4]), x(&[4])]).opset(23),
+        case("lrn", "LRN", vec![x(&[2, 5, 3, 3])]).attrs(vec![
+            attr_int("size", 3),
+            attr_float("alpha", 0.3),
+            attr_float("beta", 0.75),
+            attr_float("bias", 1.5),
+        ]),
+        // Opset-23 attention (tract 0.23 runs neither op).
+        case(
+            "attention_4d",
+            "Attention",
+            vec![x(&[2, 2, 3, 4]), x(&[2, 2, 5, 4]), x(&[2, 2, 5, 3])],
+        )
+        .opset(23)
+        .symbolic(&[0, 2])
+        .only(ORT_ONLY),
+        case(
+            "attention_3d_grouped_causal_softcap",
+            "Attention",
+            vec![x(&[2, 3, 8]), x(&[2, 3, 4]), x(&[2, 3, 6])],
+        )
+        .attrs(vec![
+            attr_int("q_num_heads", 4),
+            attr_int("kv_num_heads", 2),
+            attr_int("is_causal", 1),
+            attr_float("scale", 0.4),
+            attr_float("softcap", 2.0),
+        ])
+        .opset(23)
+        .symbolic(&[0, 1])
+        .only(ORT_ONLY),
+        case(
+            "attention_bool_mask_past",
+            "Attention",
+            vec![
+                x(&[1, 2, 2, 4]),
+                x(&[1, 2, 2, 4]),
+                x(&[1, 2, 2, 4]),
+                In::B(vec![2, 4], vec![true, false, true, true, true, true, false, true]),
+                x(&[1, 2, 2, 4]),
+                x(&[1, 2, 2, 4]),
+            ],
+        )
+        .attrs(vec![attr_int("is_causal", 1)])
+        .all_outputs(3)
+        .opset(23)
+        .symbolic(&[0])
+        .only(ORT_ONLY),
+        case(
+            "rotary_4d",
+            "RotaryEmbedding",
+            vec![x(&[2, 2, 3, 4]), x(&[2, 3, 2]), x(&[2, 3, 2])],
+        )
+        .opset(23)
+        .symbolic(&[0, 2])
+        .only(ORT_ONLY),
+        case(
+            "rotary_3d_interleaved_partial_positions",
+            "RotaryEmbedding",
+            vec![
+                x(&[2, 3, 8]),
+                x(&[5, 1]),
+                x(&[5, 1]),
+                In::Ints(vec![2, 3], vec![0, 1, 2, 4, 3, 2]),
+            ],
+        )
+        .attrs(vec![
+            attr_int("num_heads", 2),
+            attr_int("interleaved", 1),
+            attr_int("rotary_embedding_dim", 2),
+        ])
+        .opset(23)
+        .symbolic(&[0, 1])
+        .only(ORT_ONLY),
+    ]
+}

@@ -647,3 +647,95 @@ pub fn mean(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     }
     Ok(out)
 }
+
+/// Finite-difference cases of this module's ops (see `crate::cases`).
+pub fn cases() -> Vec<crate::cases::Case> {
+    use crate::cases::*;
+    use dagr_onnx::builder::{attr_float, attr_int, attr_string};
+    use dagr_onnx::dtype;
+    use Gen::{AboveOne, Distinct, Positive, Unit};
+    vec![
+        case("add_broadcast", "Add", vec![x(&[2, 3, 4]), x(&[3, 1])]),
+        case("sub_broadcast", "Sub", vec![x(&[2, 3]), x(&[3])]),
+        case("mul_broadcast", "Mul", vec![x(&[2, 1, 4]), x(&[3, 1])]),
+        case("div", "Div", vec![x(&[2, 3]), x(&[2, 3])]),
+        case("div_broadcast", "Div", vec![x(&[2, 3]), x(&[1])]),
+        case("pow", "Pow", vec![x(&[2, 3]), x(&[3])]).gen(Positive),
+        case("sum3", "Sum", vec![x(&[2, 3]), x(&[3]), x(&[2, 1])]),
+        case("neg", "Neg", vec![x(&[3, 2])]),
+        case("identity", "Identity", vec![x(&[3, 2])]),
+        case("relu", "Relu", vec![x(&[3, 4])]),
+        case("leaky_relu", "LeakyRelu", vec![x(&[3, 4])]).attrs(vec![attr_float("alpha", 0.2)]),
+        case("sigmoid", "Sigmoid", vec![x(&[3, 4])]),
+        case("tanh", "Tanh", vec![x(&[3, 4])]),
+        case("erf", "Erf", vec![x(&[3, 4])]),
+        case("gelu", "Gelu", vec![x(&[3, 4])]).opset(20),
+        case("gelu_tanh", "Gelu", vec![x(&[3, 4])])
+            .attrs(vec![attr_string("approximate", "tanh")])
+            .opset(20),
+        case("hard_sigmoid", "HardSigmoid", vec![x(&[3, 4])])
+            .attrs(vec![attr_float("alpha", 0.3), attr_float("beta", 0.4)]),
+        case(
+            "hard_swish",
+            "HardSwish",
+            vec![In::F(vec![6], vec![-4.0, -2.0, -0.5, 0.7, 2.5, 3.5])],
+        ),
+        case("cast_like", "CastLike", vec![x(&[3, 4]), In::F(vec![], vec![0.0])]),
+        case("exp", "Exp", vec![x(&[3, 4])]),
+        case("log", "Log", vec![x(&[3, 4])]).gen(Positive),
+        case("sqrt", "Sqrt", vec![x(&[3, 4])]).gen(Positive),
+        case("abs", "Abs", vec![x(&[3, 4])]),
+        case(
+            "clip",
+            "Clip",
+            vec![x(&[3, 4]), In::F(vec![], vec![-1.05]), In::F(vec![], vec![0.95])],
+        ),
+        case("clip_min_only", "Clip", vec![x(&[3, 4]), In::F(vec![], vec![0.0])]),
+        case("max", "Max", vec![x(&[2, 3]), x(&[3])]).gen(Distinct),
+        case("min", "Min", vec![x(&[2, 3]), x(&[2, 3])]).gen(Distinct),
+        case(
+            "where",
+            "Where",
+            vec![
+                In::B(vec![2, 3], vec![true, false, true, false, false, true]),
+                x(&[2, 3]),
+                x(&[3]),
+            ],
+        ),
+        case("cast_double", "Cast", vec![x(&[2, 3])]).attrs(vec![attr_int("to", dtype::DOUBLE as i64)]),
+        case(
+            "dropout_inference",
+            "Dropout",
+            vec![x(&[2, 3]), In::F(vec![], vec![0.3])],
+        ),
+        case("elu", "Elu", vec![x(&[3, 4])]).attrs(vec![attr_float("alpha", 0.7)]),
+        case("selu", "Selu", vec![x(&[3, 4])]),
+        // tract 0.23's Celu disagrees with ONNX Runtime's forward for alpha != 1.
+        case("celu", "Celu", vec![x(&[3, 4])])
+            .attrs(vec![attr_float("alpha", 1.5)])
+            .only(ORT_ONLY),
+        case("celu_alpha_1", "Celu", vec![x(&[3, 4])]),
+        case("softplus", "Softplus", vec![x(&[3, 4])]),
+        case("softsign", "Softsign", vec![x(&[3, 4])]),
+        case("mish", "Mish", vec![x(&[3, 4])]).opset(18),
+        case("thresholded_relu", "ThresholdedRelu", vec![x(&[3, 4])]).attrs(vec![attr_float("alpha", 0.5)]),
+        // Values 0.01 or more away from the jumps at ±lambd.
+        case("shrink", "Shrink", vec![x(&[3, 4])])
+            .attrs(vec![attr_float("lambd", 0.12), attr_float("bias", 0.3)])
+            .gen(Distinct),
+        case("prelu_channel_slope", "PRelu", vec![x(&[2, 3, 4]), x(&[3, 1])]),
+        case("reciprocal", "Reciprocal", vec![x(&[3, 4])]),
+        case("sin", "Sin", vec![x(&[3, 4])]),
+        case("cos", "Cos", vec![x(&[3, 4])]),
+        case("tan", "Tan", vec![x(&[3, 4])]).gen(Unit),
+        case("sinh", "Sinh", vec![x(&[3, 4])]),
+        case("cosh", "Cosh", vec![x(&[3, 4])]),
+        case("asin", "Asin", vec![x(&[3, 4])]).gen(Unit),
+        case("acos", "Acos", vec![x(&[3, 4])]).gen(Unit),
+        case("atan", "Atan", vec![x(&[3, 4])]),
+        case("asinh", "Asinh", vec![x(&[3, 4])]),
+        case("acosh", "Acosh", vec![x(&[3, 4])]).gen(AboveOne),
+        case("atanh", "Atanh", vec![x(&[3, 4])]).gen(Unit),
+        case("mean3", "Mean", vec![x(&[2, 3]), x(&[3]), x(&[2, 1])]),
+    ]
+}

@@ -273,3 +273,50 @@ pub fn einsum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     }
     Ok(out)
 }
+
+/// Finite-difference cases of this module's ops (see `crate::cases`).
+pub fn cases() -> Vec<crate::cases::Case> {
+    use crate::cases::*;
+    use dagr_onnx::builder::{attr_float, attr_int, attr_string};
+    vec![
+        case("matmul_weight", "MatMul", vec![x(&[2, 3, 4]), x(&[4, 5])]),
+        case("matmul_batched", "MatMul", vec![x(&[3, 4]), x(&[2, 4, 5])]),
+        case("matmul_vec_left", "MatMul", vec![x(&[4]), x(&[4, 5])]),
+        case("matmul_vec_right", "MatMul", vec![x(&[2, 3, 4]), x(&[4])]),
+        case("matmul_bcast_batch", "MatMul", vec![x(&[2, 1, 3, 4]), x(&[5, 4, 2])]),
+        case("gemm", "Gemm", vec![x(&[3, 4]), x(&[4, 5]), x(&[5])])
+            .attrs(vec![attr_float("alpha", 0.7), attr_float("beta", 1.3)]),
+        case("gemm_ta", "Gemm", vec![x(&[4, 3]), x(&[4, 5]), x(&[1, 5])]).attrs(vec![attr_int("transA", 1)]),
+        case("gemm_tb", "Gemm", vec![x(&[3, 4]), x(&[5, 4]), x(&[3, 5])]).attrs(vec![attr_int("transB", 1)]),
+        case("gemm_tab_noc", "Gemm", vec![x(&[4, 3]), x(&[5, 4])]).attrs(vec![
+            attr_int("transA", 1),
+            attr_int("transB", 1),
+            attr_float("alpha", 1.5),
+        ]),
+        case("einsum_conv_like", "Einsum", vec![x(&[2, 3, 4]), x(&[3, 5])])
+            .attrs(vec![attr_string("equation", "bcl,cd->bdl")]),
+        case(
+            "einsum_batched_transposed",
+            "Einsum",
+            vec![x(&[2, 3, 4]), x(&[2, 5, 4])],
+        )
+        .attrs(vec![attr_string("equation", "bij,bkj->bik")]),
+        case(
+            "einsum_implicit_summed_letter",
+            "Einsum",
+            vec![x(&[3, 4]), x(&[4, 2, 5])],
+        )
+        .attrs(vec![attr_string("equation", "ij,jkl")]),
+        case("einsum_ellipsis", "Einsum", vec![x(&[2, 3, 4]), x(&[2, 4, 5])])
+            .attrs(vec![attr_string("equation", "...ij,...jk->...ik")]),
+        // Ellipsis dims broadcasting from 1 (tract 0.23's Einsum does not broadcast).
+        case(
+            "einsum_ellipsis_broadcast",
+            "Einsum",
+            vec![x(&[2, 1, 3, 4]), x(&[1, 5, 4, 2])],
+        )
+        .attrs(vec![attr_string("equation", "...ij,...jk->...ik")])
+        .symbolic(&[2])
+        .only(ORT_ONLY),
+    ]
+}

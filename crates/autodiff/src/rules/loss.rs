@@ -59,3 +59,14 @@ pub fn softmax_cross_entropy(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -
     v.resize(need.len(), None);
     Ok(v)
 }
+
+/// Finite-difference cases of this module's ops (see `crate::cases`).
+pub fn cases() -> Vec<crate::cases::Case> {
+    use crate::cases::*;
+    vec![case(
+        "softmax_cross_entropy",
+        "SoftmaxCrossEntropyLoss",
+        vec![x(&[4, 5]), In::Ints(vec![4], vec![1, 0, 4, 2])],
+    )
+    .only(ORT_ONLY)]
+}

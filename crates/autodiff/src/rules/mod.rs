@@ -1,7 +1,8 @@
 //! The gradient registry: one line per operator, in the spirit of PyTorch's
 //! `derivatives.yaml`. Each rule builds the vector-Jacobian product of its op from standard ONNX
-//! operators only. `tests/it/grad_rules.rs` holds a finite-difference case for every entry and
-//! fails when an entry has none.
+//! operators only. Each module holds its rules and, beside them, their finite-difference cases
+//! (`cases()`), which `tests/it/grad_rules.rs` runs; it fails when an entry has no case or no
+//! shape inference rule.
 
 pub mod composite;
 pub mod elementwise;
@@ -202,4 +203,21 @@ pub fn lookup(domain: &str, op: &str) -> Option<&'static Rule> {
 /// Ops whose outputs never carry a gradient, so tests need no case for them.
 pub fn is_non_differentiable(op: &str) -> bool {
     RULES.iter().any(|r| r.op == op && matches!(r.kind, Kind::NoGradient))
+}
+
+/// The finite-difference cases of every rule, each module's beside its rules.
+pub fn cases() -> Vec<crate::cases::Case> {
+    [
+        composite::cases(),
+        elementwise::cases(),
+        linalg::cases(),
+        loss::cases(),
+        nn::cases(),
+        recurrent::cases(),
+        resample::cases(),
+        shape::cases(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }

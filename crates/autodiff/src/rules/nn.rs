@@ -608,3 +608,132 @@ fn standardize_backward(c: &mut Ctx, gh: &str, xhat: &str, sd: &str, axes: &[i64
     let t = c.op("Sub", &[&t, &xm]);
     c.op("Div", &[&t, sd])
 }
+
+/// Finite-difference cases of this module's ops (see `crate::cases`).
+pub fn cases() -> Vec<crate::cases::Case> {
+    use crate::cases::*;
+    use dagr_onnx::builder::{attr_float, attr_int, attr_ints, attr_string};
+    use Gen::Distinct;
+    vec![
+        case(
+            "instance_norm",
+            "InstanceNormalization",
+            vec![x(&[2, 3, 5]), x(&[3]), x(&[3])],
+        )
+        .attrs(vec![attr_float("epsilon", 1e-3)]),
+        case("softmax", "Softmax", vec![x(&[2, 3, 4])]).attrs(vec![attr_int("axis", 1)]),
+        case("log_softmax", "LogSoftmax", vec![x(&[2, 3, 4])]),
+        case(
+            "conv1d_stride_asym_pads",
+            "Conv",
+            vec![x(&[2, 3, 9]), x(&[4, 3, 3]), x(&[4])],
+        )
+        .attrs(vec![attr_ints("strides", &[2]), attr_ints("pads", &[1, 0])]),
+        case(
+            "conv2d_groups_dilation",
+            "Conv",
+            vec![x(&[2, 4, 7, 6]), x(&[6, 2, 3, 3])],
+        )
+        .attrs(vec![
+            attr_int("group", 2),
+            attr_ints("strides", &[2, 1]),
+            attr_ints("dilations", &[1, 2]),
+            attr_ints("pads", &[1, 0, 0, 2]),
+        ]),
+        case(
+            "conv2d_same_upper",
+            "Conv",
+            vec![x(&[1, 2, 6, 5]), x(&[3, 2, 3, 2]), x(&[3])],
+        )
+        .attrs(vec![
+            attr_string("auto_pad", "SAME_UPPER"),
+            attr_ints("strides", &[2, 2]),
+        ]),
+        // ONNX Runtime runs no dilation with SAME padding.
+        case("conv2d_same_lower", "Conv", vec![x(&[1, 2, 7, 6]), x(&[2, 2, 3, 2])]).attrs(vec![
+            attr_string("auto_pad", "SAME_LOWER"),
+            attr_ints("strides", &[3, 2]),
+        ]),
+        case(
+            "conv3d",
+            "Conv",
+            vec![x(&[1, 2, 4, 4, 3]), x(&[3, 2, 2, 2, 2]), x(&[3])],
+        ),
+        case(
+            "conv_transpose_stride_output_padding",
+            "ConvTranspose",
+            vec![x(&[2, 3, 5]), x(&[3, 4, 3]), x(&[4])],
+        )
+        .attrs(vec![
+            attr_ints("strides", &[2]),
+            attr_ints("pads", &[1, 0]),
+            attr_ints("output_padding", &[1]),
+        ]),
+        case(
+            "conv_transpose2d_groups_dilation",
+            "ConvTranspose",
+            vec![x(&[1, 4, 3, 4]), x(&[4, 3, 2, 3])],
+        )
+        .attrs(vec![
+            attr_int("group", 2),
+            attr_ints("strides", &[1, 2]),
+            attr_ints("dilations", &[2, 1]),
+            attr_ints("pads", &[0, 1, 1, 0]),
+        ]),
+        case("maxpool", "MaxPool", vec![x(&[2, 2, 6, 6])])
+            .attrs(vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])])
+            .gen(Distinct),
+        case("maxpool_overlap_pad", "MaxPool", vec![x(&[1, 2, 5, 5])])
+            .attrs(vec![
+                attr_ints("kernel_shape", &[3, 3]),
+                attr_ints("strides", &[2, 2]),
+                attr_ints("pads", &[1, 1, 1, 1]),
+            ])
+            .gen(Distinct),
+        case("avgpool", "AveragePool", vec![x(&[2, 2, 6, 6])])
+            .attrs(vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])]),
+        case("avgpool_pads_exclusive", "AveragePool", vec![x(&[1, 2, 5, 5])]).attrs(vec![
+            attr_ints("kernel_shape", &[3, 3]),
+            attr_ints("strides", &[2, 2]),
+            attr_ints("pads", &[1, 1, 1, 1]),
+        ]),
+        case("global_avgpool", "GlobalAveragePool", vec![x(&[2, 3, 4, 5])]),
+        case(
+            "batchnorm_inference",
+            "BatchNormalization",
+            vec![
+                x(&[2, 3, 4]),
+                x(&[3]),
+                x(&[3]),
+                In::F(vec![3], vec![0.1, -0.2, 0.3]),
+                In::F(vec![3], vec![0.5, 1.0, 1.5]),
+            ],
+        )
+        .only(ORT_ONLY),
+        case(
+            "batchnorm_training",
+            "BatchNormalization",
+            vec![
+                x(&[4, 3, 5]),
+                x(&[3]),
+                x(&[3]),
+                In::F(vec![3], vec![0.1, -0.2, 0.3]),
+                In::F(vec![3], vec![0.5, 1.0, 1.5]),
+            ],
+        )
+        .attrs(vec![attr_int("training_mode", 1)])
+        .outputs(3)
+        .only(ORT_ONLY),
+        case(
+            "layernorm_last",
+            "LayerNormalization",
+            vec![x(&[2, 3, 4]), x(&[4]), x(&[4])],
+        ),
+        case(
+            "layernorm_axis1",
+            "LayerNormalization",
+            vec![x(&[2, 3, 4]), x(&[3, 4]), x(&[3, 4])],
+        )
+        .attrs(vec![attr_int("axis", 1)]),
+    ]
+}

@@ -796,3 +796,143 @@ fn backward_scan(
     }
     Ok(seeds)
 }
+
+/// Finite-difference cases of this module's ops (see `crate::cases`).
+pub fn cases() -> Vec<crate::cases::Case> {
+    use crate::cases::*;
+    use dagr_onnx::builder::{attr_float, attr_int, attr_string};
+    use dagr_onnx::proto::AttributeProto;
+    use Gen::Unit;
+    vec![
+        // Recurrent cells (inputs X, W, R, B, sequence_lens, initial_h[, initial_c, P]), the
+        // loss over every output; the batch symbolic, and in some the sequence length too.
+        case(
+            "rnn_initial_state",
+            "RNN",
+            vec![
+                x(&[4, 2, 3]),
+                x(&[1, 5, 3]),
+                x(&[1, 5, 5]),
+                x(&[1, 10]),
+                In::Absent,
+                x(&[1, 2, 5]),
+            ],
+        )
+        .attrs(vec![attr_int("hidden_size", 5)])
+        .all_outputs(2)
+        .symbolic(&[0, 1]),
+        case(
+            "gru_bidirectional_linear_before_reset",
+            "GRU",
+            vec![
+                x(&[3, 2, 4]),
+                x(&[2, 9, 4]),
+                x(&[2, 9, 3]),
+                x(&[2, 18]),
+                In::Absent,
+                x(&[2, 2, 3]),
+            ],
+        )
+        .attrs(vec![
+            attr_int("hidden_size", 3),
+            attr_string("direction", "bidirectional"),
+            attr_int("linear_before_reset", 1),
+        ])
+        .all_outputs(2)
+        .symbolic(&[1]),
+        // tract runs no sequence_lens that differ, ONNX Runtime no layout 1.
+        case(
+            "gru_reverse_sequence_lens",
+            "GRU",
+            vec![
+                x(&[3, 2, 4]),
+                x(&[1, 9, 4]),
+                x(&[1, 9, 3]),
+                x(&[1, 18]),
+                In::I32(vec![2], vec![3, 2]),
+            ],
+        )
+        .attrs(vec![attr_int("hidden_size", 3), attr_string("direction", "reverse")])
+        .all_outputs(2)
+        .symbolic(&[0, 1])
+        .only(ORT_ONLY),
+        case(
+            "gru_layout1",
+            "GRU",
+            vec![
+                x(&[2, 3, 4]),
+                x(&[1, 9, 4]),
+                x(&[1, 9, 3]),
+                x(&[1, 18]),
+                In::Absent,
+                x(&[2, 1, 3]),
+            ],
+        )
+        .attrs(vec![attr_int("hidden_size", 3), attr_int("layout", 1)])
+        .all_outputs(2)
+        .only(TRACT_ONLY),
+        case(
+            "lstm_bidirectional_peepholes",
+            "LSTM",
+            vec![
+                x(&[3, 2, 4]),
+                x(&[2, 12, 4]),
+                x(&[2, 12, 3]),
+                x(&[2, 24]),
+                In::Absent,
+                x(&[2, 2, 3]),
+                x(&[2, 2, 3]),
+                x(&[2, 9]),
+            ],
+        )
+        .attrs(vec![
+            attr_int("hidden_size", 3),
+            attr_string("direction", "bidirectional"),
+        ])
+        .all_outputs(3)
+        .symbolic(&[1]),
+        case(
+            "lstm_sequence_lens_no_bias",
+            "LSTM",
+            vec![
+                x(&[3, 2, 4]),
+                x(&[1, 12, 4]),
+                x(&[1, 12, 3]),
+                In::Absent,
+                In::I32(vec![2], vec![1, 3]),
+            ],
+        )
+        .attrs(vec![attr_int("hidden_size", 3), attr_int("input_forget", 1)])
+        .all_outputs(3)
+        .symbolic(&[1])
+        .only(ORT_ONLY),
+        // Activations with parameters, and clipped gates (tract 0.23's GRU runs its default
+        // activations whatever the node says: the forward differs from ONNX Runtime's). Small
+        // values keep the central differences off the kinks of the clip and of LeakyRelu.
+        case(
+            "gru_activations_clip",
+            "GRU",
+            vec![x(&[3, 2, 4]), x(&[1, 9, 4]), x(&[1, 9, 3]), x(&[1, 18])],
+        )
+        .attrs(vec![
+            attr_int("hidden_size", 3),
+            attr_float("clip", 1.2),
+            AttributeProto {
+                name: "activations".into(),
+                type_: dagr_onnx::proto::attribute_proto::AttributeType::STRINGS.into(),
+                strings: vec![b"HardSigmoid".to_vec(), b"LeakyRelu".to_vec()],
+                ..Default::default()
+            },
+            AttributeProto {
+                name: "activation_alpha".into(),
+                type_: dagr_onnx::proto::attribute_proto::AttributeType::FLOATS.into(),
+                floats: vec![0.3, 0.1],
+                ..Default::default()
+            },
+        ])
+        .all_outputs(2)
+        .gen(Unit)
+        .symbolic(&[1])
+        .only(ORT_ONLY),
+    ]
+}

@@ -281,3 +281,70 @@ pub fn resize(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 fn float_const(c: &Ctx, name: &str) -> Option<Vec<f32>> {
     c.idx.float_constant(name)
 }
+
+/// Finite-difference cases of this module's ops (see `crate::cases`).
+pub fn cases() -> Vec<crate::cases::Case> {
+    use crate::cases::*;
+    use dagr_onnx::builder::{attr_int, attr_string};
+    vec![
+        case("cumsum", "CumSum", vec![x(&[3, 4]), In::Ints(vec![], vec![1])]),
+        case(
+            "cumsum_exclusive_reverse",
+            "CumSum",
+            vec![x(&[3, 4]), In::Ints(vec![], vec![0])],
+        )
+        .attrs(vec![attr_int("exclusive", 1), attr_int("reverse", 1)]),
+        case("pad_constant", "Pad", vec![x(&[2, 3]), ints(&[1, 0, 0, 2])]),
+        // A negative pad crops (tract 0.23 overflows on one).
+        case(
+            "pad_constant_negative_value",
+            "Pad",
+            vec![x(&[3, 4]), ints(&[1, -1, -1, 2]), In::F(vec![], vec![0.5])],
+        )
+        .only(ORT_ONLY),
+        case("pad_reflect", "Pad", vec![x(&[2, 4]), ints(&[0, 2, 0, 1])]).attrs(vec![attr_string("mode", "reflect")]),
+        case("pad_edge", "Pad", vec![x(&[3, 2]), ints(&[2, 1, 1, 3])]).attrs(vec![attr_string("mode", "edge")]),
+        case(
+            "pad_wrap_axes",
+            "Pad",
+            vec![x(&[2, 3]), ints(&[2, 1]), In::Absent, ints(&[1])],
+        )
+        .attrs(vec![attr_string("mode", "wrap")])
+        .opset(19)
+        .only(ORT_ONLY),
+        case(
+            "resize_linear_scales",
+            "Resize",
+            vec![x(&[1, 2, 5]), In::Absent, In::F(vec![3], vec![1.0, 1.0, 2.0])],
+        )
+        .attrs(vec![attr_string("mode", "linear")]),
+        case(
+            "resize_nearest_sizes",
+            "Resize",
+            vec![x(&[2, 2, 4, 3]), In::Absent, In::Absent, ints(&[2, 2, 6, 7])],
+        )
+        .attrs(vec![
+            attr_string("mode", "nearest"),
+            attr_string("coordinate_transformation_mode", "asymmetric"),
+            attr_string("nearest_mode", "round_prefer_ceil"),
+        ]),
+        case(
+            "resize_cubic_align_corners",
+            "Resize",
+            vec![x(&[1, 1, 4, 5]), In::Absent, In::F(vec![4], vec![1.0, 1.0, 1.5, 2.0])],
+        )
+        .attrs(vec![
+            attr_string("mode", "cubic"),
+            attr_string("coordinate_transformation_mode", "align_corners"),
+        ])
+        .only(ORT_ONLY),
+        case(
+            "resize_linear_antialias_down",
+            "Resize",
+            vec![x(&[1, 1, 8, 6]), In::Absent, In::F(vec![4], vec![1.0, 1.0, 0.5, 0.75])],
+        )
+        .attrs(vec![attr_string("mode", "linear"), attr_int("antialias", 1)])
+        .opset(18)
+        .only(ORT_ONLY),
+    ]
+}

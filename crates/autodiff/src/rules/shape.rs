@@ -517,3 +517,97 @@ pub fn gather_nd(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let add = attr_string("reduction", "add");
     Ok(vec![Some(c.op_a("ScatterND", &[&zeros, &idx, &g], vec![add])), None])
 }
+
+/// Finite-difference cases of this module's ops (see `crate::cases`).
+pub fn cases() -> Vec<crate::cases::Case> {
+    use crate::cases::*;
+    use dagr_onnx::builder::{attr_int, attr_ints, attr_string};
+    use Gen::{Distinct, Positive};
+    vec![
+        // A repeated index: its gradients add up.
+        case(
+            "gather_nd",
+            "GatherND",
+            vec![x(&[3, 4, 2]), In::Ints(vec![3, 2], vec![0, 1, 2, 3, 0, 1])],
+        ),
+        // Negative indices count from the end (tract 0.23 panics on them in the forward pass).
+        case(
+            "gather_nd_negative",
+            "GatherND",
+            vec![x(&[3, 4, 2]), In::Ints(vec![2, 2], vec![-1, 1, 2, -4])],
+        )
+        .only(ORT_ONLY),
+        case("flatten", "Flatten", vec![x(&[2, 3, 4])]).attrs(vec![attr_int("axis", 2)]),
+        case("reshape", "Reshape", vec![x(&[2, 3, 4]), ints(&[6, -1])]),
+        case("squeeze", "Squeeze", vec![x(&[2, 1, 3]), ints(&[1])]),
+        case("unsqueeze", "Unsqueeze", vec![x(&[2, 3]), ints(&[0, 3])]),
+        case("transpose", "Transpose", vec![x(&[2, 3, 4])]).attrs(vec![attr_ints("perm", &[2, 0, 1])]),
+        case("concat", "Concat", vec![x(&[2, 3]), x(&[2, 5])]).attrs(vec![attr_int("axis", 1)]),
+        case("split_one_output_used", "Split", vec![x(&[2, 6]), ints(&[2, 4])])
+            .attrs(vec![attr_int("axis", 1)])
+            .outputs(2),
+        case(
+            "slice",
+            "Slice",
+            vec![x(&[4, 6]), ints(&[1, -4]), ints(&[3, 100]), ints(&[0, 1])],
+        ),
+        case(
+            "gather_rows_negative",
+            "Gather",
+            vec![x(&[5, 3]), In::Ints(vec![2, 2], vec![0, 2, 4, -1])],
+        ),
+        case("gather_axis1_repeated", "Gather", vec![x(&[2, 5, 3]), ints(&[1, 3, 1])]).attrs(vec![attr_int("axis", 1)]),
+        case(
+            "gather_elements",
+            "GatherElements",
+            vec![x(&[3, 4]), In::Ints(vec![3, 2], vec![0, 3, 1, 1, 2, 0])],
+        )
+        .attrs(vec![attr_int("axis", 1)]),
+        case("expand", "Expand", vec![x(&[3, 1]), ints(&[2, 3, 4])]),
+        case("reduce_sum", "ReduceSum", vec![x(&[2, 3, 4]), ints(&[1])]).attrs(vec![attr_int("keepdims", 0)]),
+        case("reduce_mean", "ReduceMean", vec![x(&[2, 3, 4])]).attrs(vec![attr_ints("axes", &[0, 2])]),
+        case("reduce_mean_all_18", "ReduceMean", vec![x(&[2, 3, 4])])
+            .attrs(vec![attr_int("keepdims", 0)])
+            .opset(18),
+        case("reduce_sum_square", "ReduceSumSquare", vec![x(&[2, 3, 4])]).attrs(vec![attr_ints("axes", &[1])]),
+        case("reduce_l1", "ReduceL1", vec![x(&[2, 3, 4])])
+            .attrs(vec![attr_ints("axes", &[2]), attr_int("keepdims", 0)]),
+        case("reduce_l2_18", "ReduceL2", vec![x(&[2, 3, 4]), ints(&[0, 2])]).opset(18),
+        case("reduce_log_sum", "ReduceLogSum", vec![x(&[2, 3, 4])])
+            .attrs(vec![attr_ints("axes", &[1])])
+            .gen(Positive),
+        case("reduce_log_sum_exp", "ReduceLogSumExp", vec![x(&[2, 3, 4])]).attrs(vec![attr_int("keepdims", 0)]),
+        case("reduce_max", "ReduceMax", vec![x(&[2, 3, 4])])
+            .attrs(vec![attr_ints("axes", &[1])])
+            .gen(Distinct),
+        case("reduce_min_all", "ReduceMin", vec![x(&[2, 3, 4])])
+            .attrs(vec![attr_int("keepdims", 0)])
+            .gen(Distinct),
+        case("reduce_prod", "ReduceProd", vec![x(&[2, 3, 4])]).attrs(vec![attr_ints("axes", &[2])]),
+        case("global_max_pool", "GlobalMaxPool", vec![x(&[2, 3, 4, 5])]).gen(Distinct),
+        case("tile", "Tile", vec![x(&[2, 3]), ints(&[2, 3])]),
+        case("trilu_lower_k", "Trilu", vec![x(&[2, 3, 4]), In::Ints(vec![], vec![1])])
+            .attrs(vec![attr_int("upper", 0)]),
+        case(
+            "scatter_nd",
+            "ScatterND",
+            vec![x(&[4, 3]), In::Ints(vec![2, 1], vec![2, 0]), x(&[2, 3])],
+        ),
+        case(
+            "scatter_nd_add",
+            "ScatterND",
+            vec![x(&[4, 3]), In::Ints(vec![2, 1], vec![2, 2]), x(&[2, 3])],
+        )
+        .attrs(vec![attr_string("reduction", "add")])
+        .only(ORT_ONLY),
+        case(
+            "scatter_elements",
+            "ScatterElements",
+            vec![x(&[3, 4]), In::Ints(vec![3, 2], vec![0, 3, 1, 2, 2, 0]), x(&[3, 2])],
+        )
+        .attrs(vec![attr_int("axis", 1)]),
+        case("top_k", "TopK", vec![x(&[3, 5]), ints(&[2])])
+            .outputs(2)
+            .gen(Distinct),
+    ]
+}
