@@ -890,7 +890,7 @@ pub fn cases() -> Vec<crate::cases::Case> {
             attr_string("direction", "bidirectional"),
         ])
         .all_outputs(3)
-        .symbolic(&[1]),
+        .symbolic(&[0, 1]),
         case(
             "lstm_sequence_lens_no_bias",
             "LSTM",
