@@ -649,17 +649,7 @@ fn inject_cmd(a: InjectArgs) -> Result<()> {
     }
     println!("encoders");
     for e in &done.encoders {
-        let how = match &e.resolution {
-            dagr_inject::locate::Resolution::Explicit => "given as name=tensor".to_string(),
-            dagr_inject::locate::Resolution::TensorName => "exact tensor name".to_string(),
-            dagr_inject::locate::Resolution::Scope { scope, source } => format!(
-                "module scope '{scope}' ({})",
-                match source {
-                    dagr_inject::locate::ScopeSource::Metadata => "node metadata",
-                    dagr_inject::locate::ScopeSource::NodeName => "node names",
-                }
-            ),
-        };
+        let how = e.resolution.describe();
         println!(
             "  {:<10} {:<36} {:<8} {:<14} {how}",
             e.modality, e.tensor, e.dtype, e.shape

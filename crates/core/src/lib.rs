@@ -109,6 +109,7 @@ pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
 /// yet checked: the caller builds on it (the training graph) and checks what it writes.
 pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Result<Injected> {
     cfg.validate()?;
+    portable::prepare(model)?;
     check_rewritable(model)?;
     // Branches chosen when the graph is built, and sequences of split parts as plain tensors:
     // portable to tract, differentiable.
@@ -413,7 +414,25 @@ fn cross_entropy(
         };
         let logp = b.op("LogSoftmax", &[&x], vec![attr_int("axis", 1)], "task");
         let lab = b.unsqueeze(&label_name, &[1], "task");
-        let picked = b.op("GatherElements", &[&logp, &lab], vec![attr_int("axis", 1)], "task");
+        let picked = if b.opset >= 16 {
+            b.op("GatherElements", &[&logp, &lab], vec![attr_int("axis", 1)], "task")
+        } else {
+            // GatherElements' gradient scatters with reduction="add" (opset 16): before that,
+            // the label's entry is picked by a one-hot mask (`Equal` against the class
+            // indices) and a sum, whose gradient every opset has. `Where`, not a product with
+            // the mask: a -inf log-probability of another class stays out of the sum.
+            let shape = b.op("Shape", &[&logp], vec![], "task");
+            let one = b.const_i64(&[1]);
+            let classes = b.op("Gather", &[&shape, &one], vec![attr_int("axis", 0)], "task");
+            let zero_i = b.scalar_i64(0);
+            let one_i = b.scalar_i64(1);
+            let c = b.op("Squeeze", &[&classes], vec![], "task");
+            let range = b.op("Range", &[&zero_i, &c, &one_i], vec![], "task");
+            let hit = b.binary("Equal", &lab, &range, "task");
+            let zero = b.scalar(0.0);
+            let masked = b.op("Where", &[&hit, &logp, &zero], vec![], "task");
+            b.reduce("ReduceSum", &masked, Some(&[1]), true, "task")
+        };
         let mean = b.reduce("ReduceMean", &picked, None, false, "task");
         terms.push(b.unary("Neg", &mean, "task"));
     }

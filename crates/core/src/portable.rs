@@ -434,3 +434,74 @@ pub fn feed_dropout_masks(model: &mut Model) -> Result<Vec<DropoutMask>> {
     g.input.extend(inputs);
     Ok(masks)
 }
+
+/// What `prepare` changed in a model as exported.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Prepared {
+    /// Calls of ONNX local functions replaced by their bodies.
+    pub inlined_calls: usize,
+    /// `Constant` nodes holding weights that became initializers.
+    pub constant_weights: Vec<String>,
+}
+
+/// The operators whose inputs at these positions are weights: a float `Constant` feeding one is
+/// a parameter written as a node (paddle2onnx before 2.0, hand-built graphs).
+fn weight_slot(op: &str, input: usize) -> bool {
+    match op {
+        "MatMul" | "Gemm" => true,
+        "Conv" | "ConvTranspose" => input >= 1,
+        _ => false,
+    }
+}
+
+/// Normalize a model as exported before anything reads its structure (encoder location,
+/// parameter selection, shape facts), the same way every time so that the names agree between
+/// the training graph and the model trained weights are exported into: local functions are
+/// inlined (their captured weights become initializers, see `dagr_onnx::functions`), and a float
+/// `Constant` node with more than one element that feeds the weight of a MatMul, Gemm, Conv or
+/// ConvTranspose becomes an initializer of the same name. Idempotent.
+pub fn prepare(model: &mut Model) -> Result<Prepared> {
+    let inlined_calls = dagr_onnx::functions::inline_local_functions(model)?;
+    let g = model.graph();
+    let mut weights: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for n in &g.node {
+        if !n.domain.is_empty() && n.domain != "ai.onnx" {
+            continue;
+        }
+        for (k, i) in n.input.iter().enumerate() {
+            if weight_slot(&n.op_type, k) {
+                weights.insert(i.as_str());
+            }
+        }
+    }
+    let mut promote: Vec<(usize, dagr_onnx::proto::TensorProto)> = Vec::new();
+    for (k, n) in g.node.iter().enumerate() {
+        if n.op_type != "Constant" || !n.domain.is_empty() || n.output.len() != 1 {
+            continue;
+        }
+        if !weights.contains(n.output[0].as_str()) {
+            continue;
+        }
+        let Some(t) = attr::attr(n, "value").and_then(|a| a.t.as_ref()) else {
+            continue;
+        };
+        if dtype::is_float(t.data_type) && t.dims.iter().product::<i64>() > 1 {
+            let mut t = t.clone();
+            t.name = n.output[0].clone();
+            promote.push((k, t));
+        }
+    }
+    let constant_weights: Vec<String> = promote.iter().map(|(_, t)| t.name.clone()).collect();
+    let drop: std::collections::HashSet<usize> = promote.iter().map(|(k, _)| *k).collect();
+    let g = model.graph_mut();
+    let mut k = 0;
+    g.node.retain(|_| {
+        k += 1;
+        !drop.contains(&(k - 1))
+    });
+    g.initializer.extend(promote.into_iter().map(|(_, t)| t));
+    Ok(Prepared {
+        inlined_calls,
+        constant_weights,
+    })
+}

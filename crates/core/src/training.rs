@@ -85,6 +85,9 @@ fn ancestors(model: &Model, idx: &GraphIndex, roots: &[String]) -> BTreeSet<Stri
 /// inputs and their gradients as outputs.
 pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions) -> Result<TrainRecord> {
     check_options(cfg, opts)?;
+    // Functions inlined and weights held by Constant nodes made initializers first: those are
+    // parameters too.
+    portable::prepare(model)?;
     // Only the model's own initializers can be parameters (not constants this tool adds).
     let original: HashSet<String> = model.graph().initializer.iter().map(|t| t.name.clone()).collect();
     let fixed = not_parameters(model);
@@ -215,11 +218,11 @@ fn warnings(model: &Model, idx: &GraphIndex, params: &[String], enc_params: &[St
             "DAGR's gradient reaches no trainable parameter: the encoder outputs depend on no parameter that trains (all frozen, constants, or weights the exporter stored as Constant nodes), so only the task loss trains the model".into(),
         );
     }
-    let g = model.graph();
+    let scopes = crate::locate::Scopes::of(model);
     for p in params {
         let mut modules: BTreeSet<String> = BTreeSet::new();
         for &c in idx.consumers_of(p) {
-            if let Some((path, _)) = crate::locate::node_scope(&g.node[c]) {
+            if let Some(path) = scopes.of_node(c) {
                 if let Some(top) = path.first() {
                     modules.insert(top.clone());
                 }

@@ -13,6 +13,7 @@ pub mod builder;
 pub mod dim;
 pub mod error;
 pub mod fault;
+pub mod functions;
 pub mod index;
 pub mod infer;
 pub mod io;

@@ -50,6 +50,11 @@ pub struct TrainingSummary {
 }
 
 pub fn report(model: &Model) -> Result<Report> {
+    // Read as every rewrite reads it: local functions inlined, Constant-node weights as
+    // initializers.
+    let mut prepared = model.clone();
+    dagr_core::portable::prepare(&mut prepared)?;
+    let model = &prepared;
     let idx = GraphIndex::new(model)?;
     let g = model.graph();
     let summary = |name: &String| {

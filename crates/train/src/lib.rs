@@ -566,16 +566,27 @@ impl Trainer {
     /// `state` is the trainer's (from `state()`).
     pub fn export(&self, original: &Model, state: &StateValues) -> Result<Model> {
         // Keeps the original's source path, so that saving over the original is refused.
+        // Prepared as the training graph was (functions inlined, Constant-node weights as
+        // initializers), so that every trained tensor has its initializer here.
         let mut m = original.clone();
+        dagr_core::portable::prepare(&mut m)?;
         let values: BTreeMap<&str, &ArrayD<f32>> = state
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("param/").or_else(|| k.strip_prefix("bn/"))?, v)))
             .collect();
+        let mut written = std::collections::HashSet::new();
         for t in m.graph_mut().initializer.iter_mut() {
             if let Some(a) = values.get(t.name.as_str()) {
                 let data: Vec<f32> = a.iter().copied().collect();
                 *t = tensor::f32_tensor(&t.name, &t.dims, &data);
+                written.insert(t.name.clone());
             }
+        }
+        let missing: Vec<&&str> = values.keys().filter(|k| !written.contains(**k)).collect();
+        if !missing.is_empty() {
+            return Err(Error::Config(format!(
+                "the original model has no tensor for the trained {missing:?}: it is not the model this training graph was made from\n  hint: pass the model given to `--train` as `original`"
+            )));
         }
         let g = m.graph_mut();
         let outputs: std::collections::HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();

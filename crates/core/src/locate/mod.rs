@@ -1,155 +1,22 @@
 //! Finding encoder outputs: resolving the names a user passes to `--encoders`, and ranking the
 //! tensors of a model that look like encoder outputs (for `inspect`).
 //!
-//! Exporters record module structure differently: PyTorch's legacy exporter names nodes
-//! `/audio_encoder/fc/Gemm`; its dynamo exporter leaves node names opaque and writes the module
-//! path into node `metadata_props` (`pkg.torch.onnx.name_scopes`, `namespace`). Each convention
-//! is one `ScopeConvention`; all become a module path here, e.g. `["audio_encoder", "fc"]`.
+//! Exporters record module structure differently (`conventions`: PyTorch's node names and
+//! metadata, tf2onnx's op paths, jax2onnx's call sites, inlined local functions); all become a
+//! module path, e.g. `["audio_encoder", "fc"]`, relative to the model's common root (Keras's
+//! outer model, `/_wrapped/`). Where an exporter records nothing, the branches of the graph
+//! inputs stand in (`branches`).
 
+pub mod branches;
+pub mod conventions;
+
+pub use conventions::{convention_of, ScopeConvention, ScopeSource, CONVENTIONS};
+
+use conventions::split_path;
 use dagr_onnx::error::{Error, Result};
-use dagr_onnx::proto::NodeProto;
 use dagr_onnx::{dtype, GraphIndex, Model, ValueFact};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-
-/// Where a node's module path came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScopeSource {
-    /// `pkg.torch.onnx.name_scopes` or `namespace` metadata (dynamo exporter).
-    Metadata,
-    /// A `/module/sub/Op` node name (legacy exporter).
-    NodeName,
-}
-
-/// How one exporter records the module a node belongs to: the extension point for exporter
-/// naming conventions (one implementation per convention, listed in `CONVENTIONS`).
-pub trait ScopeConvention: Sync {
-    /// The exporter and the record read, for people ("PyTorch dynamo: name_scopes metadata").
-    fn describe(&self) -> &'static str;
-    /// The module path of `n` (e.g. `["audio_encoder", "fc"]`), if this convention recorded one.
-    fn scope(&self, n: &NodeProto) -> Option<(Vec<String>, ScopeSource)>;
-    /// Whether the initializer `name` is a constant the exporter computed (folded) rather than
-    /// a parameter of the source model. Exporters that record nothing about it say `false`.
-    fn is_folded_constant(&self, _name: &str) -> bool {
-        false
-    }
-}
-
-fn meta<'a>(n: &'a NodeProto, key: &str) -> Option<&'a str> {
-    n.metadata_props.iter().find(|p| p.key == key).map(|p| p.value.as_str())
-}
-
-/// PyTorch's dynamo exporter: `pkg.torch.onnx.name_scopes`, a Python list whose last-but-one
-/// entry is the module path (`['', 'audio_encoder', 'audio_encoder.fc', 'linear']`).
-pub struct TorchNameScopes;
-
-impl ScopeConvention for TorchNameScopes {
-    fn describe(&self) -> &'static str {
-        "PyTorch dynamo exporter: pkg.torch.onnx.name_scopes metadata"
-    }
-    fn scope(&self, n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
-        let items = parse_py_str_list(meta(n, "pkg.torch.onnx.name_scopes")?);
-        let module = items.len().checked_sub(2).and_then(|i| items.get(i))?;
-        Some((split_path(module), ScopeSource::Metadata))
-    }
-    fn is_folded_constant(&self, name: &str) -> bool {
-        dynamo_folded(name)
-    }
-}
-
-/// The dynamo exporter names parameters by their module path (`audio_encoder.fc.weight`, and
-/// `<conv>.weight_bias` for a BatchNorm it folded into a convolution) and the constants its
-/// optimizer folds by the value they replace (`val_83`, `embedding_2`, `clamp_2`): no dot.
-fn dynamo_folded(name: &str) -> bool {
-    !name.contains('.')
-}
-
-/// PyTorch's dynamo exporter, older form: `namespace` metadata,
-/// `": __main__.M/audio_encoder: __main__.Enc/audio_encoder.fc: torch.nn.Linear/linear: aten.linear"`.
-pub struct TorchNamespace;
-
-impl ScopeConvention for TorchNamespace {
-    fn describe(&self) -> &'static str {
-        "PyTorch dynamo exporter: namespace metadata"
-    }
-    fn scope(&self, n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
-        let parts: Vec<&str> = meta(n, "namespace")?.split('/').collect();
-        let part = parts.len().checked_sub(2).and_then(|i| parts.get(i))?;
-        let module = part.split(':').next().unwrap_or("").trim();
-        Some((split_path(module), ScopeSource::Metadata))
-    }
-    fn is_folded_constant(&self, name: &str) -> bool {
-        dynamo_folded(name)
-    }
-}
-
-/// PyTorch's legacy (TorchScript) exporter: node names `/audio_encoder/fc/Gemm`.
-pub struct TorchLegacyNames;
-
-impl ScopeConvention for TorchLegacyNames {
-    fn describe(&self) -> &'static str {
-        "PyTorch legacy exporter: /module/sub/Op node names"
-    }
-    fn scope(&self, n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
-        if !n.name.starts_with('/') {
-            return None;
-        }
-        let mut comps: Vec<String> = n.name.split('/').filter(|s| !s.is_empty()).map(String::from).collect();
-        comps.pop();
-        Some((comps, ScopeSource::NodeName))
-    }
-}
-
-/// The conventions tried, in order; a node takes the path of the first that recognizes it.
-pub static CONVENTIONS: &[&dyn ScopeConvention] = &[&TorchNameScopes, &TorchNamespace, &TorchLegacyNames];
-
-/// The convention of the exporter that wrote `model`: the first that recognizes one of its
-/// nodes.
-pub fn convention_of(model: &Model) -> Option<&'static dyn ScopeConvention> {
-    CONVENTIONS
-        .iter()
-        .copied()
-        .find(|c| model.graph().node.iter().any(|n| c.scope(n).is_some()))
-}
-
-/// The module path of a node, if its exporter recorded one (see `CONVENTIONS`).
-pub fn node_scope(n: &NodeProto) -> Option<(Vec<String>, ScopeSource)> {
-    CONVENTIONS.iter().find_map(|c| c.scope(n))
-}
-
-fn split_path(module: &str) -> Vec<String> {
-    module
-        .split(['.', '/'])
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect()
-}
-
-/// Parse a Python list of strings as `repr` writes it: `['', 'a', "b'c"]`.
-fn parse_py_str_list(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\'' || c == '"' {
-            let q = c;
-            let mut cur = String::new();
-            while let Some(c) = chars.next() {
-                if c == '\\' {
-                    if let Some(n) = chars.next() {
-                        cur.push(n);
-                    }
-                } else if c == q {
-                    break;
-                } else {
-                    cur.push(c);
-                }
-            }
-            out.push(cur);
-        }
-    }
-    out
-}
 
 /// How an `--encoders` entry was resolved.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -161,6 +28,23 @@ pub enum Resolution {
     TensorName,
     /// The entry matched a module scope; the tensor is the one leaving it.
     Scope { scope: String, source: ScopeSource },
+    /// The entry named a graph input (`audio`, or `audio_encoder` for the input `audio`); the
+    /// tensor is where that input's branch meets the other inputs (`branches`).
+    Branch { input: String },
+}
+
+impl Resolution {
+    /// How the entry was resolved, for people.
+    pub fn describe(&self) -> String {
+        match self {
+            Resolution::Explicit => "given as name=tensor".into(),
+            Resolution::TensorName => "exact tensor name".into(),
+            Resolution::Scope { scope, source } => format!("module scope '{scope}' ({})", source.describe()),
+            Resolution::Branch { input } => format!(
+                "the branch of input '{input}' where it meets the other inputs (the exporter recorded no module)"
+            ),
+        }
+    }
 }
 
 /// One resolved encoder.
@@ -174,23 +58,42 @@ pub struct Encoder {
     pub shape: String,
 }
 
-/// Module scopes of every node, plus the set of distinct scope paths (all prefixes).
+/// Module scopes of every node, plus the set of distinct scope paths (all prefixes), relative
+/// to the model's common root.
 pub struct Scopes {
     pub node_scope: Vec<Option<(Vec<String>, ScopeSource)>>,
     /// scope path ("a.b") -> source
     pub paths: BTreeMap<String, ScopeSource>,
+    /// The path every scoped node lies under, dropped from the paths above: Keras's outer model
+    /// (`av`), Keras-on-torch's `_wrapped`; empty for most exports.
+    pub root: Vec<String>,
 }
 
 impl Scopes {
     pub fn of(model: &Model) -> Scopes {
-        let node_scope: Vec<_> = model.graph().node.iter().map(node_scope).collect();
+        let conventions = conventions::applicable(model);
+        let mut node_scope: Vec<_> = model
+            .graph()
+            .node
+            .iter()
+            .map(|n| conventions::node_scope(&conventions, n))
+            .collect();
+        let root = common_root(node_scope.iter().flatten().map(|(p, _)| p.as_slice()));
+        for (p, _) in node_scope.iter_mut().flatten() {
+            p.drain(..root.len());
+        }
         let mut paths = BTreeMap::new();
         for (p, src) in node_scope.iter().flatten() {
             for k in 1..=p.len() {
                 paths.entry(p[..k].join(".")).or_insert(*src);
             }
         }
-        Scopes { node_scope, paths }
+        Scopes { node_scope, paths, root }
+    }
+
+    /// The scope path of node `i`, if its exporter recorded one.
+    pub fn of_node(&self, i: usize) -> Option<&[String]> {
+        self.node_scope.get(i)?.as_ref().map(|(p, _)| p.as_slice())
     }
 
     fn in_scope(&self, node: usize, scope: &[String]) -> bool {
@@ -226,6 +129,32 @@ impl Scopes {
         }
         out
     }
+}
+
+/// The longest path that every non-empty path starts with, provided at least two distinct
+/// modules lie directly below it (a root hiding a single module would hide the module).
+fn common_root<'a>(paths: impl Iterator<Item = &'a [String]>) -> Vec<String> {
+    let paths: Vec<&[String]> = paths.filter(|p| !p.is_empty()).collect();
+    let mut root: Vec<String> = Vec::new();
+    loop {
+        let d = root.len();
+        let here: BTreeSet<&String> = paths.iter().filter_map(|p| p.get(d)).collect();
+        let below: BTreeSet<&String> = paths.iter().filter_map(|p| p.get(d + 1)).collect();
+        let all_under = paths.iter().all(|p| p.len() > d);
+        match (here.len(), all_under, below.len() >= 2) {
+            (1, true, true) => root.push(paths[0][d].clone()),
+            _ => return root,
+        }
+    }
+}
+
+/// A name compared loosely: lower case, without `_`, `-` and `.` (`audio_encoder`,
+/// `AudioEncoder` and `audio-encoder` are one name).
+fn loose(s: &str) -> String {
+    s.chars()
+        .filter(|c| !matches!(c, '_' | '-' | '.' | '/'))
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 fn describe(idx: &GraphIndex, t: &str) -> (String, String) {
@@ -306,8 +235,12 @@ pub fn resolve(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) ->
             Resolution::TensorName,
         ));
     }
-    // Module scopes: the same depth as the entry, equal to it or starting with it.
-    let want = split_path(entry);
+    // Module scopes at the depth of the entry: equal to it, else starting with it, else the
+    // same loosely (`audio_encoder` for jax2onnx's `AudioEncoder`, or a call `AudioEncoder_1`).
+    let mut want = split_path(entry);
+    if want.len() > scopes.root.len() && want[..scopes.root.len()] == scopes.root[..] {
+        want.drain(..scopes.root.len());
+    }
     let depth = want.len();
     let joined = want.join(".");
     let at_depth: Vec<(&String, &ScopeSource)> = scopes
@@ -315,12 +248,29 @@ pub fn resolve(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) ->
         .iter()
         .filter(|(p, _)| p.split('.').count() == depth)
         .collect();
-    let exact: Vec<_> = at_depth.iter().filter(|(p, _)| **p == joined).collect();
-    let matches: Vec<_> = if exact.is_empty() {
-        at_depth.iter().filter(|(p, _)| p.starts_with(&joined)).collect()
-    } else {
-        exact
-    };
+    let tiers: [&dyn Fn(&str) -> bool; 4] = [
+        &|p| p == joined,
+        &|p| p.starts_with(&joined),
+        &|p| loose(p) == loose(&joined),
+        &|p| loose(p).starts_with(&loose(&joined)),
+    ];
+    let matches: Vec<_> = tiers
+        .iter()
+        .map(|t| at_depth.iter().filter(|(p, _)| t(p)).collect::<Vec<_>>())
+        .find(|m| !m.is_empty())
+        .unwrap_or_default();
+    if matches.is_empty() {
+        // No module: the branch of the graph input the entry names.
+        if let Some(input) = branches::input_named(idx, entry) {
+            return match branches::output_of(model, idx, &input) {
+                Some(t) => Ok(encoder(idx, entry, &t, Resolution::Branch { input })),
+                None => Err(Error::Encoder(format!(
+                    "'{entry}' names the input '{input}', but its branch does not meet the other inputs in a float tensor of its own\n  hint: pass the encoder output as {entry}=TENSOR (`dagr-inject inspect MODEL` lists candidates)"
+                ))),
+            };
+        }
+        check_produced(idx, entry, entry)?;
+    }
     match matches.len() {
         0 => {
             check_produced(idx, entry, entry)?;
@@ -431,7 +381,6 @@ pub struct Candidate {
 /// dim is the batch dim of the inputs, leaving a top-level module, feeding a fusion or a head.
 pub fn candidates(model: &Model, idx: &GraphIndex) -> Vec<Candidate> {
     let scopes = Scopes::of(model);
-    let g = model.graph();
     let batch_dims: BTreeSet<String> = idx
         .user_inputs()
         .iter()
@@ -447,57 +396,88 @@ pub fn candidates(model: &Model, idx: &GraphIndex) -> Vec<Candidate> {
     for scope in &top {
         let leaving = scopes.leaving(model, idx, scope);
         for t in &leaving {
-            let f: ValueFact = idx.fact(t).cloned().unwrap_or_default();
-            let mut score = 3;
-            let mut reasons = vec![format!("leaves module '{scope}'")];
-            if let Some(s) = &f.shape {
-                if s.len() < 2 {
-                    continue;
-                }
-                if batch_dims.contains(&s[0].to_string()) {
-                    score += 2;
-                    reasons.push("batch-major".into());
-                }
-                if s.len() == 2 {
-                    score += 1;
-                    reasons.push("[batch, D]".into());
-                } else {
-                    reasons.push(format!("rank {} (reduce with `reduce`)", s.len()));
-                }
-            }
-            let fused = idx
-                .consumers_of(t)
-                .iter()
-                .any(|&c| matches!(g.node[c].op_type.as_str(), "Concat" | "Add" | "Mul"));
-            if fused {
-                score += 2;
-                reasons.push("feeds a fusion (Concat/Add/Mul)".into());
-            }
-            let heads = idx
-                .consumers_of(t)
-                .iter()
-                .filter(|&&c| matches!(g.node[c].op_type.as_str(), "Gemm" | "MatMul"))
-                .count();
-            if heads > 0 {
-                score += 1;
-                reasons.push("feeds a linear head".into());
-            }
-            if idx.graph_outputs.contains(t) {
-                score -= 4;
-                reasons.push("is a graph output (likely logits)".into());
-            }
             let unique = leaving.len() == 1;
-            out.push(Candidate {
-                pass_as: if unique { scope.clone() } else { format!("{scope}={t}") },
-                tensor: t.clone(),
-                scope: Some(scope.clone()),
-                dtype: dtype::name(f.dtype).into(),
-                shape: f.shape_string(),
-                score,
-                reasons,
-            });
+            let pass_as = if unique { scope.clone() } else { format!("{scope}={t}") };
+            let why = format!("leaves module '{scope}'");
+            if let Some(c) = candidate(model, idx, &batch_dims, t, pass_as, Some(scope.clone()), why) {
+                out.push(c);
+            }
+        }
+    }
+    if out.is_empty() {
+        // Nothing recorded: where each input's branch meets the others.
+        let producer = &model.proto.producer_name;
+        let who = if producer.is_empty() { "the exporter" } else { producer.as_str() };
+        for b in branches::all(model, idx) {
+            let why = format!(
+                "where the branch of input '{}' meets the other inputs ({who} recorded no module scopes: found by structure)",
+                b.input
+            );
+            if let Some(c) = candidate(model, idx, &batch_dims, &b.output, b.input.clone(), None, why) {
+                out.push(c);
+            }
         }
     }
     out.sort_by(|a, b| b.score.cmp(&a.score).then(a.tensor.cmp(&b.tensor)));
     out
+}
+
+/// Score one tensor as an encoder output (None: rank below 2).
+fn candidate(
+    model: &Model,
+    idx: &GraphIndex,
+    batch_dims: &BTreeSet<String>,
+    t: &str,
+    pass_as: String,
+    scope: Option<String>,
+    why: String,
+) -> Option<Candidate> {
+    let g = model.graph();
+    let f: ValueFact = idx.fact(t).cloned().unwrap_or_default();
+    let mut score = 3;
+    let mut reasons = vec![why];
+    if let Some(s) = &f.shape {
+        if s.len() < 2 {
+            return None;
+        }
+        if batch_dims.contains(&s[0].to_string()) {
+            score += 2;
+            reasons.push("batch-major".into());
+        }
+        if s.len() == 2 {
+            score += 1;
+            reasons.push("[batch, D]".into());
+        } else {
+            reasons.push(format!("rank {} (reduce with `reduce`)", s.len()));
+        }
+    }
+    // Through the Identity chains some exporters write (paddle2onnx).
+    let consumers = branches::consumers_through_identity(model, idx, t);
+    if consumers
+        .iter()
+        .any(|&c| matches!(g.node[c].op_type.as_str(), "Concat" | "Add" | "Mul"))
+    {
+        score += 2;
+        reasons.push("feeds a fusion (Concat/Add/Mul)".into());
+    }
+    if consumers
+        .iter()
+        .any(|&c| matches!(g.node[c].op_type.as_str(), "Gemm" | "MatMul"))
+    {
+        score += 1;
+        reasons.push("feeds a linear head".into());
+    }
+    if idx.graph_outputs.iter().any(|o| o == t) {
+        score -= 4;
+        reasons.push("is a graph output (likely logits)".into());
+    }
+    Some(Candidate {
+        pass_as,
+        tensor: t.to_string(),
+        scope,
+        dtype: dtype::name(f.dtype).into(),
+        shape: f.shape_string(),
+        score,
+        reasons,
+    })
 }
