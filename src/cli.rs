@@ -874,7 +874,7 @@ fn verify_cmd(
     if let Some(o) = original {
         record(
             "original unchanged",
-            verify::against_original(model, o, &feed, backends),
+            verify::against_original(model, o, &feed, backends, rtol),
         );
     }
     if dagr::record_of(&m).is_some() {

@@ -362,6 +362,39 @@ fn verify_passes_on_a_rewrite_and_fails_on_a_wrong_reference() {
         .stdout(predicate::str::contains("built-in reference"))
         .stdout(predicate::str::is_match("finite differences +dagr/grad/audio").unwrap())
         .stdout(predicate::str::contains("all checks passed"));
+    // A training graph recomputes the original outputs through another path (BatchNorm
+    // decomposed): compared within the tolerance, which the check names.
+    let cnn = model("av_cnn.dynamo.onnx");
+    let train = dir.path().join("cnn.train.onnx");
+    bin()
+        .args([
+            &cnn,
+            "--encoders",
+            "audio,visual",
+            "--logits",
+            "logits",
+            "--labels",
+            "y",
+            "--train",
+        ])
+        .args(["-o", train.to_str().unwrap()])
+        .assert()
+        .success();
+    bin()
+        .args([
+            "verify",
+            train.to_str().unwrap(),
+            "--original",
+            &cnn,
+            "--backend",
+            "ort",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "original recomputed (training graph, rtol 1e-5)",
+        ))
+        .stdout(predicate::str::contains("all checks passed"));
     // A reference whose expected loss is off by 1% fails, naming the output.
     let inputs = model_inputs(std::path::Path::new(&src));
     let mut reference = inputs.clone();

@@ -65,7 +65,9 @@ impl Entry {
             b = a.shape()[0];
             feed.insert(i.clone(), a);
         }
-        let Value::I64(y) = &all["y"] else { panic!("labels are int64") };
+        let Value::I64(y) = &all["y"] else {
+            panic!("labels are int64")
+        };
         let y: Vec<i64> = y.iter().take(b).copied().collect();
         feed.insert("y".into(), Value::I64(ArrayD::from_shape_vec(IxDyn(&[b]), y).unwrap()));
         feed
@@ -109,7 +111,11 @@ fn framework_exports_inspect_ranks_the_encoders_first() {
             .arg(e.path())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{label}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{label}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let cands = report["encoder_candidates"].as_array().unwrap();
         let top: Vec<String> = cands
@@ -125,6 +131,25 @@ fn framework_exports_inspect_ranks_the_encoders_first() {
                 "{label}: the best candidates are {top:?}, not the encoder outputs {:?}",
                 e.encoder_tensors
             ));
+        }
+        // Each input's own batch symbol (tf2onnx, paddle2onnx) is read as one batch.
+        let batches: BTreeSet<String> = report["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                i["shape"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches('[')
+                    .split(',')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        if batches.len() != 1 {
+            failures.push(format!("{label}: the inputs have the batch dims {batches:?}"));
         }
         if report["parameters"].as_u64().unwrap_or(0) == 0 {
             failures.push(format!("{label}: inspect counts no parameter"));
@@ -207,7 +232,13 @@ fn framework_training_graphs_equal_each_frameworks_autodiff_and_train_on_both_ba
 
 /// Two epochs of `train` on each backend; the exported model runs in ONNX Runtime and its
 /// heads moved.
-fn train_and_export(label: &str, e: &Entry, graph: &std::path::Path, tmp: &std::path::Path, failures: &mut Vec<String>) {
+fn train_and_export(
+    label: &str,
+    e: &Entry,
+    graph: &std::path::Path,
+    tmp: &std::path::Path,
+    failures: &mut Vec<String>,
+) {
     let data = tmp.join(format!("{label}.data.npz"));
     dagr_inject::npz::write(&data, &e.feed("in")).unwrap();
     for backend in ["ort", "tract"] {
@@ -215,7 +246,16 @@ fn train_and_export(label: &str, e: &Entry, graph: &std::path::Path, tmp: &std::
         let o = Command::cargo_bin("dagr-inject")
             .unwrap()
             .args(["train", graph.to_str().unwrap(), "--data", data.to_str().unwrap()])
-            .args(["--epochs", "2", "--batch-size", "4", "--lr", "0.05", "--backend", backend])
+            .args([
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--lr",
+                "0.05",
+                "--backend",
+                backend,
+            ])
             .args(["--original", e.path().to_str().unwrap()])
             .args(["--out", out.to_str().unwrap()])
             .output()
@@ -228,12 +268,16 @@ fn train_and_export(label: &str, e: &Entry, graph: &std::path::Path, tmp: &std::
         let feed: Tensors = e.feed("in").into_iter().filter(|(k, _)| k != "y").collect();
         let before = run(Backend::Ort, &e.path(), &feed, &e.heads);
         let after = run(Backend::Ort, &exported, &feed, &e.heads);
-        let moved = e
-            .heads
-            .iter()
-            .any(|h| f32_of(&before, h).iter().zip(f32_of(&after, h).iter()).any(|(a, b)| a != b));
+        let moved = e.heads.iter().any(|h| {
+            f32_of(&before, h)
+                .iter()
+                .zip(f32_of(&after, h).iter())
+                .any(|(a, b)| a != b)
+        });
         if !moved {
-            failures.push(format!("{label} on {backend}: the exported model predicts as before training"));
+            failures.push(format!(
+                "{label} on {backend}: the exported model predicts as before training"
+            ));
         }
     }
 }

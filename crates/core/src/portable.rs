@@ -5,7 +5,7 @@
 use dagr_onnx::builder::Builder;
 use dagr_onnx::error::{Error, Result};
 use dagr_onnx::proto::NodeProto;
-use dagr_onnx::{attr, dtype, GraphIndex, Model};
+use dagr_onnx::{attr, dtype, Dim, GraphIndex, Model};
 
 /// A decomposed training-mode BatchNormalization: where its updated running statistics are.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -442,6 +442,9 @@ pub struct Prepared {
     pub inlined_calls: usize,
     /// `Constant` nodes holding weights that became initializers.
     pub constant_weights: Vec<String>,
+    /// Symbolic dims found to be one (each input's own batch symbol, as tf2onnx and paddle2onnx
+    /// write them): the names, renamed to the first.
+    pub unified_dims: Vec<Vec<String>>,
 }
 
 /// The operators whose inputs at these positions are weights: a float `Constant` feeding one is
@@ -500,8 +503,179 @@ pub fn prepare(model: &mut Model) -> Result<Prepared> {
         !drop.contains(&(k - 1))
     });
     g.initializer.extend(promote.into_iter().map(|(_, t)| t));
+    let unified_dims = unify_dims(model)?;
     Ok(Prepared {
         inlined_calls,
         constant_weights,
+        unified_dims,
     })
+}
+
+/// The name of a dim that is one symbol alone.
+fn plain_symbol(d: &Dim) -> Option<String> {
+    let Dim::Sym(e) = d else { return None };
+    let mut names = e.symbols();
+    let first = names.next()?.clone();
+    (names.next().is_none() && *d == Dim::sym(&first)).then_some(first)
+}
+
+/// Symbolic dims that the graph's own operators prove equal: the dims of Concat's inputs off
+/// its axis, and dims that elementwise operators meet (broadcasting only stretches a 1, and an
+/// exporter's symbol is no 1). Exporters that give each input and output its own batch symbol
+/// (tf2onnx `unk__45`, `unk__46`; paddle2onnx `DynamicDimension.k`) are read with one batch.
+/// Renames them in the graph's inputs, outputs and value_info to the first of each class (in
+/// input order); returns the classes.
+fn unify_dims(model: &mut Model) -> Result<Vec<Vec<String>>> {
+    // A class found in one pass makes shapes known that show the next (a Concat of two batch
+    // symbols is unknown until they are one).
+    let mut all = Vec::new();
+    for _ in 0..8 {
+        let found = unify_dims_once(model)?;
+        if found.is_empty() {
+            break;
+        }
+        for class in found {
+            match all.iter_mut().find(|c: &&mut Vec<String>| c[0] == class[0]) {
+                Some(c) => c.extend(class.into_iter().skip(1).filter(|m| !c.contains(m)).collect::<Vec<_>>()),
+                None => all.push(class),
+            }
+        }
+    }
+    Ok(all)
+}
+
+fn unify_dims_once(model: &mut Model) -> Result<Vec<Vec<String>>> {
+    // Shapes as inference finds them from the inputs, declared output shapes aside: an output
+    // (or value_info) declared with a symbol of its own is the same dim as the one inferred.
+    let mut bare = model.clone();
+    bare.graph_mut().value_info.clear();
+    for o in bare.graph_mut().output.iter_mut() {
+        o.type_.mut_or_insert_default().mut_tensor_type().shape.clear();
+    }
+    let idx = GraphIndex::new(&bare)?;
+    let g = model.graph();
+    let mut parent: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    fn find(p: &mut std::collections::BTreeMap<String, String>, x: &str) -> String {
+        let mut r = x.to_string();
+        while let Some(up) = p.get(&r).filter(|u| **u != r) {
+            r = up.clone();
+        }
+        r
+    }
+    let unite = |a: &str, b: &str, p: &mut std::collections::BTreeMap<String, String>| {
+        let (ra, rb) = (find(p, a), find(p, b));
+        if ra != rb {
+            p.insert(rb, ra);
+        }
+    };
+    let shape = |t: &str| idx.fact(t).and_then(|f| f.shape.clone());
+    for n in &g.node {
+        if !n.domain.is_empty() {
+            continue;
+        }
+        let shapes: Vec<Vec<Dim>> = n
+            .input
+            .iter()
+            .filter(|i| !i.is_empty())
+            .filter_map(|i| shape(i))
+            .collect();
+        match n.op_type.as_str() {
+            "Concat" => {
+                let Some(rank) = shapes.first().map(|s| s.len()) else {
+                    continue;
+                };
+                if shapes.iter().any(|s| s.len() != rank) {
+                    continue;
+                }
+                let axis = attr::attr_i(n, "axis").unwrap_or(0);
+                let axis = if axis < 0 { axis + rank as i64 } else { axis } as usize;
+                for d in (0..rank).filter(|&d| d != axis) {
+                    let syms: Vec<String> = shapes.iter().filter_map(|s| plain_symbol(&s[d])).collect();
+                    for w in syms.windows(2) {
+                        unite(&w[0], &w[1], &mut parent);
+                    }
+                }
+            }
+            "Add" | "Sub" | "Mul" | "Div" | "Where" | "Sum" | "Max" | "Min" | "Mean" | "Equal" | "Less" | "Greater"
+            | "Pow" => {
+                let rank = shapes.iter().map(Vec::len).max().unwrap_or(0);
+                for back in 1..=rank {
+                    let syms: Vec<String> = shapes
+                        .iter()
+                        .filter_map(|s| s.len().checked_sub(back).and_then(|i| plain_symbol(&s[i])))
+                        .collect();
+                    for w in syms.windows(2) {
+                        unite(&w[0], &w[1], &mut parent);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for v in g.output.iter().chain(g.value_info.iter()) {
+        let declared = &v.type_.tensor_type().shape.dim;
+        let Some(inferred) = shape(&v.name) else { continue };
+        if inferred.len() != declared.len() {
+            continue;
+        }
+        for (d, i) in declared.iter().zip(&inferred) {
+            if let Some(s) = plain_symbol(i) {
+                if !d.dim_param().is_empty() && d.dim_param() != s {
+                    unite(&s, d.dim_param(), &mut parent);
+                }
+            }
+        }
+    }
+    if parent.is_empty() {
+        return Ok(Vec::new());
+    }
+    // The representative of each class: its first symbol in the order of the graph's inputs.
+    let order: Vec<String> = g
+        .input
+        .iter()
+        .chain(g.output.iter())
+        .chain(g.value_info.iter())
+        .flat_map(|v| {
+            v.type_
+                .tensor_type()
+                .shape
+                .dim
+                .iter()
+                .map(|d| d.dim_param().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .collect();
+    let names: Vec<String> = parent.keys().chain(parent.values()).cloned().collect();
+    let mut classes: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for x in names {
+        let r = find(&mut parent, &x);
+        let c = classes.entry(r).or_default();
+        if !c.contains(&x) {
+            c.push(x);
+        }
+    }
+    let mut rename: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for mut members in classes.into_values() {
+        members.sort_by_key(|m| order.iter().position(|o| o == m).unwrap_or(usize::MAX));
+        for m in &members[1..] {
+            rename.insert(m.clone(), members[0].clone());
+        }
+        out.push(members);
+    }
+    let g = model.graph_mut();
+    for v in g
+        .input
+        .iter_mut()
+        .chain(g.output.iter_mut())
+        .chain(g.value_info.iter_mut())
+    {
+        let t = v.type_.mut_or_insert_default().mut_tensor_type();
+        for d in t.shape.mut_or_insert_default().dim.iter_mut() {
+            if let Some(r) = rename.get(d.dim_param()) {
+                d.set_dim_param(r.clone());
+            }
+        }
+    }
+    Ok(out)
 }

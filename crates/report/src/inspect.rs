@@ -38,6 +38,9 @@ pub struct Report {
     pub training: Option<TrainingSummary>,
     /// For a step graph (`step.onnx` from `train`): its optimizer, state and scalar inputs.
     pub step: Option<dagr_core::step_graph::StepRecord>,
+    /// What every rewrite changes first (local functions inlined, Constant-node weights made
+    /// initializers, symbolic dims found equal); the report describes the model after it.
+    pub prepared: dagr_core::portable::Prepared,
 }
 
 #[derive(Debug, Serialize)]
@@ -52,9 +55,9 @@ pub struct TrainingSummary {
 pub fn report(model: &Model) -> Result<Report> {
     // Read as every rewrite reads it: local functions inlined, Constant-node weights as
     // initializers.
-    let mut prepared = model.clone();
-    dagr_core::portable::prepare(&mut prepared)?;
-    let model = &prepared;
+    let mut prepared_model = model.clone();
+    let prepared = dagr_core::portable::prepare(&mut prepared_model)?;
+    let model = &prepared_model;
     let idx = GraphIndex::new(model)?;
     let g = model.graph();
     let summary = |name: &String| {
@@ -138,6 +141,7 @@ pub fn report(model: &Model) -> Result<Report> {
         step: model
             .metadata(dagr_core::step_graph::METADATA_KEY)
             .and_then(|s| serde_json::from_str(s).ok()),
+        prepared,
     })
 }
 
@@ -164,6 +168,29 @@ impl Report {
             let _ = writeln!(s, "            not trained: {}", parts.join(", "));
         }
         let _ = writeln!(s, "nodes       {}", self.nodes);
+        let p = &self.prepared;
+        if p.inlined_calls > 0 {
+            let _ = writeln!(
+                s,
+                "functions   {} calls of local functions inlined (their weights train as initializers)",
+                p.inlined_calls
+            );
+        }
+        if !p.constant_weights.is_empty() {
+            let _ = writeln!(
+                s,
+                "constants   {} Constant nodes hold weights (they train as parameters)",
+                p.constant_weights.len()
+            );
+        }
+        for class in &p.unified_dims {
+            let _ = writeln!(
+                s,
+                "dims        {} are one dim (the graph's operators equate them), read as {}",
+                class.join(", "),
+                class[0]
+            );
+        }
         if self.without_gradient_rule.is_empty() {
             let _ = writeln!(
                 s,

@@ -13,8 +13,13 @@ pub struct Branch {
     pub output: String,
 }
 
-/// The inputs each tensor depends on, as a bit set over `idx.user_inputs()` (at most 64).
-fn dependence(model: &Model, idx: &GraphIndex) -> Option<(Vec<String>, HashMap<String, u64>, Vec<u64>)> {
+/// The graph's user inputs, and the inputs each tensor and each node depends on, as bit sets over
+/// those inputs.
+pub(crate) type Dependence = (Vec<String>, HashMap<String, u64>, Vec<u64>);
+
+/// The inputs each tensor depends on, as a bit set over `idx.user_inputs()` (at most 64), with
+/// the same for each node.
+pub(crate) fn dependence(model: &Model, idx: &GraphIndex) -> Option<Dependence> {
     let inputs = idx.user_inputs();
     if inputs.len() < 2 || inputs.len() > 64 {
         return None;

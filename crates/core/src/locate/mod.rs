@@ -88,7 +88,11 @@ impl Scopes {
                 paths.entry(p[..k].join(".")).or_insert(*src);
             }
         }
-        Scopes { node_scope, paths, root }
+        Scopes {
+            node_scope,
+            paths,
+            root,
+        }
     }
 
     /// The scope path of node `i`, if its exporter recorded one.
@@ -407,7 +411,11 @@ pub fn candidates(model: &Model, idx: &GraphIndex) -> Vec<Candidate> {
     if out.is_empty() {
         // Nothing recorded: where each input's branch meets the others.
         let producer = &model.proto.producer_name;
-        let who = if producer.is_empty() { "the exporter" } else { producer.as_str() };
+        let who = if producer.is_empty() {
+            "the exporter"
+        } else {
+            producer.as_str()
+        };
         for b in branches::all(model, idx) {
             let why = format!(
                 "where the branch of input '{}' meets the other inputs ({who} recorded no module scopes: found by structure)",
@@ -418,8 +426,36 @@ pub fn candidates(model: &Model, idx: &GraphIndex) -> Vec<Candidate> {
             }
         }
     }
+    penalize_fusions(model, idx, &mut out);
     out.sort_by(|a, b| b.score.cmp(&a.score).then(a.tensor.cmp(&b.tensor)));
     out
+}
+
+/// A candidate computed from the inputs of two other candidates that share no input is where
+/// the modalities are fused, not an encoder output.
+fn penalize_fusions(model: &Model, idx: &GraphIndex, out: &mut [Candidate]) {
+    let Some((_, of, _)) = branches::dependence(model, idx) else {
+        return;
+    };
+    let masks: Vec<u64> = out.iter().map(|c| of.get(&c.tensor).copied().unwrap_or(0)).collect();
+    for (i, c) in out.iter_mut().enumerate() {
+        let m = masks[i];
+        let inside: Vec<u64> = masks
+            .iter()
+            .enumerate()
+            .filter(|&(j, &o)| j != i && o != 0 && o != m && o & !m == 0)
+            .map(|(_, &o)| o)
+            .collect();
+        let fused = inside
+            .iter()
+            .enumerate()
+            .any(|(a, x)| inside[a + 1..].iter().any(|y| x & y == 0));
+        if fused {
+            c.score -= 4;
+            c.reasons
+                .push("mixes the inputs of other candidates (a fusion, not an encoder)".into());
+        }
+    }
 }
 
 /// Score one tensor as an encoder output (None: rank below 2).
