@@ -9,10 +9,17 @@
 //! location, the regularizer and its reference, training graphs, optimizers as ONNX nodes, step
 //! graphs, embedding geometry) -> `dagr-runtime` (host tensors, `.npz`, datasets, tract and ONNX
 //! Runtime, `Stepper`) -> `dagr-train` (the loop, checkpoints, evaluation) -> `dagr-report`
-//! (verify, diagnose, inspect) -> this crate: the `dagr-inject` command, and this facade, which
-//! re-exports each layer under a short name.
+//! (verify, diagnose, inspect) -> this crate: the `dagr-inject` command (`cli`), and this facade,
+//! which re-exports each layer under a short name.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+// The command line names this crate by its name, as the binary did.
+extern crate self as dagr_inject;
+
+/// The `dagr-inject` command line (the binary and the Python package's command run
+/// `cli::main_with`): the one place, with the Python binding, that prints.
+pub mod cli;
 
 pub use dagr_autodiff as autodiff;
 pub use dagr_core as dagr;

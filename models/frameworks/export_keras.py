@@ -15,11 +15,10 @@ import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
@@ -65,6 +64,8 @@ def weights_of(model):
 
 
 def dagr(zs):
+    import tensorflow as tf
+
     us = [z / tf.maximum(tf.norm(z, axis=1, keepdims=True), 1e-12) for z in zs]
     i, j = C.pairs(us[0].shape[0])
     disp = []
@@ -77,6 +78,8 @@ def dagr(zs):
 
 
 def reference(values, d):
+    import tensorflow as tf
+
     keras.config.set_floatx("float64")
     m = build()
     for k, w in weights_of(m).items():
@@ -106,6 +109,8 @@ def reference(values, d):
 
 
 def main():
+    import tensorflow as tf
+
     d = C.data()
     m = build()
     shapes = {k: tuple(w.shape) for k, w in weights_of(m).items()}

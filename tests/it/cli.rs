@@ -637,3 +637,17 @@ fn a_tract_panic_is_one_clean_error() {
     assert!(err.contains("--backend ort"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn settings_in_library_messages_become_flags() {
+    use dagr_inject::cli::flags_for_fields;
+    assert_eq!(
+        flags_for_fields("`lambda_disp` must be >= 0; pass `no_anchor`, `train` or `epochs`"),
+        "--lambda-disp must be >= 0; pass --no-anchor, --train or --epochs"
+    );
+    // Not settings: left as written (a command, an unknown name, an unclosed quote).
+    assert_eq!(
+        flags_for_fields("see `dagr-inject inspect`, `not_a_flag` and `tau"),
+        "see `dagr-inject inspect`, `not_a_flag` and `tau"
+    );
+}

@@ -122,3 +122,28 @@ fn candidates_rank_encoders_above_heads() {
         assert!(c[n].pass_as.contains("head"), "{model}: {:?}", c[n]);
     }
 }
+
+#[test]
+fn a_common_root_of_every_scope_is_dropped() {
+    // Keras 3 on its torch backend exports through PyTorch's legacy exporter with every node
+    // under `/_wrapped/` (tf2onnx puts every node under the outer model's name): the modules are
+    // found below it, by their own names or with the root written out.
+    let mut m = onnx::load(&root().join("models/av_cnn.legacy.onnx")).unwrap();
+    for n in m.graph_mut().node.iter_mut() {
+        if n.name.starts_with('/') {
+            n.name = format!("/_wrapped{}", n.name);
+        } else {
+            n.name = format!("/_wrapped/{}", n.name);
+        }
+    }
+    let idx = GraphIndex::new(&m).unwrap();
+    let c = dagr_inject::locate::candidates(&m, &idx);
+    let top: Vec<&str> = c[..2].iter().map(|c| c.pass_as.as_str()).collect();
+    assert_eq!(top, ["audio_encoder", "visual_encoder"], "{c:?}");
+    for entries in [["audio", "visual"], ["_wrapped.audio_encoder", "_wrapped.visual_encoder"]] {
+        let e: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
+        let r = resolve_all(&m, &idx, &e).unwrap();
+        assert_eq!(r[0].tensor, "/audio_encoder/fc/Gemm_output_0");
+        assert_eq!(r[1].tensor, "/visual_encoder/fc/Gemm_output_0");
+    }
+}

@@ -52,3 +52,18 @@ pub fn skeleton_shaped(names: &[String], shapes: &[Vec<i64>], opset: i64) -> Res
         source: None,
     })
 }
+
+/// The DAGR block: `skeleton` with DAGR added on its inputs (`cfg.encoders` is set here, one per
+/// name); what `dagr-inject block` writes.
+pub fn build(names: &[String], dim: i64, opset: i64, cfg: &crate::Config) -> Result<(Model, crate::Injected)> {
+    if dim < 1 {
+        return Err(Error::Config(format!("`dim` must be positive, got {dim}")));
+    }
+    let mut model = skeleton(names, dim, opset)?;
+    let cfg = crate::Config {
+        encoders: names.iter().map(|n| format!("{n}={n}/z")).collect(),
+        ..cfg.clone()
+    };
+    let done = crate::inject(&mut model, &cfg)?;
+    Ok((model, done))
+}

@@ -1,3 +1,7 @@
+//! The command line: arguments parsed with clap, the library called, results printed.
+
+pub mod signals;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dagr_inject::dagr::training::{self as train, Pareto, TrainOptions};
@@ -695,10 +699,8 @@ fn block_cmd(a: BlockArgs) -> Result<()> {
             a.modalities
         );
     }
-    let mut model = dagr_inject::dagr::block::skeleton(&names, a.dim, a.opset)?;
-    let entries = names.iter().map(|n| format!("{n}={n}/z")).collect();
-    let cfg = a.dagr.config(entries, Task::None);
-    let done = dagr::inject(&mut model, &cfg)?;
+    let cfg = a.dagr.config(Vec::new(), Task::None);
+    let (model, done) = dagr_inject::dagr::block::build(&names, a.dim, a.opset, &cfg)?;
     onnx::save(&model, &a.output)?;
     println!(
         "wrote {}: inputs {} [batch, {}]; outputs {}, {}",
@@ -761,7 +763,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         },
         threads: a.threads,
     };
-    let interrupted = crate::signals::install();
+    let interrupted = crate::cli::signals::install();
     let run = tr::Run {
         model: &a.model,
         train: &a.data,
@@ -935,20 +937,27 @@ fn verify_cmd(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::flags_for_fields;
-
-    #[test]
-    fn settings_in_library_messages_become_flags() {
-        assert_eq!(
-            flags_for_fields("`lambda_disp` must be >= 0; pass `no_anchor`, `train` or `epochs`"),
-            "--lambda-disp must be >= 0; pass --no-anchor, --train or --epochs"
-        );
-        // Not settings: left as written (a command, an unknown name, an unclosed quote).
-        assert_eq!(
-            flags_for_fields("see `dagr-inject inspect`, `not_a_flag` and `tau"),
-            "see `dagr-inject inspect`, `not_a_flag` and `tau"
-        );
+/// The whole command: arguments in, exit status out. Library errors are typed; here they become
+/// `anyhow` errors, printed as one message (settings named as flags) with a non-zero exit (128 +
+/// the signal's number for a run stopped by Ctrl-C or SIGTERM, as a shell reports it).
+pub fn main_with(args: Vec<OsString>) -> i32 {
+    // A panic inside tract that the runtime turns into an error is reported by that error, not
+    // also by the default hook's "thread 'main' panicked at ..." lines.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !crate::runtime::tract_backend::in_guarded_call() {
+            default_hook(info)
+        }
+    }));
+    let args = normalize_args(args);
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", flags_for_fields(&format!("{e:#}")));
+            match e.downcast_ref::<crate::Error>() {
+                Some(crate::Error::Interrupted(_)) => 128 + signals::received().unwrap_or(2),
+                _ => 1,
+            }
+        }
     }
 }
