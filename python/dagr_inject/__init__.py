@@ -15,6 +15,7 @@ library's message (what was wrong and what to do).
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 __all__ = ["inject", "block", "inspect", "train", "run"]
@@ -76,7 +77,7 @@ def _config(encoders, logits, labels, loss, reduce, tau, delta, lambda_disp, lam
 
 
 def inject(model, encoders, *, logits=None, labels=None, loss=None, train=False, freeze=(),
-           stop_gradient=(), pareto=None, beta=0.1, no_dagr=False, reduce="flatten", tau=0.5, delta=0.5,
+           trainable=(), stop_gradient=(), pareto=None, beta=0.1, no_dagr=False, reduce="flatten", tau=0.5, delta=0.5,
            lambda_disp=0.1, lambda_anc=0.1, dispersion="rbf", margin=1.0, variant="dagr",
            return_record=False):
     """DAGR added to `model` (a path or an onnx.ModelProto) on the encoders named as the
@@ -88,11 +89,17 @@ def inject(model, encoders, *, logits=None, labels=None, loss=None, train=False,
     data, base = _model_bytes(model)
     cfg = _config(encoders, logits, labels, loss, reduce, tau, delta, lambda_disp, lambda_anc, dispersion,
                   margin, variant)
-    opts = json.dumps({"freeze": list(freeze), "stop_gradient": list(stop_gradient), "pareto": pareto,
+    opts = json.dumps({"freeze": list(freeze), "trainable": list(trainable), "stop_gradient": list(stop_gradient),
+                       "pareto": pareto,
                        "beta": float(beta), "no_dagr": bool(no_dagr)})
     out, record = _native.inject(data, base, cfg, train, opts)
     m = _proto(out)
-    return (m, json.loads(record)) if return_record else m
+    record = json.loads(record)
+    for w in record.get("warnings", []):
+        # What the command prints as `warning:` (DAGR's gradient reaching no parameter, tied
+        # weights), as Python warnings.
+        warnings.warn(w, stacklevel=2)
+    return (m, record) if return_record else m
 
 
 def block(modalities=2, dim=512, *, names=None, opset=18, reduce="flatten", tau=0.5, delta=0.5,

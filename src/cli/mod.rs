@@ -182,6 +182,10 @@ struct InjectArgs {
     /// With --train: parameters not to train (glob patterns, e.g. 'head_*')
     #[arg(long, value_delimiter = ',', requires = "train")]
     freeze: Vec<String>,
+    /// With --train: also train these tensors (glob patterns), which stay constant otherwise:
+    /// scalar or folded initializers, Constant nodes that feed no MatMul/Gemm/Conv weight
+    #[arg(long, value_delimiter = ',', requires = "train")]
+    trainable: Vec<String>,
     /// With --train: tensors the gradient does not flow through (e.g. detached fusion inputs)
     #[arg(long, value_delimiter = ',', requires = "train")]
     stop_gradient: Vec<String>,
@@ -596,6 +600,7 @@ fn inject_cmd(a: InjectArgs) -> Result<()> {
     if a.train {
         let opts = TrainOptions {
             freeze: a.freeze.clone(),
+            trainable: a.trainable.clone(),
             stop_gradient: a.stop_gradient.clone(),
             pareto: a.pareto.map(|p| match p {
                 ParetoArg::Param => Pareto::Param,

@@ -301,3 +301,82 @@ fn framework_exports_resolve_encoders_by_input_when_nothing_is_recorded() {
         assert!(idx.producer.len() > 10);
     }
 }
+
+#[test]
+fn tensors_named_trainable_train_and_export() {
+    // A weight written as a Constant node that feeds no MatMul/Gemm/Conv weight (a bias added
+    // by an Add) stays constant, and a scalar initializer (LayerNorm's epsilon) too, unless
+    // `trainable` names them; then they train, with TensorFlow's gradient, and a trained model
+    // exports into the original with them.
+    let (label, e) = exports().into_iter().find(|(l, _)| l == "keras.tf2onnx").unwrap();
+    let bias = &e.params["logits/bias"].0;
+    let mut m = onnx::load(&e.path()).unwrap();
+    let g = m.graph_mut();
+    let k = g.initializer.iter().position(|t| &t.name == bias).unwrap();
+    let t = g.initializer.remove(k);
+    let mut node = dagr_inject::onnx::proto::NodeProto::new();
+    node.op_type = "Constant".into();
+    node.output.push(bias.clone());
+    let mut a = dagr_inject::onnx::proto::AttributeProto::new();
+    a.name = "value".into();
+    a.type_ = dagr_inject::onnx::proto::attribute_proto::AttributeType::TENSOR.into();
+    a.t = Some(t).into();
+    node.attribute.push(a);
+    g.node.insert(0, node);
+    let tmp = tempfile::tempdir().unwrap();
+    let with_constant = tmp.path().join("keras.constant_bias.onnx");
+    onnx::save(&m, &with_constant).unwrap();
+    let epsilon = "av_1/audio_encoder_1/norm_1/add/y:0".to_string();
+
+    let mut plain = m.clone();
+    let rec = make_training_graph(&mut plain, &config(&e), &TrainOptions::default()).unwrap();
+    let trained: BTreeSet<&String> = rec.params.iter().map(|p| &p.0).collect();
+    assert!(
+        !trained.contains(bias) && !trained.contains(&epsilon),
+        "{label}: {trained:?}"
+    );
+
+    let opts = TrainOptions {
+        trainable: vec!["*logits_1/BiasAdd/*".into(), epsilon.clone()],
+        ..Default::default()
+    };
+    let rec = make_training_graph(&mut m, &config(&e), &opts).unwrap();
+    let trained: BTreeSet<&String> = rec.params.iter().map(|p| &p.0).collect();
+    assert!(
+        trained.contains(bias) && trained.contains(&epsilon),
+        "{label}: {trained:?}"
+    );
+    let p = tmp.path().join("named.train.onnx");
+    onnx::save(&m, &p).unwrap();
+    onnx_check(&p);
+    let grad = &rec.params.iter().find(|x| &x.0 == bias).unwrap().1;
+    let out = run(Backend::Ort, &p, &e.feed("in"), std::slice::from_ref(grad));
+    let got = f32_of(&out, grad);
+    let want = e.gradient(&npz_f64(&dir().join(&e.reference)), "logits/bias", got.shape());
+    assert!(rel_err(&got, &want, 1e-6) < 1e-4);
+
+    let data = tmp.path().join("data.npz");
+    dagr_inject::npz::write(&data, &e.feed("in")).unwrap();
+    let run_dir = tmp.path().join("run");
+    let o = Command::cargo_bin("dagr-inject")
+        .unwrap()
+        .args([
+            "train",
+            p.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "1",
+        ])
+        .args([
+            "--original",
+            with_constant.to_str().unwrap(),
+            "--out",
+            run_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exported = onnx::load(&run_dir.join("model.onnx")).unwrap();
+    assert!(exported.graph().initializer.iter().any(|t| &t.name == bias));
+}

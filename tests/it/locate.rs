@@ -140,7 +140,10 @@ fn a_common_root_of_every_scope_is_dropped() {
     let c = dagr_inject::locate::candidates(&m, &idx);
     let top: Vec<&str> = c[..2].iter().map(|c| c.pass_as.as_str()).collect();
     assert_eq!(top, ["audio_encoder", "visual_encoder"], "{c:?}");
-    for entries in [["audio", "visual"], ["_wrapped.audio_encoder", "_wrapped.visual_encoder"]] {
+    for entries in [
+        ["audio", "visual"],
+        ["_wrapped.audio_encoder", "_wrapped.visual_encoder"],
+    ] {
         let e: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
         let r = resolve_all(&m, &idx, &e).unwrap();
         assert_eq!(r[0].tensor, "/audio_encoder/fc/Gemm_output_0");

@@ -466,35 +466,44 @@ fn weight_slot(op: &str, input: usize) -> bool {
 pub fn prepare(model: &mut Model) -> Result<Prepared> {
     let inlined_calls = dagr_onnx::functions::inline_local_functions(model)?;
     let g = model.graph();
-    let mut weights: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut weights: std::collections::HashSet<String> = std::collections::HashSet::new();
     for n in &g.node {
         if !n.domain.is_empty() && n.domain != "ai.onnx" {
             continue;
         }
         for (k, i) in n.input.iter().enumerate() {
             if weight_slot(&n.op_type, k) {
-                weights.insert(i.as_str());
+                weights.insert(i.clone());
             }
         }
     }
+    let constant_weights = promote_constants(model, |t, numel| numel > 1 && weights.contains(t))?;
+    let unified_dims = unify_dims(model)?;
+    Ok(Prepared {
+        inlined_calls,
+        constant_weights,
+        unified_dims,
+    })
+}
+
+/// Make every float `Constant` node of the main graph that `select` admits (by output name and
+/// element count) an initializer of the same name. Returns the tensors.
+pub fn promote_constants(model: &mut Model, select: impl Fn(&str, i64) -> bool) -> Result<Vec<String>> {
     let mut promote: Vec<(usize, dagr_onnx::proto::TensorProto)> = Vec::new();
-    for (k, n) in g.node.iter().enumerate() {
+    for (k, n) in model.graph().node.iter().enumerate() {
         if n.op_type != "Constant" || !n.domain.is_empty() || n.output.len() != 1 {
-            continue;
-        }
-        if !weights.contains(n.output[0].as_str()) {
             continue;
         }
         let Some(t) = attr::attr(n, "value").and_then(|a| a.t.as_ref()) else {
             continue;
         };
-        if dtype::is_float(t.data_type) && t.dims.iter().product::<i64>() > 1 {
+        if dtype::is_float(t.data_type) && select(&n.output[0], t.dims.iter().product::<i64>()) {
             let mut t = t.clone();
             t.name = n.output[0].clone();
             promote.push((k, t));
         }
     }
-    let constant_weights: Vec<String> = promote.iter().map(|(_, t)| t.name.clone()).collect();
+    let out = promote.iter().map(|(_, t)| t.name.clone()).collect();
     let drop: std::collections::HashSet<usize> = promote.iter().map(|(k, _)| *k).collect();
     let g = model.graph_mut();
     let mut k = 0;
@@ -503,12 +512,7 @@ pub fn prepare(model: &mut Model) -> Result<Prepared> {
         !drop.contains(&(k - 1))
     });
     g.initializer.extend(promote.into_iter().map(|(_, t)| t));
-    let unified_dims = unify_dims(model)?;
-    Ok(Prepared {
-        inlined_calls,
-        constant_weights,
-        unified_dims,
-    })
+    Ok(out)
 }
 
 /// The name of a dim that is one symbol alone.

@@ -29,6 +29,10 @@ pub enum Pareto {
 pub struct TrainOptions {
     /// Glob patterns of parameters that are not trained.
     pub freeze: Vec<String>,
+    /// Glob patterns of tensors to train that the tool keeps constant on its own: scalar or
+    /// folded initializers, and `Constant` nodes (made initializers) that feed no weight.
+    #[serde(default)]
+    pub trainable: Vec<String>,
     /// Tensors the gradient does not flow through.
     pub stop_gradient: Vec<String>,
     pub pareto: Option<Pareto>,
@@ -87,7 +91,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     check_options(cfg, opts)?;
     // Functions inlined and weights held by Constant nodes made initializers first: those are
     // parameters too.
-    portable::prepare(model)?;
+    let named = prepare(model, opts)?;
     // Only the model's own initializers can be parameters (not constants this tool adds).
     let original: HashSet<String> = model.graph().initializer.iter().map(|t| t.name.clone()).collect();
     let fixed = not_parameters(model);
@@ -103,7 +107,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     }
     let idx = GraphIndex::new(model)?;
     let (params, enc_params) = select_params(model, &idx, &rec, opts, |p| {
-        original.contains(p) && !fixed.contains_key(p)
+        original.contains(p) && (!fixed.contains_key(p) || named.is_match(p))
     })?;
     let stop: HashSet<String> = opts.stop_gradient.iter().cloned().collect();
     let warnings = warnings(model, &idx, &params, &enc_params, opts.no_dagr);
@@ -337,11 +341,7 @@ fn select_params(
             )));
         }
     }
-    let mut frozen = GlobSetBuilder::new();
-    for f in &opts.freeze {
-        frozen.add(Glob::new(f).map_err(|e| Error::Config(format!("`freeze` '{f}': {e}")))?);
-    }
-    let frozen = frozen.build().map_err(|e| Error::Config(e.to_string()))?;
+    let frozen = globs("freeze", &opts.freeze)?;
     let trainable = |p: &String| eligible(p) && !frozen.is_match(p);
     let encoders: Vec<String> = rec.encoders.iter().map(|(_, t)| t.clone()).collect();
     let mut roots = encoders.clone();
@@ -477,4 +477,23 @@ fn mgda_alpha(b: &mut Builder, pairs: &[(String, String)]) -> String {
     let clipped = b.op("Clip", &[&ratio, &zero, &one], vec![], "pareto");
     let half = b.scalar(0.5);
     b.op("Where", &[&small, &half, &clipped], vec![], "pareto")
+}
+
+/// The glob patterns of the option `what`, as one set.
+fn globs(what: &str, patterns: &[String]) -> Result<globset::GlobSet> {
+    let mut set = GlobSetBuilder::new();
+    for f in patterns {
+        set.add(Glob::new(f).map_err(|e| Error::Config(format!("`{what}` '{f}': {e}")))?);
+    }
+    set.build().map_err(|e| Error::Config(e.to_string()))
+}
+
+/// `portable::prepare`, then the `Constant` nodes that `opts.trainable` names made initializers:
+/// the model as its training graph sees it (and as a trained model is exported into). Returns
+/// the `trainable` patterns.
+pub fn prepare(model: &mut Model, opts: &TrainOptions) -> Result<globset::GlobSet> {
+    portable::prepare(model)?;
+    let named = globs("trainable", &opts.trainable)?;
+    portable::promote_constants(model, |n, _| named.is_match(n))?;
+    Ok(named)
 }

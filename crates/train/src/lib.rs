@@ -566,10 +566,11 @@ impl Trainer {
     /// `state` is the trainer's (from `state()`).
     pub fn export(&self, original: &Model, state: &StateValues) -> Result<Model> {
         // Keeps the original's source path, so that saving over the original is refused.
-        // Prepared as the training graph was (functions inlined, Constant-node weights as
-        // initializers), so that every trained tensor has its initializer here.
+        // Prepared as the training graph was (functions inlined, Constant-node weights and the
+        // tensors named trainable as initializers), so that every trained tensor has its
+        // initializer here.
         let mut m = original.clone();
-        dagr_core::portable::prepare(&mut m)?;
+        dagr_core::training::prepare(&mut m, &self.record.options)?;
         let values: BTreeMap<&str, &ArrayD<f32>> = state
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("param/").or_else(|| k.strip_prefix("bn/"))?, v)))
