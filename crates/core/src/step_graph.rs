@@ -24,8 +24,11 @@ use std::collections::HashSet;
 pub const GRAD_SQ: &str = "dagr/opt/grad_sq";
 
 /// The output that checks the update: one value per state tensor, in `StepGraph::state` order:
-/// 0 when every element of the updated tensor is finite, 1 otherwise (`IsNaN or IsInf`, reduced
-/// by max; `x * 0` would do in exact arithmetic, but runtimes fold a product with zero away).
+/// 0 when every element of the updated tensor is finite, 1 otherwise. A NaN or an infinity makes
+/// the tensor's sum non-finite, and the sum of finite elements scaled by 2^-64 cannot overflow
+/// (2^31 elements of at most 3.4e38 * 2^-64 sum below 4e28), so `IsNaN or IsInf` of
+/// `ReduceSum(x * 2^-64)` is exact: two passes over the state instead of five (`x * 0` would do
+/// in exact arithmetic, but runtimes fold a product with zero away).
 /// The host refuses a step whose update is not finite before making it the state.
 pub const STATE_CHECK: &str = "dagr/opt/state_check";
 
@@ -153,13 +156,17 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
         new_inputs.push((s.to_string(), ValueFact::new(dtype::FLOAT, vec![])));
     }
     let next: Vec<&str> = state.iter().map(|l| l.output.as_str()).collect();
-    per_tensor(&mut b, &next, &flat_shape, STATE_CHECK, |b, flat| {
-        let nan = b.unary("IsNaN", flat, "check");
-        let inf = b.unary("IsInf", flat, "check");
-        let bad = b.binary("Or", &nan, &inf, "check");
-        let bad = b.cast(&bad, dtype::FLOAT, "check");
-        b.reduce("ReduceMax", &bad, Some(&[0]), true, "check")
+    let sums = b.name("check/sums");
+    let tiny = b.scalar((-64f64).exp2());
+    per_tensor(&mut b, &next, &flat_shape, &sums, |b, flat| {
+        let scaled = b.binary("Mul", flat, &tiny, "check");
+        b.reduce("ReduceSum", &scaled, Some(&[0]), true, "check")
     });
+    let nan = b.unary("IsNaN", &sums, "check");
+    let inf = b.unary("IsInf", &sums, "check");
+    let bad = b.binary("Or", &nan, &inf, "check");
+    let bad = b.cast(&bad, dtype::FLOAT, "check");
+    b.op_named("Identity", &[&bad], vec![], STATE_CHECK);
     new_outputs.push((
         STATE_CHECK.into(),
         ValueFact::new(dtype::FLOAT, vec![Dim::Known(state.len() as _)]),
@@ -242,5 +249,76 @@ fn rewire(
     }
     let fed: HashSet<&String> = state.iter().map(|s| &s.input).collect();
     g.initializer.retain(|t| !fed.contains(&t.name));
+    bypass_identities(model);
     dagr_onnx::index::prune(model);
+}
+
+/// Read through every Identity whose output is not a graph output (the training graph's
+/// `<param>_grad` outputs, now internal): a whole copy of a gradient per step otherwise, which
+/// ONNX Runtime keeps when the gradient has other readers.
+fn bypass_identities(model: &mut Model) {
+    fn read_by_subgraphs(nodes: &[dagr_onnx::proto::NodeProto], out: &mut HashSet<String>) {
+        for n in nodes {
+            for a in &n.attribute {
+                for sub in a.g.iter().chain(a.graphs.iter()) {
+                    out.extend(sub.node.iter().flat_map(|m| m.input.iter().cloned()));
+                    read_by_subgraphs(&sub.node, out);
+                }
+            }
+        }
+    }
+    let g = model.graph_mut();
+    let mut keep: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    read_by_subgraphs(&g.node, &mut keep);
+    let mut alias: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for n in &g.node {
+        let plain = n.op_type == "Identity" && n.domain.is_empty() && n.input.len() == 1 && n.output.len() == 1;
+        if plain && !keep.contains(&n.output[0]) {
+            alias.insert(n.output[0].clone(), n.input[0].clone());
+        }
+    }
+    let resolve = |mut t: String| {
+        while let Some(a) = alias.get(&t) {
+            t = a.clone();
+        }
+        t
+    };
+    for n in g.node.iter_mut() {
+        for i in n.input.iter_mut() {
+            if alias.contains_key(i.as_str()) {
+                *i = resolve(i.clone());
+            }
+        }
+    }
+    // An Identity that names a graph output (each state tensor's update, `<state>/next`): the
+    // node computing its input writes the output directly, and its readers read that.
+    let outputs: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    let produced: HashSet<String> = g.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
+    let mut rename: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut drop = HashSet::new();
+    for (k, n) in g.node.iter().enumerate() {
+        let plain = n.op_type == "Identity" && n.domain.is_empty() && n.input.len() == 1 && n.output.len() == 1;
+        if plain
+            && outputs.contains(&n.output[0])
+            && produced.contains(&n.input[0])
+            && !outputs.contains(&n.input[0])
+            && !keep.contains(&n.input[0])
+            && !rename.contains_key(&n.input[0])
+        {
+            rename.insert(n.input[0].clone(), n.output[0].clone());
+            drop.insert(k);
+        }
+    }
+    let mut k = 0;
+    g.node.retain(|_| {
+        k += 1;
+        !drop.contains(&(k - 1))
+    });
+    for n in g.node.iter_mut() {
+        for t in n.input.iter_mut().chain(n.output.iter_mut()) {
+            if let Some(r) = rename.get(t.as_str()) {
+                *t = r.clone();
+            }
+        }
+    }
 }
