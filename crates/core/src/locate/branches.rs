@@ -90,12 +90,7 @@ pub fn input_named(idx: &GraphIndex, entry: &str) -> Option<String> {
     if let Some(i) = inputs.iter().find(|i| i.as_str() == entry) {
         return Some(i.clone());
     }
-    let loose = |s: &str| -> String {
-        s.chars()
-            .filter(|c| c.is_alphanumeric())
-            .flat_map(char::to_lowercase)
-            .collect()
-    };
+    let loose = super::loose;
     let e = loose(entry);
     let e = e.strip_suffix("encoder").unwrap_or(&e).to_string();
     let found: Vec<&String> = inputs.iter().filter(|i| loose(i) == e).collect();

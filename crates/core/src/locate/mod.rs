@@ -152,11 +152,11 @@ fn common_root<'a>(paths: impl Iterator<Item = &'a [String]>) -> Vec<String> {
     }
 }
 
-/// A name compared loosely: lower case, without `_`, `-` and `.` (`audio_encoder`,
+/// A name compared loosely: lower case, letters and digits only (`audio_encoder`,
 /// `AudioEncoder` and `audio-encoder` are one name).
-fn loose(s: &str) -> String {
+pub(crate) fn loose(s: &str) -> String {
     s.chars()
-        .filter(|c| !matches!(c, '_' | '-' | '.' | '/'))
+        .filter(|c| c.is_alphanumeric())
         .flat_map(char::to_lowercase)
         .collect()
 }
