@@ -158,17 +158,7 @@ fn try_build_with(c: &Case, symbolic: bool) -> Result<(Model, Vec<String>), dagr
     }
     node.output = (0..c.outputs).map(|i| format!("y{i}")).collect();
     g.node.push(node);
-    let mut p = ModelProto::new();
-    p.ir_version = 8;
-    let mut o = OperatorSetIdProto::new();
-    o.version = c.opset;
-    p.opset_import.push(o);
-    p.graph = protobuf::MessageField::some(g);
-    let mut model = Model {
-        proto: p,
-        base_dir: ".".into(),
-        source: None,
-    };
+    let mut model = model_of(g, c.opset);
 
     // loss = sum(y^2 (0.5 + 0.2 y)), in float32: not symmetric in y, so that ops whose output
     // has invariant moments (training-mode normalization) still get a non-zero gradient.
@@ -443,17 +433,7 @@ fn a_float16_segment_gets_float16_gradients() {
         ] {
             g.initializer.push(tensor::float_tensor(name, &dims, &r(v), elem));
         }
-        let mut p = ModelProto::new();
-        p.ir_version = 8;
-        let mut o = OperatorSetIdProto::new();
-        o.version = 18;
-        p.opset_import.push(o);
-        p.graph = protobuf::MessageField::some(g);
-        let mut model = Model {
-            proto: p,
-            base_dir: ".".into(),
-            source: None,
-        };
+        let mut model = model_of(g, 18);
         let mut b = Builder::new(&model, "m/");
         let x = if half {
             b.cast("x", dtype::FLOAT16, "in")
@@ -520,5 +500,20 @@ fn a_float16_segment_gets_float16_gradients() {
         let scale = a.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
         let err = a.iter().zip(h.iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(err <= 2e-2 * scale, "{name}: float16 {h:?} against float32 {a:?}");
+    }
+}
+
+/// A model of one graph at `opset` (IR version 8).
+fn model_of(g: GraphProto, opset: i64) -> Model {
+    let mut p = ModelProto::new();
+    p.ir_version = 8;
+    let mut o = OperatorSetIdProto::new();
+    o.version = opset;
+    p.opset_import.push(o);
+    p.graph = protobuf::MessageField::some(g);
+    Model {
+        proto: p,
+        base_dir: ".".into(),
+        source: None,
     }
 }

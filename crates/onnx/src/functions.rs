@@ -68,13 +68,7 @@ pub fn inline_local_functions(model: &mut Model) -> Result<usize> {
                 "local functions call each other more than {MAX_DEPTH} deep (a recursive function?); cannot inline them"
             )));
         }
-        let taken: HashSet<String> = g
-            .node
-            .iter()
-            .flat_map(|n| n.output.iter().cloned())
-            .chain(g.initializer.iter().map(|t| t.name.clone()))
-            .chain(g.input.iter().map(|i| i.name.clone()))
-            .collect();
+        let taken = defined_names(g);
         let mut nodes = Vec::with_capacity(g.node.len());
         let mut initializers = Vec::new();
         for (k, call) in std::mem::take(&mut g.node).into_iter().enumerate() {
@@ -205,13 +199,7 @@ fn float_constant(n: &NodeProto) -> Option<&TensorProto> {
 
 /// Rename the outer-scope tensors a subgraph reads (names the subgraph does not define itself).
 fn rename_captures(g: &mut GraphProto, rename: &HashMap<String, String>) {
-    let own: HashSet<String> = g
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().cloned())
-        .chain(g.input.iter().map(|i| i.name.clone()))
-        .chain(g.initializer.iter().map(|t| t.name.clone()))
-        .collect();
+    let own = defined_names(g);
     for n in g.node.iter_mut() {
         for i in n.input.iter_mut() {
             if !own.contains(i.as_str()) {
@@ -236,4 +224,14 @@ fn rename_captures(g: &mut GraphProto, rename: &HashMap<String, String>) {
             }
         }
     }
+}
+
+/// Every tensor name a graph defines: node outputs, inputs, initializers.
+fn defined_names(g: &GraphProto) -> HashSet<String> {
+    g.node
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .chain(g.input.iter().map(|i| i.name.clone()))
+        .chain(g.initializer.iter().map(|t| t.name.clone()))
+        .collect()
 }
