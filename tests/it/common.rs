@@ -324,3 +324,33 @@ pub fn assert_no_failures(failures: &[String]) {
         failures.join("\n")
     );
 }
+
+/// Move every float initializer of `m` into `weights.bin` beside `dir/name`.
+pub fn externalize(m: &Model, dir: &Path, name: &str) -> Model {
+    let mut m = m.clone();
+    m.source = None;
+    m.base_dir = dir.to_path_buf();
+    let mut blob: Vec<u8> = Vec::new();
+    for t in m.graph_mut().initializer.iter_mut() {
+        if t.data_type != 1 || t.raw_data.is_empty() {
+            continue;
+        }
+        let off = blob.len();
+        blob.extend_from_slice(&t.raw_data);
+        t.raw_data.clear();
+        t.data_location = onnx::proto::tensor_proto::DataLocation::EXTERNAL.into();
+        for (k, v) in [
+            ("location", "weights.bin".to_string()),
+            ("offset", off.to_string()),
+            ("length", (blob.len() - off).to_string()),
+        ] {
+            let mut e = onnx::proto::StringStringEntryProto::new();
+            e.key = k.into();
+            e.value = v;
+            t.external_data.push(e);
+        }
+    }
+    std::fs::write(dir.join("weights.bin"), &blob).unwrap();
+    onnx::save(&m, &dir.join(name)).unwrap();
+    m
+}

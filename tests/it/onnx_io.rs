@@ -2,10 +2,9 @@
 //! external data (copied when saving elsewhere, never left dangling), and a > 2 GiB tensor.
 
 use crate::common::*;
-use dagr_inject::onnx::{self, proto::tensor_proto::DataLocation, proto::StringStringEntryProto, Model};
+use dagr_inject::onnx::{self, proto::tensor_proto::DataLocation, proto::StringStringEntryProto};
 use dagr_inject::runtime::Backend;
 use protobuf::Message;
-use std::path::Path;
 
 #[test]
 fn every_model_round_trips_field_by_field() {
@@ -59,36 +58,6 @@ fn ir_versions_7_to_14_load_and_save() {
         onnx::save(&m, &p).unwrap();
         assert_eq!(onnx::load(&p).unwrap().proto, m.proto);
     }
-}
-
-/// Move every float initializer of `m` into `weights.bin` beside `dir/name`.
-fn externalize(m: &Model, dir: &Path, name: &str) -> Model {
-    let mut m = m.clone();
-    m.source = None;
-    m.base_dir = dir.to_path_buf();
-    let mut blob: Vec<u8> = Vec::new();
-    for t in m.graph_mut().initializer.iter_mut() {
-        if t.data_type != 1 || t.raw_data.is_empty() {
-            continue;
-        }
-        let off = blob.len();
-        blob.extend_from_slice(&t.raw_data);
-        t.raw_data.clear();
-        t.data_location = DataLocation::EXTERNAL.into();
-        for (k, v) in [
-            ("location", "weights.bin".to_string()),
-            ("offset", off.to_string()),
-            ("length", (blob.len() - off).to_string()),
-        ] {
-            let mut e = StringStringEntryProto::new();
-            e.key = k.into();
-            e.value = v;
-            t.external_data.push(e);
-        }
-    }
-    std::fs::write(dir.join("weights.bin"), &blob).unwrap();
-    onnx::save(&m, &dir.join(name)).unwrap();
-    m
 }
 
 #[test]

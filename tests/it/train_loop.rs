@@ -390,7 +390,7 @@ fn resume_equals_an_uninterrupted_run_and_seeds_reproduce() {
     let key = bad.keys().find(|k| k.starts_with("param/")).unwrap().clone();
     bad.insert(key, ndarray::ArrayD::zeros(vec![3, 3, 3]));
     let record = checkpoint::load(&half, &shapes_of(&a)).unwrap().0;
-    checkpoint::save(&half, &record, &bad).unwrap();
+    checkpoint::save_values(&half, &record, &bad).unwrap();
     let mut r = run_dir(&graph, &data, &half);
     r.resume = true;
     let e = fit(&r, s.clone(), &mut Arc::new(AtomicBool::new(false)))
@@ -466,6 +466,111 @@ fn exported_model_predicts_like_the_trained_graph() {
             "{}: exported logits differ from the training graph's by {e}",
             backend.name()
         );
+    }
+}
+
+/// A model whose weights are external data trains and exports in the same layout: the trained
+/// model's weights go to `model.onnx.data` beside it (streamed from the backend), never inline;
+/// every external tensor holds the checkpoint's value where it trained and the original's bytes
+/// where it did not; and it predicts like the training graph, on both backends.
+#[test]
+fn a_model_with_external_data_exports_its_weights_as_external_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let inline = onnx::load(&root().join("models/av_mlp.legacy.onnx")).unwrap();
+    let original = externalize(&inline, &src, "av_mlp.onnx");
+    let original_path = src.join("av_mlp.onnx");
+    let mut m = onnx::load(&original_path).unwrap();
+    let cfg = Config {
+        encoders: vec!["audio".into(), "visual".into()],
+        task: Task::CrossEntropy {
+            logits: vec!["logits".into()],
+            labels: "label".into(),
+        },
+        ..Default::default()
+    };
+    // A frozen tensor stays external and is copied from the original's data.
+    let opts = TrainOptions {
+        freeze: vec!["audio_encoder.fc1.bias".into()],
+        ..Default::default()
+    };
+    make_training_graph(&mut m, &cfg, &opts).unwrap();
+    let graph_dir = dir.path().join("graph");
+    std::fs::create_dir(&graph_dir).unwrap();
+    let graph = graph_dir.join("av_mlp.train.onnx");
+    onnx::save(&m, &graph).unwrap();
+    let data = root().join("fixtures/optim_data_av_mlp.npz");
+    for backend in BACKENDS {
+        let out = dir.path().join(format!("run_{}", backend.name()));
+        let mut s = settings(
+            Optimizer::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            },
+            0.01,
+            backend,
+        );
+        s.epochs = 2;
+        let mut r = run_dir(&graph, &data, &out);
+        r.original = Some(&original_path);
+        fit(&r, s, &mut Arc::new(AtomicBool::new(false))).unwrap();
+        let exported = out.join("model.onnx");
+        onnx_check(&exported);
+        let e = onnx::load(&exported).unwrap();
+        let ck = checkpoint_state(&out);
+        let mut trained = 0;
+        for t in &e.graph().initializer {
+            let was = original.graph().initializer.iter().find(|o| o.name == t.name).unwrap();
+            assert_eq!(
+                onnx::io::is_external(t),
+                onnx::io::is_external(was),
+                "'{}' changed its layout",
+                t.name
+            );
+            if !onnx::io::is_external(t) {
+                continue;
+            }
+            let (loc, off, _) = onnx::io::external_info(t).unwrap();
+            assert_eq!(loc.as_deref(), Some("model.onnx.data"), "'{}'", t.name);
+            assert_eq!(off % 4096, 0, "'{}' is not page-aligned", t.name);
+            if t.data_type != 1 {
+                continue;
+            }
+            let got = onnx::tensor::to_f32(t, &e.base_dir).unwrap();
+            match ck.get(&format!("param/{}", t.name)) {
+                Some(p) => {
+                    trained += 1;
+                    assert_eq!(got, p.iter().copied().collect::<Vec<f32>>(), "'{}'", t.name);
+                }
+                None => assert_eq!(
+                    got,
+                    onnx::tensor::to_f32(was, &original.base_dir).unwrap(),
+                    "'{}'",
+                    t.name
+                ),
+            }
+        }
+        assert!(
+            trained > 0 && trained < e.graph().initializer.len(),
+            "{trained} trained tensors: both kinds must be external"
+        );
+        assert!(
+            std::fs::metadata(&exported).unwrap().len() < 64 * 1024,
+            "the weights went inline"
+        );
+        let mut feed = dagr_inject::npz::read(&data).unwrap();
+        for (k, v) in ck.iter() {
+            if let Some(p) = k.strip_prefix("param/") {
+                feed.insert(p.to_string(), Value::F32(v.clone()));
+            }
+        }
+        let a = run(Backend::Ort, &exported, &feed, &["logits".to_string()]);
+        let b = run(Backend::Ort, &graph, &feed, &["logits".to_string()]);
+        let err = rel_err(&f32_of(&a, "logits"), &f32_of(&b, "logits").mapv(|v| v as f64), 1e-6);
+        assert!(err < 1e-6, "{}: exported logits differ by {err}", backend.name());
     }
 }
 

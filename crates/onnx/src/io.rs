@@ -298,7 +298,14 @@ fn check_external(t: &TensorProto, base: &Path) -> Result<()> {
 /// Write `bytes` to `path` atomically: a temporary file in the same directory, then a rename, so
 /// that a failure never leaves a partial file behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |f| f.write_all(bytes))
+    write_atomic_with(path, |f| write_chunked(f, bytes))
+}
+
+/// `write_all` in pieces of 1 MiB: one write() of hundreds of megabytes is several times slower
+/// on Linux than the same bytes in pieces (measured: 552 MB in 1.2 s against 0.15-0.27 s), as
+/// the kernel throttles a single huge dirtying write.
+pub fn write_chunked(w: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
+    bytes.chunks(1 << 20).try_for_each(|c| w.write_all(c))
 }
 
 /// Write `path` atomically with `fill`: a temporary file in the same directory (mode 0666 less
@@ -307,6 +314,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// A temporary file left by a killed process starts with `.dagr-inject-` and ends with `.tmp`
 /// (`remove_stale_temps` clears them).
 pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>) -> Result<()> {
+    let werr = |source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    write_atomic_try(path, |f| fill(f).map_err(werr))
+}
+
+/// `write_atomic_with` for a `fill` that can fail for reasons of its own (a value it refuses
+/// to write): its error is returned as it is, and nothing is left at `path`.
+pub fn write_atomic_try(path: &Path, fill: impl FnOnce(&mut fs::File) -> Result<()>) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -323,7 +340,7 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut fs::File) -> std::i
         b.permissions(fs::Permissions::from_mode(0o666));
     }
     let mut tmp = b.tempfile_in(dir).map_err(werr)?;
-    fill(tmp.as_file_mut()).map_err(werr)?;
+    fill(tmp.as_file_mut())?;
     crate::fault::point("write.before-sync");
     tmp.as_file().sync_all().map_err(werr)?;
     crate::fault::point("write.before-rename");

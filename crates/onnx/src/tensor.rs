@@ -12,7 +12,7 @@ pub fn f32_tensor(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
     t.name = name.to_string();
     t.dims = dims.to_vec();
     t.data_type = dtype::FLOAT;
-    t.raw_data = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    t.raw_data = f32_le_bytes(data).into_owned();
     t
 }
 
@@ -188,4 +188,70 @@ fn bytes<const N: usize>(c: &[u8]) -> [u8; N] {
     let mut a = [0u8; N];
     a.copy_from_slice(&c[..N]);
     a
+}
+
+/// The little-endian bytes of `values`: a view of their memory on a little-endian machine, a
+/// converted copy on a big-endian one.
+pub fn f32_le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
+/// Read a float32 tensor's values straight into `out` (exactly as many as its dims say):
+/// external data is read from its file into `out`'s memory, with no intermediate buffer, so a
+/// large weight is held once.
+pub fn read_f32_into(t: &TensorProto, base_dir: &Path, out: &mut [f32]) -> Result<()> {
+    let n = numel(t);
+    let wrong = |got: usize| {
+        Error::InvalidModel(format!(
+            "tensor '{}' holds {got} values but its dims {:?} need {n}: the model is damaged or truncated\n  hint: re-export the model",
+            t.name, t.dims
+        ))
+    };
+    if t.data_type != dtype::FLOAT {
+        return Err(Error::InvalidModel(format!(
+            "tensor '{}' has type {}, expected float32",
+            t.name,
+            dtype::name(t.data_type)
+        )));
+    }
+    if out.len() != n || t.dims.iter().any(|&d| d < 0) {
+        return Err(wrong(out.len()));
+    }
+    if !t.float_data.is_empty() {
+        if t.float_data.len() != n {
+            return Err(wrong(t.float_data.len()));
+        }
+        out.copy_from_slice(&t.float_data);
+        return Ok(());
+    }
+    if is_external(t) {
+        let (loc, off, len) = external_info(t)?;
+        if len.is_some_and(|l| l != 4 * n as u64) {
+            return Err(wrong(len.unwrap_or(0) as usize / 4));
+        }
+        let path = base_dir.join(loc.unwrap_or_default());
+        use std::io::{Read, Seek, SeekFrom};
+        let rerr = |source| Error::Read {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::File::open(&path).map_err(rerr)?;
+        f.seek(SeekFrom::Start(off)).map_err(rerr)?;
+        f.read_exact(bytemuck::cast_slice_mut(out)).map_err(rerr)?;
+    } else {
+        if t.raw_data.len() != 4 * n {
+            return Err(wrong(t.raw_data.len() / 4));
+        }
+        bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(&t.raw_data);
+    }
+    if cfg!(target_endian = "big") {
+        for v in out.iter_mut() {
+            *v = f32::from_le_bytes(v.to_ne_bytes());
+        }
+    }
+    Ok(())
 }

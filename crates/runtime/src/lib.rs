@@ -11,7 +11,7 @@ pub mod tract_backend;
 pub use dagr_onnx::state::StateLink;
 
 use dagr_onnx::error::{Error, Result};
-use ndarray::ArrayD;
+use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -87,18 +87,21 @@ pub trait Engine: Sync {
     /// Prepare `path` on the CPU; `example` fixes the input shapes (an engine may specialize
     /// its plan to them).
     fn prepare(&self, path: &Path, example: &Tensors, outputs: &[String]) -> Result<Box<dyn Prepared>>;
-    /// Prepare the step graph at `path` on `device` with `threads` intra-op threads (the
-    /// engine's default if none): state per `links`, starting from `initial`, `fetch` returned
-    /// to the host each run.
-    fn stepper(
-        &self,
-        path: &Path,
-        device: Device,
-        threads: Option<usize>,
-        links: Vec<StateLink>,
-        initial: &StateValues,
-        fetch: &[String],
-    ) -> Result<Box<dyn StateStepper>>;
+    /// Prepare a step graph as `spec` says, each state tensor written once by `fill` where it
+    /// lives (see `Fill`).
+    fn stepper(&self, spec: StepSpec<'_>, fill: &mut Fill<'_>) -> Result<Box<dyn StateStepper>>;
+}
+
+/// A step graph to prepare: the graph at `path` on `device` with `threads` intra-op threads
+/// (the engine's default if none), its state per `links` of the `shapes` given by key, and
+/// `fetch` returned to the host each run.
+pub struct StepSpec<'a> {
+    pub path: &'a Path,
+    pub device: Device,
+    pub threads: Option<usize>,
+    pub links: Vec<StateLink>,
+    pub shapes: &'a BTreeMap<String, Vec<usize>>,
+    pub fetch: &'a [String],
 }
 
 /// A graph prepared once for repeated runs with inputs of the same shapes.
@@ -113,8 +116,19 @@ pub trait StateStepper {
     fn run(&mut self, feed: Tensors) -> Result<Tensors>;
     /// Make the last run's state updates the current state.
     fn commit(&mut self);
-    /// The current state, copied to the host.
-    fn state(&self) -> Result<StateValues>;
+    /// Each tensor of the current state in turn, in key order, as a host view: no copy on the CPU;
+    /// from a device, one tensor at a time crosses to the host. This is how checkpoints and
+    /// exports read the state without holding a second copy of it.
+    fn visit_state(&self, f: &mut dyn FnMut(&str, ArrayViewD<'_, f32>) -> Result<()>) -> Result<()>;
+    /// The current state, copied to the host (one whole copy: for tests and small models).
+    fn state(&self) -> Result<StateValues> {
+        let mut out = StateValues::new();
+        self.visit_state(&mut |k, v| {
+            out.insert(k.to_string(), v.to_owned());
+            Ok(())
+        })?;
+        Ok(out)
+    }
     /// The shape of every state tensor, without copying the state.
     fn shapes(&self) -> BTreeMap<String, Vec<usize>>;
     /// Replace the current state; every value has the shape `shapes` gives.
@@ -169,27 +183,31 @@ pub struct Stepper(Box<dyn StateStepper>);
 /// State values by key.
 pub type StateValues = BTreeMap<String, ArrayD<f32>>;
 
+/// Writes the initial value of one state tensor (by key) into its buffer, which holds no
+/// meaningful values before: every element must be written. Called once per state tensor, in
+/// the order of the links, with the buffer where the engine keeps it (host memory, or a host
+/// staging buffer that then goes to the device), so start-up never holds a second copy of the
+/// state.
+pub type Fill<'a> = dyn FnMut(&str, ArrayViewMutD<'_, f32>) -> Result<()> + 'a;
+
+/// The indices of `links` in the order of their keys (the order `visit_state` follows).
+pub fn key_order(links: &[StateLink]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..links.len()).collect();
+    order.sort_by(|&a, &b| links[a].key.cmp(&links[b].key));
+    order
+}
+
 impl Stepper {
-    /// Prepare the graph at `path`; `initial` holds a value for every link's key; `fetch` the
-    /// outputs each run returns to the host. `device`: where the engine computes (an error
-    /// where it cannot); `threads`: intra-op threads (the engine's default: the physical cores).
-    pub fn new(
-        backend: Backend,
-        device: Device,
-        threads: Option<usize>,
-        path: &Path,
-        links: Vec<StateLink>,
-        initial: &StateValues,
-        fetch: &[String],
-    ) -> Result<Stepper> {
-        for l in &links {
-            if !initial.contains_key(&l.key) {
-                return Err(Error::Internal(format!("no initial value for the state '{}'", l.key)));
+    /// Prepare the step graph `spec` describes (an error where its `device` cannot be used;
+    /// `threads`: intra-op threads, the engine's default being the physical cores); `fill`
+    /// writes each state tensor's initial value (see `Fill`).
+    pub fn new(backend: Backend, spec: StepSpec<'_>, fill: &mut Fill<'_>) -> Result<Stepper> {
+        for l in &spec.links {
+            if !spec.shapes.contains_key(&l.key) {
+                return Err(Error::Internal(format!("no shape for the state '{}'", l.key)));
             }
         }
-        Ok(Stepper(
-            backend.engine().stepper(path, device, threads, links, initial, fetch)?,
-        ))
+        Ok(Stepper(backend.engine().stepper(spec, fill)?))
     }
 
     /// Run once with `feed` (every input that is not state); returns the fetched outputs.
@@ -202,9 +220,14 @@ impl Stepper {
         self.0.commit()
     }
 
-    /// The current state, copied to the host.
+    /// The current state, copied to the host (one whole copy).
     pub fn state(&self) -> Result<StateValues> {
         self.0.state()
+    }
+    /// Each tensor of the current state in turn, by key, as a host view (see
+    /// `StateStepper::visit_state`).
+    pub fn visit_state(&self, f: &mut dyn FnMut(&str, ArrayViewD<'_, f32>) -> Result<()>) -> Result<()> {
+        self.0.visit_state(f)
     }
 
     /// The shape of every state tensor, read from the backend's buffers without copying them.

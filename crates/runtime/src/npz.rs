@@ -317,8 +317,8 @@ pub fn read_only(path: &Path, names: &[String]) -> Result<Tensors> {
         .collect()
 }
 
-/// One `.npy` entry: its header and its little-endian data.
-fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+/// The header of an `.npy` entry, padded so that the data starts at a multiple of 64 bytes.
+fn npy_header(descr: &str, shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let tuple = match dims.len() {
         1 => format!("({},)", dims[0]),
@@ -329,11 +329,10 @@ fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
     let total = 10 + dict.len() + 1;
     dict.push_str(&" ".repeat((64 - total % 64) % 64));
     dict.push('\n');
-    let mut out = Vec::with_capacity(10 + dict.len() + data.len());
+    let mut out = Vec::with_capacity(10 + dict.len());
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
     out.extend_from_slice(dict.as_bytes());
-    out.extend_from_slice(data);
     out
 }
 
@@ -347,27 +346,72 @@ pub enum Entry<'a> {
     Bytes(&'a [u8]),
 }
 
+/// An `.npz` archive written entry by entry into a file, stored uncompressed as `numpy.savez`
+/// does; a float32 entry goes from the caller's memory to the file with no copy in between.
+pub struct Writer<'f> {
+    zip: zip::ZipWriter<std::io::BufWriter<&'f mut File>>,
+}
+
+impl<'f> Writer<'f> {
+    pub fn new(file: &'f mut File) -> Writer<'f> {
+        Writer {
+            zip: zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, file)),
+        }
+    }
+
+    fn entry(&mut self, name: &str, header: &[u8], data: &[u8]) -> std::io::Result<()> {
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(true);
+        self.zip
+            .start_file(format!("{name}.npy"), opts)
+            .map_err(std::io::Error::other)?;
+        self.zip.write_all(header)?;
+        dagr_onnx::io::write_chunked(&mut self.zip, data)
+    }
+
+    /// A float32 array (copied only where it is not in standard layout).
+    pub fn f32(&mut self, name: &str, a: ndarray::ArrayViewD<'_, f32>) -> std::io::Result<()> {
+        let a = a.as_standard_layout();
+        let data = a.as_slice().unwrap_or(&[]);
+        self.entry(
+            name,
+            &npy_header("<f4", a.shape()),
+            &dagr_onnx::tensor::f32_le_bytes(data),
+        )
+    }
+
+    pub fn value(&mut self, name: &str, v: &Value) -> std::io::Result<()> {
+        match v {
+            Value::F32(a) => self.f32(name, a.view()),
+            Value::I64(a) => self.entry(name, &npy_header("<i8", a.shape()), &le_bytes(a, i64::to_le_bytes)),
+            Value::Bool(a) => self.entry(name, &npy_header("|b1", a.shape()), &le_bytes(a, |b: bool| [b as u8])),
+        }
+    }
+
+    /// Raw bytes, as a uint8 array.
+    pub fn bytes(&mut self, name: &str, b: &[u8]) -> std::io::Result<()> {
+        self.entry(name, &npy_header("|u1", &[b.len()]), b)
+    }
+
+    pub fn finish(self) -> std::io::Result<()> {
+        let mut w = self.zip.finish().map_err(std::io::Error::other)?;
+        w.flush()
+    }
+}
+
 /// Write entries to `path` atomically (a temporary file, fsynced, renamed into place), stored
 /// uncompressed as `numpy.savez` does.
 pub fn write_entries(path: &Path, entries: &[(&str, Entry)]) -> Result<()> {
     dagr_onnx::io::write_atomic_with(path, |file| {
-        let mut z = zip::ZipWriter::new(std::io::BufWriter::new(file));
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored)
-            .large_file(true);
+        let mut w = Writer::new(file);
         for (name, e) in entries {
-            let bytes = match e {
-                Entry::Tensor(Value::F32(a)) => npy("<f4", a.shape(), &le_bytes(a, f32::to_le_bytes)),
-                Entry::Tensor(Value::I64(a)) => npy("<i8", a.shape(), &le_bytes(a, i64::to_le_bytes)),
-                Entry::Tensor(Value::Bool(a)) => npy("|b1", a.shape(), &le_bytes(a, |b: bool| [b as u8])),
-                Entry::Bytes(b) => npy("|u1", &[b.len()], b),
-            };
-            z.start_file(format!("{name}.npy"), opts)
-                .map_err(std::io::Error::other)?;
-            z.write_all(&bytes)?;
+            match e {
+                Entry::Tensor(v) => w.value(name, v)?,
+                Entry::Bytes(b) => w.bytes(name, b)?,
+            }
         }
-        let mut w = z.finish().map_err(std::io::Error::other)?;
-        w.flush()
+        w.finish()
     })
 }
 

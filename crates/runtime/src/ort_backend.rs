@@ -106,6 +106,10 @@ pub fn session(path: &Path) -> Result<Session> {
 /// to the CPU: a failed registration is an error. `threads`: intra-op threads (ONNX Runtime's
 /// default is one per physical core).
 pub fn session_on(path: &Path, cuda: bool, threads: Option<usize>) -> Result<Session> {
+    builder(cuda, threads)?.commit_from_file(path).map_err(err)
+}
+
+fn builder(cuda: bool, threads: Option<usize>) -> Result<ort::session::builder::SessionBuilder> {
     let env = environment()?;
     let mut b = Session::builder(env).map_err(err)?;
     if let Some(n) = threads {
@@ -119,7 +123,7 @@ pub fn session_on(path: &Path, cuda: bool, threads: Option<usize>) -> Result<Ses
             ))
         })?;
     }
-    b.commit_from_file(path).map_err(err)
+    Ok(b)
 }
 
 pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
@@ -212,10 +216,12 @@ fn owned_tensor(v: Value) -> Result<ort::value::DynValue> {
 /// set untouched. Both bindings are made once; a run binds only the feed (the batch and the
 /// optimizer's scalars) and fetches the reported outputs into host memory.
 pub struct Stepper {
+    /// Declared before `buffers`, so dropped first: on the CPU a binding's outputs point into
+    /// `buffers`.
+    bindings: [ort::session::IoBinding; 2],
     session: Session,
     links: Vec<super::StateLink>,
     buffers: [Vec<Tensor<f32>>; 2],
-    bindings: [ort::session::IoBinding; 2],
     current: usize,
     ran: bool,
     fetch: Vec<String>,
@@ -223,16 +229,25 @@ pub struct Stepper {
 }
 
 impl Stepper {
-    pub fn new(
-        path: &Path,
-        cuda: bool,
-        threads: Option<usize>,
-        links: Vec<super::StateLink>,
-        initial: &super::StateValues,
-        fetch: &[String],
-    ) -> Result<Stepper> {
+    pub fn new(spec: super::StepSpec<'_>, fill: &mut super::Fill<'_>) -> Result<Stepper> {
+        let super::StepSpec {
+            path,
+            device,
+            threads,
+            links,
+            shapes,
+            fetch,
+        } = spec;
+        let cuda = device == super::Device::Cuda;
         use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-        let session = session_on(path, cuda, threads)?;
+        // No memory pattern: ONNX Runtime would plan a second block of the step's whole working
+        // set beside the arena (measured on a 138M-parameter step graph: peak RSS 0.75 GB higher
+        // and the step 20% slower with it).
+        let session = builder(cuda, threads)?
+            .with_memory_pattern(false)
+            .map_err(err)?
+            .commit_from_file(path)
+            .map_err(err)?;
         let allocator = if cuda {
             let info =
                 MemoryInfo::new(AllocationDevice::CUDA, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
@@ -240,11 +255,30 @@ impl Stepper {
         } else {
             Allocator::default()
         };
+        // Set 0 is written by `fill` now; set 1 is first written by the first run. On the CPU
+        // the buffers are the process's own zeroed allocations (fresh pages the system maps
+        // on first write), moved into ONNX Runtime tensors: `Tensor::new` would write zeros
+        // over both sets at once, making every page resident before any value is known.
         let mut sets: [Vec<Tensor<f32>>; 2] = [Vec::new(), Vec::new()];
         for set in sets.iter_mut() {
             for l in &links {
-                let shape: Vec<usize> = initial[&l.key].shape().to_vec();
-                set.push(Tensor::<f32>::new(&allocator, shape).map_err(err)?);
+                let shape = shapes
+                    .get(&l.key)
+                    .ok_or_else(|| err(format!("no shape for the state '{}'", l.key)))?;
+                set.push(if cuda {
+                    Tensor::<f32>::new(&allocator, shape.clone()).map_err(err)?
+                } else {
+                    Tensor::from_array(ndarray::ArrayD::<f32>::zeros(shape.clone())).map_err(err)?
+                });
+            }
+        }
+        for (l, t) in links.iter().zip(sets[0].iter_mut()) {
+            if cuda {
+                let mut host = ndarray::ArrayD::<f32>::zeros(shapes[&l.key].clone());
+                fill(&l.key, host.view_mut())?;
+                Tensor::from_array(host).map_err(err)?.copy_into(&mut *t).map_err(err)?;
+            } else {
+                fill(&l.key, t.try_extract_array_mut::<f32>().map_err(err)?)?;
             }
         }
         let host =
@@ -253,7 +287,21 @@ impl Stepper {
             let mut b = session.create_binding().map_err(err)?;
             for (i, l) in links.iter().enumerate() {
                 b.bind_input(l.input.as_str(), &sets[reads][i]).map_err(err)?;
-                b.bind_output(l.output.as_str(), &mut sets[1 - reads][i]).map_err(err)?;
+                let out = &mut sets[1 - reads][i];
+                if cuda {
+                    b.bind_output(l.output.as_str(), out).map_err(err)?;
+                } else {
+                    // `ort` binds as outputs only tensors it allocated; a tensor over the same
+                    // memory (not owning it) writes into our buffer. SAFETY: the buffer is a
+                    // contiguous f32 array of this shape, owned by `buffers`, which outlives
+                    // the bindings (field order) and is never reallocated.
+                    let shape = out.shape().clone();
+                    let ptr = out.try_extract_array_mut::<f32>().map_err(err)?.as_mut_ptr();
+                    let view = unsafe {
+                        ort::value::TensorRefMut::<f32>::from_raw(host.clone(), ptr.cast(), shape).map_err(err)?
+                    };
+                    b.bind_output(l.output.as_str(), view).map_err(err)?;
+                }
             }
             for f in fetch {
                 b.bind_output_to_device(f.as_str(), &host).map_err(err)?;
@@ -261,18 +309,16 @@ impl Stepper {
             Ok(b)
         };
         let bindings = [make_binding(0)?, make_binding(1)?];
-        let mut s = Stepper {
+        Ok(Stepper {
+            bindings,
             session,
             links,
             buffers: sets,
-            bindings,
             current: 0,
             ran: false,
             fetch: fetch.to_vec(),
             cuda,
-        };
-        crate::StateStepper::set_state(&mut s, initial)?;
-        Ok(s)
+        })
     }
 }
 
@@ -304,19 +350,17 @@ impl crate::StateStepper for Stepper {
         }
     }
 
-    /// The current state, copied to the host.
-    fn state(&self) -> Result<super::StateValues> {
-        let mut out = super::StateValues::new();
-        for (l, t) in self.links.iter().zip(&self.buffers[self.current]) {
-            let a = if self.cuda {
+    fn visit_state(&self, f: &mut dyn FnMut(&str, ndarray::ArrayViewD<'_, f32>) -> Result<()>) -> Result<()> {
+        for i in super::key_order(&self.links) {
+            let (l, t) = (&self.links[i], &self.buffers[self.current][i]);
+            if self.cuda {
                 let host = t.to(ort::memory::AllocationDevice::CPU, 0).map_err(err)?;
-                host.try_extract_array::<f32>().map_err(err)?.to_owned()
+                f(&l.key, host.try_extract_array::<f32>().map_err(err)?)?;
             } else {
-                t.try_extract_array::<f32>().map_err(err)?.to_owned()
-            };
-            out.insert(l.key.clone(), a);
+                f(&l.key, t.try_extract_array::<f32>().map_err(err)?)?;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The shape of each state tensor, by key (read from the buffers, no copy).
@@ -377,16 +421,7 @@ impl crate::Engine for OnnxRuntime {
             outputs: outputs.to_vec(),
         }))
     }
-    fn stepper(
-        &self,
-        path: &Path,
-        device: crate::Device,
-        threads: Option<usize>,
-        links: Vec<crate::StateLink>,
-        initial: &crate::StateValues,
-        fetch: &[String],
-    ) -> Result<Box<dyn crate::StateStepper>> {
-        let cuda = device == crate::Device::Cuda;
-        Ok(Box::new(Stepper::new(path, cuda, threads, links, initial, fetch)?))
+    fn stepper(&self, spec: crate::StepSpec<'_>, fill: &mut crate::Fill<'_>) -> Result<Box<dyn crate::StateStepper>> {
+        Ok(Box::new(Stepper::new(spec, fill)?))
     }
 }

@@ -18,6 +18,23 @@ pub struct Prepared {
     outputs: Vec<String>,
 }
 
+/// The element type and shape of each input that will be fed, by name.
+pub type Facts = std::collections::HashMap<String, (DatumType, Vec<usize>)>;
+
+/// A tract output as a host `Value` (copied).
+fn to_value(name: &str, t: &Tensor) -> Result<Value> {
+    Ok(match t.datum_type() {
+        DatumType::F32 => Value::F32(t.to_plain_array_view::<f32>().map_err(err)?.to_owned()),
+        DatumType::I64 => Value::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned()),
+        DatumType::Bool => Value::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned()),
+        DatumType::F16 | DatumType::F64 => {
+            let c = t.cast_to::<f32>().map_err(err)?;
+            Value::F32(c.to_plain_array_view::<f32>().map_err(err)?.to_owned())
+        }
+        other => return Err(err(format!("output '{name}' has unsupported type {other:?}"))),
+    })
+}
+
 fn to_tensor(v: &Value) -> Tensor {
     match v {
         Value::F32(a) => a.clone().into_tensor(),
@@ -30,6 +47,22 @@ impl Prepared {
     /// Inputs in `example` that are also initializers (the parameters of a training graph) are
     /// fed, not folded: tract would otherwise treat them as constants.
     pub fn new(path: &Path, example: &Tensors, outputs: &[String]) -> Result<Prepared> {
+        let facts = example
+            .iter()
+            .map(|(k, v)| {
+                let dt = match v {
+                    Value::F32(_) => DatumType::F32,
+                    Value::I64(_) => DatumType::I64,
+                    Value::Bool(_) => DatumType::Bool,
+                };
+                (k.clone(), (dt, v.shape().to_vec()))
+            })
+            .collect();
+        Self::with_facts(path, &facts, outputs)
+    }
+
+    /// As `new`, from the type and shape of every input that will be fed (no values).
+    pub fn with_facts(path: &Path, example: &Facts, outputs: &[String]) -> Result<Prepared> {
         let onnx_model = dagr_onnx::load(path)?;
         // Only initializers that are also graph inputs can be overridden (as in ONNX Runtime).
         let graph_inputs: std::collections::HashSet<&String> =
@@ -73,12 +106,11 @@ impl Prepared {
             }
         }
         for (i, name) in input_names.iter().enumerate() {
-            let v = example
+            let (dt, shape) = example
                 .get(name)
                 .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?;
-            let t = to_tensor(v);
             model
-                .set_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))
+                .set_input_fact(i, InferenceFact::dt_shape(*dt, shape))
                 .map_err(err)?;
         }
         let mut wanted = Vec::new();
@@ -108,17 +140,7 @@ impl Prepared {
         let res = guarded(|| self.plan.run(feed))?.map_err(err)?;
         let mut out = Tensors::new();
         for (name, t) in self.outputs.iter().zip(res) {
-            let v = match t.datum_type() {
-                DatumType::F32 => Value::F32(t.to_plain_array_view::<f32>().map_err(err)?.to_owned()),
-                DatumType::I64 => Value::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned()),
-                DatumType::Bool => Value::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned()),
-                DatumType::F16 | DatumType::F64 => {
-                    let c = t.cast_to::<f32>().map_err(err)?;
-                    Value::F32(c.to_plain_array_view::<f32>().map_err(err)?.to_owned())
-                }
-                other => return Err(err(format!("output '{name}' has unsupported type {other:?}"))),
-            };
-            out.insert(name.clone(), v);
+            out.insert(name.clone(), to_value(name, &t)?);
         }
         Ok(out)
     }
@@ -154,60 +176,101 @@ pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors>
     Prepared::new(path, inputs, outputs)?.run(inputs)
 }
 
-/// `runtime::Stepper` on tract: the state is kept in host memory (tract's device), one plan per
-/// set of feed shapes (a last, partial batch gets its own).
+/// `runtime::Stepper` on tract: the state is kept in host memory (tract's device) as tract's
+/// own reference-counted tensors, fed to each run and taken from its outputs without a copy;
+/// one plan per set of feed shapes (a last, partial batch gets its own).
 pub struct Stepper {
     path: std::path::PathBuf,
     links: Vec<super::StateLink>,
     /// By input name.
-    state: Tensors,
-    pending: Option<Tensors>,
+    state: std::collections::HashMap<String, TValue>,
+    pending: Option<Vec<(String, TValue)>>,
     fetch: Vec<String>,
     plans: std::collections::HashMap<Vec<Vec<usize>>, Prepared>,
 }
 
 impl Stepper {
-    pub fn new(path: &Path, links: Vec<super::StateLink>, initial: &super::StateValues, fetch: &[String]) -> Stepper {
-        let state = links
-            .iter()
-            .map(|l| (l.input.clone(), Value::F32(initial[&l.key].clone())))
-            .collect();
-        Stepper {
+    pub fn new(
+        path: &Path,
+        links: Vec<super::StateLink>,
+        shapes: &std::collections::BTreeMap<String, Vec<usize>>,
+        fill: &mut super::Fill<'_>,
+        fetch: &[String],
+    ) -> Result<Stepper> {
+        let mut state = std::collections::HashMap::new();
+        for l in &links {
+            let shape = shapes
+                .get(&l.key)
+                .ok_or_else(|| err(format!("no shape for the state '{}'", l.key)))?;
+            let mut a = tract_ndarray::ArrayD::<f32>::zeros(shape.clone());
+            fill(&l.key, a.view_mut())?;
+            state.insert(l.input.clone(), a.into_tvalue());
+        }
+        Ok(Stepper {
             path: path.to_path_buf(),
             links,
             state,
             pending: None,
             fetch: fetch.to_vec(),
             plans: Default::default(),
-        }
+        })
     }
 }
 
 impl crate::StateStepper for Stepper {
-    fn run(&mut self, mut feed: Tensors) -> Result<Tensors> {
+    fn run(&mut self, feed: Tensors) -> Result<Tensors> {
+        self.pending = None;
         let shapes: Vec<Vec<usize>> = feed.values().map(|v| v.shape().to_vec()).collect();
-        let fed: Vec<String> = feed.keys().cloned().collect();
-        feed.extend(std::mem::take(&mut self.state));
         let plan = match self.plans.entry(shapes) {
-            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
+                let mut facts: Facts = self
+                    .state
+                    .iter()
+                    .map(|(k, v)| (k.clone(), (v.datum_type(), v.shape().to_vec())))
+                    .collect();
+                for (k, v) in &feed {
+                    let dt = match v {
+                        Value::F32(_) => DatumType::F32,
+                        Value::I64(_) => DatumType::I64,
+                        Value::Bool(_) => DatumType::Bool,
+                    };
+                    facts.insert(k.clone(), (dt, v.shape().to_vec()));
+                }
                 let mut wanted = self.fetch.clone();
                 wanted.extend(self.links.iter().map(|l| l.output.clone()));
-                Prepared::new(&self.path, &feed, &wanted).map(|p| e.insert(p))
+                e.insert(Prepared::with_facts(&self.path, &facts, &wanted)?)
             }
         };
-        let result = plan.and_then(|p| p.run(&feed));
-        for n in fed {
-            feed.remove(&n);
+        let mut inputs: TVec<TValue> = tvec!();
+        for name in &plan.input_names {
+            let v = match feed.get(name) {
+                Some(v) => to_tensor(v).into_tvalue(),
+                None => self
+                    .state
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?,
+            };
+            inputs.push(v);
         }
-        self.state = feed;
-        let mut out = result?;
-        self.pending = Some(
-            self.links
-                .iter()
-                .filter_map(|l| out.remove(&l.output).map(|v| (l.input.clone(), v)))
-                .collect(),
-        );
+        let res = guarded(|| plan.plan.run(inputs))?.map_err(err)?;
+        let mut by_name: std::collections::HashMap<&String, TValue> = plan.outputs.iter().zip(res).collect();
+        let mut out = Tensors::new();
+        for name in &self.fetch {
+            let t = by_name
+                .get(name)
+                .ok_or_else(|| err(format!("the model has no output '{name}'")))?;
+            out.insert(name.clone(), to_value(name, t)?);
+        }
+        let mut pending = Vec::new();
+        for l in &self.links {
+            let t = by_name
+                .remove(&l.output)
+                .ok_or_else(|| err(format!("the model has no output '{}'", l.output)))?;
+            pending.push((l.input.clone(), t));
+        }
+        self.pending = Some(pending);
         Ok(out)
     }
 
@@ -217,15 +280,14 @@ impl crate::StateStepper for Stepper {
         }
     }
 
-    fn state(&self) -> Result<super::StateValues> {
-        Ok(self
-            .links
-            .iter()
-            .filter_map(|l| match self.state.get(&l.input) {
-                Some(Value::F32(a)) => Some((l.key.clone(), a.clone())),
-                _ => None,
-            })
-            .collect())
+    fn visit_state(&self, f: &mut dyn FnMut(&str, ndarray::ArrayViewD<'_, f32>) -> Result<()>) -> Result<()> {
+        for i in super::key_order(&self.links) {
+            let l = &self.links[i];
+            if let Some(t) = self.state.get(&l.input) {
+                f(&l.key, t.to_plain_array_view::<f32>().map_err(err)?)?;
+            }
+        }
+        Ok(())
     }
 
     /// The shape of each state tensor, by key.
@@ -239,7 +301,7 @@ impl crate::StateStepper for Stepper {
     fn set_state(&mut self, values: &super::StateValues) -> Result<()> {
         for l in &self.links {
             if let Some(v) = values.get(&l.key) {
-                self.state.insert(l.input.clone(), Value::F32(v.clone()));
+                self.state.insert(l.input.clone(), v.clone().into_tvalue());
             }
         }
         self.pending = None;
@@ -266,18 +328,16 @@ impl crate::Engine for Tract {
     fn prepare(&self, path: &Path, example: &Tensors, outputs: &[String]) -> Result<Box<dyn crate::Prepared>> {
         Ok(Box::new(Prepared::new(path, example, outputs)?))
     }
-    fn stepper(
-        &self,
-        path: &Path,
-        device: crate::Device,
-        _threads: Option<usize>,
-        links: Vec<crate::StateLink>,
-        initial: &crate::StateValues,
-        fetch: &[String],
-    ) -> Result<Box<dyn crate::StateStepper>> {
-        if device != crate::Device::Cpu {
+    fn stepper(&self, spec: crate::StepSpec<'_>, fill: &mut crate::Fill<'_>) -> Result<Box<dyn crate::StateStepper>> {
+        if spec.device != crate::Device::Cpu {
             return Err(err("tract runs on the CPU only; use `backend` ort `device` cuda"));
         }
-        Ok(Box::new(Stepper::new(path, links, initial, fetch)))
+        Ok(Box::new(Stepper::new(
+            spec.path,
+            spec.links,
+            spec.shapes,
+            fill,
+            spec.fetch,
+        )?))
     }
 }

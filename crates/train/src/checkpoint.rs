@@ -8,7 +8,7 @@
 
 use super::Settings;
 use dagr_onnx::error::{Error, Result};
-use dagr_runtime::npz::{self as npz, Entry, Npz};
+use dagr_runtime::npz::{self as npz, Npz};
 use dagr_runtime::{StateValues, Value};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -42,41 +42,83 @@ pub struct Record {
     pub sha256: String,
 }
 
-fn digest(record: &Record, state: &StateValues) -> Result<String> {
-    let mut r = record.clone();
-    r.sha256.clear();
-    let mut h = Sha256::new();
-    h.update(serde_json::to_vec(&r).map_err(|e| Error::Internal(format!("checkpoint record: {e}")))?);
-    for (k, v) in state {
-        h.update((k.len() as u64).to_le_bytes());
-        h.update(k.as_bytes());
+/// The checksum of a record and the state, fed tensor by tensor in key order.
+struct Checksum(Sha256);
+
+impl Checksum {
+    fn new(record: &Record) -> Result<Checksum> {
+        let mut r = record.clone();
+        r.sha256.clear();
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(&r).map_err(|e| Error::Internal(format!("checkpoint record: {e}")))?);
+        Ok(Checksum(h))
+    }
+
+    /// One state tensor: its key, its shape and its values' little-endian bytes.
+    fn tensor(&mut self, key: &str, v: ndarray::ArrayViewD<'_, f32>) {
+        let h = &mut self.0;
+        h.update((key.len() as u64).to_le_bytes());
+        h.update(key.as_bytes());
         for &d in v.shape() {
             h.update((d as u64).to_le_bytes());
         }
-        for x in v.iter() {
-            h.update(x.to_le_bytes());
-        }
+        let v = v.as_standard_layout();
+        h.update(dagr_onnx::tensor::f32_le_bytes(v.as_slice().unwrap_or(&[])));
     }
-    Ok(format!("{:x}", h.finalize()))
+
+    fn finish(self) -> String {
+        format!("{:x}", self.0.finalize())
+    }
 }
 
-/// Write `state` and `record` (its checksum filled in here) to `dir/checkpoint.npz`. A state
-/// holding a non-finite value is refused: a good checkpoint is never replaced by a bad one.
-pub fn save(dir: &Path, record: &Record, state: &StateValues) -> Result<()> {
+fn digest(record: &Record, state: &StateValues) -> Result<String> {
+    let mut d = Checksum::new(record)?;
     for (k, v) in state {
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(Error::Data(format!(
-                "refusing to write a checkpoint whose '{k}' holds non-finite values; the previous checkpoint is kept"
-            )));
-        }
+        d.tensor(k, v.view());
     }
-    let mut r = record.clone();
-    r.sha256 = digest(&r, state)?;
-    let json = serde_json::to_vec_pretty(&r).map_err(|e| Error::Internal(format!("checkpoint record: {e}")))?;
-    let values: Vec<(String, Value)> = state.iter().map(|(k, v)| (k.clone(), Value::F32(v.clone()))).collect();
-    let mut entries: Vec<(&str, Entry)> = values.iter().map(|(k, v)| (k.as_str(), Entry::Tensor(v))).collect();
-    entries.push((RECORD_ENTRY, Entry::Bytes(&json)));
-    npz::write_entries(&dir.join(FILE), &entries)
+    Ok(d.finish())
+}
+
+/// A source of the state's tensors, by key in key order (see `StateStepper::visit_state`).
+pub type Visit<'a> = dyn Fn(&mut dyn FnMut(&str, ndarray::ArrayViewD<'_, f32>) -> Result<()>) -> Result<()> + 'a;
+
+/// Write the state `visit` gives (in key order) and `record` (its checksum filled in here) to
+/// `dir/checkpoint.npz`, streaming each tensor from where it lives to the file (no copy of the
+/// state is made). A state holding a non-finite value is refused: a good checkpoint is never
+/// replaced by a bad one.
+pub fn save(dir: &Path, record: &Record, visit: &Visit<'_>) -> Result<()> {
+    let path = dir.join(FILE);
+    dagr_onnx::io::write_atomic_try(&path, |file| {
+        let werr = |source| Error::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut r = record.clone();
+        let mut d = Checksum::new(&r)?;
+        let mut w = npz::Writer::new(file);
+        visit(&mut |k, v| {
+            let finite = match v.as_slice() {
+                Some(s) => s.iter().all(|x| x.is_finite()),
+                None => v.iter().all(|x| x.is_finite()),
+            };
+            if !finite {
+                return Err(Error::Data(format!(
+                    "refusing to write a checkpoint whose '{k}' holds non-finite values; the previous checkpoint is kept"
+                )));
+            }
+            d.tensor(k, v.view());
+            w.f32(k, v).map_err(werr)
+        })?;
+        r.sha256 = d.finish();
+        let json = serde_json::to_vec_pretty(&r).map_err(|e| Error::Internal(format!("checkpoint record: {e}")))?;
+        w.bytes(RECORD_ENTRY, &json).map_err(werr)?;
+        w.finish().map_err(werr)
+    })
+}
+
+/// `save` from state values held in memory.
+pub fn save_values(dir: &Path, record: &Record, state: &StateValues) -> Result<()> {
+    save(dir, record, &|f| state.iter().try_for_each(|(k, v)| f(k, v.view())))
 }
 
 /// True when `dir` holds a checkpoint file.

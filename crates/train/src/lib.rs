@@ -15,7 +15,7 @@ use dagr_core::{optim, step_graph};
 use dagr_onnx::error::{Error, Result};
 use dagr_onnx::{self as onnx, dtype, tensor, GraphIndex, Model};
 use dagr_runtime::data::{Dataset, Rng};
-use dagr_runtime::{Backend, Device, StateValues, Stepper, Tensors, Value};
+use dagr_runtime::{Backend, Device, StateValues, StepSpec, Stepper, Tensors, Value};
 use ndarray::ArrayD;
 use optim::{Optimizer, Schedule};
 use serde::{Deserialize, Serialize};
@@ -145,14 +145,14 @@ pub struct Progress {
     pub rng: Rng,
 }
 
-fn initializer_arrays(model: &Model, names: &[String]) -> Result<BTreeMap<String, ArrayD<f32>>> {
-    let mut out = BTreeMap::new();
+/// The float32 initializers of the training graph that hold the named state, by name.
+fn state_initializers<'m>(model: &'m Model, names: &[String]) -> Result<Vec<(String, &'m onnx::proto::TensorProto)>> {
+    let by_name: BTreeMap<&str, &onnx::proto::TensorProto> =
+        model.graph().initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut out = Vec::new();
     for n in names {
-        let t = model
-            .graph()
-            .initializer
-            .iter()
-            .find(|t| &t.name == n)
+        let t = by_name
+            .get(n.as_str())
             .ok_or_else(|| Error::InvalidModel(format!("the training graph has no initializer '{n}', which its training record lists\n  hint: rebuild the training graph; it was edited after it was written")))?;
         if t.data_type != dtype::FLOAT {
             return Err(Error::Config(format!(
@@ -160,12 +160,13 @@ fn initializer_arrays(model: &Model, names: &[String]) -> Result<BTreeMap<String
                 dtype::name(t.data_type)
             )));
         }
-        let v = tensor::to_f32(t, &model.base_dir)?;
-        let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-        out.insert(
-            n.clone(),
-            ArrayD::from_shape_vec(shape, v).map_err(|e| Error::Internal(e.to_string()))?,
-        );
+        if t.dims.iter().any(|&d| d < 0) {
+            return Err(Error::InvalidModel(format!(
+                "initializer '{n}' has negative dims {:?}",
+                t.dims
+            )));
+        }
+        out.push((n.clone(), *t));
     }
     Ok(out)
 }
@@ -224,6 +225,8 @@ pub struct Trainer {
     state_keys: Vec<String>,
     /// The declared dims of the data inputs, to size the Dropout masks of each batch.
     input_dims: BTreeMap<String, Vec<onnx::Dim>>,
+    /// When this trainer's first step ended.
+    first_step_done: Option<std::time::Instant>,
 }
 
 fn scalar(t: &Tensors, n: &str) -> Option<f64> {
@@ -251,15 +254,23 @@ impl Trainer {
             .iter()
             .flat_map(|s| [s.mean.0.clone(), s.var.0.clone()])
             .collect();
-        let mut initial = StateValues::new();
-        for (p, a) in initializer_arrays(&model, &pnames)? {
+        // Each state tensor's initial value: an initializer of the training graph, read straight
+        // into the engine's buffer, or zeros (the optimizer's slots).
+        let mut sources: BTreeMap<String, Option<&onnx::proto::TensorProto>> = BTreeMap::new();
+        let mut shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (p, t) in state_initializers(&model, &pnames)? {
+            let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
             for &slot in settings.optimizer.slots() {
-                initial.insert(step_graph::slot_key(slot, &p), ArrayD::zeros(a.raw_dim()));
+                let k = step_graph::slot_key(slot, &p);
+                shapes.insert(k.clone(), shape.clone());
+                sources.insert(k, None);
             }
-            initial.insert(step_graph::param_key(&p), a);
+            shapes.insert(step_graph::param_key(&p), shape);
+            sources.insert(step_graph::param_key(&p), Some(t));
         }
-        for (b, a) in initializer_arrays(&model, &bnames)? {
-            initial.insert(step_graph::bn_key(&b), a);
+        for (b, t) in state_initializers(&model, &bnames)? {
+            shapes.insert(step_graph::bn_key(&b), t.dims.iter().map(|&d| d as usize).collect());
+            sources.insert(step_graph::bn_key(&b), Some(t));
         }
         let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm)?;
         let o = &record.dagr.outputs;
@@ -299,14 +310,50 @@ impl Trainer {
             .into_iter()
             .filter_map(|n| Some((n.clone(), idx.fact(&n)?.shape.clone()?)))
             .collect();
+        // The engine holds two sets of the state (see `runtime::Stepper`) on the host unless it
+        // computes on a device.
+        let state_bytes = shapes
+            .values()
+            .map(|s| s.iter().fold(4u64, |a, &d| a.saturating_mul(d as u64)))
+            .fold(0u64, u64::saturating_add);
+        if settings.device == Device::Cpu {
+            onnx::limits::check_alloc_hint(
+                state_bytes.saturating_mul(2),
+                "the training state (parameters and optimizer slots, held twice)",
+                "train a smaller model, use SGD without momentum (no optimizer slots), or use `device` cuda",
+            )?;
+        }
+        let base_dir = model.base_dir.clone();
+        let mut fill = |key: &str, mut out: ndarray::ArrayViewMutD<'_, f32>| -> Result<()> {
+            match sources.get(key) {
+                Some(Some(t)) => match out.as_slice_mut() {
+                    Some(buf) => tensor::read_f32_into(t, &base_dir, buf),
+                    None => {
+                        let v = tensor::to_f32(t, &base_dir)?;
+                        let a = ndarray::ArrayViewD::from_shape(out.shape(), &v)
+                            .map_err(|e| Error::Internal(e.to_string()))?;
+                        out.assign(&a);
+                        Ok(())
+                    }
+                },
+                Some(None) => {
+                    out.fill(0.0);
+                    Ok(())
+                }
+                None => Err(Error::Internal(format!("no initial value for the state '{key}'"))),
+            }
+        };
         let stepper = Stepper::new(
             settings.backend,
-            settings.device,
-            settings.threads,
-            &step_path,
-            sg.state,
-            &initial,
-            &fetch,
+            StepSpec {
+                path: &step_path,
+                device: settings.device,
+                threads: settings.threads,
+                links: sg.state,
+                shapes: &shapes,
+                fetch: &fetch,
+            },
+            &mut fill,
         )?;
         Ok(Trainer {
             path: path.to_path_buf(),
@@ -322,6 +369,7 @@ impl Trainer {
             workdir,
             total_steps: 0,
             input_dims,
+            first_step_done: None,
         })
     }
 
@@ -456,6 +504,7 @@ impl Trainer {
         }
         self.stepper.commit();
         self.progress.step += 1;
+        self.first_step_done.get_or_insert_with(std::time::Instant::now);
         let o = &self.record.dagr.outputs;
         Ok(StepStats {
             loss,
@@ -471,8 +520,9 @@ impl Trainer {
 
     // ---- checkpoints -------------------------------------------------------------------
 
-    /// Write `state` (from `state()`) and the run's progress to `dir` (see `checkpoint`).
-    pub fn save_checkpoint(&self, dir: &Path, state: &StateValues) -> Result<()> {
+    /// Write the current state, streamed from the engine, and the run's progress to `dir`
+    /// (see `checkpoint`).
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let record = checkpoint::Record {
             format: checkpoint::FORMAT,
             step: self.progress.step,
@@ -482,7 +532,7 @@ impl Trainer {
             model: self.path.clone(),
             sha256: String::new(),
         };
-        checkpoint::save(dir, &record, state)
+        checkpoint::save(dir, &record, &|f| self.stepper.visit_state(f))
     }
 
     /// Continue from the checkpoint in `dir`. Settings other than those of the checkpoint are
@@ -562,33 +612,185 @@ impl Trainer {
     // ---- export ------------------------------------------------------------------------
 
     /// The original model with the trained weights and running statistics, BatchNorm in
-    /// inference mode: what serves predictions, with no DAGR cost.
+    /// inference mode: what serves predictions, with no DAGR cost, built in memory with every
+    /// trained tensor inline (`export_to` writes it without holding the weights).
     /// `state` is the trainer's (from `state()`).
     pub fn export(&self, original: &Model, state: &StateValues) -> Result<Model> {
-        // Keeps the original's source path, so that saving over the original is refused.
-        // Prepared as the training graph was (functions inlined, Constant-node weights and the
-        // tensors named trainable as initializers), so that every trained tensor has its
-        // initializer here.
-        let mut m = original.clone();
-        dagr_core::training::prepare(&mut m, &self.record.options)?;
-        let values: BTreeMap<&str, &ArrayD<f32>> = state
-            .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix("param/").or_else(|| k.strip_prefix("bn/"))?, v)))
-            .collect();
-        let mut written = std::collections::HashSet::new();
-        for t in m.graph_mut().initializer.iter_mut() {
-            if let Some(a) = values.get(t.name.as_str()) {
-                let data: Vec<f32> = a.iter().copied().collect();
-                *t = tensor::f32_tensor(&t.name, &t.dims, &data);
-                written.insert(t.name.clone());
+        let mut m = self.exported_graph(original)?;
+        let index = trained_initializers(&m, state.keys().map(String::as_str))?;
+        let g = m.graph_mut();
+        for (k, v) in state {
+            if let Some(&i) = index.get(k.as_str()) {
+                let t = &mut g.initializer[i];
+                let v = v.as_standard_layout();
+                *t = tensor::f32_tensor(&t.name, &t.dims, v.as_slice().unwrap_or(&[]));
             }
         }
-        let missing: Vec<&&str> = values.keys().filter(|k| !written.contains(**k)).collect();
-        if !missing.is_empty() {
-            return Err(Error::Config(format!(
-                "the original model has no tensor for the trained {missing:?}: it is not the model this training graph was made from\n  hint: pass the model given to `--train` as `original`"
-            )));
+        Ok(m)
+    }
+
+    /// `export`, written to `path` with the trained tensors streamed from the engine's state
+    /// (no copy of the weights is held). The original's layout is kept: tensors it stores as
+    /// external data go to one data file beside `path` (`<file name>.data`, each tensor at a
+    /// 4 KiB-aligned offset: the trained ones from the state, the others copied from the
+    /// original's data files), the others inline. The data file is written (atomically) before
+    /// the model; both hold the same layout every epoch, so a kill between the two leaves the
+    /// previous epoch's model reading this epoch's weights, never a broken model. Returns the
+    /// written model (its weights external or, where the original held them inline, inline).
+    pub fn export_to(&self, original: &Model, path: &Path) -> Result<Model> {
+        let mut m = self.exported_graph(original)?;
+        let main_external = m
+            .graph()
+            .initializer
+            .iter()
+            .filter(|t| onnx::io::is_external(t))
+            .count();
+        if onnx::io::external_tensors(&m.proto).len() > main_external {
+            // External data outside the main graph's initializers (tensor attributes, subgraph
+            // initializers): the model is built in memory and saved with its data files copied.
+            let m = self.export(original, &self.state()?)?;
+            onnx::save(&m, path)?;
+            return Ok(m);
         }
+        let keys: Vec<String> = self.stepper.shapes().into_keys().collect();
+        let index = trained_initializers(&m, keys.iter().map(String::as_str))?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| MODEL_FILE.into());
+        let data_name = format!("{file_name}.data");
+        let data_path = dir.join(&data_name);
+        let external: Vec<usize> = (0..m.graph().initializer.len())
+            .filter(|&i| onnx::io::is_external(&m.graph().initializer[i]))
+            .collect();
+        for t in onnx::io::external_tensors(&m.proto) {
+            let (loc, _, _) = onnx::io::external_info(t)?;
+            let from = m.base_dir.join(loc.unwrap_or_default());
+            if onnx::io::same_file(&from, &data_path) {
+                return Err(Error::Config(format!(
+                    "the exported model's weights would go to {}, which holds the weights of the model it is made from\n  hint: choose another output directory",
+                    data_path.display()
+                )));
+            }
+        }
+        let original_dir = m.base_dir.clone();
+        // Where each external tensor goes in the new data file: (offset, length) by initializer.
+        let mut placed: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
+        let mut inline: Vec<(usize, Vec<u8>)> = Vec::new();
+        if external.is_empty() {
+            self.stepper.visit_state(&mut |k, v| {
+                if let Some(&i) = index.get(k) {
+                    let v = v.as_standard_layout();
+                    inline.push((i, tensor::f32_le_bytes(v.as_slice().unwrap_or(&[])).into_owned()));
+                }
+                Ok(())
+            })?;
+        } else {
+            let g = m.graph();
+            onnx::io::write_atomic_try(&data_path, |file| {
+                use std::io::{Seek, Write};
+                let werr = |source| Error::Write {
+                    path: data_path.clone(),
+                    source,
+                };
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+                let mut at = 0u64;
+                let pad_to_page = |w: &mut std::io::BufWriter<&mut std::fs::File>, at: &mut u64| {
+                    let pad = (4096 - *at % 4096) % 4096;
+                    *at += pad;
+                    w.write_all(&vec![0u8; pad as usize])
+                };
+                self.stepper.visit_state(&mut |k, v| {
+                    let Some(&i) = index.get(k) else { return Ok(()) };
+                    let v = v.as_standard_layout();
+                    let bytes = tensor::f32_le_bytes(v.as_slice().unwrap_or(&[]));
+                    if onnx::io::is_external(&g.initializer[i]) {
+                        pad_to_page(&mut w, &mut at).map_err(werr)?;
+                        onnx::io::write_chunked(&mut w, &bytes).map_err(werr)?;
+                        placed.insert(i, (at, bytes.len() as u64));
+                        at += bytes.len() as u64;
+                    } else {
+                        inline.push((i, bytes.into_owned()));
+                    }
+                    Ok(())
+                })?;
+                // The external tensors that did not train, copied from the original's files.
+                w.flush().map_err(werr)?;
+                let file = w.into_inner().map_err(|e| werr(e.into_error()))?;
+                for &i in &external {
+                    if placed.contains_key(&i) {
+                        continue;
+                    }
+                    let t = &g.initializer[i];
+                    let (loc, off, len) = onnx::io::external_info(t)?;
+                    let from = original_dir.join(loc.unwrap_or_default());
+                    let rerr = |source| Error::Read {
+                        path: from.clone(),
+                        source,
+                    };
+                    let mut src = std::fs::File::open(&from).map_err(rerr)?;
+                    let len = match len {
+                        Some(l) => l,
+                        None => src.metadata().map_err(rerr)?.len().saturating_sub(off),
+                    };
+                    src.seek(std::io::SeekFrom::Start(off)).map_err(rerr)?;
+                    let pad = (4096 - at % 4096) % 4096;
+                    file.write_all(&vec![0u8; pad as usize]).map_err(werr)?;
+                    at += pad;
+                    let copied = std::io::copy(&mut std::io::Read::take(&mut src, len), file).map_err(werr)?;
+                    if copied != len {
+                        return Err(Error::ExternalData {
+                            tensor: t.name.clone(),
+                            location: from.display().to_string(),
+                            problem: format!("holds {copied} bytes where {len} were expected"),
+                        });
+                    }
+                    placed.insert(i, (at, len));
+                    at += len;
+                }
+                Ok(())
+            })?;
+        }
+        let g = m.graph_mut();
+        for (i, bytes) in inline {
+            let t = &mut g.initializer[i];
+            t.raw_data = bytes;
+            t.float_data.clear();
+            t.data_location = Default::default();
+            t.external_data.clear();
+        }
+        for (&i, &(offset, length)) in &placed {
+            let t = &mut g.initializer[i];
+            t.raw_data.clear();
+            t.external_data.clear();
+            for (key, value) in [
+                ("location", data_name.clone()),
+                ("offset", offset.to_string()),
+                ("length", length.to_string()),
+            ] {
+                let mut e = onnx::proto::StringStringEntryProto::new();
+                e.key = key.into();
+                e.value = value;
+                t.external_data.push(e);
+            }
+        }
+        m.base_dir = dir;
+        onnx::save(&m, path)?;
+        Ok(m)
+    }
+
+    /// The original, prepared as the training graph was (functions inlined, Constant-node
+    /// weights and the tensors named trainable as initializers, so that every trained tensor
+    /// has its initializer), with BatchNorm and Dropout in inference mode. Keeps the original's
+    /// source path, so that saving over the original is refused.
+    fn exported_graph(&self, original: &Model) -> Result<Model> {
+        let mut m = original.clone();
+        dagr_core::training::prepare(&mut m, &self.record.options)?;
         let g = m.graph_mut();
         let outputs: std::collections::HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
         let consumed: std::collections::HashSet<String> = g.node.iter().flat_map(|n| n.input.clone()).collect();
@@ -616,6 +818,37 @@ impl Trainer {
         }
         Ok(m)
     }
+}
+
+/// The initializer of `m` each trained state key (`param/`, `bn/`; other keys are optimizer
+/// slots) writes, by key; an error when one has none (another original model).
+fn trained_initializers<'k>(m: &Model, keys: impl Iterator<Item = &'k str>) -> Result<BTreeMap<&'k str, usize>> {
+    let by_name: BTreeMap<&str, usize> = m
+        .graph()
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let mut out = BTreeMap::new();
+    let mut missing = Vec::new();
+    for k in keys {
+        let Some(name) = k.strip_prefix("param/").or_else(|| k.strip_prefix("bn/")) else {
+            continue;
+        };
+        match by_name.get(name) {
+            Some(&i) => {
+                out.insert(k, i);
+            }
+            None => missing.push(name),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::Config(format!(
+            "the original model has no tensor for the trained {missing:?}: it is not the model this training graph was made from\n  hint: pass the model given to `--train` as `original`"
+        )));
+    }
+    Ok(out)
 }
 
 /// Where the data and the run's files are.
@@ -648,6 +881,11 @@ pub struct EpochLog {
     /// rest is the runner's own (data, feeding, checks, logging).
     pub step_seconds: f64,
     pub backend_seconds: f64,
+    /// In the first epoch a process runs: seconds from the start of the run (`fit`) to the end
+    /// of its first step: loading, building the step graph, creating the session and
+    /// filling the state, one step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_step_seconds: Option<f64>,
 }
 
 /// What a training run tells its caller as it goes, and how the caller stops it. The library
@@ -698,11 +936,25 @@ pub const LOCK_FILE: &str = ".lock";
 /// The user's files a run must never overwrite: the training graph, the original model, the
 /// data. An output that is one of them (through any path) is refused before anything is written.
 fn refuse_overwriting_inputs(run: &Run, original: Option<&Path>) -> Result<()> {
-    let inputs: Vec<&Path> = [Some(run.model), original, Some(run.train), run.val]
+    let mut inputs: Vec<PathBuf> = [Some(run.model), original, Some(run.train), run.val]
         .into_iter()
         .flatten()
+        .map(Path::to_path_buf)
         .collect();
-    for name in [MODEL_FILE, STEP_FILE, LOG_FILE, LOCK_FILE, checkpoint::FILE] {
+    // The external data files the models read.
+    for m in [Some(run.model), original].into_iter().flatten() {
+        if let Ok(m) = onnx::load(m) {
+            for t in onnx::io::external_tensors(&m.proto) {
+                if let Ok((Some(loc), _, _)) = onnx::io::external_info(t) {
+                    inputs.push(m.base_dir.join(loc));
+                }
+            }
+        }
+    }
+    inputs.sort();
+    inputs.dedup();
+    let data_file = format!("{MODEL_FILE}.data");
+    for name in [MODEL_FILE, &data_file, STEP_FILE, LOG_FILE, LOCK_FILE, checkpoint::FILE] {
         let out = run.out.join(name);
         if let Some(input) = inputs.iter().find(|i| onnx::io::same_file(i, &out)) {
             return Err(Error::Config(format!(
@@ -723,6 +975,7 @@ fn refuse_overwriting_inputs(run: &Run, original: Option<&Path>) -> Result<()> {
 /// the log line and then the checkpoint, which commits the epoch: a resumed run continues after
 /// the last checkpoint and drops the log lines of any epoch after it.
 pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Result<Fitted> {
+    let started = std::time::Instant::now();
     settings.validate()?;
     if run.max_steps == Some(0) {
         return Err(Error::Config("the step limit must be at least 1".into()));
@@ -781,14 +1034,15 @@ pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Resu
     }
     onnx::io::remove_stale_temps(run.out);
     if run.force {
-        for name in [MODEL_FILE, STEP_FILE, LOG_FILE, checkpoint::FILE] {
+        let data_file = format!("{MODEL_FILE}.data");
+        for name in [MODEL_FILE, &data_file, STEP_FILE, LOG_FILE, checkpoint::FILE] {
             let p = run.out.join(name);
             if p.exists() {
                 std::fs::remove_file(&p).map_err(|source| Error::Write { path: p, source })?;
             }
         }
     }
-    let result = fit_in(run, settings, callbacks, original);
+    let result = fit_in(run, settings, callbacks, original, started);
     // A run that failed before its first checkpoint leaves no directory behind, so that the
     // same command works once the problem is fixed.
     if result.is_err() && created && !checkpoint::exists(run.out) {
@@ -1006,12 +1260,10 @@ fn train_epoch(
 fn finish_epoch(run: &Run, t: &Trainer, data: &RunInputs, log: EpochLog) -> Result<(EpochLog, String)> {
     let backend = t.settings.backend;
     let mut log = log;
-    // One copy of the state from the backend serves the export and the checkpoint.
-    let state = t.state()?;
-    let exported = t.export(&data.original, &state)?;
+    // The export and the checkpoint each stream the state from the engine (no copy is held).
     let model_out = run.out.join(MODEL_FILE);
     dagr_onnx::fault::point("epoch.before-export");
-    onnx::save(&exported, &model_out)?;
+    let exported = t.export_to(&data.original, &model_out)?;
     if let (Some(v), Some(l)) = (&data.val, &data.labels) {
         if !data.heads.is_empty() {
             log.val_accuracy = eval::accuracy_on(&model_out, backend, v, &data.heads, l)?;
@@ -1023,12 +1275,18 @@ fn finish_epoch(run: &Run, t: &Trainer, data: &RunInputs, log: EpochLog) -> Resu
     let line = serde_json::to_string(&log).map_err(|e| Error::Internal(format!("epoch log: {e}")))?;
     append_log(&run.out.join(LOG_FILE), &line)?;
     dagr_onnx::fault::point("epoch.before-checkpoint");
-    t.save_checkpoint(run.out, &state)?;
+    t.save_checkpoint(run.out)?;
     dagr_onnx::fault::point("epoch.after-checkpoint");
     Ok((log, line))
 }
 
-fn fit_in(run: &Run, settings: Settings, cb: &mut dyn Callbacks, original: Option<PathBuf>) -> Result<Fitted> {
+fn fit_in(
+    run: &Run,
+    settings: Settings,
+    cb: &mut dyn Callbacks,
+    original: Option<PathBuf>,
+    started: std::time::Instant,
+) -> Result<Fitted> {
     let mut t = Trainer::new_in(run.model, settings.clone(), run.out)?;
     let data = RunInputs::load(run, &t, original)?;
     let mut fitted = Fitted {
@@ -1073,6 +1331,10 @@ fn fit_in(run: &Run, settings: Settings, cb: &mut dyn Callbacks, original: Optio
             samples_per_second: samples as f64 / secs,
             step_seconds: secs,
             backend_seconds: (t.backend_time - backend_before).as_secs_f64(),
+            first_step_seconds: match (fitted.logs.is_empty(), t.first_step_done) {
+                (true, Some(at)) => Some(at.duration_since(started).as_secs_f64()),
+                _ => None,
+            },
         };
         let (log, line) = finish_epoch(run, &t, &data, log)?;
         cb.epoch_end(&log, &line);
