@@ -258,6 +258,11 @@ struct TrainArgs {
     /// ONNX Runtime's intra-op threads (default: one per physical core)
     #[arg(long)]
     threads: Option<usize>,
+    /// How ONNX Runtime keeps the state between steps: two-sets (one read, one written: the
+    /// fastest), in-place (one set, each write gated on the step's acceptance: half the state's
+    /// memory, the update computed twice), auto (two sets where they fit in memory)
+    #[arg(long, value_enum, default_value = "auto")]
+    state_update: StateUpdateArg,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Keep the data order (no shuffling)
@@ -323,6 +328,12 @@ enum ScheduleArg {
 enum DeviceArg {
     Cpu,
     Cuda,
+}
+#[derive(Clone, Copy, ValueEnum)]
+enum StateUpdateArg {
+    Auto,
+    TwoSets,
+    InPlace,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -767,6 +778,11 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             DeviceArg::Cuda => runtime::Device::Cuda,
         },
         threads: a.threads,
+        state_update: match a.state_update {
+            StateUpdateArg::Auto => tr::StateUpdate::Auto,
+            StateUpdateArg::TwoSets => tr::StateUpdate::TwoSets,
+            StateUpdateArg::InPlace => tr::StateUpdate::InPlace,
+        },
     };
     let interrupted = crate::cli::signals::install();
     let run = tr::Run {

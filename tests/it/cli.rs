@@ -345,6 +345,23 @@ fn help_has_examples() {
         .stdout(predicate::str::contains("Examples:"));
 }
 
+/// Output piped into a reader that has gone (`dagr-inject train --help | head -1`) ends the
+/// process quietly, never with a panic.
+#[test]
+fn a_closed_output_pipe_is_no_panic() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dagr-inject"))
+        .args(["train", "--help"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes before the process writes (it is still starting).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn verify_passes_on_a_rewrite_and_fails_on_a_wrong_reference() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@ use dagr_inject::dagr::{Config, Task};
 use dagr_inject::onnx;
 use dagr_inject::runtime::data::Dataset;
 use dagr_inject::runtime::{Backend, Value};
-use dagr_inject::train::{checkpoint, fit, Run, Settings, Trainer};
+use dagr_inject::train::{checkpoint, fit, Run, Settings, StateUpdate, Trainer};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -85,6 +85,7 @@ fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
         backend,
         device: dagr_inject::runtime::Device::Cpu,
         threads: None,
+        state_update: StateUpdate::Auto,
     }
 }
 
@@ -113,8 +114,15 @@ fn optimizer_steps_equal_pytorch_on_both_backends() {
         };
         let base = c.model.split('.').next().unwrap();
         let data_path = root().join(format!("fixtures/optim_data_{base}.npz"));
-        for backend in BACKENDS {
+        // ONNX Runtime with two state sets and with the state updated in place.
+        let runs = [
+            (Backend::Tract, StateUpdate::TwoSets),
+            (Backend::Ort, StateUpdate::TwoSets),
+            (Backend::Ort, StateUpdate::InPlace),
+        ];
+        for (backend, update) in runs {
             let mut s = settings(opt, o["lr"].as_f64().unwrap(), backend);
+            s.state_update = update;
             s.clip_grad_norm = c.clip;
             s.batch_size = c.batch;
             if let Some(sch) = &c.schedule {
@@ -130,7 +138,7 @@ fn optimizer_steps_equal_pytorch_on_both_backends() {
                 t.step(data.batch(&batches[i % batches.len()])).unwrap();
             }
             let tag = format!(
-                "case {k} ({}, {} steps, {}) on {}",
+                "case {k} ({}, {} steps, {}) on {} ({update:?})",
                 c.model,
                 c.steps,
                 o["kind"],
@@ -195,8 +203,17 @@ fn a_rejected_step_leaves_the_state_untouched() {
         eps: 1e-8,
         weight_decay: 0.01,
     };
-    for backend in BACKENDS {
-        let fresh = || Trainer::new(&graph, settings(opt, 1e-3, backend)).unwrap();
+    let runs = [
+        (Backend::Tract, StateUpdate::TwoSets),
+        (Backend::Ort, StateUpdate::TwoSets),
+        (Backend::Ort, StateUpdate::InPlace),
+    ];
+    for (backend, update) in runs {
+        let fresh = || {
+            let mut s = settings(opt, 1e-3, backend);
+            s.state_update = update;
+            Trainer::new(&graph, s).unwrap()
+        };
         let mut t = fresh();
         let data = optim_data(&t, "av_mlp", &idx);
         let rows: Vec<usize> = (0..8).collect();
@@ -224,6 +241,28 @@ fn a_rejected_step_leaves_the_state_untouched() {
             backend.name()
         );
         assert_ne!(t.state().unwrap(), before);
+        // Finite gradients, an update that overflows (lr * weight decay * p): refused, the
+        // state as it was.
+        let mut s = settings(
+            Optimizer::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 3e38,
+            },
+            3e38,
+            backend,
+        );
+        s.state_update = update;
+        let mut t = Trainer::new(&graph, s).unwrap();
+        let before = t.state().unwrap();
+        let e = t.step(data.batch(&rows)).unwrap_err().to_string();
+        assert!(e.contains("update of"), "{e}");
+        assert_eq!(
+            t.state().unwrap(),
+            before,
+            "{} ({update:?}): a rejected update changed the state",
+            backend.name()
+        );
     }
 }
 
@@ -248,7 +287,7 @@ fn step_graph_is_standard_onnx() {
             weight_decay: 1e-4,
         },
     ] {
-        let sg = step_graph::build(&m, &rec, opt, Some(1.0)).unwrap();
+        let sg = step_graph::build(&m, &rec, opt, Some(1.0), true).unwrap();
         let p = dir.path().join("step.onnx");
         onnx::save(&sg.model, &p).unwrap();
         onnx_check(&p);
@@ -258,12 +297,62 @@ fn step_graph_is_standard_onnx() {
         }
         let slots = opt.slots().len();
         assert_eq!(sg.state.len(), rec.params.len() * (1 + slots) + 2 * rec.batchnorm.len());
+        assert!(sg.in_place, "every read of the state must come before its update");
         // It says what it is, and is not taken for a training graph.
         let saved = onnx::load(&p).unwrap();
         let report = dagr_inject::inspect::report(&saved).unwrap();
         assert_eq!(report.step.as_ref().map(|s| s.state.len()), Some(sg.state.len()));
         let e = dagr_inject::train::record_of(&saved).unwrap_err().to_string();
         assert!(e.contains("step graph"), "{e}");
+    }
+}
+
+/// A step graph in which a parameter is read after its update could be written (here: an
+/// output that copies the parameter and feeds nothing the update waits for) is not updated in
+/// place, and ONNX Runtime keeps two state sets for it; both ways give the same steps.
+#[test]
+fn the_state_is_updated_in_place_only_where_every_read_comes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = training_graph("av_mlp.legacy.onnx", &["logits".into()], dir.path());
+    let m = onnx::load(&graph).unwrap();
+    let rec = dagr_inject::train::record_of(&m).unwrap();
+    let opt = Optimizer::Sgd {
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 0.0,
+    };
+    assert!(step_graph::build(&m, &rec, opt, None, true).unwrap().in_place);
+    let mut late = m.clone();
+    let p = rec.params[0].0.clone();
+    let fact = onnx::GraphIndex::new(&m).unwrap().fact(&p).cloned().unwrap();
+    let mut copy = onnx::proto::NodeProto::new();
+    copy.op_type = "Identity".into();
+    copy.name = "late_reader".into();
+    copy.input.push(p.clone());
+    copy.output.push("late_copy".into());
+    late.graph_mut().node.push(copy);
+    late.graph_mut().output.push(fact.to_value_info("late_copy"));
+    assert!(!step_graph::build(&late, &rec, opt, None, true).unwrap().in_place);
+    let late_path = dir.path().join("late.train.onnx");
+    onnx::save(&late, &late_path).unwrap();
+    let idx = onnx::GraphIndex::new(&m).unwrap();
+    let mut s = settings(opt, 0.05, Backend::Ort);
+    s.state_update = StateUpdate::InPlace;
+    let mut a = Trainer::new(&graph, s.clone()).unwrap();
+    let mut b = Trainer::new(&late_path, s).unwrap();
+    let mut c = Trainer::new(&graph, settings(opt, 0.05, Backend::Tract)).unwrap();
+    let data = optim_data(&a, "av_mlp", &idx);
+    for k in 0..3 {
+        let rows: Vec<usize> = (4 * k..4 * k + 4).collect();
+        a.step(data.batch(&rows)).unwrap();
+        b.step(data.batch(&rows)).unwrap();
+        c.step(data.batch(&rows)).unwrap();
+    }
+    let (a, b, c) = (a.state().unwrap(), b.state().unwrap(), c.state().unwrap());
+    assert_eq!(a, b, "in place and two sets differ");
+    for (k, v) in &a {
+        let d = v.iter().zip(c[k].iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(d < 1e-5, "{k}: ONNX Runtime in place and tract differ by {d}");
     }
 }
 

@@ -53,6 +53,11 @@ pub struct StepRecord {
     pub state_check: String,
     /// Parameter names in the order of `grad_sq`.
     pub params: Vec<String>,
+    /// Every node that reads a state input runs before the node that writes its output (checked
+    /// on the graph by `state_written_last`), so a runtime executing nodes one at a time may
+    /// bind each state output to its input's buffer: one copy of the state instead of two.
+    #[serde(default)]
+    pub in_place: bool,
 }
 
 /// Checkpoint and state keys: `param/<name>`, `bn/<name>`, `m/<name>`, `v/<name>`.
@@ -72,10 +77,17 @@ pub struct StepGraph {
     pub state: Vec<StateLink>,
     /// The optimizer's per-step scalar inputs.
     pub scalars: Vec<&'static str>,
+    /// See `StepRecord::in_place`.
+    pub in_place: bool,
 }
 
-/// Fold `opt` (and clipping to `clip` if given) into the training graph `train`.
-pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>) -> Result<StepGraph> {
+/// Fold `opt` (and clipping to `clip` if given) into the training graph `train`. With
+/// `in_place`, each state output is gated (`Where(accepted, update, state)`, the update
+/// computed a second time after the acceptance test) so that it can share its input's buffer:
+/// one copy of the state instead of two, for about twice the update's element-wise passes
+/// (see `StepRecord::in_place` for whether the graph allows it). Without, the outputs are the
+/// updates, which the host discards when it rejects the step.
+pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>, in_place: bool) -> Result<StepGraph> {
     if let Some(c) = clip {
         if !(c > 0.0 && c.is_finite()) {
             return Err(Error::Config(format!(
@@ -102,12 +114,23 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     });
     let scale = clip.map(|c| clip_coefficient(&mut b, c));
 
-    let mut state = Vec::new();
+    // Every state tensor with its candidate update (the first emission), and the output the
+    // gated update goes to.
+    struct Update {
+        link: StateLink,
+        candidate: String,
+        fact: ValueFact,
+    }
+    let mut updates: Vec<Update> = Vec::new();
     let mut new_inputs: Vec<(String, ValueFact)> = Vec::new();
     let mut new_outputs: Vec<(String, ValueFact)> = vec![(
         GRAD_SQ.into(),
         ValueFact::new(dtype::FLOAT, vec![Dim::Known(rec.params.len() as _)]),
     )];
+    let mut clipped: Vec<String> = Vec::new();
+    let tiny = b.scalar((-64f64).exp2());
+    let mut parts: Vec<String> = Vec::new();
+    let mut slot_inputs_of: Vec<Vec<String>> = Vec::new();
     for (p, g) in &rec.params {
         let fact = fact_of(p);
         let g = match &scale {
@@ -124,44 +147,56 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
             })
             .collect();
         let (p_next, slots_next) = opt.emit_update(&mut b, p, &g, &slot_inputs);
-        let out = b.names.fresh(&format!("dagr/opt/next/{p}"));
-        b.op_named("Identity", &[&p_next], vec![], &out);
-        new_outputs.push((out.clone(), fact.clone()));
-        state.push(StateLink {
-            key: param_key(p),
-            input: p.clone(),
-            output: out,
+        // Each candidate is checked right after it is made, so that a runtime following the
+        // node order frees it before the next parameter's update.
+        for c in std::iter::once(&p_next).chain(&slots_next) {
+            parts.push(check_part(&mut b, c, &flat_shape, &tiny));
+        }
+        updates.push(Update {
+            link: StateLink {
+                key: param_key(p),
+                input: p.clone(),
+                output: b.names.fresh(&format!("dagr/opt/next/{p}")),
+            },
+            candidate: p_next,
+            fact: fact.clone(),
         });
-        for ((&slot, input), next) in opt.slots().iter().zip(slot_inputs).zip(slots_next) {
-            let out = b.names.fresh(&format!("{input}/next"));
-            b.op_named("Identity", &[&next], vec![], &out);
-            new_outputs.push((out.clone(), fact.clone()));
-            state.push(StateLink {
-                key: slot_key(slot, p),
-                input,
-                output: out,
+        for ((&slot, input), next) in opt.slots().iter().zip(&slot_inputs).zip(slots_next) {
+            updates.push(Update {
+                link: StateLink {
+                    key: slot_key(slot, p),
+                    input: input.clone(),
+                    output: b.names.fresh(&format!("{input}/next")),
+                },
+                candidate: next,
+                fact: fact.clone(),
             });
         }
+        clipped.push(g);
+        slot_inputs_of.push(slot_inputs);
     }
+    let mut bn_outputs: HashSet<String> = HashSet::new();
     for s in &rec.batchnorm {
         for (init, next) in [&s.mean, &s.var] {
-            state.push(StateLink {
-                key: bn_key(init),
-                input: init.clone(),
-                output: next.clone(),
+            bn_outputs.insert(next.clone());
+            parts.push(check_part(&mut b, next, &flat_shape, &tiny));
+            updates.push(Update {
+                link: StateLink {
+                    key: bn_key(init),
+                    input: init.clone(),
+                    output: b.names.fresh(&format!("dagr/opt/next/{init}")),
+                },
+                candidate: next.clone(),
+                fact: fact_of(init),
             });
         }
     }
     for s in &scalars {
         new_inputs.push((s.to_string(), ValueFact::new(dtype::FLOAT, vec![])));
     }
-    let next: Vec<&str> = state.iter().map(|l| l.output.as_str()).collect();
     let sums = b.name("check/sums");
-    let tiny = b.scalar((-64f64).exp2());
-    per_tensor(&mut b, &next, &flat_shape, &sums, |b, flat| {
-        let scaled = b.binary("Mul", flat, &tiny, "check");
-        b.reduce("ReduceSum", &scaled, Some(&[0]), true, "check")
-    });
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    b.op_named("Concat", &refs, vec![attr_int("axis", 0)], &sums);
     let nan = b.unary("IsNaN", &sums, "check");
     let inf = b.unary("IsInf", &sums, "check");
     let bad = b.binary("Or", &nan, &inf, "check");
@@ -169,11 +204,99 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     b.op_named("Identity", &[&bad], vec![], STATE_CHECK);
     new_outputs.push((
         STATE_CHECK.into(),
-        ValueFact::new(dtype::FLOAT, vec![Dim::Known(state.len() as _)]),
+        ValueFact::new(dtype::FLOAT, vec![Dim::Known(updates.len() as _)]),
     ));
+
+    if !in_place {
+        let mut state = Vec::new();
+        for u in updates {
+            if bn_outputs.contains(&u.candidate) {
+                // BatchNorm's statistics: the training graph's own outputs.
+                state.push(StateLink {
+                    output: u.candidate,
+                    ..u.link
+                });
+            } else {
+                b.op_named("Identity", &[&u.candidate], vec![], &u.link.output);
+                new_outputs.push((u.link.output.clone(), u.fact));
+                state.push(u.link);
+            }
+        }
+        b.finish(&mut model);
+        rewire(&mut model, rec, &state, new_inputs, new_outputs);
+        return finish(model, rec, opt, clip, state, scalars, false);
+    }
+
+    // The step is accepted when the loss, every squared gradient norm and every candidate update
+    // are finite: exactly the host's test. Each state output is `Where(ok, update, state)`, the
+    // update computed a second time from `Where(ok, gradient, 0)`, so that it depends on `ok`
+    // (a runtime cannot merge it with the first emission) and is written only after every reader
+    // of the old state has run: the state outputs can be bound to the state inputs' own buffers.
+    let loss_bad = {
+        let nan = b.unary("IsNaN", &rec.loss, "accept");
+        let inf = b.unary("IsInf", &rec.loss, "accept");
+        let either = b.binary("Or", &nan, &inf, "accept");
+        let f = b.cast(&either, dtype::FLOAT, "accept");
+        let one = b.const_i64(&[1]);
+        b.op("Reshape", &[&f, &one], vec![], "accept")
+    };
+    let sq_bad = {
+        let nan = b.unary("IsNaN", GRAD_SQ, "accept");
+        let inf = b.unary("IsInf", GRAD_SQ, "accept");
+        let either = b.binary("Or", &nan, &inf, "accept");
+        b.cast(&either, dtype::FLOAT, "accept")
+    };
+    let flags = b.op(
+        "Concat",
+        &[&bad, &sq_bad, &loss_bad],
+        vec![attr_int("axis", 0)],
+        "accept",
+    );
+    let worst = b.reduce("ReduceMax", &flags, None, false, "accept");
+    let zero = b.scalar(0.0);
+    let ok = b.binary("Equal", &worst, &zero, "accept");
+    let mut state = Vec::new();
+    let mut pending = updates.into_iter();
+    let mut write = |b: &mut Builder, value: &str, u: Option<Update>| -> Result<()> {
+        let u = u.ok_or_else(|| Error::Internal("a state update without its state".into()))?;
+        b.op_named("Where", &[&ok, value, &u.link.input], vec![], &u.link.output);
+        new_outputs.push((u.link.output.clone(), u.fact));
+        state.push(u.link);
+        Ok(())
+    };
+    // Parameter by parameter: the update again, and its gated writes.
+    for ((p, _), (g, slot_inputs)) in rec.params.iter().zip(clipped.iter().zip(&slot_inputs_of)) {
+        let gated = b.op("Where", &[&ok, g, &zero], vec![], "accept");
+        let (p_next, slots_next) = opt.emit_update(&mut b, p, &gated, slot_inputs);
+        for value in std::iter::once(p_next).chain(slots_next) {
+            write(&mut b, &value, pending.next())?;
+        }
+    }
+    // BatchNorm's statistics.
+    for u in pending {
+        let value = u.candidate.clone();
+        write(&mut b, &value, Some(u))?;
+    }
     b.finish(&mut model);
 
     rewire(&mut model, rec, &state, new_inputs, new_outputs);
+    // The training graph's own BatchNorm outputs are internal now (the gated ones replace them).
+    model.graph_mut().output.retain(|o| !bn_outputs.contains(&o.name));
+    dagr_onnx::index::prune(&mut model);
+    let in_place = state_written_last(&model, &state, &ok);
+    finish(model, rec, opt, clip, state, scalars, in_place)
+}
+
+/// The step graph's record in its metadata, and the check every emitted graph passes.
+fn finish(
+    mut model: Model,
+    rec: &TrainRecord,
+    opt: Optimizer,
+    clip: Option<f64>,
+    state: Vec<StateLink>,
+    scalars: Vec<&'static str>,
+    in_place: bool,
+) -> Result<StepGraph> {
     let record = StepRecord {
         optimizer: opt,
         clip_grad_norm: clip,
@@ -183,6 +306,7 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
         grad_sq: GRAD_SQ.into(),
         state_check: STATE_CHECK.into(),
         params: rec.params.iter().map(|p| p.0.clone()).collect(),
+        in_place,
     };
     model.remove_metadata(crate::training::METADATA_KEY);
     model.set_metadata(
@@ -190,7 +314,81 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
         &serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?,
     );
     dagr_onnx::infer::check(&model)?;
-    Ok(StepGraph { model, state, scalars })
+    Ok(StepGraph {
+        model,
+        state,
+        scalars,
+        in_place,
+    })
+}
+
+/// `ReduceSum(flatten(x) * 2^-64)` as a one-element vector (see `STATE_CHECK`).
+fn check_part(b: &mut Builder, x: &str, flat_shape: &str, tiny: &str) -> String {
+    let flat = b.op("Reshape", &[x, flat_shape], vec![], "flat");
+    let scaled = b.binary("Mul", &flat, tiny, "check");
+    b.reduce("ReduceSum", &scaled, Some(&[0]), true, "check")
+}
+
+/// Whether every node reading a state input is the node writing its output or one of that
+/// node's ancestors: then a runtime executing the graph node by node in a topological order
+/// reads every old value before the new one overwrites it, and the state outputs may share the
+/// inputs' buffers.
+fn state_written_last(model: &Model, state: &[StateLink], ok: &str) -> bool {
+    let nodes = &model.graph().node;
+    let mut producer: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for o in &n.output {
+            producer.insert(o.as_str(), i);
+        }
+    }
+    // The nodes reading each name (subgraphs' reads count for the node holding them).
+    let mut readers: std::collections::HashMap<&str, Vec<usize>> = std::collections::HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut names: Vec<&str> = n.input.iter().map(String::as_str).collect();
+        if n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
+            // A node with a subgraph may read any outer name: treat it as reading the state.
+            names.extend(state.iter().map(|l| l.input.as_str()));
+        }
+        for name in names {
+            readers.entry(name).or_default().push(i);
+        }
+    }
+    let ancestors = |from: usize| -> Vec<bool> {
+        let mut seen = vec![false; nodes.len()];
+        let mut stack = vec![from];
+        seen[from] = true;
+        while let Some(i) = stack.pop() {
+            for input in &nodes[i].input {
+                if let Some(&j) = producer.get(input.as_str()) {
+                    if !seen[j] {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        seen
+    };
+    // Every writer follows `ok`, so the nodes before `ok` are before every writer; only the
+    // other readers need a search from their writer.
+    let Some(&ok_node) = producer.get(ok) else {
+        return false;
+    };
+    let before_ok = ancestors(ok_node);
+    state.iter().all(|l| {
+        let Some(&writer) = producer.get(l.output.as_str()) else {
+            return false;
+        };
+        let Some(rs) = readers.get(l.input.as_str()) else {
+            return true;
+        };
+        let late: Vec<usize> = rs.iter().copied().filter(|&r| !before_ok[r]).collect();
+        if late.is_empty() {
+            return true;
+        }
+        let before = ancestors(writer);
+        late.iter().all(|&r| before[r])
+    })
 }
 
 /// `out = Concat(f(flatten(x)) for x in xs)`: one value per tensor (squared norms, checks).

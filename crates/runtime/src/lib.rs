@@ -94,7 +94,10 @@ pub trait Engine: Sync {
 
 /// A step graph to prepare: the graph at `path` on `device` with `threads` intra-op threads
 /// (the engine's default if none), its state per `links` of the `shapes` given by key, and
-/// `fetch` returned to the host each run.
+/// `fetch` returned to the host each run. `in_place`: the graph writes each state output after
+/// every read of its input and leaves the state as it was when it rejects a step (see
+/// `step_graph::StepRecord::in_place`), so an engine may keep one set of state buffers and bind
+/// each output to its input's buffer; otherwise it keeps two.
 pub struct StepSpec<'a> {
     pub path: &'a Path,
     pub device: Device,
@@ -102,6 +105,7 @@ pub struct StepSpec<'a> {
     pub links: Vec<StateLink>,
     pub shapes: &'a BTreeMap<String, Vec<usize>>,
     pub fetch: &'a [String],
+    pub in_place: bool,
 }
 
 /// A graph prepared once for repeated runs with inputs of the same shapes.

@@ -210,18 +210,20 @@ fn owned_tensor(v: Value) -> Result<ort::value::DynValue> {
     })
 }
 
-/// `runtime::Stepper` on ONNX Runtime. The state lives in two sets of tensors allocated on the
-/// session's device; `bindings[k]` reads set `k` and writes its updates into set `1 - k`, so
-/// committing a run is flipping `current`, and a run that is not committed leaves the current
-/// set untouched. Both bindings are made once; a run binds only the feed (the batch and the
-/// optimizer's scalars) and fetches the reported outputs into host memory.
+/// `runtime::Stepper` on ONNX Runtime. The state lives in tensors allocated for the session's
+/// device. With an in-place step graph (`StepSpec::in_place`) there is one set, and each state
+/// output is bound to its input's buffer: the graph itself leaves the state as it was when it
+/// rejects a step. Otherwise two sets: `bindings[k]` reads set `k` and writes its updates into
+/// set `1 - k`, so committing a run is flipping `current`, and a run that is not committed leaves
+/// the current set untouched. The bindings are made once; a run binds only the feed (the batch
+/// and the optimizer's scalars) and fetches the reported outputs into host memory.
 pub struct Stepper {
     /// Declared before `buffers`, so dropped first: on the CPU a binding's outputs point into
     /// `buffers`.
-    bindings: [ort::session::IoBinding; 2],
+    bindings: Vec<ort::session::IoBinding>,
     session: Session,
     links: Vec<super::StateLink>,
-    buffers: [Vec<Tensor<f32>>; 2],
+    buffers: Vec<Vec<Tensor<f32>>>,
     current: usize,
     ran: bool,
     fetch: Vec<String>,
@@ -237,7 +239,9 @@ impl Stepper {
             links,
             shapes,
             fetch,
+            in_place,
         } = spec;
+        let n_sets = if in_place { 1 } else { 2 };
         let cuda = device == super::Device::Cuda;
         use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
         // No memory pattern: ONNX Runtime would plan a second block of the step's whole working
@@ -259,7 +263,7 @@ impl Stepper {
         // the buffers are the process's own zeroed allocations (fresh pages the system maps
         // on first write), moved into ONNX Runtime tensors: `Tensor::new` would write zeros
         // over both sets at once, making every page resident before any value is known.
-        let mut sets: [Vec<Tensor<f32>>; 2] = [Vec::new(), Vec::new()];
+        let mut sets: Vec<Vec<Tensor<f32>>> = (0..n_sets).map(|_| Vec::new()).collect();
         for set in sets.iter_mut() {
             for l in &links {
                 let shape = shapes
@@ -287,7 +291,7 @@ impl Stepper {
             let mut b = session.create_binding().map_err(err)?;
             for (i, l) in links.iter().enumerate() {
                 b.bind_input(l.input.as_str(), &sets[reads][i]).map_err(err)?;
-                let out = &mut sets[1 - reads][i];
+                let out = &mut sets[(reads + 1) % n_sets][i];
                 if cuda {
                     b.bind_output(l.output.as_str(), out).map_err(err)?;
                 } else {
@@ -308,7 +312,7 @@ impl Stepper {
             }
             Ok(b)
         };
-        let bindings = [make_binding(0)?, make_binding(1)?];
+        let bindings = (0..n_sets).map(&mut make_binding).collect::<Result<Vec<_>>>()?;
         Ok(Stepper {
             bindings,
             session,
@@ -346,7 +350,7 @@ impl crate::StateStepper for Stepper {
 
     fn commit(&mut self) {
         if std::mem::take(&mut self.ran) {
-            self.current = 1 - self.current;
+            self.current = (self.current + 1) % self.buffers.len();
         }
     }
 

@@ -43,6 +43,29 @@ pub struct Settings {
     /// ONNX Runtime's intra-op threads (default: one per physical core).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// How ONNX Runtime keeps the state between steps (see `StateUpdate`).
+    #[serde(default)]
+    pub state_update: StateUpdate,
+}
+
+/// How the backend keeps the state (parameters, optimizer slots, BatchNorm statistics) between
+/// steps. Either way a rejected step leaves the state as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateUpdate {
+    /// Two sets where they fit in the machine's memory with the step's working set (ONNX
+    /// Runtime on the CPU), in place otherwise (and on a GPU, whose memory is not known here,
+    /// two sets).
+    #[default]
+    Auto,
+    /// Two sets of buffers, one read and one written per step, swapped when the step is
+    /// accepted: the fastest update, twice the state's memory.
+    TwoSets,
+    /// One set: the step graph gates every write on the step's acceptance and computes the
+    /// update a second time after the test, so that each output can share its input's buffer
+    /// (ONNX Runtime only, where the graph allows it: `StepRecord::in_place`); tract always
+    /// keeps two.
+    InPlace,
 }
 
 impl Settings {
@@ -272,7 +295,32 @@ impl Trainer {
             shapes.insert(step_graph::bn_key(&b), t.dims.iter().map(|&d| d as usize).collect());
             sources.insert(step_graph::bn_key(&b), Some(t));
         }
-        let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm)?;
+        let state_bytes = shapes
+            .values()
+            .map(|s| s.iter().fold(4u64, |a, &d| a.saturating_mul(d as u64)))
+            .fold(0u64, u64::saturating_add);
+        let param_bytes = pnames
+            .iter()
+            .filter_map(|p| shapes.get(&step_graph::param_key(p)))
+            .map(|s| s.iter().fold(4u64, |a, &d| a.saturating_mul(d as u64)))
+            .fold(0u64, u64::saturating_add);
+        let in_place = settings.backend == Backend::Ort
+            && match settings.state_update {
+                StateUpdate::TwoSets => false,
+                StateUpdate::InPlace => true,
+                // Two sets and the step's working set (the gradients and the update's
+                // temporaries, about twice the parameters) within 80% of what is free.
+                StateUpdate::Auto => {
+                    settings.device == Device::Cpu
+                        && onnx::limits::available_memory().is_some_and(|free| {
+                            state_bytes
+                                .saturating_mul(2)
+                                .saturating_add(param_bytes.saturating_mul(2))
+                                > free / 5 * 4
+                        })
+                }
+            };
+        let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?;
         let o = &record.dagr.outputs;
         let mut fetch: Vec<String> = vec![
             step_graph::GRAD_SQ.to_string(),
@@ -310,16 +358,17 @@ impl Trainer {
             .into_iter()
             .filter_map(|n| Some((n.clone(), idx.fact(&n)?.shape.clone()?)))
             .collect();
-        // The engine holds two sets of the state (see `runtime::Stepper`) on the host unless it
-        // computes on a device.
-        let state_bytes = shapes
-            .values()
-            .map(|s| s.iter().fold(4u64, |a, &d| a.saturating_mul(d as u64)))
-            .fold(0u64, u64::saturating_add);
+        // The engine holds the state on the host unless it computes on a device: once where
+        // ONNX Runtime updates it in place, else twice (see `runtime::Stepper`).
+        let sets = if sg.in_place && settings.backend == Backend::Ort {
+            1
+        } else {
+            2
+        };
         if settings.device == Device::Cpu {
             onnx::limits::check_alloc_hint(
-                state_bytes.saturating_mul(2),
-                "the training state (parameters and optimizer slots, held twice)",
+                state_bytes.saturating_mul(sets),
+                "the training state (parameters and optimizer slots)",
                 "train a smaller model, use SGD without momentum (no optimizer slots), or use `device` cuda",
             )?;
         }
@@ -352,6 +401,7 @@ impl Trainer {
                 links: sg.state,
                 shapes: &shapes,
                 fetch: &fetch,
+                in_place: sg.in_place,
             },
             &mut fill,
         )?;
