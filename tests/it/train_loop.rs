@@ -70,6 +70,14 @@ fn optim_data(t: &Trainer, base: &str, idx: &onnx::GraphIndex) -> Dataset {
     Dataset::load(&path, idx, &t.data_inputs(idx), None).unwrap()
 }
 
+/// Where the training loop runs: tract, and ONNX Runtime with two state sets and with the
+/// state updated in place.
+const STATE_RUNS: [(Backend, StateUpdate); 3] = [
+    (Backend::Tract, StateUpdate::TwoSets),
+    (Backend::Ort, StateUpdate::TwoSets),
+    (Backend::Ort, StateUpdate::InPlace),
+];
+
 fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
     Settings {
         epochs: 1,
@@ -114,13 +122,7 @@ fn optimizer_steps_equal_pytorch_on_both_backends() {
         };
         let base = c.model.split('.').next().unwrap();
         let data_path = root().join(format!("fixtures/optim_data_{base}.npz"));
-        // ONNX Runtime with two state sets and with the state updated in place.
-        let runs = [
-            (Backend::Tract, StateUpdate::TwoSets),
-            (Backend::Ort, StateUpdate::TwoSets),
-            (Backend::Ort, StateUpdate::InPlace),
-        ];
-        for (backend, update) in runs {
+        for (backend, update) in STATE_RUNS {
             let mut s = settings(opt, o["lr"].as_f64().unwrap(), backend);
             s.state_update = update;
             s.clip_grad_norm = c.clip;
@@ -203,12 +205,7 @@ fn a_rejected_step_leaves_the_state_untouched() {
         eps: 1e-8,
         weight_decay: 0.01,
     };
-    let runs = [
-        (Backend::Tract, StateUpdate::TwoSets),
-        (Backend::Ort, StateUpdate::TwoSets),
-        (Backend::Ort, StateUpdate::InPlace),
-    ];
-    for (backend, update) in runs {
+    for (backend, update) in STATE_RUNS {
         let fresh = || {
             let mut s = settings(opt, 1e-3, backend);
             s.state_update = update;
