@@ -158,6 +158,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--state-update", default="auto", choices=["auto", "two-sets", "in-place"],
+                    help="how `train` keeps the state (its --state-update)")
     args = ap.parse_args()
     import numpy as np
     import onnx
@@ -165,7 +167,7 @@ def main():
     torch.manual_seed(0)
     here = os.path.dirname(os.path.abspath(__file__))
     print(f"machine: {os.cpu_count()} cores; threads {args.threads}; batch {args.batch}; "
-          f"{args.steps} steps in 2 epochs")
+          f"{args.steps} steps in 2 epochs; --state-update {args.state_update}")
     for size in [float(s) for s in args.sizes.split(",")]:
         shp = shape_for(size)
         with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +216,7 @@ def main():
                 _, ours_rss, ours_wall = measured(
                     [BIN, "train", train, "--data", data, "--epochs", "2", "--batch-size", str(args.batch),
                      "--backend", "ort", "--threads", str(args.threads), "--original", src, "--out", out,
-                     "--no-shuffle", *flags])
+                     "--no-shuffle", "--state-update", args.state_update, *flags])
                 logs = epoch_logs(out)
                 # Per epoch: the wall time of its steps and the part inside the backend; the
                 # last epoch's steps are warm, as PyTorch's steps after its first.

@@ -135,7 +135,25 @@ impl Optimizer {
     /// step's `buf = d` is this with `buf = 0`); `d = d + mu buf` (Nesterov) or `d = buf`;
     /// `p - lr d`. AdamW (`torch.optim.AdamW`): `p (1 - lr wd)`; `m = b1 m + (1 - b1) g`;
     /// `v = b2 v + (1 - b2) g^2`; `p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)`.
-    pub fn emit_update(self, b: &mut Builder, p: &str, g: &str, state: &[String]) -> (String, Vec<String>) {
+    ///
+    /// With `after` (a boolean scalar), every factor of a product with the old state is first
+    /// passed through `Where(after, s, s)`: the same value, but the product now depends on
+    /// `after`, so a runtime computes it after `after` and cannot merge it with the same
+    /// product computed before (a second computation of the update, see `step_graph`).
+    pub fn emit_update(
+        self,
+        b: &mut Builder,
+        p: &str,
+        g: &str,
+        state: &[String],
+        after: Option<&str>,
+    ) -> (String, Vec<String>) {
+        let late = |b: &mut Builder, s: &str| -> String {
+            match after {
+                Some(a) => b.op("Where", &[a, s, s], vec![], "late"),
+                None => s.to_string(),
+            }
+        };
         match self {
             Optimizer::Sgd {
                 momentum,
@@ -145,12 +163,14 @@ impl Optimizer {
                 let mut d = g.to_string();
                 if weight_decay != 0.0 {
                     let wd = b.scalar(weight_decay);
+                    let wd = late(b, &wd);
                     let decay = b.binary("Mul", p, &wd, "sgd");
                     d = b.binary("Add", &d, &decay, "sgd");
                 }
                 let mut next_state = Vec::new();
                 if momentum != 0.0 {
                     let mu = b.scalar(momentum);
+                    let mu = late(b, &mu);
                     let kept = b.binary("Mul", &state[0], &mu, "sgd");
                     let buf = b.binary("Add", &kept, &d, "sgd");
                     d = if nesterov {
@@ -165,13 +185,16 @@ impl Optimizer {
                 (b.binary("Sub", p, &step, "sgd"), next_state)
             }
             Optimizer::AdamW { beta1, beta2, eps, .. } => {
-                let decayed = b.binary("Mul", p, scalar::DECAY, "adamw");
+                let decay = late(b, scalar::DECAY);
+                let decayed = b.binary("Mul", p, &decay, "adamw");
                 let b1 = b.scalar(beta1);
+                let b1 = late(b, &b1);
                 let omb1 = b.scalar(1.0 - beta1);
                 let m_kept = b.binary("Mul", &state[0], &b1, "adamw");
                 let m_new = b.binary("Mul", g, &omb1, "adamw");
                 let m = b.binary("Add", &m_kept, &m_new, "adamw");
                 let b2 = b.scalar(beta2);
+                let b2 = late(b, &b2);
                 let omb2 = b.scalar(1.0 - beta2);
                 let v_kept = b.binary("Mul", &state[1], &b2, "adamw");
                 let g2 = b.binary("Mul", g, g, "adamw");

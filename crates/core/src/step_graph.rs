@@ -146,7 +146,7 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
                 name
             })
             .collect();
-        let (p_next, slots_next) = opt.emit_update(&mut b, p, &g, &slot_inputs);
+        let (p_next, slots_next) = opt.emit_update(&mut b, p, &g, &slot_inputs, None);
         // Each candidate is checked right after it is made, so that a runtime following the
         // node order frees it before the next parameter's update.
         for c in std::iter::once(&p_next).chain(&slots_next) {
@@ -267,7 +267,7 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     // Parameter by parameter: the update again, and its gated writes.
     for ((p, _), (g, slot_inputs)) in rec.params.iter().zip(clipped.iter().zip(&slot_inputs_of)) {
         let gated = b.op("Where", &[&ok, g, &zero], vec![], "accept");
-        let (p_next, slots_next) = opt.emit_update(&mut b, p, &gated, slot_inputs);
+        let (p_next, slots_next) = opt.emit_update(&mut b, p, &gated, slot_inputs, Some(&ok));
         for value in std::iter::once(p_next).chain(slots_next) {
             write(&mut b, &value, pending.next())?;
         }

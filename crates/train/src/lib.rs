@@ -53,9 +53,9 @@ pub struct Settings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StateUpdate {
-    /// Two sets where they fit in the machine's memory with the step's working set (ONNX
-    /// Runtime on the CPU), in place otherwise (and on a GPU, whose memory is not known here,
-    /// two sets).
+    /// Two sets while they and the step's working set stay within 1.5 times what PyTorch
+    /// holds for the same training (parameters, gradients, optimizer slots and its own 0.5 GB)
+    /// and, on the CPU, within 80% of the free memory; in place beyond.
     #[default]
     Auto,
     /// Two sets of buffers, one read and one written per step, swapped when the step is
@@ -308,16 +308,19 @@ impl Trainer {
             && match settings.state_update {
                 StateUpdate::TwoSets => false,
                 StateUpdate::InPlace => true,
-                // Two sets and the step's working set (the gradients and the update's
-                // temporaries, about twice the parameters) within 80% of what is free.
                 StateUpdate::Auto => {
-                    settings.device == Device::Cpu
-                        && onnx::limits::available_memory().is_some_and(|free| {
-                            state_bytes
-                                .saturating_mul(2)
-                                .saturating_add(param_bytes.saturating_mul(2))
-                                > free / 5 * 4
-                        })
+                    // Two sets and the step's working set (the gradients and the update's
+                    // temporaries: about 1.3 times the parameters) against what PyTorch holds
+                    // for the same training (parameters, gradients, slots and about 0.5 GB of
+                    // its own): two sets while they stay within 1.5 times that and within 80%
+                    // of the free memory, in place beyond.
+                    let two_sets = state_bytes
+                        .saturating_mul(2)
+                        .saturating_add(param_bytes.saturating_mul(13) / 10);
+                    let pytorch = state_bytes.saturating_add(param_bytes).saturating_add(500 << 20);
+                    let fits = settings.device != Device::Cpu
+                        || onnx::limits::available_memory().is_none_or(|free| two_sets <= free / 5 * 4);
+                    !(fits && two_sets <= pytorch.saturating_mul(3) / 2)
                 }
             };
         let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?;
