@@ -353,6 +353,38 @@ fn the_state_is_updated_in_place_only_where_every_read_comes_first() {
     }
 }
 
+/// `--state-update auto`: two sets for a small state and for the 138M-parameter benchmark
+/// model, in place where two sets would pass 1.5x PyTorch's memory (a large model with
+/// momentum or AdamW) or not fit in the free memory.
+#[test]
+fn auto_updates_in_place_where_two_sets_cost_too_much() {
+    use dagr_inject::runtime::Device;
+    use dagr_inject::train::auto_in_place;
+    let mb = |n: u64| n << 20;
+    let gib = |n: u64| n << 30;
+    let free = Some(gib(20));
+    // (parameters, slots per parameter) -> in place?
+    for (params, slots, want) in [
+        (mb(40), 2, false),
+        (mb(552), 1, false),
+        (mb(552), 2, false),
+        (mb(2000), 0, false),
+        (mb(4000), 1, true),
+        (mb(5600), 2, true),
+    ] {
+        let state = params * (1 + slots);
+        assert_eq!(
+            auto_in_place(state, params, Device::Cpu, free),
+            want,
+            "{} MB of parameters, {slots} slots",
+            params >> 20
+        );
+    }
+    // Two sets that would not fit in the free memory.
+    assert!(auto_in_place(mb(552) * 3, mb(552), Device::Cpu, Some(gib(4))));
+    assert!(!auto_in_place(mb(552) * 3, mb(552), Device::Cuda, Some(gib(4))));
+}
+
 /// `step.onnx` works on its own, as its metadata describes it: fed the batch, the scalars and
 /// the state by the names its `StepRecord` lists, a plain run (no binding) returns the state
 /// that `train` holds after the same step.

@@ -168,6 +168,20 @@ pub struct Progress {
     pub rng: Rng,
 }
 
+/// `StateUpdate::Auto`'s choice for a state of `state_bytes` (parameters `param_bytes` of it):
+/// two sets and the step's working set (the gradients and the update's temporaries, about 1.3
+/// times the parameters) against what PyTorch holds for the same training (parameters,
+/// gradients, slots and about 0.5 GB of its own): two sets while they stay within 1.5 times
+/// that and, on the CPU, within 80% of the `free` memory; in place beyond.
+pub fn auto_in_place(state_bytes: u64, param_bytes: u64, device: Device, free: Option<u64>) -> bool {
+    let two_sets = state_bytes
+        .saturating_mul(2)
+        .saturating_add(param_bytes.saturating_mul(13) / 10);
+    let pytorch = state_bytes.saturating_add(param_bytes).saturating_add(500 << 20);
+    let fits = device != Device::Cpu || free.is_none_or(|free| two_sets <= free / 5 * 4);
+    !(fits && two_sets <= pytorch.saturating_mul(3) / 2)
+}
+
 /// The float32 initializers of the training graph that hold the named state, by name.
 fn state_initializers<'m>(model: &'m Model, names: &[String]) -> Result<Vec<(String, &'m onnx::proto::TensorProto)>> {
     let by_name: BTreeMap<&str, &onnx::proto::TensorProto> =
@@ -308,20 +322,12 @@ impl Trainer {
             && match settings.state_update {
                 StateUpdate::TwoSets => false,
                 StateUpdate::InPlace => true,
-                StateUpdate::Auto => {
-                    // Two sets and the step's working set (the gradients and the update's
-                    // temporaries: about 1.3 times the parameters) against what PyTorch holds
-                    // for the same training (parameters, gradients, slots and about 0.5 GB of
-                    // its own): two sets while they stay within 1.5 times that and within 80%
-                    // of the free memory, in place beyond.
-                    let two_sets = state_bytes
-                        .saturating_mul(2)
-                        .saturating_add(param_bytes.saturating_mul(13) / 10);
-                    let pytorch = state_bytes.saturating_add(param_bytes).saturating_add(500 << 20);
-                    let fits = settings.device != Device::Cpu
-                        || onnx::limits::available_memory().is_none_or(|free| two_sets <= free / 5 * 4);
-                    !(fits && two_sets <= pytorch.saturating_mul(3) / 2)
-                }
+                StateUpdate::Auto => auto_in_place(
+                    state_bytes,
+                    param_bytes,
+                    settings.device,
+                    onnx::limits::available_memory(),
+                ),
             };
         let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?;
         let o = &record.dagr.outputs;
