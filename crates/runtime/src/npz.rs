@@ -348,14 +348,18 @@ pub enum Entry<'a> {
 
 /// An `.npz` archive written entry by entry into a file, stored uncompressed as `numpy.savez`
 /// does; a float32 entry goes from the caller's memory to the file with no copy in between.
+///
+/// A writer dropped unfinished (an entry failed, or its caller refused a value) is left as it
+/// is, its buffer not freed: `zip`'s own drop would try to finish the archive and print its
+/// failure to stderr, and the caller discards the file anyway (see `io::write_atomic_try`).
 pub struct Writer<'f> {
-    zip: zip::ZipWriter<std::io::BufWriter<&'f mut File>>,
+    zip: std::mem::ManuallyDrop<zip::ZipWriter<std::io::BufWriter<&'f mut File>>>,
 }
 
 impl<'f> Writer<'f> {
     pub fn new(file: &'f mut File) -> Writer<'f> {
         Writer {
-            zip: zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, file)),
+            zip: std::mem::ManuallyDrop::new(zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, file))),
         }
     }
 
@@ -367,7 +371,7 @@ impl<'f> Writer<'f> {
             .start_file(format!("{name}.npy"), opts)
             .map_err(std::io::Error::other)?;
         self.zip.write_all(header)?;
-        dagr_onnx::io::write_chunked(&mut self.zip, data)
+        dagr_onnx::io::write_chunked(&mut *self.zip, data)
     }
 
     /// A float32 array (copied only where it is not in standard layout).
@@ -394,8 +398,11 @@ impl<'f> Writer<'f> {
         self.entry(name, &npy_header("|u1", &[b.len()]), b)
     }
 
-    pub fn finish(self) -> std::io::Result<()> {
-        let mut w = self.zip.finish().map_err(std::io::Error::other)?;
+    pub fn finish(mut self) -> std::io::Result<()> {
+        // SAFETY: `self.zip` is taken once, here, and `self` goes right after; dropping a
+        // `ManuallyDrop` does not touch what it holds.
+        let zip = unsafe { std::mem::ManuallyDrop::take(&mut self.zip) };
+        let mut w = zip.finish().map_err(std::io::Error::other)?;
         w.flush()
     }
 }

@@ -309,14 +309,11 @@ impl Trainer {
             shapes.insert(step_graph::bn_key(&b), t.dims.iter().map(|&d| d as usize).collect());
             sources.insert(step_graph::bn_key(&b), Some(t));
         }
-        let state_bytes = shapes
-            .values()
-            .map(|s| s.iter().fold(4u64, |a, &d| a.saturating_mul(d as u64)))
-            .fold(0u64, u64::saturating_add);
+        let state_bytes = shapes.values().map(|s| f32_bytes(s)).fold(0u64, u64::saturating_add);
         let param_bytes = pnames
             .iter()
             .filter_map(|p| shapes.get(&step_graph::param_key(p)))
-            .map(|s| s.iter().fold(4u64, |a, &d| a.saturating_mul(d as u64)))
+            .map(|s| f32_bytes(s))
             .fold(0u64, u64::saturating_add);
         let in_place = settings.backend == Backend::Ort
             && match settings.state_update {
@@ -759,11 +756,6 @@ impl Trainer {
                 };
                 let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
                 let mut at = 0u64;
-                let pad_to_page = |w: &mut std::io::BufWriter<&mut std::fs::File>, at: &mut u64| {
-                    let pad = (4096 - *at % 4096) % 4096;
-                    *at += pad;
-                    w.write_all(&vec![0u8; pad as usize])
-                };
                 self.stepper.visit_state(&mut |k, v| {
                     let Some(&i) = index.get(k) else { return Ok(()) };
                     let v = v.as_standard_layout();
@@ -798,9 +790,7 @@ impl Trainer {
                         None => src.metadata().map_err(rerr)?.len().saturating_sub(off),
                     };
                     src.seek(std::io::SeekFrom::Start(off)).map_err(rerr)?;
-                    let pad = (4096 - at % 4096) % 4096;
-                    file.write_all(&vec![0u8; pad as usize]).map_err(werr)?;
-                    at += pad;
+                    pad_to_page(file, &mut at).map_err(werr)?;
                     let copied = std::io::copy(&mut std::io::Read::take(&mut src, len), file).map_err(werr)?;
                     if copied != len {
                         return Err(Error::ExternalData {
@@ -877,6 +867,18 @@ impl Trainer {
         }
         Ok(m)
     }
+}
+
+/// Zeros up to the next multiple of 4 KiB after `at` (the offset written so far), which moves on.
+fn pad_to_page(w: &mut impl std::io::Write, at: &mut u64) -> std::io::Result<()> {
+    let pad = (4096 - *at % 4096) % 4096;
+    *at += pad;
+    w.write_all(&vec![0u8; pad as usize])
+}
+
+/// Bytes of a float32 tensor of `shape` (saturating).
+fn f32_bytes(shape: &[usize]) -> u64 {
+    shape.iter().fold(4u64, |a, &d| a.saturating_mul(d as u64))
 }
 
 /// The initializer of `m` each trained state key (`param/`, `bn/`; other keys are optimizer
