@@ -263,6 +263,11 @@ struct TrainArgs {
     /// memory, the update computed twice), auto (two sets where they fit in memory)
     #[arg(long, value_enum, default_value = "auto")]
     state_update: StateUpdateArg,
+    /// Micro-batches per step: each batch is split in K parts whose gradients are summed (each
+    /// weighted by its share of the batch) before one update; DAGR's terms are per micro-batch.
+    /// Memory of one micro-batch, plus one copy of the parameters for the sums
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    grad_accum: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Keep the data order (no shuffling)
@@ -272,7 +277,8 @@ struct TrainArgs {
     #[arg(long)]
     drop_last: bool,
     /// Output directory: checkpoint, log.jsonl, model.onnx (the trained inference model),
-    /// step.onnx (one training step as a standard ONNX graph)
+    /// step.onnx (one training step as a standard ONNX graph; with --grad-accum, the update, and
+    /// step.grad.onnx the gradient of a micro-batch)
     #[arg(long)]
     out: PathBuf,
     /// The model the training graph was built from (default: recorded in the graph)
@@ -783,6 +789,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             StateUpdateArg::TwoSets => tr::StateUpdate::TwoSets,
             StateUpdateArg::InPlace => tr::StateUpdate::InPlace,
         },
+        grad_accum: a.grad_accum,
     };
     let interrupted = crate::cli::signals::install();
     let run = tr::Run {

@@ -394,6 +394,8 @@ fn bad_settings_and_non_finite_updates_are_refused() {
         (vec!["--max-steps", "0"], "step limit"),
         (vec!["--threads", "1000000"], "thread count"),
         (vec!["--drop-last", "--batch-size", "100"], "has no batch"),
+        (vec!["--grad-accum", "0"], "micro-batches"),
+        (vec!["--batch-size", "4", "--grad-accum", "5"], "micro-batches"),
     ] {
         let e = fails(&train_args(&st, &out, "ort", &flags));
         assert!(e.contains(says), "{flags:?}: {e}");

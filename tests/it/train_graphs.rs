@@ -63,13 +63,24 @@ fn parameter_gradients_match_pytorch_on_both_backends() {
             .iter()
             .filter_map(|(n, v)| n.strip_prefix(&prefix).map(|s| (s.to_string(), v.clone())))
             .collect();
-        let mut names: Vec<String> = rec.params.iter().map(|p| p.1.clone()).collect();
-        names.push(rec.loss.clone());
-        for s in &rec.batchnorm {
-            names.push(s.mean.1.clone());
-            names.push(s.var.1.clone());
+        // Every output, in the graph's order, as a user's `run` asks for them: the gradients,
+        // loss and running statistics compared below, and the logits, DAGR's terms and the
+        // task loss (tract once failed on av_cnn's with the task loss asked before the audio
+        // gradients, see `index::merge_duplicates`).
+        let names: Vec<String> = model.graph().output.iter().map(|o| o.name.clone()).collect();
+        let wanted = rec
+            .params
+            .iter()
+            .map(|p| &p.1)
+            .chain([&rec.loss])
+            .chain(rec.batchnorm.iter().flat_map(|s| [&s.mean.1, &s.var.1]))
+            .chain(rec.pareto_alpha.iter());
+        for w in wanted {
+            assert!(
+                names.contains(w),
+                "case {k}: '{w}' is not an output of the training graph"
+            );
         }
-        names.extend(rec.pareto_alpha.clone());
         // Every trainable parameter of the PyTorch model has a gradient here, and vice versa.
         let want: Vec<&String> = fx64.keys().filter(|n| n.starts_with(&format!("{k}/grad/"))).collect();
         assert_eq!(

@@ -15,7 +15,7 @@ use super::optim::{Optimizer, Slot};
 use crate::training::TrainRecord;
 use dagr_onnx::builder::{attr_int, Builder};
 use dagr_onnx::error::{Error, Result};
-use dagr_onnx::state::StateLink;
+use dagr_onnx::state::{StateLink, StateRead};
 use dagr_onnx::{dtype, Dim, GraphIndex, Model, ValueFact};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -79,6 +79,8 @@ pub struct StepGraph {
     pub scalars: Vec<&'static str>,
     /// See `StepRecord::in_place`.
     pub in_place: bool,
+    /// State it only reads (an update graph's accumulated gradients; none in a whole step).
+    pub reads: Vec<StateRead>,
 }
 
 /// Fold `opt` (and clipping to `clip` if given) into the training graph `train`. With
@@ -88,6 +90,18 @@ pub struct StepGraph {
 /// (see `StepRecord::in_place` for whether the graph allows it). Without, the outputs are the
 /// updates, which the host discards when it rejects the step.
 pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>, in_place: bool) -> Result<StepGraph> {
+    fold(train, rec, opt, clip, in_place, Some(&rec.loss))
+}
+
+/// `build`, the loss (if any: an update graph has none) part of the acceptance test.
+fn fold(
+    train: &Model,
+    rec: &TrainRecord,
+    opt: Optimizer,
+    clip: Option<f64>,
+    in_place: bool,
+    loss: Option<&str>,
+) -> Result<StepGraph> {
     if let Some(c) = clip {
         if !(c > 0.0 && c.is_finite()) {
             return Err(Error::Config(format!(
@@ -223,8 +237,9 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
             }
         }
         b.finish(&mut model);
-        rewire(&mut model, rec, &state, new_inputs, new_outputs);
-        return finish(model, rec, opt, clip, state, scalars, false);
+        let fed: Vec<&str> = state.iter().map(|l| l.input.as_str()).collect();
+        rewire(&mut model, rec, &fed, new_inputs, new_outputs);
+        return finish(model, rec, opt, clip, state, false, loss.unwrap_or_default());
     }
 
     // The step is accepted when the loss, every squared gradient norm and every candidate update
@@ -232,26 +247,24 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     // update computed a second time from `Where(ok, gradient, 0)`, so that it depends on `ok`
     // (a runtime cannot merge it with the first emission) and is written only after every reader
     // of the old state has run: the state outputs can be bound to the state inputs' own buffers.
-    let loss_bad = {
-        let nan = b.unary("IsNaN", &rec.loss, "accept");
-        let inf = b.unary("IsInf", &rec.loss, "accept");
+    let mut flags: Vec<String> = vec![bad];
+    if let Some(loss) = loss {
+        let nan = b.unary("IsNaN", loss, "accept");
+        let inf = b.unary("IsInf", loss, "accept");
         let either = b.binary("Or", &nan, &inf, "accept");
         let f = b.cast(&either, dtype::FLOAT, "accept");
         let one = b.const_i64(&[1]);
-        b.op("Reshape", &[&f, &one], vec![], "accept")
-    };
+        flags.push(b.op("Reshape", &[&f, &one], vec![], "accept"));
+    }
     let sq_bad = {
         let nan = b.unary("IsNaN", GRAD_SQ, "accept");
         let inf = b.unary("IsInf", GRAD_SQ, "accept");
         let either = b.binary("Or", &nan, &inf, "accept");
         b.cast(&either, dtype::FLOAT, "accept")
     };
-    let flags = b.op(
-        "Concat",
-        &[&bad, &sq_bad, &loss_bad],
-        vec![attr_int("axis", 0)],
-        "accept",
-    );
+    flags.insert(1, sq_bad);
+    let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let flags = b.op("Concat", &refs, vec![attr_int("axis", 0)], "accept");
     let worst = b.reduce("ReduceMax", &flags, None, false, "accept");
     let zero = b.scalar(0.0);
     let ok = b.binary("Equal", &worst, &zero, "accept");
@@ -279,12 +292,193 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     }
     b.finish(&mut model);
 
-    rewire(&mut model, rec, &state, new_inputs, new_outputs);
+    let fed: Vec<&str> = state.iter().map(|l| l.input.as_str()).collect();
+    rewire(&mut model, rec, &fed, new_inputs, new_outputs);
     // The training graph's own BatchNorm outputs are internal now (the gated ones replace them).
     model.graph_mut().output.retain(|o| !bn_outputs.contains(&o.name));
     dagr_onnx::index::prune(&mut model);
-    let in_place = state_written_last(&model, &state, &ok);
-    finish(model, rec, opt, clip, state, scalars, in_place)
+    let in_place = state_written_last(&model, &state, Some(&ok));
+    finish(model, rec, opt, clip, state, in_place, loss.unwrap_or_default())
+}
+
+/// The boolean scalar input of a gradient graph that starts a new sum: the accumulated
+/// gradient becomes this micro-batch's instead of the sum with it.
+pub const ACC_FIRST: &str = "dagr/acc/first";
+/// The float scalar input of a gradient graph weighing its micro-batch's gradient: its share
+/// of the samples of the whole step (over every micro-batch and every process).
+pub const ACC_WEIGHT: &str = "dagr/acc/weight";
+
+/// The scratch key of a parameter's accumulated gradient (shared by the two graphs of a split
+/// step, never checkpointed).
+pub fn acc_key(p: &str) -> String {
+    format!("acc/{p}")
+}
+
+/// The graph input of a parameter's accumulated gradient, in both graphs of a split step.
+fn acc_input(p: &str) -> String {
+    format!("dagr/acc/{p}")
+}
+
+/// A training step split in two graphs sharing the state (see `build_split`).
+pub struct SplitStep {
+    pub grad: StepGraph,
+    pub update: StepGraph,
+}
+
+/// The step split into a gradient graph and an update graph, for gradient accumulation and
+/// data-parallel training: a step runs the gradient graph once per micro-batch, then (after the
+/// processes have summed their accumulated gradients) the update graph once.
+///
+/// The gradient graph is the training graph reading the parameters (state written by the update
+/// graph) and adding each gradient, times `ACC_WEIGHT`, into its scratch buffer `acc/<param>`
+/// (replacing it where `ACC_FIRST`): `acc = Where(first, w g, acc + w g)`. It writes the BatchNorm
+/// statistics as `Where(loss finite, new, old)`, so a micro-batch whose loss is not finite leaves
+/// them as they were; both writes come after every read, so the graph updates in place.
+///
+/// The update graph is `build`'s step over those sums: its gradients are the `acc/<param>`
+/// buffers it reads (the weights sum to one: the sum is the mean gradient of the step's
+/// samples), clipping, the optimizer, the checks and (with `in_place`) the gated writes as in
+/// `build`.
+pub fn build_split(
+    train: &Model,
+    rec: &TrainRecord,
+    opt: Optimizer,
+    clip: Option<f64>,
+    in_place: bool,
+) -> Result<SplitStep> {
+    let grad = gradient_graph(train, rec)?;
+    let idx = GraphIndex::new(train)?;
+    let mut update = train.clone();
+    {
+        let g = update.graph_mut();
+        g.node.clear();
+        g.input.clear();
+        g.output.clear();
+        g.initializer.clear();
+        g.sparse_initializer.clear();
+        g.value_info.clear();
+    }
+    let mut params = Vec::new();
+    let mut reads = Vec::new();
+    for (p, _) in &rec.params {
+        let fact = idx
+            .fact(p)
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("no type and shape for the parameter '{p}'")))?;
+        let acc = acc_input(p);
+        let g = update.graph_mut();
+        g.input.push(fact.to_value_info(p));
+        g.input.push(fact.to_value_info(&acc));
+        reads.push(StateRead {
+            key: acc_key(p),
+            input: acc.clone(),
+        });
+        params.push((p.clone(), acc));
+    }
+    let urec = TrainRecord {
+        params,
+        batchnorm: Vec::new(),
+        ..rec.clone()
+    };
+    let mut update = fold(&update, &urec, opt, clip, in_place, None)?;
+    update.reads = reads;
+    Ok(SplitStep { grad, update })
+}
+
+/// The gradient graph of `build_split`.
+fn gradient_graph(train: &Model, rec: &TrainRecord) -> Result<StepGraph> {
+    let mut model = train.clone();
+    let idx = GraphIndex::new(&model)?;
+    let mut b = Builder::new(&model, "dagr/acc/");
+    let accs: Vec<String> = rec.params.iter().map(|(p, _)| acc_input(p)).collect();
+    for name in accs.iter().map(String::as_str).chain([ACC_FIRST, ACC_WEIGHT]) {
+        if b.names.fresh(name) != name {
+            return Err(Error::NameTaken { name: name.to_string() });
+        }
+    }
+    let mut state = Vec::new();
+    let mut new_inputs = vec![
+        (ACC_FIRST.to_string(), ValueFact::new(dtype::BOOL, vec![])),
+        (ACC_WEIGHT.to_string(), ValueFact::new(dtype::FLOAT, vec![])),
+    ];
+    let mut new_outputs = Vec::new();
+    for ((p, g), acc) in rec.params.iter().zip(&accs) {
+        let fact = idx
+            .fact(p)
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("no type and shape for the parameter '{p}'")))?;
+        let weighted = b.binary("Mul", g, ACC_WEIGHT, "weigh");
+        let sum = b.binary("Add", acc, &weighted, "sum");
+        let out = b.names.fresh(&format!("dagr/acc/next/{p}"));
+        b.op_named("Where", &[ACC_FIRST, &weighted, &sum], vec![], &out);
+        new_inputs.push((acc.clone(), fact.clone()));
+        new_outputs.push((out.clone(), fact));
+        state.push(StateLink {
+            key: acc_key(p),
+            input: acc.clone(),
+            output: out,
+        });
+    }
+    let mut bn_outputs = HashSet::new();
+    if !rec.batchnorm.is_empty() {
+        let nan = b.unary("IsNaN", &rec.loss, "accept");
+        let inf = b.unary("IsInf", &rec.loss, "accept");
+        let either = b.binary("Or", &nan, &inf, "accept");
+        let ok = b.unary("Not", &either, "accept");
+        for s in &rec.batchnorm {
+            for (init, next) in [&s.mean, &s.var] {
+                let fact = idx
+                    .fact(init)
+                    .cloned()
+                    .ok_or_else(|| Error::Internal(format!("no type and shape for '{init}'")))?;
+                bn_outputs.insert(next.clone());
+                let out = b.names.fresh(&format!("dagr/acc/next/{init}"));
+                b.op_named("Where", &[&ok, next, init], vec![], &out);
+                new_outputs.push((out.clone(), fact));
+                state.push(StateLink {
+                    key: bn_key(init),
+                    input: init.clone(),
+                    output: out,
+                });
+            }
+        }
+    }
+    b.finish(&mut model);
+    let fed: Vec<&str> = rec
+        .params
+        .iter()
+        .map(|p| p.0.as_str())
+        .chain(state.iter().map(|l| l.input.as_str()))
+        .collect();
+    rewire(&mut model, rec, &fed, new_inputs, new_outputs);
+    model.graph_mut().output.retain(|o| !bn_outputs.contains(&o.name));
+    dagr_onnx::index::prune(&mut model);
+    // The parameters must stay inputs: a parameter the loss does not depend on is still read.
+    for (p, _) in &rec.params {
+        if !model.graph().input.iter().any(|i| &i.name == p) {
+            if let Some(f) = idx.fact(p) {
+                model.graph_mut().input.push(f.to_value_info(p));
+            }
+        }
+    }
+    let in_place = state_written_last(&model, &state, None);
+    let reads = rec
+        .params
+        .iter()
+        .map(|(p, _)| StateRead {
+            key: param_key(p),
+            input: p.clone(),
+        })
+        .collect();
+    model.remove_metadata(crate::training::METADATA_KEY);
+    dagr_onnx::infer::check(&model)?;
+    Ok(StepGraph {
+        model,
+        state,
+        scalars: Vec::new(),
+        in_place,
+        reads,
+    })
 }
 
 /// The step graph's record in its metadata, and the check every emitted graph passes.
@@ -294,15 +488,16 @@ fn finish(
     opt: Optimizer,
     clip: Option<f64>,
     state: Vec<StateLink>,
-    scalars: Vec<&'static str>,
     in_place: bool,
+    loss: &str,
 ) -> Result<StepGraph> {
+    let scalars = opt.scalar_names();
     let record = StepRecord {
         optimizer: opt,
         clip_grad_norm: clip,
         state: state.clone(),
         scalars: scalars.iter().map(|s| s.to_string()).collect(),
-        loss: rec.loss.clone(),
+        loss: loss.to_string(),
         grad_sq: GRAD_SQ.into(),
         state_check: STATE_CHECK.into(),
         params: rec.params.iter().map(|p| p.0.clone()).collect(),
@@ -319,6 +514,7 @@ fn finish(
         state,
         scalars,
         in_place,
+        reads: Vec::new(),
     })
 }
 
@@ -333,7 +529,7 @@ fn check_part(b: &mut Builder, x: &str, flat_shape: &str, tiny: &str) -> String 
 /// node's ancestors: then a runtime executing the graph node by node in a topological order
 /// reads every old value before the new one overwrites it, and the state outputs may share the
 /// inputs' buffers.
-fn state_written_last(model: &Model, state: &[StateLink], ok: &str) -> bool {
+fn state_written_last(model: &Model, state: &[StateLink], ok: Option<&str>) -> bool {
     let nodes = &model.graph().node;
     let mut producer: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
@@ -369,12 +565,15 @@ fn state_written_last(model: &Model, state: &[StateLink], ok: &str) -> bool {
         }
         seen
     };
-    // Every writer follows `ok`, so the nodes before `ok` are before every writer; only the
+    // Where every writer follows `ok`, the nodes before `ok` are before every writer; only the
     // other readers need a search from their writer.
-    let Some(&ok_node) = producer.get(ok) else {
-        return false;
+    let before_ok = match ok {
+        Some(ok) => match producer.get(ok) {
+            Some(&ok_node) => ancestors(ok_node),
+            None => return false,
+        },
+        None => vec![false; nodes.len()],
     };
-    let before_ok = ancestors(ok_node);
     state.iter().all(|l| {
         let Some(&writer) = producer.get(l.output.as_str()) else {
             return false;
@@ -430,7 +629,7 @@ fn clip_coefficient(b: &mut Builder, max_norm: f64) -> String {
 fn rewire(
     model: &mut Model,
     rec: &TrainRecord,
-    state: &[StateLink],
+    fed: &[&str],
     new_inputs: Vec<(String, ValueFact)>,
     new_outputs: Vec<(String, ValueFact)>,
 ) {
@@ -445,8 +644,8 @@ fn rewire(
     for (n, f) in new_inputs {
         g.input.push(f.to_value_info(&n));
     }
-    let fed: HashSet<&String> = state.iter().map(|s| &s.input).collect();
-    g.initializer.retain(|t| !fed.contains(&t.name));
+    let fed: HashSet<&str> = fed.iter().copied().collect();
+    g.initializer.retain(|t| !fed.contains(t.name.as_str()));
     bypass_identities(model);
     dagr_onnx::index::prune(model);
 }

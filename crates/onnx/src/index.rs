@@ -332,3 +332,172 @@ pub fn prune(model: &mut Model) {
     g.initializer
         .retain(|t| live.contains(&t.name) || g.input.iter().any(|i| i.name == t.name));
 }
+
+/// Ops whose every run draws new values: two such nodes are never the same computation.
+const RANDOM_OPS: [&str; 7] = [
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "Dropout",
+];
+
+/// Merge nodes that compute the same thing (common subexpressions): the same op of the same
+/// domain with the same attributes over the same inputs. Readers of a merged node read the
+/// first one's outputs; nodes that write graph outputs, hold subgraphs or whose outputs a
+/// subgraph reads, and random ops are kept as they are. Nodes must be in topological order (as
+/// ONNX requires). Returns the number of nodes removed.
+///
+/// The training graphs and step graphs repeat small computations where rules meet the same
+/// tensor (a label's Unsqueeze per head, a Shape per reader); tract 0.23's own merging of such
+/// repeats can route a reader to a node it has just removed, so the tract backend merges them
+/// first.
+pub fn merge_duplicates(model: &mut Model) -> usize {
+    let g = model.graph_mut();
+    let outputs: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    // Names read from inside subgraphs keep their producers (renaming would have to reach into
+    // the subgraphs).
+    let mut captured: HashSet<String> = HashSet::new();
+    for n in &g.node {
+        if n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
+            captured.extend(node_reads(n));
+        }
+    }
+    let mut rename: HashMap<String, String> = HashMap::new();
+    // The outputs of the first node of each computation.
+    let mut seen: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
+    let mut keep = vec![true; g.node.len()];
+    for (i, n) in g.node.iter_mut().enumerate() {
+        for input in n.input.iter_mut() {
+            if let Some(r) = rename.get(input.as_str()) {
+                *input = r.clone();
+            }
+        }
+        let mergeable = !n.output.is_empty()
+            && !RANDOM_OPS.contains(&n.op_type.as_str())
+            && !n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty())
+            && !n
+                .output
+                .iter()
+                .any(|o| outputs.contains(o) || captured.contains(o) || o.is_empty());
+        if !mergeable {
+            continue;
+        }
+        let mut attrs: Vec<&crate::proto::AttributeProto> = n.attribute.iter().collect();
+        attrs.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut key: Vec<u8> = Vec::new();
+        for part in [&n.domain, &n.op_type].into_iter().chain(n.input.iter()) {
+            key.extend_from_slice(part.as_bytes());
+            key.push(0);
+        }
+        key.extend_from_slice(&(n.output.len() as u64).to_le_bytes());
+        let mut described = true;
+        for a in attrs {
+            match protobuf::Message::write_to_bytes(a) {
+                Ok(bytes) => {
+                    key.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+                    key.extend_from_slice(&bytes);
+                }
+                Err(_) => described = false,
+            }
+        }
+        if !described {
+            continue;
+        }
+        match seen.get(&key) {
+            Some(first) => {
+                keep[i] = false;
+                rename.extend(n.output.iter().cloned().zip(first.iter().cloned()));
+            }
+            None => {
+                seen.insert(key, n.output.clone());
+            }
+        }
+    }
+    let removed = keep.iter().filter(|k| !**k).count();
+    let mut k = keep.iter();
+    g.node.retain(|_| k.next().copied().unwrap_or(true));
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{GraphProto, ModelProto, NodeProto, ValueInfoProto};
+
+    fn node(op: &str, inputs: &[&str], output: &str, attr: Option<i64>) -> NodeProto {
+        let mut n = NodeProto::new();
+        n.op_type = op.into();
+        n.name = format!("{output}/{op}");
+        n.input = inputs.iter().map(|s| s.to_string()).collect();
+        n.output = vec![output.to_string()];
+        if let Some(v) = attr {
+            n.attribute.push(crate::builder::attr_int("axis", v));
+        }
+        n
+    }
+
+    fn model(nodes: Vec<NodeProto>, outputs: &[&str]) -> Model {
+        let mut g = GraphProto::new();
+        g.node = nodes;
+        for o in outputs {
+            let mut v = ValueInfoProto::new();
+            v.name = o.to_string();
+            g.output.push(v);
+        }
+        let mut p = ModelProto::new();
+        p.graph = Some(g).into();
+        Model {
+            proto: p,
+            base_dir: ".".into(),
+            source: None,
+        }
+    }
+
+    /// Three heads unsqueeze the same labels and compare them alike: one chain is left, every
+    /// reader reads it; different attributes, random ops and graph outputs stay apart.
+    #[test]
+    fn repeated_computations_are_merged_once() {
+        let mut m = model(
+            vec![
+                node("Unsqueeze", &["label", "axes"], "u0", None),
+                node("Unsqueeze", &["label", "axes"], "u1", None),
+                node("Unsqueeze", &["label", "axes"], "u2", None),
+                node("Less", &["u0", "zero"], "l0", None),
+                node("Less", &["u1", "zero"], "l1", None),
+                node("Less", &["u2", "zero"], "l2", None),
+                node("Concat", &["l0", "l1", "l2"], "all", Some(0)),
+                node("Concat", &["l0", "l1", "l2"], "other_axis", Some(1)),
+                node("Concat", &["l0", "l1", "l2"], "out_again", Some(0)),
+                node("RandomUniformLike", &["label"], "r0", None),
+                node("RandomUniformLike", &["label"], "r1", None),
+                node("Concat", &["all", "other_axis", "r0", "r1", "out_again"], "y", Some(0)),
+            ],
+            &["y", "out_again"],
+        );
+        assert_eq!(merge_duplicates(&mut m), 4);
+        let g = m.graph();
+        let ops: Vec<(&str, Vec<&str>)> = g
+            .node
+            .iter()
+            .map(|n| (n.output[0].as_str(), n.input.iter().map(String::as_str).collect()))
+            .collect();
+        assert_eq!(
+            ops,
+            vec![
+                ("u0", vec!["label", "axes"]),
+                ("l0", vec!["u0", "zero"]),
+                ("all", vec!["l0", "l0", "l0"]),
+                ("other_axis", vec!["l0", "l0", "l0"]),
+                ("out_again", vec!["l0", "l0", "l0"]),
+                ("r0", vec!["label"]),
+                ("r1", vec!["label"]),
+                ("y", vec!["all", "other_axis", "r0", "r1", "out_again"]),
+            ]
+        );
+        // Nothing left to merge.
+        assert_eq!(merge_duplicates(&mut m), 0);
+    }
+}

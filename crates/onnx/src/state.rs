@@ -9,3 +9,11 @@ pub struct StateLink {
     pub input: String,
     pub output: String,
 }
+
+/// A piece of state that a graph only reads, from `input` (another graph sharing the state
+/// writes it: the parameters a gradient graph reads and an update graph writes).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StateRead {
+    pub key: String,
+    pub input: String,
+}

@@ -8,7 +8,7 @@ pub mod npz;
 pub mod ort_backend;
 pub mod tract_backend;
 
-pub use dagr_onnx::state::StateLink;
+pub use dagr_onnx::state::{StateLink, StateRead};
 
 use dagr_onnx::error::{Error, Result};
 use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD};
@@ -92,20 +92,59 @@ pub trait Engine: Sync {
     fn stepper(&self, spec: StepSpec<'_>, fill: &mut Fill<'_>) -> Result<Box<dyn StateStepper>>;
 }
 
-/// A step graph to prepare: the graph at `path` on `device` with `threads` intra-op threads
-/// (the engine's default if none), its state per `links` of the `shapes` given by key, and
-/// `fetch` returned to the host each run. `in_place`: the graph writes each state output after
-/// every read of its input and leaves the state as it was when it rejects a step (see
-/// `step_graph::StepRecord::in_place`), so an engine may keep one set of state buffers and bind
-/// each output to its input's buffer; otherwise it keeps two.
+/// The graphs of a training step to prepare, sharing one state: on `device` with `threads`
+/// intra-op threads (the engine's default if none), every state tensor of the `shapes` given by
+/// key. One graph (the whole step), or a gradient graph and an update graph (gradient
+/// accumulation, data-parallel training): each key is written by at most one graph and may be
+/// read by the others. `scratch` keys are working buffers shared by the graphs (accumulated
+/// gradients), not state: zeroed at first, never filled, visited, set or checkpointed.
 pub struct StepSpec<'a> {
-    pub path: &'a Path,
+    pub graphs: Vec<GraphSpec<'a>>,
     pub device: Device,
     pub threads: Option<usize>,
-    pub links: Vec<StateLink>,
     pub shapes: &'a BTreeMap<String, Vec<usize>>,
+    pub scratch: Vec<String>,
+}
+
+/// One graph of a `StepSpec`: the graph at `path`, the state it reads and writes (`links`) and
+/// only reads (`reads`), and `fetch` returned to the host each run. `in_place`: the graph writes
+/// each state output after every read of its input and leaves the state as it was when it
+/// rejects a step (see `step_graph::StepRecord::in_place`), so an engine may keep one set of
+/// buffers for the keys it writes and bind each output to its input's buffer; otherwise it keeps
+/// two, the written set becoming current on `commit`.
+pub struct GraphSpec<'a> {
+    pub path: &'a Path,
+    pub links: Vec<StateLink>,
+    pub reads: Vec<StateRead>,
     pub fetch: &'a [String],
     pub in_place: bool,
+}
+
+impl StepSpec<'_> {
+    /// The graph writing each key (checked: at most one), and every key any graph uses.
+    pub fn writers(&self) -> Result<BTreeMap<&str, usize>> {
+        let mut writer: BTreeMap<&str, usize> = BTreeMap::new();
+        for (gi, g) in self.graphs.iter().enumerate() {
+            for l in &g.links {
+                if writer.insert(l.key.as_str(), gi).is_some() {
+                    return Err(Error::Internal(format!("two graphs write the state '{}'", l.key)));
+                }
+            }
+        }
+        for g in &self.graphs {
+            for key in g.links.iter().map(|l| &l.key).chain(g.reads.iter().map(|r| &r.key)) {
+                if !self.shapes.contains_key(key) {
+                    return Err(Error::Internal(format!("no shape for the state '{key}'")));
+                }
+            }
+            for r in &g.reads {
+                if !writer.contains_key(r.key.as_str()) && !self.scratch.contains(&r.key) {
+                    return Err(Error::Internal(format!("no graph writes the state '{}'", r.key)));
+                }
+            }
+        }
+        Ok(writer)
+    }
 }
 
 /// A graph prepared once for repeated runs with inputs of the same shapes.
@@ -116,8 +155,9 @@ pub trait Prepared {
 /// A graph run again and again whose state stays with the engine between runs; a run's state
 /// update takes effect only on `commit`.
 pub trait StateStepper {
-    /// Run once with `feed` (every input that is not state); returns the fetched outputs.
-    fn run(&mut self, feed: Tensors) -> Result<Tensors>;
+    /// Run graph `graph` of the spec once with `feed` (every input that is not state); returns
+    /// the fetched outputs.
+    fn run(&mut self, graph: usize, feed: Tensors) -> Result<Tensors>;
     /// Make the last run's state updates the current state.
     fn commit(&mut self);
     /// Each tensor of the current state in turn, in key order, as a host view: no copy on the CPU;
@@ -194,29 +234,19 @@ pub type StateValues = BTreeMap<String, ArrayD<f32>>;
 /// state.
 pub type Fill<'a> = dyn FnMut(&str, ArrayViewMutD<'_, f32>) -> Result<()> + 'a;
 
-/// The indices of `links` in the order of their keys (the order `visit_state` follows).
-pub fn key_order(links: &[StateLink]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..links.len()).collect();
-    order.sort_by(|&a, &b| links[a].key.cmp(&links[b].key));
-    order
-}
-
 impl Stepper {
     /// Prepare the step graph `spec` describes (an error where its `device` cannot be used;
     /// `threads`: intra-op threads, the engine's default being the physical cores); `fill`
     /// writes each state tensor's initial value (see `Fill`).
     pub fn new(backend: Backend, spec: StepSpec<'_>, fill: &mut Fill<'_>) -> Result<Stepper> {
-        for l in &spec.links {
-            if !spec.shapes.contains_key(&l.key) {
-                return Err(Error::Internal(format!("no shape for the state '{}'", l.key)));
-            }
-        }
+        spec.writers()?;
         Ok(Stepper(backend.engine().stepper(spec, fill)?))
     }
 
-    /// Run once with `feed` (every input that is not state); returns the fetched outputs.
-    pub fn run(&mut self, feed: Tensors) -> Result<Tensors> {
-        self.0.run(feed)
+    /// Run graph `graph` once with `feed` (every input that is not state); returns the fetched
+    /// outputs.
+    pub fn run(&mut self, graph: usize, feed: Tensors) -> Result<Tensors> {
+        self.0.run(graph, feed)
     }
 
     /// Make the last run's state updates the current state.

@@ -211,88 +211,172 @@ fn owned_tensor(v: Value) -> Result<ort::value::DynValue> {
 }
 
 /// `runtime::Stepper` on ONNX Runtime. The state lives in tensors allocated for the session's
-/// device. With an in-place step graph (`StepSpec::in_place`) there is one set, and each state
-/// output is bound to its input's buffer: the graph itself leaves the state as it was when it
-/// rejects a step. Otherwise two sets: `bindings[k]` reads set `k` and writes its updates into
-/// set `1 - k`, so committing a run is flipping `current`, and a run that is not committed leaves
-/// the current set untouched. The bindings are made once; a run binds only the feed (the batch
-/// and the optimizer's scalars) and fetches the reported outputs into host memory.
+/// device, one or two per key. Keys written by an in-place graph (`GraphSpec::in_place`) and
+/// scratch keys have one buffer, each output bound to its input's buffer: the graph itself leaves
+/// the state as it was when it rejects a step. Keys written by another graph have two: a run
+/// reads set `current[g]` of graph `g`'s keys and writes into the other, so committing the run
+/// is flipping `current[g]`, and a run that is not committed leaves the current set untouched.
+/// A binding per graph and combination of current sets is made once, when first needed; a run
+/// binds only the feed (the batch and the optimizer's scalars) and fetches the reported outputs
+/// into host memory.
 pub struct Stepper {
     /// Declared before `buffers`, so dropped first: on the CPU a binding's outputs point into
     /// `buffers`.
-    bindings: Vec<ort::session::IoBinding>,
-    session: Session,
-    links: Vec<super::StateLink>,
-    buffers: Vec<Vec<Tensor<f32>>>,
-    current: usize,
-    ran: bool,
-    fetch: Vec<String>,
+    bindings: std::collections::HashMap<(usize, Vec<usize>), ort::session::IoBinding>,
+    sessions: Vec<Session>,
+    graphs: Vec<StepGraph>,
+    /// By key: one buffer, or two (see above).
+    buffers: BTreeMap<String, Vec<Tensor<f32>>>,
+    /// The graph writing each key.
+    writer: BTreeMap<String, usize>,
+    scratch: std::collections::BTreeSet<String>,
+    /// The current set of each graph's double-buffered keys.
+    current: Vec<usize>,
+    /// The graph whose run is not committed yet.
+    ran: Option<usize>,
     cuda: bool,
 }
 
+/// What a `Stepper` keeps of a `GraphSpec`.
+struct StepGraph {
+    links: Vec<super::StateLink>,
+    reads: Vec<super::StateRead>,
+    fetch: Vec<String>,
+    /// Whether the keys it writes have two buffers each.
+    double: bool,
+}
+
+use std::collections::BTreeMap;
+
 impl Stepper {
     pub fn new(spec: super::StepSpec<'_>, fill: &mut super::Fill<'_>) -> Result<Stepper> {
+        let writer: BTreeMap<String, usize> = spec.writers()?.into_iter().map(|(k, g)| (k.to_string(), g)).collect();
         let super::StepSpec {
-            path,
+            graphs,
             device,
             threads,
-            links,
             shapes,
-            fetch,
-            in_place,
+            scratch,
         } = spec;
-        let n_sets = if in_place { 1 } else { 2 };
         let cuda = device == super::Device::Cuda;
         use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
         // No memory pattern: ONNX Runtime would plan a second block of the step's whole working
         // set beside the arena (measured on a 138M-parameter step graph: peak RSS 0.75 GB higher
         // and the step 20% slower with it).
-        let session = builder(cuda, threads)?
-            .with_memory_pattern(false)
-            .map_err(err)?
-            .commit_from_file(path)
-            .map_err(err)?;
+        let sessions = graphs
+            .iter()
+            .map(|g| {
+                builder(cuda, threads)?
+                    .with_memory_pattern(false)
+                    .map_err(err)?
+                    .commit_from_file(g.path)
+                    .map_err(err)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let allocator = if cuda {
             let info =
                 MemoryInfo::new(AllocationDevice::CUDA, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
-            Allocator::new(&session, info).map_err(err)?
+            Allocator::new(&sessions[0], info).map_err(err)?
         } else {
             Allocator::default()
         };
-        // Set 0 is written by `fill` now; set 1 is first written by the first run. On the CPU
-        // the buffers are the process's own zeroed allocations (fresh pages the system maps
-        // on first write), moved into ONNX Runtime tensors: `Tensor::new` would write zeros
-        // over both sets at once, making every page resident before any value is known.
-        let mut sets: Vec<Vec<Tensor<f32>>> = (0..n_sets).map(|_| Vec::new()).collect();
-        for set in sets.iter_mut() {
-            for l in &links {
-                let shape = shapes
-                    .get(&l.key)
-                    .ok_or_else(|| err(format!("no shape for the state '{}'", l.key)))?;
+        let scratch: std::collections::BTreeSet<String> = scratch.into_iter().collect();
+        let sets_of = |key: &str| -> usize {
+            match writer.get(key) {
+                Some(&g) if !graphs[g].in_place && !scratch.contains(key) => 2,
+                _ => 1,
+            }
+        };
+        // Set 0 is written by `fill` now (scratch keys: zeros); set 1 is first written by the
+        // first run. On the CPU the buffers are the process's own zeroed allocations (fresh
+        // pages the system maps on first write), moved into ONNX Runtime tensors: `Tensor::new`
+        // would write zeros over both sets at once, making every page resident before any value
+        // is known.
+        let mut buffers: BTreeMap<String, Vec<Tensor<f32>>> = BTreeMap::new();
+        let keys: std::collections::BTreeSet<&String> = graphs
+            .iter()
+            .flat_map(|g| g.links.iter().map(|l| &l.key).chain(g.reads.iter().map(|r| &r.key)))
+            .collect();
+        for key in keys {
+            let shape = shapes
+                .get(key)
+                .ok_or_else(|| err(format!("no shape for the state '{key}'")))?;
+            let mut set = Vec::new();
+            for _ in 0..sets_of(key) {
                 set.push(if cuda {
                     Tensor::<f32>::new(&allocator, shape.clone()).map_err(err)?
                 } else {
                     Tensor::from_array(ndarray::ArrayD::<f32>::zeros(shape.clone())).map_err(err)?
                 });
             }
-        }
-        for (l, t) in links.iter().zip(sets[0].iter_mut()) {
+            let t = &mut set[0];
             if cuda {
-                let mut host = ndarray::ArrayD::<f32>::zeros(shapes[&l.key].clone());
-                fill(&l.key, host.view_mut())?;
+                let mut host = ndarray::ArrayD::<f32>::zeros(shape.clone());
+                if !scratch.contains(key) {
+                    fill(key, host.view_mut())?;
+                }
                 Tensor::from_array(host).map_err(err)?.copy_into(&mut *t).map_err(err)?;
-            } else {
-                fill(&l.key, t.try_extract_array_mut::<f32>().map_err(err)?)?;
+            } else if !scratch.contains(key) {
+                fill(key, t.try_extract_array_mut::<f32>().map_err(err)?)?;
             }
+            buffers.insert(key.clone(), set);
         }
-        let host =
-            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
-        let mut make_binding = |reads: usize| -> Result<ort::session::IoBinding> {
-            let mut b = session.create_binding().map_err(err)?;
-            for (i, l) in links.iter().enumerate() {
-                b.bind_input(l.input.as_str(), &sets[reads][i]).map_err(err)?;
-                let out = &mut sets[(reads + 1) % n_sets][i];
-                if cuda {
+        Ok(Stepper {
+            bindings: Default::default(),
+            sessions,
+            current: vec![0; graphs.len()],
+            graphs: graphs
+                .into_iter()
+                .map(|g| StepGraph {
+                    double: !g.in_place && g.links.iter().any(|l| !scratch.contains(&l.key)),
+                    links: g.links,
+                    reads: g.reads,
+                    fetch: g.fetch.to_vec(),
+                })
+                .collect(),
+            buffers,
+            writer,
+            scratch,
+            ran: None,
+            cuda,
+        })
+    }
+
+    /// Which of its buffers holds the current value of `key`.
+    fn current_of(&self, key: &str) -> usize {
+        let n = self.buffers.get(key).map_or(1, Vec::len);
+        self.writer.get(key).map_or(0, |&g| self.current[g] % n)
+    }
+
+    /// The binding of graph `gi` for the current sets, made the first time it is needed.
+    fn binding(&mut self, gi: usize) -> Result<&mut ort::session::IoBinding> {
+        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+        let id = (gi, self.current.clone());
+        if !self.bindings.contains_key(&id) {
+            let host =
+                MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
+            let mut b = self.sessions[gi].create_binding().map_err(err)?;
+            let g = &self.graphs[gi];
+            let reads: Vec<(String, String, usize)> = g
+                .reads
+                .iter()
+                .map(|r| (r.input.clone(), r.key.clone(), self.current_of(&r.key)))
+                .collect();
+            let links: Vec<(super::StateLink, usize)> =
+                g.links.iter().map(|l| (l.clone(), self.current_of(&l.key))).collect();
+            let fetch = g.fetch.clone();
+            for (input, key, cur) in &reads {
+                b.bind_input(input.as_str(), &self.buffers[key][*cur]).map_err(err)?;
+            }
+            for (l, cur) in &links {
+                let set = self
+                    .buffers
+                    .get_mut(&l.key)
+                    .ok_or_else(|| err(format!("no buffer for the state '{}'", l.key)))?;
+                b.bind_input(l.input.as_str(), &set[*cur]).map_err(err)?;
+                let n = set.len();
+                let out = &mut set[(cur + 1) % n];
+                if self.cuda {
                     b.bind_output(l.output.as_str(), out).map_err(err)?;
                 } else {
                     // `ort` binds as outputs only tensors it allocated; a tensor over the same
@@ -307,79 +391,84 @@ impl Stepper {
                     b.bind_output(l.output.as_str(), view).map_err(err)?;
                 }
             }
-            for f in fetch {
+            for f in &fetch {
                 b.bind_output_to_device(f.as_str(), &host).map_err(err)?;
             }
-            Ok(b)
-        };
-        let bindings = (0..n_sets).map(&mut make_binding).collect::<Result<Vec<_>>>()?;
-        Ok(Stepper {
-            bindings,
-            session,
-            links,
-            buffers: sets,
-            current: 0,
-            ran: false,
-            fetch: fetch.to_vec(),
-            cuda,
-        })
+            self.bindings.insert(id.clone(), b);
+        }
+        self.bindings.get_mut(&id).ok_or_else(|| err("a binding was not kept"))
     }
 }
 
 impl crate::StateStepper for Stepper {
-    fn run(&mut self, feed: Tensors) -> Result<Tensors> {
-        self.ran = false;
-        let binding = &mut self.bindings[self.current];
+    fn run(&mut self, graph: usize, feed: Tensors) -> Result<Tensors> {
+        self.ran = None;
+        if graph >= self.graphs.len() {
+            return Err(err(format!("the step has no graph {graph}")));
+        }
+        let binding = self.binding(graph)?;
         for (name, v) in feed {
             let t = owned_tensor(v)?;
             binding
                 .bind_input(name.as_str(), &t)
                 .map_err(|e| err(format!("cannot feed '{name}': {e}")))?;
         }
-        let res = self.session.run_binding(binding).map_err(err)?;
+        let id = (graph, self.current.clone());
+        let binding = self.bindings.get(&id).ok_or_else(|| err("a binding was not kept"))?;
+        let res = self.sessions[graph].run_binding(binding).map_err(err)?;
         let mut out = Tensors::new();
-        for name in &self.fetch {
+        for name in &self.graphs[graph].fetch {
             let v = res
                 .get(name.as_str())
                 .ok_or_else(|| err(format!("the model has no output '{name}'")))?;
             out.insert(name.clone(), to_host_value(name, v)?);
         }
-        self.ran = true;
+        self.ran = Some(graph);
         Ok(out)
     }
 
     fn commit(&mut self) {
-        if std::mem::take(&mut self.ran) {
-            self.current = (self.current + 1) % self.buffers.len();
+        if let Some(g) = self.ran.take() {
+            if self.graphs[g].double {
+                self.current[g] ^= 1;
+            }
         }
     }
 
     fn visit_state(&self, f: &mut dyn FnMut(&str, ndarray::ArrayViewD<'_, f32>) -> Result<()>) -> Result<()> {
-        for i in super::key_order(&self.links) {
-            let (l, t) = (&self.links[i], &self.buffers[self.current][i]);
+        for (key, set) in &self.buffers {
+            if self.scratch.contains(key) {
+                continue;
+            }
+            let t = &set[self.current_of(key)];
             if self.cuda {
                 let host = t.to(ort::memory::AllocationDevice::CPU, 0).map_err(err)?;
-                f(&l.key, host.try_extract_array::<f32>().map_err(err)?)?;
+                f(key, host.try_extract_array::<f32>().map_err(err)?)?;
             } else {
-                f(&l.key, t.try_extract_array::<f32>().map_err(err)?)?;
+                f(key, t.try_extract_array::<f32>().map_err(err)?)?;
             }
         }
         Ok(())
     }
 
     /// The shape of each state tensor, by key (read from the buffers, no copy).
-    fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
-        self.links
+    fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.buffers
             .iter()
-            .zip(&self.buffers[self.current])
-            .map(|(l, t)| (l.key.clone(), t.shape().iter().map(|&d| d as usize).collect()))
+            .filter(|(k, _)| !self.scratch.contains(*k))
+            .map(|(k, set)| (k.clone(), set[0].shape().iter().map(|&d| d as usize).collect()))
             .collect()
     }
 
     /// Overwrite the current state with `values` (by key; shapes already checked).
     fn set_state(&mut self, values: &super::StateValues) -> Result<()> {
-        for (l, t) in self.links.iter().zip(self.buffers[self.current].iter_mut()) {
-            let Some(a) = values.get(&l.key) else { continue };
+        for (key, a) in values {
+            if self.scratch.contains(key) {
+                continue;
+            }
+            let cur = self.current_of(key);
+            let Some(set) = self.buffers.get_mut(key) else { continue };
+            let t = &mut set[cur];
             if self.cuda {
                 let host = Tensor::from_array(a.as_standard_layout().into_owned()).map_err(err)?;
                 host.copy_into(&mut *t).map_err(err)?;
@@ -387,7 +476,7 @@ impl crate::StateStepper for Stepper {
                 t.try_extract_array_mut::<f32>().map_err(err)?.assign(a);
             }
         }
-        self.ran = false;
+        self.ran = None;
         Ok(())
     }
 }

@@ -63,29 +63,33 @@ impl Prepared {
 
     /// As `new`, from the type and shape of every input that will be fed (no values).
     pub fn with_facts(path: &Path, example: &Facts, outputs: &[String]) -> Result<Prepared> {
-        let onnx_model = dagr_onnx::load(path)?;
+        let mut onnx_model = dagr_onnx::load(path)?;
+        let external = !dagr_onnx::io::external_tensors(&onnx_model.proto).is_empty();
+        // Repeated computations merged here: tract's own merging of them can leave a reader on
+        // a removed node (see `index::merge_duplicates`). A model with external data is read
+        // by tract from its file (its data resolved there), as it is.
+        let merged = !external && dagr_onnx::index::merge_duplicates(&mut onnx_model) > 0;
         // Only initializers that are also graph inputs can be overridden (as in ONNX Runtime).
         let graph_inputs: std::collections::HashSet<&String> =
             onnx_model.graph().input.iter().map(|i| &i.name).collect();
-        let fed: Vec<&String> = onnx_model
+        let fed: std::collections::HashSet<String> = onnx_model
             .graph()
             .initializer
             .iter()
             .map(|t| &t.name)
             .filter(|n| example.contains_key(*n) && graph_inputs.contains(n))
+            .cloned()
             .collect();
-        let mut model = if fed.is_empty() {
+        let mut model = if fed.is_empty() && !merged {
             tract_onnx::onnx().model_for_path(path).map_err(err)?
         } else {
-            if !dagr_onnx::io::external_tensors(&onnx_model.proto).is_empty() {
+            if external {
                 return Err(err(
                     "feeding parameters of a model with external data is not supported on tract; use `backend` ort",
                 ));
             }
-            let fed: std::collections::HashSet<String> = fed.into_iter().cloned().collect();
-            let mut m = onnx_model.clone();
-            m.graph_mut().initializer.retain(|t| !fed.contains(&t.name));
-            let bytes = m.to_bytes()?;
+            onnx_model.graph_mut().initializer.retain(|t| !fed.contains(&t.name));
+            let bytes = onnx_model.to_bytes()?;
             tract_onnx::onnx().model_for_read(&mut bytes.as_slice()).map_err(err)?
         };
         let outlets = model.input_outlets().map_err(err)?.to_vec();
@@ -177,58 +181,91 @@ pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors>
 }
 
 /// `runtime::Stepper` on tract: the state is kept in host memory (tract's device) as tract's
-/// own reference-counted tensors, fed to each run and taken from its outputs without a copy;
-/// one plan per set of feed shapes (a last, partial batch gets its own).
+/// own reference-counted tensors, by key, fed to each run and taken from its outputs without a
+/// copy; one plan per graph and set of feed shapes (a last, partial batch gets its own).
 pub struct Stepper {
+    graphs: Vec<StepGraph>,
+    state: std::collections::BTreeMap<String, TValue>,
+    scratch: std::collections::BTreeSet<String>,
+    /// The last run's state updates, by key, until `commit`.
+    pending: Option<Vec<(String, TValue)>>,
+}
+
+/// What a `Stepper` keeps of a `GraphSpec`, and its plans.
+struct StepGraph {
     path: std::path::PathBuf,
     links: Vec<super::StateLink>,
-    /// By input name.
-    state: std::collections::HashMap<String, TValue>,
-    pending: Option<Vec<(String, TValue)>>,
+    /// The key of each state input, by input name.
+    key_of: std::collections::HashMap<String, String>,
     fetch: Vec<String>,
     plans: std::collections::HashMap<Vec<Vec<usize>>, Prepared>,
 }
 
 impl Stepper {
-    pub fn new(
-        path: &Path,
-        links: Vec<super::StateLink>,
-        shapes: &std::collections::BTreeMap<String, Vec<usize>>,
-        fill: &mut super::Fill<'_>,
-        fetch: &[String],
-    ) -> Result<Stepper> {
-        let mut state = std::collections::HashMap::new();
-        for l in &links {
-            let shape = shapes
-                .get(&l.key)
-                .ok_or_else(|| err(format!("no shape for the state '{}'", l.key)))?;
-            let mut a = tract_ndarray::ArrayD::<f32>::zeros(shape.clone());
-            fill(&l.key, a.view_mut())?;
-            state.insert(l.input.clone(), a.into_tvalue());
+    pub fn new(spec: crate::StepSpec<'_>, fill: &mut super::Fill<'_>) -> Result<Stepper> {
+        spec.writers()?;
+        let scratch: std::collections::BTreeSet<String> = spec.scratch.iter().cloned().collect();
+        let mut state = std::collections::BTreeMap::new();
+        for g in &spec.graphs {
+            for key in g.links.iter().map(|l| &l.key).chain(g.reads.iter().map(|r| &r.key)) {
+                if state.contains_key(key) {
+                    continue;
+                }
+                let shape = spec
+                    .shapes
+                    .get(key)
+                    .ok_or_else(|| err(format!("no shape for the state '{key}'")))?;
+                let mut a = tract_ndarray::ArrayD::<f32>::zeros(shape.clone());
+                if !scratch.contains(key) {
+                    fill(key, a.view_mut())?;
+                }
+                state.insert(key.clone(), a.into_tvalue());
+            }
         }
+        let graphs = spec
+            .graphs
+            .into_iter()
+            .map(|g| StepGraph {
+                path: g.path.to_path_buf(),
+                key_of: g
+                    .links
+                    .iter()
+                    .map(|l| (l.input.clone(), l.key.clone()))
+                    .chain(g.reads.iter().map(|r| (r.input.clone(), r.key.clone())))
+                    .collect(),
+                links: g.links,
+                fetch: g.fetch.to_vec(),
+                plans: Default::default(),
+            })
+            .collect();
         Ok(Stepper {
-            path: path.to_path_buf(),
-            links,
+            graphs,
             state,
+            scratch,
             pending: None,
-            fetch: fetch.to_vec(),
-            plans: Default::default(),
         })
     }
 }
 
 impl crate::StateStepper for Stepper {
-    fn run(&mut self, feed: Tensors) -> Result<Tensors> {
+    fn run(&mut self, graph: usize, feed: Tensors) -> Result<Tensors> {
         self.pending = None;
+        let state = &self.state;
+        let g = self
+            .graphs
+            .get_mut(graph)
+            .ok_or_else(|| err(format!("the step has no graph {graph}")))?;
         let shapes: Vec<Vec<usize>> = feed.values().map(|v| v.shape().to_vec()).collect();
-        let plan = match self.plans.entry(shapes) {
+        let plan = match g.plans.entry(shapes) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let mut facts: Facts = self
-                    .state
-                    .iter()
-                    .map(|(k, v)| (k.clone(), (v.datum_type(), v.shape().to_vec())))
-                    .collect();
+                let mut facts: Facts = Facts::new();
+                for (input, key) in &g.key_of {
+                    let v = state
+                        .get(key)
+                        .ok_or_else(|| err(format!("no value for the state '{key}'")))?;
+                    facts.insert(input.clone(), (v.datum_type(), v.shape().to_vec()));
+                }
                 for (k, v) in &feed {
                     let dt = match v {
                         Value::F32(_) => DatumType::F32,
@@ -237,18 +274,19 @@ impl crate::StateStepper for Stepper {
                     };
                     facts.insert(k.clone(), (dt, v.shape().to_vec()));
                 }
-                let mut wanted = self.fetch.clone();
-                wanted.extend(self.links.iter().map(|l| l.output.clone()));
-                e.insert(Prepared::with_facts(&self.path, &facts, &wanted)?)
+                let mut wanted = g.fetch.clone();
+                wanted.extend(g.links.iter().map(|l| l.output.clone()));
+                e.insert(Prepared::with_facts(&g.path, &facts, &wanted)?)
             }
         };
         let mut inputs: TVec<TValue> = tvec!();
         for name in &plan.input_names {
             let v = match feed.get(name) {
                 Some(v) => to_tensor(v).into_tvalue(),
-                None => self
-                    .state
+                None => g
+                    .key_of
                     .get(name)
+                    .and_then(|k| state.get(k))
                     .cloned()
                     .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?,
             };
@@ -257,18 +295,18 @@ impl crate::StateStepper for Stepper {
         let res = guarded(|| plan.plan.run(inputs))?.map_err(err)?;
         let mut by_name: std::collections::HashMap<&String, TValue> = plan.outputs.iter().zip(res).collect();
         let mut out = Tensors::new();
-        for name in &self.fetch {
+        for name in &g.fetch {
             let t = by_name
                 .get(name)
                 .ok_or_else(|| err(format!("the model has no output '{name}'")))?;
             out.insert(name.clone(), to_value(name, t)?);
         }
         let mut pending = Vec::new();
-        for l in &self.links {
+        for l in &g.links {
             let t = by_name
                 .remove(&l.output)
                 .ok_or_else(|| err(format!("the model has no output '{}'", l.output)))?;
-            pending.push((l.input.clone(), t));
+            pending.push((l.key.clone(), t));
         }
         self.pending = Some(pending);
         Ok(out)
@@ -281,10 +319,9 @@ impl crate::StateStepper for Stepper {
     }
 
     fn visit_state(&self, f: &mut dyn FnMut(&str, ndarray::ArrayViewD<'_, f32>) -> Result<()>) -> Result<()> {
-        for i in super::key_order(&self.links) {
-            let l = &self.links[i];
-            if let Some(t) = self.state.get(&l.input) {
-                f(&l.key, t.to_plain_array_view::<f32>().map_err(err)?)?;
+        for (key, t) in &self.state {
+            if !self.scratch.contains(key) {
+                f(key, t.to_plain_array_view::<f32>().map_err(err)?)?;
             }
         }
         Ok(())
@@ -292,16 +329,17 @@ impl crate::StateStepper for Stepper {
 
     /// The shape of each state tensor, by key.
     fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
-        self.links
+        self.state
             .iter()
-            .filter_map(|l| Some((l.key.clone(), self.state.get(&l.input)?.shape().to_vec())))
+            .filter(|(k, _)| !self.scratch.contains(*k))
+            .map(|(k, t)| (k.clone(), t.shape().to_vec()))
             .collect()
     }
 
     fn set_state(&mut self, values: &super::StateValues) -> Result<()> {
-        for l in &self.links {
-            if let Some(v) = values.get(&l.key) {
-                self.state.insert(l.input.clone(), v.clone().into_tvalue());
+        for (key, v) in values {
+            if self.state.contains_key(key) && !self.scratch.contains(key) {
+                self.state.insert(key.clone(), v.clone().into_tvalue());
             }
         }
         self.pending = None;
@@ -332,12 +370,6 @@ impl crate::Engine for Tract {
         if spec.device != crate::Device::Cpu {
             return Err(err("tract runs on the CPU only; use `backend` ort `device` cuda"));
         }
-        Ok(Box::new(Stepper::new(
-            spec.path,
-            spec.links,
-            spec.shapes,
-            fill,
-            spec.fetch,
-        )?))
+        Ok(Box::new(Stepper::new(spec, fill)?))
     }
 }

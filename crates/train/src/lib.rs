@@ -15,7 +15,7 @@ use dagr_core::{optim, step_graph};
 use dagr_onnx::error::{Error, Result};
 use dagr_onnx::{self as onnx, dtype, tensor, GraphIndex, Model};
 use dagr_runtime::data::{Dataset, Rng};
-use dagr_runtime::{Backend, Device, StateValues, StepSpec, Stepper, Tensors, Value};
+use dagr_runtime::{Backend, Device, GraphSpec, StateValues, StepSpec, Stepper, Tensors, Value};
 use ndarray::ArrayD;
 use optim::{Optimizer, Schedule};
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,15 @@ pub struct Settings {
     /// How ONNX Runtime keeps the state between steps (see `StateUpdate`).
     #[serde(default)]
     pub state_update: StateUpdate,
+    /// Micro-batches per step: each batch is split in this many parts (along every input's
+    /// first axis), their gradients summed on the backend, weighted by their share of the
+    /// batch, then one update (see `step_graph::build_split`). 1: the whole step in one graph.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// How the backend keeps the state (parameters, optimizer slots, BatchNorm statistics) between
@@ -85,6 +94,12 @@ impl Settings {
         };
         if self.epochs == 0 || self.batch_size == 0 {
             return bad("the number of epochs and the batch size must be positive".into());
+        }
+        if self.grad_accum == 0 || self.grad_accum > self.batch_size {
+            return bad(format!(
+                "gradient accumulation takes 1 to batch-size ({}) micro-batches per step, got {}",
+                self.batch_size, self.grad_accum
+            ));
         }
         nonneg("the learning rate (lr)", self.lr)?;
         match self.optimizer {
@@ -222,6 +237,27 @@ pub struct StepStats {
 }
 
 impl StepStats {
+    /// The weighted mean of each quantity over the micro-batches of one step (weights summing
+    /// to one; an optional one over the parts that have it, renormalized).
+    pub fn weighted(parts: &[(StepStats, f64)]) -> StepStats {
+        let sum = |f: fn(&StepStats) -> f64| parts.iter().map(|(s, w)| f(s) * w).sum::<f64>();
+        let opt = |f: fn(&StepStats) -> Option<f64>| {
+            let v: Vec<(f64, f64)> = parts.iter().filter_map(|(s, w)| f(s).map(|x| (x, *w))).collect();
+            let total: f64 = v.iter().map(|p| p.1).sum();
+            (total > 0.0).then(|| v.iter().map(|(x, w)| x * w).sum::<f64>() / total)
+        };
+        StepStats {
+            loss: sum(|s| s.loss),
+            task_loss: opt(|s| s.task_loss),
+            dagr_loss: sum(|s| s.dagr_loss),
+            dispersion: sum(|s| s.dispersion),
+            anchoring: opt(|s| s.anchoring),
+            pareto_alpha: opt(|s| s.pareto_alpha),
+            grad_norm: 0.0,
+            lr: 0.0,
+        }
+    }
+
     /// The mean of each quantity over `steps` (an optional one over the steps that have it);
     /// the learning rate is the last step's.
     pub fn mean(steps: &[StepStats]) -> StepStats {
@@ -255,7 +291,10 @@ pub struct Trainer {
     /// Time spent inside the backend's runs so far.
     pub backend_time: std::time::Duration,
     stepper: Stepper,
-    /// Holds the step graph's file for the backend.
+    /// Whether the step is split in a gradient graph (graph 0, run per micro-batch) and an
+    /// update graph (graph 1); otherwise graph 0 is the whole step.
+    split: bool,
+    /// Holds the step graphs' files for the backend.
     workdir: tempfile::TempDir,
     pub total_steps: usize,
     /// State keys in the order of the step graph's `STATE_CHECK` output.
@@ -326,13 +365,16 @@ impl Trainer {
                     onnx::limits::available_memory(),
                 ),
             };
-        let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?;
+        let split = settings.grad_accum > 1;
+        let (sg, grad) = if split {
+            let s = step_graph::build_split(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?;
+            (s.update, Some(s.grad))
+        } else {
+            let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?;
+            (sg, None)
+        };
         let o = &record.dagr.outputs;
-        let mut fetch: Vec<String> = vec![
-            step_graph::GRAD_SQ.to_string(),
-            step_graph::STATE_CHECK.to_string(),
-            record.loss.clone(),
-        ];
+        let mut losses: Vec<String> = vec![record.loss.clone()];
         for t in [
             Some(&o.loss),
             Some(&o.dispersion),
@@ -343,9 +385,13 @@ impl Trainer {
         .flatten()
         .chain(record.pareto_alpha.as_ref())
         {
-            if !fetch.contains(t) {
-                fetch.push(t.clone());
+            if !losses.contains(t) {
+                losses.push(t.clone());
             }
+        }
+        let mut fetch: Vec<String> = vec![step_graph::GRAD_SQ.to_string(), step_graph::STATE_CHECK.to_string()];
+        if !split {
+            fetch.extend(losses.iter().cloned());
         }
         let workdir = tempfile::Builder::new()
             .prefix(onnx::io::TEMP_PREFIX)
@@ -354,8 +400,12 @@ impl Trainer {
                 path: workdir.to_path_buf(),
                 source,
             })?;
-        let step_path = workdir.path().join("step.onnx");
-        // Saved before the backend loads it; `fit` keeps a copy in the run's directory.
+        let step_path = workdir.path().join(STEP_FILE);
+        let grad_path = workdir.path().join(GRAD_STEP_FILE);
+        // Saved before the backend loads them; `fit` keeps a copy in the run's directory.
+        if let Some(g) = &grad {
+            onnx::save(&g.model, &grad_path)?;
+        }
         onnx::save(&sg.model, &step_path)?;
         let state_keys = sg.state.iter().map(|l| l.key.clone()).collect();
         let idx = GraphIndex::new(&model)?;
@@ -372,8 +422,10 @@ impl Trainer {
             2
         };
         if settings.device == Device::Cpu {
+            // With accumulation, one more copy of the parameters: the summed gradients.
+            let scratch_bytes = if split { param_bytes } else { 0 };
             onnx::limits::check_alloc_hint(
-                state_bytes.saturating_mul(sets),
+                state_bytes.saturating_mul(sets).saturating_add(scratch_bytes),
                 "the training state (parameters and optimizer slots)",
                 "train a smaller model, use SGD without momentum (no optimizer slots), or use `device` cuda",
             )?;
@@ -398,16 +450,40 @@ impl Trainer {
                 None => Err(Error::Internal(format!("no initial value for the state '{key}'"))),
             }
         };
+        let mut graphs = Vec::new();
+        let mut scratch = Vec::new();
+        if let Some(g) = grad {
+            for l in &g.state {
+                if let Some(p) = l.key.strip_prefix("acc/") {
+                    scratch.push(l.key.clone());
+                    if let Some(shape) = shapes.get(&step_graph::param_key(p)).cloned() {
+                        shapes.insert(l.key.clone(), shape);
+                    }
+                }
+            }
+            graphs.push(GraphSpec {
+                path: &grad_path,
+                links: g.state,
+                reads: g.reads,
+                fetch: &losses,
+                in_place: g.in_place,
+            });
+        }
+        graphs.push(GraphSpec {
+            path: &step_path,
+            links: sg.state,
+            reads: sg.reads,
+            fetch: &fetch,
+            in_place: sg.in_place,
+        });
         let stepper = Stepper::new(
             settings.backend,
             StepSpec {
-                path: &step_path,
+                graphs,
                 device: settings.device,
                 threads: settings.threads,
-                links: sg.state,
                 shapes: &shapes,
-                fetch: &fetch,
-                in_place: sg.in_place,
+                scratch,
             },
             &mut fill,
         )?;
@@ -422,6 +498,7 @@ impl Trainer {
             settings,
             backend_time: Default::default(),
             stepper,
+            split,
             workdir,
             total_steps: 0,
             input_dims,
@@ -455,7 +532,9 @@ impl Trainer {
     /// The Dropout masks of this step, added to `feed`: each element kept with probability
     /// `1 - ratio`, from a generator seeded by the run's seed, the step and the mask, so that
     /// a resumed run and another backend draw the same masks.
-    fn draw_dropout_masks(&self, feed: &mut Tensors) -> Result<()> {
+    /// `part`: the micro-batch's index among the step's parts (0 for a whole step), so that each
+    /// part draws its own masks.
+    fn draw_dropout_masks(&self, feed: &mut Tensors, part: usize) -> Result<()> {
         if self.record.dropout_masks.is_empty() {
             return Ok(());
         }
@@ -490,6 +569,7 @@ impl Trainer {
                 .seed
                 .wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 .wrapping_add((self.progress.step as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+                .wrapping_add((part as u64).wrapping_mul(0x94D0_49BB_1331_11EB))
                 .wrapping_add(k as u64));
             let keep = 1.0 - m.ratio;
             let v: Vec<bool> = (0..n)
@@ -501,9 +581,19 @@ impl Trainer {
         Ok(())
     }
 
-    /// The step graph this trainer runs (standard ONNX; see `step_graph`).
+    /// The step graph this trainer runs (standard ONNX; see `step_graph`); with gradient
+    /// accumulation, the update graph.
     pub fn step_graph_path(&self) -> PathBuf {
-        self.workdir.path().join("step.onnx")
+        self.workdir.path().join(STEP_FILE)
+    }
+
+    /// The files of the graphs this trainer runs, in its working directory and a run's.
+    pub fn step_graph_files(&self) -> Vec<&'static str> {
+        if self.split {
+            vec![GRAD_STEP_FILE, STEP_FILE]
+        } else {
+            vec![STEP_FILE]
+        }
     }
 
     /// Every state tensor (`param/`, `bn/`, `m/`, `v/` keys), copied from the backend.
@@ -512,8 +602,25 @@ impl Trainer {
     }
 
     /// One training step on `batch`: forward, backward and the optimizer update, all in the
-    /// step graph. Nothing changes when the loss or a gradient is not finite.
+    /// step graph, or with `grad_accum` K > 1, the gradients of K micro-batches (the batch split
+    /// along every input's first axis in K nearly equal parts) summed on the backend, weighted
+    /// by their share of the batch, then the update. Nothing changes when the loss or a gradient
+    /// is not finite (with micro-batches: the parameters and optimizer state; the BatchNorm
+    /// statistics keep the updates of the micro-batches before the one that failed).
     pub fn step(&mut self, batch: Tensors) -> Result<StepStats> {
+        if !self.split {
+            return self.whole_step(batch);
+        }
+        let rows = batch_rows(&batch)?;
+        let parts = self.settings.grad_accum;
+        let micro: Vec<Tensors> = (0..parts)
+            .map(|j| slice_rows(&batch, part_range(rows, parts, j)))
+            .collect::<Result<_>>()?;
+        self.accumulated_step(micro, rows, 0)
+    }
+
+    /// The learning rate of the next step, and the feed of its per-step scalars.
+    fn next_scalars(&self) -> (f64, Tensors) {
         let lr = optim::learning_rate(
             self.settings.lr,
             self.settings.schedule,
@@ -522,30 +629,48 @@ impl Trainer {
             self.total_steps.max(1),
             self.progress.epoch,
         );
-        let mut feed = batch;
-        self.draw_dropout_masks(&mut feed)?;
+        let mut feed = Tensors::new();
         for (name, v) in self.settings.optimizer.scalars(lr, self.progress.step + 1) {
             feed.insert(name.to_string(), Value::F32(ndarray::arr0(v as f32).into_dyn()));
         }
-        let started = std::time::Instant::now();
-        let out = self.stepper.run(feed);
-        self.backend_time += started.elapsed();
-        let out = out?;
-        let loss = scalar(&out, &self.record.loss).unwrap_or(f64::NAN);
+        (lr, feed)
+    }
+
+    fn non_finite(&self, what: String) -> Error {
+        Error::NonFinite {
+            step: self.progress.step + 1,
+            epoch: self.progress.epoch + 1,
+            what,
+        }
+    }
+
+    /// The loss and its terms in `out` (a whole step's or a micro-batch's).
+    fn losses(&self, out: &Tensors) -> Result<StepStats> {
+        let loss = scalar(out, &self.record.loss).unwrap_or(f64::NAN);
+        if !loss.is_finite() {
+            return Err(self.non_finite(format!("loss ({loss})")));
+        }
+        let o = &self.record.dagr.outputs;
+        Ok(StepStats {
+            loss,
+            task_loss: o.task_loss.as_ref().and_then(|t| scalar(out, t)),
+            dagr_loss: scalar(out, &o.loss).unwrap_or(f64::NAN),
+            dispersion: scalar(out, &o.dispersion).unwrap_or(f64::NAN),
+            anchoring: o.anchoring.as_ref().and_then(|t| scalar(out, t)),
+            pareto_alpha: self.record.pareto_alpha.as_ref().and_then(|t| scalar(out, t)),
+            grad_norm: 0.0,
+            lr: 0.0,
+        })
+    }
+
+    /// Check the update's report (`GRAD_SQ`, `STATE_CHECK`) and return the gradient norm.
+    fn check_update(&self, out: &Tensors, lr: f64) -> Result<f64> {
         let sq = out
             .get(step_graph::GRAD_SQ)
             .and_then(Value::as_f32)
             .ok_or_else(|| Error::Internal("the step graph returned no gradient norms".into()))?;
-        let non_finite = |what: String| Error::NonFinite {
-            step: self.progress.step + 1,
-            epoch: self.progress.epoch + 1,
-            what,
-        };
-        if !loss.is_finite() {
-            return Err(non_finite(format!("loss ({loss})")));
-        }
         if let Some(i) = sq.iter().position(|v| !v.is_finite()) {
-            return Err(non_finite(format!("gradient of '{}'", self.record.params[i].0)));
+            return Err(self.non_finite(format!("gradient of '{}'", self.record.params[i].0)));
         }
         // The update itself (a huge learning rate, eps 0 over a zero gradient, ...).
         let check = out
@@ -554,24 +679,95 @@ impl Trainer {
             .ok_or_else(|| Error::Internal("the step graph returned no state check".into()))?;
         if let Some(i) = check.iter().position(|&v| v != 0.0) {
             let key = self.state_keys.get(i).cloned().unwrap_or_default();
-            return Err(non_finite(format!(
+            return Err(self.non_finite(format!(
                 "update of '{key}' (learning rate {lr}: check the optimizer settings)"
             )));
         }
+        Ok(sq.iter().map(|&v| v as f64).sum::<f64>().sqrt())
+    }
+
+    fn whole_step(&mut self, batch: Tensors) -> Result<StepStats> {
+        let (lr, mut feed) = self.next_scalars();
+        feed.extend(batch);
+        self.draw_dropout_masks(&mut feed, 0)?;
+        let started = std::time::Instant::now();
+        let out = self.stepper.run(0, feed);
+        self.backend_time += started.elapsed();
+        let out = out?;
+        let mut stats = self.losses(&out)?;
+        stats.grad_norm = self.check_update(&out, lr)?;
+        stats.lr = lr;
         self.stepper.commit();
         self.progress.step += 1;
         self.first_step_done.get_or_insert_with(std::time::Instant::now);
-        let o = &self.record.dagr.outputs;
-        Ok(StepStats {
-            loss,
-            task_loss: o.task_loss.as_ref().and_then(|t| scalar(&out, t)),
-            dagr_loss: scalar(&out, &o.loss).unwrap_or(f64::NAN),
-            dispersion: scalar(&out, &o.dispersion).unwrap_or(f64::NAN),
-            anchoring: o.anchoring.as_ref().and_then(|t| scalar(&out, t)),
-            pareto_alpha: self.record.pareto_alpha.as_ref().and_then(|t| scalar(&out, t)),
-            grad_norm: sq.iter().map(|&v| v as f64).sum::<f64>().sqrt(),
-            lr,
-        })
+        Ok(stats)
+    }
+
+    /// One step over `micro` batches that hold part of a step of `total_rows` samples (the
+    /// others, if any, are other processes'): each gradient is summed with its weight
+    /// `rows / total_rows`, then the update. `first_part`: the index of `micro[0]` among all the
+    /// step's parts (it seeds the Dropout masks).
+    pub fn accumulated_step(&mut self, micro: Vec<Tensors>, total_rows: usize, first_part: usize) -> Result<StepStats> {
+        if !self.split {
+            return Err(Error::Internal("an accumulated step needs a split step graph".into()));
+        }
+        let mut parts: Vec<(StepStats, f64)> = Vec::new();
+        let mut first = true;
+        for (j, batch) in micro.into_iter().enumerate() {
+            let rows = batch_rows(&batch)?;
+            if rows == 0 {
+                continue;
+            }
+            let w = rows as f64 / total_rows.max(1) as f64;
+            let mut feed = batch;
+            self.draw_dropout_masks(&mut feed, first_part + j)?;
+            feed.insert(
+                step_graph::ACC_FIRST.into(),
+                Value::Bool(ndarray::arr0(first).into_dyn()),
+            );
+            feed.insert(
+                step_graph::ACC_WEIGHT.into(),
+                Value::F32(ndarray::arr0(w as f32).into_dyn()),
+            );
+            let started = std::time::Instant::now();
+            let out = self.stepper.run(0, feed);
+            self.backend_time += started.elapsed();
+            let stats = self.losses(&out?).map_err(|e| match e {
+                Error::NonFinite { step, epoch, what } => Error::NonFinite {
+                    step,
+                    epoch,
+                    what: format!(
+                        "{what} in micro-batch {}{}",
+                        first_part + j + 1,
+                        if self.record.batchnorm.is_empty() || first {
+                            ""
+                        } else {
+                            " (the BatchNorm running statistics keep the earlier micro-batches' updates)"
+                        }
+                    ),
+                },
+                other => other,
+            })?;
+            self.stepper.commit();
+            parts.push((stats, w));
+            first = false;
+        }
+        if first {
+            return Err(Error::Data("a step with no samples".into()));
+        }
+        let (lr, feed) = self.next_scalars();
+        let started = std::time::Instant::now();
+        let out = self.stepper.run(1, feed);
+        self.backend_time += started.elapsed();
+        let out = out?;
+        let grad_norm = self.check_update(&out, lr)?;
+        self.stepper.commit();
+        self.progress.step += 1;
+        self.first_step_done.get_or_insert_with(std::time::Instant::now);
+        let mut stats = StepStats::weighted(&parts);
+        stats.grad_norm = grad_norm;
+        stats.lr = lr;
+        Ok(stats)
     }
 
     // ---- checkpoints -------------------------------------------------------------------
@@ -870,6 +1066,54 @@ impl Trainer {
 }
 
 /// Zeros up to the next multiple of 4 KiB after `at` (the offset written so far), which moves on.
+/// The number of samples in `batch`: the first axis, the same for every input.
+fn batch_rows(batch: &Tensors) -> Result<usize> {
+    let mut rows = None;
+    for (name, v) in batch {
+        let n = v.shape().first().copied().ok_or_else(|| {
+            Error::Data(format!(
+                "'{name}' is a scalar: micro-batches split every input along its first axis (the batch)"
+            ))
+        })?;
+        match rows {
+            None => rows = Some(n),
+            Some(r) if r != n => {
+                return Err(Error::Data(format!(
+                    "'{name}' has {n} rows where the other inputs have {r}: micro-batches split every input along its first axis (the batch)"
+                )))
+            }
+            _ => {}
+        }
+    }
+    rows.ok_or_else(|| Error::Data("a batch with no inputs".into()))
+}
+
+/// The rows of part `j` of `parts` nearly equal contiguous parts of `rows` rows (the first
+/// `rows % parts` parts have one more).
+pub fn part_range(rows: usize, parts: usize, j: usize) -> std::ops::Range<usize> {
+    let parts = parts.max(1);
+    let (q, r) = (rows / parts, rows % parts);
+    let start = j * q + j.min(r);
+    start..start + q + usize::from(j < r)
+}
+
+/// The rows `range` of every input of `batch`.
+fn slice_rows(batch: &Tensors, range: std::ops::Range<usize>) -> Result<Tensors> {
+    use ndarray::{Axis, Slice};
+    let s = Slice::from(range);
+    Ok(batch
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::F32(a) => Value::F32(a.slice_axis(Axis(0), s).to_owned()),
+                Value::I64(a) => Value::I64(a.slice_axis(Axis(0), s).to_owned()),
+                Value::Bool(a) => Value::Bool(a.slice_axis(Axis(0), s).to_owned()),
+            };
+            (k.clone(), v)
+        })
+        .collect())
+}
+
 fn pad_to_page(w: &mut impl std::io::Write, at: &mut u64) -> std::io::Result<()> {
     let pad = (4096 - *at % 4096) % 4096;
     *at += pad;
@@ -991,6 +1235,9 @@ pub struct Fitted {
 /// The files a run writes in its directory, by role.
 pub const MODEL_FILE: &str = "model.onnx";
 pub const STEP_FILE: &str = "step.onnx";
+/// With gradient accumulation, `STEP_FILE` is the update graph and this the gradient graph
+/// (see `step_graph::build_split`).
+pub const GRAD_STEP_FILE: &str = "step.grad.onnx";
 pub const LOG_FILE: &str = "log.jsonl";
 pub const LOCK_FILE: &str = ".lock";
 
@@ -1015,7 +1262,15 @@ fn refuse_overwriting_inputs(run: &Run, original: Option<&Path>) -> Result<()> {
     inputs.sort();
     inputs.dedup();
     let data_file = format!("{MODEL_FILE}.data");
-    for name in [MODEL_FILE, &data_file, STEP_FILE, LOG_FILE, LOCK_FILE, checkpoint::FILE] {
+    for name in [
+        MODEL_FILE,
+        &data_file,
+        STEP_FILE,
+        GRAD_STEP_FILE,
+        LOG_FILE,
+        LOCK_FILE,
+        checkpoint::FILE,
+    ] {
         let out = run.out.join(name);
         if let Some(input) = inputs.iter().find(|i| onnx::io::same_file(i, &out)) {
             return Err(Error::Config(format!(
@@ -1096,7 +1351,14 @@ pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Resu
     onnx::io::remove_stale_temps(run.out);
     if run.force {
         let data_file = format!("{MODEL_FILE}.data");
-        for name in [MODEL_FILE, &data_file, STEP_FILE, LOG_FILE, checkpoint::FILE] {
+        for name in [
+            MODEL_FILE,
+            &data_file,
+            STEP_FILE,
+            GRAD_STEP_FILE,
+            LOG_FILE,
+            checkpoint::FILE,
+        ] {
             let p = run.out.join(name);
             if p.exists() {
                 std::fs::remove_file(&p).map_err(|source| Error::Write { path: p, source })?;
@@ -1372,12 +1634,15 @@ fn fit_in(
         fitted.files.clear();
         return Ok(fitted);
     }
-    // The whole training step as one standard ONNX graph, for other runtimes and for reading.
-    let step_bytes = std::fs::read(t.step_graph_path()).map_err(|source| Error::Read {
-        path: t.step_graph_path(),
-        source,
-    })?;
-    onnx::io::write_atomic(&run.out.join(STEP_FILE), &step_bytes)?;
+    // The whole training step as standard ONNX graphs, for other runtimes and for reading.
+    for file in t.step_graph_files() {
+        let from = t.workdir.path().join(file);
+        let bytes = std::fs::read(&from).map_err(|source| Error::Read { path: from, source })?;
+        onnx::io::write_atomic(&run.out.join(file), &bytes)?;
+        if file != STEP_FILE {
+            fitted.files.push(run.out.join(file));
+        }
+    }
     t.total_steps = data.per_epoch * settings.epochs;
     while t.progress.epoch < settings.epochs {
         let backend_before = t.backend_time;
