@@ -13,3 +13,14 @@ if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy; assert onnxruntime.__
 fi
 lib=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* | head -n 1)
 echo "ONNX Runtime library: $lib"
+# Open MPI, for `train --distributed` and its tests (tests/it/distributed.rs): the Debian
+# package, pinned to bookworm's version. The tool loads its libmpi.so.40 at run time, so the
+# build itself needs no MPI.
+if ! command -v mpirun >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  pkgs="openmpi-bin=4.1.4-3+b1 libopenmpi3=4.1.4-3+b1"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -qq --no-install-recommends $pkgs >/dev/null 2>&1 \
+    || { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends $pkgs >/dev/null; }
+fi
+echo "Open MPI: $(mpirun --version 2>/dev/null | head -n 1)"

@@ -24,6 +24,7 @@ pub mod cli;
 pub use dagr_autodiff as autodiff;
 pub use dagr_core as dagr;
 pub use dagr_core::locate;
+pub use dagr_dist as dist;
 pub use dagr_onnx as onnx;
 pub use dagr_onnx::{error, fault, limits};
 pub use dagr_report::{diagnose, inspect, plots, verify};

@@ -268,6 +268,11 @@ struct TrainArgs {
     /// Memory of one micro-batch, plus one copy of the parameters for the sums
     #[arg(long, default_value_t = 1, value_name = "K")]
     grad_accum: usize,
+    /// Data-parallel training over MPI, under `mpirun -np N`: each process takes its share of
+    /// every batch (--batch-size is the global batch), the gradients are summed across processes
+    /// before each update, process 0 writes the run's files
+    #[arg(long)]
+    distributed: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Keep the data order (no shuffling)
@@ -790,7 +795,33 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             StateUpdateArg::InPlace => tr::StateUpdate::InPlace,
         },
         grad_accum: a.grad_accum,
+        device_index: 0,
     };
+    if a.distributed && !dagr_inject::dist::launched_by_mpi() {
+        bail!(
+            "--distributed runs under an MPI launcher, one process per share of each batch\n  hint: mpirun -np 2 dagr-inject train ... --distributed (without --distributed, one process trains alone)"
+        );
+    }
+    #[cfg(not(feature = "mpi"))]
+    if a.distributed {
+        bail!("this dagr-inject was built without MPI (the `mpi` feature): --distributed is not available\n  hint: build with the default features");
+    }
+    #[cfg(feature = "mpi")]
+    let mpi = match a.distributed {
+        true => Some(dagr_inject::dist::mpi::Mpi::init()?),
+        false => None,
+    };
+    #[cfg(feature = "mpi")]
+    let comm: &dyn dagr_inject::dist::Collective = match &mpi {
+        Some(m) => m,
+        None => &dagr_inject::dist::Alone,
+    };
+    #[cfg(not(feature = "mpi"))]
+    let comm: &dyn dagr_inject::dist::Collective = &dagr_inject::dist::Alone;
+    let mut settings = settings;
+    if comm.size() > 1 && settings.device == runtime::Device::Cuda {
+        settings.device_index = dagr_inject::dist::local_rank();
+    }
     let interrupted = crate::cli::signals::install();
     let run = tr::Run {
         model: &a.model,
@@ -802,12 +833,34 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         force: a.force,
         new_settings: a.new_settings,
         max_steps: a.max_steps,
+        comm,
     };
     let mut report = TrainReport {
-        stop: interrupted,
+        stop: interrupted.clone(),
         bar: None,
     };
-    let fitted = tr::fit(&run, settings, &mut report)?;
+    let fitted = if comm.rank() == 0 {
+        tr::fit(&run, settings, &mut report)
+    } else {
+        // The other processes say nothing (process 0 reports for the run).
+        tr::fit(&run, settings, &mut interrupted.clone())
+    };
+    let fitted = match fitted {
+        Ok(f) => f,
+        // A process that fails alone ends them all (the others would wait for it forever).
+        #[cfg(feature = "mpi")]
+        Err(e) if comm.size() > 1 => {
+            eprintln!("error (process {} of {}): {e}", comm.rank(), comm.size());
+            match &mpi {
+                Some(m) => m.abort(1),
+                None => return Err(e.into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if comm.rank() != 0 {
+        return Ok(());
+    }
     if let Some(l) = fitted.logs.last() {
         println!(
             "trained {} epochs ({} steps); final loss {:.5}",

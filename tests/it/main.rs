@@ -8,6 +8,7 @@ mod dagr_finite_diff;
 mod dagr_fixtures;
 mod dagr_hand;
 mod diagnose;
+mod distributed;
 mod frameworks;
 mod grad_rules;
 mod inject_errors_and_dtypes;

@@ -396,6 +396,7 @@ fn bad_settings_and_non_finite_updates_are_refused() {
         (vec!["--drop-last", "--batch-size", "100"], "has no batch"),
         (vec!["--grad-accum", "0"], "micro-batches"),
         (vec!["--batch-size", "4", "--grad-accum", "5"], "micro-batches"),
+        (vec!["--distributed"], "mpirun -np"),
     ] {
         let e = fails(&train_args(&st, &out, "ort", &flags));
         assert!(e.contains(says), "{flags:?}: {e}");

@@ -45,7 +45,7 @@ fn schedule_of(s: &serde_json::Value) -> (Schedule, usize) {
     (sched, warmup)
 }
 
-fn training_graph(model: &str, logits: &[String], dir: &Path) -> PathBuf {
+pub fn training_graph(model: &str, logits: &[String], dir: &Path) -> PathBuf {
     let path = root().join("models").join(model);
     let mut m = onnx::load(&path).unwrap();
     let mut enc = vec!["audio".to_string(), "visual".to_string()];
@@ -97,6 +97,7 @@ fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
         threads: None,
         state_update: StateUpdate::Auto,
         grad_accum: 1,
+        device_index: 0,
     }
 }
 
@@ -440,7 +441,7 @@ fn the_step_graph_runs_standalone_as_its_record_says() {
 }
 
 /// The state tensors of the checkpoint in `dir`, checked (record, checksum) by the library.
-fn checkpoint_state(dir: &Path) -> dagr_inject::runtime::StateValues {
+pub fn checkpoint_state(dir: &Path) -> dagr_inject::runtime::StateValues {
     let mut z = dagr_inject::npz::Npz::open(&dir.join(checkpoint::FILE)).unwrap();
     let names: Vec<String> = z
         .names()
@@ -469,6 +470,7 @@ fn run_dir<'a>(graph: &'a Path, data: &'a Path, out: &'a Path) -> Run<'a> {
         force: false,
         new_settings: false,
         max_steps: None,
+        comm: &dagr_inject::dist::Alone,
     }
 }
 

@@ -104,6 +104,8 @@ pub struct StepSpec<'a> {
     pub threads: Option<usize>,
     pub shapes: &'a BTreeMap<String, Vec<usize>>,
     pub scratch: Vec<String>,
+    /// Which device of its kind (the GPU of a data-parallel run's process on its node).
+    pub device_index: usize,
 }
 
 /// One graph of a `StepSpec`: the graph at `path`, the state it reads and writes (`links`) and
@@ -173,6 +175,14 @@ pub trait StateStepper {
         })?;
         Ok(out)
     }
+    /// Each of `keys` (state or scratch) in turn, as a mutable host view of its current value:
+    /// no copy on the CPU; from a device, one tensor at a time crosses to the host and back.
+    /// How processes sum their gradients and share their BatchNorm statistics between runs.
+    fn visit_mut(
+        &mut self,
+        keys: &[String],
+        f: &mut dyn FnMut(&str, ArrayViewMutD<'_, f32>) -> Result<()>,
+    ) -> Result<()>;
     /// The shape of every state tensor, without copying the state.
     fn shapes(&self) -> BTreeMap<String, Vec<usize>>;
     /// Replace the current state; every value has the shape `shapes` gives.
@@ -262,6 +272,16 @@ impl Stepper {
     /// `StateStepper::visit_state`).
     pub fn visit_state(&self, f: &mut dyn FnMut(&str, ArrayViewD<'_, f32>) -> Result<()>) -> Result<()> {
         self.0.visit_state(f)
+    }
+
+    /// Each of `keys` as a mutable host view of its current value (see
+    /// `StateStepper::visit_mut`).
+    pub fn visit_mut(
+        &mut self,
+        keys: &[String],
+        f: &mut dyn FnMut(&str, ArrayViewMutD<'_, f32>) -> Result<()>,
+    ) -> Result<()> {
+        self.0.visit_mut(keys, f)
     }
 
     /// The shape of every state tensor, read from the backend's buffers without copying them.

@@ -327,6 +327,29 @@ impl crate::StateStepper for Stepper {
         Ok(())
     }
 
+    fn visit_mut(
+        &mut self,
+        keys: &[String],
+        f: &mut dyn FnMut(&str, ndarray::ArrayViewMutD<'_, f32>) -> Result<()>,
+    ) -> Result<()> {
+        for key in keys {
+            let v = self
+                .state
+                .remove(key)
+                .ok_or_else(|| err(format!("no state or scratch value '{key}'")))?;
+            // The only reference once the last run's inputs are gone: no copy.
+            let mut t = v.into_tensor();
+            let res = match t.to_plain_array_view_mut::<f32>() {
+                Ok(view) => f(key, view),
+                Err(e) => Err(err(e)),
+            };
+            self.state.insert(key.clone(), t.into_tvalue());
+            res?;
+        }
+        self.pending = None;
+        Ok(())
+    }
+
     /// The shape of each state tensor, by key.
     fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
         self.state

@@ -214,7 +214,7 @@ pub fn differences(was: &Settings, now: &Settings) -> Vec<String> {
     else {
         return vec!["the settings cannot be compared".into()];
     };
-    let free = ["epochs", "backend", "device", "threads", "state_update"];
+    let free = ["epochs", "backend", "device", "device_index", "threads", "state_update"];
     let mut out = Vec::new();
     for (k, va) in &a {
         if free.contains(&k.as_str()) {

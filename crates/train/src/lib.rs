@@ -46,6 +46,9 @@ pub struct Settings {
     /// How ONNX Runtime keeps the state between steps (see `StateUpdate`).
     #[serde(default)]
     pub state_update: StateUpdate,
+    /// Which GPU `device` cuda computes on (a data-parallel run's local rank).
+    #[serde(default)]
+    pub device_index: usize,
     /// Micro-batches per step: each batch is split in this many parts (along every input's
     /// first axis), their gradients summed on the backend, weighted by their share of the
     /// batch, then one update (see `step_graph::build_split`). 1: the whole step in one graph.
@@ -290,10 +293,16 @@ pub struct Trainer {
     pub progress: Progress,
     /// Time spent inside the backend's runs so far.
     pub backend_time: std::time::Duration,
+    /// Time spent in collectives with the other processes so far (data-parallel runs).
+    pub collective_time: std::time::Duration,
     stepper: Stepper,
     /// Whether the step is split in a gradient graph (graph 0, run per micro-batch) and an
     /// update graph (graph 1); otherwise graph 0 is the whole step.
     split: bool,
+    /// The scratch keys of the summed gradients (split steps), and the BatchNorm statistics'
+    /// keys, in key order.
+    acc_keys: Vec<String>,
+    bn_keys: Vec<String>,
     /// Holds the step graphs' files for the backend.
     workdir: tempfile::TempDir,
     pub total_steps: usize,
@@ -321,6 +330,13 @@ impl Trainer {
     /// A trainer whose step graph is kept in a temporary directory inside `workdir` (a run
     /// directory, where a killed run's leftovers are cleared at the next start).
     pub fn new_in(path: &Path, settings: Settings, workdir: &Path) -> Result<Trainer> {
+        Self::new_for(path, settings, workdir, 1)
+    }
+
+    /// A trainer for one of `processes` processes of a data-parallel run (see `step_with`):
+    /// with more than one, the step is split (as with gradient accumulation) so that the
+    /// processes can sum their gradients between the two graphs.
+    pub fn new_for(path: &Path, settings: Settings, workdir: &Path, processes: usize) -> Result<Trainer> {
         settings.validate()?;
         let model = onnx::load(path)?;
         let record = record_of(&model)?;
@@ -365,7 +381,15 @@ impl Trainer {
                     onnx::limits::available_memory(),
                 ),
             };
-        let split = settings.grad_accum > 1;
+        let split = settings.grad_accum > 1 || processes > 1;
+        if settings.batch_size < settings.grad_accum.saturating_mul(processes) {
+            return Err(Error::Config(format!(
+                "a batch of {} cannot be split in {} micro-batches ({} per process, {processes} processes)\n  hint: raise the batch size or lower the gradient accumulation",
+                settings.batch_size,
+                settings.grad_accum.saturating_mul(processes),
+                settings.grad_accum
+            )));
+        }
         let (sg, grad) = if split {
             let s = step_graph::build_split(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?;
             (s.update, Some(s.grad))
@@ -476,6 +500,9 @@ impl Trainer {
             fetch: &fetch,
             in_place: sg.in_place,
         });
+        let acc_keys = scratch.clone();
+        let mut bn_keys: Vec<String> = bnames.iter().map(|b| step_graph::bn_key(b)).collect();
+        bn_keys.sort();
         let stepper = Stepper::new(
             settings.backend,
             StepSpec {
@@ -484,6 +511,7 @@ impl Trainer {
                 threads: settings.threads,
                 shapes: &shapes,
                 scratch,
+                device_index: settings.device_index,
             },
             &mut fill,
         )?;
@@ -497,8 +525,11 @@ impl Trainer {
             },
             settings,
             backend_time: Default::default(),
+            collective_time: Default::default(),
             stepper,
             split,
+            acc_keys,
+            bn_keys,
             workdir,
             total_steps: 0,
             input_dims,
@@ -708,10 +739,50 @@ impl Trainer {
     /// `rows / total_rows`, then the update. `first_part`: the index of `micro[0]` among all the
     /// step's parts (it seeds the Dropout masks).
     pub fn accumulated_step(&mut self, micro: Vec<Tensors>, total_rows: usize, first_part: usize) -> Result<StepStats> {
+        self.accumulate(micro, total_rows, first_part, &dagr_dist::Alone)
+    }
+
+    /// One step of a data-parallel run over `batch`, the same global batch on every process of
+    /// `comm`: this process takes its `grad_accum` parts of the batch's `processes x grad_accum`
+    /// (as `np.array_split`), the processes sum their weighted gradients (and their loss terms)
+    /// before the update, which every process then makes alike, and process 0's BatchNorm
+    /// statistics become everyone's (as DDP's `broadcast_buffers`). With one process, `step`.
+    pub fn step_with(&mut self, batch: Tensors, comm: &dyn dagr_dist::Collective) -> Result<StepStats> {
+        if comm.size() == 1 {
+            return self.step(batch);
+        }
+        let rows = batch_rows(&batch)?;
+        let k = self.settings.grad_accum;
+        let parts = k * comm.size();
+        let first = comm.rank() * k;
+        let micro: Vec<Tensors> = (first..first + k)
+            .map(|j| slice_rows(&batch, part_range(rows, parts, j)))
+            .collect::<Result<_>>()?;
+        let stats = self.accumulate(micro, rows, first, comm)?;
+        if !self.bn_keys.is_empty() {
+            let started = std::time::Instant::now();
+            let keys = self.bn_keys.clone();
+            self.stepper.visit_mut(&keys, &mut |_, mut v| match v.as_slice_mut() {
+                Some(buf) => comm.broadcast_f32(buf),
+                None => Err(Error::Internal("a state buffer that is not contiguous".into())),
+            })?;
+            self.collective_time += started.elapsed();
+        }
+        Ok(stats)
+    }
+
+    fn accumulate(
+        &mut self,
+        micro: Vec<Tensors>,
+        total_rows: usize,
+        first_part: usize,
+        comm: &dyn dagr_dist::Collective,
+    ) -> Result<StepStats> {
         if !self.split {
             return Err(Error::Internal("an accumulated step needs a split step graph".into()));
         }
         let mut parts: Vec<(StepStats, f64)> = Vec::new();
+        let mut failed: Option<Error> = None;
         let mut first = true;
         for (j, batch) in micro.into_iter().enumerate() {
             let rows = batch_rows(&batch)?;
@@ -732,27 +803,81 @@ impl Trainer {
             let started = std::time::Instant::now();
             let out = self.stepper.run(0, feed);
             self.backend_time += started.elapsed();
-            let stats = self.losses(&out?).map_err(|e| match e {
-                Error::NonFinite { step, epoch, what } => Error::NonFinite {
-                    step,
-                    epoch,
-                    what: format!(
-                        "{what} in micro-batch {}{}",
-                        first_part + j + 1,
-                        if self.record.batchnorm.is_empty() || first {
-                            ""
-                        } else {
-                            " (the BatchNorm running statistics keep the earlier micro-batches' updates)"
-                        }
-                    ),
-                },
-                other => other,
-            })?;
+            match self.losses(&out?) {
+                Ok(stats) => parts.push((stats, w)),
+                Err(Error::NonFinite { step, epoch, what }) => {
+                    failed = Some(Error::NonFinite {
+                        step,
+                        epoch,
+                        what: format!(
+                            "{what} in micro-batch {}{}",
+                            first_part + j + 1,
+                            if self.record.batchnorm.is_empty() || first {
+                                ""
+                            } else {
+                                " (the BatchNorm running statistics keep the earlier micro-batches' updates)"
+                            }
+                        ),
+                    });
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
             self.stepper.commit();
-            parts.push((stats, w));
             first = false;
         }
-        if first {
+        let mut stats = StepStats::weighted(&parts);
+        if comm.size() > 1 {
+            if first {
+                // No sample here (a last batch smaller than the parts): a zero gradient.
+                let keys = self.acc_keys.clone();
+                self.stepper.visit_mut(&keys, &mut |_, mut v| {
+                    v.fill(0.0);
+                    Ok(())
+                })?;
+            }
+            // The loss terms, weighted, and whether any process failed, summed over all.
+            let opt = |x: Option<f64>, w: f64| [x.map_or(0.0, |v| v * w), if x.is_some() { w } else { 0.0 }];
+            let mut v: Vec<f64> = vec![f64::from(u8::from(failed.is_some()))];
+            for (s, w) in &parts {
+                let mut row = vec![s.loss * w, s.dagr_loss * w, s.dispersion * w];
+                row.extend(opt(s.task_loss, *w));
+                row.extend(opt(s.anchoring, *w));
+                row.extend(opt(s.pareto_alpha, *w));
+                if v.len() == 1 {
+                    v.extend(row);
+                } else {
+                    v.iter_mut().skip(1).zip(row).for_each(|(a, b)| *a += b);
+                }
+            }
+            v.resize(10, 0.0);
+            let started = std::time::Instant::now();
+            comm.sum_f64(&mut v)?;
+            self.collective_time += started.elapsed();
+            if v[0] > 0.0 {
+                return Err(failed.unwrap_or_else(|| self.non_finite(format!("loss on {} other process(es)", v[0]))));
+            }
+            let ratio = |num: f64, den: f64| (den > 0.0).then(|| num / den);
+            stats = StepStats {
+                loss: v[1],
+                dagr_loss: v[2],
+                dispersion: v[3],
+                task_loss: ratio(v[4], v[5]),
+                anchoring: ratio(v[6], v[7]),
+                pareto_alpha: ratio(v[8], v[9]),
+                grad_norm: 0.0,
+                lr: 0.0,
+            };
+            let started = std::time::Instant::now();
+            let keys = self.acc_keys.clone();
+            self.stepper.visit_mut(&keys, &mut |_, mut v| match v.as_slice_mut() {
+                Some(buf) => comm.sum_f32(buf),
+                None => Err(Error::Internal("a scratch buffer that is not contiguous".into())),
+            })?;
+            self.collective_time += started.elapsed();
+        } else if let Some(e) = failed {
+            return Err(e);
+        } else if first {
             return Err(Error::Data("a step with no samples".into()));
         }
         let (lr, feed) = self.next_scalars();
@@ -764,10 +889,25 @@ impl Trainer {
         self.stepper.commit();
         self.progress.step += 1;
         self.first_step_done.get_or_insert_with(std::time::Instant::now);
-        let mut stats = StepStats::weighted(&parts);
         stats.grad_norm = grad_norm;
         stats.lr = lr;
         Ok(stats)
+    }
+
+    /// A fingerprint of the whole state (every bit of every tensor, in key order): processes
+    /// that hold the same state have the same fingerprint.
+    pub fn state_fingerprint(&self) -> Result<u64> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        self.stepper.visit_state(&mut |key, v| {
+            for b in key.bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            for x in v.iter() {
+                h = (h ^ u64::from(x.to_bits())).wrapping_mul(0x0100_0000_01b3);
+            }
+            Ok(())
+        })?;
+        Ok(h)
     }
 
     // ---- checkpoints -------------------------------------------------------------------
@@ -1169,6 +1309,9 @@ pub struct Run<'a> {
     pub new_settings: bool,
     /// Stop after this many steps (for tests and benchmarks).
     pub max_steps: Option<usize>,
+    /// The processes of a data-parallel run (`dagr_dist::Alone` for one): each takes its
+    /// share of every batch; process 0 alone writes the run's files (see `fit`).
+    pub comm: &'a dyn dagr_dist::Collective,
 }
 
 #[derive(Debug, Serialize)]
@@ -1191,6 +1334,10 @@ pub struct EpochLog {
     /// filling the state, one step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_step_seconds: Option<f64>,
+    /// In a data-parallel run: the part of `step_seconds` process 0 spent in the collectives
+    /// (summing gradients and loss terms, sharing BatchNorm statistics, waiting for the others).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collective_seconds: Option<f64>,
 }
 
 /// What a training run tells its caller as it goes, and how the caller stops it. The library
@@ -1296,6 +1443,9 @@ pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Resu
     if run.max_steps == Some(0) {
         return Err(Error::Config("the step limit must be at least 1".into()));
     }
+    if run.comm.rank() != 0 {
+        return fit_worker(run, settings, callbacks);
+    }
     let model = onnx::load(run.model)?;
     let record = record_of(&model)?;
     let original = run
@@ -1379,6 +1529,60 @@ pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Resu
     }
     drop(lock);
     result
+}
+
+/// A process of a data-parallel run other than process 0: the same steps over its share of
+/// each batch, resuming from process 0's checkpoint (read, never written), and nothing
+/// written: no lock, log, checkpoint or model (process 0 writes them).
+fn fit_worker(run: &Run, settings: Settings, cb: &mut dyn Callbacks) -> Result<Fitted> {
+    let mut t = Trainer::new_for(run.model, settings.clone(), &std::env::temp_dir(), run.comm.size())?;
+    let model = onnx::load(run.model)?;
+    let record = record_of(&model)?;
+    let original = run
+        .original
+        .map(Path::to_path_buf)
+        .or_else(|| record.original.as_ref().map(PathBuf::from));
+    let data = RunInputs::load(run, &t, original)?;
+    if run.resume && checkpoint::exists(run.out) {
+        t.load_checkpoint(run.out, run.new_settings)?;
+    }
+    t.total_steps = data.per_epoch * settings.epochs;
+    let mut fitted = Fitted::default();
+    while t.progress.epoch < settings.epochs {
+        train_epoch(run, &mut t, &data, cb)?;
+        same_state_everywhere(&t, run.comm)?;
+        if run.max_steps.is_some_and(|m| t.progress.step >= m) {
+            break;
+        }
+    }
+    fitted
+        .notices
+        .push(format!("process {} of {}: done", run.comm.rank(), run.comm.size()));
+    Ok(fitted)
+}
+
+/// Stop the run where the processes of a data-parallel run no longer hold the same state (a
+/// cheap fingerprint of it, compared once per epoch).
+fn same_state_everywhere(t: &Trainer, comm: &dyn dagr_dist::Collective) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let h = t.state_fingerprint()?;
+    // Exact in f64: two 32-bit halves; max(x) == -max(-x) on every process iff all agree.
+    let (hi, lo) = ((h >> 32) as f64, (h & 0xffff_ffff) as f64);
+    let mut v = [hi, lo, -hi, -lo];
+    comm.max_f64(&mut v)?;
+    if v[0] != -v[2] || v[1] != -v[3] {
+        return Err(Error::Runtime {
+            backend: "mpi".into(),
+            message: format!(
+                "after epoch {} the processes hold different parameters (process {} differs from another)\n  hint: every process must run the same build, backend and `threads` on the same data; the last checkpoint is intact",
+                t.progress.epoch,
+                comm.rank()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Keep the log lines of the epochs up to `epoch` (a resumed run writes the later ones anew);
@@ -1543,7 +1747,13 @@ fn train_epoch(
     let mut stats = Vec::with_capacity(batches.len());
     let mut samples = 0usize;
     for rows in &batches {
-        if cb.should_stop() {
+        // Every process stops before the same step (a signal may reach them at different
+        // steps).
+        let mut stop = [f64::from(u8::from(cb.should_stop()))];
+        if run.comm.size() > 1 {
+            run.comm.max_f64(&mut stop)?;
+        }
+        if stop[0] > 0.0 {
             return Err(Error::Interrupted(format!(
                 "interrupted during epoch {}{}",
                 t.progress.epoch + 1,
@@ -1558,7 +1768,7 @@ fn train_epoch(
                 }
             )));
         }
-        let s = t.step(data.train.batch(rows)).map_err(|e| match e {
+        let s = t.step_with(data.train.batch(rows), run.comm).map_err(|e| match e {
             Error::NonFinite { .. } if checkpoint::exists(run.out) => Error::Data(format!(
                 "{e}\n  the last good checkpoint is {} (epoch {})",
                 run.out.join(checkpoint::FILE).display(),
@@ -1610,7 +1820,7 @@ fn fit_in(
     original: Option<PathBuf>,
     started: std::time::Instant,
 ) -> Result<Fitted> {
-    let mut t = Trainer::new_in(run.model, settings.clone(), run.out)?;
+    let mut t = Trainer::new_for(run.model, settings.clone(), run.out, run.comm.size())?;
     let data = RunInputs::load(run, &t, original)?;
     let mut fitted = Fitted {
         files: [MODEL_FILE, STEP_FILE, checkpoint::FILE, LOG_FILE]
@@ -1646,7 +1856,9 @@ fn fit_in(
     t.total_steps = data.per_epoch * settings.epochs;
     while t.progress.epoch < settings.epochs {
         let backend_before = t.backend_time;
+        let collective_before = t.collective_time;
         let (stats, samples, took) = train_epoch(run, &mut t, &data, cb)?;
+        same_state_everywhere(&t, run.comm)?;
         let secs = took.as_secs_f64();
         let log = EpochLog {
             epoch: t.progress.epoch,
@@ -1657,6 +1869,7 @@ fn fit_in(
             samples_per_second: samples as f64 / secs,
             step_seconds: secs,
             backend_seconds: (t.backend_time - backend_before).as_secs_f64(),
+            collective_seconds: (run.comm.size() > 1).then(|| (t.collective_time - collective_before).as_secs_f64()),
             first_step_seconds: match (fitted.logs.is_empty(), t.first_step_done) {
                 (true, Some(at)) => Some(at.duration_since(started).as_secs_f64()),
                 _ => None,
