@@ -44,7 +44,6 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
     import numpy as np
-    import onnx
     torch = bench_scale._torch()
     torch.manual_seed(0)
     cores = os.cpu_count()
@@ -58,11 +57,7 @@ def main():
         data = os.path.join(tmp, "data.npz")
         np.savez(data, audio=a.numpy(), visual=v.numpy(), y=y.numpy())
         src = os.path.join(tmp, "model.onnx")
-        torch.onnx.export(model, (a[:2], v[:2]), src, dynamo=False, input_names=["audio", "visual"],
-                          output_names=["logits"], dynamic_axes={"audio": {0: "batch"}, "visual": {0: "batch"},
-                                                                 "logits": {0: "batch"}},
-                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
-        onnx.save(onnx.load(src), src, save_as_external_data=True, location="model.onnx.data")
+        bench_scale.export(model, a, v, src)
         train = os.path.join(tmp, "model.train.onnx")
         subprocess.run([BIN, src, "--encoders", "audio_encoder,visual_encoder", "--logits", "logits",
                         "--labels", "y", "--train", "-o", train], check=True, capture_output=True)

@@ -132,6 +132,18 @@ def shape_for(millions, d_in=256, d=256, depth=4):
     return dict(d_in=d_in, width=w, depth=depth, d=d, classes=10)
 
 
+def export(model, a, v, path):
+    """Export `model` (legacy exporter, training mode, a dynamic batch) to `path`, its weights
+    as external data in `model.onnx.data` beside it."""
+    import onnx
+    torch = _torch()
+    torch.onnx.export(model, (a[:2], v[:2]), path, dynamo=False, input_names=["audio", "visual"],
+                      output_names=["logits"], dynamic_axes={"audio": {0: "batch"}, "visual": {0: "batch"},
+                                                             "logits": {0: "batch"}},
+                      training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+    onnx.save(onnx.load(path), path, save_as_external_data=True, location="model.onnx.data")
+
+
 def measured(cmd, env=None):
     """Run `cmd` in a child of a fresh Python process; (its stdout, peak RSS in MB, wall s)."""
     wrapper = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "
@@ -162,7 +174,6 @@ def main():
                     help="how `train` keeps the state (its --state-update)")
     args = ap.parse_args()
     import numpy as np
-    import onnx
     torch = _torch()
     torch.manual_seed(0)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -181,13 +192,7 @@ def main():
             data = os.path.join(tmp, "data.npz")
             np.savez(data, audio=a.numpy(), visual=v.numpy(), y=y.numpy())
             src = os.path.join(tmp, "model.onnx")
-            torch.onnx.export(model, (a[:2], v[:2]), src, dynamo=False, input_names=["audio", "visual"],
-                              output_names=["logits"], dynamic_axes={"audio": {0: "batch"}, "visual": {0: "batch"},
-                                                                     "logits": {0: "batch"}},
-                              training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
-            m = onnx.load(src)
-            onnx.save(m, src, save_as_external_data=True, location="model.onnx.data")
-            del m
+            export(model, a, v, src)
             graph_dir = os.path.join(tmp, "graph")
             os.makedirs(graph_dir)
             train = os.path.join(graph_dir, "model.train.onnx")

@@ -218,3 +218,74 @@ fn descendants(pid: u32) -> Vec<u32> {
     }
     out
 }
+
+/// Two processes as the trainer sees them through `Collective`: the other holds `other`'s
+/// fingerprint halves (the maxima are taken with them).
+struct Pair {
+    other: [f64; 4],
+}
+
+impl dagr_inject::dist::Collective for Pair {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        2
+    }
+    fn sum_f32(&self, _: &mut [f32]) -> dagr_inject::Result<()> {
+        unreachable!()
+    }
+    fn sum_f64(&self, _: &mut [f64]) -> dagr_inject::Result<()> {
+        unreachable!()
+    }
+    fn max_f64(&self, buf: &mut [f64]) -> dagr_inject::Result<()> {
+        for (b, o) in buf.iter_mut().zip(self.other) {
+            *b = b.max(o);
+        }
+        Ok(())
+    }
+    fn broadcast_f32(&self, _: &mut [f32]) -> dagr_inject::Result<()> {
+        unreachable!()
+    }
+}
+
+/// The per-epoch check: processes whose states agree pass; a state that differs in one bit of
+/// one parameter stops the run.
+#[test]
+fn processes_holding_different_states_are_stopped() {
+    use dagr_inject::dagr::optim::Optimizer;
+    use dagr_inject::train::{same_state_everywhere, Trainer};
+    let dir = tempfile::tempdir().unwrap();
+    let graph = training_graph("av_mlp.legacy.onnx", &["logits".into()], dir.path());
+    let mut settings = crate::train_loop::settings(
+        Optimizer::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        },
+        0.01,
+        dagr_inject::runtime::Backend::Ort,
+    );
+    settings.threads = Some(1);
+    let t = Trainer::new(&graph, settings).unwrap();
+    let halves = |h: u64| {
+        let (hi, lo) = ((h >> 32) as f64, (h & 0xffff_ffff) as f64);
+        [hi, lo, -hi, -lo]
+    };
+    let same = t.state_fingerprint().unwrap();
+    same_state_everywhere(&t, &Pair { other: halves(same) }).unwrap();
+    // The other process: one parameter one bit apart.
+    let mut state = t.state().unwrap();
+    let key = state.keys().find(|k| k.starts_with("param/")).unwrap().clone();
+    let v = state.get_mut(&key).unwrap();
+    let x = v.iter_mut().next().unwrap();
+    *x = f32::from_bits(x.to_bits() ^ 1);
+    let mut u = Trainer::new(&graph, t.settings.clone()).unwrap();
+    u.set_state(&state).unwrap();
+    let other = u.state_fingerprint().unwrap();
+    assert_ne!(other, same);
+    let e = same_state_everywhere(&t, &Pair { other: halves(other) })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("different parameters"), "{e}");
+}

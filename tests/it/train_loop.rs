@@ -80,7 +80,7 @@ const STATE_RUNS: [(Backend, StateUpdate); 3] = [
     (Backend::Ort, StateUpdate::InPlace),
 ];
 
-fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
+pub fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
     Settings {
         epochs: 1,
         batch_size: 8,

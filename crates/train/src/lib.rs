@@ -265,20 +265,11 @@ impl StepStats {
     /// the learning rate is the last step's.
     pub fn mean(steps: &[StepStats]) -> StepStats {
         let n = steps.len().max(1) as f64;
-        let avg = |f: fn(&StepStats) -> f64| steps.iter().map(f).sum::<f64>() / n;
-        let avg_opt = |f: fn(&StepStats) -> Option<f64>| {
-            let v: Vec<f64> = steps.iter().filter_map(f).collect();
-            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-        };
+        let parts: Vec<(StepStats, f64)> = steps.iter().map(|s| (s.clone(), 1.0 / n)).collect();
         StepStats {
-            loss: avg(|s| s.loss),
-            task_loss: avg_opt(|s| s.task_loss),
-            dagr_loss: avg(|s| s.dagr_loss),
-            dispersion: avg(|s| s.dispersion),
-            anchoring: avg_opt(|s| s.anchoring),
-            pareto_alpha: avg_opt(|s| s.pareto_alpha),
-            grad_norm: avg(|s| s.grad_norm),
+            grad_norm: steps.iter().map(|s| s.grad_norm).sum::<f64>() / n,
             lr: steps.last().map_or(0.0, |s| s.lr),
+            ..Self::weighted(&parts)
         }
     }
 }
@@ -630,6 +621,11 @@ impl Trainer {
     /// Every state tensor (`param/`, `bn/`, `m/`, `v/` keys), copied from the backend.
     pub fn state(&self) -> Result<StateValues> {
         self.stepper.state()
+    }
+
+    /// Replace state tensors by key (each keeps its shape; keys not given are kept).
+    pub fn set_state(&mut self, values: &StateValues) -> Result<()> {
+        self.stepper.set_state(values)
     }
 
     /// One training step on `batch`: forward, backward and the optimizer update, all in the
@@ -1563,7 +1559,7 @@ fn fit_worker(run: &Run, settings: Settings, cb: &mut dyn Callbacks) -> Result<F
 
 /// Stop the run where the processes of a data-parallel run no longer hold the same state (a
 /// cheap fingerprint of it, compared once per epoch).
-fn same_state_everywhere(t: &Trainer, comm: &dyn dagr_dist::Collective) -> Result<()> {
+pub fn same_state_everywhere(t: &Trainer, comm: &dyn dagr_dist::Collective) -> Result<()> {
     if comm.size() == 1 {
         return Ok(());
     }
