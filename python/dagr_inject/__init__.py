@@ -126,13 +126,14 @@ def run(*args):
 
 
 def train(model, data, out, *, val=None, original=None, epochs=1, batch_size=None, lr=None,
-          optimizer=None, backend="ort", seed=None, extra=()):
+          optimizer=None, backend="ort", seed=None, grad_accum=None, extra=()):
     """Train a training graph (a path written from `inject(..., train=True)`) on `data` (.npz),
     as `dagr-inject train`, in this process; returns the epoch logs (`out/log.jsonl`) as dicts.
+    `grad_accum`: micro-batches per step (`--grad-accum`); other flags go in `extra`.
     Raises RuntimeError when the run fails (its message is printed)."""
     args = ["train", model, "--data", data, "--out", out, "--epochs", epochs, "--backend", backend]
     for flag, v in (("--val", val), ("--original", original), ("--batch-size", batch_size), ("--lr", lr),
-                    ("--optimizer", optimizer), ("--seed", seed)):
+                    ("--optimizer", optimizer), ("--seed", seed), ("--grad-accum", grad_accum)):
         if v is not None:
             args += [flag, v]
     code = run(*args, *extra)

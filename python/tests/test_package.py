@@ -105,6 +105,11 @@ def test_train_and_export(tmp_path):
     out = run(exported, feed(), ENTRY["heads"])
     before = run(onnx.load(MODEL), feed(), ENTRY["heads"])
     assert not np.array_equal(out[ENTRY["heads"][0]], before[ENTRY["heads"][0]])
+    # Two micro-batches per step: the gradient graph beside the update graph.
+    logs = dagr_inject.train(str(graph), str(data), str(tmp_path / "accum"), epochs=1, batch_size=4, lr=0.05,
+                             grad_accum=2)
+    assert len(logs) == 1 and np.isfinite(logs[0]["loss"])
+    assert (tmp_path / "accum" / "step.grad.onnx").exists()
 
 
 def test_the_command_is_on_path(tmp_path):

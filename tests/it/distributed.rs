@@ -43,20 +43,10 @@ fn train_args(graph: &Path, data: &Path, out: &Path, backend: &str, epochs: usiz
         &["--optimizer", "adamw", "--lr", "0.003", "--clip-grad-norm", "0.5"]
     };
     a.extend(opt.iter().map(|s| s.to_string()));
-    a.extend(
-        [
-            "--batch-size",
-            "8",
-            "--seed",
-            "4",
-            "--threads",
-            "1",
-            "--backend",
-            backend,
-            "--out",
-        ]
-        .map(String::from),
-    );
+    if !extra.contains(&"--batch-size") {
+        a.extend(["--batch-size", "8"].map(String::from));
+    }
+    a.extend(["--seed", "4", "--threads", "1", "--backend", backend, "--out"].map(String::from));
     a.push(out.to_str().unwrap().into());
     a.extend(
         extra
@@ -82,35 +72,35 @@ fn ok(mut c: Command, what: &str) {
 #[test]
 fn processes_equal_one_process_accumulating_their_shares() {
     let dir = tempfile::tempdir().unwrap();
-    for (model, logits, n, opt) in [
-        ("av_mlp.legacy.onnx", vec!["logits".to_string()], 2, "adamw"),
+    // (model, heads, processes, micro-batches each, batch, optimizer): the last runs 3 x 2 parts
+    // of batches of 10 over 24 samples, so the last batch (4) leaves process 2 no sample.
+    for (model, logits, n, k, batch, opt) in [
+        ("av_mlp.legacy.onnx", vec!["logits".to_string()], 2, 1, 8, "adamw"),
         (
             "av_cnn.legacy.onnx",
             vec!["logits".into(), "logits_audio".into(), "logits_visual".into()],
             3,
+            1,
+            8,
             "sgd",
         ),
+        ("av_mlp.legacy.onnx", vec!["logits".to_string()], 3, 2, 10, "adamw"),
     ] {
         let graph = training_graph(model, &logits, dir.path());
         let base = model.split('.').next().unwrap();
         let data = root().join(format!("fixtures/optim_data_{base}.npz"));
         for backend in ["tract", "ort"] {
-            let tag = format!("{base}, {n} processes, {backend}");
-            let dist = dir.path().join(format!("{base}-{backend}-dist"));
-            let one = dir.path().join(format!("{base}-{backend}-one"));
+            let tag = format!("{base}, {n} processes x {k} micro-batches, {backend}");
+            let dist = dir.path().join(format!("{base}-{n}-{k}-{backend}-dist"));
+            let one = dir.path().join(format!("{base}-{n}-{k}-{backend}-one"));
+            let (k_s, nk_s, b_s) = (k.to_string(), (n * k).to_string(), batch.to_string());
             let mut c = mpirun(n);
-            c.arg(exe())
-                .args(train_args(&graph, &data, &dist, backend, 2, &["--distributed", opt]));
+            let flags = ["--distributed", "--grad-accum", &k_s, "--batch-size", &b_s, opt];
+            c.arg(exe()).args(train_args(&graph, &data, &dist, backend, 2, &flags));
             ok(c, &tag);
             let mut c = Command::cargo_bin("dagr-inject").unwrap();
-            c.args(train_args(
-                &graph,
-                &data,
-                &one,
-                backend,
-                2,
-                &["--grad-accum", &n.to_string(), opt],
-            ));
+            let flags = ["--grad-accum", &nk_s, "--batch-size", &b_s, opt];
+            c.args(train_args(&graph, &data, &one, backend, 2, &flags));
             ok(c, &tag);
             let (a, b) = (checkpoint_state(&dist), checkpoint_state(&one));
             let mut params = 0;
@@ -126,6 +116,7 @@ fn processes_equal_one_process_accumulating_their_shares() {
             assert!(params > 0 && a.len() == b.len(), "{tag}: {:?}", a.keys());
             let log = std::fs::read_to_string(dist.join("log.jsonl")).unwrap();
             assert_eq!(log.lines().count(), 2, "{tag}: one log line per epoch, from process 0");
+            assert!(log.contains("collective_seconds"), "{tag}: {log}");
         }
     }
 }
