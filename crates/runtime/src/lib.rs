@@ -123,7 +123,8 @@ pub struct GraphSpec<'a> {
 }
 
 impl StepSpec<'_> {
-    /// The graph writing each key (checked: at most one), and every key any graph uses.
+    /// The graph writing each key, checked: at most one per key, a shape for every key any
+    /// graph uses, and a writer (or a scratch buffer) for every key a graph only reads.
     pub fn writers(&self) -> Result<BTreeMap<&str, usize>> {
         let mut writer: BTreeMap<&str, usize> = BTreeMap::new();
         for (gi, g) in self.graphs.iter().enumerate() {
