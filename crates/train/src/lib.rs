@@ -635,15 +635,7 @@ impl Trainer {
     /// is not finite (with micro-batches: the parameters and optimizer state; the BatchNorm
     /// statistics keep the updates of the micro-batches before the one that failed).
     pub fn step(&mut self, batch: Tensors) -> Result<StepStats> {
-        if !self.split {
-            return self.whole_step(batch);
-        }
-        let rows = batch_rows(&batch)?;
-        let parts = self.settings.grad_accum;
-        let micro: Vec<Tensors> = (0..parts)
-            .map(|j| slice_rows(&batch, part_range(rows, parts, j)))
-            .collect::<Result<_>>()?;
-        self.accumulated_step(micro, rows, 0)
+        self.step_with(batch, &dagr_dist::Alone)
     }
 
     /// The learning rate of the next step, and the feed of its per-step scalars.
@@ -730,22 +722,15 @@ impl Trainer {
         Ok(stats)
     }
 
-    /// One step over `micro` batches that hold part of a step of `total_rows` samples (the
-    /// others, if any, are other processes'): each gradient is summed with its weight
-    /// `rows / total_rows`, then the update. `first_part`: the index of `micro[0]` among all the
-    /// step's parts (it seeds the Dropout masks).
-    pub fn accumulated_step(&mut self, micro: Vec<Tensors>, total_rows: usize, first_part: usize) -> Result<StepStats> {
-        self.accumulate(micro, total_rows, first_part, &dagr_dist::Alone)
-    }
-
     /// One step of a data-parallel run over `batch`, the same global batch on every process of
     /// `comm`: this process takes its `grad_accum` parts of the batch's `processes x grad_accum`
     /// (as `np.array_split`), the processes sum their weighted gradients (and their loss terms)
     /// before the update, which every process then makes alike, and process 0's BatchNorm
-    /// statistics become everyone's (as DDP's `broadcast_buffers`). With one process, `step`.
+    /// statistics become everyone's (as DDP's `broadcast_buffers`). `step` is this with one
+    /// process (`Alone`).
     pub fn step_with(&mut self, batch: Tensors, comm: &dyn dagr_dist::Collective) -> Result<StepStats> {
-        if comm.size() == 1 {
-            return self.step(batch);
+        if !self.split {
+            return self.whole_step(batch);
         }
         let rows = batch_rows(&batch)?;
         let k = self.settings.grad_accum;
@@ -755,18 +740,30 @@ impl Trainer {
             .map(|j| slice_rows(&batch, part_range(rows, parts, j)))
             .collect::<Result<_>>()?;
         let stats = self.accumulate(micro, rows, first, comm)?;
-        if !self.bn_keys.is_empty() {
-            let started = std::time::Instant::now();
+        if comm.size() > 1 && !self.bn_keys.is_empty() {
             let keys = self.bn_keys.clone();
-            self.stepper.visit_mut(&keys, &mut |_, mut v| match v.as_slice_mut() {
-                Some(buf) => comm.broadcast_f32(buf),
-                None => Err(Error::Internal("a state buffer that is not contiguous".into())),
-            })?;
-            self.collective_time += started.elapsed();
+            self.collective_on(&keys, &mut |buf| comm.broadcast_f32(buf))?;
         }
         Ok(stats)
     }
 
+    /// Apply the collective `op` to each of `keys` (state or scratch) where the backend keeps it,
+    /// timed in `collective_time`.
+    fn collective_on(&mut self, keys: &[String], op: &mut dyn FnMut(&mut [f32]) -> Result<()>) -> Result<()> {
+        let started = std::time::Instant::now();
+        self.stepper.visit_mut(keys, &mut |key, mut v| match v.as_slice_mut() {
+            Some(buf) => op(buf),
+            None => Err(Error::Internal(format!("the buffer of '{key}' is not contiguous"))),
+        })?;
+        self.collective_time += started.elapsed();
+        Ok(())
+    }
+
+    /// One step over `micro` batches that hold part of a step of `total_rows` samples (the
+    /// others, if any, are other processes'): each gradient is summed with its weight
+    /// `rows / total_rows`, the sums and loss terms summed over `comm`, then the update.
+    /// `first_part`: the index of `micro[0]` among all the step's parts (it seeds the Dropout
+    /// masks).
     fn accumulate(
         &mut self,
         micro: Vec<Tensors>,
@@ -864,13 +861,8 @@ impl Trainer {
                 grad_norm: 0.0,
                 lr: 0.0,
             };
-            let started = std::time::Instant::now();
             let keys = self.acc_keys.clone();
-            self.stepper.visit_mut(&keys, &mut |_, mut v| match v.as_slice_mut() {
-                Some(buf) => comm.sum_f32(buf),
-                None => Err(Error::Internal("a scratch buffer that is not contiguous".into())),
-            })?;
-            self.collective_time += started.elapsed();
+            self.collective_on(&keys, &mut |buf| comm.sum_f32(buf))?;
         } else if let Some(e) = failed {
             return Err(e);
         } else if first {
