@@ -106,8 +106,8 @@ def test_train_and_export(tmp_path):
     before = run(onnx.load(MODEL), feed(), ENTRY["heads"])
     assert not np.array_equal(out[ENTRY["heads"][0]], before[ENTRY["heads"][0]])
     # Two micro-batches per step: the gradient graph beside the update graph.
-    logs = dagr_inject.train(str(graph), str(data), str(tmp_path / "accum"), epochs=1, batch_size=4, lr=0.05,
-                             grad_accum=2)
+    logs = dagr_inject.train(str(graph), str(data), str(tmp_path / "accum"), original=str(MODEL), epochs=1,
+                             batch_size=4, lr=0.05, grad_accum=2)
     assert len(logs) == 1 and np.isfinite(logs[0]["loss"])
     assert (tmp_path / "accum" / "step.grad.onnx").exists()
 
