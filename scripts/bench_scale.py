@@ -2,7 +2,7 @@
 loop doing the same work (same model, weights, batch, optimizer, threads), side by side.
 
     cargo build --release
-    python scripts/bench_scale.py [--sizes 10,138] [--steps 4] [--batch 32]
+    python scripts/bench_scale.py [--sizes 10,138] [--steps 4] [--batch 32] [--device cuda]
 
 needs torch, onnx, onnxruntime (scripts/requirements-bench.txt). For each size (millions of
 parameters) it builds a two-tower MLP (audio and visual towers of equal width, a fused head),
@@ -24,6 +24,7 @@ bytes, and against `cp` followed by fsync (inject makes every file it writes dur
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -42,10 +43,12 @@ t0 = time.perf_counter()
 import numpy as np, torch, torch.nn.functional as F
 cfg = json.loads(sys.argv[1])
 torch.set_num_threads(cfg["threads"])
+dev = torch.device(cfg["device"])
 sys.path.insert(0, cfg["here"])
 from bench_scale import Towers, dagr
 model = Towers(cfg["d_in"], cfg["width"], cfg["depth"], cfg["d"], cfg["classes"])
 model.load_state_dict(torch.load(cfg["weights"]))
+model.to(dev)
 data = np.load(cfg["data"])
 a, v, y = (torch.from_numpy(data[k]) for k in ("audio", "visual", "y"))
 if cfg["optimizer"] == "sgd":
@@ -58,11 +61,13 @@ for epoch in range(2):
     for s in range(per_epoch):
         t = time.perf_counter()
         b = slice(s * cfg["batch"], (s + 1) * cfg["batch"])
-        za, zv = model.encode(a[b], v[b])
-        loss = F.cross_entropy(model.head(torch.cat([za, zv], 1)), y[b]) + dagr([za, zv])
+        za, zv = model.encode(a[b].to(dev), v[b].to(dev))
+        loss = F.cross_entropy(model.head(torch.cat([za, zv], 1)), y[b].to(dev)) + dagr([za, zv])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         now = time.perf_counter()
         steps_total += now - t
         if first is None:
@@ -71,7 +76,9 @@ for epoch in range(2):
             times.append(now - t)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, os.path.join(cfg["out"], "ckpt.pt"))
     torch.save(model.state_dict(), os.path.join(cfg["out"], "model.pt"))
-print(json.dumps({"first_step": first, "step": sum(times) / max(len(times), 1), "steps_total": steps_total}))
+print(json.dumps({"first_step": first, "step": sum(times) / max(len(times), 1), "steps_total": steps_total,
+                  "max_memory_allocated": torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0,
+                  "max_memory_reserved": torch.cuda.max_memory_reserved() if dev.type == "cuda" else 0}))
 '''
 
 
@@ -144,6 +151,36 @@ def export(model, a, v, path):
     onnx.save(onnx.load(path), path, save_as_external_data=True, location="model.onnx.data")
 
 
+class GpuPeak:
+    """The GPU's peak used memory (NVML, sampled every 10 ms) above what was used when sampling
+    began, in MB: what a process run meanwhile held on the device (its CUDA context, arena and
+    allocations), whatever allocator it used."""
+
+    def __enter__(self):
+        import threading
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self._used = lambda: pynvml.nvmlDeviceGetMemoryInfo(h).used
+        self.base = self._used()
+        self.peak = self.base
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._used())
+                self._stop.wait(0.01)
+
+        self._t = threading.Thread(target=poll, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.mb = (self.peak - self.base) / 1e6
+
+
 def measured(cmd, env=None):
     """Run `cmd` in a child of a fresh Python process; (its stdout, peak RSS in MB, wall s)."""
     wrapper = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "
@@ -170,6 +207,9 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="train on the CPU or on CUDA (then device memory is reported too: ours and "
+                         "PyTorch's, as NVML sees the process, and torch.cuda.max_memory_allocated)")
     ap.add_argument("--state-update", default="auto", choices=["auto", "two-sets", "in-place"],
                     help="how `train` keeps the state (its --state-update)")
     args = ap.parse_args()
@@ -177,7 +217,7 @@ def main():
     torch = _torch()
     torch.manual_seed(0)
     here = os.path.dirname(os.path.abspath(__file__))
-    print(f"machine: {os.cpu_count()} cores; threads {args.threads}; batch {args.batch}; "
+    print(f"machine: {os.cpu_count()} cores, device {args.device}; threads {args.threads}; batch {args.batch}; "
           f"{args.steps} steps in 2 epochs; --state-update {args.state_update}")
     for size in [float(s) for s in args.sizes.split(",")]:
         shp = shape_for(size)
@@ -217,11 +257,12 @@ def main():
                 out = os.path.join(tmp, f"run_{opt}")
                 flags = ["--optimizer", opt] + (["--momentum", "0.9", "--lr", "0.01"] if opt == "sgd" else
                                                 ["--lr", "1e-4"])
-                t = time.perf_counter()
-                _, ours_rss, ours_wall = measured(
-                    [BIN, "train", train, "--data", data, "--epochs", "2", "--batch-size", str(args.batch),
-                     "--backend", "ort", "--threads", str(args.threads), "--original", src, "--out", out,
-                     "--no-shuffle", "--state-update", args.state_update, *flags])
+                cuda = args.device == "cuda"
+                with (GpuPeak() if cuda else contextlib.nullcontext()) as ours_gpu:
+                    _, ours_rss, ours_wall = measured(
+                        [BIN, "train", train, "--data", data, "--epochs", "2", "--batch-size", str(args.batch),
+                         "--backend", "ort", "--threads", str(args.threads), "--original", src, "--out", out,
+                         "--no-shuffle", "--state-update", args.state_update, "--device", args.device, *flags])
                 logs = epoch_logs(out)
                 # Per epoch: the wall time of its steps and the part inside the backend; the
                 # last epoch's steps are warm, as PyTorch's steps after its first.
@@ -231,9 +272,16 @@ def main():
                 tdir = os.path.join(tmp, f"torch_{opt}")
                 os.makedirs(tdir)
                 cfg = dict(shp, threads=args.threads, here=here, weights=weights, data=data, optimizer=opt,
-                           steps=args.steps, batch=args.batch, out=tdir)
-                tout, torch_rss, torch_wall = measured([sys.executable, "-c", TORCH_LOOP, json.dumps(cfg)])
+                           steps=args.steps, batch=args.batch, out=tdir, device=args.device)
+                with (GpuPeak() if cuda else contextlib.nullcontext()) as torch_gpu:
+                    tout, torch_rss, torch_wall = measured([sys.executable, "-c", TORCH_LOOP, json.dumps(cfg)])
                 tr = json.loads(tout.strip().splitlines()[-1])
+                if cuda:
+                    alloc = tr["max_memory_allocated"] / 1e6
+                    print(f"  {opt:5}  device memory (NVML, the whole process): ours {ours_gpu.mb:6.0f} MB, "
+                          f"PyTorch {torch_gpu.mb:6.0f} MB, {ours_gpu.mb / torch_gpu.mb:.2f}x | against "
+                          f"torch.cuda.max_memory_allocated {alloc:6.0f} MB (reserved "
+                          f"{tr['max_memory_reserved'] / 1e6:.0f} MB): {ours_gpu.mb / alloc:.2f}x")
                 around_ours = ours_wall - ours_steps_total
                 around_torch = torch_wall - tr["steps_total"]
                 print(f"  {opt:5}  peak RSS: ours {ours_rss:6.0f} MB, PyTorch {torch_rss:6.0f} MB, "

@@ -16,7 +16,14 @@ PY
 export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # A CUDA session either registers or fails the run: dagr-inject never falls back to the CPU.
-# First correctness (the same AdamW run on CUDA and on the CPU ends in the same state), then speed.
-python3 scripts/check_device_train.py --out "${OUT:-.}"
-python3 scripts/bench_train_device.py --device cuda --out "${OUT:-.}"
-python3 scripts/bench_train_device.py --device cpu --out "${OUT:-.}/cpu"
+# First correctness (the same AdamW run on CUDA and on the CPU ends in the same state, fused and
+# split steps), then device memory against PyTorch at 138M parameters, then speed. Each part
+# runs under its own time limit, and a failing part does not stop the later ones.
+out=${OUT:-.}
+status=0
+part() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$@" || { echo "FAILED ($?): $*"; status=1; }; }
+part 150 python3 scripts/check_device_train.py --out "$out"
+part 200 python3 scripts/bench_scale.py --device cuda --sizes 138 --steps 4 --threads 8
+part 90 python3 scripts/bench_train_device.py --device cuda --out "$out"
+part 90 python3 scripts/bench_train_device.py --device cpu --out "$out/cpu"
+exit $status

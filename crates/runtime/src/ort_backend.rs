@@ -117,7 +117,15 @@ fn builder(cuda: Option<i32>, threads: Option<usize>) -> Result<ort::session::bu
         b = b.with_intra_threads(n).map_err(err)?;
     }
     if let Some(id) = cuda {
-        let ep = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
+        // The arena grows by what is asked (its default doubles each extension: up to twice the
+        // state's device memory); float32 matrix products stay float32 (ONNX Runtime's default
+        // is TF32, PyTorch's is not), so a CUDA run ends where the CPU run does.
+        let ep = ort::ep::CUDA::default()
+            .with_device_id(id)
+            .with_arena_extend_strategy(ort::ep::ArenaExtendStrategy::SameAsRequested)
+            .with_tf32(false)
+            .build()
+            .error_on_failure();
         b = b.with_execution_providers([ep]).map_err(|e| {
             err(format!(
                 "cannot use the CUDA execution provider: {e}\n  hint: install onnxruntime-gpu==1.31.1 (CUDA 13, cuDNN 9) and point ORT_DYLIB_PATH at its libonnxruntime.so, or use `device` cpu"
