@@ -16,8 +16,9 @@ PY
 export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # A CUDA session either registers or fails the run: dagr-inject never falls back to the CPU.
-# First correctness (the same AdamW run on CUDA and on the CPU ends in the same state, fused and
-# split steps), then device memory against PyTorch at 138M parameters, then speed. Each part
+# First correctness (the same runs on CUDA and on the CPU end in the same state, fused and
+# split steps), then device memory against PyTorch at 10M and 138M parameters (both state
+# updates), then speed. DEVICE_CHECK_ONLY=1 stops after the correctness check. Each part
 # runs under its own time limit, and a failing part does not stop the later ones.
 out=${OUT:-.}
 status=0

@@ -363,9 +363,9 @@ fn the_state_is_updated_in_place_only_where_every_read_comes_first() {
     }
 }
 
-/// `--state-update auto`: two sets for a small state and for the 138M-parameter benchmark
-/// model, in place where two sets would pass 1.5x PyTorch's memory (a large model with
-/// momentum or AdamW) or not fit in the free memory.
+/// `--state-update auto`: two sets for a small state and, on the CPU, for the 138M-parameter
+/// benchmark model, in place where two sets would pass 1.5x PyTorch's memory (a large model with
+/// momentum or AdamW; on CUDA, the 138M model already) or not fit in the free memory.
 #[test]
 fn auto_updates_in_place_where_two_sets_cost_too_much() {
     use dagr_inject::runtime::Device;
@@ -392,7 +392,24 @@ fn auto_updates_in_place_where_two_sets_cost_too_much() {
     }
     // Two sets that would not fit in the free memory.
     assert!(auto_in_place(mb(552) * 3, mb(552), Device::Cpu, Some(gib(4))));
-    assert!(!auto_in_place(mb(552) * 3, mb(552), Device::Cuda, Some(gib(4))));
+    // On CUDA the host's free memory does not count, the device's fixed costs do. Measured on an
+    // H200 (`scripts/bench_scale.py --device cuda`, device memory as NVML reports it, against
+    // PyTorch's): 10M parameters, two sets: 1.30x with momentum, 1.29x with AdamW; 138M, two
+    // sets: 1.67x and 1.49x, in place: 1.28x and 1.09x.
+    for (params, slots, want) in [
+        (mb(40), 1, false),
+        (mb(40), 2, false),
+        (mb(552), 1, true),
+        (mb(552), 2, true),
+    ] {
+        let state = params * (1 + slots);
+        assert_eq!(
+            auto_in_place(state, params, Device::Cuda, Some(gib(1))),
+            want,
+            "CUDA: {} MB of parameters, {slots} slots",
+            params >> 20
+        );
+    }
 }
 
 /// `step.onnx` works on its own, as its metadata describes it: fed the batch, the scalars and
