@@ -25,7 +25,7 @@ status=0
 part() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$@" || { echo "FAILED ($?): $*"; status=1; }; }
 part 150 python3 scripts/check_device_train.py --out "$out"
 if [ "${DEVICE_CHECK_ONLY:-0}" = 1 ]; then exit $status; fi
-for mode in auto in-place; do
+for mode in two-sets in-place; do
   part 200 python3 scripts/bench_scale.py --device cuda --sizes 10,138 --steps 4 --threads 8 --state-update $mode
 done
 part 90 python3 scripts/bench_train_device.py --device cuda --out "$out"
