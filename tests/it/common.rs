@@ -110,14 +110,28 @@ pub fn f32_of(t: &Tensors, name: &str) -> ArrayD<f32> {
         .clone()
 }
 
-/// Normwise relative error: max |a - b| / max(max |b|, floor).
+/// Normwise relative error: max |a - b| / max(max |b|, floor); NaN where a difference is.
 pub fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f64>, floor: f64) -> f64 {
     assert_eq!(a.shape(), b.shape(), "shape mismatch");
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(floor);
-    a.iter()
-        .zip(b.iter())
-        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()))
-        / scale
+    max_abs_diff(a, b) / scale
+}
+
+/// The largest |a - b| over paired elements, and NaN if any difference is NaN: `f64::max`
+/// drops a NaN, so a fold with it lets a NaN gradient pass every bound.
+pub fn max_abs_diff<'a, 'b, A, B>(a: impl IntoIterator<Item = &'a A>, b: impl IntoIterator<Item = &'b B>) -> f64
+where
+    A: Copy + Into<f64> + 'a,
+    B: Copy + Into<f64> + 'b,
+{
+    a.into_iter().zip(b).fold(0.0, |m, (x, y)| {
+        let d = ((*x).into() - (*y).into()).abs();
+        if m.is_nan() || d.is_nan() {
+            f64::NAN
+        } else {
+            m.max(d)
+        }
+    })
 }
 
 #[derive(Debug, Deserialize, Clone)]

@@ -130,10 +130,7 @@ fn gradients_match_central_differences() {
             let g = f32_of(&analytic, &grad_names[m]);
             let gt = f32_of(&on_tract, &grad_names[m]);
             let scale = g.iter().fold(1e-4f32, |a, v| a.max(v.abs())) as f64;
-            let parity = g
-                .iter()
-                .zip(gt.iter())
-                .fold(0f64, |a, (x, y)| a.max((x - y).abs() as f64));
+            let parity = max_abs_diff(&g, &gt);
             assert!(
                 parity <= 1e-5 * scale,
                 "{}: tract and ORT gradients differ by {parity:e}",

@@ -93,7 +93,7 @@ fn reference_matches_pytorch() {
         for (m, g) in t.grads.iter().enumerate() {
             let full = reference::reduce_backward(g, zs[m].shape(), cfg.reduce);
             let want = &fx[&format!("{k}/grad{m}")];
-            let err = (&full - want).iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            let err = max_abs_diff(&full, want);
             let scale = want.iter().fold(1e-12f64, |a, v| a.max(v.abs()));
             assert!(err / scale < 1e-9, "{tag}: grad{m} relative error {}", err / scale);
             let _ = g.clone().into_dimensionality::<Ix2>().unwrap();

@@ -3,7 +3,7 @@
 //! same N micro-batches, on both backends; a process killed mid-run stops the others, and the
 //! last checkpoint resumes.
 
-use crate::common::root;
+use crate::common::{max_abs_diff, root};
 use crate::train_loop::{checkpoint_state, training_graph};
 use assert_cmd::cargo::CommandCargoExt;
 use std::path::{Path, PathBuf};
@@ -109,7 +109,7 @@ fn processes_equal_one_process_accumulating_their_shares() {
             for (k, want) in b.iter().filter(|(k, _)| k.starts_with("param/")) {
                 let got = &a[k];
                 let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-                let e = got.iter().zip(want).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                let e = max_abs_diff(got, want) / scale as f64;
                 assert!(e <= 1e-5, "{tag}: {k} differs by {e:e} (relative)");
                 params += 1;
             }

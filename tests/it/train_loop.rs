@@ -358,7 +358,7 @@ fn the_state_is_updated_in_place_only_where_every_read_comes_first() {
     let (a, b, c) = (a.state().unwrap(), b.state().unwrap(), c.state().unwrap());
     assert_eq!(a, b, "in place and two sets differ");
     for (k, v) in &a {
-        let d = v.iter().zip(c[k].iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let d = max_abs_diff(v, &c[k]);
         assert!(d < 1e-5, "{k}: ONNX Runtime in place and tract differ by {d}");
     }
 }
@@ -912,9 +912,7 @@ fn training_mode_dropout_is_fed_its_mask_and_trains_alike_on_both_backends() {
         nesterov: false,
         weight_decay: 0.0,
     };
-    let max_diff = |x: &ndarray::ArrayD<f32>, y: &ndarray::ArrayD<f32>| {
-        x.iter().zip(y.iter()).fold(0f32, |m, (p, q)| m.max((p - q).abs()))
-    };
+    let max_diff = |x: &ndarray::ArrayD<f32>, y: &ndarray::ArrayD<f32>| max_abs_diff(x, y);
     let t = Trainer::new(&graph, settings(sgd, 0.05, Backend::Tract)).unwrap();
     let data = Dataset::load(&data_path, &idx, &t.data_inputs(&idx), None).unwrap();
     assert!(!t.data_inputs(&idx).contains(&mask.input), "the mask is not data");
