@@ -35,6 +35,8 @@ pub enum Gen {
     Unit,
     /// Values in [1.2, 3] (Acosh).
     AboveOne,
+    /// `AwayFromZero`, with exact zeros at these flat indices (ReduceProd's zeros).
+    ZerosAt(&'static [usize]),
 }
 
 /// The backends that run a case's forward op as the spec says.

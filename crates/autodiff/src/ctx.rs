@@ -185,8 +185,12 @@ impl<'a> Ctx<'a> {
         self.op("Shape", &[t])
     }
     pub fn reduce_sum(&mut self, x: &str, axes: &[i64], keepdims: bool) -> String {
+        self.reduce("ReduceSum", x, axes, keepdims)
+    }
+    /// A reduction `op` over constant `axes` (an attribute or an input, as the opset wants).
+    pub fn reduce(&mut self, op: &str, x: &str, axes: &[i64], keepdims: bool) -> String {
         let h = format!("grad/{}", self.hint());
-        self.b.reduce("ReduceSum", x, Some(axes), keepdims, &h)
+        self.b.reduce(op, x, Some(axes), keepdims, &h)
     }
     pub fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> String {
         let h = format!("grad/{}", self.hint());

@@ -154,7 +154,7 @@ rules! {
     "ReduceLogSumExp" => Vjp(shape::reduce_log_sum_exp), "dX = expand(g) exp(X - Y)";
     "ReduceMax" => Vjp(shape::reduce_extremum), "dX = expand(g) [X = Y] / count(X = Y)";
     "ReduceMin" => Vjp(shape::reduce_extremum), "dX = expand(g) [X = Y] / count(X = Y)";
-    "ReduceProd" => Vjp(shape::reduce_prod), "dX = expand(g) Y / X (X without zeros)";
+    "ReduceProd" => Vjp(shape::reduce_prod), "dX = expand(g) times the product of the others (zeros included)";
     "GlobalMaxPool" => Vjp(shape::global_max_pool), "dX = expand(g) [X = Y] / count(X = Y)";
     "Tile" => Vjp(shape::tile), "dX = sum over the repeats of g";
     "Trilu" => Vjp(shape::trilu), "dX = trilu(g)";

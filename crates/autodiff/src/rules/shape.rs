@@ -333,7 +333,25 @@ fn reduce(c: &mut Ctx, g: &[Option<String>], need: &[bool], kind: Reduction) -> 
             };
             Some(c.op("Div", &[&m, &count]))
         }
-        Reduction::Prod => Some(c.op("Div", &[&yk, &x])),
+        Reduction::Prod if sorted.is_empty() => None,
+        Reduction::Prod => {
+            // d/dX_i of the product is the product of the others. Y / X where no element is
+            // zero; with zeros, the product of the others' non-zero elements where none of the
+            // others is zero, and 0 where one is: with X' = X with its zeros replaced by 1,
+            // P' = prod(X') and Z_i = [X_i = 0], the derivative is
+            // Where(sum(Z) - Z_i = 0, P' / X'_i, 0).
+            let zero = c.scalar(0.0);
+            let one = c.scalar(1.0);
+            let z = c.op("Equal", &[&x, &zero]);
+            let x1 = c.op("Where", &[&z, &one, &x]);
+            let p1 = c.reduce("ReduceProd", &x1, &sorted, true);
+            let zf = c.to_float(&z);
+            let count = c.reduce_sum(&zf, &sorted, true);
+            let others = c.op("Sub", &[&count, &zf]);
+            let none = c.op("Equal", &[&others, &zero]);
+            let q = c.op("Div", &[&p1, &x1]);
+            Some(c.op("Where", &[&none, &q, &zero]))
+        }
     };
     v[0] = Some(match local {
         Some(d) => c.op("Mul", &[&ex, &d]),
@@ -522,7 +540,7 @@ pub fn gather_nd(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 pub fn cases() -> Vec<crate::cases::Case> {
     use crate::cases::*;
     use dagr_onnx::builder::{attr_int, attr_ints, attr_string};
-    use Gen::{Distinct, Positive};
+    use Gen::{Distinct, Positive, ZerosAt};
     vec![
         // A repeated index: its gradients add up.
         case(
@@ -584,6 +602,13 @@ pub fn cases() -> Vec<crate::cases::Case> {
             .attrs(vec![attr_int("keepdims", 0)])
             .gen(Distinct),
         case("reduce_prod", "ReduceProd", vec![x(&[2, 3, 4])]).attrs(vec![attr_ints("axes", &[2])]),
+        // Rows of four along axis 2 with one zero (indices 1, 15), two zeros (4, 6) and none.
+        case("reduce_prod_zeros", "ReduceProd", vec![x(&[2, 3, 4]), ints(&[2])])
+            .opset(18)
+            .gen(ZerosAt(&[1, 4, 6, 15])),
+        case("reduce_prod_zeros_all", "ReduceProd", vec![x(&[2, 3])])
+            .attrs(vec![attr_int("keepdims", 0)])
+            .gen(ZerosAt(&[2])),
         case("global_max_pool", "GlobalMaxPool", vec![x(&[2, 3, 4, 5])]).gen(Distinct),
         case("tile", "Tile", vec![x(&[2, 3]), ints(&[2, 3])]),
         case("trilu_lower_k", "Trilu", vec![x(&[2, 3, 4]), In::Ints(vec![], vec![1])])
