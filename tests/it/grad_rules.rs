@@ -231,13 +231,13 @@ fn gather_gradients_below_opset_16_say_why() {
 /// element-wise op, of a few that shape inference knows, that the registry has no rule for).
 #[test]
 fn an_op_without_a_rule_is_named() {
-    let Some(op) = ["DepthToSpace", "SpaceToDepth", "Hardmax2"]
+    let Some(op) = ["Det", "Hardmax2"]
         .into_iter()
         .find(|op| rules::lookup("", op).is_none())
     else {
         panic!("every candidate has a rule now: list an op the registry has no rule for");
     };
-    let c = case("norule", op, vec![x(&[1, 4, 2, 2])]);
+    let c = case("norule", op, vec![x(&[2, 3, 3])]);
     match try_build(&c).map(|_| ()) {
         Err(dagr_inject::Error::NoGradientRule { op: o, node }) => {
             assert_eq!((o.as_str(), node.as_str()), (op, format!("op/{op}").as_str()));

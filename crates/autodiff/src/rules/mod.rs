@@ -158,6 +158,10 @@ rules! {
     "GlobalMaxPool" => Vjp(shape::global_max_pool), "dX = expand(g) [X = Y] / count(X = Y)";
     "Tile" => Vjp(shape::tile), "dX = sum over the repeats of g";
     "Trilu" => Vjp(shape::trilu), "dX = trilu(g)";
+    "DepthToSpace" => Vjp(shape::depth_to_space), "dX = SpaceToDepth(g) (DCR); CRD: its channels back from block-major to channel-major";
+    "SpaceToDepth" => Vjp(shape::space_to_depth), "dX = DepthToSpace(g, DCR)";
+    "ReverseSequence" => Vjp(shape::reverse_sequence), "dX = ReverseSequence(g) (its own inverse)";
+    "Compress" => Body(shape::compress), "Gather(X or flat X, NonZero(condition)) along the axis";
     "ScatterND" => Vjp(shape::scatter_nd), "ddata = g with the scattered positions zeroed (none) or g (add); dupdates = gather_nd(g)";
     "ScatterElements" => Vjp(shape::scatter_elements), "ddata = g with the scattered positions zeroed (none) or g (add); dupdates = gather_elements(g)";
     "TopK" => Vjp(shape::top_k), "dX = scatter_elements(zeros, indices, g)";

@@ -428,6 +428,81 @@ pub fn tile(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     Ok(out)
 }
 
+/// DepthToSpace: its inverse rearrangement of the gradient. In DCR mode (the default) that is
+/// SpaceToDepth; in CRD mode the channels then go from DCR's order (block position major) to
+/// CRD's (channel major): [N, b*b, C', H, W] transposed to [N, C', b*b, H, W].
+pub fn depth_to_space(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let b = c.attr_i("blocksize", 0);
+    if b < 1 {
+        return Err(c.err(format!("blocksize {b}; the spec wants a positive blocksize")));
+    }
+    let s2d = c.op_a("SpaceToDepth", &[&g], vec![attr_int("blocksize", b)]);
+    if c.attr_s("mode").as_deref().unwrap_or("DCR") == "DCR" {
+        return Ok(vec![Some(s2d)]);
+    }
+    let x = c.input(0).to_string();
+    let s = c.shape_of(&x);
+    let dims = |c: &mut Ctx, from: i64, to: i64| {
+        let (f, t) = (c.ints(&[from]), c.ints(&[to]));
+        c.op("Slice", &[&s, &f, &t])
+    };
+    let n = dims(c, 0, 1);
+    let hw = dims(c, 2, 4);
+    let mid = c.ints(&[b * b, -1]);
+    let target = c.op_a("Concat", &[&n, &mid, &hw], vec![attr_int("axis", 0)]);
+    let split = c.op("Reshape", &[&s2d, &target]);
+    let t = c.op_a("Transpose", &[&split], vec![attr_ints("perm", &[0, 2, 1, 3, 4])]);
+    Ok(vec![Some(c.op("Reshape", &[&t, &s]))])
+}
+
+/// SpaceToDepth: its inverse, DepthToSpace in DCR mode, of the gradient.
+pub fn space_to_depth(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
+    let b = c.attr_i("blocksize", 0);
+    if b < 1 {
+        return Err(c.err(format!("blocksize {b}; the spec wants a positive blocksize")));
+    }
+    let attrs = vec![attr_int("blocksize", b), attr_string("mode", "DCR")];
+    Ok(vec![Some(c.op_a("DepthToSpace", &[&g], attrs))])
+}
+
+/// ReverseSequence: the same reversal of the gradient (it is its own inverse); the lengths
+/// have none.
+pub fn reverse_sequence(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    let Some(g) = g0_owned(g) else {
+        return Ok(vec![None, None]);
+    };
+    let lens = c.input(1).to_string();
+    let attrs = vec![
+        attr_int("batch_axis", c.attr_i("batch_axis", 1)),
+        attr_int("time_axis", c.attr_i("time_axis", 0)),
+    ];
+    Ok(vec![Some(c.op_a("ReverseSequence", &[&g, &lens], attrs)), None])
+}
+
+/// Compress as a Gather of the condition's true positions (`NonZero`) along `axis`, or from the
+/// flattened input without one; the engine differentiates the Gather.
+pub fn compress(c: &mut Ctx) -> Result<Vec<String>> {
+    let x = c.input(0).to_string();
+    let cond = c.input(1).to_string();
+    let nz = c.op("NonZero", &[&cond]);
+    let flat = c.ints(&[-1]);
+    let idx = c.op("Reshape", &[&nz, &flat]);
+    let out = match c.node.attribute.iter().any(|a| a.name == "axis") {
+        true => {
+            let r = c.rank(&x)?;
+            let axis = norm_axis(c.attr_i("axis", 0), r) as i64;
+            c.op_a("Gather", &[&x, &idx], vec![attr_int("axis", axis)])
+        }
+        false => {
+            let xf = c.op("Reshape", &[&x, &flat]);
+            c.op_a("Gather", &[&xf, &idx], vec![attr_int("axis", 0)])
+        }
+    };
+    Ok(vec![out])
+}
+
 /// Trilu: the same triangle of the gradient.
 pub fn trilu(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0_owned(g) else {
@@ -611,6 +686,38 @@ pub fn cases() -> Vec<crate::cases::Case> {
             .gen(ZerosAt(&[2])),
         case("global_max_pool", "GlobalMaxPool", vec![x(&[2, 3, 4, 5])]).gen(Distinct),
         case("tile", "Tile", vec![x(&[2, 3]), ints(&[2, 3])]),
+        case("depth_to_space_dcr", "DepthToSpace", vec![x(&[2, 8, 3, 2])]).attrs(vec![attr_int("blocksize", 2)]),
+        case("depth_to_space_crd", "DepthToSpace", vec![x(&[2, 8, 3, 2])])
+            .attrs(vec![attr_int("blocksize", 2), attr_string("mode", "CRD")]),
+        case("space_to_depth", "SpaceToDepth", vec![x(&[2, 2, 4, 6])]).attrs(vec![attr_int("blocksize", 2)]),
+        // tract 0.23 has no ReverseSequence.
+        case(
+            "reverse_sequence_time_major",
+            "ReverseSequence",
+            vec![x(&[4, 3, 2]), ints(&[4, 2, 1])],
+        )
+        .only(ORT_ONLY),
+        case(
+            "reverse_sequence_batch_major",
+            "ReverseSequence",
+            vec![x(&[3, 4, 2]), ints(&[1, 3, 4])],
+        )
+        .attrs(vec![attr_int("batch_axis", 0), attr_int("time_axis", 1)])
+        .only(ORT_ONLY),
+        // tract 0.23 cannot type Compress.
+        case(
+            "compress_axis",
+            "Compress",
+            vec![x(&[3, 4]), In::B(vec![4], vec![true, false, true, true])],
+        )
+        .attrs(vec![attr_int("axis", -1)])
+        .only(ORT_ONLY),
+        case(
+            "compress_flat",
+            "Compress",
+            vec![x(&[2, 3]), In::B(vec![5], vec![true, false, false, true, true])],
+        )
+        .only(ORT_ONLY),
         case("trilu_lower_k", "Trilu", vec![x(&[2, 3, 4]), In::Ints(vec![], vec![1])])
             .attrs(vec![attr_int("upper", 0)]),
         case(

@@ -134,14 +134,20 @@ fn dequantize(c: &mut Node) -> Option<()> {
 /// Compress: the selected length is only known at run time.
 fn compress(c: &mut Node) -> Option<()> {
     let s = c.shape(0)?;
+    // A condition known when the graph is built (a constant) selects a known count: its true
+    // elements (the spec lets it be shorter than the axis, not longer).
+    let selected = c
+        .ints(1)
+        .map(|v| Dim::Known(v.iter().filter(|&&b| b != 0).count() as i64))
+        .unwrap_or(Dim::Unknown);
     let shape = match crate::attr::attr_i(c.n, "axis") {
         Some(a) => {
             let a = axis(a, s.len())?;
             let mut s = s;
-            s[a] = Dim::Unknown;
+            s[a] = selected;
             s
         }
-        None => vec![Dim::Unknown],
+        None => vec![selected],
     };
     c.set(0, c.dtype(0), Some(shape));
     Some(())

@@ -58,6 +58,7 @@ pub(super) const RULES: &[(&[&str], Rule)] = &[
             "ScatterElements",
             "ScatterND",
             "Scatter",
+            "ReverseSequence",
         ],
         same,
     ),

@@ -7,6 +7,7 @@ use crate::dtype;
 
 pub(super) const RULES: &[(&[&str], Rule)] = &[
     (&["MatMul", "MatMulInteger"], matmul),
+    (&["Det"], det),
     (&["Gemm"], gemm),
     (&["Conv"], conv),
     (&["ConvTranspose"], conv_transpose),
@@ -65,6 +66,14 @@ fn attention(c: &mut Node) -> Option<()> {
 /// RotaryEmbedding (opset 23): the output is shaped like X.
 fn rotary_embedding(c: &mut Node) -> Option<()> {
     c.same(0, 0);
+    Some(())
+}
+
+/// Det: the batch dims of `[*, M, M]`.
+fn det(c: &mut Node) -> Option<()> {
+    let s = c.shape(0)?;
+    let r = s.len().checked_sub(2)?;
+    c.set(0, c.dtype(0), Some(s[..r].to_vec()));
     Some(())
 }
 
