@@ -142,7 +142,7 @@ rules! {
     "Split" => Vjp(shape::split), "dX = concat(g_i, zeros for missing g_i)";
     "Slice" => Vjp(shape::slice), "dX = pad(g) (step 1)";
     "Gather" => Vjp(shape::gather), "dX = scatter_nd_add(zeros, indices, g)";
-    "GatherND" => Vjp(shape::gather_nd), "dX = scatter_nd_add(zeros, indices, g) (batch_dims 0)";
+    "GatherND" => Vjp(shape::gather_nd), "dX = scatter_nd_add(zeros, indices, g); batch_dims: over the batch flattened, its position leading each tuple";
     "GatherElements" => Vjp(shape::gather_elements), "dX = scatter_elements_add(zeros, indices, g)";
     "Expand" => Vjp(shape::expand), "dX = unb(g)";
     "ReduceSum" => Vjp(shape::reduce_sum), "dX = expand(g)";

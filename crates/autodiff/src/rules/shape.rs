@@ -583,15 +583,19 @@ pub fn gather_nd(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = scatter_add_upstream(c, g, need)? else {
         return Ok(vec![None, None]);
     };
-    if c.attr_i("batch_dims", 0) != 0 {
-        return Err(c.err("batch_dims > 0 is not supported"));
-    }
     let x = c.input(0).to_string();
     let i = c.input(1).to_string();
+    let b = c.attr_i("batch_dims", 0).max(0) as usize;
     let k = match c.shape(&i)?.last().and_then(|d| d.known()) {
         Some(k) => k,
         None => return Err(c.err("the last dim of its indices must be known")),
     };
+    let (r, ri) = (c.rank(&x)?, c.rank(&i)?);
+    if b >= ri || b + k as usize > r {
+        return Err(c.err(format!(
+            "batch_dims {b} with data of rank {r} and indices of rank {ri} (tuples of {k}); the spec wants batch_dims < both ranks"
+        )));
+    }
     // Negative indices count from the end of their dim.
     let i = if c.dtype(&i) != dtype::INT64 {
         c.cast(&i, dtype::INT64)
@@ -599,16 +603,50 @@ pub fn gather_nd(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         i
     };
     let s = c.shape_of(&x);
-    let zero_i = c.ints(&[0]);
-    let k_i = c.ints(&[k]);
-    let dims = c.op("Slice", &[&s, &zero_i, &k_i]);
+    let slice = |c: &mut Ctx, t: &str, from: i64, to: i64| {
+        let (f, e) = (c.ints(&[from]), c.ints(&[to]));
+        c.op("Slice", &[t, &f, &e])
+    };
+    let dims = slice(c, &s, b as i64, b as i64 + k);
     let zero = c.b.scalar_i64(0);
     let neg = c.op("Less", &[&i, &zero]);
     let wrapped = c.op("Add", &[&i, &dims]);
     let idx = c.op("Where", &[&neg, &wrapped, &i]);
-    let zeros = c.zeros_like(&x);
     let add = attr_string("reduction", "add");
-    Ok(vec![Some(c.op_a("ScatterND", &[&zeros, &idx, &g], vec![add])), None])
+    if b == 0 {
+        let zeros = c.zeros_like(&x);
+        return Ok(vec![Some(c.op_a("ScatterND", &[&zeros, &idx, &g], vec![add])), None]);
+    }
+    // batch_dims b: the batch dims flattened into one of P = B1 ... Bb, and each index tuple
+    // led by its batch position p, so that the gather is a plain GatherND of [P, rest] whose
+    // gradient is a scatter: data [P, D...], indices [P, I..., 1 + k], g [P, I..., rest].
+    let minus1 = c.ints(&[-1]);
+    let big = i64::MAX;
+    let flat = |c: &mut Ctx, t: &str| {
+        let st = c.shape_of(t);
+        let rest = slice(c, &st, b as i64, big);
+        let target = c.op_a("Concat", &[&minus1, &rest], vec![attr_int("axis", 0)]);
+        c.op("Reshape", &[t, &target])
+    };
+    let x2 = flat(c, &x);
+    let i2 = flat(c, &idx);
+    let g2 = flat(c, &g);
+    // p for each tuple: Range(P) as [P, 1, ..., 1] expanded to i2's shape with the last dim 1.
+    let p = c.dim_of(&x2, 0);
+    let one = c.b.scalar_i64(1);
+    let range = c.op("Range", &[&zero, &p, &one]);
+    let ones: Vec<i64> = std::iter::once(-1).chain(std::iter::repeat_n(1, ri - b)).collect();
+    let ones = c.ints(&ones);
+    let col = c.op("Reshape", &[&range, &ones]);
+    let si = c.shape_of(&i2);
+    let lead = slice(c, &si, 0, (ri - b) as i64);
+    let last = c.ints(&[1]);
+    let to = c.op_a("Concat", &[&lead, &last], vec![attr_int("axis", 0)]);
+    let col = c.op("Expand", &[&col, &to]);
+    let full = c.op_a("Concat", &[&col, &i2], vec![attr_int("axis", -1)]);
+    let zeros = c.zeros_like_dynamic(&x2);
+    let sc = c.op_a("ScatterND", &[&zeros, &full, &g2], vec![add]);
+    Ok(vec![Some(c.op("Reshape", &[&sc, &s])), None])
 }
 
 /// Finite-difference cases of this module's ops (see `crate::cases`).
@@ -630,6 +668,22 @@ pub fn cases() -> Vec<crate::cases::Case> {
             vec![x(&[3, 4, 2]), In::Ints(vec![2, 2], vec![-1, 1, 2, -4])],
         )
         .only(ORT_ONLY),
+        // batch_dims 1: per batch row its own (repeated) tuples; batch_dims 2 with whole slices.
+        case(
+            "gather_nd_batch_dims",
+            "GatherND",
+            vec![x(&[2, 3, 4]), In::Ints(vec![2, 3, 1], vec![0, 2, 0, 1, 1, 2])],
+        )
+        .attrs(vec![attr_int("batch_dims", 1)]),
+        case(
+            "gather_nd_batch_dims_2",
+            "GatherND",
+            vec![
+                x(&[2, 3, 4, 2]),
+                In::Ints(vec![2, 3, 2, 1], vec![0, 3, 1, 1, 2, 0, 3, 3, 0, 1, 2, 2]),
+            ],
+        )
+        .attrs(vec![attr_int("batch_dims", 2)]),
         case("flatten", "Flatten", vec![x(&[2, 3, 4])]).attrs(vec![attr_int("axis", 2)]),
         case("reshape", "Reshape", vec![x(&[2, 3, 4]), ints(&[6, -1])]),
         case("squeeze", "Squeeze", vec![x(&[2, 1, 3]), ints(&[1])]),
