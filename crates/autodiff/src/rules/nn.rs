@@ -376,18 +376,19 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
         .attr_ints("kernel_shape")
         .ok_or_else(|| c.err("kernel_shape is missing"))?;
     let geo = conv_geom(c, kernel.clone())?;
-    if geo.same_at_run_time.iter().any(|&d| d) {
-        return Err(c.err("auto_pad SAME with a stride over a symbolic spatial dim is not supported"));
-    }
+    // SAME pads that depend on a symbolic size are decided at run time (`run_time_pads`).
+    let same_at_run_time = geo.same_at_run_time.iter().any(|&d| d);
     let channels = match c.shape(&x)?[1] {
         dagr_onnx::Dim::Known(v) => v,
         _ => return Err(c.err("its channel dim must be static")),
     };
-    let padded = geo.pads.iter().any(|&p| p != 0);
+    let padded = geo.pads.iter().any(|&p| p != 0) || same_at_run_time;
     let include = c.attr_i("count_include_pad", 0) == 1;
     let ksize: i64 = kernel.iter().product();
     let scaled = if padded && !include {
-        // divisor per output position = number of real (unpadded) input elements in its window
+        // divisor per output position = number of real (unpadded) input elements in its window:
+        // ones of the input's size, padded with zeros (the attribute's pads in the Conv, the
+        // run-time SAME pads by a Pad), summed over each window.
         let (_, spatial, _) = spatial_of(c, &x, geo.sp);
         let head = c.ints(&[1, 1]);
         let shape = c.op_a("Concat", &[&head, &spatial], vec![attr_int("axis", 0)]);
@@ -397,6 +398,14 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
             &[&shape],
             vec![dagr_onnx::builder::attr_tensor("value", one)],
         );
+        let ones = if same_at_run_time {
+            let (b, e) = geo.run_time_pads(c, &x);
+            let z = c.ints(&[0, 0]);
+            let pads = c.op_a("Concat", &[&z, &b, &z, &e], vec![attr_int("axis", 0)]);
+            c.op("Pad", &[&ones, &pads])
+        } else {
+            ones
+        };
         let mut kshape = vec![1, 1];
         kshape.extend(&kernel);
         let kones = c.ones(&kshape);
@@ -696,6 +705,19 @@ pub fn cases() -> Vec<crate::cases::Case> {
             attr_ints("kernel_shape", &[3, 3]),
             attr_ints("strides", &[2, 2]),
             attr_ints("pads", &[1, 1, 1, 1]),
+        ]),
+        // SAME with a stride: with symbolic dims (every_rule_handles_symbolic_dims) the pads
+        // are decided at run time, for the divisor too.
+        case("avgpool_same_upper_stride", "AveragePool", vec![x(&[1, 2, 7, 6])]).attrs(vec![
+            attr_ints("kernel_shape", &[3, 2]),
+            attr_ints("strides", &[2, 2]),
+            attr_string("auto_pad", "SAME_UPPER"),
+        ]),
+        case("avgpool_same_lower_stride_incl", "AveragePool", vec![x(&[1, 2, 6, 5])]).attrs(vec![
+            attr_ints("kernel_shape", &[3, 3]),
+            attr_ints("strides", &[2, 2]),
+            attr_string("auto_pad", "SAME_LOWER"),
+            attr_int("count_include_pad", 1),
         ]),
         case("global_avgpool", "GlobalAveragePool", vec![x(&[2, 3, 4, 5])]),
         case(
