@@ -279,20 +279,20 @@ fn weight_grad(c: &mut Ctx, x: &str, g: &str, ws: &[i64], group: i64, geo: &Conv
 /// ConvTranspose, the input gradient of a Conv: dX = Conv(g, W) with the same strides, pads,
 /// dilations and groups (the output_padding rows fall outside every window); dW = the Conv
 /// weight gradient with the roles of input and output exchanged (g the input, X the output
-/// gradient); dB = sum(g). Explicit pads only (auto_pad SAME and output_shape choose pads from
-/// the output size).
+/// gradient); dB = sum(g). auto_pad SAME and output_shape are resolved to explicit pads first
+/// (`transpose_pads`).
 pub fn conv_transpose(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
-    let auto = c.attr_s("auto_pad").unwrap_or_default();
-    if auto.starts_with("SAME") || c.attr_ints("output_shape").is_some() {
-        return Err(c.err("auto_pad SAME and output_shape have no gradient rule; give explicit pads"));
-    }
     let (x, w) = (c.input(0).to_string(), c.input(1).to_string());
     let ws = c.known_shape(&w)?;
     let group = c.attr_i("group", 1);
-    let geo = conv_geom(c, ws[2..].to_vec())?;
+    let mut geo = conv_geom(c, ws[2..].to_vec())?;
+    if let Some(pads) = transpose_pads(c, &geo)? {
+        geo.pads = pads;
+        geo.same_at_run_time = vec![false; geo.sp];
+    }
     let sp = geo.sp;
     let mut out = vec![None; need.len()];
     if need[0] {
@@ -315,6 +315,55 @@ pub fn conv_transpose(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         out[2] = Some(bias_grad(c, &g, sp));
     }
     Ok(out)
+}
+
+/// ConvTranspose's explicit pads where auto_pad SAME (output = input x stride) or output_shape
+/// chooses them from the output size: the total `stride (in - 1) + output_padding + dilation
+/// (kernel - 1) + 1 - out` split as the spec and ONNX Runtime split it (SAME_UPPER: the larger
+/// half last; SAME_LOWER and output_shape: first). None where the attribute's pads hold.
+fn transpose_pads(c: &Ctx, geo: &ConvGeom) -> Result<Option<Vec<i64>>> {
+    let auto = c.attr_s("auto_pad").unwrap_or_default();
+    let output_shape = c.attr_ints("output_shape");
+    if !auto.starts_with("SAME") && output_shape.is_none() {
+        return Ok(None);
+    }
+    let sp = geo.sp;
+    let input: Vec<i64> = match geo.input.iter().copied().collect::<Option<Vec<_>>>() {
+        Some(v) => v,
+        None => {
+            return Err(c.err(
+                "auto_pad SAME or output_shape with a symbolic spatial input dim: its pads depend on the size; export with static spatial dims or explicit pads",
+            ))
+        }
+    };
+    let out_pad = c.attr_ints("output_padding").unwrap_or_else(|| vec![0; sp]);
+    let out: Vec<i64> = match &output_shape {
+        // The spatial dims: output_shape may also lead with the batch and channel dims.
+        Some(o) if o.len() >= sp => o[o.len() - sp..].to_vec(),
+        Some(o) => return Err(c.err(format!("output_shape {o:?} has fewer than {sp} spatial dims"))),
+        None => (0..sp).map(|i| input[i] * geo.strides[i]).collect(),
+    };
+    let (mut begin, mut end) = (vec![0; sp], vec![0; sp]);
+    for i in 0..sp {
+        let full = geo.strides[i] * (input[i] - 1)
+            + out_pad.get(i).copied().unwrap_or(0)
+            + geo.dil[i] * (geo.kernel[i] - 1)
+            + 1;
+        let total = full - out[i];
+        if total < 0 {
+            return Err(c.err(format!(
+                "output size {} is larger than the {full} a transposed convolution of this input makes",
+                out[i]
+            )));
+        }
+        let (small, large) = (total / 2, total - total / 2);
+        (begin[i], end[i]) = if auto == "SAME_UPPER" {
+            (small, large)
+        } else {
+            (large, small)
+        };
+    }
+    Ok(Some([begin, end].concat()))
 }
 
 /// MaxPool: route each output gradient to the input element that was the maximum. The rule
@@ -678,6 +727,33 @@ pub fn cases() -> Vec<crate::cases::Case> {
             attr_ints("pads", &[1, 0]),
             attr_ints("output_padding", &[1]),
         ]),
+        // Pads chosen from the output size (odd totals show how they are split).
+        case(
+            "conv_transpose_output_shape",
+            "ConvTranspose",
+            vec![x(&[2, 3, 4, 5]), x(&[3, 2, 3, 3])],
+        )
+        .attrs(vec![attr_ints("strides", &[2, 2]), attr_ints("output_shape", &[8, 10])])
+        .symbolic(&[0])
+        // tract 0.23 puts the larger half of an odd total last here.
+        .only(ORT_ONLY),
+        case(
+            "conv_transpose_same_upper",
+            "ConvTranspose",
+            vec![x(&[1, 2, 3, 4]), x(&[2, 3, 3, 4])],
+        )
+        .attrs(vec![
+            attr_ints("strides", &[2, 3]),
+            attr_string("auto_pad", "SAME_UPPER"),
+        ])
+        .symbolic(&[0]),
+        case(
+            "conv_transpose_same_lower",
+            "ConvTranspose",
+            vec![x(&[1, 2, 5]), x(&[2, 3, 3]), x(&[3])],
+        )
+        .attrs(vec![attr_ints("strides", &[2]), attr_string("auto_pad", "SAME_LOWER")])
+        .symbolic(&[0]),
         case(
             "conv_transpose2d_groups_dilation",
             "ConvTranspose",
