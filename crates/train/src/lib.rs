@@ -1386,6 +1386,19 @@ pub const GRAD_STEP_FILE: &str = "step.grad.onnx";
 pub const LOG_FILE: &str = "log.jsonl";
 pub const LOCK_FILE: &str = ".lock";
 
+/// The files a run writes into its directory (the lock aside): what may never be an input, and
+/// what `--force` removes.
+fn run_files() -> [String; 6] {
+    [
+        MODEL_FILE.to_string(),
+        format!("{MODEL_FILE}.data"),
+        STEP_FILE.to_string(),
+        GRAD_STEP_FILE.to_string(),
+        LOG_FILE.to_string(),
+        checkpoint::FILE.to_string(),
+    ]
+}
+
 /// The user's files a run must never overwrite: the training graph, the original model, the
 /// data. An output that is one of them (through any path) is refused before anything is written.
 fn refuse_overwriting_inputs(run: &Run, original: Option<&Path>) -> Result<()> {
@@ -1406,16 +1419,7 @@ fn refuse_overwriting_inputs(run: &Run, original: Option<&Path>) -> Result<()> {
     }
     inputs.sort();
     inputs.dedup();
-    let data_file = format!("{MODEL_FILE}.data");
-    for name in [
-        MODEL_FILE,
-        &data_file,
-        STEP_FILE,
-        GRAD_STEP_FILE,
-        LOG_FILE,
-        LOCK_FILE,
-        checkpoint::FILE,
-    ] {
+    for name in run_files().iter().map(String::as_str).chain([LOCK_FILE]) {
         let out = run.out.join(name);
         if let Some(input) = inputs.iter().find(|i| onnx::io::same_file(i, &out)) {
             return Err(Error::Config(format!(
@@ -1498,15 +1502,7 @@ pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Resu
     }
     onnx::io::remove_stale_temps(run.out);
     if run.force {
-        let data_file = format!("{MODEL_FILE}.data");
-        for name in [
-            MODEL_FILE,
-            &data_file,
-            STEP_FILE,
-            GRAD_STEP_FILE,
-            LOG_FILE,
-            checkpoint::FILE,
-        ] {
+        for name in run_files() {
             let p = run.out.join(name);
             if p.exists() {
                 std::fs::remove_file(&p).map_err(|source| Error::Write { path: p, source })?;
