@@ -185,6 +185,73 @@ fn a_kill_at_any_write_boundary_resumes_to_the_uninterrupted_result() {
     assert_eq!(inputs, [&st.graph, &st.data, &st.original].map(|p| sha(p)));
 }
 
+/// A model whose weights are external data exports two files per epoch (`model.onnx.data`, then
+/// `model.onnx`): SIGKILL at each write boundary of either, in the first and the second epoch,
+/// then `--resume`, gives the uninterrupted run's state, log and exported files byte for byte,
+/// with no temporary file left and the original's data untouched.
+#[test]
+fn a_kill_while_exporting_external_data_resumes_to_the_uninterrupted_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let inline = dagr_inject::onnx::load(&root().join("models/av_mlp.legacy.onnx")).unwrap();
+    externalize(&inline, &src, "av_mlp.onnx");
+    let original = src.join("av_mlp.onnx");
+    let graph_dir = dir.path().join("graph");
+    std::fs::create_dir(&graph_dir).unwrap();
+    let graph = graph_dir.join("av_mlp.train.onnx");
+    bin().args(inject_train_args(&original, &graph)).assert().success();
+    let data = dir.path().join("data.npz");
+    std::fs::copy(root().join("fixtures/optim_data_av_mlp.npz"), &data).unwrap();
+    let st = Setup {
+        graph,
+        data,
+        original: original.clone(),
+    };
+    let inputs = [&original, &src.join("weights.bin"), &st.graph].map(|p| sha(p));
+    let orig = ["--original", original.to_str().unwrap(), "--epochs", "2"];
+    let files = ["model.onnx", "model.onnx.data"];
+    for backend in ["tract", "ort"] {
+        let full = dir.path().join(format!("full-{backend}"));
+        bin().args(train_args(&st, &full, backend, &orig)).assert().success();
+        let want = state(&full);
+        let want_log = log_losses(&full);
+        let want_files = files.map(|f| sha(&full.join(f)));
+        // Whole-file writes: two at start-up (the step graph), then per epoch the data, the
+        // model and the checkpoint: the exports are writes 3, 4 (epoch 1) and 6, 7 (epoch 2).
+        let mut points: Vec<String> = Vec::new();
+        for p in ["write.before-sync", "write.before-rename", "write.after-rename"] {
+            points.extend([3, 4, 6, 7].map(|k| format!("{p}@{k}")));
+        }
+        for point in &points {
+            let out = dir.path().join(format!("killed-{backend}-{}", point.replace('@', "-")));
+            let o = bin()
+                .args(train_args(&st, &out, backend, &orig))
+                .env("DAGR_INJECT_FAULT", point)
+                .output()
+                .unwrap();
+            assert_eq!(
+                o.status.signal(),
+                Some(9),
+                "{backend} {point}: not killed ({:?})",
+                o.status
+            );
+            let mut resume = orig.to_vec();
+            resume.push("--resume");
+            bin().args(train_args(&st, &out, backend, &resume)).assert().success();
+            assert_eq!(state(&out), want, "{backend} {point}: resumed state differs");
+            assert_eq!(log_losses(&out), want_log, "{backend} {point}: log differs");
+            assert_eq!(
+                files.map(|f| sha(&out.join(f))),
+                want_files,
+                "{backend} {point}: export differs"
+            );
+            assert!(leftovers(&out).is_empty(), "{backend} {point}: {:?}", leftovers(&out));
+        }
+    }
+    assert_eq!(inputs, [&original, &src.join("weights.bin"), &st.graph].map(|p| sha(p)));
+}
+
 /// Damaged, edited or foreign checkpoints are refused by name, and the refusal changes nothing.
 #[test]
 fn damaged_checkpoints_are_refused() {
