@@ -117,6 +117,16 @@ pub fn backward(
         };
         let grads = match rule.kind {
             rules::Kind::Vjp(vjp) => vjp(&mut ctx, &outs, &need)?,
+            rules::Kind::Broadcast(vjp) => {
+                let y = n.output.first().cloned().unwrap_or_default();
+                let mut grads = vjp(&mut ctx, &outs, &need)?;
+                for (j, gr) in grads.iter_mut().enumerate() {
+                    if let (Some(g), Some(x)) = (gr.as_mut(), n.input.get(j)) {
+                        *g = ctx.unbroadcast(g, x, &y)?;
+                    }
+                }
+                grads
+            }
             rules::Kind::Body(body) => through_body(body, &mut ctx, &outs, &need)?,
             rules::Kind::NoGradient => continue,
         };

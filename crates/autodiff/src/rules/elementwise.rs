@@ -1,5 +1,5 @@
-//! Element-wise operators. Binary ops broadcast; `Ctx::unbroadcast` sums the gradient back to
-//! each operand's shape.
+//! Element-wise operators. The rules of ops whose inputs broadcast (`Kind::Broadcast`) return
+//! each input's gradient shaped like the output; the engine sums it back to the input's shape.
 
 use super::{g0, g0_owned, Out};
 use crate::ctx::Ctx;
@@ -13,59 +13,25 @@ pub fn neg(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     Ok(vec![g0(g).map(|g| c.op("Neg", &[g]))])
 }
 
-pub fn add(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    let Some(g) = g0(g) else { return Ok(vec![None, None]) };
-    let y = c.output(0).to_string();
-    let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
-    let ga = if need[0] { Some(c.unbroadcast(g, &a, &y)?) } else { None };
-    let gb = if need[1] { Some(c.unbroadcast(g, &b, &y)?) } else { None };
-    Ok(vec![ga, gb])
+pub fn add(_: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g0(g) else {
+        return Ok(vec![None; need.len()]);
+    };
+    Ok(need.iter().map(|&n| n.then(|| g.to_string())).collect())
 }
 
 pub fn sub(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0(g) else { return Ok(vec![None, None]) };
-    let y = c.output(0).to_string();
-    let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
-    let ga = if need[0] { Some(c.unbroadcast(g, &a, &y)?) } else { None };
-    let gb = if need[1] {
-        let n = c.op("Neg", &[g]);
-        Some(c.unbroadcast(&n, &b, &y)?)
-    } else {
-        None
-    };
+    let ga = need[0].then(|| g.to_string());
+    let gb = need[1].then(|| c.op("Neg", &[g]));
     Ok(vec![ga, gb])
-}
-
-/// Variadic Sum: each input gets the (un-broadcast) output gradient.
-pub fn sum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
-    let Some(g) = g0(g) else {
-        return Ok(vec![None; need.len()]);
-    };
-    let y = c.output(0).to_string();
-    (0..need.len())
-        .map(|i| {
-            let x = c.input(i).to_string();
-            Ok(if need[i] { Some(c.unbroadcast(g, &x, &y)?) } else { None })
-        })
-        .collect()
 }
 
 pub fn mul(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0(g) else { return Ok(vec![None, None]) };
-    let y = c.output(0).to_string();
     let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
-    let ga = if need[0] {
-        let t = c.op("Mul", &[g, &b]);
-        Some(c.unbroadcast(&t, &a, &y)?)
-    } else {
-        None
-    };
-    let gb = if need[1] {
-        let t = c.op("Mul", &[g, &a]);
-        Some(c.unbroadcast(&t, &b, &y)?)
-    } else {
-        None
-    };
+    let ga = need[0].then(|| c.op("Mul", &[g, &b]));
+    let gb = need[1].then(|| c.op("Mul", &[g, &a]));
     Ok(vec![ga, gb])
 }
 
@@ -73,21 +39,13 @@ pub fn mul(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 pub fn div(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0(g) else { return Ok(vec![None, None]) };
     let y = c.output(0).to_string();
-    let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
+    let b = c.input(1).to_string();
     let gdb = c.op("Div", &[g, &b]);
-    let ga = if need[0] {
-        Some(c.unbroadcast(&gdb, &a, &y)?)
-    } else {
-        None
-    };
-    let gb = if need[1] {
+    let gb = need[1].then(|| {
         let t = c.op("Mul", &[&gdb, &y]);
-        let t = c.op("Neg", &[&t]);
-        Some(c.unbroadcast(&t, &b, &y)?)
-    } else {
-        None
-    };
-    Ok(vec![ga, gb])
+        c.op("Neg", &[&t])
+    });
+    Ok(vec![need[0].then_some(gdb), gb])
 }
 
 /// d(a^b)/da = b a^(b-1); d(a^b)/db = y ln(a), taken as 0 where a <= 0.
@@ -107,7 +65,7 @@ pub fn pow(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         let p = c.op("Pow", &[&a, &bm1]);
         let t = c.op("Mul", &[&p, &b32]);
         let t = c.op("Mul", &[&t, g]);
-        Some(c.unbroadcast(&t, &a, &y)?)
+        Some(t)
     } else {
         None
     };
@@ -120,7 +78,7 @@ pub fn pow(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         let t = c.op("Mul", &[&y, &ln]);
         let t = c.op("Mul", &[&t, g]);
         let t = c.op("Where", &[&pos, &t, &zero]);
-        Some(c.unbroadcast(&t, &b, &y)?)
+        Some(t)
     } else {
         None
     };
@@ -250,7 +208,6 @@ fn minmax(c: &mut Ctx, g: &[Option<String>], need: &[bool], pick: &str) -> Out {
         return Err(c.err("only the two-input form has a gradient rule"));
     }
     let Some(g) = g0(g) else { return Ok(vec![None, None]) };
-    let y = c.output(0).to_string();
     let (a, b) = (c.input(0).to_string(), c.input(1).to_string());
     let wins = c.op(pick, &[&a, &b]);
     let tie = c.op("Equal", &[&a, &b]);
@@ -261,13 +218,11 @@ fn minmax(c: &mut Ctx, g: &[Option<String>], need: &[bool], pick: &str) -> Out {
     let wa = c.op("Where", &[&tie, &half, &wa]);
     let mut out = vec![None, None];
     if need[0] {
-        let t = c.op("Mul", &[g, &wa]);
-        out[0] = Some(c.unbroadcast(&t, &a, &y)?);
+        out[0] = Some(c.op("Mul", &[g, &wa]));
     }
     if need[1] {
         let wb = c.op("Sub", &[&one, &wa]);
-        let t = c.op("Mul", &[g, &wb]);
-        out[1] = Some(c.unbroadcast(&t, &b, &y)?);
+        out[1] = Some(c.op("Mul", &[g, &wb]));
     }
     Ok(out)
 }
@@ -283,19 +238,14 @@ pub fn where_(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0(g) else {
         return Ok(vec![None, None, None]);
     };
-    let y = c.output(0).to_string();
     let cond = c.input(0).to_string();
     let zero = c.scalar(0.0);
     let mut out = vec![None, None, None];
     if need[1] {
-        let t = c.op("Where", &[&cond, g, &zero]);
-        let x = c.input(1).to_string();
-        out[1] = Some(c.unbroadcast(&t, &x, &y)?);
+        out[1] = Some(c.op("Where", &[&cond, g, &zero]));
     }
     if need[2] {
-        let t = c.op("Where", &[&cond, &zero, g]);
-        let x = c.input(2).to_string();
-        out[2] = Some(c.unbroadcast(&t, &x, &y)?);
+        out[2] = Some(c.op("Where", &[&cond, &zero, g]));
     }
     Ok(out)
 }
@@ -609,43 +559,35 @@ pub fn atanh(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     inverse_trig(c, g, 1.0, -1.0, 1.0, false)
 }
 
-/// PRelu: dX = g where X > 0, g slope elsewhere; dSlope = unb(g X where X <= 0).
+/// PRelu: dX = g where X > 0, g slope elsewhere; dSlope = g X where X <= 0 (both summed to
+/// their input's shape by the engine: the slope may broadcast X, or X the slope).
 pub fn prelu(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0_owned(g) else {
         return Ok(vec![None, None]);
     };
-    let (x, slope, y) = (c.input(0).to_string(), c.input(1).to_string(), c.output(0).to_string());
+    let (x, slope) = (c.input(0).to_string(), c.input(1).to_string());
     let zero = c.scalar(0.0);
     let pos = c.op("Greater", &[&x, &zero]);
     let mut out = vec![None, None];
     if need[0] {
         let gs = c.op("Mul", &[&g, &slope]);
-        let d = c.op("Where", &[&pos, &g, &gs]);
-        // The slope may be larger than X where it broadcasts X; X's own shape is the output's.
-        out[0] = Some(c.unbroadcast(&d, &x, &y)?);
+        out[0] = Some(c.op("Where", &[&pos, &g, &gs]));
     }
     if need[1] {
         let gx = c.op("Mul", &[&g, &x]);
-        let d = c.op("Where", &[&pos, &zero, &gx]);
-        out[1] = Some(c.unbroadcast(&d, &slope, &y)?);
+        out[1] = Some(c.op("Where", &[&pos, &zero, &gx]));
     }
     Ok(out)
 }
 
-/// Mean of several inputs: each gets unb(g) / n.
+/// Mean of several inputs: each gets g / n.
 pub fn mean(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
     let n = c.scalar(need.len() as f64);
     let gn = c.op("Div", &[&g, &n]);
-    let y = c.output(0).to_string();
-    let mut out = Vec::new();
-    for (i, &w) in need.iter().enumerate() {
-        let x = c.input(i).to_string();
-        out.push(if w { Some(c.unbroadcast(&gn, &x, &y)?) } else { None });
-    }
-    Ok(out)
+    Ok(need.iter().map(|&w| w.then(|| gn.clone())).collect())
 }
 
 /// Finite-difference cases of this module's ops (see `crate::cases`).

@@ -1,5 +1,6 @@
 //! The gradient registry: one line per operator, in the spirit of PyTorch's
-//! `derivatives.yaml`. Each rule builds the vector-Jacobian product of its op from standard ONNX
+//! `derivatives.yaml`. In the formulas, `unb` is the engine's sum of a broadcast gradient down
+//! to its input's shape, applied to every rule of kind `Broadcast`. Each rule builds the vector-Jacobian product of its op from standard ONNX
 //! operators only. Each module holds its rules and, beside them, their finite-difference cases
 //! (`cases()`), which `tests/it/grad_rules.rs` runs; it fails when an entry has no case or no
 //! shape inference rule.
@@ -40,8 +41,13 @@ pub struct Rule {
 /// How an op's gradient is built.
 #[derive(Clone, Copy)]
 pub enum Kind {
-    /// A vector-Jacobian product written out.
+    /// A vector-Jacobian product written out: each gradient shaped like its input.
     Vjp(ctx::Vjp),
+    /// The vector-Jacobian product of an op whose inputs broadcast to its output: the rule
+    /// returns each input's gradient shaped like the output, and the engine sums it down to the
+    /// input's shape (PyTorch's central `sum_to`; `Ctx::unbroadcast`), deciding at run time where
+    /// a symbolic dim may or may not broadcast.
+    Broadcast(ctx::Vjp),
     /// Differentiated through its body: the op is rewritten into primitive ops (recomputed in
     /// the backward part, the forward keeps the op itself), and the engine differentiates those.
     Body(ctx::Body),
@@ -56,14 +62,14 @@ macro_rules! rules {
 }
 
 use elementwise as ew;
-use Kind::{Body, NoGradient, Vjp};
+use Kind::{Body, Broadcast, NoGradient, Vjp};
 rules! {
-    "Add" => Vjp(ew::add), "dA = unb(g), dB = unb(g)";
-    "Sub" => Vjp(ew::sub), "dA = unb(g), dB = -unb(g)";
-    "Mul" => Vjp(ew::mul), "dA = unb(g B), dB = unb(g A)";
-    "Div" => Vjp(ew::div), "dA = unb(g / B), dB = -unb(g Y / B)";
-    "Pow" => Vjp(ew::pow), "dA = unb(g B A^(B-1)), dB = unb(g Y ln A) (0 where A <= 0)";
-    "Sum" => Vjp(ew::sum), "dX_i = unb(g)";
+    "Add" => Broadcast(ew::add), "dA = unb(g), dB = unb(g)";
+    "Sub" => Broadcast(ew::sub), "dA = unb(g), dB = -unb(g)";
+    "Mul" => Broadcast(ew::mul), "dA = unb(g B), dB = unb(g A)";
+    "Div" => Broadcast(ew::div), "dA = unb(g / B), dB = -unb(g Y / B)";
+    "Pow" => Broadcast(ew::pow), "dA = unb(g B A^(B-1)), dB = unb(g Y ln A) (0 where A <= 0)";
+    "Sum" => Broadcast(ew::add), "dX_i = unb(g)";
     "Neg" => Vjp(ew::neg), "dX = -g";
     "Identity" => Vjp(ew::identity), "dX = g";
     "Relu" => Vjp(ew::relu), "dX = g where X > 0";
@@ -76,9 +82,9 @@ rules! {
     "Sqrt" => Vjp(ew::sqrt), "dX = g / (2 Y)";
     "Abs" => Vjp(ew::abs), "dX = g sign(X)";
     "Clip" => Vjp(ew::clip), "dX = g where min <= X <= max";
-    "Max" => Vjp(ew::max), "dA = unb(g [A > B] + g/2 [A = B]), dB likewise";
-    "Min" => Vjp(ew::min), "dA = unb(g [A < B] + g/2 [A = B]), dB likewise";
-    "Where" => Vjp(ew::where_), "dX = unb(where(C, g, 0)), dY = unb(where(C, 0, g))";
+    "Max" => Broadcast(ew::max), "dA = unb(g [A > B] + g/2 [A = B]), dB likewise";
+    "Min" => Broadcast(ew::min), "dA = unb(g [A < B] + g/2 [A = B]), dB likewise";
+    "Where" => Broadcast(ew::where_), "dX = unb(where(C, g, 0)), dY = unb(where(C, 0, g))";
     "Cast" => Vjp(ew::cast), "dX = cast(g, type of X) for floating X";
     "CastLike" => Vjp(ew::cast_like), "dX = cast(g, type of X) for floating X; the type input has none";
     "Gelu" => Vjp(ew::gelu), "dX = g (Φ(X) + X φ(X)); tanh: its derivative";
@@ -92,7 +98,7 @@ rules! {
     "Mish" => Vjp(ew::mish), "dX = g (t + X sigmoid(X) (1 - t^2)), t = tanh(softplus(X))";
     "ThresholdedRelu" => Vjp(ew::thresholded_relu), "dX = g where X > alpha";
     "Shrink" => Vjp(ew::shrink), "dX = g where |X| > lambd";
-    "PRelu" => Vjp(ew::prelu), "dX = g where X > 0, g slope elsewhere; dslope = unb(g X where X <= 0)";
+    "PRelu" => Broadcast(ew::prelu), "dX = g where X > 0, g slope elsewhere; dslope = unb(g X where X <= 0)";
     "Reciprocal" => Vjp(ew::reciprocal), "dX = -g Y^2";
     "Sin" => Vjp(ew::sin), "dX = g cos X";
     "Cos" => Vjp(ew::cos), "dX = -g sin X";
@@ -105,7 +111,7 @@ rules! {
     "Asinh" => Vjp(ew::asinh), "dX = g / sqrt(1 + X^2)";
     "Acosh" => Vjp(ew::acosh), "dX = g / sqrt(X^2 - 1)";
     "Atanh" => Vjp(ew::atanh), "dX = g / (1 - X^2)";
-    "Mean" => Vjp(ew::mean), "dX_i = unb(g) / n";
+    "Mean" => Broadcast(ew::mean), "dX_i = unb(g) / n";
     "Dropout" => Vjp(ew::dropout), "dX = g mask / (1 - ratio) in training mode, g otherwise";
     "MatMul" => Vjp(linalg::matmul), "dA = unb(g B^T), dB = unb(A^T g)";
     "Gemm" => Vjp(linalg::gemm), "dA = alpha g B'^T (transposed back), dB = alpha A'^T g, dC = beta unb(g)";
@@ -144,7 +150,7 @@ rules! {
     "Gather" => Vjp(shape::gather), "dX = scatter_nd_add(zeros, indices, g)";
     "GatherND" => Vjp(shape::gather_nd), "dX = scatter_nd_add(zeros, indices, g); batch_dims: over the batch flattened, its position leading each tuple";
     "GatherElements" => Vjp(shape::gather_elements), "dX = scatter_elements_add(zeros, indices, g)";
-    "Expand" => Vjp(shape::expand), "dX = unb(g)";
+    "Expand" => Broadcast(shape::expand), "dX = unb(g)";
     "ReduceSum" => Vjp(shape::reduce_sum), "dX = expand(g)";
     "ReduceMean" => Vjp(shape::reduce_mean), "dX = expand(g) / n";
     "ReduceSumSquare" => Vjp(shape::reduce_sum_square), "dX = expand(g) 2X";

@@ -248,12 +248,9 @@ pub fn gather_elements(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out 
     ])
 }
 
-pub fn expand(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
-    let Some(g) = g0_owned(g) else {
-        return Ok(vec![None, None]);
-    };
-    let (x, y) = (c.input(0).to_string(), c.output(0).to_string());
-    Ok(vec![Some(c.unbroadcast(&g, &x, &y)?), None])
+/// Expand: g, summed to X's shape by the engine (`Kind::Broadcast`).
+pub fn expand(_: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
+    Ok(vec![g0_owned(g), None])
 }
 
 /// The reductions: dX = expand(g) d, the reduced axes put back (Unsqueeze when keepdims=0)
