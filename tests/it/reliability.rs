@@ -131,6 +131,24 @@ fn leftovers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `train` with `extra`, killed (SIGKILL through the fault hook) at `point`, then resumed.
+fn kill_then_resume(st: &Setup, out: &Path, backend: &str, extra: &[&str], point: &str) {
+    let o = bin()
+        .args(train_args(st, out, backend, extra))
+        .env("DAGR_INJECT_FAULT", point)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.signal(),
+        Some(9),
+        "{backend} {point}: not killed ({:?})",
+        o.status
+    );
+    let mut resume = extra.to_vec();
+    resume.push("--resume");
+    bin().args(train_args(st, out, backend, &resume)).assert().success();
+}
+
 /// SIGKILL at each write boundary (the temporary file written, fsynced, renamed; the log line
 /// before and after its write; before the export, before and after the checkpoint), at the
 /// first, second and later occurrences: `--resume` then reaches exactly the uninterrupted
@@ -161,21 +179,7 @@ fn a_kill_at_any_write_boundary_resumes_to_the_uninterrupted_result() {
         }
         for point in &points {
             let out = dir.path().join(format!("killed-{backend}-{}", point.replace('@', "-")));
-            let o = bin()
-                .args(train_args(&st, &out, backend, &[]))
-                .env("DAGR_INJECT_FAULT", point)
-                .output()
-                .unwrap();
-            assert_eq!(
-                o.status.signal(),
-                Some(9),
-                "{backend} {point}: not killed ({:?})",
-                o.status
-            );
-            bin()
-                .args(train_args(&st, &out, backend, &["--resume"]))
-                .assert()
-                .success();
+            kill_then_resume(&st, &out, backend, &[], point);
             let got = state(&out);
             assert_eq!(got, want, "{backend} {point}: resumed state differs");
             assert_eq!(log_losses(&out), want_log, "{backend} {point}: log differs");
@@ -225,20 +229,7 @@ fn a_kill_while_exporting_external_data_resumes_to_the_uninterrupted_export() {
         }
         for point in &points {
             let out = dir.path().join(format!("killed-{backend}-{}", point.replace('@', "-")));
-            let o = bin()
-                .args(train_args(&st, &out, backend, &orig))
-                .env("DAGR_INJECT_FAULT", point)
-                .output()
-                .unwrap();
-            assert_eq!(
-                o.status.signal(),
-                Some(9),
-                "{backend} {point}: not killed ({:?})",
-                o.status
-            );
-            let mut resume = orig.to_vec();
-            resume.push("--resume");
-            bin().args(train_args(&st, &out, backend, &resume)).assert().success();
+            kill_then_resume(&st, &out, backend, &orig, point);
             assert_eq!(state(&out), want, "{backend} {point}: resumed state differs");
             assert_eq!(log_losses(&out), want_log, "{backend} {point}: log differs");
             assert_eq!(
