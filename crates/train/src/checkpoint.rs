@@ -71,14 +71,6 @@ impl Checksum {
     }
 }
 
-fn digest(record: &Record, state: &StateValues) -> Result<String> {
-    let mut d = Checksum::new(record)?;
-    for (k, v) in state {
-        d.tensor(k, v.view());
-    }
-    Ok(d.finish())
-}
-
 /// A source of the state's tensors, by key in key order (see `StateStepper::visit_state`).
 pub type Visit<'a> = dyn Fn(&mut dyn FnMut(&str, ndarray::ArrayViewD<'_, f32>) -> Result<()>) -> Result<()> + 'a;
 
@@ -168,6 +160,23 @@ fn read_record(z: &mut Npz) -> std::result::Result<Record, String> {
 
 /// Read and check `dir/checkpoint.npz` against the state a run holds (`shapes`, by key).
 pub fn load(dir: &Path, shapes: &BTreeMap<String, Vec<usize>>) -> Result<(Record, StateValues)> {
+    let mut state = StateValues::new();
+    let record = load_each(dir, shapes, &mut |k, a| {
+        state.insert(k.to_string(), a);
+        Ok(())
+    })?;
+    Ok((record, state))
+}
+
+/// `load`, one tensor at a time: each entry of `shapes` (in key order) is read, checked and
+/// handed to `take`, so that no more than one tensor of the checkpoint is held at once. The
+/// checksum over all of them is checked at the end: where it fails (or any entry does), `take`
+/// has already been given the entries before, and the caller must discard what it made of them.
+pub fn load_each(
+    dir: &Path,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    take: &mut dyn FnMut(&str, ndarray::ArrayD<f32>) -> Result<()>,
+) -> Result<Record> {
     let path = dir.join(FILE);
     let bad = |m: String| damaged(&path, m);
     let mut z = Npz::open(&path).map_err(|e| bad(e.to_string()))?;
@@ -180,7 +189,7 @@ pub fn load(dir: &Path, shapes: &BTreeMap<String, Vec<usize>>) -> Result<(Record
             )));
         }
     }
-    let mut state = StateValues::new();
+    let mut d = Checksum::new(&record)?;
     for (k, shape) in shapes {
         if !names.contains(k) {
             return Err(bad(format!("it has no entry '{k}'")));
@@ -194,15 +203,15 @@ pub fn load(dir: &Path, shapes: &BTreeMap<String, Vec<usize>>) -> Result<(Record
                 a.shape()
             )));
         }
-        state.insert(k.clone(), a);
+        d.tensor(k, a.view());
+        take(k, a)?;
     }
-    let want = digest(&record, &state)?;
-    if want != record.sha256 {
+    if d.finish() != record.sha256 {
         return Err(bad(
             "its checksum does not match its contents: it was changed or damaged after it was written".into(),
         ));
     }
-    Ok((record, state))
+    Ok(record)
 }
 
 /// The settings that must match for a resumed run to continue the same run: every one but the

@@ -928,10 +928,14 @@ impl Trainer {
     /// Continue from the checkpoint in `dir`. Settings other than those of the checkpoint are
     /// refused unless `new_settings`; then the optimizer's state is reset when the optimizer
     /// changed. Returns what was reset or changed, one line each.
+    ///
+    /// The same run's checkpoint streams into the backend one tensor at a time (no copy of the
+    /// state is held); its checksum is checked at the end, so after an error the trainer's state
+    /// is partly replaced: discard the trainer (as `fit` does).
     pub fn load_checkpoint(&mut self, dir: &Path, new_settings: bool) -> Result<Vec<String>> {
         let shapes = self.stepper.shapes();
         // The record first: a file that is no checkpoint says so before anything else.
-        checkpoint::record(dir)?;
+        let was = checkpoint::record(dir)?;
         let held = checkpoint::entries(dir)?;
         let is_model_state = |k: &String| k.starts_with("param/") || k.starts_with("bn/");
         let does_not_fit = |m: String| {
@@ -953,8 +957,7 @@ impl Trainer {
                 None => return Err(does_not_fit(format!("it holds '{k}', which is not state of this run"))),
             };
         }
-        let (record, mut values) = checkpoint::load(dir, &expected)?;
-        let diffs = checkpoint::differences(&record.settings, &self.settings);
+        let diffs = checkpoint::differences(&was.settings, &self.settings);
         let mut notes = Vec::new();
         if !diffs.is_empty() {
             if !new_settings {
@@ -970,16 +973,19 @@ impl Trainer {
         // (a new momentum keeps the buffer, as editing a PyTorch param group does), and slots
         // it did not have start at zero.
         let kind_changed =
-            std::mem::discriminant(&record.settings.optimizer) != std::mem::discriminant(&self.settings.optimizer);
-        let missing: Vec<String> = shapes.keys().filter(|k| !values.contains_key(*k)).cloned().collect();
-        let extra = values.keys().filter(|k| !shapes.contains_key(*k)).count();
-        if kind_changed || !missing.is_empty() || extra > 0 {
-            if !new_settings {
-                return Err(does_not_fit(format!(
-                    "its optimizer state differs ({} entries missing, {extra} not state of this run)",
-                    missing.len()
-                )));
-            }
+            std::mem::discriminant(&was.settings.optimizer) != std::mem::discriminant(&self.settings.optimizer);
+        let missing: Vec<String> = shapes.keys().filter(|k| !expected.contains_key(*k)).cloned().collect();
+        let extra = expected.keys().filter(|k| !shapes.contains_key(*k)).count();
+        let changed = kind_changed || !missing.is_empty() || extra > 0;
+        if changed && !new_settings {
+            return Err(does_not_fit(format!(
+                "its optimizer state differs ({} entries missing, {extra} not state of this run)",
+                missing.len()
+            )));
+        }
+        let record = if changed {
+            // The checkpoint whole, then the optimizer's state reset.
+            let (record, mut values) = checkpoint::load(dir, &expected)?;
             values.retain(|k, _| is_model_state(k) || (!kind_changed && shapes.contains_key(k)));
             let mut zeroed = 0;
             for (k, s) in &shapes {
@@ -991,8 +997,18 @@ impl Trainer {
             notes.push(format!(
                 "the optimizer changed: its state was reset ({zeroed} tensors start at zero)"
             ));
-        }
-        self.stepper.set_state(&values)?;
+            self.stepper.set_state(&values)?;
+            record
+        } else {
+            // The same state: each tensor from the file straight into its backend buffer.
+            let stepper = &mut self.stepper;
+            checkpoint::load_each(dir, &expected, &mut |k, a| {
+                stepper.visit_mut(&[k.to_string()], &mut |_, mut v| {
+                    v.assign(&a);
+                    Ok(())
+                })
+            })?
+        };
         self.progress.step = record.step;
         self.progress.epoch = record.epoch;
         self.progress.rng = Rng(record.rng);
