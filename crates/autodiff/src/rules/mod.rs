@@ -168,8 +168,8 @@ rules! {
     "SpaceToDepth" => Vjp(shape::space_to_depth), "dX = DepthToSpace(g, DCR)";
     "ReverseSequence" => Vjp(shape::reverse_sequence), "dX = ReverseSequence(g) (its own inverse)";
     "Compress" => Body(shape::compress), "Gather(X or flat X, NonZero(condition)) along the axis";
-    "ScatterND" => Vjp(shape::scatter_nd), "ddata = g with the scattered positions zeroed (none) or g (add); dupdates = gather_nd(g)";
-    "ScatterElements" => Vjp(shape::scatter_elements), "ddata = g with the scattered positions zeroed (none) or g (add); dupdates = gather_elements(g)";
+    "ScatterND" => Vjp(shape::scatter_nd), "none/add: ddata = g (written positions zeroed for none), dupdates = gather_nd(g); max/min: g to the values equal to the output, ties sharing; mul: g times the product of the others";
+    "ScatterElements" => Vjp(shape::scatter_elements), "as ScatterND, with gather_elements";
     "TopK" => Vjp(shape::top_k), "dX = scatter_elements(zeros, indices, g)";
     "SoftmaxCrossEntropyLoss" => Vjp(loss::softmax_cross_entropy), "dS = (softmax(S) - onehot(y)) g / N";
     "Shape" => NoGradient, "no gradient";

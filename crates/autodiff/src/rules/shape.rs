@@ -516,33 +516,95 @@ pub fn trilu(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     Ok(out)
 }
 
-/// ScatterND / ScatterElements: without reduction the scattered positions of data get no
-/// gradient (overwritten) and the updates get g at their positions; with reduction="add" data
-/// gets all of g.
+/// ScatterND and ScatterElements. `none`: data's gradient is g with the written positions
+/// zeroed, the updates' g gathered at them; `add`: g to data, g gathered to the updates;
+/// `max`/`min`: each output is the extremum of its data element and the updates written there,
+/// so g goes to those equal to it (ties share it equally, as PyTorch's `scatter_reduce`);
+/// `mul`: each gets g times the product of the others at its position (zeros counted, as
+/// ReduceProd's rule does, so that no division by zero happens).
 fn scatter(c: &mut Ctx, g: &[Option<String>], need: &[bool], elements: bool) -> Out {
     let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
     };
     let reduction = c.attr_s("reduction").unwrap_or_else(|| "none".into());
-    if reduction != "none" && reduction != "add" {
-        return Err(c.err(format!("reduction '{reduction}' has no gradient rule")));
-    }
-    let (idx, upd) = (c.input(1).to_string(), c.input(2).to_string());
+    let (x, idx, upd) = (c.input(0).to_string(), c.input(1).to_string(), c.input(2).to_string());
     let axis = c.attr_i("axis", 0);
-    let attrs = || if elements { vec![attr_int("axis", axis)] } else { vec![] };
+    let attrs = |red: Option<&str>| {
+        let mut a = if elements { vec![attr_int("axis", axis)] } else { vec![] };
+        a.extend(red.map(|r| attr_string("reduction", r)));
+        a
+    };
+    let (scatter_op, gather_op) = if elements {
+        ("ScatterElements", "GatherElements")
+    } else {
+        ("ScatterND", "GatherND")
+    };
+    let gather = |c: &mut Ctx, t: &str| c.op_a(gather_op, &[t, &idx], attrs(None));
     let mut out = vec![None; need.len()];
-    if need[0] {
-        out[0] = Some(if reduction == "add" {
-            g.clone()
-        } else {
-            let z = c.zeros_like(&upd);
-            let op = if elements { "ScatterElements" } else { "ScatterND" };
-            c.op_a(op, &[&g, &idx, &z], attrs())
-        });
-    }
-    if need.get(2).copied().unwrap_or(false) {
-        let op = if elements { "GatherElements" } else { "GatherND" };
-        out[2] = Some(c.op_a(op, &[&g, &idx], attrs()));
+    let need_upd = need.get(2).copied().unwrap_or(false);
+    match reduction.as_str() {
+        "none" | "add" => {
+            if need[0] {
+                out[0] = Some(if reduction == "add" {
+                    g.clone()
+                } else {
+                    let z = c.zeros_like(&upd);
+                    c.op_a(scatter_op, &[&g, &idx, &z], attrs(None))
+                });
+            }
+            if need_upd {
+                out[2] = Some(gather(c, &g));
+            }
+        }
+        "max" | "min" => {
+            let y = c.output(0).to_string();
+            let wins_x = c.op("Equal", &[&x, &y]);
+            let wins_x = c.to_float(&wins_x);
+            let yg = gather(c, &y);
+            let wins_u = c.op("Equal", &[&upd, &yg]);
+            let wins_u = c.to_float(&wins_u);
+            // How many share each output: its data element and the updates written there.
+            let count = c.op_a(scatter_op, &[&wins_x, &idx, &wins_u], attrs(Some("add")));
+            let share = c.op("Div", &[&g, &count]);
+            if need[0] {
+                out[0] = Some(c.op("Mul", &[&share, &wins_x]));
+            }
+            if need_upd {
+                let sg = gather(c, &share);
+                out[2] = Some(c.op("Mul", &[&sg, &wins_u]));
+            }
+        }
+        "mul" => {
+            // With X' and U' the values with zeros replaced by 1, P' = X' times the U' written
+            // there, and Z the count of zeros at the position: a factor's derivative is P' over
+            // its own value where no other factor is zero, 0 where one is.
+            let (zero, one) = (c.scalar(0.0), c.scalar(1.0));
+            let zx = c.op("Equal", &[&x, &zero]);
+            let zu = c.op("Equal", &[&upd, &zero]);
+            let x1 = c.op("Where", &[&zx, &one, &x]);
+            let u1 = c.op("Where", &[&zu, &one, &upd]);
+            let p1 = c.op_a(scatter_op, &[&x1, &idx, &u1], attrs(Some("mul")));
+            let (zxf, zuf) = (c.to_float(&zx), c.to_float(&zu));
+            let zeros = c.op_a(scatter_op, &[&zxf, &idx, &zuf], attrs(Some("add")));
+            if need[0] {
+                let others = c.op("Sub", &[&zeros, &zxf]);
+                let none = c.op("Equal", &[&others, &zero]);
+                let q = c.op("Div", &[&p1, &x1]);
+                let d = c.op("Where", &[&none, &q, &zero]);
+                out[0] = Some(c.op("Mul", &[&g, &d]));
+            }
+            if need_upd {
+                let zg = gather(c, &zeros);
+                let others = c.op("Sub", &[&zg, &zuf]);
+                let none = c.op("Equal", &[&others, &zero]);
+                let pg = gather(c, &p1);
+                let q = c.op("Div", &[&pg, &u1]);
+                let d = c.op("Where", &[&none, &q, &zero]);
+                let gg = gather(c, &g);
+                out[2] = Some(c.op("Mul", &[&gg, &d]));
+            }
+        }
+        r => return Err(c.err(format!("reduction '{r}' is not one the spec defines"))),
     }
     Ok(out)
 }
@@ -789,6 +851,32 @@ pub fn cases() -> Vec<crate::cases::Case> {
             vec![x(&[3, 4]), In::Ints(vec![3, 2], vec![0, 3, 1, 2, 2, 0]), x(&[3, 2])],
         )
         .attrs(vec![attr_int("axis", 1)]),
+        // Reductions max, min and mul (opset 18): repeated indices; distinct values (no ties),
+        // and zeros for mul (one at a position, two at another).
+        case(
+            "scatter_elements_max",
+            "ScatterElements",
+            vec![x(&[3, 4]), In::Ints(vec![3, 2], vec![0, 0, 1, 2, 3, 3]), x(&[3, 2])],
+        )
+        .attrs(vec![attr_int("axis", 1), attr_string("reduction", "max")])
+        .opset(18)
+        .gen(Distinct),
+        case(
+            "scatter_nd_min",
+            "ScatterND",
+            vec![x(&[4, 3]), In::Ints(vec![3, 1], vec![2, 0, 2]), x(&[3, 3])],
+        )
+        .attrs(vec![attr_string("reduction", "min")])
+        .opset(18)
+        .gen(Distinct),
+        case(
+            "scatter_elements_mul",
+            "ScatterElements",
+            vec![x(&[2, 4]), In::Ints(vec![2, 3], vec![1, 1, 3, 0, 2, 2]), x(&[2, 3])],
+        )
+        .attrs(vec![attr_int("axis", 1), attr_string("reduction", "mul")])
+        .opset(18)
+        .gen(ZerosAt(&[1, 3, 4])),
         case("top_k", "TopK", vec![x(&[3, 5]), ints(&[2])])
             .outputs(2)
             .gen(Distinct),
