@@ -1464,12 +1464,7 @@ pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Resu
     if run.comm.rank() != 0 {
         return fit_worker(run, settings, callbacks);
     }
-    let model = onnx::load(run.model)?;
-    let record = record_of(&model)?;
-    let original = run
-        .original
-        .map(Path::to_path_buf)
-        .or_else(|| record.original.as_ref().map(PathBuf::from));
+    let original = original_of(run)?;
     refuse_overwriting_inputs(run, original.as_deref())?;
     if run.out.exists() && !run.resume && !run.force {
         return Err(Error::Config(format!(
@@ -1541,17 +1536,22 @@ pub fn fit(run: &Run, settings: Settings, callbacks: &mut dyn Callbacks) -> Resu
     result
 }
 
+/// The original model a run exports through: the one it names, else the one the training
+/// graph's record names.
+fn original_of(run: &Run) -> Result<Option<PathBuf>> {
+    let record = record_of(&onnx::load(run.model)?)?;
+    Ok(run
+        .original
+        .map(Path::to_path_buf)
+        .or_else(|| record.original.as_ref().map(PathBuf::from)))
+}
+
 /// A process of a data-parallel run other than process 0: the same steps over its share of
 /// each batch, resuming from process 0's checkpoint (read, never written), and nothing
 /// written: no lock, log, checkpoint or model (process 0 writes them).
 fn fit_worker(run: &Run, settings: Settings, cb: &mut dyn Callbacks) -> Result<Fitted> {
     let mut t = Trainer::new_for(run.model, settings.clone(), &std::env::temp_dir(), run.comm.size())?;
-    let model = onnx::load(run.model)?;
-    let record = record_of(&model)?;
-    let original = run
-        .original
-        .map(Path::to_path_buf)
-        .or_else(|| record.original.as_ref().map(PathBuf::from));
+    let original = original_of(run)?;
     let data = RunInputs::load(run, &t, original)?;
     if run.resume && checkpoint::exists(run.out) {
         t.load_checkpoint(run.out, run.new_settings)?;
