@@ -25,6 +25,7 @@ bytes, and against `cp` followed by fsync (inject makes every file it writes dur
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -210,6 +211,8 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="train on the CPU or on CUDA (then device memory is reported too: ours and "
                          "PyTorch's, as NVML sees the process, and torch.cuda.max_memory_allocated)")
+    ap.add_argument("--optimizers", default="sgd,adamw",
+                    help="which optimizers to run, of sgd (with momentum) and adamw")
     ap.add_argument("--state-update", default="auto", choices=["auto", "two-sets", "in-place"],
                     help="how `train` keeps the state (its --state-update)")
     args = ap.parse_args()
@@ -233,6 +236,10 @@ def main():
             np.savez(data, audio=a.numpy(), visual=v.numpy(), y=y.numpy())
             src = os.path.join(tmp, "model.onnx")
             export(model, a, v, src)
+            # The runs below are separate processes: this one lets go of the model, so that at
+            # the largest sizes its copy does not take memory from theirs.
+            del model
+            gc.collect()
             graph_dir = os.path.join(tmp, "graph")
             os.makedirs(graph_dir)
             train = os.path.join(graph_dir, "model.train.onnx")
@@ -248,12 +255,17 @@ def main():
             os.fsync(fd)
             os.close(fd)
             cp_sync_wall = time.perf_counter() - t
+            # Every run below writes checkpoints and models of the model's size: the copies go,
+            # and so does each run's directory once measured (at 1B parameters and AdamW the
+            # runs together would need over 70 GB of disk).
+            os.remove(os.path.join(tmp, "copy.data"))
+            os.remove(os.path.join(tmp, "copy2.data"))
             print(f"\n{n / 1e6:.0f}M parameters ({n * 4 / 1e6:.0f} MB float32): width {shp['width']}, "
                   f"depth {shp['depth']}")
             print(f"  inject --train to another directory: {inj_wall:.2f} s (peak RSS {inj_rss:.0f} MB); "
                   f"cp of the weights: {cp_wall:.2f} s ({inj_wall / cp_wall:.2f}x), "
                   f"cp + fsync: {cp_sync_wall:.2f} s ({inj_wall / cp_sync_wall:.2f}x)")
-            for opt in ("sgd", "adamw"):
+            for opt in args.optimizers.split(","):
                 out = os.path.join(tmp, f"run_{opt}")
                 flags = ["--optimizer", opt] + (["--momentum", "0.9", "--lr", "0.01"] if opt == "sgd" else
                                                 ["--lr", "1e-4"])
@@ -284,6 +296,8 @@ def main():
                           f"{tr['max_memory_reserved'] / 1e6:.0f} MB): {ours_gpu.mb / alloc:.2f}x")
                 around_ours = ours_wall - ours_steps_total
                 around_torch = torch_wall - tr["steps_total"]
+                shutil.rmtree(out)
+                shutil.rmtree(tdir)
                 print(f"  {opt:5}  peak RSS: ours {ours_rss:6.0f} MB, PyTorch {torch_rss:6.0f} MB, "
                       f"{ours_rss / torch_rss:.2f}x | time to first step: {ours_first:6.2f} s, "
                       f"{tr['first_step']:6.2f} s, {ours_first / tr['first_step']:.2f}x | "
