@@ -5,7 +5,9 @@
 //! The layers are crates, each depending only on the ones before it (the compiler forbids a
 //! back-edge):
 //! `dagr-onnx` (model I/O, graph index, shape facts, builders; errors, bounds, the fault hook) ->
-//! `dagr-autodiff` (reverse-mode engine, one rule per operator) -> `dagr-core` (encoder
+//! `dagr-ops` (every operator as one registry entry: shape and value inference, gradient rule,
+//! schema versions covered, finite-difference cases) -> `dagr-autodiff` (the reverse-mode
+//! engine over that registry) -> `dagr-core` (encoder
 //! location, the regularizer and its reference, training graphs, optimizers as ONNX nodes, step
 //! graphs, embedding geometry) -> `dagr-runtime` (host tensors, `.npz`, datasets, tract and ONNX
 //! Runtime, `Stepper`) -> `dagr-train` (the loop, checkpoints, evaluation) -> `dagr-report`
@@ -27,6 +29,7 @@ pub use dagr_core::locate;
 pub use dagr_dist as dist;
 pub use dagr_onnx as onnx;
 pub use dagr_onnx::{error, fault, limits};
+pub use dagr_ops as ops;
 pub use dagr_report::{diagnose, inspect, plots, verify};
 pub use dagr_runtime as runtime;
 pub use dagr_runtime::npz;

@@ -9,7 +9,7 @@
 use crate::common::*;
 use dagr_inject::autodiff as grad;
 use dagr_inject::onnx::builder::Builder;
-use dagr_inject::onnx::{self, dtype, GraphIndex};
+use dagr_inject::onnx::{self, dtype};
 use dagr_inject::runtime::Backend;
 use std::collections::HashSet;
 
@@ -40,7 +40,7 @@ fn onnx_backend_models_gradients_match_finite_differences() {
         let path = dir.path().join(format!("{name}.onnx"));
         let m = onnx::load(&path).unwrap();
         let feed = dagr_inject::npz::read(&dir.path().join(format!("{name}.inputs.npz"))).unwrap();
-        let idx = GraphIndex::new(&m).unwrap();
+        let idx = dagr_inject::ops::index(&m).unwrap();
         // The parameters as --train takes them (BatchNorm's running statistics are not).
         let not = dagr_inject::dagr::training::not_parameters(&m);
         let weights: Vec<String> = m
@@ -71,7 +71,7 @@ fn onnx_backend_models_gradients_match_finite_differences() {
             // difference below, which asks for the loss alone: the original model's nodes.
             gm.graph_mut().input.push(f.to_value_info(w));
         }
-        onnx::infer::check(&gm).unwrap_or_else(|e| panic!("{name}: {e}"));
+        dagr_inject::ops::infer::check(&gm).unwrap_or_else(|e| panic!("{name}: {e}"));
         let gp = dir.path().join(format!("{name}.grad.onnx"));
         onnx::save(&gm, &gp).unwrap();
         checks.add(&gp);

@@ -71,7 +71,7 @@ fn inspect_names_the_ops_without_a_gradient_rule() {
         ));
     let dir = tempfile::tempdir().unwrap();
     let mut m = onnx::load(Path::new(&model("av_cnn.legacy.onnx"))).unwrap();
-    let idx = onnx::GraphIndex::new(&m).unwrap();
+    let idx = dagr_inject::ops::index(&m).unwrap();
     let node = m
         .graph_mut()
         .node

@@ -14,7 +14,7 @@ use crate::common::*;
 use assert_cmd::Command;
 use dagr_inject::dagr::training::{make_training_graph, TrainOptions};
 use dagr_inject::dagr::{Config, Task};
-use dagr_inject::onnx::{self, GraphIndex};
+use dagr_inject::onnx;
 use dagr_inject::runtime::{Backend, Tensors, Value};
 use ndarray::{ArrayD, IxDyn};
 use serde::Deserialize;
@@ -297,7 +297,7 @@ fn framework_exports_resolve_encoders_by_input_when_nothing_is_recorded() {
         let done = dagr_inject::dagr::inject(&mut m2, &cfg).unwrap();
         let found: Vec<String> = done.encoders.iter().map(|e| e.tensor.clone()).collect();
         assert!(e.encoders_found(&found), "{names:?} -> {found:?}");
-        let idx = GraphIndex::new(&m).unwrap();
+        let idx = dagr_inject::ops::index(&m).unwrap();
         assert!(idx.producer.len() > 10);
     }
 }

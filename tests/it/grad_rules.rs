@@ -1,16 +1,17 @@
-//! The gradient rules' finite-difference cases (each rules module lists its ops' cases beside
-//! them: `autodiff::rules::cases()`), built into one-op models with the loss
+//! The gradient rules' finite-difference cases (each family module of `dagr-ops` lists its ops'
+//! cases beside their registry entries: `ops::cases()`), built into one-op models with the loss
 //! sum(y^2 (0.5 + 0.2 y)): central differences of the loss against the rule's gradient for every
 //! float input, on the backends each case names; the same gradients with symbolic dims; the
 //! output shapes against ONNX Runtime. `every_rule_has_a_case` and
 //! `every_rule_has_an_inference_rule` fail when the registry gains an op without either.
 
 use crate::common::*;
-use dagr_inject::autodiff::cases::{case, ints, x, Case, Gen, In, Runs};
-use dagr_inject::autodiff::{self as grad, rules};
+use dagr_inject::autodiff as grad;
 use dagr_inject::onnx::builder::{attr_int, Builder};
 use dagr_inject::onnx::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
-use dagr_inject::onnx::{self, dtype, tensor, Dim, GraphIndex, Model, ValueFact};
+use dagr_inject::onnx::{self, dtype, tensor, Dim, Model, ValueFact};
+use dagr_inject::ops::cases::{case, ints, x, Case, Gen, In, Runs};
+use dagr_inject::ops::{self, Kind};
 use dagr_inject::runtime::{Backend, Runner, Tensors, Value};
 use ndarray::ArrayD;
 use std::collections::HashSet;
@@ -25,7 +26,7 @@ fn backends(c: &Case) -> &'static [Backend] {
 }
 
 fn cases() -> Vec<Case> {
-    rules::cases()
+    ops::cases()
 }
 
 fn values(n: usize, gen: Gen, seed: u64) -> Vec<f32> {
@@ -192,7 +193,7 @@ fn try_build_with(c: &Case, symbolic: bool) -> Result<(Model, Vec<String>), dagr
     let refs: Vec<&str> = terms.iter().map(String::as_str).collect();
     b.op_named("Sum", &refs, vec![], "loss");
     b.finish(&mut model);
-    let idx = GraphIndex::new(&model).unwrap();
+    let idx = dagr_inject::ops::index(&model).unwrap();
     let mut b = Builder::new(&model, "g/");
     let one = b.scalar(1.0);
     let grads = grad::backward(&model, &idx, &mut b, &[("loss".into(), one)], &wrt, &HashSet::new())?;
@@ -233,7 +234,7 @@ fn gather_gradients_below_opset_16_say_why() {
 fn an_op_without_a_rule_is_named() {
     let Some(op) = ["Det", "Hardmax2"]
         .into_iter()
-        .find(|op| rules::lookup("", op).is_none())
+        .find(|op| ops::gradient_rule("", op).is_none())
     else {
         panic!("every candidate has a rule now: list an op the registry has no rule for");
     };
@@ -246,12 +247,57 @@ fn an_op_without_a_rule_is_named() {
     }
 }
 
+/// Each entry declares the first schema version it covers: one of the versions in ONNX's own
+/// history of the op (`ops::schemas`, generated from the onnx package), so that a node's
+/// version can be compared with it.
+#[test]
+fn every_entry_covers_versions_onnx_defines() {
+    let mut bad = Vec::new();
+    for e in ops::registry() {
+        match ops::schemas::VERSIONS.iter().find(|(o, _)| *o == e.op) {
+            Some((_, vs)) if vs.contains(&e.since) => {}
+            Some((_, vs)) => bad.push(format!(
+                "{}: since {} is not one of its schema versions {vs:?}",
+                e.op, e.since
+            )),
+            None => bad.push(format!("{}: not an operator of ONNX's default domain", e.op)),
+        }
+    }
+    assert!(bad.is_empty(), "{bad:#?}");
+    // Sorted by name: `schema_version` searches it by bisection.
+    assert!(ops::schemas::VERSIONS.windows(2).all(|w| w[0].0 < w[1].0));
+    // A node's version is the newest change not after the model's opset.
+    assert_eq!(ops::schema_version("Softmax", 12), Some(11));
+    assert_eq!(ops::schema_version("Softmax", 13), Some(13));
+    assert_eq!(ops::schema_version("Gelu", 19), None);
+}
+
+/// A node of an older schema version than its entry covers is refused by name, with the
+/// versions covered: Add before opset 7 broadcast by an `axis` attribute (the legacy rule), which
+/// the entry does not implement.
+#[test]
+fn an_op_older_than_its_entry_covers_is_refused() {
+    let add = ops::lookup("", "Add").unwrap();
+    assert!(add.covers(7) && add.covers(21) && !add.covers(6));
+    let c = case("add_opset6", "Add", vec![x(&[2, 3]), x(&[2, 3])]).opset(6);
+    match try_build(&c).map(|_| ()) {
+        Err(e @ dagr_inject::Error::OpVersionUnsupported { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("Add") && msg.contains("versions 7 and later") && msg.contains("version 6"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected OpVersionUnsupported, got {other:?}"),
+    }
+}
+
 #[test]
 fn every_rule_has_a_case() {
     let covered: HashSet<&str> = cases().iter().map(|c| c.op).collect();
-    let missing: Vec<&str> = rules::RULES
+    let missing: Vec<&str> = ops::registry()
         .iter()
-        .filter(|r| !rules::is_non_differentiable(r.op) && !covered.contains(r.op))
+        .filter(|r| matches!(r.kind, Kind::Vjp(_) | Kind::Broadcast(_) | Kind::Body(_)) && !covered.contains(r.op))
         .map(|r| r.op)
         .collect();
     assert!(
@@ -264,9 +310,10 @@ fn every_rule_has_a_case() {
 /// the shapes of what they meet): adding one without the other fails here.
 #[test]
 fn every_rule_has_an_inference_rule() {
-    let inferred: HashSet<&str> = onnx::infer::supported_ops().into_iter().collect();
-    let missing: Vec<&str> = rules::RULES
+    let inferred: HashSet<&str> = ops::infer::supported_ops().into_iter().collect();
+    let missing: Vec<&str> = ops::registry()
         .iter()
+        .filter(|r| r.has_gradient())
         .map(|r| r.op)
         .filter(|op| !inferred.contains(op))
         .collect();
@@ -386,7 +433,7 @@ fn every_case_output_shape_matches_onnx_runtime() {
             continue;
         }
         let (mut m, _) = build(c);
-        let idx = GraphIndex::new(&m).unwrap();
+        let idx = dagr_inject::ops::index(&m).unwrap();
         let names: Vec<String> = (0..c.outputs).map(|k| format!("y{k}")).collect();
         for n in &names {
             match idx.fact(n).filter(|f| f.shape.is_some()) {
@@ -472,7 +519,7 @@ fn a_float16_segment_gets_float16_gradients() {
         let sq = b.binary("Mul", &y, &y, "loss");
         b.op_named("ReduceSum", &[&sq], vec![attr_int("keepdims", 0)], "loss");
         b.finish(&mut model);
-        let idx = GraphIndex::new(&model).unwrap();
+        let idx = dagr_inject::ops::index(&model).unwrap();
         let params: Vec<String> = ["w", "b", "scale", "shift"].iter().map(|s| s.to_string()).collect();
         let mut b = Builder::new(&model, "g/");
         let one = b.scalar(1.0);
@@ -489,7 +536,7 @@ fn a_float16_segment_gets_float16_gradients() {
             let f = idx.fact(w).unwrap().clone();
             model.graph_mut().output.push(f.to_value_info(o));
         }
-        onnx::infer::check(&model).unwrap_or_else(|e| panic!("half={half}: {e}"));
+        ops::infer::check(&model).unwrap_or_else(|e| panic!("half={half}: {e}"));
         (model, outs)
     };
     let mut feed = Tensors::new();

@@ -4,7 +4,7 @@
 
 use crate::common::*;
 use dagr_inject::dagr::{self, reference, Config, Task};
-use dagr_inject::onnx::{self, GraphIndex, Model};
+use dagr_inject::onnx::{self, Model};
 use dagr_inject::runtime::{Backend, Tensors, Value};
 use ndarray::{ArrayD, Axis, Ix2};
 use std::path::Path;
@@ -20,7 +20,7 @@ fn encoders_for(model: &Path) -> Vec<String> {
 
 /// A copy of `model` whose graph also outputs `tensors` (to read the encoder outputs).
 fn exposing(model: &Model, tensors: &[String], path: &Path) {
-    let idx = GraphIndex::new(model).unwrap();
+    let idx = dagr_inject::ops::index(model).unwrap();
     let mut m = model.clone();
     m.source = None;
     for t in tensors {

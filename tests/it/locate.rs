@@ -2,11 +2,11 @@
 
 use crate::common::*;
 use dagr_inject::locate::{resolve_all, Resolution, ScopeSource};
-use dagr_inject::onnx::{self, GraphIndex};
+use dagr_inject::onnx;
 
 fn resolve(model: &str, entries: &[&str]) -> Result<Vec<dagr_inject::locate::Encoder>, String> {
     let m = onnx::load(&root().join("models").join(model)).unwrap();
-    let idx = GraphIndex::new(&m).unwrap();
+    let idx = dagr_inject::ops::index(&m).unwrap();
     let e: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
     resolve_all(&m, &idx, &e).map_err(|e| e.to_string())
 }
@@ -113,7 +113,7 @@ fn ambiguous_unknown_and_non_encoder_names_are_clear_errors() {
 fn candidates_rank_encoders_above_heads() {
     for model in ["av_cnn.legacy.onnx", "av_cnn.dynamo.onnx", "tri_token.dynamo.onnx"] {
         let m = onnx::load(&root().join("models").join(model)).unwrap();
-        let idx = GraphIndex::new(&m).unwrap();
+        let idx = dagr_inject::ops::index(&m).unwrap();
         let c = dagr_inject::locate::candidates(&m, &idx);
         let n = if model.starts_with("tri") { 3 } else { 2 };
         for cand in &c[..n] {
@@ -136,7 +136,7 @@ fn a_common_root_of_every_scope_is_dropped() {
             n.name = format!("/_wrapped/{}", n.name);
         }
     }
-    let idx = GraphIndex::new(&m).unwrap();
+    let idx = dagr_inject::ops::index(&m).unwrap();
     let c = dagr_inject::locate::candidates(&m, &idx);
     let top: Vec<&str> = c[..2].iter().map(|c| c.pass_as.as_str()).collect();
     assert_eq!(top, ["audio_encoder", "visual_encoder"], "{c:?}");

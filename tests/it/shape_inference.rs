@@ -3,7 +3,8 @@
 //! property tests of broadcasting.
 
 use crate::common::*;
-use dagr_inject::onnx::{self, infer::broadcast, Dim, GraphIndex};
+use dagr_inject::onnx::{self, Dim};
+use dagr_inject::ops::{self, infer::broadcast};
 use dagr_inject::runtime::Backend;
 use proptest::prelude::*;
 
@@ -14,7 +15,7 @@ fn inferred_shapes_match_onnx_runtime_on_every_model() {
         let mut m = onnx::load(&path).unwrap();
         m.source = None;
         m.graph_mut().value_info.clear();
-        let idx = GraphIndex::new(&m).unwrap();
+        let idx = ops::index(&m).unwrap();
         // Expose every node output whose shape we inferred.
         let mut exposed = m.clone();
         let mut names = Vec::new();
@@ -88,7 +89,7 @@ proptest! {
 fn emitted_graph_check_names_the_broken_node() {
     use dagr_inject::onnx::builder::Builder;
     let base = onnx::load(&root().join("models/av_mlp.legacy.onnx")).unwrap();
-    onnx::infer::check(&base).unwrap();
+    ops::infer::check(&base).unwrap();
     let x = base.graph().input[0].name.clone();
     // A Reshape to [-1, -1].
     let mut m = base.clone();
@@ -97,7 +98,7 @@ fn emitted_graph_check_names_the_broken_node() {
     let y = b.op("Reshape", &[&x, &s], vec![], "bad");
     b.finish(&mut m);
     m.graph_mut().output.push(onnx::ValueFact::default().to_value_info(&y));
-    let e = onnx::infer::check(&m).unwrap_err().to_string();
+    let e = ops::infer::check(&m).unwrap_err().to_string();
     assert!(
         e.contains("internal error") && e.contains("Reshape") && e.contains("more than one -1"),
         "{e}"
@@ -110,7 +111,7 @@ fn emitted_graph_check_names_the_broken_node() {
     let y = b.op("ScatterND", &[&x, &idx, &x], vec![], "bad");
     b.finish(&mut m);
     m.graph_mut().output.push(onnx::ValueFact::default().to_value_info(&y));
-    let e = onnx::infer::check(&m).unwrap_err().to_string();
+    let e = ops::infer::check(&m).unwrap_err().to_string();
     assert!(e.contains("ScatterND") && e.contains("rank"), "{e}");
     // A node reading a tensor nothing defines.
     let mut m = base.clone();
@@ -118,7 +119,7 @@ fn emitted_graph_check_names_the_broken_node() {
     let y = b.op("Relu", &["nowhere"], vec![], "bad");
     b.finish(&mut m);
     m.graph_mut().output.push(onnx::ValueFact::default().to_value_info(&y));
-    let e = onnx::infer::check(&m).unwrap_err().to_string();
+    let e = ops::infer::check(&m).unwrap_err().to_string();
     assert!(e.contains("'nowhere'"), "{e}");
 }
 
@@ -176,7 +177,7 @@ onnx.save(m, sys.argv[1])
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let m = onnx::load(&path).unwrap();
-    let idx = GraphIndex::new(&m).unwrap();
+    let idx = ops::index(&m).unwrap();
     let mut feed = dagr_inject::runtime::Tensors::new();
     let f = |s: &[usize], v: Vec<f32>| {
         dagr_inject::runtime::Value::F32(ndarray::ArrayD::from_shape_vec(s.to_vec(), v).unwrap())

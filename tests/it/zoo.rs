@@ -9,7 +9,7 @@ use crate::common::*;
 use assert_cmd::Command;
 use dagr_inject::dagr::training::{make_training_graph, TrainOptions};
 use dagr_inject::dagr::{Config, Task};
-use dagr_inject::onnx::{self, dtype, GraphIndex};
+use dagr_inject::onnx::{self, dtype};
 use dagr_inject::runtime::{Backend, Tensors, Value};
 use ndarray::ArrayD;
 use serde::Deserialize;
@@ -99,7 +99,7 @@ fn zoo_shapes_and_shape_values_match_onnx_runtime_at_two_batch_sizes() {
         let mut m = onnx::load(&e.path).unwrap();
         m.source = None;
         m.graph_mut().value_info.clear();
-        let idx = GraphIndex::new(&m).unwrap();
+        let idx = dagr_inject::ops::index(&m).unwrap();
         let mut exposed = m.clone();
         let mut names = Vec::new();
         let mut missing = Vec::new();

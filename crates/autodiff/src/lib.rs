@@ -1,20 +1,17 @@
 //! Reverse-mode differentiation of ONNX graphs into standard ONNX operators.
 //!
 //! `backward` walks the nodes between the tensors to differentiate with respect to and the
-//! seeded tensors in reverse topological order, asks each op's rule (`rules::RULES`) for the
+//! seeded tensors in reverse topological order, asks each op's rule (the registry of `dagr-ops`) for the
 //! vector-Jacobian product, and sums the contributions a tensor receives from all its
 //! consumers. The `dagr` layer builds whole training graphs on top of it.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub mod cases;
-pub mod ctx;
-pub mod rules;
-
 use dagr_onnx::builder::Builder;
 use dagr_onnx::error::{Error, Result};
 use dagr_onnx::proto::{GraphProto, ModelProto};
 use dagr_onnx::{dtype, GraphIndex, Model};
+use dagr_ops::{ctx, Kind};
 use std::collections::{HashMap, HashSet};
 
 /// Gradients accumulated per tensor; summed when first read.
@@ -74,6 +71,21 @@ pub fn backward(
         }
     }
 
+    // A node older than its entry covers is refused before any rule runs: its inference was
+    // left out too, so a later rule would otherwise stop at an unknown shape instead.
+    let opset = model.opset();
+    for &i in idx.topo.iter().rev() {
+        let n = &g.node[i];
+        let on_path = n.output.iter().any(|o| needed.contains(o)) && n.input.iter().any(|x| reach.contains(x));
+        if let Some(rule) = dagr_ops::gradient_rule(&n.domain, &n.op_type).filter(|r| on_path && !r.covers(opset)) {
+            return Err(Error::OpVersionUnsupported {
+                op: n.op_type.clone(),
+                node: n.name.clone(),
+                version: dagr_ops::schema_version(&n.op_type, opset).unwrap_or(opset),
+                since: rule.since,
+            });
+        }
+    }
     let consts = idx.int_constants();
     let mut acc = Accum::default();
     for (t, s) in seeds {
@@ -100,24 +112,26 @@ pub fn backward(
         if outs.iter().all(Option::is_none) {
             continue;
         }
-        let rule = rules::lookup(&n.domain, &n.op_type).ok_or_else(|| Error::NoGradientRule {
+        let no_rule = || Error::NoGradientRule {
             op: if n.domain.is_empty() {
                 n.op_type.clone()
             } else {
                 format!("{}::{}", n.domain, n.op_type)
             },
             node: n.name.clone(),
-        })?;
+        };
+        let rule = dagr_ops::gradient_rule(&n.domain, &n.op_type).ok_or_else(no_rule)?;
         let mut ctx = ctx::Ctx {
             model,
             b,
             idx,
             consts: &consts,
             node: n,
+            differentiate: differentiate_subgraph,
         };
         let grads = match rule.kind {
-            rules::Kind::Vjp(vjp) => vjp(&mut ctx, &outs, &need)?,
-            rules::Kind::Broadcast(vjp) => {
+            Kind::Vjp(vjp) => vjp(&mut ctx, &outs, &need)?,
+            Kind::Broadcast(vjp) => {
                 let y = n.output.first().cloned().unwrap_or_default();
                 let mut grads = vjp(&mut ctx, &outs, &need)?;
                 for (j, gr) in grads.iter_mut().enumerate() {
@@ -127,8 +141,9 @@ pub fn backward(
                 }
                 grads
             }
-            rules::Kind::Body(body) => through_body(body, &mut ctx, &outs, &need)?,
-            rules::Kind::NoGradient => continue,
+            Kind::Body(body) => through_body(body, &mut ctx, &outs, &need)?,
+            Kind::NoGradient => continue,
+            Kind::NoRule => return Err(no_rule()),
         };
         for (j, gr) in grads.into_iter().enumerate() {
             if let Some(gr) = gr {
@@ -148,8 +163,8 @@ pub fn backward(
 }
 
 /// The nodes between `from` and `to` (on a float path from one to the other) whose op the
-/// registry has no rule for, as (op, node name), in graph order: what stops a training graph
-/// from being built.
+/// registry has no rule for, or a rule that does not cover the node's schema version, as (op,
+/// node name), in graph order: what stops a training graph from being built.
 pub fn ops_without_rule(model: &Model, idx: &GraphIndex, from: &[String], to: &[String]) -> Vec<(String, String)> {
     let g = model.graph();
     let is_float = |t: &str| {
@@ -178,13 +193,27 @@ pub fn ops_without_rule(model: &Model, idx: &GraphIndex, from: &[String], to: &[
         }
         needed.extend(n.input.iter().map(String::as_str));
         let on_path = n.input.iter().any(|x| reach.contains(x.as_str()) && is_float(x));
-        if on_path && rules::lookup(&n.domain, &n.op_type).is_none() {
-            let op = if n.domain.is_empty() {
-                n.op_type.clone()
-            } else {
-                format!("{}::{}", n.domain, n.op_type)
-            };
-            out.push((op, n.name.clone()));
+        if !on_path {
+            continue;
+        }
+        match dagr_ops::gradient_rule(&n.domain, &n.op_type) {
+            None => {
+                let op = if n.domain.is_empty() {
+                    n.op_type.clone()
+                } else {
+                    format!("{}::{}", n.domain, n.op_type)
+                };
+                out.push((op, n.name.clone()));
+            }
+            Some(r) if !r.covers(model.opset()) => {
+                let version = dagr_ops::schema_version(&n.op_type, model.opset()).unwrap_or(0);
+                let op = format!(
+                    "{} (version {version}; its rule covers {} and later)",
+                    n.op_type, r.since
+                );
+                out.push((op, n.name.clone()));
+            }
+            Some(_) => {}
         }
     }
     out.reverse();
@@ -210,45 +239,10 @@ fn through_body(
         .filter(|(y, _)| !y.is_empty())
         .collect();
     let (n1, i1) = (c.b.nodes.len(), c.b.initializers.len());
-    differentiate_emitted(c, (n0..n1, i0..i1), &seeds, need)
+    c.differentiate_emitted((n0..n1, i0..i1), &seeds, need)
 }
 
-/// Differentiate what the rule emitted in `range` (of its builder's nodes and initializers), as
-/// a graph of its own whose inputs are the node's inputs: the gradient of each input that `need`
-/// asks for, from the `seeds` on emitted tensors.
-pub fn differentiate_emitted(
-    c: &mut ctx::Ctx,
-    range: Emitted,
-    seeds: &[(String, String)],
-    need: &[bool],
-) -> Result<Vec<Option<String>>> {
-    let n = c.node;
-    let mut inputs: Vec<(String, dagr_onnx::ValueFact)> = Vec::new();
-    for x in n.input.iter().filter(|x| !x.is_empty()) {
-        if !inputs.iter().any(|(i, _)| i == x) {
-            let f = c.idx.fact(x).ok_or_else(|| Error::ShapeUnknown {
-                tensor: x.to_string(),
-                context: format!(", so the gradient of {} node '{}' cannot be built", n.op_type, n.name),
-            })?;
-            inputs.push((x.clone(), f.clone()));
-        }
-    }
-    let wrt: Vec<String> = inputs
-        .iter()
-        .map(|(x, _)| x.clone())
-        .filter(|x| n.input.iter().zip(need).any(|(i, &w)| w && i == x))
-        .collect();
-    let label = format!("{} node '{}'", n.op_type, n.name);
-    let mut grads = differentiate_subgraph(c.model, c.b, &label, &inputs, range, seeds, &wrt)?;
-    Ok(n.input
-        .iter()
-        .zip(need)
-        .map(|(x, &w)| if w { grads.remove(x) } else { None })
-        .collect())
-}
-
-/// Positions in a builder's nodes and initializers: what one rule emitted.
-pub type Emitted = (std::ops::Range<usize>, std::ops::Range<usize>);
+pub use ctx::Emitted;
 
 /// `backward` over the nodes `b` emitted in `range`, indexed as a graph whose inputs are
 /// `inputs`; initializers `b` made before (it shares equal scalars) come along. The gradient
@@ -299,6 +293,6 @@ pub fn differentiate_subgraph(
         base_dir: model.base_dir.clone(),
         source: None,
     };
-    let sub_idx = GraphIndex::new(&sub)?;
+    let sub_idx = dagr_ops::index(&sub)?;
     backward(&sub, &sub_idx, b, seeds, wrt, &HashSet::new())
 }

@@ -100,7 +100,7 @@ fn reduced_width(f: &ValueFact, reduce: Reduce) -> Option<i64> {
 /// Add the DAGR subgraph to `model` (spec sections 1-4, 6, 7).
 pub fn inject(model: &mut Model, cfg: &Config) -> Result<Injected> {
     let done = inject_with(model, cfg, false)?;
-    dagr_onnx::infer::check(model)?;
+    dagr_ops::infer::check(model)?;
     Ok(done)
 }
 
@@ -115,7 +115,7 @@ pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Res
     // portable to tract, differentiable.
     portable::fold_constant_ifs(model)?;
     portable::lower_sequences(model)?;
-    let idx = GraphIndex::new(model)?;
+    let idx = dagr_ops::index(model)?;
     let encoders = locate::resolve_all(model, &idx, &cfg.encoders)?;
     let inputs = encoder_inputs(&idx, &encoders)?;
     let widths_agree = widths_agree(&idx, &encoders, cfg)?;

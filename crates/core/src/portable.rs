@@ -5,7 +5,7 @@
 use dagr_onnx::builder::Builder;
 use dagr_onnx::error::{Error, Result};
 use dagr_onnx::proto::NodeProto;
-use dagr_onnx::{attr, dtype, Dim, GraphIndex, Model};
+use dagr_onnx::{attr, dtype, Dim, Model};
 
 /// A decomposed training-mode BatchNormalization: where its updated running statistics are.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -26,7 +26,7 @@ use dagr_onnx::ops::is_training_batchnorm;
 /// updated with the unbiased batch variance, `running * momentum + batch * (1 - momentum)`,
 /// with ONNX's `momentum` (PyTorch's 1 - momentum).
 pub fn decompose_batchnorm(model: &mut Model) -> Result<Vec<RunningStats>> {
-    let idx = GraphIndex::new(model)?;
+    let idx = dagr_ops::index(model)?;
     let positions: Vec<usize> = model
         .graph()
         .node
@@ -144,7 +144,7 @@ pub fn decompose_batchnorm(model: &mut Model) -> Result<Vec<RunningStats>> {
 /// which tract runs and the gradient rules differentiate. Sequences used any other way stay.
 /// Returns how many were replaced.
 pub fn lower_sequences(model: &mut Model) -> Result<usize> {
-    let idx = GraphIndex::new(model)?;
+    let idx = dagr_ops::index(model)?;
     let opset = model.opset();
     let mut b = Builder::new(model, "");
     // (position of the SplitToSequence, its replacement, SequenceAt position -> part)
@@ -253,7 +253,7 @@ pub fn lower_sequences(model: &mut Model) -> Result<usize> {
 /// Identity per output: the graph then holds only ops the gradient rules and both backends
 /// know. An `If` whose branch holds subgraphs of its own stays. Returns how many were folded.
 pub fn fold_constant_ifs(model: &mut Model) -> Result<usize> {
-    let idx = GraphIndex::new(model)?;
+    let idx = dagr_ops::index(model)?;
     let mut b = Builder::new(model, "");
     let mut plans: Vec<(usize, Vec<NodeProto>)> = Vec::new();
     for (i, n) in model.graph().node.iter().enumerate() {
@@ -347,7 +347,7 @@ pub struct DropoutMask {
 /// step the same on every backend, reproducible from the trainer's seed, and differentiable by
 /// the Mul rule.
 pub fn feed_dropout_masks(model: &mut Model) -> Result<Vec<DropoutMask>> {
-    let idx = GraphIndex::new(model)?;
+    let idx = dagr_ops::index(model)?;
     let consts = idx.int_constants();
     let mut b = Builder::new(model, "");
     let mut replaced: Vec<(usize, Vec<NodeProto>)> = Vec::new();
@@ -556,7 +556,7 @@ fn unify_dims_once(model: &mut Model) -> Result<Vec<Vec<String>>> {
     for o in bare.graph_mut().output.iter_mut() {
         o.type_.mut_or_insert_default().mut_tensor_type().shape.clear();
     }
-    let idx = GraphIndex::new(&bare)?;
+    let idx = dagr_ops::index(&bare)?;
     let g = model.graph();
     let mut parent: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
     fn find(p: &mut std::collections::BTreeMap<String, String>, x: &str) -> String {

@@ -16,7 +16,7 @@ use crate::training::TrainRecord;
 use dagr_onnx::builder::{attr_int, Builder};
 use dagr_onnx::error::{Error, Result};
 use dagr_onnx::state::{StateLink, StateRead};
-use dagr_onnx::{dtype, Dim, GraphIndex, Model, ValueFact};
+use dagr_onnx::{dtype, Dim, Model, ValueFact};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -110,7 +110,7 @@ fn fold(
         }
     }
     let mut model = train.clone();
-    let idx = GraphIndex::new(&model)?;
+    let idx = dagr_ops::index(&model)?;
     let mut b = Builder::new(&model, "dagr/opt/");
     let fact_of = |n: &str| idx.fact(n).cloned().unwrap_or(ValueFact::new(dtype::FLOAT, vec![]));
     // The fixed names of the step graph's own inputs and outputs must be free.
@@ -347,7 +347,7 @@ pub fn build_split(
     in_place: bool,
 ) -> Result<SplitStep> {
     let grad = gradient_graph(train, rec)?;
-    let idx = GraphIndex::new(train)?;
+    let idx = dagr_ops::index(train)?;
     let mut update = train.clone();
     {
         let g = update.graph_mut();
@@ -388,7 +388,7 @@ pub fn build_split(
 /// The gradient graph of `build_split`.
 fn gradient_graph(train: &Model, rec: &TrainRecord) -> Result<StepGraph> {
     let mut model = train.clone();
-    let idx = GraphIndex::new(&model)?;
+    let idx = dagr_ops::index(&model)?;
     let mut b = Builder::new(&model, "dagr/acc/");
     let accs: Vec<String> = rec.params.iter().map(|(p, _)| acc_input(p)).collect();
     for name in accs.iter().map(String::as_str).chain([ACC_FIRST, ACC_WEIGHT]) {
@@ -471,7 +471,7 @@ fn gradient_graph(train: &Model, rec: &TrainRecord) -> Result<StepGraph> {
         })
         .collect();
     model.remove_metadata(crate::training::METADATA_KEY);
-    dagr_onnx::infer::check(&model)?;
+    dagr_ops::infer::check(&model)?;
     Ok(StepGraph {
         model,
         state,
@@ -508,7 +508,7 @@ fn finish(
         METADATA_KEY,
         &serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?,
     );
-    dagr_onnx::infer::check(&model)?;
+    dagr_ops::infer::check(&model)?;
     Ok(StepGraph {
         model,
         state,

@@ -105,7 +105,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
             "`no_dagr` trains the task loss alone: it needs `loss` or `logits`/`labels`, and no `pareto`".into(),
         ));
     }
-    let idx = GraphIndex::new(model)?;
+    let idx = dagr_ops::index(model)?;
     let (params, enc_params) = select_params(model, &idx, &rec, opts, |p| {
         original.contains(p) && (!fixed.contains_key(p) || named.is_match(p))
     })?;
@@ -207,7 +207,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     };
     let json = serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?;
     model.set_metadata(METADATA_KEY, &json);
-    dagr_onnx::infer::check(model)?;
+    dagr_ops::infer::check(model)?;
     Ok(record)
 }
 

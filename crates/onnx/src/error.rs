@@ -54,6 +54,14 @@ pub enum Error {
     /// An operator on the path from the parameters to the loss has no gradient rule.
     #[error("no gradient rule for {op} (node '{node}'), which lies between the parameters and the loss\n  hint: freeze the parameters before it, or cut the path there (stop-gradient)")]
     NoGradientRule { op: String, node: String },
+    /// A node's operator version (from the model's opset) is older than its rule covers.
+    #[error("the gradient rule for {op} covers its schema versions {since} and later, but node '{node}' is version {version} (the model's opset)\n  hint: upgrade the model's opset (onnx.version_converter.convert_version) or re-export it with a newer opset")]
+    OpVersionUnsupported {
+        op: String,
+        node: String,
+        version: i64,
+        since: i64,
+    },
     /// A tensor's shape (or rank) could not be inferred where it is needed.
     #[error("the shape of '{tensor}' is unknown{context}\n  hint: add value_info for it (onnx.shape_inference.infer_shapes) or export with fixed shapes")]
     ShapeUnknown { tensor: String, context: String },

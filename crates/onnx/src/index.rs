@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::proto::{GraphProto, NodeProto, TypeProto, ValueInfoProto};
-use crate::{infer, Model};
+use crate::Model;
 use std::collections::{HashMap, HashSet, VecDeque};
 
 pub use crate::dim::Dim;
@@ -85,6 +85,18 @@ impl ValueFact {
     }
 }
 
+/// What inference knows besides each tensor's fact: small integer values and the elements of
+/// sequences.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// Small integer tensors (shape computations): their elements, row-major.
+    pub values: HashMap<String, Vec<Dim>>,
+    /// Small float constants (Resize scales, OneHot depth).
+    pub floats: HashMap<String, Vec<f64>>,
+    /// The facts of a sequence's elements, where their number is known.
+    pub sequences: HashMap<String, Vec<ValueFact>>,
+}
+
 /// Index over the main graph of a model.
 #[derive(Debug, Clone)]
 pub struct GraphIndex {
@@ -99,7 +111,7 @@ pub struct GraphIndex {
     pub topo: Vec<usize>,
     pub facts: HashMap<String, ValueFact>,
     /// Values of small integer tensors (shape computations), float constants and sequences.
-    pub known: infer::Known,
+    pub known: Known,
 }
 
 /// Every tensor name a node reads, including names its subgraphs capture from the outer scope.
@@ -131,7 +143,10 @@ pub fn node_reads(n: &NodeProto) -> Vec<String> {
 }
 
 impl GraphIndex {
-    pub fn new(model: &Model) -> Result<GraphIndex> {
+    /// The index with the facts the model declares (its value_info, inputs, outputs and
+    /// initializers) and no inference: `dagr_ops::index` adds shape and value inference, and is
+    /// how every layer above reads a model.
+    pub fn declared(model: &Model) -> Result<GraphIndex> {
         let g = model.graph();
         let mut producer = HashMap::new();
         let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
@@ -163,7 +178,7 @@ impl GraphIndex {
             let dims = t.dims.iter().map(|&d| Dim::Known(d)).collect();
             facts.insert(t.name.clone(), ValueFact::new(t.data_type, dims));
         }
-        let mut idx = GraphIndex {
+        Ok(GraphIndex {
             producer,
             consumers,
             initializers,
@@ -171,10 +186,8 @@ impl GraphIndex {
             graph_outputs,
             topo,
             facts,
-            known: infer::Known::default(),
-        };
-        idx.known = infer::infer(model, &mut idx);
-        Ok(idx)
+            known: Known::default(),
+        })
     }
 
     pub fn fact(&self, name: &str) -> Option<&ValueFact> {

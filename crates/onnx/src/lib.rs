@@ -15,7 +15,6 @@ pub mod error;
 pub mod fault;
 pub mod functions;
 pub mod index;
-pub mod infer;
 pub mod io;
 pub mod limits;
 pub mod ops;

@@ -2,8 +2,115 @@
 //! written as the spec's function bodies write them (the forward keeps the op itself).
 
 use crate::ctx::{norm_axis, Ctx};
+use crate::Kind::Body;
+use crate::{op, Op};
 use dagr_onnx::builder::{attr_int, attr_ints};
 use dagr_onnx::error::Result;
+
+/// This family's operators, each one entry: name, the first schema version covered, shape
+/// inference, gradient, formula.
+pub(crate) static OPS: &[Op] = &[
+    op(
+        "GroupNormalization",
+        18,
+        Some(crate::infer::same),
+        Body(group_norm),
+        "X as [N, G, rest] standardized, scale and bias per group (18) or channel (21)",
+    ),
+    op(
+        "LpNormalization",
+        1,
+        Some(crate::infer::same),
+        Body(lp_norm),
+        "X / ReduceL1 or ReduceL2 of X along the axis",
+    ),
+    op(
+        "MeanVarianceNormalization",
+        9,
+        Some(crate::infer::same),
+        Body(mean_variance_norm),
+        "the spec's function body: (X - E X) / (sqrt(E X^2 - (E X)^2) + 1e-9)",
+    ),
+    op(
+        "RMSNormalization",
+        23,
+        Some(crate::infer::same),
+        Body(rms_norm),
+        "X / sqrt(mean(X^2) + eps) scale",
+    ),
+    op(
+        "Attention",
+        23,
+        Some(shapes::attention),
+        Body(attention),
+        "the spec's function body: softmax(Q K^T scale + mask + causal) V, grouped KV heads repeated",
+    ),
+    op(
+        "RotaryEmbedding",
+        23,
+        Some(shapes::rotary_embedding),
+        Body(rotary_embedding),
+        "the spec's rotation of pairs by the cos and sin caches",
+    ),
+    op(
+        "LRN",
+        1,
+        Some(crate::infer::same),
+        Body(lrn),
+        "X / (bias + alpha/size window-sum X^2)^beta, the window by Pad and Slices",
+    ),
+];
+
+/// Shape (and value) inference of this family's operators.
+pub(crate) mod shapes {
+    use crate::infer::Node;
+    use dagr_onnx::dim::Dim;
+
+    /// Attention (opset 23): Q, K, V `[batch, heads, seq, head]` or `[batch, seq, hidden]` (heads
+    /// from `q_num_heads` / `kv_num_heads`), optional mask and past key and value. Y is shaped
+    /// like Q with V's head size; the present key and value add the past length; the QK output is
+    /// `[batch, q_heads, q_seq, total_seq]`.
+    pub(crate) fn attention(c: &mut Node) -> Option<()> {
+        let (q, k, v) = (c.shape(0)?, c.shape(1)?, c.shape(2)?);
+        let dt = c.dtype(0);
+        let past = c.shape(4).map(|p| p.get(2).cloned().unwrap_or(Dim::Unknown));
+        let total = |kv_seq: &Dim| match &past {
+            Some(p) => p.add(kv_seq),
+            None => kv_seq.clone(),
+        };
+        match (q.len(), k.len(), v.len()) {
+            (4, 4, 4) => {
+                c.set(
+                    0,
+                    dt,
+                    Some(vec![q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()]),
+                );
+                let t = total(&k[2]);
+                c.set(1, dt, Some(vec![k[0].clone(), k[1].clone(), t.clone(), k[3].clone()]));
+                c.set(2, dt, Some(vec![v[0].clone(), v[1].clone(), t.clone(), v[3].clone()]));
+                c.set(3, dt, Some(vec![q[0].clone(), q[1].clone(), q[2].clone(), t]));
+            }
+            (3, 3, 3) => {
+                let qh = Dim::Known(c.attr_i("q_num_heads", 0));
+                let kvh = Dim::Known(c.attr_i("kv_num_heads", 0));
+                let (dk, dv) = (k[2].div(&kvh), v[2].div(&kvh));
+                c.set(0, dt, Some(vec![q[0].clone(), q[1].clone(), qh.mul(&dv)]));
+                let t = total(&k[1]);
+                c.set(1, dt, Some(vec![k[0].clone(), kvh.clone(), t.clone(), dk]));
+                c.set(2, dt, Some(vec![v[0].clone(), kvh, t.clone(), dv]));
+                c.set(3, dt, Some(vec![q[0].clone(), qh, q[1].clone(), t]));
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// RotaryEmbedding (opset 23): the output is shaped like X.
+    pub(crate) fn rotary_embedding(c: &mut Node) -> Option<()> {
+        c.same(0, 0);
+        Some(())
+    }
+}
 
 impl Ctx<'_> {
     fn mean_over(&mut self, x: &str, axes: &[i64]) -> String {

@@ -16,7 +16,26 @@ pub struct Ctx<'a> {
     /// Integer constants of the graph (axes, shapes, indices given as initializers/Constants).
     pub consts: &'a HashMap<String, Vec<i64>>,
     pub node: &'a NodeProto,
+    /// The engine, for rules that differentiate a body they emit themselves (a recurrent
+    /// cell's step, inside the backward Scan they build).
+    pub differentiate: Differentiate,
 }
+
+/// Positions in a builder's nodes and initializers: what one rule emitted.
+pub type Emitted = (std::ops::Range<usize>, std::ops::Range<usize>);
+
+/// The engine's `differentiate_subgraph`: reverse mode over the nodes a builder emitted in a
+/// range, indexed as a graph of its own whose inputs are the given (tensor, fact) pairs; returns
+/// the gradient of each `wrt` tensor that the seeds reach.
+pub type Differentiate = fn(
+    model: &dagr_onnx::Model,
+    b: &mut Builder,
+    label: &str,
+    inputs: &[(String, dagr_onnx::ValueFact)],
+    range: Emitted,
+    seeds: &[(String, String)],
+    wrt: &[String],
+) -> Result<HashMap<String, String>>;
 
 /// The output gradients of a node (None: no gradient reaches that output) and which inputs need
 /// a gradient. A rule returns one entry per input; None means "no gradient" (never a zero
@@ -39,6 +58,7 @@ impl<'a> Ctx<'a> {
             idx: self.idx,
             consts: self.consts,
             node: self.node,
+            differentiate: self.differentiate,
         }
     }
 
@@ -301,5 +321,41 @@ pub fn norm_axis(a: i64, rank: usize) -> usize {
         (a + rank as i64).max(0) as usize
     } else {
         a as usize
+    }
+}
+
+impl Ctx<'_> {
+    /// Differentiate what the rule emitted in `range` (of its builder's nodes and
+    /// initializers), as a graph of its own whose inputs are the node's inputs: the gradient of
+    /// each input that `need` asks for, from the `seeds` on emitted tensors.
+    pub fn differentiate_emitted(
+        &mut self,
+        range: Emitted,
+        seeds: &[(String, String)],
+        need: &[bool],
+    ) -> Result<Vec<Option<String>>> {
+        let n = self.node;
+        let mut inputs: Vec<(String, dagr_onnx::ValueFact)> = Vec::new();
+        for x in n.input.iter().filter(|x| !x.is_empty()) {
+            if !inputs.iter().any(|(i, _)| i == x) {
+                let f = self.idx.fact(x).ok_or_else(|| Error::ShapeUnknown {
+                    tensor: x.to_string(),
+                    context: format!(", so the gradient of {} node '{}' cannot be built", n.op_type, n.name),
+                })?;
+                inputs.push((x.clone(), f.clone()));
+            }
+        }
+        let wrt: Vec<String> = inputs
+            .iter()
+            .map(|(x, _)| x.clone())
+            .filter(|x| n.input.iter().zip(need).any(|(i, &w)| w && i == x))
+            .collect();
+        let label = format!("{} node '{}'", n.op_type, n.name);
+        let mut grads = (self.differentiate)(self.model, self.b, &label, &inputs, range, seeds, &wrt)?;
+        Ok(n.input
+            .iter()
+            .zip(need)
+            .map(|(x, &w)| if w { grads.remove(x) } else { None })
+            .collect())
     }
 }

@@ -3,7 +3,486 @@
 
 use super::{g0, g0_owned, Out};
 use crate::ctx::Ctx;
+use crate::Kind::{Broadcast, NoGradient, NoRule, Vjp};
+use crate::{op, Op};
 use dagr_onnx::dtype;
+
+/// This family's operators, each one entry: name, the first schema version covered, shape
+/// inference, gradient, formula.
+pub(crate) static OPS: &[Op] = &[
+    op(
+        "Add",
+        7,
+        Some(shapes::arith),
+        Broadcast(add),
+        "dA = unb(g), dB = unb(g)",
+    ),
+    op(
+        "Sub",
+        7,
+        Some(shapes::arith),
+        Broadcast(sub),
+        "dA = unb(g), dB = -unb(g)",
+    ),
+    op(
+        "Mul",
+        7,
+        Some(shapes::arith),
+        Broadcast(mul),
+        "dA = unb(g B), dB = unb(g A)",
+    ),
+    op(
+        "Div",
+        7,
+        Some(shapes::arith),
+        Broadcast(div),
+        "dA = unb(g / B), dB = -unb(g Y / B)",
+    ),
+    op(
+        "Pow",
+        7,
+        Some(shapes::arith),
+        Broadcast(pow),
+        "dA = unb(g B A^(B-1)), dB = unb(g Y ln A) (0 where A <= 0)",
+    ),
+    op("Sum", 1, Some(shapes::arith), Broadcast(add), "dX_i = unb(g)"),
+    op("Neg", 1, Some(shapes::neg), Vjp(neg), "dX = -g"),
+    op("Identity", 1, Some(shapes::identity), Vjp(identity), "dX = g"),
+    op("Relu", 1, Some(crate::infer::same), Vjp(relu), "dX = g where X > 0"),
+    op(
+        "LeakyRelu",
+        1,
+        Some(crate::infer::same),
+        Vjp(leaky_relu),
+        "dX = g where X > 0, alpha g elsewhere",
+    ),
+    op("Sigmoid", 1, Some(crate::infer::same), Vjp(sigmoid), "dX = g Y (1 - Y)"),
+    op("Tanh", 1, Some(crate::infer::same), Vjp(tanh), "dX = g (1 - Y^2)"),
+    op(
+        "Erf",
+        9,
+        Some(crate::infer::same),
+        Vjp(erf),
+        "dX = g 2/sqrt(pi) exp(-X^2)",
+    ),
+    op("Exp", 1, Some(crate::infer::same), Vjp(exp), "dX = g Y"),
+    op("Log", 1, Some(crate::infer::same), Vjp(log), "dX = g / X"),
+    op("Sqrt", 1, Some(crate::infer::same), Vjp(sqrt), "dX = g / (2 Y)"),
+    op("Abs", 1, Some(shapes::abs), Vjp(abs), "dX = g sign(X)"),
+    op(
+        "Clip",
+        1,
+        Some(crate::infer::same),
+        Vjp(clip),
+        "dX = g where min <= X <= max",
+    ),
+    op(
+        "Max",
+        1,
+        Some(shapes::arith),
+        Broadcast(max),
+        "dA = unb(g [A > B] + g/2 [A = B]), dB likewise",
+    ),
+    op(
+        "Min",
+        1,
+        Some(shapes::arith),
+        Broadcast(min),
+        "dA = unb(g [A < B] + g/2 [A = B]), dB likewise",
+    ),
+    op(
+        "Where",
+        9,
+        Some(shapes::where_),
+        Broadcast(where_),
+        "dX = unb(where(C, g, 0)), dY = unb(where(C, 0, g))",
+    ),
+    op(
+        "Cast",
+        6,
+        Some(shapes::cast),
+        Vjp(cast),
+        "dX = cast(g, type of X) for floating X",
+    ),
+    op(
+        "CastLike",
+        15,
+        Some(shapes::cast_like),
+        Vjp(cast_like),
+        "dX = cast(g, type of X) for floating X; the type input has none",
+    ),
+    op(
+        "Gelu",
+        20,
+        Some(crate::infer::same),
+        Vjp(gelu),
+        "dX = g (Φ(X) + X φ(X)); tanh: its derivative",
+    ),
+    op(
+        "HardSigmoid",
+        1,
+        Some(crate::infer::same),
+        Vjp(hard_sigmoid),
+        "dX = g alpha where 0 < alpha X + beta < 1",
+    ),
+    op(
+        "HardSwish",
+        14,
+        Some(crate::infer::same),
+        Vjp(hard_swish),
+        "dX = g (2X + 3)/6 on (-3, 3), g above",
+    ),
+    op(
+        "Elu",
+        1,
+        Some(crate::infer::same),
+        Vjp(elu),
+        "dX = g where X > 0, g (Y + alpha) elsewhere",
+    ),
+    op(
+        "Selu",
+        1,
+        Some(crate::infer::same),
+        Vjp(selu),
+        "dX = g gamma where X > 0, g (Y + gamma alpha) elsewhere",
+    ),
+    op(
+        "Celu",
+        12,
+        Some(crate::infer::same),
+        Vjp(celu),
+        "dX = g where X > 0, g exp(X / alpha) elsewhere",
+    ),
+    op(
+        "Softplus",
+        1,
+        Some(crate::infer::same),
+        Vjp(softplus),
+        "dX = g sigmoid(X)",
+    ),
+    op(
+        "Softsign",
+        1,
+        Some(crate::infer::same),
+        Vjp(softsign),
+        "dX = g / (1 + |X|)^2",
+    ),
+    op(
+        "Mish",
+        18,
+        Some(crate::infer::same),
+        Vjp(mish),
+        "dX = g (t + X sigmoid(X) (1 - t^2)), t = tanh(softplus(X))",
+    ),
+    op(
+        "ThresholdedRelu",
+        10,
+        Some(crate::infer::same),
+        Vjp(thresholded_relu),
+        "dX = g where X > alpha",
+    ),
+    op(
+        "Shrink",
+        9,
+        Some(crate::infer::same),
+        Vjp(shrink),
+        "dX = g where |X| > lambd",
+    ),
+    op(
+        "PRelu",
+        7,
+        Some(shapes::arith),
+        Broadcast(prelu),
+        "dX = g where X > 0, g slope elsewhere; dslope = unb(g X where X <= 0)",
+    ),
+    op(
+        "Reciprocal",
+        1,
+        Some(crate::infer::same),
+        Vjp(reciprocal),
+        "dX = -g Y^2",
+    ),
+    op("Sin", 7, Some(crate::infer::same), Vjp(sin), "dX = g cos X"),
+    op("Cos", 7, Some(crate::infer::same), Vjp(cos), "dX = -g sin X"),
+    op("Tan", 7, Some(crate::infer::same), Vjp(tan), "dX = g (1 + Y^2)"),
+    op("Sinh", 9, Some(crate::infer::same), Vjp(sinh), "dX = g cosh X"),
+    op("Cosh", 9, Some(crate::infer::same), Vjp(cosh), "dX = g sinh X"),
+    op("Asin", 7, Some(crate::infer::same), Vjp(asin), "dX = g / sqrt(1 - X^2)"),
+    op(
+        "Acos",
+        7,
+        Some(crate::infer::same),
+        Vjp(acos),
+        "dX = -g / sqrt(1 - X^2)",
+    ),
+    op("Atan", 7, Some(crate::infer::same), Vjp(atan), "dX = g / (1 + X^2)"),
+    op(
+        "Asinh",
+        9,
+        Some(crate::infer::same),
+        Vjp(asinh),
+        "dX = g / sqrt(1 + X^2)",
+    ),
+    op(
+        "Acosh",
+        9,
+        Some(crate::infer::same),
+        Vjp(acosh),
+        "dX = g / sqrt(X^2 - 1)",
+    ),
+    op("Atanh", 9, Some(crate::infer::same), Vjp(atanh), "dX = g / (1 - X^2)"),
+    op("Mean", 1, Some(shapes::arith), Broadcast(mean), "dX_i = unb(g) / n"),
+    op(
+        "Dropout",
+        7,
+        Some(shapes::dropout),
+        Vjp(dropout),
+        "dX = g mask / (1 - ratio) in training mode, g otherwise",
+    ),
+    op("Equal", 1, Some(shapes::compare), NoGradient, "no gradient"),
+    op("Greater", 1, Some(shapes::compare), NoGradient, "no gradient"),
+    op("Less", 1, Some(shapes::compare), NoGradient, "no gradient"),
+    op("GreaterOrEqual", 12, Some(shapes::compare), NoGradient, "no gradient"),
+    op("LessOrEqual", 12, Some(shapes::compare), NoGradient, "no gradient"),
+    op("Not", 1, Some(shapes::not), NoGradient, "no gradient"),
+    op("And", 1, Some(shapes::compare), NoGradient, "no gradient"),
+    op("Or", 1, Some(shapes::compare), NoGradient, "no gradient"),
+    op(
+        "Sign",
+        9,
+        Some(crate::infer::same),
+        NoGradient,
+        "no gradient (zero almost everywhere)",
+    ),
+    op(
+        "Floor",
+        1,
+        Some(crate::infer::same),
+        NoGradient,
+        "no gradient (zero almost everywhere)",
+    ),
+    op(
+        "Ceil",
+        1,
+        Some(crate::infer::same),
+        NoGradient,
+        "no gradient (zero almost everywhere)",
+    ),
+    op(
+        "Round",
+        11,
+        Some(crate::infer::same),
+        NoGradient,
+        "no gradient (zero almost everywhere)",
+    ),
+    op(
+        "Mod",
+        10,
+        Some(shapes::arith),
+        NoGradient,
+        "no gradient (a discrete op: index arithmetic)",
+    ),
+    op(
+        "Hardmax",
+        1,
+        Some(crate::infer::same),
+        NoGradient,
+        "no gradient (zero almost everywhere)",
+    ),
+    op("IsNaN", 9, Some(shapes::is_special), NoGradient, "no gradient"),
+    op("IsInf", 10, Some(shapes::is_special), NoGradient, "no gradient"),
+    op("Xor", 1, Some(shapes::compare), NoGradient, "no gradient"),
+    op("BitShift", 11, Some(shapes::arith), NoGradient, "no gradient"),
+    op(
+        "Scatter",
+        9,
+        Some(crate::infer::same),
+        NoRule,
+        "no gradient rule: differentiating through it is refused",
+    ),
+];
+
+/// Shape (and value) inference of this family's operators.
+pub(crate) mod shapes {
+    use crate::infer::broadcast;
+    use crate::infer::Node;
+    use dagr_onnx::dim::Dim;
+    use dagr_onnx::dtype;
+
+    pub(crate) fn dropout(c: &mut Node) -> Option<()> {
+        c.same(0, 0);
+        c.set(1, dtype::BOOL, c.shape(0));
+        Some(())
+    }
+
+    pub(crate) fn identity(c: &mut Node) -> Option<()> {
+        c.same(0, 0);
+        if let Some(v) = c.value(0) {
+            c.set_value(0, v);
+        }
+        if let Some(s) = c.sequence(0) {
+            c.set_sequence(0, s.clone());
+        }
+        Some(())
+    }
+
+    pub(crate) fn neg(c: &mut Node) -> Option<()> {
+        c.same(0, 0);
+        let v = c.value(0)?;
+        c.set_value(0, v.iter().map(|d| Dim::Known(0).sub(d)).collect());
+        Some(())
+    }
+
+    pub(crate) fn abs(c: &mut Node) -> Option<()> {
+        c.same(0, 0);
+        let v = c.value(0)?;
+        c.set_value(
+            0,
+            v.iter()
+                .map(|d| match d {
+                    Dim::Known(x) => Dim::Known(x.abs()),
+                    // Shape values are non-negative.
+                    Dim::Sym(_) if d.offset() >= 0 => d.clone(),
+                    _ => Dim::Unknown,
+                })
+                .collect(),
+        );
+        Some(())
+    }
+
+    /// Element `i` of a value broadcast to `n` elements (a single element repeats).
+    pub(crate) fn at(v: &[Dim], i: usize) -> Dim {
+        if v.len() == 1 {
+            v[0].clone()
+        } else {
+            v.get(i).cloned().unwrap_or(Dim::Unknown)
+        }
+    }
+
+    /// Apply `f` elementwise over the values of all inputs (numpy broadcasting of 1-element values).
+    pub(crate) fn elementwise(c: &mut Node, f: impl Fn(&Dim, &Dim) -> Dim) -> Option<()> {
+        let vals: Vec<Vec<Dim>> = (0..c.inputs()).map(|i| c.value(i)).collect::<Option<_>>()?;
+        let n = vals.iter().map(Vec::len).max()?;
+        if vals.iter().any(|v| v.len() != n && v.len() != 1) {
+            return None;
+        }
+        let out = (0..n)
+            .map(|i| {
+                let mut acc = at(&vals[0], i);
+                for v in &vals[1..] {
+                    acc = f(&acc, &at(v, i));
+                }
+                acc
+            })
+            .collect();
+        c.set_value(0, out);
+        Some(())
+    }
+
+    pub(crate) fn shapes(c: &Node, k: usize) -> Option<Vec<Vec<Dim>>> {
+        (0..k).map(|i| c.shape(i)).collect()
+    }
+
+    pub(crate) fn arith(c: &mut Node) -> Option<()> {
+        let k = c.inputs();
+        c.set(0, c.dtype(0), shapes(c, k).map(|s| broadcast(&s)));
+        if !matches!(c.dtype(0), dtype::INT64 | dtype::INT32) {
+            return Some(());
+        }
+        match c.n.op_type.as_str() {
+            "Add" | "Sum" => elementwise(c, Dim::add),
+            "Sub" => elementwise(c, Dim::sub),
+            "Mul" => elementwise(c, Dim::mul),
+            "Div" => elementwise(c, Dim::div),
+            "Mod" if c.attr_i("fmod", 0) == 0 => elementwise(c, Dim::rem),
+            "Max" => elementwise(c, Dim::max),
+            "Min" => elementwise(c, Dim::min),
+            _ => Some(()),
+        }
+    }
+
+    pub(crate) fn compare(c: &mut Node) -> Option<()> {
+        c.set(0, dtype::BOOL, shapes(c, 2).map(|s| broadcast(&s)));
+        let op = c.n.op_type.clone();
+        elementwise(c, |a, b| match (a, b) {
+            (Dim::Known(x), Dim::Known(y)) => Dim::Known(match op.as_str() {
+                "Equal" => x == y,
+                "Less" => x < y,
+                "Greater" => x > y,
+                "LessOrEqual" => x <= y,
+                "GreaterOrEqual" => x >= y,
+                "And" => *x != 0 && *y != 0,
+                "Or" => *x != 0 || *y != 0,
+                _ => (*x != 0) != (*y != 0),
+            } as i64),
+            _ if a == b && op == "Equal" => Dim::Known(1),
+            // A symbolic value is a dimension, never negative: `Equal(shape, -1)` is false.
+            (Dim::Sym(_), Dim::Known(k)) | (Dim::Known(k), Dim::Sym(_)) if *k < 0 && op == "Equal" => Dim::Known(0),
+            _ => Dim::Unknown,
+        })
+    }
+
+    pub(crate) fn not(c: &mut Node) -> Option<()> {
+        c.set(0, dtype::BOOL, c.shape(0));
+        let v = c.value(0)?;
+        c.set_value(
+            0,
+            v.iter()
+                .map(|d| d.known().map_or(Dim::Unknown, |x| Dim::Known((x == 0) as i64)))
+                .collect(),
+        );
+        Some(())
+    }
+
+    pub(crate) fn is_special(c: &mut Node) -> Option<()> {
+        c.set(0, dtype::BOOL, c.shape(0));
+        Some(())
+    }
+
+    pub(crate) fn where_(c: &mut Node) -> Option<()> {
+        c.set(0, c.dtype(1), shapes(c, 3).map(|s| broadcast(&s)));
+        let (cond, a, b) = (c.value(0)?, c.value(1)?, c.value(2)?);
+        let n = cond.len().max(a.len()).max(b.len());
+        let v = (0..n)
+            .map(|i| match at(&cond, i).known() {
+                Some(0) => at(&b, i),
+                Some(_) => at(&a, i),
+                None if at(&a, i) == at(&b, i) => at(&a, i),
+                None => Dim::Unknown,
+            })
+            .collect();
+        c.set_value(0, v);
+        Some(())
+    }
+
+    pub(crate) fn cast(c: &mut Node) -> Option<()> {
+        let to = c.attr_i("to", 0) as i32;
+        cast_to(c, to)
+    }
+
+    /// CastLike: the type of input 1, the shape (and value) of input 0.
+    pub(crate) fn cast_like(c: &mut Node) -> Option<()> {
+        let to = c.dtype(1);
+        cast_to(c, to)
+    }
+
+    /// The value of a cast: integers stay, float constants truncate toward zero (as a cast does).
+    pub(crate) fn cast_to(c: &mut Node, to: i32) -> Option<()> {
+        c.set(0, to, c.shape(0));
+        if matches!(to, dtype::INT64 | dtype::INT32) {
+            let v = match c.value(0) {
+                Some(v) => v,
+                None => c.floats(0)?.iter().map(|&f| Dim::Known(f.trunc() as i64)).collect(),
+            };
+            c.set_value(0, v);
+        } else if dtype::is_float(to) {
+            if let Some(f) = c.floats(0) {
+                c.set_floats(0, f);
+            }
+        }
+        Some(())
+    }
+}
 
 pub fn identity(_: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     Ok(vec![g0(g).map(String::from)])

@@ -14,61 +14,35 @@
 //! value as an attribute or as an input (`axes`, `split`, `pads`), so one rule covers the
 //! opsets without version branches.
 
-mod control;
-mod elementwise;
-mod nn;
-mod shape_ops;
-
-use crate::attr::{attr, attr_i, attr_ints};
-use crate::dim::Dim;
-use crate::index::{GraphIndex, ValueFact};
-use crate::proto::NodeProto;
-use crate::{dtype, tensor, Model};
+use dagr_onnx::attr::{attr, attr_i, attr_ints};
+use dagr_onnx::dim::Dim;
+use dagr_onnx::index::{GraphIndex, Known, ValueFact};
+use dagr_onnx::proto::NodeProto;
+use dagr_onnx::{dtype, tensor, Model};
 use std::collections::HashMap;
-use std::sync::OnceLock;
 
 /// The largest integer tensor whose value is tracked (shape tensors are short).
 pub const MAX_VALUE_LEN: usize = 64;
 
 /// A rule fills the facts (and values) of a node's outputs from those of its inputs; `None`
-/// when what it needs is not known.
-type Rule = fn(&mut Node) -> Option<()>;
-
-fn table() -> &'static HashMap<&'static str, Rule> {
-    static TABLE: OnceLock<HashMap<&'static str, Rule>> = OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut t: HashMap<&'static str, Rule> = HashMap::new();
-        for (names, rule) in elementwise::RULES
-            .iter()
-            .chain(shape_ops::RULES)
-            .chain(nn::RULES)
-            .chain(control::RULES)
-        {
-            for n in *names {
-                t.insert(n, *rule);
-            }
-        }
-        t
-    })
-}
+/// when what it needs is not known. Each operator's rule is in its registry entry.
+pub type Rule = fn(&mut Node) -> Option<()>;
 
 /// The operators that have an inference rule.
 pub fn supported_ops() -> Vec<&'static str> {
-    let mut v: Vec<&'static str> = table().keys().copied().collect();
+    let mut v: Vec<&'static str> = crate::registry()
+        .iter()
+        .filter(|o| o.infer.is_some())
+        .map(|o| o.op)
+        .collect();
     v.sort();
     v
 }
 
-/// What inference knows besides each tensor's fact: small integer values and the elements of
-/// sequences.
-#[derive(Debug, Clone, Default)]
-pub struct Known {
-    /// Integer tensors of at most `MAX_VALUE_LEN` elements: their elements, row-major.
-    pub values: HashMap<String, Vec<Dim>>,
-    /// Small float constants (Resize scales, OneHot depth).
-    pub floats: HashMap<String, Vec<f64>>,
-    /// The facts of a sequence's elements, where their number is known.
-    pub sequences: HashMap<String, Vec<ValueFact>>,
+/// The rule of the many operators whose output is shaped and typed like their first input.
+pub(crate) fn same(c: &mut Node) -> Option<()> {
+    c.same(0, 0);
+    Some(())
 }
 
 /// A node being inferred: reads the facts of its inputs, writes those of its outputs.
@@ -135,10 +109,10 @@ impl<'a> Node<'a> {
         attr_ints(self.n, name)
     }
     pub fn attr_s(&self, name: &str) -> Option<String> {
-        crate::attr::attr_s(self.n, name)
+        dagr_onnx::attr::attr_s(self.n, name)
     }
     pub fn attr_f(&self, name: &str) -> Option<f32> {
-        crate::attr::attr_f(self.n, name)
+        dagr_onnx::attr::attr_f(self.n, name)
     }
 
     pub fn set(&mut self, o: usize, dtype: i32, shape: Option<Vec<Dim>>) {
@@ -205,7 +179,7 @@ pub fn broadcast(shapes: &[Vec<Dim>]) -> Vec<Dim> {
 }
 
 /// Record the value of a constant tensor `t` named `name` (integers, booleans, small floats).
-fn take_constant(k: &mut Known, name: &str, t: &crate::proto::TensorProto, base_dir: &std::path::Path) {
+fn take_constant(k: &mut Known, name: &str, t: &dagr_onnx::proto::TensorProto, base_dir: &std::path::Path) {
     if tensor::numel(t) > MAX_VALUE_LEN {
         return;
     }
@@ -270,13 +244,12 @@ pub fn infer(model: &Model, idx: &mut GraphIndex) -> Known {
     let mut known = constants(model);
     let opset = model.opset();
     let g = model.graph();
-    let table = table();
     for &i in &idx.topo.clone() {
         let n = &g.node[i];
-        if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+        let Some(entry) = crate::lookup(&n.domain, &n.op_type).filter(|e| e.covers(opset)) else {
             continue;
-        }
-        let Some(rule) = table.get(n.op_type.as_str()) else {
+        };
+        let Some(rule) = entry.infer else {
             continue;
         };
         let k = n.output.len();
@@ -336,11 +309,11 @@ fn merge(old: &mut ValueFact, new: &ValueFact) {
 /// graph output is computed, and the node invariants that inference can see hold (a Reshape
 /// target with at most one -1, a ScatterND whose updates have the rank its indices require).
 /// A failure is this tool's bug, reported as an internal error naming the node.
-pub fn check(model: &Model) -> crate::Result<()> {
-    let idx = GraphIndex::new(model)?;
+pub fn check(model: &Model) -> dagr_onnx::error::Result<()> {
+    let idx = crate::index(model)?;
     let g = model.graph();
     let bad = |n: &NodeProto, what: String| {
-        crate::Error::Internal(format!(
+        dagr_onnx::error::Error::Internal(format!(
             "the graph built has an invalid {} node '{}': {what}",
             n.op_type, n.name
         ))
@@ -398,14 +371,14 @@ pub fn check(model: &Model) -> crate::Result<()> {
                 format!(
                     "its inputs '{}' ({}) and '{t}' ({}) must be of one type",
                     types[0].0,
-                    crate::dtype::name(types[0].1),
-                    crate::dtype::name(*d)
+                    dagr_onnx::dtype::name(types[0].1),
+                    dagr_onnx::dtype::name(*d)
                 ),
             ));
         }
     }
     if let Some(o) = g.output.iter().find(|o| !defined.contains(o.name.as_str())) {
-        return Err(crate::Error::Internal(format!(
+        return Err(dagr_onnx::error::Error::Internal(format!(
             "the graph built has an output '{}' that nothing computes",
             o.name
         )));

@@ -2,8 +2,177 @@
 
 use super::Out;
 use crate::ctx::Ctx;
+use crate::Kind::{NoRule, Vjp};
+use crate::{op, Op};
 use dagr_onnx::builder::{attr_float, attr_int, attr_ints};
 use dagr_onnx::Dim;
+
+/// This family's operators, each one entry: name, the first schema version covered, shape
+/// inference, gradient, formula.
+pub(crate) static OPS: &[Op] = &[
+    op(
+        "MatMul",
+        1,
+        Some(shapes::matmul),
+        Vjp(matmul),
+        "dA = unb(g B^T), dB = unb(A^T g)",
+    ),
+    op(
+        "Gemm",
+        1,
+        Some(shapes::gemm),
+        Vjp(gemm),
+        "dA = alpha g B'^T (transposed back), dB = alpha A'^T g, dC = beta unb(g)",
+    ),
+    op(
+        "Einsum",
+        12,
+        Some(shapes::einsum),
+        Vjp(einsum),
+        "dA_i = einsum(g, other operands -> A_i), expanded over letters only A_i has",
+    ),
+    op(
+        "Det",
+        11,
+        Some(shapes::det),
+        NoRule,
+        "no gradient rule: differentiating through it is refused",
+    ),
+    op(
+        "MatMulInteger",
+        10,
+        Some(shapes::matmul),
+        NoRule,
+        "no gradient rule: differentiating through it is refused",
+    ),
+];
+
+/// Shape (and value) inference of this family's operators.
+pub(crate) mod shapes {
+    use crate::infer::broadcast;
+    use crate::infer::Node;
+    use dagr_onnx::dim::Dim;
+    use dagr_onnx::dtype;
+
+    /// Det: the batch dims of `[*, M, M]`.
+    pub(crate) fn det(c: &mut Node) -> Option<()> {
+        let s = c.shape(0)?;
+        let r = s.len().checked_sub(2)?;
+        c.set(0, c.dtype(0), Some(s[..r].to_vec()));
+        Some(())
+    }
+
+    pub(crate) fn matmul(c: &mut Node) -> Option<()> {
+        let (mut a, mut b) = (c.shape(0)?, c.shape(1)?);
+        if a.is_empty() || b.is_empty() {
+            return None;
+        }
+        let (a1, b1) = (a.len() == 1, b.len() == 1);
+        if a1 {
+            a.insert(0, Dim::Known(1));
+        }
+        if b1 {
+            b.push(Dim::Known(1));
+        }
+        let mut out = broadcast(&[a[..a.len() - 2].to_vec(), b[..b.len() - 2].to_vec()]);
+        if !a1 {
+            out.push(a[a.len() - 2].clone());
+        }
+        if !b1 {
+            out.push(b[b.len() - 1].clone());
+        }
+        let dt = if c.n.op_type == "MatMulInteger" {
+            dtype::INT32
+        } else {
+            c.dtype(0)
+        };
+        c.set(0, dt, Some(out));
+        Some(())
+    }
+
+    pub(crate) fn gemm(c: &mut Node) -> Option<()> {
+        let (a, b) = (c.shape(0)?, c.shape(1)?);
+        if a.len() != 2 || b.len() != 2 {
+            return None;
+        }
+        let ta = c.attr_i("transA", 0) == 1;
+        let tb = c.attr_i("transB", 0) == 1;
+        let out = vec![a[ta as usize].clone(), b[1 - tb as usize].clone()];
+        c.set(0, c.dtype(0), Some(out));
+        Some(())
+    }
+
+    /// Einsum: each letter names one dim; `...` broadcasts; without `->` the output is the
+    /// letters used once, in alphabetical order.
+    pub(crate) fn einsum(c: &mut Node) -> Option<()> {
+        let eq: String = c.attr_s("equation")?.chars().filter(|ch| !ch.is_whitespace()).collect();
+        let (lhs, rhs) = match eq.split_once("->") {
+            Some((l, r)) => (l.to_string(), Some(r.to_string())),
+            None => (eq.clone(), None),
+        };
+        let terms: Vec<&str> = lhs.split(',').collect();
+        if terms.len() != c.inputs() {
+            return None;
+        }
+        let mut dims: std::collections::BTreeMap<char, Dim> = Default::default();
+        let mut counts: std::collections::BTreeMap<char, usize> = Default::default();
+        let mut ellipsis: Vec<Vec<Dim>> = Vec::new();
+        for (i, t) in terms.iter().enumerate() {
+            let s = c.shape(i)?;
+            let (pre, post) = match t.split_once("...") {
+                Some((a, b)) => (a, Some(b)),
+                None => (*t, None),
+            };
+            let pre: Vec<char> = pre.chars().collect();
+            let post: Vec<char> = post.map(|p| p.chars().collect()).unwrap_or_default();
+            let named = pre.len() + post.len();
+            if s.len() < named || (!t.contains("...") && s.len() != named) {
+                return None;
+            }
+            let ell = s.len() - named;
+            for (j, ch) in pre.iter().enumerate() {
+                let d = s[j].clone();
+                let e = dims.entry(*ch).or_insert(Dim::Known(1));
+                *e = broadcast(&[vec![e.clone()], vec![d]]).pop()?;
+                *counts.entry(*ch).or_default() += 1;
+            }
+            for (j, ch) in post.iter().enumerate() {
+                let d = s[pre.len() + ell + j].clone();
+                let e = dims.entry(*ch).or_insert(Dim::Known(1));
+                *e = broadcast(&[vec![e.clone()], vec![d]]).pop()?;
+                *counts.entry(*ch).or_default() += 1;
+            }
+            if t.contains("...") {
+                ellipsis.push(s[pre.len()..pre.len() + ell].to_vec());
+            }
+        }
+        let ell = broadcast(&ellipsis);
+        let rhs = rhs.unwrap_or_else(|| {
+            let once: String = counts.iter().filter(|(_, &n)| n == 1).map(|(ch, _)| *ch).collect();
+            if ellipsis.is_empty() {
+                once
+            } else {
+                format!("...{once}")
+            }
+        });
+        let mut out = Vec::new();
+        let (pre, post) = match rhs.split_once("...") {
+            Some((a, b)) => (a.to_string(), Some(b.to_string())),
+            None => (rhs.clone(), None),
+        };
+        for ch in pre.chars() {
+            out.push(dims.get(&ch)?.clone());
+        }
+        if let Some(post) = post {
+            out.extend(ell);
+            for ch in post.chars() {
+                out.push(dims.get(&ch)?.clone());
+            }
+        }
+        c.set(0, c.dtype(0), Some(out));
+        Some(())
+    }
+}
 
 fn swap_last_two(rank: usize) -> Vec<i64> {
     let mut p: Vec<i64> = (0..rank as i64).collect();
@@ -44,7 +213,7 @@ pub fn matmul(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         let r = if ra == 1 { gr + 1 } else { gr };
         g2 = c.unsqueeze(&g2, &[r as i64]);
     }
-    let batch = dagr_onnx::infer::broadcast(&[sa2[..sa2.len() - 2].to_vec(), sb2[..sb2.len() - 2].to_vec()]);
+    let batch = crate::infer::broadcast(&[sa2[..sa2.len() - 2].to_vec(), sb2[..sb2.len() - 2].to_vec()]);
     let m = sa2[sa2.len() - 2].clone();
     let k = sa2[sa2.len() - 1].clone();
     let n = sb2[sb2.len() - 1].clone();

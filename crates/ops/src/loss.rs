@@ -2,8 +2,42 @@
 
 use super::Out;
 use crate::ctx::Ctx;
+use crate::Kind::{NoRule, Vjp};
+use crate::{op, Op};
 use dagr_onnx::builder::attr_int;
 use dagr_onnx::{dtype, Dim};
+
+/// This family's operators, each one entry: name, the first schema version covered, shape
+/// inference, gradient, formula.
+pub(crate) static OPS: &[Op] = &[
+    op(
+        "SoftmaxCrossEntropyLoss",
+        12,
+        Some(shapes::loss),
+        Vjp(softmax_cross_entropy),
+        "dS = (softmax(S) - onehot(y)) g / N",
+    ),
+    op(
+        "NegativeLogLikelihoodLoss",
+        12,
+        Some(shapes::loss),
+        NoRule,
+        "no gradient rule: differentiating through it is refused",
+    ),
+];
+
+/// Shape (and value) inference of this family's operators.
+pub(crate) mod shapes {
+    use crate::infer::Node;
+
+    pub(crate) fn loss(c: &mut Node) -> Option<()> {
+        let red = c.attr_s("reduction").unwrap_or_else(|| "mean".into());
+        let l = if red == "none" { c.shape(1) } else { Some(vec![]) };
+        c.set(0, c.dtype(0), l);
+        c.same(1, 0);
+        Some(())
+    }
+}
 
 /// SoftmaxCrossEntropyLoss (no weights, no ignore_index): d scores = (softmax - onehot) scaled
 /// by the output gradient and the reduction.

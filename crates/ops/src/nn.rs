@@ -2,8 +2,265 @@
 
 use super::{g0_owned, Out};
 use crate::ctx::{norm_axis, Ctx};
+use crate::Kind::{NoRule, Vjp};
+use crate::{op, Op};
 use dagr_onnx::builder::{attr_int, attr_ints};
 use dagr_onnx::error::Result;
+
+/// This family's operators, each one entry: name, the first schema version covered, shape
+/// inference, gradient, formula.
+pub(crate) static OPS: &[Op] = &[
+    op(
+        "Softmax",
+        1,
+        Some(crate::infer::same),
+        Vjp(softmax),
+        "dX = Y (g - sum(g Y))",
+    ),
+    op(
+        "LogSoftmax",
+        1,
+        Some(crate::infer::same),
+        Vjp(log_softmax),
+        "dX = g - exp(Y) sum(g)",
+    ),
+    op(
+        "Conv",
+        1,
+        Some(shapes::conv),
+        Vjp(conv),
+        "dX = ConvTranspose(g, W), dW = Conv(X^T, g^T) cropped, dB = sum(g)",
+    ),
+    op(
+        "ConvTranspose",
+        1,
+        Some(shapes::conv_transpose),
+        Vjp(conv_transpose),
+        "dX = Conv(g, W), dW = Conv's weight gradient with input and output exchanged, dB = sum(g)",
+    ),
+    op(
+        "MaxPool",
+        1,
+        Some(shapes::pool),
+        Vjp(max_pool),
+        "dX = scatter_add(g at the argmax indices)",
+    ),
+    op(
+        "AveragePool",
+        1,
+        Some(shapes::pool),
+        Vjp(average_pool),
+        "dX = ConvTranspose(g / count, ones)",
+    ),
+    op(
+        "GlobalAveragePool",
+        1,
+        Some(shapes::global_pool),
+        Vjp(global_average_pool),
+        "dX = expand(g / (H W))",
+    ),
+    op(
+        "BatchNormalization",
+        9,
+        Some(shapes::batch_norm),
+        Vjp(batch_norm),
+        "inference: dX = g scale r; training: dX = scale r/M (M g - sum g - x̂ sum(g x̂))",
+    ),
+    op(
+        "InstanceNormalization",
+        1,
+        Some(crate::infer::same),
+        Vjp(instance_norm),
+        "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale, over the spatial dims; dscale = Σ g x̂, dB = Σ g",
+    ),
+    op(
+        "LayerNormalization",
+        17,
+        Some(shapes::layer_norm),
+        Vjp(layer_norm),
+        "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale",
+    ),
+    op(
+        "GlobalLpPool",
+        1,
+        Some(shapes::global_pool),
+        NoRule,
+        "no gradient rule: differentiating through it is refused",
+    ),
+    op(
+        "LpPool",
+        1,
+        Some(shapes::pool),
+        NoRule,
+        "no gradient rule: differentiating through it is refused",
+    ),
+];
+
+/// Shape (and value) inference of this family's operators.
+pub(crate) mod shapes {
+    use crate::infer::axis;
+    use crate::infer::Node;
+    use dagr_onnx::dim::Dim;
+    use dagr_onnx::dtype;
+
+    /// Output spatial dims of a convolution or pool: `(d + pads - dilated kernel) / stride + 1`,
+    /// symbolic where `d` is and the division is exact.
+    pub(crate) fn window_out(c: &Node, input: &[Dim], kernel: &[i64]) -> Option<Vec<Dim>> {
+        let sp = input.len().checked_sub(2)?;
+        let strides = c.attr_ints("strides").unwrap_or_else(|| vec![1; sp]);
+        let dil = c.attr_ints("dilations").unwrap_or_else(|| vec![1; sp]);
+        let pads = c.attr_ints("pads").unwrap_or_else(|| vec![0; 2 * sp]);
+        if kernel.len() != sp || strides.len() != sp || dil.len() != sp || pads.len() != 2 * sp {
+            return None;
+        }
+        if strides.iter().chain(&dil).chain(kernel).any(|&v| v <= 0) || pads.iter().any(|&p| p < 0) {
+            return None;
+        }
+        let auto = c.attr_s("auto_pad").unwrap_or_default();
+        let ceil = c.attr_i("ceil_mode", 0) == 1;
+        let mut out = Vec::with_capacity(sp);
+        for i in 0..sp {
+            let (d, s) = (&input[i + 2], Dim::Known(strides[i]));
+            let o = if auto == "SAME_UPPER" || auto == "SAME_LOWER" {
+                d.add(&Dim::Known(strides[i] - 1)).div(&s)
+            } else {
+                let (pb, pe) = if auto == "VALID" {
+                    (0, 0)
+                } else {
+                    (pads[i], pads[i + sp])
+                };
+                let k = dil[i].saturating_mul(kernel[i] - 1).saturating_add(1);
+                let num = d.add(&Dim::Known(pb + pe - k));
+                if num.known().is_some_and(|v| v < 0) {
+                    return None;
+                }
+                let q = match (ceil, num.known()) {
+                    (true, Some(v)) => {
+                        // The last window must start inside the input or its left padding.
+                        let mut q = (v + strides[i] - 1) / strides[i];
+                        if let Some(dv) = d.known() {
+                            if q * strides[i] >= dv + pb {
+                                q -= 1;
+                            }
+                        }
+                        Dim::Known(q)
+                    }
+                    (true, None) => num.add(&Dim::Known(strides[i] - 1)).div(&s),
+                    (false, _) => num.div(&s),
+                };
+                q.add(&Dim::Known(1))
+            };
+            out.push(o);
+        }
+        Some(out)
+    }
+
+    pub(crate) fn conv(c: &mut Node) -> Option<()> {
+        let (x, w) = (c.shape(0)?, c.shape(1)?);
+        if x.len() < 3 || w.len() != x.len() {
+            return None;
+        }
+        let kernel = match c.attr_ints("kernel_shape") {
+            Some(k) => k,
+            None => w[2..].iter().map(Dim::known).collect::<Option<_>>()?,
+        };
+        let mut out = vec![x[0].clone(), w[0].clone()];
+        out.extend(window_out(c, &x, &kernel)?);
+        c.set(0, c.dtype(0), Some(out));
+        Some(())
+    }
+
+    pub(crate) fn conv_transpose(c: &mut Node) -> Option<()> {
+        let (x, w) = (c.shape(0)?, c.shape(1)?);
+        if x.len() < 3 || w.len() != x.len() {
+            return None;
+        }
+        let sp = x.len() - 2;
+        let group = c.attr_i("group", 1);
+        let mut out = vec![x[0].clone(), w[1].mul(&Dim::Known(group))];
+        if let Some(os) = c.attr_ints("output_shape") {
+            out.extend(os.iter().rev().take(sp).rev().map(|&v| Dim::Known(v)));
+            c.set(0, c.dtype(0), Some(out));
+            return Some(());
+        }
+        let kernel: Vec<i64> = match c.attr_ints("kernel_shape") {
+            Some(k) => k,
+            None => w[2..].iter().map(Dim::known).collect::<Option<_>>()?,
+        };
+        let strides = c.attr_ints("strides").unwrap_or_else(|| vec![1; sp]);
+        let dil = c.attr_ints("dilations").unwrap_or_else(|| vec![1; sp]);
+        let pads = c.attr_ints("pads").unwrap_or_else(|| vec![0; 2 * sp]);
+        let opad = c.attr_ints("output_padding").unwrap_or_else(|| vec![0; sp]);
+        let auto = c.attr_s("auto_pad").unwrap_or_default();
+        if kernel.len() != sp || strides.len() != sp || dil.len() != sp || pads.len() != 2 * sp || opad.len() != sp {
+            return None;
+        }
+        for i in 0..sp {
+            let s = Dim::Known(strides[i]);
+            let o = if auto == "SAME_UPPER" || auto == "SAME_LOWER" {
+                x[i + 2].mul(&s)
+            } else {
+                let k = dil[i] * (kernel[i] - 1) + 1;
+                x[i + 2]
+                    .sub(&Dim::Known(1))
+                    .mul(&s)
+                    .add(&Dim::Known(opad[i] + k - pads[i] - pads[i + sp]))
+            };
+            out.push(o);
+        }
+        c.set(0, c.dtype(0), Some(out));
+        Some(())
+    }
+
+    pub(crate) fn pool(c: &mut Node) -> Option<()> {
+        let x = c.shape(0)?;
+        let k = c.attr_ints("kernel_shape")?;
+        if x.len() < 3 {
+            return None;
+        }
+        let mut out = vec![x[0].clone(), x[1].clone()];
+        out.extend(window_out(c, &x, &k)?);
+        c.set(0, c.dtype(0), Some(out.clone()));
+        c.set(1, dtype::INT64, Some(out));
+        Some(())
+    }
+
+    pub(crate) fn global_pool(c: &mut Node) -> Option<()> {
+        let s = c.shape(0)?;
+        let out = s
+            .iter()
+            .enumerate()
+            .map(|(i, d)| if i < 2 { d.clone() } else { Dim::Known(1) })
+            .collect();
+        c.set(0, c.dtype(0), Some(out));
+        Some(())
+    }
+
+    pub(crate) fn batch_norm(c: &mut Node) -> Option<()> {
+        c.same(0, 0);
+        let ch = c.shape(0).and_then(|s| s.get(1).cloned());
+        let dt = c.dtype(0);
+        for o in 1..c.outputs() {
+            c.set(o, dt, ch.clone().map(|d| vec![d]));
+        }
+        Some(())
+    }
+
+    pub(crate) fn layer_norm(c: &mut Node) -> Option<()> {
+        c.same(0, 0);
+        let s = c.shape(0)?;
+        let a = axis(c.attr_i("axis", -1), s.len())?;
+        let stat: Vec<Dim> = s
+            .iter()
+            .enumerate()
+            .map(|(i, d)| if i < a { d.clone() } else { Dim::Known(1) })
+            .collect();
+        let st = c.attr_i("stash_type", 1) as i32;
+        c.set(1, st, Some(stat.clone()));
+        c.set(2, st, Some(stat));
+        Some(())
+    }
+}
 
 /// Softmax over `axes`: dX = Y (g - sum(g Y)).
 pub fn softmax(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {

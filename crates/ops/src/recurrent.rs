@@ -17,10 +17,78 @@
 
 use super::Out;
 use crate::ctx::Ctx;
+use crate::Kind::Vjp;
+use crate::{op, Op};
 use dagr_onnx::builder::{attr_float, attr_int, attr_ints, attr_tensor, Builder};
 use dagr_onnx::error::Result;
 use dagr_onnx::proto::{attribute_proto::AttributeType, AttributeProto, GraphProto};
 use dagr_onnx::{dtype, Dim, ValueFact};
+
+/// This family's operators, each one entry: name, the first schema version covered, shape
+/// inference, gradient, formula.
+pub(crate) static OPS: &[Op] = &[
+    op(
+        "RNN",
+        7,
+        Some(shapes::recurrent),
+        Vjp(rnn),
+        "a backward Scan over time whose body is the ONNX cell, differentiated",
+    ),
+    op(
+        "GRU",
+        7,
+        Some(shapes::recurrent),
+        Vjp(gru),
+        "a backward Scan over time whose body is the ONNX cell, differentiated",
+    ),
+    op(
+        "LSTM",
+        7,
+        Some(shapes::recurrent),
+        Vjp(lstm),
+        "a backward Scan over time whose body is the ONNX cell, differentiated",
+    ),
+];
+
+/// Shape (and value) inference of this family's operators.
+pub(crate) mod shapes {
+    use crate::infer::Node;
+    use dagr_onnx::dim::Dim;
+
+    /// RNN, GRU, LSTM: `Y` is `[seq, dirs, batch, hidden]` (`layout=1`: `[batch, seq, dirs,
+    /// hidden]`), the last states `[dirs, batch, hidden]` (`[batch, dirs, hidden]`).
+    pub(crate) fn recurrent(c: &mut Node) -> Option<()> {
+        let x = c.shape(0)?;
+        if x.len() != 3 {
+            return None;
+        }
+        let hidden = Dim::Known(c.attr_i("hidden_size", 0));
+        let dirs = Dim::Known(if c.attr_s("direction").as_deref() == Some("bidirectional") {
+            2
+        } else {
+            1
+        });
+        let batch_first = c.attr_i("layout", 0) == 1;
+        let (seq, batch) = if batch_first { (&x[1], &x[0]) } else { (&x[0], &x[1]) };
+        let dt = c.dtype(0);
+        let (y, state) = if batch_first {
+            (
+                vec![batch.clone(), seq.clone(), dirs.clone(), hidden.clone()],
+                vec![batch.clone(), dirs, hidden],
+            )
+        } else {
+            (
+                vec![seq.clone(), dirs.clone(), batch.clone(), hidden.clone()],
+                vec![dirs, batch.clone(), hidden],
+            )
+        };
+        c.set(0, dt, Some(y));
+        for o in 1..c.outputs() {
+            c.set(o, dt, Some(state.clone()));
+        }
+        Some(())
+    }
+}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Cell {
@@ -330,7 +398,7 @@ fn vjp(c: &mut Ctx, g: &[Option<String>], need: &[bool], cell: Cell) -> Out {
         )?;
         seeds.extend(grads);
     }
-    super::super::differentiate_emitted(c, prelims, &seeds, need)
+    c.differentiate_emitted(prelims, &seeds, need)
 }
 
 /// X W^T + biases for every step, the recurrent weights, the initial states (zeros if absent).
@@ -716,7 +784,7 @@ fn backward_scan(
     wrt.extend(weights.iter().map(|w| w.0.clone()));
     let label = format!("{} node '{}' (one step)", c.node.op_type, c.node.name);
     let range = (0..bb.nodes.len(), 0..bb.initializers.len());
-    let mut grads = crate::differentiate_subgraph(c.model, &mut bb, &label, &cell_inputs, range, &seeds, &wrt)?;
+    let mut grads = (c.differentiate)(c.model, &mut bb, &label, &cell_inputs, range, &seeds, &wrt)?;
     let mut take = |bb: &mut Builder, t: &str, like: &str| -> String {
         grads.remove(t).unwrap_or_else(|| {
             let s = bb.op("Shape", &[like], vec![], "grad/scan");

@@ -9,8 +9,146 @@
 
 use super::{g0_owned, Out};
 use crate::ctx::{norm_axis, Ctx};
+use crate::Kind::{NoRule, Vjp};
+use crate::{op, Op};
 use dagr_onnx::builder::{attr_float, attr_int, attr_ints, attr_string};
 use dagr_onnx::Dim;
+
+/// This family's operators, each one entry: name, the first schema version covered, shape
+/// inference, gradient, formula.
+pub(crate) static OPS: &[Op] = &[
+    op(
+        "CumSum",
+        11,
+        Some(crate::infer::same),
+        Vjp(cumsum),
+        "dX = cumsum(g) in the other direction",
+    ),
+    op(
+        "Pad",
+        2,
+        Some(shapes::pad),
+        Vjp(pad),
+        "constant: dX = Pad(g, -pads); reflect/edge/wrap: per axis, the transposed map measured on an identity",
+    ),
+    op(
+        "Resize",
+        10,
+        Some(shapes::resize),
+        Vjp(resize),
+        "per resized axis, the transposed map measured by resizing an identity",
+    ),
+    op(
+        "Upsample",
+        1,
+        Some(shapes::resize),
+        NoRule,
+        "no gradient rule: differentiating through it is refused",
+    ),
+];
+
+/// Shape (and value) inference of this family's operators.
+pub(crate) mod shapes {
+    use crate::infer::axis;
+    use crate::infer::Node;
+    use dagr_onnx::dim::Dim;
+
+    /// Resize (and the older Upsample): output sizes given, or `floor(d * scale)` per dim.
+    pub(crate) fn resize(c: &mut Node) -> Option<()> {
+        let x = c.shape(0)?;
+        let dt = c.dtype(0);
+        let (scales_at, sizes_at) = if c.n.op_type == "Upsample" || c.opset < 11 {
+            (1, usize::MAX)
+        } else {
+            (2, 3)
+        };
+        // Opset 18: `axes` restricts scales/sizes to some dims.
+        let axes: Vec<usize> = match c.attr_ints("axes") {
+            Some(a) => a.iter().map(|&a| axis(a, x.len())).collect::<Option<_>>()?,
+            None => (0..x.len()).collect(),
+        };
+        let mut out = x.clone();
+        if c.has(sizes_at) {
+            let sizes = c.value(sizes_at)?;
+            if sizes.len() != axes.len() {
+                return None;
+            }
+            if c.attr_s("keep_aspect_ratio_policy").is_some_and(|p| p != "stretch") {
+                let known: Option<Vec<i64>> = axes.iter().map(|&a| x[a].known()).collect();
+                let sz: Option<Vec<i64>> = sizes.iter().map(Dim::known).collect();
+                let (known, sz) = (known?, sz?);
+                let ratios: Vec<f64> = sz.iter().zip(&known).map(|(&s, &d)| s as f64 / d as f64).collect();
+                let policy_larger = c.attr_s("keep_aspect_ratio_policy").as_deref() == Some("not_smaller");
+                let r = ratios
+                    .iter()
+                    .cloned()
+                    .fold(if policy_larger { f64::MIN } else { f64::MAX }, |a, b| {
+                        if policy_larger {
+                            a.max(b)
+                        } else {
+                            a.min(b)
+                        }
+                    });
+                for (j, &a) in axes.iter().enumerate() {
+                    out[a] = Dim::Known((known[j] as f64 * r).round() as i64);
+                }
+            } else {
+                for (j, &a) in axes.iter().enumerate() {
+                    out[a] = sizes[j].clone();
+                }
+            }
+        } else {
+            let scales = match c.floats(scales_at) {
+                Some(s) => s,
+                None if c.n.op_type == "Upsample" || c.opset < 10 => c
+                    .attr_ints("scales")
+                    .map(|v| v.iter().map(|&x| x as f64).collect())
+                    .or_else(|| {
+                        dagr_onnx::attr::attr(c.n, "scales").map(|a| a.floats.iter().map(|&x| x as f64).collect())
+                    })?,
+                None => return None,
+            };
+            if scales.len() != axes.len() {
+                return None;
+            }
+            for (j, &a) in axes.iter().enumerate() {
+                let s = scales[j];
+                out[a] = match x[a].known() {
+                    Some(d) => Dim::Known((d as f64 * s + 1e-9).floor() as i64),
+                    None if s.fract() == 0.0 => x[a].mul(&Dim::Known(s as i64)),
+                    None => Dim::Unknown,
+                };
+            }
+        }
+        c.set(0, dt, Some(out));
+        Some(())
+    }
+
+    pub(crate) fn pad(c: &mut Node) -> Option<()> {
+        let x = c.shape(0)?;
+        let r = x.len();
+        let pads: Vec<Dim> = if c.has(1) {
+            c.value(1)?
+        } else {
+            c.attr_ints("pads")?.into_iter().map(Dim::Known).collect()
+        };
+        // Opset 18: `axes` names the padded dims.
+        let axes: Vec<usize> = match c.has(3) {
+            true => c.ints(3)?.iter().map(|&a| axis(a, r)).collect::<Option<_>>()?,
+            false => (0..r).collect(),
+        };
+        let k = axes.len();
+        if pads.len() != 2 * k {
+            return None;
+        }
+        let mut out = x;
+        for (j, &a) in axes.iter().enumerate() {
+            out[a] = out[a].add(&pads[j]).add(&pads[j + k]);
+        }
+        c.set(0, c.dtype(0), Some(out));
+        Some(())
+    }
+}
 
 impl Ctx<'_> {
     /// The float32 identity matrix `[n, n]`, `n` the length of `x` along `axis`.

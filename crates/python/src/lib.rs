@@ -76,7 +76,7 @@ fn inject<'py>(
         .detach(|| -> Result<String, Error> {
             if train {
                 let rec = make_training_graph(&mut m, &cfg, &opts)?;
-                dagr_inject::onnx::infer::check(&m)?;
+                dagr_inject::ops::infer::check(&m)?;
                 serde_json::to_string(&rec).map_err(|e| Error::Internal(e.to_string()))
             } else {
                 let done = dagr_inject::inject(&mut m, &cfg)?;

@@ -59,7 +59,7 @@ fn analyse(
     let rec = dagr_core::record_of(&model).ok_or_else(|| {
         Error::Config("diagnose needs a model rewritten by dagr-inject (it reads dagr/embedding/*)".into())
     })?;
-    let idx = GraphIndex::new(&model)?;
+    let idx = dagr_ops::index(&model)?;
     let mut inputs = idx.user_inputs();
     if let Some(l) = &rec.outputs.labels_input {
         inputs.retain(|i| i != l);

@@ -2,7 +2,7 @@
 
 use dagr_core::locate::{self, Candidate};
 use dagr_onnx::error::Result;
-use dagr_onnx::{dtype, tensor, GraphIndex, Model};
+use dagr_onnx::{dtype, tensor, Model};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -58,7 +58,7 @@ pub fn report(model: &Model) -> Result<Report> {
     let mut prepared_model = model.clone();
     let prepared = dagr_core::portable::prepare(&mut prepared_model)?;
     let model = &prepared_model;
-    let idx = GraphIndex::new(model)?;
+    let idx = dagr_ops::index(model)?;
     let g = model.graph();
     let summary = |name: &String| {
         let f = idx.fact(name).cloned().unwrap_or_default();

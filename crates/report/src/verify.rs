@@ -61,7 +61,7 @@ fn compare_floor(check: &str, output: &str, backend: &str, got: &Value, want: &V
 pub const MAX_RANDOM_ELEMENTS: usize = 1 << 26;
 
 pub fn random_inputs(model: &Model, batch: usize, seed: u64) -> Result<Tensors> {
-    let idx = GraphIndex::new(model)?;
+    let idx = dagr_ops::index(model)?;
     let mut rng = dagr_runtime::data::Rng(seed);
     let mut out = Tensors::new();
     for name in idx.user_inputs() {
@@ -225,7 +225,7 @@ pub fn against_builtin(path: &Path, inputs: &Tensors, backends: &[Backend], rtol
     let model = onnx::load(path)?;
     let rec = dagr::record_of(&model)
         .ok_or_else(|| Error::Config("the model was not rewritten by dagr-inject (no dagr_inject metadata)".into()))?;
-    let idx = GraphIndex::new(&model)?;
+    let idx = dagr_ops::index(&model)?;
     // A copy that also outputs the raw encoder outputs.
     let enc: Vec<String> = rec.encoders.iter().map(|e| e.1.clone()).collect();
     let mut m = model.clone();
@@ -359,7 +359,7 @@ pub fn dagr_finite_differences(path: &Path, inputs: &Tensors, backend: Backend, 
     let model = onnx::load(path)?;
     let rec = dagr::record_of(&model)
         .ok_or_else(|| Error::Config("the model was not rewritten by dagr-inject (no dagr_inject metadata)".into()))?;
-    let idx = GraphIndex::new(&model)?;
+    let idx = dagr_ops::index(&model)?;
     let o = &rec.outputs;
     // First the encoder outputs themselves, from the unmodified model.
     let enc: Vec<String> = rec.encoders.iter().map(|e| e.1.clone()).collect();

@@ -433,7 +433,7 @@ impl Trainer {
         }
         onnx::save(&sg.model, &step_path)?;
         let state_keys = sg.state.iter().map(|l| l.key.clone()).collect();
-        let idx = GraphIndex::new(&model)?;
+        let idx = dagr_ops::index(&model)?;
         let input_dims = idx
             .user_inputs()
             .into_iter()
@@ -1662,7 +1662,7 @@ impl RunInputs {
     fn load(run: &Run, t: &Trainer, original: Option<PathBuf>) -> Result<RunInputs> {
         let settings = &t.settings;
         let model = onnx::load(run.model)?;
-        let idx = GraphIndex::new(&model)?;
+        let idx = dagr_ops::index(&model)?;
         let original_path =
             original.ok_or_else(|| Error::Config("the original model is unknown; pass `original` MODEL".into()))?;
         let original = onnx::load(&original_path)?;
