@@ -80,7 +80,7 @@ fn values(n: usize, gen: Gen, seed: u64) -> Vec<f32> {
 fn feed_for(c: &Case, ci: usize) -> Tensors {
     let mut feed = Tensors::new();
     for (i, inp) in c.inputs.iter().enumerate() {
-        if let In::X(s) = inp {
+        if let In::X(s) | In::Captured(s) = inp {
             let n: usize = s.iter().product();
             let v = values(n, c.gen, (ci * 31 + i) as u64);
             feed.insert(
@@ -135,6 +135,12 @@ fn try_build_with(c: &Case, symbolic: bool) -> Result<(Model, Vec<String>), dagr
                 let f = ValueFact::new(dtype::FLOAT, dims);
                 g.input.push(f.to_value_info(&name));
                 wrt.push(name.clone());
+            }
+            In::Captured(s) => {
+                let dims = s.iter().map(|&d| Dim::Known(d as i64)).collect();
+                g.input.push(ValueFact::new(dtype::FLOAT, dims).to_value_info(&name));
+                wrt.push(name);
+                continue;
             }
             In::Ints(d, v) => g.initializer.push(tensor::i64_tensor(&name, d, v)),
             In::F(d, v) => g.initializer.push(tensor::f32_tensor(&name, d, v)),

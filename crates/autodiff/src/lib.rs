@@ -9,7 +9,8 @@
 
 use dagr_onnx::builder::Builder;
 use dagr_onnx::error::{Error, Result};
-use dagr_onnx::proto::{GraphProto, ModelProto};
+use dagr_onnx::index::node_reads;
+use dagr_onnx::proto::{GraphProto, ModelProto, NodeProto};
 use dagr_onnx::{dtype, GraphIndex, Model};
 use dagr_ops::{ctx, Kind};
 use std::collections::{HashMap, HashSet};
@@ -50,11 +51,25 @@ pub fn backward(
             .unwrap_or(true)
     };
 
+    // The outer tensors each node's subgraphs read (If branches, Loop and Scan bodies): a
+    // gradient flows through them as through inputs.
+    let caps: HashMap<usize, Vec<String>> = idx
+        .topo
+        .iter()
+        .map(|&i| (i, captured(&g.node[i])))
+        .filter(|(_, c)| !c.is_empty())
+        .collect();
+    let no_caps: Vec<String> = Vec::new();
+    let caps_of = |i: usize| caps.get(&i).unwrap_or(&no_caps);
     // Tensors that depend on a `wrt` tensor (not through a stopped tensor).
     let mut reach: HashSet<String> = wrt.iter().cloned().collect();
     for &i in &idx.topo {
         let n = &g.node[i];
-        if n.input.iter().any(|x| reach.contains(x) && !stop.contains(x)) {
+        if n.input
+            .iter()
+            .chain(caps_of(i))
+            .any(|x| reach.contains(x) && !stop.contains(x))
+        {
             for o in &n.output {
                 if !o.is_empty() && is_float(o) {
                     reach.insert(o.clone());
@@ -67,7 +82,7 @@ pub fn backward(
     for &i in idx.topo.iter().rev() {
         let n = &g.node[i];
         if n.output.iter().any(|o| needed.contains(o)) {
-            needed.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
+            needed.extend(n.input.iter().chain(caps_of(i)).filter(|x| !x.is_empty()).cloned());
         }
     }
 
@@ -76,7 +91,8 @@ pub fn backward(
     let opset = model.opset();
     for &i in idx.topo.iter().rev() {
         let n = &g.node[i];
-        let on_path = n.output.iter().any(|o| needed.contains(o)) && n.input.iter().any(|x| reach.contains(x));
+        let on_path =
+            n.output.iter().any(|o| needed.contains(o)) && n.input.iter().chain(caps_of(i)).any(|x| reach.contains(x));
         if let Some(rule) = dagr_ops::gradient_rule(&n.domain, &n.op_type).filter(|r| on_path && !r.covers(opset)) {
             return Err(Error::OpVersionUnsupported {
                 op: n.op_type.clone(),
@@ -101,7 +117,12 @@ pub fn backward(
             .iter()
             .map(|x| !x.is_empty() && reach.contains(x) && !stop.contains(x) && is_float(x))
             .collect();
-        if !need.iter().any(|&x| x) {
+        let wanted: Vec<String> = caps_of(i)
+            .iter()
+            .filter(|x| reach.contains(*x) && !stop.contains(*x) && is_float(x))
+            .cloned()
+            .collect();
+        if !need.iter().any(|&x| x) && wanted.is_empty() {
             continue;
         }
         let outs: Vec<Option<String>> = n
@@ -129,7 +150,22 @@ pub fn backward(
             node: n,
             differentiate: differentiate_subgraph,
         };
+        if !wanted.is_empty() && !matches!(rule.kind, Kind::Subgraph(_)) {
+            return Err(ctx.err(format!(
+                "its subgraphs read {} which need a gradient, and its rule does not differentiate subgraphs",
+                wanted.join(", ")
+            )));
+        }
         let grads = match rule.kind {
+            Kind::Subgraph(vjp) => {
+                let grads = vjp(&mut ctx, &outs, &wanted)?;
+                for (x, gr) in wanted.iter().zip(grads) {
+                    if let Some(gr) = gr {
+                        acc.add(x, gr);
+                    }
+                }
+                continue;
+            }
             Kind::Vjp(vjp) => vjp(&mut ctx, &outs, &need)?,
             Kind::Broadcast(vjp) => {
                 let y = n.output.first().cloned().unwrap_or_default();
@@ -172,10 +208,12 @@ pub fn ops_without_rule(model: &Model, idx: &GraphIndex, from: &[String], to: &[
             .map(|f| f.dtype == 0 || dtype::is_float(f.dtype))
             .unwrap_or(true)
     };
+    let caps: HashMap<usize, Vec<String>> = idx.topo.iter().map(|&i| (i, captured(&g.node[i]))).collect();
+    let reads = |i: usize| g.node[i].input.iter().chain(caps.get(&i).into_iter().flatten());
     let mut reach: HashSet<&str> = from.iter().map(String::as_str).collect();
     for &i in &idx.topo {
         let n = &g.node[i];
-        if n.input.iter().any(|x| reach.contains(x.as_str())) {
+        if reads(i).any(|x| reach.contains(x.as_str())) {
             reach.extend(
                 n.output
                     .iter()
@@ -191,8 +229,8 @@ pub fn ops_without_rule(model: &Model, idx: &GraphIndex, from: &[String], to: &[
         if !n.output.iter().any(|o| needed.contains(o.as_str())) {
             continue;
         }
-        needed.extend(n.input.iter().map(String::as_str));
-        let on_path = n.input.iter().any(|x| reach.contains(x.as_str()) && is_float(x));
+        needed.extend(reads(i).map(String::as_str));
+        let on_path = reads(i).any(|x| reach.contains(x.as_str()) && is_float(x));
         if !on_path {
             continue;
         }
@@ -217,6 +255,21 @@ pub fn ops_without_rule(model: &Model, idx: &GraphIndex, from: &[String], to: &[
         }
     }
     out.reverse();
+    out
+}
+
+/// The outer tensors a node's subgraphs read (If branches, Loop and Scan bodies) that are not
+/// among its inputs, each once.
+fn captured(n: &NodeProto) -> Vec<String> {
+    if !n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
+        return Vec::new();
+    }
+    let mut out: Vec<String> = Vec::new();
+    for r in node_reads(n) {
+        if !n.input.contains(&r) && !out.contains(&r) {
+            out.push(r);
+        }
+    }
     out
 }
 

@@ -90,6 +90,13 @@ pub fn attr_string(name: &str, v: &str) -> AttributeProto {
     crate::attr::keep_zero(&mut a);
     a
 }
+pub fn attr_graph(name: &str, g: GraphProto) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::GRAPH.into();
+    a.g = protobuf::MessageField::some(g);
+    a
+}
 pub fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
     let mut a = AttributeProto::new();
     a.name = name.into();

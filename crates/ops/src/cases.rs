@@ -10,6 +10,9 @@ use dagr_onnx::proto::AttributeProto;
 pub enum In {
     /// A differentiable float input of this shape.
     X(Vec<usize>),
+    /// A differentiable float graph input of this shape that the op does not take as an input:
+    /// its subgraphs read it from the outer scope (If branches).
+    Captured(Vec<usize>),
     /// Constant int64 input (axes, shapes, indices).
     Ints(Vec<i64>, Vec<i64>),
     /// Constant float input.

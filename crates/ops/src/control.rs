@@ -1,7 +1,15 @@
-//! Control flow and quantization: inference only (no gradient rules yet).
+//! Control flow and quantization: If differentiated through its branches (a condition known at
+//! build time is folded before, `dagr-core`'s portable pass); Loop, Scan and quantization have
+//! inference only.
 
-use crate::Kind::NoRule;
-use crate::{op, Op};
+use crate::ctx::Ctx;
+use crate::Kind::{NoRule, Subgraph};
+use crate::{op, Op, Out};
+use dagr_onnx::builder::{attr_graph, attr_tensor, Builder};
+use dagr_onnx::error::Error;
+use dagr_onnx::proto::{GraphProto, NodeProto};
+use dagr_onnx::{dtype, tensor, ValueFact};
+use std::collections::{HashMap, HashSet};
 
 /// This family's operators, each one entry: name, the first schema version covered, shape
 /// inference, gradient, formula.
@@ -17,8 +25,8 @@ pub(crate) static OPS: &[Op] = &[
         "If",
         1,
         Some(shapes::if_),
-        NoRule,
-        "no gradient rule: differentiating through it is refused",
+        Subgraph(if_),
+        "dX = If(cond, VJP of then_branch, VJP of else_branch) for each outer X a branch reads (zeros where it does not)",
     ),
     op(
         "Loop",
@@ -49,6 +57,167 @@ pub(crate) static OPS: &[Op] = &[
         "no gradient rule: differentiating through it is refused",
     ),
 ];
+
+/// If on a condition known only at run time: the gradient is an If on the same condition whose
+/// branches are the vector-Jacobian products of the forward branches, for every outer tensor
+/// (`captured`) either branch reads. Each backward branch recomputes its forward branch (its
+/// names renamed fresh) and the engine differentiates it from the If's output gradients; a
+/// tensor a branch does not differentiate gets zeros there.
+pub fn if_(c: &mut Ctx, g: &[Option<String>], captured: &[String]) -> Out {
+    let cond = c.input(0).to_string();
+    let mut branches = Vec::new();
+    for name in ["then_branch", "else_branch"] {
+        let body = dagr_onnx::attr::attr(c.node, name)
+            .and_then(|a| a.g.as_ref())
+            .ok_or_else(|| c.err(format!("it has no {name}")))?
+            .clone();
+        branches.push(branch_vjp(c, &body, name, g, captured)?);
+    }
+    let h = format!("grad/{}", c.hint());
+    let else_branch = branches.pop().unwrap_or_default();
+    let then_branch = branches.pop().unwrap_or_default();
+    let outs = c.b.node_n(
+        "If",
+        &[&cond],
+        captured.len(),
+        vec![
+            attr_graph("then_branch", then_branch),
+            attr_graph("else_branch", else_branch),
+        ],
+        &h,
+    );
+    Ok(outs.into_iter().map(Some).collect())
+}
+
+/// One backward branch: the forward branch recomputed under fresh names, differentiated from
+/// the If's output gradients `g` for the `captured` tensors, one output per captured tensor.
+fn branch_vjp(
+    c: &mut Ctx,
+    body: &GraphProto,
+    which: &str,
+    g: &[Option<String>],
+    captured: &[String],
+) -> Result<GraphProto, Error> {
+    if body
+        .node
+        .iter()
+        .any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()))
+    {
+        return Err(c.err(format!(
+            "its {which} holds a subgraph of its own, which this rule does not differentiate"
+        )));
+    }
+    let mut bb = c.body_builder();
+    // Every name the branch defines, renamed fresh (the backward If is another scope, but the
+    // names must stay unique in the whole model).
+    let mut rename: HashMap<String, String> = HashMap::new();
+    let defined = body
+        .initializer
+        .iter()
+        .map(|t| &t.name)
+        .chain(body.node.iter().flat_map(|n| n.output.iter()));
+    for name in defined.filter(|s| !s.is_empty()) {
+        let fresh = bb.names.fresh(&format!("{}grad/if/{name}", c.b.prefix));
+        rename.insert(name.clone(), fresh);
+    }
+    let rn = |s: &String| rename.get(s).cloned().unwrap_or_else(|| s.clone());
+    for t in &body.initializer {
+        let mut t = t.clone();
+        t.name = rn(&t.name);
+        bb.initializers.push(t);
+    }
+    for n in &body.node {
+        let mut m: NodeProto = n.clone();
+        m.input = m.input.iter().map(rn).collect();
+        m.output = m.output.iter().map(rn).collect();
+        m.name = bb.names.fresh(&format!("{}grad/if/{}", c.b.prefix, n.name));
+        bb.nodes.push(m);
+    }
+    let range = (0..bb.nodes.len(), 0..bb.initializers.len());
+    // The branch's outer reads, with their facts: the inputs of the graph the engine indexes.
+    let local: HashSet<&String> = rename.values().collect();
+    let mut inputs: Vec<(String, ValueFact)> = Vec::new();
+    for x in bb.nodes.iter().flat_map(|n| n.input.iter()) {
+        if x.is_empty() || local.contains(x) || inputs.iter().any(|(i, _)| i == x) {
+            continue;
+        }
+        let f = c.idx.fact(x).ok_or_else(|| Error::ShapeUnknown {
+            tensor: x.clone(),
+            context: format!(", so the gradient of If node '{}' cannot be built", c.node.name),
+        })?;
+        inputs.push((x.clone(), f.clone()));
+    }
+    let seeds: Vec<(String, String)> = body
+        .output
+        .iter()
+        .zip(g)
+        .filter_map(|(o, gk)| Some((rn(&o.name), gk.clone()?)))
+        .collect();
+    let reads: HashSet<&String> = inputs
+        .iter()
+        .map(|(x, _)| x)
+        .chain(seeds.iter().map(|(y, _)| y))
+        .collect();
+    let wrt: Vec<String> = captured.iter().filter(|x| reads.contains(x)).cloned().collect();
+    let label = format!("the {which} of If node '{}'", c.node.name);
+    let mut grads = (c.differentiate)(c.model, &mut bb, &label, &inputs, range, &seeds, &wrt)?;
+    // One output per captured tensor: its gradient, or zeros shaped like it.
+    let mut out = GraphProto::new();
+    out.name = bb.names.fresh(&format!("{}grad/if/{which}", c.b.prefix));
+    for x in captured {
+        let fact = c.idx.fact(x).cloned().unwrap_or_default();
+        let elem = if dtype::is_float(fact.dtype) {
+            fact.dtype
+        } else {
+            dtype::FLOAT
+        };
+        let value = match grads.remove(x) {
+            Some(gx) => gx,
+            None => {
+                let s = bb.op("Shape", &[x], vec![], "grad/if");
+                let z = tensor::float_tensor("", &[1], &[0.0], elem);
+                bb.op("ConstantOfShape", &[&s], vec![attr_tensor("value", z)], "grad/if")
+            }
+        };
+        // A subgraph's outputs are its own tensors (a gradient may be an outer name itself).
+        let y = bb.op("Identity", &[&value], vec![], "grad/if");
+        // Symbolic dims left unnamed: a runtime resolves a body's named dims apart from the
+        // outer graph's (tract then cannot unify them).
+        let shape = fact.shape.map(|s| {
+            s.into_iter()
+                .map(|d| {
+                    if d.known().is_some() {
+                        d
+                    } else {
+                        dagr_onnx::Dim::Unknown
+                    }
+                })
+                .collect()
+        });
+        out.output.push(ValueFact { dtype: elem, shape }.to_value_info(&y));
+    }
+    prune_unused(&mut bb, &out);
+    c.b.names = bb.names.clone();
+    out.node = bb.nodes;
+    out.initializer = bb.initializers;
+    Ok(out)
+}
+
+/// Drop the nodes and initializers of a body that none of its outputs needs (the recomputed
+/// forward nodes whose values the gradient does not read).
+fn prune_unused(bb: &mut Builder, g: &GraphProto) {
+    let mut live: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    let mut keep = vec![false; bb.nodes.len()];
+    for (k, n) in bb.nodes.iter().enumerate().rev() {
+        if n.output.iter().any(|o| live.contains(o)) {
+            keep[k] = true;
+            live.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
+        }
+    }
+    let mut it = keep.into_iter();
+    bb.nodes.retain(|_| it.next().unwrap_or(false));
+    bb.initializers.retain(|t| live.contains(&t.name));
+}
 
 /// Shape (and value) inference of this family's operators.
 pub(crate) mod shapes {
@@ -178,4 +347,50 @@ pub(crate) mod shapes {
         c.set(0, dtype::INT64, Some(vec![Dim::Unknown, Dim::Known(3)]));
         Some(())
     }
+}
+
+fn branch(name: &str, nodes: &[(&str, &[&str], &str)], out: &str) -> GraphProto {
+    let mut g = GraphProto::new();
+    g.name = name.into();
+    for (op, ins, o) in nodes {
+        let mut n = NodeProto::new();
+        n.op_type = (*op).into();
+        n.name = format!("{name}/{o}");
+        n.input = ins.iter().map(|s| s.to_string()).collect();
+        n.output = vec![o.to_string()];
+        g.node.push(n);
+    }
+    g.output.push(
+        ValueFact::new(dtype::FLOAT, vec![dagr_onnx::Dim::Known(2), dagr_onnx::Dim::Known(3)]).to_value_info(out),
+    );
+    g
+}
+
+pub fn cases() -> Vec<crate::cases::Case> {
+    use crate::cases::{case, In, ORT_ONLY};
+    // The branches read `in1` ([2, 3]) and `in2` ([3]) from the outer graph; the else branch
+    // does not read `in2` (its gradient there is zeros) and outputs `in1` through one op.
+    let branches = || {
+        vec![
+            attr_graph(
+                "then_branch",
+                branch("then", &[("Mul", &["in1", "in2"], "t0"), ("Sin", &["t0"], "t1")], "t1"),
+            ),
+            attr_graph("else_branch", branch("else", &[("Tanh", &["in1"], "e0")], "e0")),
+        ]
+    };
+    let ins = |cond: bool| {
+        vec![
+            In::B(vec![], vec![cond]),
+            In::Captured(vec![2, 3]),
+            In::Captured(vec![3]),
+        ]
+    };
+    // ONNX Runtime only: tract 0.23.9 names every If it translates "If" (`If::to_typed` wires
+    // the op's name, not the node's), so a graph with two (the forward and the backward) fails
+    // to load there with "Duplicate node name: If".
+    vec![
+        case("if_then", "If", ins(true)).attrs(branches()).only(ORT_ONLY),
+        case("if_else", "If", ins(false)).attrs(branches()).only(ORT_ONLY),
+    ]
 }

@@ -42,6 +42,10 @@ pub type Differentiate = fn(
 /// tensor that nobody asked for).
 pub type Vjp = fn(&mut Ctx, &[Option<String>], &[bool]) -> Result<Vec<Option<String>>>;
 
+/// The vector-Jacobian product of an op with subgraphs (If) for the outer tensors its
+/// subgraphs read (`captured`): one gradient per captured tensor, None where none flows.
+pub type SubgraphVjp = fn(&mut Ctx, &[Option<String>], &[String]) -> Result<Vec<Option<String>>>;
+
 /// An op written as primitive ops: emits them (reading the node's inputs) and returns the tensor
 /// that equals each output of the node ("" for an output the node does not produce).
 pub type Body = fn(&mut Ctx) -> Result<Vec<String>>;
@@ -325,6 +329,16 @@ pub fn norm_axis(a: i64, rank: usize) -> usize {
 }
 
 impl Ctx<'_> {
+    /// A builder for a subgraph's body (a Scan's step, an If's branch): names fresh in the whole
+    /// model (subgraphs may not shadow outer names); hand its names back to `b` when the body
+    /// is done (`self.b.names = body.names`).
+    pub fn body_builder(&self) -> Builder {
+        let mut b = Builder::new(self.model, &self.b.prefix);
+        b.names = self.b.names.clone();
+        b.opset = self.b.opset;
+        b
+    }
+
     /// Differentiate what the rule emitted in `range` (of its builder's nodes and
     /// initializers), as a graph of its own whose inputs are the node's inputs: the gradient of
     /// each input that `need` asks for, from the `seeds` on emitted tensors.

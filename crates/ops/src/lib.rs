@@ -96,6 +96,9 @@ pub enum Kind {
     /// Differentiated through its body: the op is rewritten into primitive ops (recomputed in
     /// the backward part, the forward keeps the op itself), and the engine differentiates those.
     Body(ctx::Body),
+    /// An op whose subgraphs read outer tensors (If): the rule gives the gradients of those
+    /// captured tensors, which are not among the node's inputs.
+    Subgraph(ctx::SubgraphVjp),
     /// Outputs that carry no gradient (shapes, constants, comparisons, indices, rounding).
     NoGradient,
     /// Inference only: no gradient rule yet, so a path to the loss through it is refused (the
@@ -180,6 +183,7 @@ pub fn index(model: &Model) -> Result<GraphIndex> {
 pub fn cases() -> Vec<crate::cases::Case> {
     [
         composite::cases(),
+        control::cases(),
         elementwise::cases(),
         linalg::cases(),
         loss::cases(),

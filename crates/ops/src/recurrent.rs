@@ -19,9 +19,9 @@ use super::Out;
 use crate::ctx::Ctx;
 use crate::Kind::Vjp;
 use crate::{op, Op};
-use dagr_onnx::builder::{attr_float, attr_int, attr_ints, attr_tensor, Builder};
+use dagr_onnx::builder::{attr_float, attr_graph, attr_int, attr_ints, attr_tensor, Builder};
 use dagr_onnx::error::Result;
-use dagr_onnx::proto::{attribute_proto::AttributeType, AttributeProto, GraphProto};
+use dagr_onnx::proto::GraphProto;
 use dagr_onnx::{dtype, Dim, ValueFact};
 
 /// This family's operators, each one entry: name, the first schema version covered, shape
@@ -558,24 +558,6 @@ fn cell_step(c: &mut Ctx, s: &Settings, d: usize, w: &Weights, xw: &str, h: &str
     }
 }
 
-/// A builder for a Scan body: names fresh in the whole model (subgraphs may not shadow outer
-/// names), handed back to `c.b` when the body is done.
-fn body_builder(c: &Ctx) -> Builder {
-    let mut b = Builder::new(c.model, &c.b.prefix);
-    b.names = c.b.names.clone();
-    b.opset = c.b.opset;
-    b
-}
-
-fn graph_attr(name: &str, g: GraphProto) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        type_: AttributeType::GRAPH.into(),
-        g: Some(g).into(),
-        ..Default::default()
-    }
-}
-
 /// A Scan node in the outer graph: `states` initial values, `scans` sequences (axis 0), all in
 /// the same `reverse` direction; returns (final states, scan outputs).
 #[allow(clippy::too_many_arguments)]
@@ -590,7 +572,7 @@ fn scan(
     let inputs: Vec<&str> = states.iter().chain(scans).map(String::as_str).collect();
     let dir = reverse as i64;
     let attrs = vec![
-        graph_attr("body", body),
+        attr_graph("body", body),
         attr_int("num_scan_inputs", scans.len() as i64),
         attr_ints("scan_input_directions", &vec![dir; scans.len()]),
         attr_ints("scan_output_directions", &vec![dir; n_scan_out]),
@@ -620,7 +602,7 @@ fn forward_states(
     dir: &Direction,
     mask: Option<&str>,
 ) -> Result<(String, Option<String>)> {
-    let mut bb = body_builder(c);
+    let mut bb = c.body_builder();
     let (b_, h_) = (s.batch.clone(), Dim::Known(s.hidden));
     let state = vec![b_.clone(), h_.clone()];
     let gh = Dim::Known(s.cell.gates() * s.hidden);
@@ -727,7 +709,7 @@ fn backward_scan(
     let state = vec![b_.clone(), h_.clone()];
     let gh = Dim::Known(s.cell.gates() * s.hidden);
     let weights = dir.w.all(s.hidden, s.cell.gates());
-    let mut bb = body_builder(c);
+    let mut bb = c.body_builder();
     // Body inputs: state gradients, weight-gradient sums, then the step's slices.
     let dh_in = bb.name("dh_in");
     let dc_in = bb.name("dc_in");

@@ -22,6 +22,7 @@ fn py_err(e: Error) -> PyErr {
         | Error::InvalidModel(_)
         | Error::NameTaken { .. }
         | Error::NoGradientRule { .. }
+        | Error::OpVersionUnsupported { .. }
         | Error::GradientUnsupported { .. }
         | Error::ShapeUnknown { .. }
         | Error::UnsupportedIr { .. } => PyValueError::new_err(msg),
