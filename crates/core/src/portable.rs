@@ -282,30 +282,10 @@ pub fn fold_constant_ifs(model: &mut Model) -> Result<usize> {
         if nested || g.output.len() != n.output.len() {
             continue;
         }
-        let mut rename = std::collections::HashMap::new();
-        let local = g
-            .node
-            .iter()
-            .flat_map(|m| m.output.iter())
-            .chain(g.initializer.iter().map(|t| &t.name))
-            .filter(|x| !x.is_empty());
-        for x in local {
-            rename.insert(x.clone(), b.names.fresh(&format!("{}/{x}", n.name)));
-        }
+        let n0 = b.nodes.len();
+        let rename = b.inline_body(g, &n.name);
         let new = |x: &String| rename.get(x).cloned().unwrap_or_else(|| x.clone());
-        let mut nodes = Vec::new();
-        for m in &g.node {
-            let mut m = m.clone();
-            m.name = b.names.fresh(&format!("{}/{}", n.name, m.name));
-            m.input = m.input.iter().map(new).collect();
-            m.output = m.output.iter().map(new).collect();
-            nodes.push(m);
-        }
-        for t in &g.initializer {
-            let mut t = t.clone();
-            t.name = new(&t.name);
-            b.initializers.push(t);
-        }
+        let mut nodes: Vec<NodeProto> = b.nodes.drain(n0..).collect();
         for (o, out) in g.output.iter().zip(&n.output) {
             if out.is_empty() {
                 continue;

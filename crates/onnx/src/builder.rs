@@ -132,6 +132,36 @@ impl Builder {
         }
     }
 
+    /// Append a copy of a subgraph's body (an If branch) to this builder, every name it defines
+    /// (node outputs, initializers) and every node name made fresh under `prefix`; the names it
+    /// reads from the outer scope stay. Returns the renaming, to find its outputs by.
+    pub fn inline_body(&mut self, g: &GraphProto, prefix: &str) -> HashMap<String, String> {
+        let mut rename = HashMap::new();
+        let local = g
+            .node
+            .iter()
+            .flat_map(|m| m.output.iter())
+            .chain(g.initializer.iter().map(|t| &t.name))
+            .filter(|x| !x.is_empty());
+        for x in local {
+            rename.insert(x.clone(), self.names.fresh(&format!("{prefix}/{x}")));
+        }
+        let new = |x: &String| rename.get(x).cloned().unwrap_or_else(|| x.clone());
+        for m in &g.node {
+            let mut m = m.clone();
+            m.name = self.names.fresh(&format!("{prefix}/{}", m.name));
+            m.input = m.input.iter().map(new).collect();
+            m.output = m.output.iter().map(new).collect();
+            self.nodes.push(m);
+        }
+        for t in &g.initializer {
+            let mut t = t.clone();
+            t.name = new(&t.name);
+            self.initializers.push(t);
+        }
+        rename
+    }
+
     /// A fresh tensor name under the builder's prefix.
     pub fn name(&mut self, hint: &str) -> String {
         let base = format!("{}{}", self.prefix, hint);

@@ -9,7 +9,7 @@ use dagr_onnx::builder::{attr_graph, attr_tensor, Builder};
 use dagr_onnx::error::Error;
 use dagr_onnx::proto::{GraphProto, NodeProto};
 use dagr_onnx::{dtype, tensor, ValueFact};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 /// This family's operators, each one entry: name, the first schema version covered, shape
 /// inference, gradient, formula.
@@ -108,31 +108,10 @@ fn branch_vjp(
         )));
     }
     let mut bb = c.body_builder();
-    // Every name the branch defines, renamed fresh (the backward If is another scope, but the
-    // names must stay unique in the whole model).
-    let mut rename: HashMap<String, String> = HashMap::new();
-    let defined = body
-        .initializer
-        .iter()
-        .map(|t| &t.name)
-        .chain(body.node.iter().flat_map(|n| n.output.iter()));
-    for name in defined.filter(|s| !s.is_empty()) {
-        let fresh = bb.names.fresh(&format!("{}grad/if/{name}", c.b.prefix));
-        rename.insert(name.clone(), fresh);
-    }
+    // The branch under fresh names (the backward If is another scope, but names must stay
+    // unique in the whole model).
+    let rename = bb.inline_body(body, &format!("{}grad/if/{which}", c.b.prefix));
     let rn = |s: &String| rename.get(s).cloned().unwrap_or_else(|| s.clone());
-    for t in &body.initializer {
-        let mut t = t.clone();
-        t.name = rn(&t.name);
-        bb.initializers.push(t);
-    }
-    for n in &body.node {
-        let mut m: NodeProto = n.clone();
-        m.input = m.input.iter().map(rn).collect();
-        m.output = m.output.iter().map(rn).collect();
-        m.name = bb.names.fresh(&format!("{}grad/if/{}", c.b.prefix, n.name));
-        bb.nodes.push(m);
-    }
     let range = (0..bb.nodes.len(), 0..bb.initializers.len());
     // The branch's outer reads, with their facts: the inputs of the graph the engine indexes.
     let local: HashSet<&String> = rename.values().collect();
