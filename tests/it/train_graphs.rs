@@ -134,7 +134,9 @@ fn parameter_gradients_match_pytorch_on_both_backends() {
 /// An `If` whose condition the shapes decide when the graph is built (here `audio`'s width is
 /// 40) is replaced by the branch it takes: the training graph of av_mlp with its audio ReLU
 /// inside such an If (the other branch a Neg, both branches naming their output alike) has the
-/// gradients of the plain model's.
+/// gradients of the plain model's. The same If on a condition known only at run time (the
+/// audio is finite) stays, and its gradient (an If of the branches' gradients, through the
+/// tensor the branches capture) gives those gradients too.
 #[test]
 fn an_if_decided_by_static_shapes_is_folded_and_trains() {
     use dagr_inject::onnx::builder::{attr_int, Builder};
@@ -149,6 +151,7 @@ fn an_if_decided_by_static_shapes_is_folded_and_trains() {
         .position(|n| n.name == "/audio_encoder/Relu")
         .unwrap();
     let relu = with_if.graph().node[pos].clone();
+    let mut at_run_time = with_if.clone();
     let mut b = Builder::new(&with_if, "");
     let shape = b.op("Shape", &["audio"], vec![], "/audio_encoder/width");
     let one = b.scalar_i64(1);
@@ -160,6 +163,10 @@ fn an_if_decided_by_static_shapes_is_folded_and_trains() {
     );
     let forty = b.scalar_i64(40);
     let cond = b.op("Equal", &[&width, &forty], vec![], "/audio_encoder/width");
+    let mut rb = Builder::new(&at_run_time, "");
+    let total = rb.reduce("ReduceSum", "audio", None, false, "/audio_encoder/finite");
+    let nan = rb.unary("IsNaN", &total, "/audio_encoder/finite");
+    let runtime_cond = rb.unary("Not", &nan, "/audio_encoder/finite");
     let branch = |op: &str, name: &str| {
         let mut n = NodeProto::new();
         n.op_type = op.into();
@@ -180,21 +187,27 @@ fn an_if_decided_by_static_shapes_is_folded_and_trains() {
         g: Some(g).into(),
         ..Default::default()
     };
-    let mut iff = NodeProto::new();
-    iff.op_type = "If".into();
-    iff.name = "/audio_encoder/If".into();
-    iff.input = vec![cond];
-    iff.output = relu.output.clone();
-    iff.attribute = vec![
-        graph_attr("then_branch", branch("Relu", "relu")),
-        graph_attr("else_branch", branch("Neg", "neg")),
-    ];
-    let mut nodes = std::mem::take(&mut b.nodes);
-    nodes.push(iff);
-    let inits = std::mem::take(&mut b.initializers);
-    let g = with_if.graph_mut();
-    g.node.splice(pos..pos + 1, nodes);
-    g.initializer.extend(inits);
+    let iff = |cond: String| {
+        let mut iff = NodeProto::new();
+        iff.op_type = "If".into();
+        iff.name = "/audio_encoder/If".into();
+        iff.input = vec![cond];
+        iff.output = relu.output.clone();
+        iff.attribute = vec![
+            graph_attr("then_branch", branch("Relu", "relu")),
+            graph_attr("else_branch", branch("Neg", "neg")),
+        ];
+        iff
+    };
+    for (m, b, cond) in [(&mut with_if, b, cond), (&mut at_run_time, rb, runtime_cond)] {
+        let mut b = b;
+        let mut nodes = std::mem::take(&mut b.nodes);
+        nodes.push(iff(cond));
+        let inits = std::mem::take(&mut b.initializers);
+        let g = m.graph_mut();
+        g.node.splice(pos..pos + 1, nodes);
+        g.initializer.extend(inits);
+    }
 
     let cfg = Config {
         encoders: vec!["audio_encoder".into(), "visual_encoder".into()],
@@ -207,12 +220,11 @@ fn an_if_decided_by_static_shapes_is_folded_and_trains() {
     let dir = tempfile::tempdir().unwrap();
     let mut checks = OnnxChecks::default();
     let mut grads = Vec::new();
-    for (tag, mut m) in [("plain", plain), ("if", with_if)] {
+    for (tag, mut m) in [("plain", plain), ("if", with_if), ("runtime_if", at_run_time)] {
         let rec = make_training_graph(&mut m, &cfg, &TrainOptions::default()).unwrap_or_else(|e| panic!("{tag}: {e}"));
-        assert!(
-            !m.graph().node.iter().any(|n| n.op_type == "If"),
-            "{tag}: the If is still there"
-        );
+        let ifs = m.graph().node.iter().filter(|n| n.op_type == "If").count();
+        // Folded where the shapes decide; else the forward If and its gradient's.
+        assert_eq!(ifs, if tag == "runtime_if" { 2 } else { 0 }, "{tag}");
         let p = dir.path().join(format!("{tag}.onnx"));
         onnx::save(&m, &p).unwrap();
         checks.add(&p);
@@ -227,6 +239,13 @@ fn an_if_decided_by_static_shapes_is_folded_and_trains() {
     }
     assert_eq!(grads[0].len(), 10);
     assert_eq!(grads[0], grads[1]);
+    for ((name, plain), (_, runtime)) in grads[0].iter().zip(&grads[2]) {
+        let e = rel_err(runtime, &plain.mapv(f64::from), 1e-6);
+        assert!(
+            e <= 1e-5,
+            "{name}: the run-time If's gradient differs by {e} (relative)"
+        );
+    }
 }
 
 /// What trains follows what dynamo recorded in torch.export's graph signature: a parameter of

@@ -228,9 +228,25 @@ pub(crate) mod shapes {
             .collect()
     }
 
-    /// If: where both branches declare an output, its type, and the dims they agree on.
+    /// If: each output typed as both branches agree, with the dims they agree on.
     pub(crate) fn if_(c: &mut Node) -> Option<()> {
-        let (t, e) = (declared(body(c, "then_branch")?), declared(body(c, "else_branch")?));
+        // Each branch's outputs inferred through its nodes from the outer facts, else as the
+        // branch declares them.
+        let branch = |c: &Node, name: &str| -> Option<Vec<Option<ValueFact>>> {
+            let g = body(c, name)?;
+            let inferred = c.infer_body(g);
+            Some(
+                inferred
+                    .into_iter()
+                    .zip(declared(g))
+                    .map(|(i, d)| match (i, d) {
+                        (Some(i), _) if i.shape.is_some() && i.dtype != 0 => Some(i),
+                        (i, d) => d.or(i),
+                    })
+                    .collect(),
+            )
+        };
+        let (t, e) = (branch(c, "then_branch")?, branch(c, "else_branch")?);
         for (o, (a, b)) in t.into_iter().zip(e).enumerate() {
             let (Some(a), Some(b)) = (a, b) else { continue };
             if a.dtype != b.dtype {

@@ -143,6 +143,54 @@ impl<'a> Node<'a> {
     pub fn outputs(&self) -> usize {
         self.n.output.len()
     }
+
+    /// The facts of a subgraph's outputs (an If branch), inferred through its nodes from the
+    /// facts and values of the outer tensors it reads (their symbolic dims are the outer
+    /// graph's); None for an output whose fact stays unknown. The body's own declared shapes
+    /// are left out (their symbolic names are the body's own); its declared types are kept.
+    pub fn infer_body(&self, g: &dagr_onnx::proto::GraphProto) -> Vec<Option<ValueFact>> {
+        let mut body = g.clone();
+        body.value_info.clear();
+        for o in body.output.iter_mut() {
+            let dtype = o
+                .type_
+                .as_ref()
+                .and_then(ValueFact::from_type_proto)
+                .map(|f| f.dtype)
+                .unwrap_or(0);
+            *o = ValueFact { dtype, shape: None }.to_value_info(&o.name);
+        }
+        let mut proto = dagr_onnx::proto::ModelProto::new();
+        let mut op = dagr_onnx::proto::OperatorSetIdProto::new();
+        op.version = self.opset;
+        proto.opset_import.push(op);
+        proto.graph = Some(body).into();
+        let sub = Model {
+            proto,
+            base_dir: std::path::PathBuf::new(),
+            source: None,
+        };
+        let Ok(mut idx) = GraphIndex::declared(&sub) else {
+            return vec![None; g.output.len()];
+        };
+        let mut known = constants(&sub);
+        for r in sub.graph().node.iter().flat_map(dagr_onnx::index::node_reads) {
+            if idx.producer.contains_key(&r) || idx.initializers.contains(&r) {
+                continue;
+            }
+            if let Some(f) = self.facts.get(&r) {
+                idx.facts.entry(r.clone()).or_insert_with(|| f.clone());
+            }
+            if let Some(v) = self.known.values.get(&r) {
+                known.values.entry(r.clone()).or_insert_with(|| v.clone());
+            }
+            if let Some(v) = self.known.floats.get(&r) {
+                known.floats.entry(r.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        infer_from(&sub, &mut idx, known);
+        g.output.iter().map(|o| idx.fact(&o.name).cloned()).collect()
+    }
 }
 
 /// Normalize a possibly negative axis for `rank` dims; `None` when out of range.
@@ -241,7 +289,12 @@ fn constants(model: &Model) -> Known {
 
 /// Fill the facts of `idx` in topological order, and return the values learnt on the way.
 pub fn infer(model: &Model, idx: &mut GraphIndex) -> Known {
-    let mut known = constants(model);
+    infer_from(model, idx, constants(model))
+}
+
+/// `infer`, from values already known (a subgraph's: its constants and what it reads from the
+/// outer scope).
+fn infer_from(model: &Model, idx: &mut GraphIndex, mut known: Known) -> Known {
     let opset = model.opset();
     let g = model.graph();
     for &i in &idx.topo.clone() {
