@@ -82,7 +82,13 @@ fn feed_for(c: &Case, ci: usize) -> Tensors {
     for (i, inp) in c.inputs.iter().enumerate() {
         if let In::X(s) | In::Captured(s) = inp {
             let n: usize = s.iter().product();
-            let v = values(n, c.gen, (ci * 31 + i) as u64);
+            let mut v = values(n, c.gen, (ci * 31 + i) as u64);
+            if c.gen == Gen::Distinct {
+                // Each input's grid shifted by its own fraction of the spacing, so that values of
+                // different inputs never meet either (a tie across inputs, as Max or a scatter
+                // with reduction max compares them, within the differences' step).
+                v.iter_mut().for_each(|x| *x += i as f32 * 0.00625);
+            }
             feed.insert(
                 format!("in{i}"),
                 Value::F32(ArrayD::from_shape_vec(s.clone(), v).unwrap()),

@@ -158,13 +158,13 @@ pub fn backward(
         }
         let grads = match rule.kind {
             Kind::Subgraph(vjp) => {
-                let grads = vjp(&mut ctx, &outs, &wanted)?;
-                for (x, gr) in wanted.iter().zip(grads) {
+                let (grads, captured) = vjp(&mut ctx, &outs, &need, &wanted)?;
+                for (x, gr) in wanted.iter().zip(captured) {
                     if let Some(gr) = gr {
                         acc.add(x, gr);
                     }
                 }
-                continue;
+                grads
             }
             Kind::Vjp(vjp) => vjp(&mut ctx, &outs, &need)?,
             Kind::Broadcast(vjp) => {

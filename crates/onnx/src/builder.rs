@@ -136,7 +136,18 @@ impl Builder {
     /// (node outputs, initializers) and every node name made fresh under `prefix`; the names it
     /// reads from the outer scope stay. Returns the renaming, to find its outputs by.
     pub fn inline_body(&mut self, g: &GraphProto, prefix: &str) -> HashMap<String, String> {
-        let mut rename = HashMap::new();
+        self.inline_body_as(g, prefix, HashMap::new())
+    }
+
+    /// `inline_body` with the body's inputs (a Scan's) bound to the given names (`bound`: body
+    /// input -> name); the map returned includes them.
+    pub fn inline_body_as(
+        &mut self,
+        g: &GraphProto,
+        prefix: &str,
+        bound: HashMap<String, String>,
+    ) -> HashMap<String, String> {
+        let mut rename = bound;
         let local = g
             .node
             .iter()

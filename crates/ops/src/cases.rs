@@ -32,7 +32,8 @@ pub enum Gen {
     AwayFromZero,
     /// Positive values in [0.5, 2].
     Positive,
-    /// Distinct values on a grid 0.05 apart (no ties: Max/Min, MaxPool).
+    /// Distinct values on a grid 0.05 apart, each input's grid shifted by its own fraction of
+    /// the spacing (no ties, within an input or across inputs: Max/Min, MaxPool, scatter max).
     Distinct,
     /// Values in ±[0.1, 0.8] (Asin, Acos, Atanh).
     Unit,

@@ -2,10 +2,11 @@
 //! build time is folded before, `dagr-core`'s portable pass); Loop, Scan and quantization have
 //! inference only.
 
-use crate::ctx::Ctx;
+use crate::ctx::{Ctx, SubgraphGrads};
 use crate::Kind::{NoRule, Subgraph};
-use crate::{op, Op, Out};
+use crate::{op, Op};
 use dagr_onnx::builder::{attr_graph, attr_tensor, Builder};
+use dagr_onnx::builder::{attr_int, attr_ints};
 use dagr_onnx::error::Error;
 use dagr_onnx::proto::{GraphProto, NodeProto};
 use dagr_onnx::{dtype, tensor, ValueFact};
@@ -51,10 +52,10 @@ pub(crate) static OPS: &[Op] = &[
     ),
     op(
         "Scan",
-        8,
+        9,
         Some(shapes::scan),
-        NoRule,
-        "no gradient rule: differentiating through it is refused",
+        Subgraph(scan),
+        "a forward Scan recomputing the states before each step, then a backward Scan in reverse whose body is the body differentiated: dstate carried, captured gradients summed, dX scanned",
     ),
 ];
 
@@ -63,7 +64,7 @@ pub(crate) static OPS: &[Op] = &[
 /// (`captured`) either branch reads. Each backward branch recomputes its forward branch (its
 /// names renamed fresh) and the engine differentiates it from the If's output gradients; a
 /// tensor a branch does not differentiate gets zeros there.
-pub fn if_(c: &mut Ctx, g: &[Option<String>], captured: &[String]) -> Out {
+pub fn if_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String]) -> Result<SubgraphGrads, Error> {
     let cond = c.input(0).to_string();
     let mut branches = Vec::new();
     for name in ["then_branch", "else_branch"] {
@@ -86,7 +87,7 @@ pub fn if_(c: &mut Ctx, g: &[Option<String>], captured: &[String]) -> Out {
         ],
         &h,
     );
-    Ok(outs.into_iter().map(Some).collect())
+    Ok((vec![None; need.len()], outs.into_iter().map(Some).collect()))
 }
 
 /// One backward branch: the forward branch recomputed under fresh names, differentiated from
@@ -180,6 +181,277 @@ fn branch_vjp(
     out.node = bb.nodes;
     out.initializer = bb.initializers;
     Ok(out)
+}
+
+/// Scan (opset 9 on; every axis 0 and every direction forward): a forward Scan over the same
+/// body recomputes the states before each step, then a backward Scan, in reverse, runs the body
+/// again on each step's states and slices and differentiates it (the engine), carrying the
+/// state gradients and the sums of the captured tensors' gradients, and scanning out the
+/// gradients of the scan inputs' slices.
+pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String]) -> Result<SubgraphGrads, Error> {
+    let body = dagr_onnx::attr::attr(c.node, "body")
+        .and_then(|a| a.g.as_ref())
+        .ok_or_else(|| c.err("it has no body"))?
+        .clone();
+    if body
+        .node
+        .iter()
+        .any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()))
+    {
+        return Err(c.err("its body holds a subgraph of its own, which this rule does not differentiate"));
+    }
+    for name in [
+        "scan_input_axes",
+        "scan_output_axes",
+        "scan_input_directions",
+        "scan_output_directions",
+    ] {
+        if c.attr_ints(name).unwrap_or_default().iter().any(|&v| v != 0) {
+            return Err(c.err(format!(
+                "its {name} are not all 0: only forward scans along axis 0 have a gradient rule"
+            )));
+        }
+    }
+    let m = c.attr_i("num_scan_inputs", 0).max(0) as usize;
+    let inputs: Vec<String> = c.node.input.clone();
+    let n = inputs
+        .len()
+        .checked_sub(m)
+        .filter(|&n| body.input.len() == n + m && body.output.len() >= n && c.node.output.len() == body.output.len())
+        .ok_or_else(|| c.err("its body's inputs and outputs do not match its own"))?;
+    if inputs.iter().any(String::is_empty) {
+        return Err(c.err("it has an empty input"));
+    }
+    let k = body.output.len() - n;
+    let is_float = |c: &Ctx, t: &str| c.idx.fact(t).is_some_and(|f| dtype::is_float(f.dtype));
+    let fact_of = |c: &Ctx, t: &str| -> Result<ValueFact, Error> {
+        c.idx.fact(t).cloned().ok_or_else(|| Error::ShapeUnknown {
+            tensor: t.to_string(),
+            context: format!(", so the gradient of Scan node '{}' cannot be built", c.node.name),
+        })
+    };
+    // A slice's fact: the sequence's without its leading (time) dim.
+    let slice_fact = |f: ValueFact| ValueFact {
+        dtype: f.dtype,
+        shape: f.shape.map(|s| s.into_iter().skip(1).collect()),
+    };
+    let vi = |name: &str, f: &ValueFact| {
+        let shape = f.shape.clone().map(|s| {
+            s.into_iter()
+                .map(|d| {
+                    if d.known().is_some() {
+                        d
+                    } else {
+                        dagr_onnx::Dim::Unknown
+                    }
+                })
+                .collect()
+        });
+        ValueFact { dtype: f.dtype, shape }.to_value_info(name)
+    };
+    let h = format!("grad/{}", c.hint());
+
+    // 1. The states before each step: the body again, outputting its state inputs as well.
+    let mut fb = c.body_builder();
+    let pf = format!("{}grad/scan/forward", c.b.prefix);
+    let fwd_in: Vec<String> = body
+        .input
+        .iter()
+        .map(|x| fb.names.fresh(&format!("{pf}/{}", x.name)))
+        .collect();
+    let bound = body
+        .input
+        .iter()
+        .map(|x| x.name.clone())
+        .zip(fwd_in.iter().cloned())
+        .collect();
+    let rn = fb.inline_body_as(&body, &pf, bound);
+    let name_of =
+        |rn: &std::collections::HashMap<String, String>, s: &str| rn.get(s).cloned().unwrap_or_else(|| s.to_string());
+    let mut fwd = GraphProto::new();
+    fwd.name = fb.names.fresh(&pf);
+    for (i, x) in fwd_in.iter().enumerate() {
+        let f = if i < n {
+            fact_of(c, &inputs[i])?
+        } else {
+            slice_fact(fact_of(c, &inputs[i])?)
+        };
+        fwd.input.push(vi(x, &f));
+    }
+    for (i, o) in body.output.iter().take(n).enumerate() {
+        let y = fb.op("Identity", &[&name_of(&rn, &o.name)], vec![], "grad/scan/next");
+        fwd.output.push(vi(&y, &fact_of(c, &inputs[i])?));
+    }
+    for (i, x) in fwd_in.iter().take(n).enumerate() {
+        let y = fb.op("Identity", &[x], vec![], "grad/scan/before");
+        fwd.output.push(vi(&y, &fact_of(c, &inputs[i])?));
+    }
+    c.b.names = fb.names.clone();
+    fwd.node = fb.nodes;
+    fwd.initializer = fb.initializers;
+    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let outs = c.b.node_n(
+        "Scan",
+        &refs,
+        2 * n,
+        vec![attr_graph("body", fwd), attr_int("num_scan_inputs", m as i64)],
+        &h,
+    );
+    let before: Vec<String> = outs[n..].to_vec();
+
+    // 2. The backward body: carried state gradients (float states) and captured sums; scanned
+    // the states before the step, the slices, the output gradients (float scan outputs).
+    let float_states: Vec<usize> = (0..n).filter(|&i| is_float(c, &inputs[i])).collect();
+    let float_outs: Vec<usize> = (0..k).filter(|&j| is_float(c, &c.node.output[n + j])).collect();
+    let mut bb = c.body_builder();
+    let p = format!("{}grad/scan/backward", c.b.prefix);
+    let ds_in: Vec<String> = float_states
+        .iter()
+        .map(|_| bb.names.fresh(&format!("{p}/dstate")))
+        .collect();
+    let dw_in: Vec<String> = captured
+        .iter()
+        .map(|_| bb.names.fresh(&format!("{p}/dcaptured")))
+        .collect();
+    let s_t: Vec<String> = (0..n).map(|_| bb.names.fresh(&format!("{p}/state"))).collect();
+    let x_t: Vec<String> = (0..m).map(|_| bb.names.fresh(&format!("{p}/slice"))).collect();
+    let gy_t: Vec<String> = float_outs
+        .iter()
+        .map(|_| bb.names.fresh(&format!("{p}/doutput")))
+        .collect();
+    let bound: std::collections::HashMap<String, String> = body
+        .input
+        .iter()
+        .map(|x| x.name.clone())
+        .zip(s_t.iter().chain(&x_t).cloned())
+        .collect();
+    let rn = bb.inline_body_as(&body, &p, bound);
+    let range = (0..bb.nodes.len(), 0..bb.initializers.len());
+    let mut facts: Vec<(String, ValueFact)> = Vec::new();
+    for (i, t) in s_t.iter().enumerate() {
+        facts.push((t.clone(), fact_of(c, &inputs[i])?));
+    }
+    for (j, t) in x_t.iter().enumerate() {
+        facts.push((t.clone(), slice_fact(fact_of(c, &inputs[n + j])?)));
+    }
+    let local: HashSet<String> = rn.values().cloned().collect();
+    let outer: Vec<String> = bb
+        .nodes
+        .iter()
+        .flat_map(|x| x.input.iter())
+        .filter(|x| !x.is_empty() && !local.contains(*x))
+        .cloned()
+        .collect::<Vec<_>>();
+    for x in outer {
+        if !facts.iter().any(|(f, _)| *f == x) {
+            facts.push((x.clone(), fact_of(c, &x)?));
+        }
+    }
+    let mut seeds = Vec::new();
+    for (a, &i) in float_states.iter().enumerate() {
+        seeds.push((name_of(&rn, &body.output[i].name), ds_in[a].clone()));
+    }
+    for (a, &j) in float_outs.iter().enumerate() {
+        seeds.push((name_of(&rn, &body.output[n + j].name), gy_t[a].clone()));
+    }
+    let mut wrt: Vec<String> = float_states.iter().map(|&i| s_t[i].clone()).collect();
+    wrt.extend((0..m).filter(|&j| is_float(c, &inputs[n + j])).map(|j| x_t[j].clone()));
+    wrt.extend(captured.iter().cloned());
+    let label = format!("the body of Scan node '{}' (one step)", c.node.name);
+    let mut grads = (c.differentiate)(c.model, &mut bb, &label, &facts, range, &seeds, &wrt)?;
+    let mut take = |bb: &mut Builder, t: &str, elem: i32| -> String {
+        grads.remove(t).unwrap_or_else(|| {
+            let s = bb.op("Shape", &[t], vec![], "grad/scan");
+            let z = tensor::float_tensor("", &[1], &[0.0], elem);
+            bb.op("ConstantOfShape", &[&s], vec![attr_tensor("value", z)], "grad/scan")
+        })
+    };
+    let mut bg = GraphProto::new();
+    bg.name = bb.names.fresh(&format!("{p}/step"));
+    let mut outs_b: Vec<(String, ValueFact)> = Vec::new();
+    for (a, &i) in float_states.iter().enumerate() {
+        let f = fact_of(c, &inputs[i])?;
+        bg.input.push(vi(&ds_in[a], &f));
+        let d = take(&mut bb, &s_t[i], f.dtype);
+        outs_b.push((bb.op("Identity", &[&d], vec![], "grad/scan"), f));
+    }
+    for (a, w) in captured.iter().enumerate() {
+        let f = fact_of(c, w)?;
+        bg.input.push(vi(&dw_in[a], &f));
+        let gw = take(&mut bb, w, f.dtype);
+        outs_b.push((bb.op("Add", &[&dw_in[a], &gw], vec![], "grad/scan"), f));
+    }
+    for (i, t) in s_t.iter().enumerate() {
+        bg.input.push(vi(t, &fact_of(c, &inputs[i])?));
+    }
+    for (j, t) in x_t.iter().enumerate() {
+        bg.input.push(vi(t, &slice_fact(fact_of(c, &inputs[n + j])?)));
+    }
+    for (a, &j) in float_outs.iter().enumerate() {
+        bg.input
+            .push(vi(&gy_t[a], &slice_fact(fact_of(c, &c.node.output[n + j])?)));
+    }
+    let float_xs: Vec<usize> = (0..m).filter(|&j| is_float(c, &inputs[n + j])).collect();
+    for &j in &float_xs {
+        let f = slice_fact(fact_of(c, &inputs[n + j])?);
+        let d = take(&mut bb, &x_t[j], f.dtype);
+        outs_b.push((bb.op("Identity", &[&d], vec![], "grad/scan"), f));
+    }
+    for (y, f) in &outs_b {
+        bg.output.push(vi(y, f));
+    }
+    c.b.names = bb.names.clone();
+    bg.node = bb.nodes;
+    bg.initializer = bb.initializers;
+
+    // 3. The backward Scan, in reverse.
+    let mut init: Vec<String> = Vec::new();
+    for &i in &float_states {
+        init.push(match g.get(i).cloned().flatten() {
+            Some(gi) => gi,
+            None => c.zeros_like(&inputs[i]),
+        });
+    }
+    for w in captured {
+        init.push(c.zeros_like(w));
+    }
+    let mut scans: Vec<String> = before;
+    scans.extend(inputs[n..].iter().cloned());
+    for &j in &float_outs {
+        scans.push(match g.get(n + j).cloned().flatten() {
+            Some(gy) => gy,
+            None => c.zeros_like(&c.node.output[n + j].clone()),
+        });
+    }
+    let ins: Vec<&str> = init.iter().chain(&scans).map(String::as_str).collect();
+    let (n_carried, n_scan_out) = (init.len(), float_xs.len());
+    let outs = c.b.node_n(
+        "Scan",
+        &ins,
+        n_carried + n_scan_out,
+        vec![
+            attr_graph("body", bg),
+            attr_int("num_scan_inputs", scans.len() as i64),
+            attr_ints("scan_input_directions", &vec![1; scans.len()]),
+            attr_ints("scan_output_directions", &vec![1; n_scan_out]),
+        ],
+        &h,
+    );
+    let mut grads_in = vec![None; need.len()];
+    for (a, &i) in float_states.iter().enumerate() {
+        if need.get(i).copied().unwrap_or(false) {
+            grads_in[i] = Some(outs[a].clone());
+        }
+    }
+    for (a, &j) in float_xs.iter().enumerate() {
+        if need.get(n + j).copied().unwrap_or(false) {
+            grads_in[n + j] = Some(outs[n_carried + a].clone());
+        }
+    }
+    let grads_cap = (0..captured.len())
+        .map(|a| Some(outs[float_states.len() + a].clone()))
+        .collect();
+    Ok((grads_in, grads_cap))
 }
 
 /// Drop the nodes and initializers of a body that none of its outputs needs (the recomputed
@@ -344,9 +616,14 @@ pub(crate) mod shapes {
     }
 }
 
-fn branch(name: &str, nodes: &[(&str, &[&str], &str)], out: &str) -> GraphProto {
+/// A subgraph of float `[2, 3]` inputs and outputs, its nodes `(op, inputs, output)`.
+fn body_of(name: &str, inputs: &[&str], nodes: &[(&str, &[&str], &str)], outputs: &[&str]) -> GraphProto {
+    let f23 = ValueFact::new(dtype::FLOAT, vec![dagr_onnx::Dim::Known(2), dagr_onnx::Dim::Known(3)]);
     let mut g = GraphProto::new();
     g.name = name.into();
+    for i in inputs {
+        g.input.push(f23.to_value_info(i));
+    }
     for (op, ins, o) in nodes {
         let mut n = NodeProto::new();
         n.op_type = (*op).into();
@@ -355,10 +632,14 @@ fn branch(name: &str, nodes: &[(&str, &[&str], &str)], out: &str) -> GraphProto 
         n.output = vec![o.to_string()];
         g.node.push(n);
     }
-    g.output.push(
-        ValueFact::new(dtype::FLOAT, vec![dagr_onnx::Dim::Known(2), dagr_onnx::Dim::Known(3)]).to_value_info(out),
-    );
+    for o in outputs {
+        g.output.push(f23.to_value_info(o));
+    }
     g
+}
+
+fn branch(name: &str, nodes: &[(&str, &[&str], &str)], out: &str) -> GraphProto {
+    body_of(name, &[], nodes, &[out])
 }
 
 pub fn cases() -> Vec<crate::cases::Case> {
@@ -384,8 +665,39 @@ pub fn cases() -> Vec<crate::cases::Case> {
     // ONNX Runtime only: tract 0.23.9 names every If it translates "If" (`If::to_typed` wires
     // the op's name, not the node's), so a graph with two (the forward and the backward) fails
     // to load there with "Duplicate node name: If".
+    // A recurrence h' = tanh(h W + x_t), y_t = h' x_t over 4 steps: the initial state `in0`, the
+    // sequence `in1` ([4, 2, 3]), W (`in2`) read from the outer scope.
+    let step = || {
+        vec![
+            attr_graph(
+                "body",
+                body_of(
+                    "step",
+                    &["h", "x"],
+                    &[
+                        ("MatMul", &["h", "in2"], "hw"),
+                        ("Add", &["hw", "x"], "pre"),
+                        ("Tanh", &["pre"], "h2"),
+                        ("Mul", &["h2", "x"], "y"),
+                    ],
+                    &["h2", "y"],
+                ),
+            ),
+            attr_int("num_scan_inputs", 1),
+        ]
+    };
+    let scan_ins = || vec![In::X(vec![2, 3]), In::X(vec![4, 2, 3]), In::Captured(vec![3, 3])];
     vec![
         case("if_then", "If", ins(true)).attrs(branches()).only(ORT_ONLY),
         case("if_else", "If", ins(false)).attrs(branches()).only(ORT_ONLY),
+        case("scan", "Scan", scan_ins())
+            .attrs(step())
+            .all_outputs(2)
+            .symbolic(&[0]),
+        // Only the final state in the loss: the scan output's gradient is zeros.
+        case("scan_final_state", "Scan", scan_ins())
+            .attrs(step())
+            .outputs(2)
+            .symbolic(&[0]),
     ]
 }

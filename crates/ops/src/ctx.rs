@@ -42,9 +42,14 @@ pub type Differentiate = fn(
 /// tensor that nobody asked for).
 pub type Vjp = fn(&mut Ctx, &[Option<String>], &[bool]) -> Result<Vec<Option<String>>>;
 
-/// The vector-Jacobian product of an op with subgraphs (If) for the outer tensors its
-/// subgraphs read (`captured`): one gradient per captured tensor, None where none flows.
-pub type SubgraphVjp = fn(&mut Ctx, &[Option<String>], &[String]) -> Result<Vec<Option<String>>>;
+/// The vector-Jacobian product of an op with subgraphs (If, Scan): from the output gradients,
+/// which inputs need one (`need`) and the outer tensors its subgraphs read that need one
+/// (`captured`), the gradient of each input and of each captured tensor (None where none
+/// flows).
+pub type SubgraphVjp = fn(&mut Ctx, &[Option<String>], &[bool], &[String]) -> Result<SubgraphGrads>;
+
+/// What a `SubgraphVjp` returns: (one per input, one per captured tensor).
+pub type SubgraphGrads = (Vec<Option<String>>, Vec<Option<String>>);
 
 /// An op written as primitive ops: emits them (reading the node's inputs) and returns the tensor
 /// that equals each output of the node ("" for an output the node does not produce).
