@@ -2,7 +2,7 @@
 //! build time is folded before, `dagr-core`'s portable pass); Loop, Scan and quantization have
 //! inference only.
 
-use crate::ctx::{Ctx, SubgraphGrads};
+use crate::ctx::{body_value_info, Ctx, SubgraphGrads};
 use crate::Kind::{NoRule, Subgraph};
 use crate::{op, Op};
 use dagr_onnx::builder::{attr_graph, attr_tensor, Builder};
@@ -161,20 +161,13 @@ fn branch_vjp(
         };
         // A subgraph's outputs are its own tensors (a gradient may be an outer name itself).
         let y = bb.op("Identity", &[&value], vec![], "grad/if");
-        // Symbolic dims left unnamed: a runtime resolves a body's named dims apart from the
-        // outer graph's (tract then cannot unify them).
-        let shape = fact.shape.map(|s| {
-            s.into_iter()
-                .map(|d| {
-                    if d.known().is_some() {
-                        d
-                    } else {
-                        dagr_onnx::Dim::Unknown
-                    }
-                })
-                .collect()
-        });
-        out.output.push(ValueFact { dtype: elem, shape }.to_value_info(&y));
+        out.output.push(body_value_info(
+            &y,
+            &ValueFact {
+                dtype: elem,
+                shape: fact.shape,
+            },
+        ));
     }
     prune_unused(&mut bb, &out);
     c.b.names = bb.names.clone();
@@ -235,20 +228,7 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
         dtype: f.dtype,
         shape: f.shape.map(|s| s.into_iter().skip(1).collect()),
     };
-    let vi = |name: &str, f: &ValueFact| {
-        let shape = f.shape.clone().map(|s| {
-            s.into_iter()
-                .map(|d| {
-                    if d.known().is_some() {
-                        d
-                    } else {
-                        dagr_onnx::Dim::Unknown
-                    }
-                })
-                .collect()
-        });
-        ValueFact { dtype: f.dtype, shape }.to_value_info(name)
-    };
+    let vi = body_value_info;
     let h = format!("grad/{}", c.hint());
 
     // 1. The states before each step: the body again, outputting its state inputs as well.

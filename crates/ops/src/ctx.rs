@@ -21,6 +21,18 @@ pub struct Ctx<'a> {
     pub differentiate: Differentiate,
 }
 
+/// A subgraph's input or output (a Scan body's, an If branch's): known dims kept, symbolic ones
+/// left unnamed (a runtime resolves a body's named dims apart from the outer graph's, and tract
+/// then cannot unify them with the values it runs).
+pub fn body_value_info(name: &str, f: &dagr_onnx::ValueFact) -> dagr_onnx::proto::ValueInfoProto {
+    let shape = f.shape.as_ref().map(|s| {
+        s.iter()
+            .map(|d| if d.known().is_some() { d.clone() } else { Dim::Unknown })
+            .collect()
+    });
+    dagr_onnx::ValueFact { dtype: f.dtype, shape }.to_value_info(name)
+}
+
 /// Positions in a builder's nodes and initializers: what one rule emitted.
 pub type Emitted = (std::ops::Range<usize>, std::ops::Range<usize>);
 

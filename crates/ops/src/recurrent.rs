@@ -583,14 +583,9 @@ fn scan(
     (outs, scanned)
 }
 
-/// A Scan body's input or output: symbolic dims left unnamed (tract resolves a body's named
-/// dims apart from the outer graph's and then cannot unify them with the values it runs).
+/// A Scan body's input or output (`ctx::body_value_info`).
 fn value_info(name: &str, elem: i32, dims: Vec<Dim>) -> dagr_onnx::proto::ValueInfoProto {
-    let dims = dims
-        .into_iter()
-        .map(|d| if d.known().is_some() { d } else { Dim::Unknown })
-        .collect();
-    ValueFact::new(elem, dims).to_value_info(name)
+    crate::ctx::body_value_info(name, &ValueFact::new(elem, dims))
 }
 
 /// The state before each step, `[seq, batch, hidden]` (and the LSTM cell state), recomputed by
