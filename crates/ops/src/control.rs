@@ -176,8 +176,8 @@ fn branch_vjp(
     Ok(out)
 }
 
-/// Scan (opset 9 on; every axis 0 and every direction forward): a forward Scan over the same
-/// body recomputes the states before each step, then a backward Scan, in reverse, runs the body
+/// Scan (opset 9 on): each scan input and output moved to axis 0 and read forward
+/// (`to_forward`), a forward Scan over the same body recomputes the states before each step, then a backward Scan, in reverse, runs the body
 /// again on each step's states and slices and differentiates it (the engine), carrying the
 /// state gradients and the sums of the captured tensors' gradients, and scanning out the
 /// gradients of the scan inputs' slices.
@@ -193,18 +193,6 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
     {
         return Err(c.err("its body holds a subgraph of its own, which this rule does not differentiate"));
     }
-    for name in [
-        "scan_input_axes",
-        "scan_output_axes",
-        "scan_input_directions",
-        "scan_output_directions",
-    ] {
-        if c.attr_ints(name).unwrap_or_default().iter().any(|&v| v != 0) {
-            return Err(c.err(format!(
-                "its {name} are not all 0: only forward scans along axis 0 have a gradient rule"
-            )));
-        }
-    }
     let m = c.attr_i("num_scan_inputs", 0).max(0) as usize;
     let inputs: Vec<String> = c.node.input.clone();
     let n = inputs
@@ -216,6 +204,34 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
         return Err(c.err("it has an empty input"));
     }
     let k = body.output.len() - n;
+    // Each scan input and output as a forward scan along axis 0 would read or write it: moved
+    // to the front and reversed where the node says so (`to_forward`), and back (`from_forward`,
+    // also the adjoint of `to_forward`).
+    let axes_of = |c: &Ctx, name: &str, len: usize| c.attr_ints(name).unwrap_or_else(|| vec![0; len]);
+    let (in_axes, in_dirs) = (axes_of(c, "scan_input_axes", m), axes_of(c, "scan_input_directions", m));
+    let (out_axes, out_dirs) = (
+        axes_of(c, "scan_output_axes", k),
+        axes_of(c, "scan_output_directions", k),
+    );
+    if in_axes.len() != m || in_dirs.len() != m || out_axes.len() != k || out_dirs.len() != k {
+        return Err(c.err("its scan axes or directions do not match its scan inputs and outputs"));
+    }
+    let mut in_map = Vec::new();
+    for j in 0..m {
+        let r = c.rank(&inputs[n + j])?;
+        in_map.push((crate::ctx::norm_axis(in_axes[j], r), r, in_dirs[j] == 1));
+    }
+    let mut out_map = Vec::new();
+    for j in 0..k {
+        let r = c.rank(&c.node.output[n + j].clone())?;
+        out_map.push((crate::ctx::norm_axis(out_axes[j], r), r, out_dirs[j] == 1));
+    }
+    let xs: Vec<String> = (0..m)
+        .map(|j| {
+            let (a, r, rev) = in_map[j];
+            to_forward(c, &inputs[n + j], a, r, rev)
+        })
+        .collect();
     let is_float = |c: &Ctx, t: &str| c.idx.fact(t).is_some_and(|f| dtype::is_float(f.dtype));
     let fact_of = |c: &Ctx, t: &str| -> Result<ValueFact, Error> {
         c.idx.fact(t).cloned().ok_or_else(|| Error::ShapeUnknown {
@@ -223,10 +239,16 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
             context: format!(", so the gradient of Scan node '{}' cannot be built", c.node.name),
         })
     };
-    // A slice's fact: the sequence's without its leading (time) dim.
-    let slice_fact = |f: ValueFact| ValueFact {
+    // A slice's fact: the sequence's without its scan axis.
+    let slice_fact = |f: ValueFact, axis: usize| ValueFact {
         dtype: f.dtype,
-        shape: f.shape.map(|s| s.into_iter().skip(1).collect()),
+        shape: f.shape.map(|s| {
+            s.into_iter()
+                .enumerate()
+                .filter(|(d, _)| *d != axis)
+                .map(|(_, v)| v)
+                .collect()
+        }),
     };
     let vi = body_value_info;
     let h = format!("grad/{}", c.hint());
@@ -254,7 +276,7 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
         let f = if i < n {
             fact_of(c, &inputs[i])?
         } else {
-            slice_fact(fact_of(c, &inputs[i])?)
+            slice_fact(fact_of(c, &inputs[i])?, in_map[i - n].0)
         };
         fwd.input.push(vi(x, &f));
     }
@@ -269,7 +291,7 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
     c.b.names = fb.names.clone();
     fwd.node = fb.nodes;
     fwd.initializer = fb.initializers;
-    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let refs: Vec<&str> = inputs[..n].iter().chain(&xs).map(String::as_str).collect();
     let outs = c.b.node_n(
         "Scan",
         &refs,
@@ -312,7 +334,7 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
         facts.push((t.clone(), fact_of(c, &inputs[i])?));
     }
     for (j, t) in x_t.iter().enumerate() {
-        facts.push((t.clone(), slice_fact(fact_of(c, &inputs[n + j])?)));
+        facts.push((t.clone(), slice_fact(fact_of(c, &inputs[n + j])?, in_map[j].0)));
     }
     let local: HashSet<String> = rn.values().cloned().collect();
     let outer: Vec<String> = bb
@@ -365,15 +387,18 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
         bg.input.push(vi(t, &fact_of(c, &inputs[i])?));
     }
     for (j, t) in x_t.iter().enumerate() {
-        bg.input.push(vi(t, &slice_fact(fact_of(c, &inputs[n + j])?)));
+        bg.input
+            .push(vi(t, &slice_fact(fact_of(c, &inputs[n + j])?, in_map[j].0)));
     }
     for (a, &j) in float_outs.iter().enumerate() {
-        bg.input
-            .push(vi(&gy_t[a], &slice_fact(fact_of(c, &c.node.output[n + j])?)));
+        bg.input.push(vi(
+            &gy_t[a],
+            &slice_fact(fact_of(c, &c.node.output[n + j])?, out_map[j].0),
+        ));
     }
     let float_xs: Vec<usize> = (0..m).filter(|&j| is_float(c, &inputs[n + j])).collect();
     for &j in &float_xs {
-        let f = slice_fact(fact_of(c, &inputs[n + j])?);
+        let f = slice_fact(fact_of(c, &inputs[n + j])?, in_map[j].0);
         let d = take(&mut bb, &x_t[j], f.dtype);
         outs_b.push((bb.op("Identity", &[&d], vec![], "grad/scan"), f));
     }
@@ -396,12 +421,14 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
         init.push(c.zeros_like(w));
     }
     let mut scans: Vec<String> = before;
-    scans.extend(inputs[n..].iter().cloned());
+    scans.extend(xs.iter().cloned());
     for &j in &float_outs {
-        scans.push(match g.get(n + j).cloned().flatten() {
+        let gy = match g.get(n + j).cloned().flatten() {
             Some(gy) => gy,
             None => c.zeros_like(&c.node.output[n + j].clone()),
-        });
+        };
+        let (a, r, rev) = out_map[j];
+        scans.push(to_forward(c, &gy, a, r, rev));
     }
     let ins: Vec<&str> = init.iter().chain(&scans).map(String::as_str).collect();
     let (n_carried, n_scan_out) = (init.len(), float_xs.len());
@@ -425,13 +452,56 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
     }
     for (a, &j) in float_xs.iter().enumerate() {
         if need.get(n + j).copied().unwrap_or(false) {
-            grads_in[n + j] = Some(outs[n_carried + a].clone());
+            let (ax, r, rev) = in_map[j];
+            grads_in[n + j] = Some(from_forward(c, &outs[n_carried + a].clone(), ax, r, rev));
         }
     }
     let grads_cap = (0..captured.len())
         .map(|a| Some(outs[float_states.len() + a].clone()))
         .collect();
     Ok((grads_in, grads_cap))
+}
+
+/// `x` as a forward scan along axis 0 reads it: `axis` moved to the front, then reversed along
+/// it where `reverse`.
+fn to_forward(c: &mut Ctx, x: &str, axis: usize, rank: usize, reverse: bool) -> String {
+    let mut t = x.to_string();
+    if axis != 0 {
+        let perm: Vec<i64> = std::iter::once(axis)
+            .chain((0..rank).filter(|&d| d != axis))
+            .map(|d| d as i64)
+            .collect();
+        t = c.op_a("Transpose", &[&t], vec![attr_ints("perm", &perm)]);
+    }
+    if reverse {
+        t = reverse_front(c, &t);
+    }
+    t
+}
+
+/// The inverse of `to_forward`, which is also its adjoint (a permutation of elements).
+fn from_forward(c: &mut Ctx, x: &str, axis: usize, rank: usize, reverse: bool) -> String {
+    let mut t = x.to_string();
+    if reverse {
+        t = reverse_front(c, &t);
+    }
+    if axis != 0 {
+        let perm: Vec<i64> = (0..rank)
+            .map(|d| match d.cmp(&axis) {
+                std::cmp::Ordering::Less => d + 1,
+                std::cmp::Ordering::Equal => 0,
+                std::cmp::Ordering::Greater => d,
+            } as i64)
+            .collect();
+        t = c.op_a("Transpose", &[&t], vec![attr_ints("perm", &perm)]);
+    }
+    t
+}
+
+/// `x` read backwards along axis 0 (a Slice of step -1).
+fn reverse_front(c: &mut Ctx, x: &str) -> String {
+    let (starts, ends, axes, steps) = (c.ints(&[-1]), c.ints(&[i64::MIN]), c.ints(&[0]), c.ints(&[-1]));
+    c.op("Slice", &[x, &starts, &ends, &axes, &steps])
 }
 
 /// Drop the nodes and initializers of a body that none of its outputs needs (the recomputed
@@ -679,5 +749,23 @@ pub fn cases() -> Vec<crate::cases::Case> {
             .attrs(step())
             .outputs(2)
             .symbolic(&[0]),
+        // The sequence along axis 1 read backwards, the scan output written along axis 1
+        // backwards too.
+        case(
+            "scan_reverse_axis_1",
+            "Scan",
+            vec![In::X(vec![2, 3]), In::X(vec![2, 4, 3]), In::Captured(vec![3, 3])],
+        )
+        .attrs({
+            let mut a = step();
+            a.extend([
+                attr_ints("scan_input_axes", &[1]),
+                attr_ints("scan_input_directions", &[1]),
+                attr_ints("scan_output_axes", &[1]),
+                attr_ints("scan_output_directions", &[1]),
+            ]);
+            a
+        })
+        .all_outputs(2),
     ]
 }
