@@ -75,6 +75,9 @@ pub struct Case {
     pub symbolic: Option<Vec<usize>>,
     /// Why onnx.checker refuses the one-op model whatever its gradient (None: it is checked).
     pub checker_refuses: Option<&'static str>,
+    /// Dims (output, dim) that the op decides from values at run time (a Loop's iteration count
+    /// under its condition): inference must leave them unknown, and the shape test checks that.
+    pub run_time_dims: Vec<(usize, usize)>,
 }
 
 pub fn case(name: &'static str, op: &'static str, inputs: Vec<In>) -> Case {
@@ -90,6 +93,7 @@ pub fn case(name: &'static str, op: &'static str, inputs: Vec<In>) -> Case {
         opset: 17,
         symbolic: None,
         checker_refuses: None,
+        run_time_dims: vec![],
     }
 }
 
@@ -110,6 +114,11 @@ impl Case {
     pub fn all_outputs(mut self, n: usize) -> Self {
         self.outputs = n;
         self.loss_outputs = n;
+        self
+    }
+    /// Dim `dim` of output `output` is decided at run time (see `run_time_dims`).
+    pub fn run_time_dim(mut self, output: usize, dim: usize) -> Self {
+        self.run_time_dims.push((output, dim));
         self
     }
     pub fn checker_refuses(mut self, why: &'static str) -> Self {

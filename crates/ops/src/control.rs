@@ -33,8 +33,8 @@ pub(crate) static OPS: &[Op] = &[
         "Loop",
         1,
         Some(shapes::loop_),
-        NoRule,
-        "no gradient rule: differentiating through it is refused",
+        Subgraph(loop_),
+        "a Loop recomputing the states before each iteration, then a Loop over the iterations in reverse whose body is the body differentiated: dstate carried, captured gradients summed",
     ),
     op(
         "NonMaxSuppression",
@@ -462,6 +462,232 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
     Ok((grads_in, grads_cap))
 }
 
+/// Loop: a Loop like the node's (same trip count and condition) recomputes the states before
+/// each iteration, as scan outputs; their length is the number of iterations run, T. Then a
+/// Loop of T iterations runs the body again on iteration T-1-t's states (with the iteration
+/// number it had, its condition input true as every run iteration's was) and differentiates it,
+/// carrying the state gradients and the sums of the captured tensors' gradients, the scan
+/// outputs' gradients read at that iteration.
+pub fn loop_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String]) -> Result<SubgraphGrads, Error> {
+    let body = dagr_onnx::attr::attr(c.node, "body")
+        .and_then(|a| a.g.as_ref())
+        .ok_or_else(|| c.err("it has no body"))?
+        .clone();
+    if body
+        .node
+        .iter()
+        .any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()))
+    {
+        return Err(c.err("its body holds a subgraph of its own, which this rule does not differentiate"));
+    }
+    let inputs: Vec<String> = c.node.input.clone();
+    let n = inputs
+        .len()
+        .checked_sub(2)
+        .filter(|&n| body.input.len() == n + 2 && body.output.len() > n && c.node.output.len() + 1 == body.output.len())
+        .ok_or_else(|| c.err("its body's inputs and outputs do not match its own"))?;
+    if inputs[2..].iter().any(String::is_empty) {
+        return Err(c.err("it has an empty loop-carried input"));
+    }
+    let k = body.output.len() - 1 - n;
+    let is_float = |c: &Ctx, t: &str| c.idx.fact(t).is_some_and(|f| dtype::is_float(f.dtype));
+    let fact_of = |c: &Ctx, t: &str| -> Result<ValueFact, Error> {
+        c.idx.fact(t).cloned().ok_or_else(|| Error::ShapeUnknown {
+            tensor: t.to_string(),
+            context: format!(", so the gradient of Loop node '{}' cannot be built", c.node.name),
+        })
+    };
+    let scalar = |d: i32| ValueFact::new(d, vec![]);
+    let h = format!("grad/{}", c.hint());
+    let name_of =
+        |rn: &std::collections::HashMap<String, String>, s: &str| rn.get(s).cloned().unwrap_or_else(|| s.to_string());
+
+    // 1. The states before each iteration, and the iteration numbers (their count is T).
+    let mut fb = c.body_builder();
+    let pf = format!("{}grad/loop/forward", c.b.prefix);
+    let fwd_in: Vec<String> = body
+        .input
+        .iter()
+        .map(|x| fb.names.fresh(&format!("{pf}/{}", x.name)))
+        .collect();
+    let bound = body
+        .input
+        .iter()
+        .map(|x| x.name.clone())
+        .zip(fwd_in.iter().cloned())
+        .collect();
+    let rn = fb.inline_body_as(&body, &pf, bound);
+    let mut fwd = GraphProto::new();
+    fwd.name = fb.names.fresh(&pf);
+    fwd.input.push(body_value_info(&fwd_in[0], &scalar(dtype::INT64)));
+    fwd.input.push(body_value_info(&fwd_in[1], &scalar(dtype::BOOL)));
+    for i in 0..n {
+        fwd.input
+            .push(body_value_info(&fwd_in[2 + i], &fact_of(c, &inputs[2 + i])?));
+    }
+    let cond_out = fb.op(
+        "Identity",
+        &[&name_of(&rn, &body.output[0].name)],
+        vec![],
+        "grad/loop/cond",
+    );
+    fwd.output.push(body_value_info(&cond_out, &scalar(dtype::BOOL)));
+    for i in 0..n {
+        let y = fb.op(
+            "Identity",
+            &[&name_of(&rn, &body.output[1 + i].name)],
+            vec![],
+            "grad/loop/next",
+        );
+        fwd.output.push(body_value_info(&y, &fact_of(c, &inputs[2 + i])?));
+    }
+    let it = fb.op("Identity", &[&fwd_in[0]], vec![], "grad/loop/iteration");
+    fwd.output.push(body_value_info(&it, &scalar(dtype::INT64)));
+    for i in 0..n {
+        let y = fb.op("Identity", &[&fwd_in[2 + i]], vec![], "grad/loop/before");
+        fwd.output.push(body_value_info(&y, &fact_of(c, &inputs[2 + i])?));
+    }
+    prune_unused(&mut fb, &fwd);
+    c.b.names = fb.names.clone();
+    fwd.node = fb.nodes;
+    fwd.initializer = fb.initializers;
+    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let outs = c.b.node_n("Loop", &refs, 2 * n + 1, vec![attr_graph("body", fwd)], &h);
+    let iterations = outs[n].clone();
+    let before: Vec<String> = outs[n + 1..].to_vec();
+    let shape = c.op("Shape", &[&iterations]);
+    let t = c.op_a("Squeeze", &[&shape], vec![]);
+    let one = c.b.scalar_i64(1);
+    let last = c.op("Sub", &[&t, &one]);
+
+    // 2. The backward body: iteration t runs the forward iteration last - t.
+    let float_states: Vec<usize> = (0..n).filter(|&i| is_float(c, &inputs[2 + i])).collect();
+    let float_outs: Vec<usize> = (0..k).filter(|&j| is_float(c, &c.node.output[n + j])).collect();
+    let mut gys = Vec::new();
+    for &j in &float_outs {
+        gys.push(match g.get(n + j).cloned().flatten() {
+            Some(gy) => gy,
+            None => c.zeros_like(&c.node.output[n + j].clone()),
+        });
+    }
+    let mut bb = c.body_builder();
+    let p = format!("{}grad/loop/backward", c.b.prefix);
+    let it_b = bb.names.fresh(&format!("{p}/iteration"));
+    let cond_b = bb.names.fresh(&format!("{p}/cond"));
+    let ds_in: Vec<String> = float_states
+        .iter()
+        .map(|_| bb.names.fresh(&format!("{p}/dstate")))
+        .collect();
+    let dw_in: Vec<String> = captured
+        .iter()
+        .map(|_| bb.names.fresh(&format!("{p}/dcaptured")))
+        .collect();
+    let idx = bb.op("Sub", &[&last, &it_b], vec![], "grad/loop");
+    let gather = |bb: &mut Builder, seq: &str| bb.op("Gather", &[seq, &idx], vec![attr_int("axis", 0)], "grad/loop");
+    let s_t: Vec<String> = before.iter().map(|s| gather(&mut bb, s)).collect();
+    let gy_t: Vec<String> = gys.iter().map(|s| gather(&mut bb, s)).collect();
+    let mut t_true = tensor::i64_tensor("", &[], &[]);
+    t_true.data_type = dtype::BOOL;
+    t_true.raw_data = vec![1];
+    let yes = bb.op("Constant", &[], vec![attr_tensor("value", t_true)], "grad/loop/true");
+    let (n0, i0) = (bb.nodes.len(), bb.initializers.len());
+    let bound: std::collections::HashMap<String, String> = body
+        .input
+        .iter()
+        .map(|x| x.name.clone())
+        .zip([idx.clone(), yes.clone()].into_iter().chain(s_t.iter().cloned()))
+        .collect();
+    let rn = bb.inline_body_as(&body, &p, bound);
+    let range = (n0..bb.nodes.len(), i0..bb.initializers.len());
+    let local: HashSet<String> = rn.values().cloned().collect();
+    let mut facts: Vec<(String, ValueFact)> =
+        vec![(idx.clone(), scalar(dtype::INT64)), (yes.clone(), scalar(dtype::BOOL))];
+    for (i, st) in s_t.iter().enumerate() {
+        facts.push((st.clone(), fact_of(c, &inputs[2 + i])?));
+    }
+    let outer: Vec<String> = bb.nodes[n0..]
+        .iter()
+        .flat_map(|x| x.input.iter())
+        .filter(|x| !x.is_empty() && !local.contains(*x))
+        .cloned()
+        .collect();
+    for x in outer {
+        if !facts.iter().any(|(f, _)| *f == x) {
+            facts.push((x.clone(), fact_of(c, &x)?));
+        }
+    }
+    let mut seeds = Vec::new();
+    for (a, &i) in float_states.iter().enumerate() {
+        seeds.push((name_of(&rn, &body.output[1 + i].name), ds_in[a].clone()));
+    }
+    for (a, &j) in float_outs.iter().enumerate() {
+        seeds.push((name_of(&rn, &body.output[1 + n + j].name), gy_t[a].clone()));
+    }
+    let mut wrt: Vec<String> = float_states.iter().map(|&i| s_t[i].clone()).collect();
+    wrt.extend(captured.iter().cloned());
+    let label = format!("the body of Loop node '{}' (one iteration)", c.node.name);
+    let mut grads = (c.differentiate)(c.model, &mut bb, &label, &facts, range, &seeds, &wrt)?;
+    let mut take = |bb: &mut Builder, t: &str, elem: i32| -> String {
+        grads.remove(t).unwrap_or_else(|| {
+            let s = bb.op("Shape", &[t], vec![], "grad/loop");
+            let z = tensor::float_tensor("", &[1], &[0.0], elem);
+            bb.op("ConstantOfShape", &[&s], vec![attr_tensor("value", z)], "grad/loop")
+        })
+    };
+    let mut bg = GraphProto::new();
+    bg.name = bb.names.fresh(&format!("{p}/iteration"));
+    bg.input.push(body_value_info(&it_b, &scalar(dtype::INT64)));
+    bg.input.push(body_value_info(&cond_b, &scalar(dtype::BOOL)));
+    let cond_next = bb.op("Identity", &[&cond_b], vec![], "grad/loop");
+    let mut outs_b: Vec<(String, ValueFact)> = vec![(cond_next, scalar(dtype::BOOL))];
+    for (a, &i) in float_states.iter().enumerate() {
+        let f = fact_of(c, &inputs[2 + i])?;
+        bg.input.push(body_value_info(&ds_in[a], &f));
+        let d = take(&mut bb, &s_t[i], f.dtype);
+        outs_b.push((bb.op("Identity", &[&d], vec![], "grad/loop"), f));
+    }
+    for (a, w) in captured.iter().enumerate() {
+        let f = fact_of(c, w)?;
+        bg.input.push(body_value_info(&dw_in[a], &f));
+        let gw = take(&mut bb, w, f.dtype);
+        outs_b.push((bb.op("Add", &[&dw_in[a], &gw], vec![], "grad/loop"), f));
+    }
+    for (y, f) in &outs_b {
+        bg.output.push(body_value_info(y, f));
+    }
+    prune_unused(&mut bb, &bg);
+    c.b.names = bb.names.clone();
+    bg.node = bb.nodes;
+    bg.initializer = bb.initializers;
+
+    // 3. The backward Loop: T iterations.
+    let mut init: Vec<String> = Vec::new();
+    for &i in &float_states {
+        init.push(match g.get(i).cloned().flatten() {
+            Some(gi) => gi,
+            None => c.zeros_like(&inputs[2 + i]),
+        });
+    }
+    for w in captured {
+        init.push(c.zeros_like(w));
+    }
+    let ins: Vec<&str> = [t.as_str(), ""]
+        .into_iter()
+        .chain(init.iter().map(String::as_str))
+        .collect();
+    let outs = c.b.node_n("Loop", &ins, init.len(), vec![attr_graph("body", bg)], &h);
+    let mut grads_in = vec![None; need.len()];
+    for (a, &i) in float_states.iter().enumerate() {
+        if need.get(2 + i).copied().unwrap_or(false) {
+            grads_in[2 + i] = Some(outs[a].clone());
+        }
+    }
+    let grads_cap = (0..captured.len())
+        .map(|a| Some(outs[float_states.len() + a].clone()))
+        .collect();
+    Ok((grads_in, grads_cap))
+}
+
 /// `x` as a forward scan along axis 0 reads it: `axis` moved to the front, then reversed along
 /// it where `reverse`.
 fn to_forward(c: &mut Ctx, x: &str, axis: usize, rank: usize, reverse: bool) -> String {
@@ -589,16 +815,34 @@ pub(crate) mod shapes {
     }
 
     /// Loop: the loop-carried values as the body declares them (after its condition output), the
-    /// scan outputs with a leading dim of unknown length.
+    /// scan outputs with a leading dim of the trip count for a for-loop, of unknown length
+    /// otherwise (the condition decides it at run time).
     pub(crate) fn loop_(c: &mut Node) -> Option<()> {
-        let outs = declared(body(c, "body")?);
+        let g = body(c, "body")?;
+        let outs = declared(g);
         let carried = c.inputs().saturating_sub(2);
+        // A for-loop (the trip count known, the condition true and passed on unchanged by the
+        // body, as exporters write `for i in range(n)`) runs exactly the trip count.
+        let cond_in = g.input.get(1).map(|v| v.name.as_str());
+        let passes_cond_on = g.output.first().is_some_and(|o| {
+            Some(o.name.as_str()) == cond_in
+                || g.node.iter().any(|n| {
+                    n.op_type == "Identity"
+                        && n.output.first() == Some(&o.name)
+                        && n.input.first().map(String::as_str) == cond_in
+                })
+        });
+        let starts_true = !c.has(1) || c.ints(1).is_some_and(|v| v == [1]);
+        let trips = match c.ints(0) {
+            Some(v) if passes_cond_on && starts_true && v.len() == 1 => Dim::Known(v[0].max(0)),
+            _ => Dim::Unknown,
+        };
         for (o, f) in outs.into_iter().skip(1).enumerate() {
             let Some(f) = f else { continue };
             let shape = if o < carried {
                 f.shape
             } else {
-                f.shape.map(|s| std::iter::once(Dim::Unknown).chain(s).collect())
+                f.shape.map(|s| std::iter::once(trips.clone()).chain(s).collect())
             };
             c.set(o, f.dtype, shape);
         }
@@ -688,6 +932,57 @@ fn body_of(name: &str, inputs: &[&str], nodes: &[(&str, &[&str], &str)], outputs
     g
 }
 
+/// A Loop body h' = tanh(h W + i h), y = h' h' (W is `in3`, read from the outer scope), whose
+/// condition output is `i < stop`, or its condition input passed on.
+fn loop_body(stop: Option<i64>) -> GraphProto {
+    let mut g = body_of(
+        "iteration",
+        &[],
+        &[
+            ("MatMul", &["h", "in3"], "hw"),
+            ("Cast", &["i"], "fi"),
+            ("Mul", &["h", "fi"], "hi"),
+            ("Add", &["hw", "hi"], "pre"),
+            ("Tanh", &["pre"], "h2"),
+            ("Mul", &["h2", "h2"], "y"),
+        ],
+        &["h2", "y"],
+    );
+    if let Some(cast) = g.node.iter_mut().find(|n| n.op_type == "Cast") {
+        cast.attribute.push(attr_int("to", dtype::FLOAT as i64));
+    }
+    let f23 = ValueFact::new(dtype::FLOAT, vec![dagr_onnx::Dim::Known(2), dagr_onnx::Dim::Known(3)]);
+    g.input = vec![
+        ValueFact::new(dtype::INT64, vec![]).to_value_info("i"),
+        ValueFact::new(dtype::BOOL, vec![]).to_value_info("c"),
+        f23.to_value_info("h"),
+    ];
+    let mut cond = NodeProto::new();
+    cond.output = vec!["c2".into()];
+    match stop {
+        Some(stop) => {
+            let mut k = NodeProto::new();
+            k.op_type = "Constant".into();
+            k.name = "iteration/stop".into();
+            k.output = vec!["stop".into()];
+            k.attribute
+                .push(attr_tensor("value", tensor::i64_tensor("", &[], &[stop])));
+            g.node.push(k);
+            cond.op_type = "Less".into();
+            cond.input = vec!["i".into(), "stop".into()];
+        }
+        None => {
+            cond.op_type = "Identity".into();
+            cond.input = vec!["c".into()];
+        }
+    }
+    cond.name = "iteration/c2".into();
+    g.node.push(cond);
+    g.output
+        .insert(0, ValueFact::new(dtype::BOOL, vec![]).to_value_info("c2"));
+    g
+}
+
 fn branch(name: &str, nodes: &[(&str, &[&str], &str)], out: &str) -> GraphProto {
     body_of(name, &[], nodes, &[out])
 }
@@ -749,6 +1044,35 @@ pub fn cases() -> Vec<crate::cases::Case> {
             .attrs(step())
             .outputs(2)
             .symbolic(&[0]),
+        // Loops (ONNX Runtime only: tract has no Loop): 4 iterations by the trip count; and
+        // by the condition, which stops after iteration 2 (3 iterations, no trip count).
+        case(
+            "loop_trip_count",
+            "Loop",
+            vec![
+                In::Ints(vec![], vec![4]),
+                In::B(vec![], vec![true]),
+                In::X(vec![2, 3]),
+                In::Captured(vec![3, 3]),
+            ],
+        )
+        .attrs(vec![attr_graph("body", loop_body(None))])
+        .all_outputs(2)
+        .only(ORT_ONLY),
+        case(
+            "loop_condition",
+            "Loop",
+            vec![
+                In::Absent,
+                In::B(vec![], vec![true]),
+                In::X(vec![2, 3]),
+                In::Captured(vec![3, 3]),
+            ],
+        )
+        .attrs(vec![attr_graph("body", loop_body(Some(2)))])
+        .all_outputs(2)
+        .run_time_dim(1, 0)
+        .only(ORT_ONLY),
         // The sequence along axis 1 read backwards, the scan output written along axis 1
         // backwards too.
         case(

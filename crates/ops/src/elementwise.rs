@@ -1106,12 +1106,14 @@ pub fn cases() -> Vec<crate::cases::Case> {
         case("log", "Log", vec![x(&[3, 4])]).gen(Positive),
         case("sqrt", "Sqrt", vec![x(&[3, 4])]).gen(Positive),
         case("abs", "Abs", vec![x(&[3, 4])]),
+        // Bounds between the Distinct grid's values (0.015 or more from each).
         case(
             "clip",
             "Clip",
-            vec![x(&[3, 4]), In::F(vec![], vec![-1.05]), In::F(vec![], vec![0.95])],
-        ),
-        case("clip_min_only", "Clip", vec![x(&[3, 4]), In::F(vec![], vec![0.0])]),
+            vec![x(&[3, 4]), In::F(vec![], vec![-0.105]), In::F(vec![], vec![0.095])],
+        )
+        .gen(Distinct),
+        case("clip_min_only", "Clip", vec![x(&[3, 4]), In::F(vec![], vec![0.0])]).gen(Distinct),
         case("max", "Max", vec![x(&[2, 3]), x(&[3])]).gen(Distinct),
         case("min", "Min", vec![x(&[2, 3]), x(&[2, 3])]).gen(Distinct),
         case(
