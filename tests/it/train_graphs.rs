@@ -298,3 +298,79 @@ fn what_trains_follows_the_recorded_graph_signature() {
     assert_eq!(not.get("temperature"), Some(&NotParameter::Scalar));
     assert_eq!(not.get("visual_encoder.fc2.table"), None);
 }
+
+/// Control flow as PyTorch exports it (`models/control_flow/export.py`): a recurrent cell in a
+/// Python `for` loop and a gate taking one of two branches by the sign of the state's sum,
+/// scripted and exported by the TorchScript exporter (a `Loop` reading the time length at run
+/// time, an `If` on a run-time condition, both reading the parameters from the outer scope) and
+/// by torch.export (the loop unrolled, the gate `torch.cond`, an `If`). The gradient of
+/// 0.5 sum(y^2) with respect to every parameter equals PyTorch autograd's, for inputs taking
+/// each branch, on ONNX Runtime (tract has no Loop and loads one If per graph).
+#[test]
+fn control_flow_exports_match_pytorch_autograd() {
+    use dagr_inject::autodiff as grad;
+    use dagr_inject::onnx::builder::Builder;
+    use std::collections::HashSet;
+    require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let base = root().join("models/control_flow");
+    let all = dagr_inject::npz::read(&base.join("ref.npz")).unwrap();
+    let reference = npz_f64(&base.join("ref.npz"));
+    let mut checks = OnnxChecks::default();
+    let mut compared = 0;
+    for tag in ["legacy", "dynamo"] {
+        let m = onnx::load(&base.join(format!("{tag}.onnx"))).unwrap();
+        let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type.as_str()).collect();
+        assert!(
+            ops.contains(&"If") && (tag == "dynamo" || ops.contains(&"Loop")),
+            "{tag}: {ops:?}"
+        );
+        let mut gm = m.clone();
+        let mut b = Builder::new(&gm, "t/");
+        let sq = b.binary("Mul", "y", "y", "loss");
+        let sum = b.reduce("ReduceSum", &sq, None, false, "loss");
+        let half = b.scalar(0.5);
+        b.op_named("Mul", &[&sum, &half], vec![], "loss");
+        b.finish(&mut gm);
+        let idx = dagr_inject::ops::index(&gm).unwrap();
+        let params: Vec<String> = reference
+            .keys()
+            .filter_map(|k| k.strip_prefix(&format!("grad/{tag}/pos/")))
+            .map(String::from)
+            .collect();
+        assert_eq!(params.len(), 8, "{tag}: {params:?}");
+        let mut b = Builder::new(&gm, "g/");
+        let one = b.scalar(1.0);
+        let grads = grad::backward(&gm, &idx, &mut b, &[("loss".into(), one)], &params, &HashSet::new())
+            .unwrap_or_else(|e| panic!("{tag}: {e}"));
+        let outs: Vec<String> = params.iter().map(|p| format!("{p}_grad")).collect();
+        for (p, o) in params.iter().zip(&outs) {
+            b.op_named("Identity", &[&grads[p]], vec![], o);
+        }
+        b.finish(&mut gm);
+        for (p, o) in params.iter().zip(&outs) {
+            gm.graph_mut().output.push(idx.fact(p).unwrap().to_value_info(o));
+        }
+        dagr_inject::ops::infer::check(&gm).unwrap_or_else(|e| panic!("{tag}: {e}"));
+        let path = dir.path().join(format!("{tag}.grad.onnx"));
+        onnx::save(&gm, &path).unwrap();
+        checks.add(&path);
+        for key in ["pos", "neg"] {
+            let mut feed = Tensors::new();
+            feed.insert("x".into(), all[&format!("in/{key}")].clone());
+            let out = dagr_inject::runtime::run(dagr_inject::runtime::Backend::Ort, &path, &feed, &outs)
+                .unwrap_or_else(|e| panic!("{tag}/{key}: {e}"));
+            for (p, o) in params.iter().zip(&outs) {
+                let want = &reference[&format!("grad/{tag}/{key}/{p}")];
+                let e = rel_err(&f32_of(&out, o), want, 1e-6);
+                assert!(
+                    e <= 1e-4,
+                    "{tag}/{key}: d loss / d {p} differs from PyTorch's by {e} (relative)"
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert_eq!(compared, 32);
+    drop(checks); // onnx.checker on both gradient graphs
+}

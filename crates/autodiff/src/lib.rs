@@ -300,8 +300,10 @@ pub use ctx::Emitted;
 /// `backward` over the nodes `b` emitted in `range`, indexed as a graph whose inputs are
 /// `inputs`; initializers `b` made before (it shares equal scalars) come along. The gradient
 /// nodes go to `b` as well.
+#[allow(clippy::too_many_arguments)]
 pub fn differentiate_subgraph(
     model: &Model,
+    outer: &GraphIndex,
     b: &mut Builder,
     label: &str,
     inputs: &[(String, dagr_onnx::ValueFact)],
@@ -313,11 +315,22 @@ pub fn differentiate_subgraph(
     let i0 = inits.start;
     let mut g = GraphProto::new();
     g.name = format!("body of {label}");
+    let mut constants = Vec::new();
     for (x, f) in inputs {
-        g.input.push(f.to_value_info(x));
+        // An integer whose value the outer graph knows (axes, shapes a body reads from outside)
+        // enters as that constant, as inference saw it there.
+        let dims: Option<Vec<i64>> = f.shape.as_ref().and_then(|s| s.iter().map(|d| d.known()).collect());
+        let value: Option<Vec<i64>> = outer.value(x).and_then(|v| v.iter().map(|d| d.known()).collect());
+        match (dims, value) {
+            (Some(d), Some(v)) if f.dtype == dtype::INT64 && d.iter().product::<i64>() == v.len() as i64 => {
+                constants.push(dagr_onnx::tensor::i64_tensor(x, &d, &v));
+            }
+            _ => g.input.push(f.to_value_info(x)),
+        }
     }
     g.node = b.nodes[nodes].to_vec();
     g.initializer = b.initializers[inits].to_vec();
+    g.initializer.extend(constants);
     let made: HashSet<&String> = g.node.iter().flat_map(|m| m.output.iter()).collect();
     let mut known: HashSet<String> = inputs.iter().map(|(x, _)| x.clone()).collect();
     known.extend(g.initializer.iter().map(|t| t.name.clone()));

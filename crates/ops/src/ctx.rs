@@ -37,10 +37,13 @@ pub fn body_value_info(name: &str, f: &dagr_onnx::ValueFact) -> dagr_onnx::proto
 pub type Emitted = (std::ops::Range<usize>, std::ops::Range<usize>);
 
 /// The engine's `differentiate_subgraph`: reverse mode over the nodes a builder emitted in a
-/// range, indexed as a graph of its own whose inputs are the given (tensor, fact) pairs; returns
-/// the gradient of each `wrt` tensor that the seeds reach.
+/// range, indexed as a graph of its own whose inputs are the given (tensor, fact) pairs (those
+/// whose integer values `outer`, the index of the graph they come from, knows enter as those
+/// constants, so that shapes computed from them stay known); returns the gradient of each `wrt`
+/// tensor that the seeds reach.
 pub type Differentiate = fn(
     model: &dagr_onnx::Model,
+    outer: &GraphIndex,
     b: &mut Builder,
     label: &str,
     inputs: &[(String, dagr_onnx::ValueFact)],
@@ -382,7 +385,7 @@ impl Ctx<'_> {
             .filter(|x| n.input.iter().zip(need).any(|(i, &w)| w && i == x))
             .collect();
         let label = format!("{} node '{}'", n.op_type, n.name);
-        let mut grads = (self.differentiate)(self.model, self.b, &label, &inputs, range, seeds, &wrt)?;
+        let mut grads = (self.differentiate)(self.model, self.idx, self.b, &label, &inputs, range, seeds, &wrt)?;
         Ok(n.input
             .iter()
             .zip(need)
