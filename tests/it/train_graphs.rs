@@ -333,6 +333,15 @@ fn control_flow_exports_match_pytorch_autograd() {
         b.op_named("Mul", &[&sum, &half], vec![], "loss");
         b.finish(&mut gm);
         let idx = dagr_inject::ops::index(&gm).unwrap();
+        // The encoder's output shape through the Loop (its state inferred through the body from
+        // the initial state) and the If (through its branches): [batch, 6].
+        let y = idx.fact("y").and_then(|f| f.shape.clone()).unwrap_or_default();
+        assert_eq!(y.len(), 2, "{tag}: y is {y:?}");
+        assert_eq!(y[1], dagr_inject::onnx::Dim::Known(6), "{tag}: y is {y:?}");
+        assert!(
+            y[0].known().is_none_or(|b| b == 3) && !y[0].is_unknown(),
+            "{tag}: y is {y:?}"
+        );
         let params: Vec<String> = reference
             .keys()
             .filter_map(|k| k.strip_prefix(&format!("grad/{tag}/pos/")))

@@ -782,7 +782,7 @@ pub(crate) mod shapes {
         // branch declares them.
         let branch = |c: &Node, name: &str| -> Option<Vec<Option<ValueFact>>> {
             let g = body(c, name)?;
-            let inferred = c.infer_body(g);
+            let inferred = c.infer_body(g, &[]);
             Some(
                 inferred
                     .into_iter()
@@ -817,10 +817,57 @@ pub(crate) mod shapes {
     /// Loop: the loop-carried values as the body declares them (after its condition output), the
     /// scan outputs with a leading dim of the trip count for a for-loop, of unknown length
     /// otherwise (the condition decides it at run time).
+    /// The facts of a Loop's or Scan's body outputs from one step inferred on the facts its
+    /// inputs have from outside (`inputs`); a carried value (the first `carried` outputs after
+    /// `skip`) keeps the dims its step leaves as they were (`initial`, the value before the
+    /// first step) and loses the others, which may change from step to step. Where inference
+    /// knows nothing, the body's declared facts.
+    fn stepped(
+        c: &Node,
+        g: &GraphProto,
+        inputs: &[Option<ValueFact>],
+        skip: usize,
+        initial: &[Option<ValueFact>],
+    ) -> Vec<Option<ValueFact>> {
+        let inferred = c.infer_body(g, inputs);
+        let declared = declared(g);
+        inferred
+            .into_iter()
+            .zip(declared)
+            .enumerate()
+            .map(|(o, (i, d))| {
+                let i = i.filter(|f| f.dtype != 0 && f.shape.is_some());
+                let i = match (i, o.checked_sub(skip).and_then(|k| initial.get(k))) {
+                    (Some(f), Some(Some(init))) => Some(ValueFact {
+                        dtype: f.dtype,
+                        shape: match (&f.shape, &init.shape) {
+                            (Some(a), Some(b)) if a.len() == b.len() => Some(
+                                a.iter()
+                                    .zip(b)
+                                    .map(|(x, y)| if x == y { x.clone() } else { Dim::Unknown })
+                                    .collect(),
+                            ),
+                            _ => None,
+                        },
+                    }),
+                    (Some(_), Some(None)) => None,
+                    (i, _) => i,
+                };
+                i.or(d)
+            })
+            .collect()
+    }
+
     pub(crate) fn loop_(c: &mut Node) -> Option<()> {
         let g = body(c, "body")?;
-        let outs = declared(g);
         let carried = c.inputs().saturating_sub(2);
+        let initial: Vec<Option<ValueFact>> = (0..carried).map(|i| c.fact(2 + i).cloned()).collect();
+        let mut inputs = vec![
+            Some(ValueFact::new(dtype::INT64, vec![])),
+            Some(ValueFact::new(dtype::BOOL, vec![])),
+        ];
+        inputs.extend(initial.iter().cloned());
+        let outs = stepped(c, g, &inputs, 1, &initial);
         // A for-loop (the trip count known, the condition true and passed on unchanged by the
         // body, as exporters write `for i in range(n)`) runs exactly the trip count.
         let cond_in = g.input.get(1).map(|v| v.name.as_str());
@@ -852,10 +899,29 @@ pub(crate) mod shapes {
     /// Scan (opset 9 on): the states as declared by the body (or as their initial values), each
     /// scan output the body's per-step fact with the scan length inserted at its axis.
     pub(crate) fn scan(c: &mut Node) -> Option<()> {
-        let outs = declared(body(c, "body")?);
+        let g = body(c, "body")?;
         let scans = c.attr_i("num_scan_inputs", 0) as usize;
         let states = c.inputs().checked_sub(scans)?;
         let in_axes = c.attr_ints("scan_input_axes").unwrap_or_else(|| vec![0; scans]);
+        let initial: Vec<Option<ValueFact>> = (0..states).map(|i| c.fact(i).cloned()).collect();
+        let mut inputs = initial.clone();
+        for j in 0..scans {
+            // A slice: the sequence without its scan axis.
+            inputs.push(c.fact(states + j).map(|f| ValueFact {
+                dtype: f.dtype,
+                shape: f.shape.clone().and_then(|s| {
+                    let a = axis(*in_axes.get(j).unwrap_or(&0), s.len())?;
+                    Some(
+                        s.into_iter()
+                            .enumerate()
+                            .filter(|(d, _)| *d != a)
+                            .map(|(_, v)| v)
+                            .collect(),
+                    )
+                }),
+            }));
+        }
+        let outs = stepped(c, g, &inputs, 0, &initial);
         let first = c.shape(states)?;
         let len = first.get(axis(*in_axes.first().unwrap_or(&0), first.len())?)?.clone();
         let out_axes = c.attr_ints("scan_output_axes").unwrap_or_default();

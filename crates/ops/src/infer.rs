@@ -144,11 +144,12 @@ impl<'a> Node<'a> {
         self.n.output.len()
     }
 
-    /// The facts of a subgraph's outputs (an If branch), inferred through its nodes from the
-    /// facts and values of the outer tensors it reads (their symbolic dims are the outer
-    /// graph's); None for an output whose fact stays unknown. The body's own declared shapes
+    /// The facts of a subgraph's outputs (an If branch, a Loop or Scan body), inferred through
+    /// its nodes from the facts of its inputs (`inputs`, in the order of the body's; None where
+    /// not known) and the facts and values of the outer tensors it reads (their symbolic dims
+    /// are the outer graph's); None for an output whose fact stays unknown. The body's own declared shapes
     /// are left out (their symbolic names are the body's own); its declared types are kept.
-    pub fn infer_body(&self, g: &dagr_onnx::proto::GraphProto) -> Vec<Option<ValueFact>> {
+    pub fn infer_body(&self, g: &dagr_onnx::proto::GraphProto, inputs: &[Option<ValueFact>]) -> Vec<Option<ValueFact>> {
         let mut body = g.clone();
         body.value_info.clear();
         for o in body.output.iter_mut() {
@@ -173,6 +174,12 @@ impl<'a> Node<'a> {
         let Ok(mut idx) = GraphIndex::declared(&sub) else {
             return vec![None; g.output.len()];
         };
+        // The body's own inputs (a Loop's or Scan's), as the caller knows them from outside.
+        for (v, f) in g.input.iter().zip(inputs) {
+            if let Some(f) = f {
+                idx.facts.insert(v.name.clone(), f.clone());
+            }
+        }
         let mut known = constants(&sub);
         for r in sub.graph().node.iter().flat_map(dagr_onnx::index::node_reads) {
             if idx.producer.contains_key(&r) || idx.initializers.contains(&r) {
