@@ -43,6 +43,30 @@ fn to_tensor(v: &Value) -> Tensor {
     }
 }
 
+/// What tract 0.23.9 cannot load, said before it tries (its own message names an internal node
+/// and says nothing of what to do): a Loop (it has no such operator), more than one If (it names
+/// every If it translates "If", and the second is a duplicate).
+fn cannot_load(m: &dagr_onnx::Model) -> Option<String> {
+    let count = |op: &str| {
+        m.graph()
+            .node
+            .iter()
+            .filter(|n| n.op_type == op && n.domain.is_empty())
+            .count()
+    };
+    if count("Loop") > 0 {
+        return Some(
+            "the graph has a Loop, which tract has no operator for: run it on ONNX Runtime (--backend ort)".into(),
+        );
+    }
+    match count("If") {
+        ifs if ifs > 1 => Some(format!(
+            "the graph has {ifs} If nodes and tract loads one per graph (it names every If \"If\"): run it on ONNX Runtime (--backend ort)"
+        )),
+        _ => None,
+    }
+}
+
 impl Prepared {
     /// Inputs in `example` that are also initializers (the parameters of a training graph) are
     /// fed, not folded: tract would otherwise treat them as constants.
@@ -64,6 +88,9 @@ impl Prepared {
     /// As `new`, from the type and shape of every input that will be fed (no values).
     pub fn with_facts(path: &Path, example: &Facts, outputs: &[String]) -> Result<Prepared> {
         let mut onnx_model = dagr_onnx::load(path)?;
+        if let Some(why) = cannot_load(&onnx_model) {
+            return Err(err(why));
+        }
         let external = !dagr_onnx::io::external_tensors(&onnx_model.proto).is_empty();
         // Repeated computations merged here: tract's own merging of them can leave a reader on
         // a removed node (see `index::merge_duplicates`). A model with external data is read
