@@ -68,10 +68,7 @@ pub fn if_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String]
     let cond = c.input(0).to_string();
     let mut branches = Vec::new();
     for name in ["then_branch", "else_branch"] {
-        let body = dagr_onnx::attr::attr(c.node, name)
-            .and_then(|a| a.g.as_ref())
-            .ok_or_else(|| c.err(format!("it has no {name}")))?
-            .clone();
+        let body = subgraph(c, name)?;
         branches.push(branch_vjp(c, &body, name, g, captured)?);
     }
     let h = format!("grad/{}", c.hint());
@@ -99,15 +96,6 @@ fn branch_vjp(
     g: &[Option<String>],
     captured: &[String],
 ) -> Result<GraphProto, Error> {
-    if body
-        .node
-        .iter()
-        .any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()))
-    {
-        return Err(c.err(format!(
-            "its {which} holds a subgraph of its own, which this rule does not differentiate"
-        )));
-    }
     let mut bb = c.body_builder();
     // The branch under fresh names (the backward If is another scope, but names must stay
     // unique in the whole model).
@@ -115,18 +103,8 @@ fn branch_vjp(
     let rn = |s: &String| rename.get(s).cloned().unwrap_or_else(|| s.clone());
     let range = (0..bb.nodes.len(), 0..bb.initializers.len());
     // The branch's outer reads, with their facts: the inputs of the graph the engine indexes.
-    let local: HashSet<&String> = rename.values().collect();
     let mut inputs: Vec<(String, ValueFact)> = Vec::new();
-    for x in bb.nodes.iter().flat_map(|n| n.input.iter()) {
-        if x.is_empty() || local.contains(x) || inputs.iter().any(|(i, _)| i == x) {
-            continue;
-        }
-        let f = c.idx.fact(x).ok_or_else(|| Error::ShapeUnknown {
-            tensor: x.clone(),
-            context: format!(", so the gradient of If node '{}' cannot be built", c.node.name),
-        })?;
-        inputs.push((x.clone(), f.clone()));
-    }
+    outer_facts(c, &bb.nodes, &rename, &mut inputs)?;
     let seeds: Vec<(String, String)> = body
         .output
         .iter()
@@ -153,11 +131,7 @@ fn branch_vjp(
         };
         let value = match grads.remove(x) {
             Some(gx) => gx,
-            None => {
-                let s = bb.op("Shape", &[x], vec![], "grad/if");
-                let z = tensor::float_tensor("", &[1], &[0.0], elem);
-                bb.op("ConstantOfShape", &[&s], vec![attr_tensor("value", z)], "grad/if")
-            }
+            None => zeros_like(&mut bb, x, elem),
         };
         // A subgraph's outputs are its own tensors (a gradient may be an outer name itself).
         let y = bb.op("Identity", &[&value], vec![], "grad/if");
@@ -182,17 +156,7 @@ fn branch_vjp(
 /// state gradients and the sums of the captured tensors' gradients, and scanning out the
 /// gradients of the scan inputs' slices.
 pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String]) -> Result<SubgraphGrads, Error> {
-    let body = dagr_onnx::attr::attr(c.node, "body")
-        .and_then(|a| a.g.as_ref())
-        .ok_or_else(|| c.err("it has no body"))?
-        .clone();
-    if body
-        .node
-        .iter()
-        .any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()))
-    {
-        return Err(c.err("its body holds a subgraph of its own, which this rule does not differentiate"));
-    }
+    let body = subgraph(c, "body")?;
     let m = c.attr_i("num_scan_inputs", 0).max(0) as usize;
     let inputs: Vec<String> = c.node.input.clone();
     let n = inputs
@@ -233,12 +197,6 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
         })
         .collect();
     let is_float = |c: &Ctx, t: &str| c.idx.fact(t).is_some_and(|f| dtype::is_float(f.dtype));
-    let fact_of = |c: &Ctx, t: &str| -> Result<ValueFact, Error> {
-        c.idx.fact(t).cloned().ok_or_else(|| Error::ShapeUnknown {
-            tensor: t.to_string(),
-            context: format!(", so the gradient of Scan node '{}' cannot be built", c.node.name),
-        })
-    };
     // A slice's fact: the sequence's without its scan axis.
     let slice_fact = |f: ValueFact, axis: usize| ValueFact {
         dtype: f.dtype,
@@ -254,20 +212,8 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
     let h = format!("grad/{}", c.hint());
 
     // 1. The states before each step: the body again, outputting its state inputs as well.
-    let mut fb = c.body_builder();
     let pf = format!("{}grad/scan/forward", c.b.prefix);
-    let fwd_in: Vec<String> = body
-        .input
-        .iter()
-        .map(|x| fb.names.fresh(&format!("{pf}/{}", x.name)))
-        .collect();
-    let bound = body
-        .input
-        .iter()
-        .map(|x| x.name.clone())
-        .zip(fwd_in.iter().cloned())
-        .collect();
-    let rn = fb.inline_body_as(&body, &pf, bound);
+    let (mut fb, fwd_in, rn) = body_copy(c, &body, &pf);
     let name_of =
         |rn: &std::collections::HashMap<String, String>, s: &str| rn.get(s).cloned().unwrap_or_else(|| s.to_string());
     let mut fwd = GraphProto::new();
@@ -336,19 +282,7 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
     for (j, t) in x_t.iter().enumerate() {
         facts.push((t.clone(), slice_fact(fact_of(c, &inputs[n + j])?, in_map[j].0)));
     }
-    let local: HashSet<String> = rn.values().cloned().collect();
-    let outer: Vec<String> = bb
-        .nodes
-        .iter()
-        .flat_map(|x| x.input.iter())
-        .filter(|x| !x.is_empty() && !local.contains(*x))
-        .cloned()
-        .collect::<Vec<_>>();
-    for x in outer {
-        if !facts.iter().any(|(f, _)| *f == x) {
-            facts.push((x.clone(), fact_of(c, &x)?));
-        }
-    }
+    outer_facts(c, &bb.nodes, &rn, &mut facts)?;
     let mut seeds = Vec::new();
     for (a, &i) in float_states.iter().enumerate() {
         seeds.push((name_of(&rn, &body.output[i].name), ds_in[a].clone()));
@@ -361,13 +295,7 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
     wrt.extend(captured.iter().cloned());
     let label = format!("the body of Scan node '{}' (one step)", c.node.name);
     let mut grads = (c.differentiate)(c.model, c.idx, &mut bb, &label, &facts, range, &seeds, &wrt)?;
-    let mut take = |bb: &mut Builder, t: &str, elem: i32| -> String {
-        grads.remove(t).unwrap_or_else(|| {
-            let s = bb.op("Shape", &[t], vec![], "grad/scan");
-            let z = tensor::float_tensor("", &[1], &[0.0], elem);
-            bb.op("ConstantOfShape", &[&s], vec![attr_tensor("value", z)], "grad/scan")
-        })
-    };
+    let mut take = |bb: &mut Builder, t: &str, elem: i32| grads.remove(t).unwrap_or_else(|| zeros_like(bb, t, elem));
     let mut bg = GraphProto::new();
     bg.name = bb.names.fresh(&format!("{p}/step"));
     let mut outs_b: Vec<(String, ValueFact)> = Vec::new();
@@ -469,17 +397,7 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
 /// carrying the state gradients and the sums of the captured tensors' gradients, the scan
 /// outputs' gradients read at that iteration.
 pub fn loop_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String]) -> Result<SubgraphGrads, Error> {
-    let body = dagr_onnx::attr::attr(c.node, "body")
-        .and_then(|a| a.g.as_ref())
-        .ok_or_else(|| c.err("it has no body"))?
-        .clone();
-    if body
-        .node
-        .iter()
-        .any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()))
-    {
-        return Err(c.err("its body holds a subgraph of its own, which this rule does not differentiate"));
-    }
+    let body = subgraph(c, "body")?;
     let inputs: Vec<String> = c.node.input.clone();
     let n = inputs
         .len()
@@ -491,32 +409,14 @@ pub fn loop_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[Strin
     }
     let k = body.output.len() - 1 - n;
     let is_float = |c: &Ctx, t: &str| c.idx.fact(t).is_some_and(|f| dtype::is_float(f.dtype));
-    let fact_of = |c: &Ctx, t: &str| -> Result<ValueFact, Error> {
-        c.idx.fact(t).cloned().ok_or_else(|| Error::ShapeUnknown {
-            tensor: t.to_string(),
-            context: format!(", so the gradient of Loop node '{}' cannot be built", c.node.name),
-        })
-    };
     let scalar = |d: i32| ValueFact::new(d, vec![]);
     let h = format!("grad/{}", c.hint());
     let name_of =
         |rn: &std::collections::HashMap<String, String>, s: &str| rn.get(s).cloned().unwrap_or_else(|| s.to_string());
 
     // 1. The states before each iteration, and the iteration numbers (their count is T).
-    let mut fb = c.body_builder();
     let pf = format!("{}grad/loop/forward", c.b.prefix);
-    let fwd_in: Vec<String> = body
-        .input
-        .iter()
-        .map(|x| fb.names.fresh(&format!("{pf}/{}", x.name)))
-        .collect();
-    let bound = body
-        .input
-        .iter()
-        .map(|x| x.name.clone())
-        .zip(fwd_in.iter().cloned())
-        .collect();
-    let rn = fb.inline_body_as(&body, &pf, bound);
+    let (mut fb, fwd_in, rn) = body_copy(c, &body, &pf);
     let mut fwd = GraphProto::new();
     fwd.name = fb.names.fresh(&pf);
     fwd.input.push(body_value_info(&fwd_in[0], &scalar(dtype::INT64)));
@@ -599,23 +499,12 @@ pub fn loop_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[Strin
         .collect();
     let rn = bb.inline_body_as(&body, &p, bound);
     let range = (n0..bb.nodes.len(), i0..bb.initializers.len());
-    let local: HashSet<String> = rn.values().cloned().collect();
     let mut facts: Vec<(String, ValueFact)> =
         vec![(idx.clone(), scalar(dtype::INT64)), (yes.clone(), scalar(dtype::BOOL))];
     for (i, st) in s_t.iter().enumerate() {
         facts.push((st.clone(), fact_of(c, &inputs[2 + i])?));
     }
-    let outer: Vec<String> = bb.nodes[n0..]
-        .iter()
-        .flat_map(|x| x.input.iter())
-        .filter(|x| !x.is_empty() && !local.contains(*x))
-        .cloned()
-        .collect();
-    for x in outer {
-        if !facts.iter().any(|(f, _)| *f == x) {
-            facts.push((x.clone(), fact_of(c, &x)?));
-        }
-    }
+    outer_facts(c, &bb.nodes[n0..], &rn, &mut facts)?;
     let mut seeds = Vec::new();
     for (a, &i) in float_states.iter().enumerate() {
         seeds.push((name_of(&rn, &body.output[1 + i].name), ds_in[a].clone()));
@@ -627,13 +516,7 @@ pub fn loop_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[Strin
     wrt.extend(captured.iter().cloned());
     let label = format!("the body of Loop node '{}' (one iteration)", c.node.name);
     let mut grads = (c.differentiate)(c.model, c.idx, &mut bb, &label, &facts, range, &seeds, &wrt)?;
-    let mut take = |bb: &mut Builder, t: &str, elem: i32| -> String {
-        grads.remove(t).unwrap_or_else(|| {
-            let s = bb.op("Shape", &[t], vec![], "grad/loop");
-            let z = tensor::float_tensor("", &[1], &[0.0], elem);
-            bb.op("ConstantOfShape", &[&s], vec![attr_tensor("value", z)], "grad/loop")
-        })
-    };
+    let mut take = |bb: &mut Builder, t: &str, elem: i32| grads.remove(t).unwrap_or_else(|| zeros_like(bb, t, elem));
     let mut bg = GraphProto::new();
     bg.name = bb.names.fresh(&format!("{p}/iteration"));
     bg.input.push(body_value_info(&it_b, &scalar(dtype::INT64)));
@@ -728,6 +611,83 @@ fn from_forward(c: &mut Ctx, x: &str, axis: usize, rank: usize, reverse: bool) -
 fn reverse_front(c: &mut Ctx, x: &str) -> String {
     let (starts, ends, axes, steps) = (c.ints(&[-1]), c.ints(&[i64::MIN]), c.ints(&[0]), c.ints(&[-1]));
     c.op("Slice", &[x, &starts, &ends, &axes, &steps])
+}
+
+/// A builder holding a copy of a Loop's or Scan's body under fresh names, its inputs too
+/// (returned, in order), and the renaming.
+fn body_copy(
+    c: &Ctx,
+    body: &GraphProto,
+    prefix: &str,
+) -> (Builder, Vec<String>, std::collections::HashMap<String, String>) {
+    let mut b = c.body_builder();
+    let inputs: Vec<String> = body
+        .input
+        .iter()
+        .map(|x| b.names.fresh(&format!("{prefix}/{}", x.name)))
+        .collect();
+    let bound = body
+        .input
+        .iter()
+        .map(|x| x.name.clone())
+        .zip(inputs.iter().cloned())
+        .collect();
+    let rename = b.inline_body_as(body, prefix, bound);
+    (b, inputs, rename)
+}
+
+/// A node's subgraph attribute (an If branch, a Loop or Scan body), refused where it holds
+/// subgraphs of its own.
+fn subgraph(c: &Ctx, name: &str) -> Result<GraphProto, Error> {
+    let g = dagr_onnx::attr::attr(c.node, name)
+        .and_then(|a| a.g.as_ref())
+        .ok_or_else(|| c.err(format!("it has no {name}")))?;
+    if g.node
+        .iter()
+        .any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()))
+    {
+        return Err(c.err(format!(
+            "its {name} holds a subgraph of its own, which this rule does not differentiate"
+        )));
+    }
+    Ok(g.clone())
+}
+
+/// The fact of an outer tensor a subgraph's gradient needs.
+fn fact_of(c: &Ctx, t: &str) -> Result<ValueFact, Error> {
+    c.idx.fact(t).cloned().ok_or_else(|| Error::ShapeUnknown {
+        tensor: t.to_string(),
+        context: format!(
+            ", so the gradient of {} node '{}' cannot be built",
+            c.node.op_type, c.node.name
+        ),
+    })
+}
+
+/// Add to `facts` the fact of every tensor `nodes` (a subgraph's copy, its names renamed by
+/// `rename`) read from the outer scope: the inputs of the graph the engine differentiates.
+fn outer_facts(
+    c: &Ctx,
+    nodes: &[NodeProto],
+    rename: &std::collections::HashMap<String, String>,
+    facts: &mut Vec<(String, ValueFact)>,
+) -> Result<(), Error> {
+    let local: HashSet<&String> = rename.values().collect();
+    for x in nodes.iter().flat_map(|n| n.input.iter()) {
+        if x.is_empty() || local.contains(x) || facts.iter().any(|(f, _)| f == x) {
+            continue;
+        }
+        facts.push((x.clone(), fact_of(c, x)?));
+    }
+    Ok(())
+}
+
+/// Zeros shaped like `t` (as it is at run time), of element type `elem`: a gradient nothing
+/// reached.
+fn zeros_like(bb: &mut Builder, t: &str, elem: i32) -> String {
+    let s = bb.op("Shape", &[t], vec![], "grad/zeros");
+    let z = tensor::float_tensor("", &[1], &[0.0], elem);
+    bb.op("ConstantOfShape", &[&s], vec![attr_tensor("value", z)], "grad/zeros")
 }
 
 /// Drop the nodes and initializers of a body that none of its outputs needs (the recomputed
