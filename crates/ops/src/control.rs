@@ -295,22 +295,14 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
     wrt.extend(captured.iter().cloned());
     let label = format!("the body of Scan node '{}' (one step)", c.node.name);
     let mut grads = (c.differentiate)(c.model, c.idx, &mut bb, &label, &facts, range, &seeds, &wrt)?;
-    let mut take = |bb: &mut Builder, t: &str, elem: i32| grads.remove(t).unwrap_or_else(|| zeros_like(bb, t, elem));
     let mut bg = GraphProto::new();
     bg.name = bb.names.fresh(&format!("{p}/step"));
-    let mut outs_b: Vec<(String, ValueFact)> = Vec::new();
-    for (a, &i) in float_states.iter().enumerate() {
-        let f = fact_of(c, &inputs[i])?;
-        bg.input.push(vi(&ds_in[a], &f));
-        let d = take(&mut bb, &s_t[i], f.dtype);
-        outs_b.push((bb.op("Identity", &[&d], vec![], "grad/scan"), f));
-    }
-    for (a, w) in captured.iter().enumerate() {
-        let f = fact_of(c, w)?;
-        bg.input.push(vi(&dw_in[a], &f));
-        let gw = take(&mut bb, w, f.dtype);
-        outs_b.push((bb.op("Add", &[&dw_in[a], &gw], vec![], "grad/scan"), f));
-    }
+    let states: Vec<(&str, &str, &str)> = float_states
+        .iter()
+        .zip(&ds_in)
+        .map(|(&i, d)| (inputs[i].as_str(), s_t[i].as_str(), d.as_str()))
+        .collect();
+    let mut outs_b = carried_grads(c, &mut bb, &mut bg, &mut grads, &states, captured, &dw_in)?;
     for (i, t) in s_t.iter().enumerate() {
         bg.input.push(vi(t, &fact_of(c, &inputs[i])?));
     }
@@ -327,12 +319,15 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
     let float_xs: Vec<usize> = (0..m).filter(|&j| is_float(c, &inputs[n + j])).collect();
     for &j in &float_xs {
         let f = slice_fact(fact_of(c, &inputs[n + j])?, in_map[j].0);
-        let d = take(&mut bb, &x_t[j], f.dtype);
+        let d = grads
+            .remove(&x_t[j])
+            .unwrap_or_else(|| zeros_like(&mut bb, &x_t[j], f.dtype));
         outs_b.push((bb.op("Identity", &[&d], vec![], "grad/scan"), f));
     }
     for (y, f) in &outs_b {
         bg.output.push(vi(y, f));
     }
+    prune_unused(&mut bb, &bg);
     c.b.names = bb.names.clone();
     bg.node = bb.nodes;
     bg.initializer = bb.initializers;
@@ -516,25 +511,20 @@ pub fn loop_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[Strin
     wrt.extend(captured.iter().cloned());
     let label = format!("the body of Loop node '{}' (one iteration)", c.node.name);
     let mut grads = (c.differentiate)(c.model, c.idx, &mut bb, &label, &facts, range, &seeds, &wrt)?;
-    let mut take = |bb: &mut Builder, t: &str, elem: i32| grads.remove(t).unwrap_or_else(|| zeros_like(bb, t, elem));
     let mut bg = GraphProto::new();
     bg.name = bb.names.fresh(&format!("{p}/iteration"));
     bg.input.push(body_value_info(&it_b, &scalar(dtype::INT64)));
     bg.input.push(body_value_info(&cond_b, &scalar(dtype::BOOL)));
     let cond_next = bb.op("Identity", &[&cond_b], vec![], "grad/loop");
     let mut outs_b: Vec<(String, ValueFact)> = vec![(cond_next, scalar(dtype::BOOL))];
-    for (a, &i) in float_states.iter().enumerate() {
-        let f = fact_of(c, &inputs[2 + i])?;
-        bg.input.push(body_value_info(&ds_in[a], &f));
-        let d = take(&mut bb, &s_t[i], f.dtype);
-        outs_b.push((bb.op("Identity", &[&d], vec![], "grad/loop"), f));
-    }
-    for (a, w) in captured.iter().enumerate() {
-        let f = fact_of(c, w)?;
-        bg.input.push(body_value_info(&dw_in[a], &f));
-        let gw = take(&mut bb, w, f.dtype);
-        outs_b.push((bb.op("Add", &[&dw_in[a], &gw], vec![], "grad/loop"), f));
-    }
+    let states: Vec<(&str, &str, &str)> = float_states
+        .iter()
+        .zip(&ds_in)
+        .map(|(&i, d)| (inputs[2 + i].as_str(), s_t[i].as_str(), d.as_str()))
+        .collect();
+    outs_b.extend(carried_grads(
+        c, &mut bb, &mut bg, &mut grads, &states, captured, &dw_in,
+    )?);
     for (y, f) in &outs_b {
         bg.output.push(body_value_info(y, f));
     }
@@ -611,6 +601,37 @@ fn from_forward(c: &mut Ctx, x: &str, axis: usize, rank: usize, reverse: bool) -
 fn reverse_front(c: &mut Ctx, x: &str) -> String {
     let (starts, ends, axes, steps) = (c.ints(&[-1]), c.ints(&[i64::MIN]), c.ints(&[0]), c.ints(&[-1]));
     c.op("Slice", &[x, &starts, &ends, &axes, &steps])
+}
+
+/// The carried part of a Scan's or Loop's backward body, its inputs added to `bg` and its
+/// outputs returned: per float state `(initial value outside, its value in the step, the
+/// incoming gradient)`, the gradient with respect to the state before the step; per captured
+/// tensor (`sums` the running sums' inputs), the sum so far plus this step's gradient. What the
+/// step's differentiation (`grads`) did not reach is zeros.
+fn carried_grads(
+    c: &Ctx,
+    bb: &mut Builder,
+    bg: &mut GraphProto,
+    grads: &mut std::collections::HashMap<String, String>,
+    states: &[(&str, &str, &str)],
+    captured: &[String],
+    sums: &[String],
+) -> Result<Vec<(String, ValueFact)>, Error> {
+    let mut take = |bb: &mut Builder, t: &str, elem: i32| grads.remove(t).unwrap_or_else(|| zeros_like(bb, t, elem));
+    let mut outs = Vec::new();
+    for &(initial, state, incoming) in states {
+        let f = fact_of(c, initial)?;
+        bg.input.push(body_value_info(incoming, &f));
+        let d = take(bb, state, f.dtype);
+        outs.push((bb.op("Identity", &[&d], vec![], "grad/carried"), f));
+    }
+    for (w, sum) in captured.iter().zip(sums) {
+        let f = fact_of(c, w)?;
+        bg.input.push(body_value_info(sum, &f));
+        let gw = take(bb, w, f.dtype);
+        outs.push((bb.op("Add", &[sum, &gw], vec![], "grad/carried"), f));
+    }
+    Ok(outs)
 }
 
 /// A builder holding a copy of a Loop's or Scan's body under fresh names, its inputs too
