@@ -212,8 +212,12 @@ impl<'a> Ctx<'a> {
     /// A constant tensor of ones in the op's float type.
     pub fn ones(&mut self, dims: &[i64]) -> String {
         let n: i64 = dims.iter().product();
+        self.floats(dims, &vec![1.0; n as usize])
+    }
+    /// A constant tensor of these values in the op's float type.
+    pub fn floats(&mut self, dims: &[i64], values: &[f64]) -> String {
         let name = self.b.name("const");
-        let t = tensor::float_tensor(&name, dims, &vec![1.0; n as usize], self.float_type());
+        let t = tensor::float_tensor(&name, dims, values, self.float_type());
         self.b.initializers.push(t);
         name
     }

@@ -29,7 +29,7 @@ pub(crate) static OPS: &[Op] = &[
         1,
         Some(shapes::conv),
         Vjp(conv),
-        "dX = ConvTranspose(g, W), dW = Conv(X^T, g^T) cropped, dB = sum(g)",
+        "dX = ConvTranspose(g, W) or col2im(W^T g), dW = Conv(X^T, g^T) cropped or g im2col(X)^T, dB = sum(g)",
     ),
     op(
         "ConvTranspose",
@@ -436,6 +436,116 @@ impl ConvGeom {
         };
         (cat(c, &begin), cat(c, &end))
     }
+    /// The output's spatial sizes where every input spatial size is known (then the pads are
+    /// explicit too); None otherwise.
+    fn static_out(&self) -> Option<Vec<i64>> {
+        (0..self.sp)
+            .map(|i| {
+                let span =
+                    self.input[i]? + self.pads[i] + self.pads[i + self.sp] - self.dil[i] * (self.kernel[i] - 1) - 1;
+                (span >= 0).then(|| span / self.strides[i] + 1)
+            })
+            .collect()
+    }
+    /// The kernel's offsets, row-major (the order of a weight's trailing dims).
+    fn offsets(&self) -> Vec<Vec<i64>> {
+        self.kernel.iter().fold(vec![vec![]], |acc, &k| {
+            acc.into_iter()
+                .flat_map(|p| {
+                    (0..k).map(move |i| {
+                        let mut q = p.clone();
+                        q.push(i);
+                        q
+                    })
+                })
+                .collect()
+        })
+    }
+    /// im2col: `x` [N, C, S...] (static spatial sizes, `out` the output's) as a matrix
+    /// [C K, N O] (K kernel offsets, O output positions): column (n, o) holds the window of
+    /// output position o of sample n, rows ordered as a weight's [C, k...] (zeros where the
+    /// window covers padding). One strided Slice per kernel offset, stacked.
+    fn unfold(&self, c: &mut Ctx, x: &str, channels: i64, out: &[i64]) -> String {
+        let sp = self.sp;
+        let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
+        perm.swap(0, 1);
+        let mut xp = c.op_a("Transpose", &[x], vec![attr_ints("perm", &perm)]);
+        if self.pads.iter().any(|&p| p != 0) {
+            let pads = [&[0, 0], &self.pads[..sp], &[0, 0], &self.pads[sp..]].concat();
+            let pads = c.ints(&pads);
+            xp = c.op("Pad", &[&xp, &pads]);
+        }
+        let axes = c.ints(&(2..(sp + 2) as i64).collect::<Vec<_>>());
+        let steps = c.ints(&self.strides);
+        let offsets = self.offsets();
+        let k = offsets.len() as i64;
+        let parts: Vec<String> = offsets
+            .iter()
+            .map(|off| {
+                let starts: Vec<i64> = (0..sp).map(|i| off[i] * self.dil[i]).collect();
+                let ends: Vec<i64> = (0..sp)
+                    .map(|i| starts[i] + self.strides[i] * (out[i] - 1) + 1)
+                    .collect();
+                let (s, e) = (c.ints(&starts), c.ints(&ends));
+                let piece = c.op("Slice", &[&xp, &s, &e, &axes, &steps]);
+                c.unsqueeze(&piece, &[1])
+            })
+            .collect();
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let stacked = if refs.len() == 1 {
+            parts[0].clone()
+        } else {
+            c.op_a("Concat", &refs, vec![attr_int("axis", 1)])
+        };
+        let shape = c.ints(&[channels * k, -1]);
+        c.op("Reshape", &[&stacked, &shape])
+    }
+    /// col2im, the adjoint of `unfold`: `col` [C K, N O] back to [N, C, S...] (`size` the
+    /// input's spatial sizes), each entry added at the input position its window offset
+    /// covers: one product by the constant 0/1 matrix [K O, S] of where each (offset, output
+    /// position) lands (`fold_size` bounds it).
+    fn fold(&self, c: &mut Ctx, col: &str, channels: i64, out: &[i64], size: &[i64]) -> String {
+        let sp = self.sp;
+        let offsets = self.offsets();
+        let k = offsets.len() as i64;
+        let (o_total, s_total) = (out.iter().product::<i64>(), size.iter().product::<i64>());
+        let mut lands = vec![0.0; (k * o_total * s_total) as usize];
+        for (j, off) in offsets.iter().enumerate() {
+            for o in 0..o_total {
+                // output position o's coordinates (row-major), the input position it reads
+                let (mut rest, mut flat, mut inside) = (o, 0, true);
+                for i in (0..sp).rev() {
+                    let oi = rest % out[i];
+                    rest /= out[i];
+                    let p = oi * self.strides[i] + off[i] * self.dil[i] - self.pads[i];
+                    inside &= (0..size[i]).contains(&p);
+                    let stride: i64 = size[i + 1..].iter().product();
+                    flat += p * stride;
+                }
+                if inside {
+                    lands[((j as i64 * o_total + o) * s_total + flat) as usize] = 1.0;
+                }
+            }
+        }
+        let lands = c.floats(&[k * o_total, s_total], &lands);
+        // [C, K, N, O] -> [C, N, K, O] -> [C N, K O] x [K O, S] -> [C, N, S...] -> [N, C, S...]
+        let shape = c.ints(&[channels, k, -1, o_total]);
+        let col = c.op("Reshape", &[col, &shape]);
+        let col = c.op_a("Transpose", &[&col], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+        let shape = c.ints(&[-1, k * o_total]);
+        let rows = c.op("Reshape", &[&col, &shape]);
+        let dx = c.op("MatMul", &[&rows, &lands]);
+        let shape = c.ints(&[&[channels, -1][..], size].concat());
+        let dx = c.op("Reshape", &[&dx, &shape]);
+        let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
+        perm.swap(0, 1);
+        c.op_a("Transpose", &[&dx], vec![attr_ints("perm", &perm)])
+    }
+    /// The size of `fold`'s constant matrix: K O S entries.
+    fn fold_size(&self, out: &[i64]) -> i64 {
+        let size: i64 = self.input.iter().map(|d| d.unwrap_or(0)).product();
+        self.kernel.iter().chain(out).product::<i64>() * size
+    }
     fn transpose_attrs(&self, group: i64) -> Vec<dagr_onnx::proto::AttributeProto> {
         vec![
             attr_ints("strides", &self.strides),
@@ -451,6 +561,12 @@ impl ConvGeom {
 /// Conv. dX = ConvTranspose(g, W) with explicit pads and output_padding (never output_shape,
 /// which re-splits asymmetric pads). dW = a Conv of the input with the gradient as kernel
 /// (strides and dilations swapped), groups folded into the batch, cropped to the kernel size.
+///
+/// With static spatial sizes and one group, the gradients are matrix products over the whole
+/// batch instead where the runtimes' convolutions multiply thin matrices one sample at a time:
+/// dW = g [Cout, N O] x im2col(X)^T when the kernel is small (a weight-gradient Conv's matrices
+/// are K wide), dX = col2im(W^T [C K, Cout] x g) when the output has few positions (a
+/// ConvTranspose's are O wide). Measured on ResNet-18's convolutions: `scripts/bench_zoo.py`.
 pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
@@ -460,18 +576,63 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let group = c.attr_i("group", 1);
     let geo = conv_geom(c, ws[2..].to_vec())?;
     let sp = geo.sp;
+    let out_sizes = geo.static_out().filter(|_| group == 1);
+    let kernel: i64 = geo.kernel.iter().product();
+    let matrices = out_sizes.map(|o| {
+        let positions: i64 = o.iter().product();
+        let unfold = need[1] && kernel <= UNFOLD_MAX_KERNEL;
+        let fold = need[0] && positions <= FOLD_MAX_POSITIONS && geo.fold_size(&o) <= FOLD_MAX_MATRIX;
+        (o, unfold, fold)
+    });
+    // g as [Cout, N O], for the matrix forms
+    let g2 = match &matrices {
+        Some((_, u, f)) if *u || *f => {
+            let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
+            perm.swap(0, 1);
+            let gt = c.op_a("Transpose", &[&g], vec![attr_ints("perm", &perm)]);
+            let shape = c.ints(&[ws[0], -1]);
+            Some(c.op("Reshape", &[&gt, &shape]))
+        }
+        _ => None,
+    };
     let mut out = vec![None; need.len()];
     if need[0] {
-        out[0] = Some(geo.transpose_back(c, &g, &w, &x, group));
+        out[0] = Some(match (&matrices, &g2) {
+            (Some((o, _, true)), Some(g2)) => {
+                let x_sizes: Vec<i64> = geo.input.iter().map(|d| d.unwrap_or(0)).collect();
+                let shape = c.ints(&[ws[0], -1]);
+                let w2 = c.op("Reshape", &[&w, &shape]);
+                let wt = c.op_a("Transpose", &[&w2], vec![attr_ints("perm", &[1, 0])]);
+                let col = c.op("MatMul", &[&wt, g2]);
+                geo.fold(c, &col, ws[1], o, &x_sizes)
+            }
+            _ => geo.transpose_back(c, &g, &w, &x, group),
+        });
     }
     if need[1] {
-        out[1] = Some(weight_grad(c, &x, &g, &ws, group, &geo));
+        out[1] = Some(match (&matrices, &g2) {
+            (Some((o, true, _)), Some(g2)) => {
+                let col = geo.unfold(c, &x, ws[1], o);
+                let colt = c.op_a("Transpose", &[&col], vec![attr_ints("perm", &[1, 0])]);
+                let w2 = c.op("MatMul", &[g2, &colt]);
+                let shape = c.ints(&ws);
+                c.op("Reshape", &[&w2, &shape])
+            }
+            _ => weight_grad(c, &x, &g, &ws, group, &geo),
+        });
     }
     if need.len() > 2 && need[2] {
         out[2] = Some(bias_grad(c, &g, sp));
     }
     Ok(out)
 }
+
+/// The largest kernel (number of offsets) whose weight gradient is an im2col matrix product.
+const UNFOLD_MAX_KERNEL: i64 = 9;
+/// The most output positions per sample whose input gradient is a col2im of a matrix product.
+const FOLD_MAX_POSITIONS: i64 = 16;
+/// The most entries of col2im's constant matrix (256 KiB in float32).
+const FOLD_MAX_MATRIX: i64 = 1 << 16;
 
 /// The gradient of a convolution's bias: g summed over the batch and the spatial dims.
 fn bias_grad(c: &mut Ctx, g: &str, sp: usize) -> String {
@@ -969,6 +1130,17 @@ pub fn cases() -> Vec<crate::cases::Case> {
             attr_string("auto_pad", "SAME_LOWER"),
             attr_ints("strides", &[3, 2]),
         ]),
+        // A 1x1 kernel with stride 2 (ResNet's downsampling): input positions no window reads.
+        case("conv2d_1x1_stride2", "Conv", vec![x(&[2, 3, 5, 4]), x(&[4, 3, 1, 1])])
+            .attrs(vec![attr_ints("strides", &[2, 2])]),
+        // A kernel of 12 offsets over 20 output positions: the convolutions' own gradients
+        // (the matrix forms are for small kernels and few positions).
+        case(
+            "conv2d_wide_kernel",
+            "Conv",
+            vec![x(&[2, 2, 6, 8]), x(&[3, 2, 3, 4]), x(&[3])],
+        )
+        .attrs(vec![attr_ints("pads", &[0, 1, 0, 1])]),
         case(
             "conv3d",
             "Conv",
