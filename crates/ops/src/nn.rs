@@ -580,7 +580,7 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let kernel: i64 = geo.kernel.iter().product();
     let matrices = out_sizes.map(|o| {
         let positions: i64 = o.iter().product();
-        let unfold = need[1] && kernel <= UNFOLD_MAX_KERNEL;
+        let unfold = need[1] && kernel <= UNFOLD_MAX_KERNEL && ws[0] >= UNFOLD_MIN_OUT_CHANNELS;
         let fold = need[0] && positions <= FOLD_MAX_POSITIONS && geo.fold_size(&o) <= FOLD_MAX_MATRIX;
         (o, unfold, fold)
     });
@@ -629,6 +629,10 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 
 /// The largest kernel (number of offsets) whose weight gradient is an im2col matrix product.
 const UNFOLD_MAX_KERNEL: i64 = 9;
+/// The fewest output channels whose weight gradient is an im2col product: the product's work
+/// per element the im2col copies is proportional to them (narrower, the copies cost more than
+/// the thin products save).
+const UNFOLD_MIN_OUT_CHANNELS: i64 = 32;
 /// The most output positions per sample whose input gradient is a col2im of a matrix product.
 const FOLD_MAX_POSITIONS: i64 = 16;
 /// The most entries of col2im's constant matrix (256 KiB in float32).
@@ -1129,6 +1133,18 @@ pub fn cases() -> Vec<crate::cases::Case> {
         case("conv2d_same_lower", "Conv", vec![x(&[1, 2, 7, 6]), x(&[2, 2, 3, 2])]).attrs(vec![
             attr_string("auto_pad", "SAME_LOWER"),
             attr_ints("strides", &[3, 2]),
+        ]),
+        // 32 output channels: the weight gradient is an im2col product (stride, asymmetric
+        // pads, dilation; the input gradient a col2im).
+        case(
+            "conv2d_im2col",
+            "Conv",
+            vec![x(&[2, 2, 5, 4]), x(&[32, 2, 3, 2]), x(&[32])],
+        )
+        .attrs(vec![
+            attr_ints("strides", &[2, 1]),
+            attr_ints("pads", &[1, 0, 0, 1]),
+            attr_ints("dilations", &[1, 2]),
         ]),
         // A 1x1 kernel with stride 2 (ResNet's downsampling): input positions no window reads.
         case("conv2d_1x1_stride2", "Conv", vec![x(&[2, 3, 5, 4]), x(&[4, 3, 1, 1])])
