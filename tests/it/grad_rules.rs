@@ -479,6 +479,60 @@ fn every_case_output_shape_matches_onnx_runtime() {
     assert_no_failures(&failures);
 }
 
+/// Every lowering (`Op::lower`: a faster equivalent form for training graphs) computes what its
+/// op computes: each case of an op with one, its model lowered (the forward node), gives the
+/// same loss and gradients on every backend the case runs on; some case must be lowered.
+#[test]
+fn every_lowering_computes_its_op() {
+    require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut lowered, mut failures) = (0, Vec::new());
+    for (ci, c) in cases().iter().enumerate() {
+        if ops::lookup("", c.op).and_then(|o| o.lower).is_none() {
+            continue;
+        }
+        let (model, wrt) = build(c);
+        let mut low = model.clone();
+        let idx = dagr_inject::ops::index(&low).unwrap();
+        if ops::lower(&mut low, &idx, 0..1).unwrap() == 0 {
+            continue;
+        }
+        lowered += 1;
+        assert!(
+            low.graph()
+                .node
+                .iter()
+                .all(|n| n.op_type != c.op || !n.name.starts_with("op/")),
+            "{}",
+            c.name
+        );
+        let outs: Vec<String> = std::iter::once("loss".to_string())
+            .chain(wrt.iter().map(|w| format!("{w}_grad")))
+            .collect();
+        let (p, lp) = (
+            dir.path().join(format!("{}.onnx", c.name)),
+            dir.path().join(format!("{}.low.onnx", c.name)),
+        );
+        onnx::save(&model, &p).unwrap();
+        onnx::save(&low, &lp).unwrap();
+        let feed = feed_for(c, ci);
+        for &backend in backends(c) {
+            let want = dagr_inject::runtime::run(backend, &p, &feed, &outs).unwrap();
+            let got = dagr_inject::runtime::run(backend, &lp, &feed, &outs)
+                .unwrap_or_else(|e| panic!("{} lowered, on {}: {e}", c.name, backend.name()));
+            for o in &outs {
+                let (w, g) = (f32_of(&want, o), f32_of(&got, o));
+                let scale = w.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
+                if w.shape() != g.shape() || w.iter().zip(g.iter()).any(|(a, b)| (a - b).abs() > 1e-5 * scale) {
+                    failures.push(format!("{} lowered, on {}: {o} differs", c.name, backend.name()));
+                }
+            }
+        }
+    }
+    assert!(lowered > 0, "no case exercises a lowering");
+    assert_no_failures(&failures);
+}
+
 /// A float16 segment (cast in, cast out, as mixed-precision exports write it): the gradient
 /// graph is well typed (every constant a rule makes takes the op's float type; onnx.checker and
 /// ONNX Runtime check the gradients' declared float16 outputs against their own inference) and

@@ -173,7 +173,9 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         new_outputs.push((n.clone(), ValueFact::new(dtype::FLOAT, vec![])));
         n
     });
+    let forward = 0..model.graph().node.len();
     b.finish(model);
+    dagr_ops::lower(model, &idx, forward)?;
     let state: Vec<String> = batchnorm
         .iter()
         .flat_map(|s| [s.mean.0.clone(), s.var.0.clone()])

@@ -66,6 +66,12 @@ pub type SubgraphVjp = fn(&mut Ctx, &[Option<String>], &[bool], &[String]) -> Re
 /// What a `SubgraphVjp` returns: (one per input, one per captured tensor).
 pub type SubgraphGrads = (Vec<Option<String>>, Vec<Option<String>>);
 
+/// A lowering: emits a computation equal to the node's (reading its inputs, writing its outputs
+/// under their own names with `Builder::op_named`) that runtimes run faster in a training graph,
+/// and returns true; returns false, having emitted nothing, where the node is better left as it
+/// is.
+pub type Lower = fn(&mut Ctx) -> Result<bool>;
+
 /// An op written as primitive ops: emits them (reading the node's inputs) and returns the tensor
 /// that equals each output of the node ("" for an output the node does not produce).
 pub type Body = fn(&mut Ctx) -> Result<Vec<String>>;

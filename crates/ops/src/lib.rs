@@ -11,6 +11,10 @@
 //! this tool). Shape inference (`infer`) evaluates shape tensors as well as typing them; the
 //! gradient engine (`dagr-autodiff`) walks the graph and asks this registry for each node's rule.
 //!
+//! Lowerings: an entry may also carry a faster equivalent form of its op for training graphs
+//! (`Op::lower`, applied by `lower` after differentiation, so rules see the op itself and what a
+//! user exports keeps it): a convolution with few output positions becomes one matrix product.
+//!
 //! Versions: an entry covers the schema versions of its operator from `since` on (ONNX's own
 //! version history, `schemas.rs`, resolves a node's version from the model's opset). Where those
 //! versions differ (an attribute that became an input, Softmax's axis semantics at 13), the
@@ -64,6 +68,9 @@ pub struct Op {
     pub kind: Kind,
     /// The gradient's formula, for people reading the registry.
     pub formula: &'static str,
+    /// A faster equivalent form for training graphs, where the runtimes run the op itself
+    /// slowly (`lower`).
+    pub lower: Option<ctx::Lower>,
 }
 
 /// An entry (a `const fn`, so that each family's table is a static).
@@ -80,6 +87,15 @@ pub(crate) const fn op(
         infer,
         kind,
         formula,
+        lower: None,
+    }
+}
+
+impl Op {
+    /// The entry with a lowering.
+    pub(crate) const fn lowered(mut self, lower: ctx::Lower) -> Op {
+        self.lower = Some(lower);
+        self
     }
 }
 
@@ -177,6 +193,61 @@ pub fn index(model: &Model) -> Result<GraphIndex> {
     let mut idx = GraphIndex::declared(model)?;
     idx.known = infer::infer(model, &mut idx);
     Ok(idx)
+}
+
+/// Rewrite the nodes of the model's main graph at `positions` whose entry has a lowering
+/// (`Op::lower`) into their equivalent forms, in place (the graph stays in topological order and
+/// every tensor keeps its name). `idx` indexes the model as it is. Training graphs are lowered
+/// after differentiation: the rules see the ops themselves, and what a user exports keeps them.
+/// Returns how many nodes were rewritten.
+pub fn lower(model: &mut Model, idx: &GraphIndex, positions: std::ops::Range<usize>) -> Result<usize> {
+    let consts = idx.int_constants();
+    let mut b = dagr_onnx::builder::Builder::new(model, "lower/");
+    let mut spans = Vec::new();
+    for i in positions {
+        let n = &model.graph().node[i];
+        let Some(lower) = lookup(&n.domain, &n.op_type).and_then(|o| o.lower) else {
+            continue;
+        };
+        let start = b.nodes.len();
+        let mut c = ctx::Ctx {
+            model,
+            b: &mut b,
+            idx,
+            consts: &consts,
+            node: n,
+            differentiate: differentiates_nothing,
+        };
+        if lower(&mut c)? {
+            spans.push((i, start..b.nodes.len()));
+        } else {
+            b.nodes.truncate(start);
+        }
+    }
+    let count = spans.len();
+    let g = model.graph_mut();
+    for (i, r) in spans.into_iter().rev() {
+        g.node.splice(i..i + 1, b.nodes[r].iter().cloned());
+    }
+    g.initializer.append(&mut b.initializers);
+    Ok(count)
+}
+
+/// The `Ctx::differentiate` of a lowering, which differentiates nothing.
+#[allow(clippy::too_many_arguments)]
+fn differentiates_nothing(
+    _: &Model,
+    _: &GraphIndex,
+    _: &mut dagr_onnx::builder::Builder,
+    label: &str,
+    _: &[(String, dagr_onnx::ValueFact)],
+    _: ctx::Emitted,
+    _: &[(String, String)],
+    _: &[String],
+) -> Result<HashMap<String, String>> {
+    Err(dagr_onnx::error::Error::Internal(format!(
+        "{label}: a lowering differentiates nothing"
+    )))
 }
 
 /// The finite-difference cases of every rule, each module's beside its rules.
