@@ -1191,6 +1191,9 @@ pub fn cases() -> Vec<crate::cases::Case> {
             attr_ints("pads", &[1, 0, 0, 1]),
             attr_ints("dilations", &[1, 2]),
         ]),
+        // The same forms in 3-D (and the forward lowered: 8 output positions).
+        case("conv3d_im2col", "Conv", vec![x(&[2, 2, 3, 3, 2]), x(&[32, 2, 2, 2, 1])])
+            .attrs(vec![attr_ints("pads", &[0, 1, 0, 0, 0, 0])]),
         // A 1x1 kernel with stride 2 (ResNet's downsampling): input positions no window reads.
         case("conv2d_1x1_stride2", "Conv", vec![x(&[2, 3, 5, 4]), x(&[4, 3, 1, 1])])
             .attrs(vec![attr_ints("strides", &[2, 2])]),
