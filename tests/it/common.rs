@@ -368,18 +368,3 @@ pub fn externalize(m: &Model, dir: &Path, name: &str) -> Model {
     onnx::save(&m, &dir.join(name)).unwrap();
     m
 }
-
-/// A model of one graph at `opset` (IR version 8).
-pub fn model_of(g: dagr_inject::onnx::proto::GraphProto, opset: i64) -> dagr_inject::onnx::Model {
-    let mut p = dagr_inject::onnx::proto::ModelProto::new();
-    p.ir_version = 8;
-    let mut o = dagr_inject::onnx::proto::OperatorSetIdProto::new();
-    o.version = opset;
-    p.opset_import.push(o);
-    p.graph = protobuf::MessageField::some(g);
-    dagr_inject::onnx::Model {
-        proto: p,
-        base_dir: ".".into(),
-        source: None,
-    }
-}

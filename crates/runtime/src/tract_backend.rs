@@ -210,22 +210,12 @@ pub fn run(path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors>
 /// `runtime::Stepper` on tract: the state is kept in host memory (tract's device) as tract's
 /// own reference-counted tensors, by key, fed to each run and taken from its outputs without a
 /// copy; one plan per graph and set of feed shapes (a last, partial batch gets its own).
-///
-/// A graph that updates its state in place (`GraphSpec::in_place`: it gates its own writes) is
-/// given the state it writes by value: the run holds the only reference, tract frees each old
-/// tensor after its last reader, and the outputs become the state at once (one set, as ONNX
-/// Runtime binding each output to its input's buffer). A failed run of such a graph loses that
-/// state (`lost`): every later use is an error, until `set_state`.
 pub struct Stepper {
     graphs: Vec<StepGraph>,
     state: std::collections::BTreeMap<String, TValue>,
     scratch: std::collections::BTreeSet<String>,
     /// The last run's state updates, by key, until `commit`.
     pending: Option<Vec<(String, TValue)>>,
-    /// The keys whose values a failed in-place run consumed.
-    lost: std::collections::BTreeSet<String>,
-    /// The shape of each state tensor (fixed for the stepper's life), by key.
-    shapes: std::collections::BTreeMap<String, Vec<usize>>,
 }
 
 /// What a `Stepper` keeps of a `GraphSpec`, and its plans.
@@ -235,7 +225,6 @@ struct StepGraph {
     /// The key of each state input, by input name.
     key_of: std::collections::HashMap<String, String>,
     fetch: Vec<String>,
-    in_place: bool,
     plans: std::collections::HashMap<Vec<Vec<usize>>, Prepared>,
 }
 
@@ -260,11 +249,6 @@ impl Stepper {
                 state.insert(key.clone(), a.into_tvalue());
             }
         }
-        let shapes = state
-            .iter()
-            .filter(|(k, _)| !scratch.contains(*k))
-            .map(|(k, t)| (k.clone(), t.shape().to_vec()))
-            .collect();
         let graphs = spec
             .graphs
             .into_iter()
@@ -278,7 +262,6 @@ impl Stepper {
                     .collect(),
                 links: g.links,
                 fetch: g.fetch.to_vec(),
-                in_place: g.in_place,
                 plans: Default::default(),
             })
             .collect();
@@ -287,8 +270,6 @@ impl Stepper {
             state,
             scratch,
             pending: None,
-            lost: Default::default(),
-            shapes,
         })
     }
 }
@@ -296,8 +277,7 @@ impl Stepper {
 impl crate::StateStepper for Stepper {
     fn run(&mut self, graph: usize, feed: Tensors) -> Result<Tensors> {
         self.pending = None;
-        self.check_whole()?;
-        let state = &mut self.state;
+        let state = &self.state;
         let g = self
             .graphs
             .get_mut(graph)
@@ -326,35 +306,20 @@ impl crate::StateStepper for Stepper {
                 e.insert(Prepared::with_facts(&g.path, &facts, &wanted)?)
             }
         };
-        let written: std::collections::BTreeSet<&String> = match g.in_place {
-            true => g.links.iter().map(|l| &l.key).collect(),
-            false => Default::default(),
-        };
-        // Every input has its value before any state is moved into the run.
-        if let Some(name) = plan
-            .input_names
-            .iter()
-            .find(|n| !feed.contains_key(*n) && !g.key_of.get(*n).is_some_and(|k| state.contains_key(k)))
-        {
-            return Err(err(format!("no value given for the graph input '{name}'")));
-        }
         let mut inputs: TVec<TValue> = tvec!();
         for name in &plan.input_names {
-            let v = match (feed.get(name), g.key_of.get(name)) {
-                (Some(v), _) => Some(to_tensor(v).into_tvalue()),
-                (None, Some(k)) if written.contains(k) => state.remove(k),
-                (None, Some(k)) => state.get(k).cloned(),
-                (None, None) => None,
+            let v = match feed.get(name) {
+                Some(v) => to_tensor(v).into_tvalue(),
+                None => g
+                    .key_of
+                    .get(name)
+                    .and_then(|k| state.get(k))
+                    .cloned()
+                    .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?,
             };
-            inputs.extend(v);
+            inputs.push(v);
         }
-        let res = match guarded(|| plan.plan.run(inputs)).and_then(|r| r.map_err(err)) {
-            Ok(res) => res,
-            Err(e) => {
-                self.lost.extend(written.into_iter().cloned());
-                return Err(e);
-            }
-        };
+        let res = guarded(|| plan.plan.run(inputs))?.map_err(err)?;
         let mut by_name: std::collections::HashMap<&String, TValue> = plan.outputs.iter().zip(res).collect();
         let mut out = Tensors::new();
         for name in &g.fetch {
@@ -370,12 +335,7 @@ impl crate::StateStepper for Stepper {
                 .ok_or_else(|| err(format!("the model has no output '{}'", l.output)))?;
             pending.push((l.key.clone(), t));
         }
-        if g.in_place {
-            // Written by the graph whether it accepted the step or not (it gates its writes).
-            self.state.extend(pending);
-        } else {
-            self.pending = Some(pending);
-        }
+        self.pending = Some(pending);
         Ok(out)
     }
 
@@ -386,7 +346,6 @@ impl crate::StateStepper for Stepper {
     }
 
     fn visit_state(&self, f: &mut dyn FnMut(&str, ndarray::ArrayViewD<'_, f32>) -> Result<()>) -> Result<()> {
-        self.check_whole()?;
         for (key, t) in &self.state {
             if !self.scratch.contains(key) {
                 f(key, t.to_plain_array_view::<f32>().map_err(err)?)?;
@@ -400,7 +359,6 @@ impl crate::StateStepper for Stepper {
         keys: &[String],
         f: &mut dyn FnMut(&str, ndarray::ArrayViewMutD<'_, f32>) -> Result<()>,
     ) -> Result<()> {
-        self.check_whole()?;
         for key in keys {
             let v = self
                 .state
@@ -421,31 +379,21 @@ impl crate::StateStepper for Stepper {
 
     /// The shape of each state tensor, by key.
     fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
-        self.shapes.clone()
+        self.state
+            .iter()
+            .filter(|(k, _)| !self.scratch.contains(*k))
+            .map(|(k, t)| (k.clone(), t.shape().to_vec()))
+            .collect()
     }
 
     fn set_state(&mut self, values: &super::StateValues) -> Result<()> {
         for (key, v) in values {
-            if (self.state.contains_key(key) || self.lost.contains(key)) && !self.scratch.contains(key) {
+            if self.state.contains_key(key) && !self.scratch.contains(key) {
                 self.state.insert(key.clone(), v.clone().into_tvalue());
-                self.lost.remove(key);
             }
         }
         self.pending = None;
         Ok(())
-    }
-}
-
-impl Stepper {
-    /// An error where a failed in-place run consumed part of the state.
-    fn check_whole(&self) -> Result<()> {
-        match self.lost.iter().next() {
-            None => Ok(()),
-            Some(k) => Err(err(format!(
-                "the state ('{k}' and {} more) was given to an in-place step that failed, and is gone; resume from the last checkpoint",
-                self.lost.len() - 1
-            ))),
-        }
     }
 }
 

@@ -75,8 +75,8 @@ pub enum StateUpdate {
     TwoSets,
     /// One set: the step graph gates every write on the step's acceptance and computes the
     /// update a second time after the test, so that each output can share its input's buffer
-    /// (where the graph allows it: `StepRecord::in_place`; tract is then given the state by
-    /// value and frees each old tensor after its last reader).
+    /// (ONNX Runtime only, where the graph allows it: `StepRecord::in_place`); tract always
+    /// keeps two.
     InPlace,
 }
 
@@ -371,16 +371,17 @@ impl Trainer {
             .filter_map(|p| shapes.get(&step_graph::param_key(p)))
             .map(|s| f32_bytes(s))
             .fold(0u64, u64::saturating_add);
-        let in_place = match settings.state_update {
-            StateUpdate::TwoSets => false,
-            StateUpdate::InPlace => true,
-            StateUpdate::Auto => auto_in_place(
-                state_bytes,
-                param_bytes,
-                settings.device,
-                onnx::limits::available_memory(),
-            ),
-        };
+        let in_place = settings.backend == Backend::Ort
+            && match settings.state_update {
+                StateUpdate::TwoSets => false,
+                StateUpdate::InPlace => true,
+                StateUpdate::Auto => auto_in_place(
+                    state_bytes,
+                    param_bytes,
+                    settings.device,
+                    onnx::limits::available_memory(),
+                ),
+            };
         let split = settings.grad_accum > 1 || processes > 1;
         if settings.batch_size < settings.grad_accum.saturating_mul(processes) {
             return Err(Error::Config(format!(
@@ -438,9 +439,13 @@ impl Trainer {
             .into_iter()
             .filter_map(|n| Some((n.clone(), idx.fact(&n)?.shape.clone()?)))
             .collect();
-        // The engine holds the state on the host unless it computes on a device: once where the
-        // step graph updates it in place, else twice (see `runtime::Stepper`).
-        let sets = if sg.in_place { 1 } else { 2 };
+        // The engine holds the state on the host unless it computes on a device: once where
+        // ONNX Runtime updates it in place, else twice (see `runtime::Stepper`).
+        let sets = if sg.in_place && settings.backend == Backend::Ort {
+            1
+        } else {
+            2
+        };
         if settings.device == Device::Cpu {
             // With accumulation, one more copy of the parameters: the summed gradients.
             let scratch_bytes = if split { param_bytes } else { 0 };
