@@ -10,7 +10,8 @@ exports it (legacy exporter, training mode, weights as external data), builds th
 graph with `dagr-inject --train`, and for SGD with momentum and for AdamW runs 2 epochs of
 `steps / 2` steps each:
 
-  * `dagr-inject train --backend ort` (checkpoint and export every epoch, as always),
+  * `dagr-inject train --backend ort` (or `--backend tract`; checkpoint and export every epoch,
+    as always),
   * a PyTorch loop (`torch.optim`, cross-entropy + DAGR, a checkpoint and a saved model per
     epoch, as `train` writes them),
 
@@ -215,13 +216,15 @@ def main():
                     help="which optimizers to run, of sgd (with momentum) and adamw")
     ap.add_argument("--state-update", default="auto", choices=["auto", "two-sets", "in-place"],
                     help="how `train` keeps the state (its --state-update)")
+    ap.add_argument("--backend", default="ort", choices=["ort", "tract"],
+                    help="the backend `train` runs on (tract: on the CPU)")
     args = ap.parse_args()
     import numpy as np
     torch = _torch()
     torch.manual_seed(0)
     here = os.path.dirname(os.path.abspath(__file__))
     print(f"machine: {os.cpu_count()} cores, device {args.device}; threads {args.threads}; batch {args.batch}; "
-          f"{args.steps} steps in 2 epochs; --state-update {args.state_update}")
+          f"{args.steps} steps in 2 epochs; --backend {args.backend} --state-update {args.state_update}")
     for size in [float(s) for s in args.sizes.split(",")]:
         shp = shape_for(size)
         with tempfile.TemporaryDirectory() as tmp:
@@ -273,7 +276,7 @@ def main():
                 with (GpuPeak() if cuda else contextlib.nullcontext()) as ours_gpu:
                     _, ours_rss, ours_wall = measured(
                         [BIN, "train", train, "--data", data, "--epochs", "2", "--batch-size", str(args.batch),
-                         "--backend", "ort", "--threads", str(args.threads), "--original", src, "--out", out,
+                         "--backend", args.backend, "--threads", str(args.threads), "--original", src, "--out", out,
                          "--no-shuffle", "--state-update", args.state_update, "--device", args.device, *flags])
                 logs = epoch_logs(out)
                 # Per epoch: the wall time of its steps and the part inside the backend; the
