@@ -468,9 +468,7 @@ impl ConvGeom {
     /// window covers padding). One strided Slice per kernel offset, stacked.
     fn unfold(&self, c: &mut Ctx, x: &str, channels: i64, out: &[i64]) -> String {
         let sp = self.sp;
-        let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
-        perm.swap(0, 1);
-        let mut xp = c.op_a("Transpose", &[x], vec![attr_ints("perm", &perm)]);
+        let mut xp = c.op_a("Transpose", &[x], vec![swap_first_axes(sp + 2)]);
         if self.pads.iter().any(|&p| p != 0) {
             let pads = [&[0, 0], &self.pads[..sp], &[0, 0], &self.pads[sp..]].concat();
             let pads = c.ints(&pads);
@@ -538,9 +536,7 @@ impl ConvGeom {
         let dx = c.op("MatMul", &[&rows, &lands]);
         let shape = c.ints(&[&[channels, -1][..], size].concat());
         let dx = c.op("Reshape", &[&dx, &shape]);
-        let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
-        perm.swap(0, 1);
-        c.op_a("Transpose", &[&dx], vec![attr_ints("perm", &perm)])
+        c.op_a("Transpose", &[&dx], vec![swap_first_axes(sp + 2)])
     }
     /// The size of `fold`'s constant matrix: K O S entries.
     fn fold_size(&self, out: &[i64]) -> i64 {
@@ -588,9 +584,7 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     // g as [Cout, N O], for the matrix forms
     let g2 = match &matrices {
         Some((_, u, f)) if *u || *f => {
-            let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
-            perm.swap(0, 1);
-            let gt = c.op_a("Transpose", &[&g], vec![attr_ints("perm", &perm)]);
+            let gt = c.op_a("Transpose", &[&g], vec![swap_first_axes(sp + 2)]);
             let shape = c.ints(&[ws[0], -1]);
             Some(c.op("Reshape", &[&gt, &shape]))
         }
@@ -662,15 +656,21 @@ pub fn lower_conv(c: &mut Ctx) -> Result<bool> {
         let bias = c.op("Reshape", &[&b, &shape]);
         y = c.op("Add", &[&y, &bias]);
     }
-    let mut perm: Vec<i64> = (0..(sp + 2) as i64).collect();
-    perm.swap(0, 1);
     let output = c.output(0).to_string();
-    c.b.op_named("Transpose", &[&y], vec![attr_ints("perm", &perm)], &output);
+    c.b.op_named("Transpose", &[&y], vec![swap_first_axes(sp + 2)], &output);
     Ok(true)
 }
 
 /// The most output positions per sample of a convolution lowered to one matrix product.
 const LOWER_MAX_POSITIONS: i64 = 16;
+
+/// The attribute of a Transpose exchanging the first two axes of a rank `rank` tensor (batch
+/// and channels: the layout the matrix forms multiply in, and back).
+fn swap_first_axes(rank: usize) -> dagr_onnx::proto::AttributeProto {
+    let mut perm: Vec<i64> = (0..rank as i64).collect();
+    perm.swap(0, 1);
+    attr_ints("perm", &perm)
+}
 
 /// The largest kernel (number of offsets) whose weight gradient is an im2col matrix product.
 const UNFOLD_MAX_KERNEL: i64 = 9;
@@ -1191,13 +1191,13 @@ pub fn cases() -> Vec<crate::cases::Case> {
             attr_ints("pads", &[1, 0, 0, 1]),
             attr_ints("dilations", &[1, 2]),
         ]),
-        // The same forms in 3-D (and the forward lowered: 8 output positions).
+        // The same forms in 3-D (and the forward lowered: 12 output positions).
         case("conv3d_im2col", "Conv", vec![x(&[2, 2, 3, 3, 2]), x(&[32, 2, 2, 2, 1])])
             .attrs(vec![attr_ints("pads", &[0, 1, 0, 0, 0, 0])]),
         // A 1x1 kernel with stride 2 (ResNet's downsampling): input positions no window reads.
-        case("conv2d_1x1_stride2", "Conv", vec![x(&[2, 3, 5, 4]), x(&[4, 3, 1, 1])])
+        case("conv2d_1x1_stride2", "Conv", vec![x(&[2, 3, 5, 4]), x(&[32, 3, 1, 1])])
             .attrs(vec![attr_ints("strides", &[2, 2])]),
-        // A kernel of 12 offsets over 20 output positions: the convolutions' own gradients
+        // A kernel of 12 offsets over 28 output positions: the convolutions' own gradients
         // (the matrix forms are for small kernels and few positions).
         case(
             "conv2d_wide_kernel",
