@@ -588,6 +588,54 @@ fn verify_passes_honest_training_graphs_and_fails_mutated_ones() {
             .collect();
         assert!(failed.contains(&check), "{name} x{by}: failing checks {failed:?}");
     }
+    // BERT's 77 parameter tensors are checked in 24 joint groups: one wrong gradient among them
+    // (half again as large, or of the wrong sign), of a large tensor or a small one in its
+    // group, fails the group that covers it, and that group only. (Tensors whose gradient the
+    // float32 loss cannot resolve, such as the first query layer's here, are no test of this.)
+    let bert = dir.path().join("1.train.onnx");
+    let m = onnx::load(&bert).unwrap();
+    let rec = dagr_inject::train::record_of(&m).unwrap();
+    assert!(rec.params.len() > dagr_inject::verify::MAX_PARAM_CHECKS);
+    let feed = dagr_inject::verify::random_inputs(&m, 4, 0).unwrap();
+    let honest =
+        dagr_inject::verify::param_finite_differences(&bert, &feed, dagr_inject::runtime::Backend::Ort, 3).unwrap();
+    assert_eq!(honest.len(), dagr_inject::verify::MAX_PARAM_CHECKS);
+    let covered: usize = honest.iter().map(|c| c.covers.len().max(1)).sum();
+    assert_eq!(covered, rec.params.len(), "every tensor in one check");
+    for (param, by) in [
+        ("doc_encoder.bert.transformer.layer.0.ffn.lin1.weight", 1.5),
+        ("head.bias", 1.5),
+        ("doc_encoder.bert.transformer.layer.1.sa_layer_norm.weight", -1.0),
+        ("query_encoder.bert.embeddings.word_embeddings.weight", -1.0),
+    ] {
+        let grad = format!("{param}_grad");
+        let mut w = m.clone();
+        let g = w.graph_mut();
+        let producer = g.node.iter_mut().find(|n| n.output.contains(&grad)).unwrap();
+        for o in producer.output.iter_mut().filter(|o| **o == grad) {
+            *o = format!("{grad}/unscaled");
+        }
+        g.initializer.push(onnx::tensor::f32_tensor("mutation/by", &[], &[by]));
+        let mut mul = onnx::proto::NodeProto::new();
+        mul.op_type = "Mul".into();
+        mul.name = "mutation".into();
+        mul.input = vec![format!("{grad}/unscaled"), "mutation/by".into()];
+        mul.output = vec![grad.clone()];
+        g.node.push(mul);
+        let p = dir.path().join("mutated.onnx");
+        onnx::save(&w, &p).unwrap();
+        let checks =
+            dagr_inject::verify::param_finite_differences(&p, &feed, dagr_inject::runtime::Backend::Ort, 3).unwrap();
+        for (c, h) in checks.iter().zip(&honest) {
+            let covers = c.covers.iter().any(|t| t == param) || c.output == grad;
+            assert!(h.pass, "honest {}: rel {:.3e}", h.output, h.rel);
+            assert_eq!(
+                c.pass, !covers,
+                "{param}'s gradient x{by}: {} rel {:.3e}",
+                c.output, c.rel
+            );
+        }
+    }
 }
 
 /// A graph that makes tract panic (a negative GatherND index, which tract 0.23 asserts on)
