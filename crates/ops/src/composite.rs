@@ -114,7 +114,7 @@ pub(crate) mod shapes {
 
 impl Ctx<'_> {
     fn mean_over(&mut self, x: &str, axes: &[i64]) -> String {
-        let h = format!("grad/{}", self.hint());
+        let h = self.hint();
         self.b.reduce("ReduceMean", x, Some(axes), true, &h)
     }
     /// (x - mean) / sqrt(var + eps) over `axes`.
@@ -180,7 +180,7 @@ pub fn lp_norm(c: &mut Ctx) -> Result<Vec<String>> {
         2 => "ReduceL2",
         p => return Err(c.err(format!("p = {p}; the spec allows 1 and 2"))),
     };
-    let h = format!("grad/{}", c.hint());
+    let h = c.hint();
     let norm = c.b.reduce(op, &x, Some(&[axis]), true, &h);
     Ok(vec![c.op("Div", &[&x, &norm])])
 }
@@ -451,7 +451,7 @@ pub fn rotary_embedding(c: &mut Ctx) -> Result<Vec<String>> {
     }
     let (cos, sin) = (caches[0].clone(), caches[1].clone());
     let interleaved = c.attr_i("interleaved", 0) != 0;
-    let hint = format!("grad/{}", c.hint());
+    let hint = c.hint();
     let (x1, x2) = if interleaved {
         let s = c.ints(&[0, 0, 0, half, 2]);
         let pairs = c.op("Reshape", &[&xr, &s]);

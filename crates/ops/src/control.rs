@@ -71,7 +71,7 @@ pub fn if_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String]
         let body = subgraph(c, name)?;
         branches.push(branch_vjp(c, &body, name, g, captured)?);
     }
-    let h = format!("grad/{}", c.hint());
+    let h = c.hint();
     let else_branch = branches.pop().unwrap_or_default();
     let then_branch = branches.pop().unwrap_or_default();
     let outs = c.b.node_n(
@@ -209,7 +209,7 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
         }),
     };
     let vi = body_value_info;
-    let h = format!("grad/{}", c.hint());
+    let h = c.hint();
 
     // 1. The states before each step: the body again, outputting its state inputs as well.
     let pf = format!("{}grad/scan/forward", c.b.prefix);
@@ -405,7 +405,7 @@ pub fn loop_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[Strin
     let k = body.output.len() - 1 - n;
     let is_float = |c: &Ctx, t: &str| c.idx.fact(t).is_some_and(|f| dtype::is_float(f.dtype));
     let scalar = |d: i32| ValueFact::new(d, vec![]);
-    let h = format!("grad/{}", c.hint());
+    let h = c.hint();
     let name_of =
         |rn: &std::collections::HashMap<String, String>, s: &str| rn.get(s).cloned().unwrap_or_else(|| s.to_string());
 

@@ -190,11 +190,11 @@ impl<'a> Ctx<'a> {
     // ---- emitting helpers ------------------------------------------------------------
 
     pub fn op(&mut self, op: &str, inputs: &[&str]) -> String {
-        let h = format!("grad/{}", self.hint());
+        let h = self.hint();
         self.b.op(op, inputs, vec![], &h)
     }
     pub fn op_a(&mut self, op: &str, inputs: &[&str], attrs: Vec<dagr_onnx::proto::AttributeProto>) -> String {
-        let h = format!("grad/{}", self.hint());
+        let h = self.hint();
         self.b.op(op, inputs, attrs, &h)
     }
     /// A scalar constant in the op's float type (`float_type`): float16 and bfloat16 segments
@@ -243,11 +243,11 @@ impl<'a> Ctx<'a> {
     }
     /// A reduction `op` over constant `axes` (an attribute or an input, as the opset wants).
     pub fn reduce(&mut self, op: &str, x: &str, axes: &[i64], keepdims: bool) -> String {
-        let h = format!("grad/{}", self.hint());
+        let h = self.hint();
         self.b.reduce(op, x, Some(axes), keepdims, &h)
     }
     pub fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> String {
-        let h = format!("grad/{}", self.hint());
+        let h = self.hint();
         self.b.unsqueeze(x, axes, &h)
     }
     pub fn cast(&mut self, x: &str, to: i32) -> String {

@@ -858,12 +858,12 @@ pub fn max_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
             let shape = c.shape_of(&x);
             let (from, to) = (c.ints(&[2]), c.ints(&[i64::MAX]));
             let dims = c.op("Slice", &[&shape, &from, &to]);
-            let h = format!("grad/{}", c.hint());
+            let h = c.hint();
             c.b.reduce("ReduceProd", &dims, Some(&[0]), true, &h)
         }
     };
     let attrs = c.node.attribute.clone();
-    let h = format!("grad/{}", c.hint());
+    let h = c.hint();
     let outs = c.b.node_n("MaxPool", &[&x], 2, attrs, &h);
     let idx = &outs[1];
     let local = c.op("Mod", &[idx, &p]);
@@ -987,7 +987,7 @@ pub fn batch_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let bcast: Vec<i64> = stat_axes.clone();
     let (scale, mean_in, var_in) = (c.input(1).to_string(), c.input(3).to_string(), c.input(4).to_string());
     let (mean, var) = if training {
-        let h = format!("grad/{}", c.hint());
+        let h = c.hint();
         let m = c.b.reduce("ReduceMean", &x, Some(&stat_axes), true, &h);
         let d = c.op("Sub", &[&x, &m]);
         let d2 = c.op("Mul", &[&d, &d]);
@@ -1110,7 +1110,7 @@ pub fn instance_norm(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
 /// `x̂ = (x - mean) / sd`, `sd = sqrt(var + eps)`, the moments over `axes` (kept): what
 /// LayerNormalization and InstanceNormalization normalize with.
 fn standardize(c: &mut Ctx, x: &str, axes: &[i64], eps: f64) -> (String, String) {
-    let h = format!("grad/{}", c.hint());
+    let h = c.hint();
     let mean = c.b.reduce("ReduceMean", x, Some(axes), true, &h);
     let xc = c.op("Sub", &[x, &mean]);
     let xc2 = c.op("Mul", &[&xc, &xc]);
@@ -1124,7 +1124,7 @@ fn standardize(c: &mut Ctx, x: &str, axes: &[i64], eps: f64) -> (String, String)
 /// The input gradient of a standardization, given `ĝ` (the output gradient times the scale):
 /// `(ĝ - mean ĝ - x̂ mean(ĝ x̂)) / sd` over `axes`.
 fn standardize_backward(c: &mut Ctx, gh: &str, xhat: &str, sd: &str, axes: &[i64]) -> String {
-    let h = format!("grad/{}", c.hint());
+    let h = c.hint();
     let m1 = c.b.reduce("ReduceMean", gh, Some(axes), true, &h);
     let ghx = c.op("Mul", &[gh, xhat]);
     let m2 = c.b.reduce("ReduceMean", &ghx, Some(axes), true, &h);

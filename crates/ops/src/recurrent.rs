@@ -412,7 +412,7 @@ fn preliminaries(
 ) -> Result<Direction> {
     let hd = s.hidden;
     let gh = s.cell.gates() * hd;
-    let hint = format!("grad/{}", c.hint());
+    let hint = c.hint();
     let (w, r, bias, peep) = (
         c.input(1).to_string(),
         c.input(2).to_string(),
@@ -490,7 +490,7 @@ fn step_mask(c: &mut Ctx, x0: &str, lens: &str) -> String {
 /// One cell, emitted by `c`: the new hidden state and (LSTM) cell state, `[batch, hidden]`.
 #[allow(clippy::too_many_arguments)]
 fn cell_step(c: &mut Ctx, s: &Settings, d: usize, w: &Weights, xw: &str, h: &str, cs: &str) -> (String, String) {
-    let hint = format!("grad/{}", c.hint());
+    let hint = c.hint();
     let (acts, clip, hd) = (&s.acts[d], s.clip, s.hidden);
     let hr = c.op("MatMul", &[h, &w.rt]);
     match s.cell {
@@ -577,7 +577,7 @@ fn scan(
         attr_ints("scan_input_directions", &vec![dir; scans.len()]),
         attr_ints("scan_output_directions", &vec![dir; n_scan_out]),
     ];
-    let h = format!("grad/{}", c.hint());
+    let h = c.hint();
     let mut outs = c.b.node_n("Scan", &inputs, states.len() + n_scan_out, attrs, &h);
     let scanned = outs.split_off(states.len());
     (outs, scanned)
