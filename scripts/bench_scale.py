@@ -37,7 +37,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "dagr-inject")
+# DAGR_INJECT_BIN: another build to measure (an A/B of two commits on one machine).
+BIN = os.environ.get("DAGR_INJECT_BIN") or os.path.join(ROOT, "target", "release", "dagr-inject")
 
 TORCH_LOOP = r'''
 import json, math, os, sys, time
