@@ -94,6 +94,13 @@ fn feed_for(c: &Case, ci: usize) -> Tensors {
                 Value::F32(ArrayD::from_shape_vec(s.clone(), v).unwrap()),
             );
         }
+        if let In::FedInts(d, v) = inp {
+            let shape: Vec<usize> = d.iter().map(|&k| k as usize).collect();
+            feed.insert(
+                format!("in{i}"),
+                Value::I64(ArrayD::from_shape_vec(shape, v.clone()).unwrap()),
+            );
+        }
     }
     feed
 }
@@ -149,6 +156,10 @@ fn try_build_with(c: &Case, symbolic: bool) -> Result<(Model, Vec<String>), dagr
                 continue;
             }
             In::Ints(d, v) => g.initializer.push(tensor::i64_tensor(&name, d, v)),
+            In::FedInts(d, _) => {
+                let dims = d.iter().map(|&k| Dim::Known(k)).collect();
+                g.input.push(ValueFact::new(dtype::INT64, dims).to_value_info(&name));
+            }
             In::F(d, v) => g.initializer.push(tensor::f32_tensor(&name, d, v)),
             In::B(d, v) => {
                 let mut t = tensor::i64_tensor(&name, d, &[]);

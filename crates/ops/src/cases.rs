@@ -15,6 +15,9 @@ pub enum In {
     Captured(Vec<usize>),
     /// Constant int64 input (axes, shapes, indices).
     Ints(Vec<i64>, Vec<i64>),
+    /// An int64 graph input fed these values at every run: values the graph cannot know when
+    /// it is built (pads or sizes computed from data).
+    FedInts(Vec<i64>, Vec<i64>),
     /// Constant float input.
     F(Vec<i64>, Vec<f32>),
     /// Constant bool input.

@@ -29,7 +29,7 @@ pub(crate) static OPS: &[Op] = &[
         2,
         Some(shapes::pad),
         Vjp(pad),
-        "constant: dX = Pad(g, -pads); reflect/edge/wrap: per axis, the transposed map measured on an identity",
+        "constant: dX = Pad(g, -pads); reflect/edge/wrap: per axis, the transposed map measured on an identity (pads known or read at run time)",
     ),
     op(
         "Resize",
@@ -128,7 +128,11 @@ pub(crate) mod shapes {
         let x = c.shape(0)?;
         let r = x.len();
         let pads: Vec<Dim> = if c.has(1) {
-            c.value(1)?
+            // Pads computed at run time: the rank holds, the padded dims are unknown.
+            match c.value(1) {
+                Some(v) => v,
+                None => vec![Dim::Unknown; usize::try_from(c.shape(1)?.first()?.known()?).ok()?],
+            }
         } else {
             c.attr_ints("pads")?.into_iter().map(Dim::Known).collect()
         };
@@ -246,28 +250,72 @@ pub fn pad(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         });
         return Ok(out);
     }
-    let p =
-        pads(c, rank).ok_or_else(|| c.err(format!("in {mode} mode its pads must be known when the graph is built")))?;
-    if p.iter().any(|&(b, e)| b < 0 || e < 0) {
-        return Err(c.err(format!("negative pads in {mode} mode have no gradient rule")));
-    }
     let mut d = g;
-    for (axis, &(b, e)) in p.iter().enumerate() {
-        if (b, e) == (0, 0) {
-            continue;
+    match pads(c, rank) {
+        Some(p) => {
+            if p.iter().any(|&(b, e)| b < 0 || e < 0) {
+                return Err(c.err(format!("negative pads in {mode} mode have no gradient rule")));
+            }
+            for (axis, &(b, e)) in p.iter().enumerate() {
+                if (b, e) == (0, 0) {
+                    continue;
+                }
+                let eye = c.identity_along(&x, axis);
+                let m = if c.b.opset < 11 {
+                    c.op_a(
+                        "Pad",
+                        &[&eye],
+                        vec![attr_string("mode", &mode), attr_ints("pads", &[0, b, 0, e])],
+                    )
+                } else {
+                    let pp = c.ints(&[0, b, 0, e]);
+                    c.op_a("Pad", &[&eye, &pp], vec![attr_string("mode", &mode)])
+                };
+                d = c.apply_transposed(&d, &m, axis, rank);
+            }
         }
-        let eye = c.identity_along(&x, axis);
-        let m = if c.b.opset < 11 {
-            c.op_a(
-                "Pad",
-                &[&eye],
-                vec![attr_string("mode", &mode), attr_ints("pads", &[0, b, 0, e])],
-            )
-        } else {
-            let pp = c.ints(&[0, b, 0, e]);
-            c.op_a("Pad", &[&eye, &pp], vec![attr_string("mode", &mode)])
-        };
-        d = c.apply_transposed(&d, &m, axis, rank);
+        None => {
+            // Pads computed at run time (opset 11 and newer: an input): each padded axis's map
+            // measured with that axis's pads, read from the pads at run time (an axis left
+            // unpadded at run time measures an identity).
+            let axes: Vec<usize> = if c.has_input(3) {
+                c.const_input(3)
+                    .ok_or_else(|| {
+                        c.err(format!(
+                            "in {mode} mode with pads computed at run time, its axes must be a constant"
+                        ))
+                    })?
+                    .iter()
+                    .map(|&a| norm_axis(a, rank))
+                    .collect()
+            } else {
+                (0..rank).collect()
+            };
+            let k = axes.len() as i64;
+            let pads_t = c.input(1).to_string();
+            // What value inference knows of the pads (exporters concatenate run-time pads with
+            // constant zeros for the batch and channel axes): axes padded by zero are skipped.
+            let known: Option<Vec<Dim>> = c.idx.value(&pads_t).cloned().filter(|v| v.len() as i64 == 2 * k);
+            let zero = c.ints(&[0]);
+            for (i, &axis) in axes.iter().enumerate() {
+                let unpadded = known
+                    .as_ref()
+                    .is_some_and(|v| [&v[i], &v[i + k as usize]].iter().all(|d| d.known() == Some(0)));
+                if unpadded {
+                    continue;
+                }
+                let i = i as i64;
+                let read = |c: &mut Ctx, at: i64| {
+                    let (from, to) = (c.ints(&[at]), c.ints(&[at + 1]));
+                    c.op("Slice", &[&pads_t, &from, &to])
+                };
+                let (b, e) = (read(c, i), read(c, i + k));
+                let pp = c.op_a("Concat", &[&zero, &b, &zero, &e], vec![attr_int("axis", 0)]);
+                let eye = c.identity_along(&x, axis);
+                let m = c.op_a("Pad", &[&eye, &pp], vec![attr_string("mode", &mode)]);
+                d = c.apply_transposed(&d, &m, axis, rank);
+            }
+        }
     }
     out[0] = Some(d);
     Ok(out)
@@ -442,6 +490,27 @@ pub fn cases() -> Vec<crate::cases::Case> {
         .only(ORT_ONLY),
         case("pad_reflect", "Pad", vec![x(&[2, 4]), ints(&[0, 2, 0, 1])]).attrs(vec![attr_string("mode", "reflect")]),
         case("pad_edge", "Pad", vec![x(&[3, 2]), ints(&[2, 1, 1, 3])]).attrs(vec![attr_string("mode", "edge")]),
+        // Pads fed at run time: every axis's map read from them (the first axis's unpadded);
+        // tract 0.23 runs Pad with constant pads only.
+        case(
+            "pad_reflect_run_time_pads",
+            "Pad",
+            vec![x(&[2, 3, 5]), In::FedInts(vec![6], vec![0, 1, 2, 0, 2, 1])],
+        )
+        .attrs(vec![attr_string("mode", "reflect")])
+        .run_time_dim(0, 0)
+        .run_time_dim(0, 1)
+        .run_time_dim(0, 2)
+        .only(ORT_ONLY),
+        case(
+            "pad_edge_run_time_pads_axes",
+            "Pad",
+            vec![x(&[2, 3, 4]), In::FedInts(vec![2], vec![3, 1]), In::Absent, ints(&[-1])],
+        )
+        .attrs(vec![attr_string("mode", "edge")])
+        .opset(18)
+        .run_time_dim(0, 2)
+        .only(ORT_ONLY),
         case(
             "pad_wrap_axes",
             "Pad",
