@@ -148,7 +148,7 @@ pub fn backward(
             idx,
             consts: &consts,
             node: n,
-            differentiate: differentiate_subgraph,
+            differentiate: Some(differentiate_subgraph),
         };
         if !wanted.is_empty() && !matches!(rule.kind, Kind::Subgraph(_)) {
             return Err(ctx.err(format!(

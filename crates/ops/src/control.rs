@@ -118,7 +118,7 @@ fn branch_vjp(
         .collect();
     let wrt: Vec<String> = captured.iter().filter(|x| reads.contains(x)).cloned().collect();
     let label = format!("the {which} of If node '{}'", c.node.name);
-    let mut grads = (c.differentiate)(c.model, c.idx, &mut bb, &label, &inputs, range, &seeds, &wrt)?;
+    let mut grads = c.engine(&label)?(c.model, c.idx, &mut bb, &label, &inputs, range, &seeds, &wrt)?;
     // One output per captured tensor: its gradient, or zeros shaped like it.
     let mut out = GraphProto::new();
     out.name = bb.names.fresh(&format!("{}grad/if/{which}", c.b.prefix));
@@ -294,7 +294,7 @@ pub fn scan(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[String
     wrt.extend((0..m).filter(|&j| is_float(c, &inputs[n + j])).map(|j| x_t[j].clone()));
     wrt.extend(captured.iter().cloned());
     let label = format!("the body of Scan node '{}' (one step)", c.node.name);
-    let mut grads = (c.differentiate)(c.model, c.idx, &mut bb, &label, &facts, range, &seeds, &wrt)?;
+    let mut grads = c.engine(&label)?(c.model, c.idx, &mut bb, &label, &facts, range, &seeds, &wrt)?;
     let mut bg = GraphProto::new();
     bg.name = bb.names.fresh(&format!("{p}/step"));
     let states: Vec<(&str, &str, &str)> = float_states
@@ -510,7 +510,7 @@ pub fn loop_(c: &mut Ctx, g: &[Option<String>], need: &[bool], captured: &[Strin
     let mut wrt: Vec<String> = float_states.iter().map(|&i| s_t[i].clone()).collect();
     wrt.extend(captured.iter().cloned());
     let label = format!("the body of Loop node '{}' (one iteration)", c.node.name);
-    let mut grads = (c.differentiate)(c.model, c.idx, &mut bb, &label, &facts, range, &seeds, &wrt)?;
+    let mut grads = c.engine(&label)?(c.model, c.idx, &mut bb, &label, &facts, range, &seeds, &wrt)?;
     let mut bg = GraphProto::new();
     bg.name = bb.names.fresh(&format!("{p}/iteration"));
     bg.input.push(body_value_info(&it_b, &scalar(dtype::INT64)));

@@ -17,8 +17,9 @@ pub struct Ctx<'a> {
     pub consts: &'a HashMap<String, Vec<i64>>,
     pub node: &'a NodeProto,
     /// The engine, for rules that differentiate a body they emit themselves (a recurrent
-    /// cell's step, inside the backward Scan they build).
-    pub differentiate: Differentiate,
+    /// cell's step, inside the backward Scan they build); none where nothing is differentiated
+    /// (a lowering).
+    pub differentiate: Option<Differentiate>,
 }
 
 /// A subgraph's input or output (a Scan body's, an If branch's): known dims kept, symbolic ones
@@ -369,6 +370,13 @@ impl Ctx<'_> {
         b
     }
 
+    /// The engine (`differentiate`), or an error naming `label` where there is none (a
+    /// lowering's context).
+    pub fn engine(&self, label: &str) -> Result<Differentiate> {
+        self.differentiate
+            .ok_or_else(|| Error::Internal(format!("{label}: differentiated where nothing is (a lowering)")))
+    }
+
     /// Differentiate what the rule emitted in `range` (of its builder's nodes and
     /// initializers), as a graph of its own whose inputs are the node's inputs: the gradient of
     /// each input that `need` asks for, from the `seeds` on emitted tensors.
@@ -395,7 +403,7 @@ impl Ctx<'_> {
             .filter(|x| n.input.iter().zip(need).any(|(i, &w)| w && i == x))
             .collect();
         let label = format!("{} node '{}'", n.op_type, n.name);
-        let mut grads = (self.differentiate)(self.model, self.idx, self.b, &label, &inputs, range, seeds, &wrt)?;
+        let mut grads = self.engine(&label)?(self.model, self.idx, self.b, &label, &inputs, range, seeds, &wrt)?;
         Ok(n.input
             .iter()
             .zip(need)

@@ -216,7 +216,7 @@ pub fn lower(model: &mut Model, idx: &GraphIndex, positions: std::ops::Range<usi
             idx,
             consts: &consts,
             node: n,
-            differentiate: differentiates_nothing,
+            differentiate: None,
         };
         if lower(&mut c)? {
             spans.push((i, start..b.nodes.len()));
@@ -231,23 +231,6 @@ pub fn lower(model: &mut Model, idx: &GraphIndex, positions: std::ops::Range<usi
     }
     g.initializer.append(&mut b.initializers);
     Ok(count)
-}
-
-/// The `Ctx::differentiate` of a lowering, which differentiates nothing.
-#[allow(clippy::too_many_arguments)]
-fn differentiates_nothing(
-    _: &Model,
-    _: &GraphIndex,
-    _: &mut dagr_onnx::builder::Builder,
-    label: &str,
-    _: &[(String, dagr_onnx::ValueFact)],
-    _: ctx::Emitted,
-    _: &[(String, String)],
-    _: &[String],
-) -> Result<HashMap<String, String>> {
-    Err(dagr_onnx::error::Error::Internal(format!(
-        "{label}: a lowering differentiates nothing"
-    )))
 }
 
 /// The finite-difference cases of every rule, each module's beside its rules.

@@ -761,7 +761,7 @@ fn backward_scan(
     wrt.extend(weights.iter().map(|w| w.0.clone()));
     let label = format!("{} node '{}' (one step)", c.node.op_type, c.node.name);
     let range = (0..bb.nodes.len(), 0..bb.initializers.len());
-    let mut grads = (c.differentiate)(c.model, c.idx, &mut bb, &label, &cell_inputs, range, &seeds, &wrt)?;
+    let mut grads = c.engine(&label)?(c.model, c.idx, &mut bb, &label, &cell_inputs, range, &seeds, &wrt)?;
     let mut take = |bb: &mut Builder, t: &str, like: &str| -> String {
         grads.remove(t).unwrap_or_else(|| {
             let s = bb.op("Shape", &[like], vec![], "grad/scan");
