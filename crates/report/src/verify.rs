@@ -448,8 +448,9 @@ const FD_TOLERANCE: f64 = 2e-2;
 /// expected size, up to which that step's finite difference can accept an analytic value.
 const RESOLVED: f64 = 0.25;
 
-/// How many times its typical entry a tensor of a joint check whose share of the directional
-/// derivative is below the group's median may be moved, to weigh as much as the median.
+/// In a joint check, a tensor whose share of the directional derivative is below the group's
+/// median is moved by more than its typical entry, to weigh as much as the median: at most this
+/// many times more.
 const UPSCALE: f64 = 10.0;
 
 /// Directional finite differences of the scalar output `loss` with respect to the inputs in
