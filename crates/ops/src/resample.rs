@@ -250,7 +250,13 @@ pub fn pad(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         });
         return Ok(out);
     }
-    let mut d = g;
+    // Per padded axis, the pads of its identity: `[0, begin, 0, end]`, the Pad's attribute
+    // before opset 11, else an input (constant, or read from the pads at run time).
+    enum Along {
+        Attr([i64; 4]),
+        Input(String),
+    }
+    let mut along: Vec<(usize, Along)> = Vec::new();
     match pads(c, rank) {
         Some(p) => {
             if p.iter().any(|&(b, e)| b < 0 || e < 0) {
@@ -260,24 +266,18 @@ pub fn pad(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
                 if (b, e) == (0, 0) {
                     continue;
                 }
-                let eye = c.identity_along(&x, axis);
-                let m = if c.b.opset < 11 {
-                    c.op_a(
-                        "Pad",
-                        &[&eye],
-                        vec![attr_string("mode", &mode), attr_ints("pads", &[0, b, 0, e])],
-                    )
-                } else {
-                    let pp = c.ints(&[0, b, 0, e]);
-                    c.op_a("Pad", &[&eye, &pp], vec![attr_string("mode", &mode)])
-                };
-                d = c.apply_transposed(&d, &m, axis, rank);
+                along.push((
+                    axis,
+                    match c.b.opset < 11 {
+                        true => Along::Attr([0, b, 0, e]),
+                        false => Along::Input(c.ints(&[0, b, 0, e])),
+                    },
+                ));
             }
         }
         None => {
-            // Pads computed at run time (opset 11 and newer: an input): each padded axis's map
-            // measured with that axis's pads, read from the pads at run time (an axis left
-            // unpadded at run time measures an identity).
+            // Pads computed at run time (opset 11 and newer: an input): each axis's pads read
+            // from them at run time (an axis left unpadded at run time measures an identity).
             let axes: Vec<usize> = if c.has_input(3) {
                 c.const_input(3)
                     .ok_or_else(|| {
@@ -311,11 +311,19 @@ pub fn pad(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
                 };
                 let (b, e) = (read(c, i), read(c, i + k));
                 let pp = c.op_a("Concat", &[&zero, &b, &zero, &e], vec![attr_int("axis", 0)]);
-                let eye = c.identity_along(&x, axis);
-                let m = c.op_a("Pad", &[&eye, &pp], vec![attr_string("mode", &mode)]);
-                d = c.apply_transposed(&d, &m, axis, rank);
+                along.push((axis, Along::Input(pp)));
             }
         }
+    }
+    let mut d = g;
+    for (axis, pads) in along {
+        let eye = c.identity_along(&x, axis);
+        let mode = attr_string("mode", &mode);
+        let m = match pads {
+            Along::Attr(p) => c.op_a("Pad", &[&eye], vec![mode, attr_ints("pads", &p)]),
+            Along::Input(p) => c.op_a("Pad", &[&eye, &p], vec![mode]),
+        };
+        d = c.apply_transposed(&d, &m, axis, rank);
     }
     out[0] = Some(d);
     Ok(out)
