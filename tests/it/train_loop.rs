@@ -314,6 +314,142 @@ fn step_graph_is_standard_onnx() {
     }
 }
 
+/// In place, the step's test of each update is a bound from norms (no candidate update is
+/// made): checked against the exact test of the same step (every candidate's finiteness, as
+/// the two-set step graph makes it) over states and learning rates from ordinary to past
+/// float32's range. The bound never accepts an update the exact test refuses, refuses nothing
+/// at ordinary magnitudes, and where it accepts, the in-place graph writes exactly the two-set
+/// graph's update (and the old state where it refuses). AdamW with eps 0 has no bound: its
+/// in-place graph tests the candidates.
+#[test]
+fn in_place_bounds_refuse_every_update_the_exact_test_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = training_graph("av_mlp.legacy.onnx", &["logits".into()], dir.path());
+    let m = onnx::load(&graph).unwrap();
+    let rec = dagr_inject::train::record_of(&m).unwrap();
+    let idx = dagr_inject::ops::index(&m).unwrap();
+    let adamw = |eps| Optimizer::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps,
+        weight_decay: 0.01,
+    };
+    let sgd = Optimizer::Sgd {
+        momentum: 0.9,
+        nesterov: true,
+        weight_decay: 1e-4,
+    };
+    let mut false_refusals = 0;
+    for (opt, bounded) in [(adamw(1e-8), true), (sgd, true), (adamw(0.0), false)] {
+        let exact = step_graph::build(&m, &rec, opt, None, false).unwrap();
+        let gated = step_graph::build(&m, &rec, opt, None, true).unwrap();
+        assert!(!exact.check_bounds && gated.in_place);
+        assert_eq!(gated.check_bounds, bounded, "{opt:?}");
+        let (pe, pg) = (dir.path().join("exact.onnx"), dir.path().join("gated.onnx"));
+        onnx::save(&exact.model, &pe).unwrap();
+        onnx::save(&gated.model, &pg).unwrap();
+        let t = Trainer::new(&graph, settings(opt, 1e-3, Backend::Ort)).unwrap();
+        let data = optim_data(&t, "av_mlp", &idx);
+        let start = t.state().unwrap();
+        let rows: Vec<usize> = (0..8).collect();
+        // (parameter scale, first slot's values, second slot's, learning rate): ordinary
+        // first, then towards and past float32's range.
+        for (k, &(ps, m1, m2, lr)) in [
+            (1.0, 1e-3, 1e-6, 1e-3),
+            (1.0, 1.0, 0.0, 10.0),
+            (3.0, 1e3, 1e6, 1e3),
+            (1.0, 1e30, 0.0, 1e-3),
+            (1.0, 1e36, 0.0, 1.0),
+            (1.0, 1e36, 1e30, 1e-3),
+            (1.0, 1e-3, 3e38, 1e-3),
+            (1.0, 1e-3, 1e-6, 1e36),
+            (1.0, 1e3, 0.0, 1e36),
+            (1e15, 1e-3, 1e-6, 1e-3),
+            (1.0, 3e38, 0.0, 1e-3),
+            (1.0, 1e-3, 1e-6, 3e38),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut feed = data.batch(&rows);
+            for (name, v) in opt.scalars(lr, 3) {
+                feed.insert(name.to_string(), Value::F32(ndarray::arr0(v as f32).into_dyn()));
+            }
+            for l in &gated.state {
+                let fill = |v: f64| start[&l.key].mapv(|_| v as f32);
+                let v = if l.key == step_graph::param_key(&l.input) {
+                    start[&l.key].mapv(|x| x * ps)
+                } else if l.key.starts_with("m/") {
+                    fill(m1)
+                } else {
+                    fill(m2)
+                };
+                feed.insert(l.input.clone(), Value::F32(v));
+            }
+            let mut names: Vec<String> = gated.state.iter().map(|l| l.output.clone()).collect();
+            names.push(step_graph::STATE_CHECK.into());
+            let got = run(Backend::Ort, &pg, &feed, &names);
+            let want = run(
+                Backend::Ort,
+                &pe,
+                &feed,
+                &[
+                    step_graph::STATE_CHECK.to_string(),
+                    step_graph::GRAD_SQ.to_string(),
+                    rec.loss.clone(),
+                ],
+            );
+            let (b, e) = (
+                f32_of(&got, step_graph::STATE_CHECK),
+                f32_of(&want, step_graph::STATE_CHECK),
+            );
+            let gsq = f32_of(&want, step_graph::GRAD_SQ);
+            assert_eq!(exact.state.len(), gated.state.len());
+            let loss = f32_of(&want, &rec.loss);
+            let mut accepted = gsq.iter().chain(&loss).all(|v| v.is_finite());
+            for (i, (le, lg)) in exact.state.iter().zip(&gated.state).enumerate() {
+                assert_eq!(le.key, lg.key);
+                assert!(
+                    e[i] == 0.0 || b[i] == 1.0,
+                    "{opt:?} case {k}: the exact test refuses {}, the bound accepts it",
+                    le.key
+                );
+                if k < 3 {
+                    assert_eq!(
+                        b[i], e[i],
+                        "{opt:?} case {k}: {} judged otherwise at ordinary magnitudes",
+                        le.key
+                    );
+                    assert!(e[i] == 0.0 || !bounded, "{opt:?} case {k}: {} refused", le.key);
+                }
+                false_refusals += usize::from(b[i] != e[i]);
+                accepted &= b[i] == 0.0;
+            }
+            let want_state = run(
+                Backend::Ort,
+                &pe,
+                &feed,
+                &exact.state.iter().map(|l| l.output.clone()).collect::<Vec<_>>(),
+            );
+            for (le, lg) in exact.state.iter().zip(&gated.state) {
+                let v = f32_of(&got, &lg.output);
+                let expect = match accepted {
+                    true => f32_of(&want_state, &le.output),
+                    false => feed[&lg.input].as_f32().unwrap().clone(),
+                };
+                assert!(
+                    v.iter().zip(&expect).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{opt:?} case {k}: {} is not the {} state",
+                    le.key,
+                    if accepted { "updated" } else { "old" }
+                );
+            }
+        }
+    }
+    // The bound is not the exact test: past float32's range it refuses some finite updates.
+    assert!(false_refusals > 0);
+}
+
 /// A step graph in which a parameter is read after its update could be written (here: an
 /// output that copies the parameter and feeds nothing the update waits for) is not updated in
 /// place, and ONNX Runtime keeps two state sets for it; both ways give the same steps.

@@ -210,4 +210,82 @@ impl Optimizer {
             }
         }
     }
+
+    /// Whether `emit_bounds` bounds this optimizer's update.
+    pub fn bounded(self) -> bool {
+        match self {
+            Optimizer::AdamW { eps, .. } => eps > 0.0,
+            Optimizer::Sgd { .. } => true,
+        }
+    }
+
+    /// Bounds of the update `emit_update` makes of parameter `p` with slots `slots`, from
+    /// magnitudes known without making it: the L1 norms of the parameter and of its slots (each
+    /// at least the largest magnitude in its tensor, in float32 too: a sum of magnitudes rounded
+    /// to nearest never falls below its largest term; one pass over each, and a NaN or an
+    /// infinity makes it non-finite), and `g_sq`, the gradient's squared L2 norm (its root
+    /// bounds every entry of the gradient, clipped or not). Returns,
+    /// for the parameter and for each slot in order, a value at least as large as every
+    /// magnitude the update computes on its way to that tensor, so that where the bound is
+    /// finite with a margin the update is finite; `None` for an update that no magnitude bounds
+    /// (AdamW with eps 0 divides by `sqrt(v)`, which may be 0).
+    ///
+    /// SGD: `|d| <= G + wd |p|`, `|buf'| <= mu |buf| + |d|`, `|p'| <= |p| + lr |d'|`. AdamW:
+    /// `|m'| <= b1 |m| + (1 - b1) G`, `v' <= b2 v + (1 - b2) G^2` (the second moment is never
+    /// negative: its updates keep it so, and a resumed one is checksummed),
+    /// `|p'| <= |decay| |p| + |step size| |m'| / eps` (the denominator is at least eps).
+    pub fn emit_bounds(self, b: &mut Builder, p: &str, slots: &[String], g_sq: &str) -> Option<(String, Vec<String>)> {
+        if !self.bounded() {
+            return None;
+        }
+        let l1 = |b: &mut Builder, x: &str| b.reduce("ReduceL1", x, None, false, "bound");
+        let p_l1 = &l1(b, p);
+        let slot_l1: Vec<String> = slots.iter().map(|s| l1(b, s)).collect();
+        let g_max = b.unary("Sqrt", g_sq, "bound");
+        let plus = |b: &mut Builder, x: &str, k: f64, y: &str| -> String {
+            let k = b.scalar(k);
+            let kx = b.binary("Mul", x, &k, "bound");
+            b.binary("Add", &kx, y, "bound")
+        };
+        match self {
+            Optimizer::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            } => {
+                let mut d = g_max;
+                if weight_decay != 0.0 {
+                    d = plus(b, p_l1, weight_decay, &d);
+                }
+                let mut slots = Vec::new();
+                if momentum != 0.0 {
+                    let buf = plus(b, &slot_l1[0], momentum, &d);
+                    d = if nesterov {
+                        plus(b, &buf, momentum, &d)
+                    } else {
+                        buf.clone()
+                    };
+                    slots.push(buf);
+                }
+                let lr = b.unary("Abs", scalar::LR, "bound");
+                let step = b.binary("Mul", &d, &lr, "bound");
+                Some((b.binary("Add", p_l1, &step, "bound"), slots))
+            }
+            Optimizer::AdamW { beta1, beta2, eps, .. } => {
+                let omb1 = b.scalar(1.0 - beta1);
+                let m_new = b.binary("Mul", &g_max, &omb1, "bound");
+                let m = plus(b, &slot_l1[0], beta1, &m_new);
+                let omb2 = b.scalar(1.0 - beta2);
+                let v_new = b.binary("Mul", g_sq, &omb2, "bound");
+                let v = plus(b, &slot_l1[1], beta2, &v_new);
+                let size = b.unary("Abs", scalar::STEP_SIZE, "bound");
+                let eps = b.scalar(eps);
+                let ratio = b.binary("Div", &m, &eps, "bound");
+                let step = b.binary("Mul", &ratio, &size, "bound");
+                let decay = b.unary("Abs", scalar::DECAY, "bound");
+                let decayed = b.binary("Mul", p_l1, &decay, "bound");
+                Some((b.binary("Add", &decayed, &step, "bound"), vec![m, v]))
+            }
+        }
+    }
 }

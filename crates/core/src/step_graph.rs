@@ -28,7 +28,10 @@ pub const GRAD_SQ: &str = "dagr/opt/grad_sq";
 /// the tensor's sum non-finite, and the sum of finite elements scaled by 2^-64 cannot overflow
 /// (2^31 elements of at most 3.4e38 * 2^-64 sum below 4e28), so `IsNaN or IsInf` of
 /// `ReduceSum(x * 2^-64)` is exact: two passes over the state instead of five (`x * 0` would do
-/// in exact arithmetic, but runtimes fold a product with zero away).
+/// in exact arithmetic, but runtimes fold a product with zero away). Where the update is made
+/// in place and bounded (`StepRecord::check_bounds`), 1 where its bound is not finite with a
+/// margin of 4: the test refuses every update that is not finite, and also the finite ones
+/// within 4x of float32's range (or whose norms overflow), without making them.
 /// The host refuses a step whose update is not finite before making it the state.
 pub const STATE_CHECK: &str = "dagr/opt/state_check";
 
@@ -58,6 +61,11 @@ pub struct StepRecord {
     /// bind each state output to its input's buffer: one copy of the state instead of two.
     #[serde(default)]
     pub in_place: bool,
+    /// The state check of a parameter and its slots bounds the update from norms (the update is
+    /// then made once, after the test; `Optimizer::emit_bounds`): 1 where the bound comes within
+    /// a factor of 4 of float32's range, which an update that is finite but that large also does.
+    #[serde(default)]
+    pub check_bounds: bool,
 }
 
 /// Checkpoint and state keys: `param/<name>`, `bn/<name>`, `m/<name>`, `v/<name>`.
@@ -79,14 +87,17 @@ pub struct StepGraph {
     pub scalars: Vec<&'static str>,
     /// See `StepRecord::in_place`.
     pub in_place: bool,
+    /// See `StepRecord::check_bounds`.
+    pub check_bounds: bool,
     /// State it only reads (an update graph's accumulated gradients; none in a whole step).
     pub reads: Vec<StateRead>,
 }
 
 /// Fold `opt` (and clipping to `clip` if given) into the training graph `train`. With
-/// `in_place`, each state output is gated (`Where(accepted, update, state)`, the update
-/// computed a second time after the acceptance test) so that it can share its input's buffer:
-/// one copy of the state instead of two, for about twice the update's element-wise passes
+/// `in_place`, each state output is gated (`Where(accepted, update, state)`, the update made
+/// after the acceptance test, which bounds it from norms: `StepRecord::check_bounds`; where
+/// the optimizer has no bound, the test makes a candidate update and the update is made a
+/// second time) so that it can share its input's buffer: one copy of the state instead of two
 /// (see `StepRecord::in_place` for whether the graph allows it). Without, the outputs are the
 /// updates, which the host discards when it rejects the step.
 pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>, in_place: bool) -> Result<StepGraph> {
@@ -123,7 +134,7 @@ fn fold(
 
     let flat_shape = b.const_i64(&[-1]);
     let grads: Vec<&str> = rec.params.iter().map(|p| p.1.as_str()).collect();
-    per_tensor(&mut b, &grads, &flat_shape, GRAD_SQ, |b, flat| {
+    let g_sq = per_tensor(&mut b, &grads, &flat_shape, GRAD_SQ, |b, flat| {
         b.reduce("ReduceSumSquare", flat, Some(&[0]), true, "norm")
     });
     let scale = clip.map(|c| clip_coefficient(&mut b, c));
@@ -132,7 +143,8 @@ fn fold(
     // gated update goes to.
     struct Update {
         link: StateLink,
-        candidate: String,
+        /// None where the update is made only once, after the test (`bounded`).
+        candidate: Option<String>,
         fact: ValueFact,
     }
     let mut updates: Vec<Update> = Vec::new();
@@ -145,7 +157,10 @@ fn fold(
     let tiny = b.scalar((-64f64).exp2());
     let mut parts: Vec<String> = Vec::new();
     let mut slot_inputs_of: Vec<Vec<String>> = Vec::new();
-    for (p, g) in &rec.params {
+    // In place, the test bounds each update from norms where the optimizer allows it
+    // (`Optimizer::emit_bounds`) instead of making it twice, once to test it.
+    let bounded = in_place && opt.bounded();
+    for ((p, g), g_sq) in rec.params.iter().zip(&g_sq) {
         let fact = fact_of(p);
         let g = match &scale {
             Some(s) => b.binary("Mul", g, s, "clip"),
@@ -160,12 +175,26 @@ fn fold(
                 name
             })
             .collect();
-        let (p_next, slots_next) = opt.emit_update(&mut b, p, &g, &slot_inputs, None);
-        // Each candidate is checked right after it is made, so that a runtime following the
-        // node order frees it before the next parameter's update.
-        for c in std::iter::once(&p_next).chain(&slots_next) {
-            parts.push(check_part(&mut b, c, &flat_shape, &tiny));
-        }
+        let bounds = bounded
+            .then(|| opt.emit_bounds(&mut b, p, &slot_inputs, g_sq))
+            .flatten();
+        let (p_next, slots_next) = match bounds {
+            Some((p_bound, slot_bounds)) => {
+                for x in std::iter::once(&p_bound).chain(&slot_bounds) {
+                    parts.push(bound_part(&mut b, x, &flat_shape));
+                }
+                (None, vec![None; slot_bounds.len()])
+            }
+            None => {
+                let (p_next, slots_next) = opt.emit_update(&mut b, p, &g, &slot_inputs, None);
+                // Each candidate is checked right after it is made, so that a runtime following
+                // the node order frees it before the next parameter's update.
+                for c in std::iter::once(&p_next).chain(&slots_next) {
+                    parts.push(check_part(&mut b, c, &flat_shape, &tiny));
+                }
+                (Some(p_next), slots_next.into_iter().map(Some).collect())
+            }
+        };
         updates.push(Update {
             link: StateLink {
                 key: param_key(p),
@@ -200,7 +229,7 @@ fn fold(
                     input: init.clone(),
                     output: b.names.fresh(&format!("dagr/opt/next/{init}")),
                 },
-                candidate: next.clone(),
+                candidate: Some(next.clone()),
                 fact: fact_of(init),
             });
         }
@@ -224,14 +253,17 @@ fn fold(
     if !in_place {
         let mut state = Vec::new();
         for u in updates {
-            if bn_outputs.contains(&u.candidate) {
+            let candidate = u
+                .candidate
+                .ok_or_else(|| Error::Internal("an update of two state sets not made".into()))?;
+            if bn_outputs.contains(&candidate) {
                 // BatchNorm's statistics: the training graph's own outputs.
                 state.push(StateLink {
-                    output: u.candidate,
+                    output: candidate,
                     ..u.link
                 });
             } else {
-                b.op_named("Identity", &[&u.candidate], vec![], &u.link.output);
+                b.op_named("Identity", &[&candidate], vec![], &u.link.output);
                 new_outputs.push((u.link.output.clone(), u.fact));
                 state.push(u.link);
             }
@@ -239,14 +271,16 @@ fn fold(
         b.finish(&mut model);
         let fed: Vec<&str> = state.iter().map(|l| l.input.as_str()).collect();
         rewire(&mut model, rec, &fed, new_inputs, new_outputs);
-        return finish(model, rec, opt, clip, state, false, loss.unwrap_or_default());
+        return finish(model, rec, opt, clip, state, (false, false), loss.unwrap_or_default());
     }
 
-    // The step is accepted when the loss, every squared gradient norm and every candidate update
-    // are finite: exactly the host's test. Each state output is `Where(ok, update, state)`, the
-    // update computed a second time from `Where(ok, gradient, 0)`, so that it depends on `ok`
-    // (a runtime cannot merge it with the first emission) and is written only after every reader
-    // of the old state has run: the state outputs can be bound to the state inputs' own buffers.
+    // The step is accepted when the loss and every squared gradient norm are finite and every
+    // update is: bounded far from float32's range (`bounded`, see `Optimizer::emit_bounds`), or
+    // else its candidate finite, exactly the host's test. Each state output is
+    // `Where(ok, update, state)`, written only after every reader of the old state has run: the
+    // state outputs can be bound to the state inputs' own buffers. Bounded, the update is made
+    // once, after the test; else it is computed a second time from `Where(ok, gradient, 0)`, so
+    // that it depends on `ok` (a runtime cannot merge it with the candidate).
     let mut flags: Vec<String> = vec![bad];
     if let Some(loss) = loss {
         let nan = b.unary("IsNaN", loss, "accept");
@@ -277,17 +311,24 @@ fn fold(
         state.push(u.link);
         Ok(())
     };
-    // Parameter by parameter: the update again, and its gated writes.
+    // Parameter by parameter: the update (again where unbounded), and its gated writes.
     for ((p, _), (g, slot_inputs)) in rec.params.iter().zip(clipped.iter().zip(&slot_inputs_of)) {
-        let gated = b.op("Where", &[&ok, g, &zero], vec![], "accept");
-        let (p_next, slots_next) = opt.emit_update(&mut b, p, &gated, slot_inputs, Some(&ok));
+        let (p_next, slots_next) = if bounded {
+            opt.emit_update(&mut b, p, g, slot_inputs, None)
+        } else {
+            let gated = b.op("Where", &[&ok, g, &zero], vec![], "accept");
+            opt.emit_update(&mut b, p, &gated, slot_inputs, Some(&ok))
+        };
         for value in std::iter::once(p_next).chain(slots_next) {
             write(&mut b, &value, pending.next())?;
         }
     }
     // BatchNorm's statistics.
     for u in pending {
-        let value = u.candidate.clone();
+        let value = u
+            .candidate
+            .clone()
+            .ok_or_else(|| Error::Internal("a statistic without its update".into()))?;
         write(&mut b, &value, Some(u))?;
     }
     b.finish(&mut model);
@@ -298,7 +339,15 @@ fn fold(
     model.graph_mut().output.retain(|o| !bn_outputs.contains(&o.name));
     dagr_onnx::index::prune(&mut model);
     let in_place = state_written_last(&model, &state, Some(&ok));
-    finish(model, rec, opt, clip, state, in_place, loss.unwrap_or_default())
+    finish(
+        model,
+        rec,
+        opt,
+        clip,
+        state,
+        (in_place, bounded),
+        loss.unwrap_or_default(),
+    )
 }
 
 /// The boolean scalar input of a gradient graph that starts a new sum: the accumulated
@@ -477,6 +526,7 @@ fn gradient_graph(train: &Model, rec: &TrainRecord) -> Result<StepGraph> {
         state,
         scalars: Vec::new(),
         in_place,
+        check_bounds: false,
         reads,
     })
 }
@@ -488,7 +538,7 @@ fn finish(
     opt: Optimizer,
     clip: Option<f64>,
     state: Vec<StateLink>,
-    in_place: bool,
+    (in_place, check_bounds): (bool, bool),
     loss: &str,
 ) -> Result<StepGraph> {
     let scalars = opt.scalar_names();
@@ -502,6 +552,7 @@ fn finish(
         state_check: STATE_CHECK.into(),
         params: rec.params.iter().map(|p| p.0.clone()).collect(),
         in_place,
+        check_bounds,
     };
     model.remove_metadata(crate::training::METADATA_KEY);
     model.set_metadata(
@@ -514,6 +565,7 @@ fn finish(
         state,
         scalars,
         in_place,
+        check_bounds,
         reads: Vec::new(),
     })
 }
@@ -523,6 +575,16 @@ fn check_part(b: &mut Builder, x: &str, flat_shape: &str, tiny: &str) -> String 
     let flat = b.op("Reshape", &[x, flat_shape], vec![], "flat");
     let scaled = b.binary("Mul", &flat, tiny, "check");
     b.reduce("ReduceSum", &scaled, Some(&[0]), true, "check")
+}
+
+/// A bound of an update (`Optimizer::emit_bounds`) as a one-element check: the bound times 4,
+/// infinite (or NaN) where the update could come within a factor of 4 of float32's largest
+/// value, which leaves the update's own few roundings far from overflowing; so the check reads
+/// like `check_part`'s: finite where the update is.
+fn bound_part(b: &mut Builder, bound: &str, flat_shape: &str) -> String {
+    let four = b.scalar(4.0);
+    let margin = b.binary("Mul", bound, &four, "bound");
+    b.op("Reshape", &[&margin, flat_shape], vec![], "bound")
 }
 
 /// Whether every node reading a state input is the node writing its output or one of that
@@ -590,14 +652,15 @@ fn state_written_last(model: &Model, state: &[StateLink], ok: Option<&str>) -> b
     })
 }
 
-/// `out = Concat(f(flatten(x)) for x in xs)`: one value per tensor (squared norms, checks).
+/// `out = Concat(f(flatten(x)) for x in xs)`: one value per tensor (squared norms, checks);
+/// returns the parts.
 fn per_tensor(
     b: &mut Builder,
     xs: &[&str],
     flat_shape: &str,
     out: &str,
     mut f: impl FnMut(&mut Builder, &str) -> String,
-) {
+) -> Vec<String> {
     let parts: Vec<String> = xs
         .iter()
         .map(|x| {
@@ -607,6 +670,7 @@ fn per_tensor(
         .collect();
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     b.op_named("Concat", &refs, vec![attr_int("axis", 0)], out);
+    parts
 }
 
 /// `min(max_norm / (||g|| + 1e-6), 1)` over all gradients (`torch.nn.utils.clip_grad_norm_`),

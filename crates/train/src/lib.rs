@@ -73,10 +73,10 @@ pub enum StateUpdate {
     /// Two sets of buffers, one read and one written per step, swapped when the step is
     /// accepted: the fastest update, twice the state's memory.
     TwoSets,
-    /// One set: the step graph gates every write on the step's acceptance and computes the
-    /// update a second time after the test, so that each output can share its input's buffer
-    /// (ONNX Runtime only, where the graph allows it: `StepRecord::in_place`); tract always
-    /// keeps two.
+    /// One set: the step graph gates every write on the step's acceptance and makes the update
+    /// after the test (which bounds it, `StepRecord::check_bounds`), so that each output can
+    /// share its input's buffer (ONNX Runtime only, where the graph allows it:
+    /// `StepRecord::in_place`); tract always keeps two.
     InPlace,
 }
 
@@ -309,6 +309,8 @@ pub struct Trainer {
     pub total_steps: usize,
     /// State keys in the order of the step graph's `STATE_CHECK` output.
     state_keys: Vec<String>,
+    /// Whether that check bounds the updates (`StepRecord::check_bounds`).
+    check_bounds: bool,
     /// The declared dims of the data inputs, to size the Dropout masks of each batch.
     input_dims: BTreeMap<String, Vec<onnx::Dim>>,
     /// When this trainer's first step ended.
@@ -433,6 +435,7 @@ impl Trainer {
         }
         onnx::save(&sg.model, &step_path)?;
         let state_keys = sg.state.iter().map(|l| l.key.clone()).collect();
+        let check_bounds = sg.check_bounds;
         let idx = dagr_ops::index(&model)?;
         let input_dims = idx
             .user_inputs()
@@ -519,6 +522,7 @@ impl Trainer {
         Ok(Trainer {
             path: path.to_path_buf(),
             state_keys,
+            check_bounds,
             record,
             progress: Progress {
                 rng: Rng(settings.seed),
@@ -708,8 +712,12 @@ impl Trainer {
             .ok_or_else(|| Error::Internal("the step graph returned no state check".into()))?;
         if let Some(i) = check.iter().position(|&v| v != 0.0) {
             let key = self.state_keys.get(i).cloned().unwrap_or_default();
+            let how = match self.check_bounds {
+                true => ", or one within 4x of float32's range: its bound reaches it",
+                false => "",
+            };
             return Err(self.non_finite(format!(
-                "update of '{key}' (learning rate {lr}: check the optimizer settings)"
+                "update of '{key}' (learning rate {lr}{how}: check the optimizer settings)"
             )));
         }
         Ok(sq.iter().map(|&v| v as f64).sum::<f64>().sqrt())
