@@ -80,6 +80,16 @@ const STATE_RUNS: [(Backend, StateUpdate); 3] = [
     (Backend::Ort, StateUpdate::InPlace),
 ];
 
+/// `torch.optim.AdamW`'s defaults (betas 0.9, 0.999, weight decay 0.01) with `eps`.
+fn adamw(eps: f64) -> Optimizer {
+    Optimizer::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps,
+        weight_decay: 0.01,
+    }
+}
+
 pub fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
     Settings {
         epochs: 1,
@@ -207,12 +217,7 @@ fn a_rejected_step_leaves_the_state_untouched() {
     let graph = training_graph("av_mlp.legacy.onnx", &["logits".into()], dir.path());
     let m = onnx::load(&graph).unwrap();
     let idx = dagr_inject::ops::index(&m).unwrap();
-    let opt = Optimizer::AdamW {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
+    let opt = adamw(1e-8);
     for ((backend, update), accum) in STATE_RUNS.into_iter().flat_map(|r| [(r, 1), (r, 2)]) {
         let fresh = || {
             let mut s = settings(opt, 1e-3, backend);
@@ -282,12 +287,7 @@ fn step_graph_is_standard_onnx() {
     let m = onnx::load(&graph).unwrap();
     let rec = dagr_inject::train::record_of(&m).unwrap();
     for opt in [
-        Optimizer::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        },
+        adamw(1e-8),
         Optimizer::Sgd {
             momentum: 0.9,
             nesterov: true,
@@ -328,12 +328,6 @@ fn in_place_bounds_refuse_every_update_the_exact_test_refuses() {
     let m = onnx::load(&graph).unwrap();
     let rec = dagr_inject::train::record_of(&m).unwrap();
     let idx = dagr_inject::ops::index(&m).unwrap();
-    let adamw = |eps| Optimizer::AdamW {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps,
-        weight_decay: 0.01,
-    };
     let sgd = Optimizer::Sgd {
         momentum: 0.9,
         nesterov: true,
@@ -448,6 +442,48 @@ fn in_place_bounds_refuse_every_update_the_exact_test_refuses() {
     }
     // The bound is not the exact test: past float32's range it refuses some finite updates.
     assert!(false_refusals > 0);
+}
+
+/// tract runs its kernels on `threads` threads (matrix products by output tiles, element-wise
+/// ops by blocks), which changes nothing but the time: three steps of the CNN model on four
+/// threads, with tract's thresholds at 0 so that every kernel it can split is split, give the
+/// state one thread gives, bit for bit.
+#[test]
+fn tract_threads_change_nothing_but_the_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = training_graph("av_cnn.legacy.onnx", &["logits".into()], dir.path());
+    let m = onnx::load(&graph).unwrap();
+    let idx = dagr_inject::ops::index(&m).unwrap();
+    let opt = adamw(1e-8);
+    tract_linalg::multithread::set_threading_panel_threshold(0);
+    tract_linalg::multithread::set_threading_element_threshold(0);
+    tract_linalg::multithread::set_threading_mac_threshold(0);
+    let states: Vec<_> = [1, 4]
+        .into_iter()
+        .map(|threads| {
+            let mut s = settings(opt, 1e-3, Backend::Tract);
+            s.threads = Some(threads);
+            let mut t = Trainer::new(&graph, s).unwrap();
+            let data = optim_data(&t, "av_cnn", &idx);
+            for k in 0..3 {
+                let rows: Vec<usize> = (4 * k..4 * k + 4).collect();
+                t.step(data.batch(&rows)).unwrap();
+            }
+            t.state().unwrap()
+        })
+        .collect();
+    // Back to tract's defaults for the other tests of this binary.
+    tract_linalg::multithread::set_threading_panel_threshold(64);
+    tract_linalg::multithread::set_threading_element_threshold(32768);
+    tract_linalg::multithread::set_threading_mac_threshold(1 << 21);
+    for (k, v) in &states[0] {
+        let w = &states[1][k];
+        assert!(
+            v.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{k}: 4 threads differ from 1 by {}",
+            max_abs_diff(v, w)
+        );
+    }
 }
 
 /// A step graph in which a parameter is read after its update could be written (here: an
@@ -702,12 +738,7 @@ fn accumulated_runs_resume_to_the_uninterrupted_result() {
     let dir = tempfile::tempdir().unwrap();
     let graph = training_graph("av_mlp.legacy.onnx", &["logits".into()], dir.path());
     let data = root().join("fixtures/optim_data_av_mlp.npz");
-    let opt = Optimizer::AdamW {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
+    let opt = adamw(1e-8);
     for backend in [Backend::Tract, Backend::Ort] {
         let mut s = settings(opt, 1e-3, backend);
         s.epochs = 3;
@@ -812,16 +843,7 @@ fn a_model_with_external_data_exports_its_weights_as_external_data() {
     let data = root().join("fixtures/optim_data_av_mlp.npz");
     for backend in BACKENDS {
         let out = dir.path().join(format!("run_{}", backend.name()));
-        let mut s = settings(
-            Optimizer::AdamW {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.01,
-            },
-            0.01,
-            backend,
-        );
+        let mut s = settings(adamw(1e-8), 0.01, backend);
         s.epochs = 2;
         let mut r = run_dir(&graph, &data, &out);
         r.original = Some(&original_path);

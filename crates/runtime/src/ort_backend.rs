@@ -266,6 +266,8 @@ impl Stepper {
             threads,
             shapes,
             scratch,
+            // ONNX Runtime's new buffers are not zeroed: `fill` writes every state key.
+            zeros: _,
             device_index,
         } = spec;
         let cuda = device == super::Device::Cuda;

@@ -216,6 +216,9 @@ pub struct Stepper {
     scratch: std::collections::BTreeSet<String>,
     /// The last run's state updates, by key, until `commit`.
     pending: Option<Vec<(String, TValue)>>,
+    /// The threads tract's kernels run on (matrix products split by output tiles, element-wise
+    /// ops by blocks: the same results as on one thread).
+    executor: tract_linalg::multithread::Executor,
 }
 
 /// What a `Stepper` keeps of a `GraphSpec`, and its plans.
@@ -232,6 +235,8 @@ impl Stepper {
     pub fn new(spec: crate::StepSpec<'_>, fill: &mut super::Fill<'_>) -> Result<Stepper> {
         spec.writers()?;
         let scratch: std::collections::BTreeSet<String> = spec.scratch.iter().cloned().collect();
+        // Zeros already (`ArrayD::zeros` maps zeroed pages): only the first step touches them.
+        let zeros: std::collections::BTreeSet<&String> = spec.zeros.iter().collect();
         let mut state = std::collections::BTreeMap::new();
         for g in &spec.graphs {
             for key in g.links.iter().map(|l| &l.key).chain(g.reads.iter().map(|r| &r.key)) {
@@ -243,7 +248,7 @@ impl Stepper {
                     .get(key)
                     .ok_or_else(|| err(format!("no shape for the state '{key}'")))?;
                 let mut a = tract_ndarray::ArrayD::<f32>::zeros(shape.clone());
-                if !scratch.contains(key) {
+                if !scratch.contains(key) && !zeros.contains(key) {
                     fill(key, a.view_mut())?;
                 }
                 state.insert(key.clone(), a.into_tvalue());
@@ -265,11 +270,20 @@ impl Stepper {
                 plans: Default::default(),
             })
             .collect();
+        let threads = match spec.threads {
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let executor = match threads {
+            0 | 1 => tract_linalg::multithread::Executor::SingleThread,
+            n => guarded(|| tract_linalg::multithread::Executor::multithread_with_name(n, "dagr-tract"))?,
+        };
         Ok(Stepper {
             graphs,
             state,
             scratch,
             pending: None,
+            executor,
         })
     }
 }
@@ -319,7 +333,9 @@ impl crate::StateStepper for Stepper {
             };
             inputs.push(v);
         }
-        let res = guarded(|| plan.plan.run(inputs))?.map_err(err)?;
+        let executor = self.executor.clone();
+        let res = guarded(|| tract_linalg::multithread::multithread_tract_scope(executor, || plan.plan.run(inputs)))?
+            .map_err(err)?;
         let mut by_name: std::collections::HashMap<&String, TValue> = plan.outputs.iter().zip(res).collect();
         let mut out = Tensors::new();
         for name in &g.fetch {

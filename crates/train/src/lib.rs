@@ -458,6 +458,11 @@ impl Trainer {
                 "train a smaller model, use SGD without momentum (no optimizer slots), or use `device` cuda",
             )?;
         }
+        let zeros: Vec<String> = sources
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
         let base_dir = model.base_dir.clone();
         let mut fill = |key: &str, mut out: ndarray::ArrayViewMutD<'_, f32>| -> Result<()> {
             match sources.get(key) {
@@ -515,6 +520,7 @@ impl Trainer {
                 threads: settings.threads,
                 shapes: &shapes,
                 scratch,
+                zeros,
                 device_index: settings.device_index,
             },
             &mut fill,
