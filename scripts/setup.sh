@@ -13,6 +13,14 @@ if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy; assert onnxruntime.__
 fi
 lib=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* | head -n 1)
 echo "ONNX Runtime library: $lib"
+# make, for the build of jemalloc (the command's allocator, `src/main.rs`; a C compiler is
+# needed anyway, for tract's kernels): bookworm's, where it is missing.
+if ! command -v make >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -qq --no-install-recommends make=4.3-4.1 >/dev/null 2>&1 \
+    || { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends make=4.3-4.1 >/dev/null; }
+fi
 # Open MPI, for `train --distributed` and its tests (tests/it/distributed.rs): the Debian
 # package, pinned to bookworm's version. The tool loads its libmpi.so.40 at run time, so the
 # build itself needs no MPI.
