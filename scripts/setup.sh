@@ -13,7 +13,7 @@ if ! .venv/bin/python -c 'import onnxruntime, onnx, numpy; assert onnxruntime.__
 fi
 lib=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* | head -n 1)
 echo "ONNX Runtime library: $lib"
-# make, for the build of jemalloc (the allocator of the command and of the Python module; a C compiler is
+# make, for the build of jemalloc (the command's allocator; a C compiler is
 # needed anyway, for tract's kernels): bookworm's, where it is missing.
 if ! command -v make >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
