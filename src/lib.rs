@@ -41,15 +41,16 @@ pub use error::{Error, Result};
 #[doc(hidden)]
 pub use tikv_jemallocator;
 
-/// The allocator of the `dagr-inject` executable (`src/main.rs` declares it): jemalloc, keeping what the process frees for its next allocations instead of
-/// returning it to the system (dirty and muzzy decay off, so the process holds its peak use to
-/// its end). tract allocates every tensor of a step anew, and glibc's malloc maps each block past
-/// 32 MB fresh and unmaps it when freed: each step paid the kernel for mapping its gigabytes of
-/// pages again (500M parameters, AdamW on tract: two steps 40.1 s with glibc or jemalloc's
-/// default decay, 13.5 s with this, the same peak RSS). ONNX Runtime has its own arena and its
-/// own allocator. The Python module keeps the interpreter's: jemalloc's initial-exec thread-local
-/// storage cannot be loaded into a module Python opens at run time ("cannot allocate memory in
-/// static TLS block"; tikv-jemallocator's `disable_initial_exec_tls` is the way, not taken yet).
+/// The allocator of the `dagr-inject` executable (`src/main.rs`) and of the Python module
+/// (`crates/python`, which runs the command in-process): jemalloc, keeping what the process
+/// frees for its next allocations instead of returning it to the system (dirty and muzzy decay
+/// off, so the process holds its peak use to its end). tract allocates every tensor of a step
+/// anew, and glibc's malloc maps each block past 32 MB fresh and unmaps it when freed: each step
+/// paid the kernel for mapping its gigabytes of pages again (500M parameters, AdamW on tract: two
+/// steps 40.1 s with glibc or jemalloc's default decay, 13.5 s with this, the same peak RSS).
+/// ONNX Runtime has its own arena and its own allocator. A module Python opens at run time cannot
+/// load jemalloc's initial-exec thread-local storage ("cannot allocate memory in static TLS
+/// block"): the Python crate enables tikv-jemallocator's `disable_initial_exec_tls`.
 #[macro_export]
 macro_rules! jemalloc_keeping_freed_pages {
     () => {

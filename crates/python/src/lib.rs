@@ -13,6 +13,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::path::PathBuf;
 
+// The command's allocator: `dagr-inject train` run from Python trains in this process.
+dagr_inject::jemalloc_keeping_freed_pages!();
+
 fn py_err(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
