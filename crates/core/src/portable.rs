@@ -79,10 +79,13 @@ pub fn decompose_batchnorm(model: &mut Model) -> Result<Vec<RunningStats>> {
         let e = b.scalar(eps);
         let ve = b.binary("Add", &v, &e, &h);
         let sd = b.unary("Sqrt", &ve, &h);
-        let xhat = b.binary("Div", &d, &sd, &h);
+        // (x - mean) (scale / sd) + B: the per-channel factor made before it meets the
+        // activation, so the forward makes two passes over it after the centring (not three)
+        // and the backward two (g a, and g (x - mean) for the factor) instead of three.
         let gamma = b.unsqueeze(&n.input[1], &axes, &h);
         let beta = b.unsqueeze(&n.input[2], &axes, &h);
-        let y = b.binary("Mul", &xhat, &gamma, &h);
+        let a = b.binary("Div", &gamma, &sd, &h);
+        let y = b.binary("Mul", &d, &a, &h);
         b.op_named("Add", &[&y, &beta], vec![], &n.output[0]);
         if !training {
             let mut new_nodes: Vec<NodeProto> = b.nodes.drain(before..).collect();
