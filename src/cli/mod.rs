@@ -259,8 +259,9 @@ struct TrainArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// How ONNX Runtime keeps the state between steps: two-sets (one read, one written: the
-    /// fastest), in-place (one set, each write gated on the step's acceptance: half the state's
-    /// memory, the update computed twice), auto (two sets where they fit in memory)
+    /// fastest), in-place (one set, each write gated on the step's acceptance, on the CPU the
+    /// largest tensors updated in parts of rows: half the state's memory), auto (two sets where
+    /// they fit in memory)
     #[arg(long, value_enum, default_value = "auto")]
     state_update: StateUpdateArg,
     /// Micro-batches per step: each batch is split in K parts whose gradients are summed (each
@@ -796,6 +797,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         },
         grad_accum: a.grad_accum,
         device_index: 0,
+        state_part_bytes: tr::STATE_PART_BYTES,
     };
     if a.distributed && !dagr_inject::dist::launched_by_mpi() {
         bail!(

@@ -108,6 +108,9 @@ pub fn settings(opt: Optimizer, lr: f64, backend: Backend) -> Settings {
         state_update: StateUpdate::Auto,
         grad_accum: 1,
         device_index: 0,
+        // In place, the test models' larger tensors are updated in parts (of rows, the last
+        // one shorter where they do not divide).
+        state_part_bytes: 1000,
     }
 }
 
@@ -145,6 +148,11 @@ fn optimizer_steps_equal_pytorch_on_both_backends() {
             if let Some(sch) = &c.schedule {
                 (s.schedule, s.warmup_steps) = schedule_of(sch);
             }
+            let whole = {
+                let mut s = s.clone();
+                s.state_part_bytes = usize::MAX;
+                Trainer::new(&graph, s).unwrap()
+            };
             let mut t = Trainer::new(&graph, s).unwrap();
             t.total_steps = c.steps;
             let m = onnx::load(&graph).unwrap();
@@ -153,6 +161,29 @@ fn optimizer_steps_equal_pytorch_on_both_backends() {
             let batches = data.batches(c.batch, None, false);
             for i in 0..c.steps {
                 t.step(data.batch(&batches[i % batches.len()])).unwrap();
+            }
+            if update == StateUpdate::InPlace {
+                // Updated in parts, the state is bit for bit the state updated whole.
+                let step = onnx::load(&t.step_graph_path()).unwrap();
+                let rec: step_graph::StepRecord =
+                    serde_json::from_str(step.metadata(step_graph::METADATA_KEY).unwrap()).unwrap();
+                let split = c.accum.unwrap_or(1) > 1;
+                if !split || rec.in_place {
+                    assert!(
+                        rec.state.iter().any(|l| l.rows.is_some()),
+                        "case {k}: no state updated in parts"
+                    );
+                }
+                let mut whole = whole;
+                whole.total_steps = c.steps;
+                for i in 0..c.steps {
+                    whole.step(data.batch(&batches[i % batches.len()])).unwrap();
+                }
+                assert_eq!(
+                    t.state().unwrap(),
+                    whole.state().unwrap(),
+                    "case {k}: in parts and whole differ"
+                );
             }
             let tag = format!(
                 "case {k} ({}, {} steps, {}, {} micro-batches) on {} ({update:?})",
@@ -311,6 +342,11 @@ fn step_graph_is_standard_onnx() {
         assert_eq!(report.step.as_ref().map(|s| s.state.len()), Some(sg.state.len()));
         let e = dagr_inject::train::record_of(&saved).unwrap_err().to_string();
         assert!(e.contains("step graph"), "{e}");
+        // Updated in parts: as standard, in place, a part per row range.
+        let parts = step_graph::build_in_parts(&m, &rec, opt, Some(1.0), 1000).unwrap();
+        onnx::save(&parts.model, &p).unwrap();
+        onnx_check(&p);
+        assert!(parts.in_place && parts.state.iter().any(|l| l.rows.is_some()));
     }
 }
 
@@ -512,6 +548,14 @@ fn the_state_is_updated_in_place_only_where_every_read_comes_first() {
     late.graph_mut().node.push(copy);
     late.graph_mut().output.push(fact.to_value_info("late_copy"));
     assert!(!step_graph::build(&late, &rec, opt, None, true).unwrap().in_place);
+    // Asked for parts, it updates whole (parts are written into their state's buffer only).
+    let whole = step_graph::build_in_parts(&late, &rec, opt, None, 1000).unwrap();
+    assert!(!whole.in_place && whole.state.iter().all(|l| l.rows.is_none()));
+    assert!(step_graph::build_in_parts(&m, &rec, opt, None, 1000)
+        .unwrap()
+        .state
+        .iter()
+        .any(|l| l.rows.is_some()));
     let late_path = dir.path().join("late.train.onnx");
     onnx::save(&late, &late_path).unwrap();
     let idx = dagr_inject::ops::index(&m).unwrap();

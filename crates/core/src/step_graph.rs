@@ -101,7 +101,21 @@ pub struct StepGraph {
 /// (see `StepRecord::in_place` for whether the graph allows it). Without, the outputs are the
 /// updates, which the host discards when it rejects the step.
 pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>, in_place: bool) -> Result<StepGraph> {
-    fold(train, rec, opt, clip, in_place, Some(&rec.loss))
+    fold(train, rec, opt, clip, (in_place, None), Some(&rec.loss))
+}
+
+/// `build` in place, each state tensor larger than `part_bytes` updated in parts of rows of
+/// about that size (`StateLink::rows`): the update's temporaries are a part's, not the whole
+/// tensor's (AdamW holds three at a time). Where the optimizer's update is not bounded
+/// (`Optimizer::bounded`) the state is updated whole.
+pub fn build_in_parts(
+    train: &Model,
+    rec: &TrainRecord,
+    opt: Optimizer,
+    clip: Option<f64>,
+    part_bytes: usize,
+) -> Result<StepGraph> {
+    fold(train, rec, opt, clip, (true, Some(part_bytes)), Some(&rec.loss))
 }
 
 /// `build`, the loss (if any: an update graph has none) part of the acceptance test.
@@ -110,7 +124,7 @@ fn fold(
     rec: &TrainRecord,
     opt: Optimizer,
     clip: Option<f64>,
-    in_place: bool,
+    (in_place, part_bytes): (bool, Option<usize>),
     loss: Option<&str>,
 ) -> Result<StepGraph> {
     if let Some(c) = clip {
@@ -200,6 +214,7 @@ fn fold(
                 key: param_key(p),
                 input: p.clone(),
                 output: b.names.fresh(&format!("dagr/opt/next/{p}")),
+                rows: None,
             },
             candidate: p_next,
             fact: fact.clone(),
@@ -210,6 +225,7 @@ fn fold(
                     key: slot_key(slot, p),
                     input: input.clone(),
                     output: b.names.fresh(&format!("{input}/next")),
+                    rows: None,
                 },
                 candidate: next,
                 fact: fact.clone(),
@@ -228,6 +244,7 @@ fn fold(
                     key: bn_key(init),
                     input: init.clone(),
                     output: b.names.fresh(&format!("dagr/opt/next/{init}")),
+                    rows: None,
                 },
                 candidate: Some(next.clone()),
                 fact: fact_of(init),
@@ -260,6 +277,7 @@ fn fold(
                 // BatchNorm's statistics: the training graph's own outputs.
                 state.push(StateLink {
                     output: candidate,
+                    rows: None,
                     ..u.link
                 });
             } else {
@@ -304,15 +322,63 @@ fn fold(
     let ok = b.binary("Equal", &worst, &zero, "accept");
     let mut state = Vec::new();
     let mut pending = updates.into_iter();
-    let mut write = |b: &mut Builder, value: &str, u: Option<Update>| -> Result<()> {
-        let u = u.ok_or_else(|| Error::Internal("a state update without its state".into()))?;
-        b.op_named("Where", &[&ok, value, &u.link.input], vec![], &u.link.output);
-        new_outputs.push((u.link.output.clone(), u.fact));
-        state.push(u.link);
-        Ok(())
+    // The gated write of a state output (or of a part of it).
+    let write = |b: &mut Builder,
+                 value: &str,
+                 link: StateLink,
+                 fact: ValueFact,
+                 state: &mut Vec<StateLink>,
+                 outputs: &mut Vec<(String, ValueFact)>| {
+        b.op_named("Where", &[&ok, value, &link.input], vec![], &link.output);
+        outputs.push((link.output.clone(), fact));
+        state.push(link);
     };
+    let missing = || Error::Internal("a state update without its state".into());
     // Parameter by parameter: the update (again where unbounded), and its gated writes.
     for ((p, _), (g, slot_inputs)) in rec.params.iter().zip(clipped.iter().zip(&slot_inputs_of)) {
+        let parts = match (bounded, part_bytes) {
+            (true, Some(bytes)) => row_parts(&fact_of(p), bytes),
+            _ => None,
+        };
+        if let Some(parts) = parts {
+            // In parts of rows: each part's update reads its rows of the state and of the
+            // gradient and writes them (outputs the runtime binds to those rows of the state's
+            // own buffer); the whole state is read by the test and the gradient, before any
+            // part is written, and each part's rows by that part only.
+            let whole: Vec<Update> = (0..=slot_inputs.len())
+                .map(|_| pending.next().ok_or_else(missing))
+                .collect::<Result<_>>()?;
+            let axes = b.const_i64(&[0]);
+            for (start, end) in parts {
+                let mut fact = whole[0].fact.clone();
+                if let Some(d) = fact.shape.as_mut().and_then(|s| s.first_mut()) {
+                    *d = Dim::Known((end - start) as i64);
+                }
+                // The first row read after the test (`Where(ok, start, start)`): the parts' reads
+                // wait for it, and a runtime cannot merge them into one split of the whole
+                // (ONNX Runtime's GatherSliceToSplitFusion fuses Slices by constant bounds, which
+                // makes every part at once: the whole tensor's temporaries again).
+                let first = b.const_i64(&[start as i64]);
+                let from = b.op("Where", &[&ok, &first, &first], vec![], "rows");
+                let to = b.const_i64(&[end as i64]);
+                let rows_of = |b: &mut Builder, x: &str| b.op("Slice", &[x, &from, &to, &axes], vec![], "rows");
+                let ins: Vec<String> = whole.iter().map(|u| rows_of(&mut b, &u.link.input)).collect();
+                let g_part = rows_of(&mut b, g);
+                let (p_next, slots_next) = opt.emit_update(&mut b, &ins[0], &g_part, &ins[1..], None);
+                for ((value, u), input) in std::iter::once(p_next).chain(slots_next).zip(&whole).zip(&ins) {
+                    let output = b.names.fresh(&format!("{}/rows{start}", u.link.output));
+                    b.op_named("Where", &[&ok, &value, input], vec![], &output);
+                    new_outputs.push((output.clone(), fact.clone()));
+                    state.push(StateLink {
+                        key: u.link.key.clone(),
+                        input: u.link.input.clone(),
+                        output,
+                        rows: Some((start, end)),
+                    });
+                }
+            }
+            continue;
+        }
         let (p_next, slots_next) = if bounded {
             opt.emit_update(&mut b, p, g, slot_inputs, None)
         } else {
@@ -320,7 +386,8 @@ fn fold(
             opt.emit_update(&mut b, p, &gated, slot_inputs, Some(&ok))
         };
         for value in std::iter::once(p_next).chain(slots_next) {
-            write(&mut b, &value, pending.next())?;
+            let u = pending.next().ok_or_else(missing)?;
+            write(&mut b, &value, u.link, u.fact, &mut state, &mut new_outputs);
         }
     }
     // BatchNorm's statistics.
@@ -329,7 +396,7 @@ fn fold(
             .candidate
             .clone()
             .ok_or_else(|| Error::Internal("a statistic without its update".into()))?;
-        write(&mut b, &value, Some(u))?;
+        write(&mut b, &value, u.link, u.fact, &mut state, &mut new_outputs);
     }
     b.finish(&mut model);
 
@@ -339,6 +406,10 @@ fn fold(
     model.graph_mut().output.retain(|o| !bn_outputs.contains(&o.name));
     dagr_onnx::index::prune(&mut model);
     let in_place = state_written_last(&model, &state, Some(&ok));
+    if !in_place && part_bytes.is_some() {
+        // Parts have no other home than their state's buffer: whole updates, two sets.
+        return fold(train, rec, opt, clip, (true, None), loss);
+    }
     finish(
         model,
         rec,
@@ -348,6 +419,62 @@ fn fold(
         (in_place, bounded),
         loss.unwrap_or_default(),
     )
+}
+
+/// The rows `[start, end)` of `input` that `node` reads, where it is a Slice of `input` on its
+/// first axis by constant bounds with no step or a step of 1. A bound is constant when it is an
+/// initializer, or a Where choosing between one initializer and itself.
+fn rows_read(
+    model: &Model,
+    producer: &std::collections::HashMap<&str, usize>,
+    node: &dagr_onnx::proto::NodeProto,
+    input: &str,
+) -> Option<(usize, usize)> {
+    if node.op_type != "Slice" || !node.domain.is_empty() || node.input.first().map(String::as_str) != Some(input) {
+        return None;
+    }
+    let g = model.graph();
+    let constant = |i: usize| -> Option<Vec<i64>> {
+        let mut name = node.input.get(i)?;
+        if let Some(w) = producer.get(name.as_str()).map(|&j| &g.node[j]) {
+            match w.input.as_slice() {
+                [_, a, b] if w.op_type == "Where" && w.domain.is_empty() && a == b => name = a,
+                _ => return None,
+            }
+        }
+        let t = g.initializer.iter().find(|t| &t.name == name)?;
+        dagr_onnx::tensor::to_i64(t, &model.base_dir).ok()
+    };
+    let (starts, ends, axes) = (constant(1)?, constant(2)?, constant(3)?);
+    let steps_ok = node
+        .input
+        .get(4)
+        .is_none_or(|s| s.is_empty() || constant(4).as_deref() == Some(&[1]));
+    match (starts.as_slice(), ends.as_slice(), axes.as_slice()) {
+        (&[s], &[e], &[0]) if steps_ok && 0 <= s && s <= e => Some((s as usize, e as usize)),
+        _ => None,
+    }
+}
+
+/// The parts of rows a state tensor of `fact` is updated in, each of about `bytes` (at least
+/// one row): None where it is no larger, its shape is not fully known, or it has one row.
+fn row_parts(fact: &ValueFact, bytes: usize) -> Option<Vec<(usize, usize)>> {
+    let dims: Vec<usize> = fact
+        .shape
+        .as_ref()?
+        .iter()
+        .map(|d| d.known().and_then(|v| usize::try_from(v).ok()))
+        .collect::<Option<_>>()?;
+    let (&rows, rest) = dims.split_first()?;
+    let row_bytes = rest
+        .iter()
+        .product::<usize>()
+        .checked_mul(dtype::size_of(fact.dtype)?)?;
+    if rows < 2 || row_bytes == 0 || rows.checked_mul(row_bytes)? <= bytes {
+        return None;
+    }
+    let per = (bytes / row_bytes).max(1);
+    Some((0..rows).step_by(per).map(|a| (a, (a + per).min(rows))).collect())
 }
 
 /// The boolean scalar input of a gradient graph that starts a new sum: the accumulated
@@ -393,7 +520,7 @@ pub fn build_split(
     rec: &TrainRecord,
     opt: Optimizer,
     clip: Option<f64>,
-    in_place: bool,
+    (in_place, part_bytes): (bool, Option<usize>),
 ) -> Result<SplitStep> {
     let grad = gradient_graph(train, rec)?;
     let idx = dagr_ops::index(train)?;
@@ -429,8 +556,8 @@ pub fn build_split(
         batchnorm: Vec::new(),
         ..rec.clone()
     };
-    let mut update = fold(&update, &urec, opt, clip, in_place, None)?;
-    update.reads = reads;
+    let mut update = fold(&update, &urec, opt, clip, (in_place, part_bytes), None)?;
+    update.reads.extend(reads);
     Ok(SplitStep { grad, update })
 }
 
@@ -466,6 +593,7 @@ fn gradient_graph(train: &Model, rec: &TrainRecord) -> Result<StepGraph> {
             key: acc_key(p),
             input: acc.clone(),
             output: out,
+            rows: None,
         });
     }
     let mut bn_outputs = HashSet::new();
@@ -488,6 +616,7 @@ fn gradient_graph(train: &Model, rec: &TrainRecord) -> Result<StepGraph> {
                     key: bn_key(init),
                     input: init.clone(),
                     output: out,
+                    rows: None,
                 });
             }
         }
@@ -590,7 +719,9 @@ fn bound_part(b: &mut Builder, bound: &str, flat_shape: &str) -> String {
 /// Whether every node reading a state input is the node writing its output or one of that
 /// node's ancestors: then a runtime executing the graph node by node in a topological order
 /// reads every old value before the new one overwrites it, and the state outputs may share the
-/// inputs' buffers.
+/// inputs' buffers. An output that is rows of its state (`StateLink::rows`, a part) is exempt
+/// from the readers of other rows only: Slices of the input on its first axis by constant
+/// bounds that miss the part's.
 fn state_written_last(model: &Model, state: &[StateLink], ok: Option<&str>) -> bool {
     let nodes = &model.graph().node;
     let mut producer: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
@@ -643,7 +774,15 @@ fn state_written_last(model: &Model, state: &[StateLink], ok: Option<&str>) -> b
         let Some(rs) = readers.get(l.input.as_str()) else {
             return true;
         };
-        let late: Vec<usize> = rs.iter().copied().filter(|&r| !before_ok[r]).collect();
+        let late: Vec<usize> = rs
+            .iter()
+            .copied()
+            .filter(|&r| !before_ok[r])
+            .filter(|&r| match (l.rows, rows_read(model, &producer, &nodes[r], &l.input)) {
+                (Some((a, b)), Some((s, e))) => s < b && a < e,
+                _ => true,
+            })
+            .collect();
         if late.is_empty() {
             return true;
         }

@@ -8,6 +8,11 @@ pub struct StateLink {
     pub key: String,
     pub input: String,
     pub output: String,
+    /// Where the state is updated in parts: `input` and `output` are rows `[start, end)` of its
+    /// first axis, the state as a whole read through a `StateRead` of the same key (so that a
+    /// runtime writing in place holds one part's temporaries at a time, not the whole tensor's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<(usize, usize)>,
 }
 
 /// A piece of state that a graph only reads, from `input` (another graph sharing the state

@@ -134,7 +134,8 @@ impl StepSpec<'_> {
         let mut writer: BTreeMap<&str, usize> = BTreeMap::new();
         for (gi, g) in self.graphs.iter().enumerate() {
             for l in &g.links {
-                if writer.insert(l.key.as_str(), gi).is_some() {
+                // A key updated in parts has a link per part, all in one graph.
+                if writer.insert(l.key.as_str(), gi).is_some_and(|w| w != gi) {
                     return Err(Error::Internal(format!("two graphs write the state '{}'", l.key)));
                 }
             }

@@ -398,6 +398,38 @@ impl Stepper {
                     .get_mut(&l.key)
                     .ok_or_else(|| err(format!("no buffer for the state '{}'", l.key)))?;
                 b.bind_input(l.input.as_str(), &set[*cur]).map_err(err)?;
+                if let Some((start, end)) = l.rows {
+                    // A part: the output is those rows of the input's own buffer (the graph
+                    // writes each part after every read of those rows).
+                    if self.cuda || set.len() != 1 {
+                        return Err(err(format!(
+                            "the state '{}' is updated in parts, which this engine binds only on the CPU, in place",
+                            l.key
+                        )));
+                    }
+                    let t = &mut set[0];
+                    let shape = t.shape().clone();
+                    let rows = shape.first().map_or(0, |&d| usize::try_from(d).unwrap_or(0));
+                    if start >= end || end > rows {
+                        return Err(err(format!(
+                            "rows {start}..{end} of the state '{}' ({rows} rows)",
+                            l.key
+                        )));
+                    }
+                    let row: usize = shape.iter().skip(1).map(|&d| usize::try_from(d).unwrap_or(0)).product();
+                    let mut part = shape.clone();
+                    part[0] = (end - start) as i64;
+                    let base = t.try_extract_array_mut::<f32>().map_err(err)?.as_mut_ptr();
+                    // SAFETY: rows start..end of a contiguous f32 buffer of `rows` rows of `row`
+                    // values (checked above), owned by `buffers`, which outlives the bindings and
+                    // is never reallocated.
+                    let view = unsafe {
+                        ort::value::TensorRefMut::<f32>::from_raw(host.clone(), base.add(start * row).cast(), part)
+                            .map_err(err)?
+                    };
+                    b.bind_output(l.output.as_str(), view).map_err(err)?;
+                    continue;
+                }
                 let n = set.len();
                 let out = &mut set[(cur + 1) % n];
                 if self.cuda {

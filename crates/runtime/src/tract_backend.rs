@@ -234,6 +234,13 @@ struct StepGraph {
 impl Stepper {
     pub fn new(spec: crate::StepSpec<'_>, fill: &mut super::Fill<'_>) -> Result<Stepper> {
         spec.writers()?;
+        // Parts are written into their state's buffer, in place: ONNX Runtime only.
+        if let Some(l) = spec.graphs.iter().flat_map(|g| &g.links).find(|l| l.rows.is_some()) {
+            return Err(err(format!(
+                "the step graph updates the state '{}' in parts, in place, which tract does not (it keeps two sets)",
+                l.key
+            )));
+        }
         let scratch: std::collections::BTreeSet<String> = spec.scratch.iter().cloned().collect();
         // Zeros already (`ArrayD::zeros` maps zeroed pages): only the first step touches them.
         let zeros: std::collections::BTreeSet<&String> = spec.zeros.iter().collect();

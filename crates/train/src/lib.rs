@@ -54,10 +54,18 @@ pub struct Settings {
     /// batch, then one update (see `step_graph::build_split`). 1: the whole step in one graph.
     #[serde(default = "one")]
     pub grad_accum: usize,
+    /// In place on the host, state tensors larger than this many bytes are updated in parts of
+    /// rows of about this size (default `STATE_PART_BYTES`).
+    #[serde(default = "part_bytes")]
+    pub state_part_bytes: usize,
 }
 
 fn one() -> usize {
     1
+}
+
+fn part_bytes() -> usize {
+    STATE_PART_BYTES
 }
 
 /// How the backend keeps the state (parameters, optimizer slots, BatchNorm statistics) between
@@ -185,6 +193,12 @@ pub struct Progress {
     pub epoch: usize,
     pub rng: Rng,
 }
+
+/// The size of the parts a state tensor is updated in, in place on the host
+/// (`step_graph::build_in_parts`): AdamW's update holds three temporaries the size of what it
+/// updates at once, so a tensor updated whole needs three more copies of itself beside the state
+/// and the gradients (the 1.2B model's largest, 800 MB: 2.4 GB); in parts, three parts.
+pub const STATE_PART_BYTES: usize = 64 << 20;
 
 /// `StateUpdate::Auto`'s choice for a state of `state_bytes` (parameters `param_bytes` of it):
 /// two sets and the step's working set (the gradients and the update's temporaries, about 1.3
@@ -393,11 +407,25 @@ impl Trainer {
                 settings.grad_accum
             )));
         }
+        // In place on the host, the largest tensors are updated in parts (their temporaries a
+        // part's: see `STATE_PART_BYTES`).
+        let parts = (in_place && settings.device == Device::Cpu).then_some(settings.state_part_bytes.max(1));
         let (sg, grad) = if split {
-            let s = step_graph::build_split(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?;
+            let s = step_graph::build_split(
+                &model,
+                &record,
+                settings.optimizer,
+                settings.clip_grad_norm,
+                (in_place, parts),
+            )?;
             (s.update, Some(s.grad))
         } else {
-            let sg = step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?;
+            let sg = match parts {
+                Some(bytes) => {
+                    step_graph::build_in_parts(&model, &record, settings.optimizer, settings.clip_grad_norm, bytes)?
+                }
+                None => step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?,
+            };
             (sg, None)
         };
         let o = &record.dagr.outputs;
@@ -434,7 +462,14 @@ impl Trainer {
             onnx::save(&g.model, &grad_path)?;
         }
         onnx::save(&sg.model, &step_path)?;
-        let state_keys = sg.state.iter().map(|l| l.key.clone()).collect();
+        // One check per key, in the order keys first appear (a key updated in parts has a link
+        // per part).
+        let mut state_keys: Vec<String> = Vec::new();
+        for l in &sg.state {
+            if !state_keys.contains(&l.key) {
+                state_keys.push(l.key.clone());
+            }
+        }
         let check_bounds = sg.check_bounds;
         let idx = dagr_ops::index(&model)?;
         let input_dims = idx
