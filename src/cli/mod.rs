@@ -797,7 +797,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         },
         grad_accum: a.grad_accum,
         device_index: 0,
-        state_part_bytes: tr::STATE_PART_BYTES,
+        state_part_bytes: None,
     };
     if a.distributed && !dagr_inject::dist::launched_by_mpi() {
         bail!(
