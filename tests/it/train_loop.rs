@@ -347,6 +347,13 @@ fn step_graph_is_standard_onnx() {
         onnx::save(&parts.model, &p).unwrap();
         onnx_check(&p);
         assert!(parts.in_place && parts.state.iter().any(|l| l.rows.is_some()));
+        // `inspect` counts state tensors, not parts, and says which rows each part writes.
+        let text = dagr_inject::inspect::report(&onnx::load(&p).unwrap())
+            .unwrap()
+            .to_text();
+        let keys = rec.params.len() * (1 + slots) + 2 * rec.batchnorm.len();
+        assert!(text.contains(&format!("and {keys} state tensors")), "{text}");
+        assert!(text.contains("(rows 0.."), "{text}");
     }
 }
 

@@ -322,14 +322,14 @@ fn fold(
     let ok = b.binary("Equal", &worst, &zero, "accept");
     let mut state = Vec::new();
     let mut pending = updates.into_iter();
-    // The gated write of a state output (or of a part of it).
+    // The gated write of a state output (or of a part of it: `old` its rows of the state).
     let write = |b: &mut Builder,
-                 value: &str,
+                 (value, old): (&str, &str),
                  link: StateLink,
                  fact: ValueFact,
                  state: &mut Vec<StateLink>,
                  outputs: &mut Vec<(String, ValueFact)>| {
-        b.op_named("Where", &[&ok, value, &link.input], vec![], &link.output);
+        b.op_named("Where", &[&ok, value, old], vec![], &link.output);
         outputs.push((link.output.clone(), fact));
         state.push(link);
     };
@@ -365,16 +365,14 @@ fn fold(
                 let ins: Vec<String> = whole.iter().map(|u| rows_of(&mut b, &u.link.input)).collect();
                 let g_part = rows_of(&mut b, g);
                 let (p_next, slots_next) = opt.emit_update(&mut b, &ins[0], &g_part, &ins[1..], None);
-                for ((value, u), input) in std::iter::once(p_next).chain(slots_next).zip(&whole).zip(&ins) {
-                    let output = b.names.fresh(&format!("{}/rows{start}", u.link.output));
-                    b.op_named("Where", &[&ok, &value, input], vec![], &output);
-                    new_outputs.push((output.clone(), fact.clone()));
-                    state.push(StateLink {
+                for ((value, u), rows) in std::iter::once(p_next).chain(slots_next).zip(&whole).zip(&ins) {
+                    let link = StateLink {
                         key: u.link.key.clone(),
                         input: u.link.input.clone(),
-                        output,
+                        output: b.names.fresh(&format!("{}/rows{start}", u.link.output)),
                         rows: Some((start, end)),
-                    });
+                    };
+                    write(&mut b, (&value, rows), link, fact.clone(), &mut state, &mut new_outputs);
                 }
             }
             continue;
@@ -387,7 +385,8 @@ fn fold(
         };
         for value in std::iter::once(p_next).chain(slots_next) {
             let u = pending.next().ok_or_else(missing)?;
-            write(&mut b, &value, u.link, u.fact, &mut state, &mut new_outputs);
+            let old = u.link.input.clone();
+            write(&mut b, (&value, &old), u.link, u.fact, &mut state, &mut new_outputs);
         }
     }
     // BatchNorm's statistics.
@@ -396,7 +395,8 @@ fn fold(
             .candidate
             .clone()
             .ok_or_else(|| Error::Internal("a statistic without its update".into()))?;
-        write(&mut b, &value, u.link, u.fact, &mut state, &mut new_outputs);
+        let old = u.link.input.clone();
+        write(&mut b, (&value, &old), u.link, u.fact, &mut state, &mut new_outputs);
     }
     b.finish(&mut model);
 
@@ -406,7 +406,7 @@ fn fold(
     model.graph_mut().output.retain(|o| !bn_outputs.contains(&o.name));
     dagr_onnx::index::prune(&mut model);
     let in_place = state_written_last(&model, &state, Some(&ok));
-    if !in_place && part_bytes.is_some() {
+    if !in_place && state.iter().any(|l| l.rows.is_some()) {
         // Parts have no other home than their state's buffer: whole updates, two sets.
         return fold(train, rec, opt, clip, (true, None), loss);
     }

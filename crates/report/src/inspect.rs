@@ -242,10 +242,14 @@ impl Report {
                 serde_json::to_string(&st.optimizer).unwrap_or_default(),
                 st.clip_grad_norm.map_or("none".to_string(), |c| c.to_string()),
                 st.scalars.join(", "),
-                st.state.len()
+                st.state.iter().map(|l| &l.key).collect::<std::collections::BTreeSet<_>>().len()
             );
             for l in &st.state {
-                let _ = writeln!(s, "  {:<40} {} -> {}", l.key, l.input, l.output);
+                // A state updated in parts: each output is those rows of it, written in place.
+                let rows = l
+                    .rows
+                    .map_or(String::new(), |(a, b)| format!(" (rows {a}..{b}, in place)"));
+                let _ = writeln!(s, "  {:<40} {} -> {}{rows}", l.key, l.input, l.output);
             }
         }
         let _ = writeln!(s, "\nencoder-output candidates (best first)");
