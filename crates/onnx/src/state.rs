@@ -8,9 +8,9 @@ pub struct StateLink {
     pub key: String,
     pub input: String,
     pub output: String,
-    /// Where the state is updated in parts: `input` and `output` are rows `[start, end)` of its
-    /// first axis, the state as a whole read through a `StateRead` of the same key (so that a
-    /// runtime writing in place holds one part's temporaries at a time, not the whole tensor's).
+    /// Where the state is updated in parts (a link per part, all reading the whole state from
+    /// `input`): `output` is rows `[start, end)` of its first axis, written in place into those
+    /// rows of the state's buffer, so that the update holds one part's temporaries at a time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<(usize, usize)>,
 }
