@@ -258,7 +258,7 @@ struct TrainArgs {
     /// ONNX Runtime's intra-op threads (default: one per physical core)
     #[arg(long)]
     threads: Option<usize>,
-    /// How ONNX Runtime keeps the state between steps: two-sets (one read, one written: the
+    /// How the backend keeps the state between steps: two-sets (one read, one written: the
     /// fastest), in-place (one set, each write gated on the step's acceptance, on the CPU the
     /// largest tensors updated in parts of rows: half the state's memory), auto (two sets where
     /// they fit in memory)

@@ -72,10 +72,11 @@ fn optim_data(t: &Trainer, base: &str, idx: &onnx::GraphIndex) -> Dataset {
     Dataset::load(&path, idx, &t.data_inputs(idx), None).unwrap()
 }
 
-/// Where the training loop runs: tract, and ONNX Runtime with two state sets and with the
+/// Where the training loop runs: tract and ONNX Runtime, each with two state sets and with the
 /// state updated in place.
-const STATE_RUNS: [(Backend, StateUpdate); 3] = [
+const STATE_RUNS: [(Backend, StateUpdate); 4] = [
     (Backend::Tract, StateUpdate::TwoSets),
+    (Backend::Tract, StateUpdate::InPlace),
     (Backend::Ort, StateUpdate::TwoSets),
     (Backend::Ort, StateUpdate::InPlace),
 ];
@@ -342,11 +343,14 @@ fn step_graph_is_standard_onnx() {
         assert_eq!(report.step.as_ref().map(|s| s.state.len()), Some(sg.state.len()));
         let e = dagr_inject::train::record_of(&saved).unwrap_err().to_string();
         assert!(e.contains("step graph"), "{e}");
-        // Updated in parts: as standard, in place, a part per row range.
-        let parts = step_graph::build_in_parts(&m, &rec, opt, Some(1.0), 1000).unwrap();
-        onnx::save(&parts.model, &p).unwrap();
-        onnx_check(&p);
-        assert!(parts.in_place && parts.state.iter().any(|l| l.rows.is_some()));
+        // Updated in parts (gated or not): as standard, in place, a part per row range.
+        for gated in [false, true] {
+            let parts =
+                step_graph::build_in_parts(&m, &rec, opt, Some(1.0), step_graph::Parts { bytes: 1000, gated }).unwrap();
+            onnx::save(&parts.model, &p).unwrap();
+            onnx_check(&p);
+            assert!(parts.in_place && parts.state.iter().any(|l| l.rows.is_some()));
+        }
         // `inspect` counts state tensors, not parts, and says which rows each part writes.
         let text = dagr_inject::inspect::report(&onnx::load(&p).unwrap())
             .unwrap()
@@ -556,9 +560,13 @@ fn the_state_is_updated_in_place_only_where_every_read_comes_first() {
     late.graph_mut().output.push(fact.to_value_info("late_copy"));
     assert!(!step_graph::build(&late, &rec, opt, None, true).unwrap().in_place);
     // Asked for parts, it updates whole (parts are written into their state's buffer only).
-    let whole = step_graph::build_in_parts(&late, &rec, opt, None, 1000).unwrap();
+    let parts = step_graph::Parts {
+        bytes: 1000,
+        gated: true,
+    };
+    let whole = step_graph::build_in_parts(&late, &rec, opt, None, parts).unwrap();
     assert!(!whole.in_place && whole.state.iter().all(|l| l.rows.is_none()));
-    assert!(step_graph::build_in_parts(&m, &rec, opt, None, 1000)
+    assert!(step_graph::build_in_parts(&m, &rec, opt, None, parts)
         .unwrap()
         .state
         .iter()

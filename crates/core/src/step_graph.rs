@@ -104,7 +104,21 @@ pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>
     fold(train, rec, opt, clip, (in_place, None), Some(&rec.loss))
 }
 
-/// `build` in place, each state tensor larger than `part_bytes` updated in parts of rows of
+/// How an in-place update is made in parts (`build_in_parts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    /// About how many bytes of a state tensor each part holds (at least one row).
+    pub bytes: usize,
+    /// Each part's first row read as `Where(accepted, start, start)`: the parts' reads wait for
+    /// the acceptance test, and ONNX Runtime cannot merge them into one split of the whole (its
+    /// GatherSliceToSplitFusion fuses Slices by constant bounds, which makes every part at once:
+    /// the whole tensor's temporaries again). For ONNX Runtime; tract 0.23 cannot run a Slice
+    /// whose bounds are computed (the symbol it gives the length dies with the optimizer's patch:
+    /// "points to an invalid (dead ?) SymbolScope"), and orders the parts itself, by memory.
+    pub gated: bool,
+}
+
+/// `build` in place, each state tensor larger than `parts.bytes` updated in parts of rows of
 /// about that size (`StateLink::rows`): the update's temporaries are a part's, not the whole
 /// tensor's (AdamW holds three at a time). Where the optimizer's update is not bounded
 /// (`Optimizer::bounded`) the state is updated whole.
@@ -113,9 +127,9 @@ pub fn build_in_parts(
     rec: &TrainRecord,
     opt: Optimizer,
     clip: Option<f64>,
-    part_bytes: usize,
+    parts: Parts,
 ) -> Result<StepGraph> {
-    fold(train, rec, opt, clip, (true, Some(part_bytes)), Some(&rec.loss))
+    fold(train, rec, opt, clip, (true, Some(parts)), Some(&rec.loss))
 }
 
 /// `build`, the loss (if any: an update graph has none) part of the acceptance test.
@@ -124,7 +138,7 @@ fn fold(
     rec: &TrainRecord,
     opt: Optimizer,
     clip: Option<f64>,
-    (in_place, part_bytes): (bool, Option<usize>),
+    (in_place, parts_of): (bool, Option<Parts>),
     loss: Option<&str>,
 ) -> Result<StepGraph> {
     if let Some(c) = clip {
@@ -336,8 +350,8 @@ fn fold(
     let missing = || Error::Internal("a state update without its state".into());
     // Parameter by parameter: the update (again where unbounded), and its gated writes.
     for ((p, _), (g, slot_inputs)) in rec.params.iter().zip(clipped.iter().zip(&slot_inputs_of)) {
-        let parts = match (bounded, part_bytes) {
-            (true, Some(bytes)) => row_parts(&fact_of(p), bytes),
+        let parts = match (bounded, parts_of) {
+            (true, Some(how)) => row_parts(&fact_of(p), how.bytes),
             _ => None,
         };
         if let Some(parts) = parts {
@@ -354,12 +368,13 @@ fn fold(
                 if let Some(d) = fact.shape.as_mut().and_then(|s| s.first_mut()) {
                     *d = Dim::Known((end - start) as i64);
                 }
-                // The first row read after the test (`Where(ok, start, start)`): the parts' reads
-                // wait for it, and a runtime cannot merge them into one split of the whole
-                // (ONNX Runtime's GatherSliceToSplitFusion fuses Slices by constant bounds, which
-                // makes every part at once: the whole tensor's temporaries again).
+                // Gated, the first row read after the test (`Where(ok, start, start)`: see
+                // `Parts::gated`).
                 let first = b.const_i64(&[start as i64]);
-                let from = b.op("Where", &[&ok, &first, &first], vec![], "rows");
+                let from = match parts_of.is_some_and(|h| h.gated) {
+                    true => b.op("Where", &[&ok, &first, &first], vec![], "rows"),
+                    false => first,
+                };
                 let to = b.const_i64(&[end as i64]);
                 let rows_of = |b: &mut Builder, x: &str| b.op("Slice", &[x, &from, &to, &axes], vec![], "rows");
                 let ins: Vec<String> = whole.iter().map(|u| rows_of(&mut b, &u.link.input)).collect();
@@ -520,7 +535,7 @@ pub fn build_split(
     rec: &TrainRecord,
     opt: Optimizer,
     clip: Option<f64>,
-    (in_place, part_bytes): (bool, Option<usize>),
+    (in_place, parts): (bool, Option<Parts>),
 ) -> Result<SplitStep> {
     let grad = gradient_graph(train, rec)?;
     let idx = dagr_ops::index(train)?;
@@ -556,7 +571,7 @@ pub fn build_split(
         batchnorm: Vec::new(),
         ..rec.clone()
     };
-    let mut update = fold(&update, &urec, opt, clip, (in_place, part_bytes), None)?;
+    let mut update = fold(&update, &urec, opt, clip, (in_place, parts), None)?;
     update.reads.extend(reads);
     Ok(SplitStep { grad, update })
 }

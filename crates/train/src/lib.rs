@@ -80,8 +80,9 @@ pub enum StateUpdate {
     TwoSets,
     /// One set: the step graph gates every write on the step's acceptance and makes the update
     /// after the test (which bounds it, `StepRecord::check_bounds`), so that each output can
-    /// share its input's buffer (ONNX Runtime only, where the graph allows it:
-    /// `StepRecord::in_place`); tract always keeps two.
+    /// share its input's buffer (where the graph allows it: `StepRecord::in_place`). ONNX
+    /// Runtime binds each output to its input's buffer; tract takes the tensors written whole
+    /// by value (freeing each after its last reader) and writes each part into its rows.
     InPlace,
 }
 
@@ -397,17 +398,16 @@ impl Trainer {
             .filter_map(|p| shapes.get(&step_graph::param_key(p)))
             .map(|s| f32_bytes(s))
             .fold(0u64, u64::saturating_add);
-        let in_place = settings.backend == Backend::Ort
-            && match settings.state_update {
-                StateUpdate::TwoSets => false,
-                StateUpdate::InPlace => true,
-                StateUpdate::Auto => auto_in_place(
-                    state_bytes,
-                    param_bytes,
-                    settings.device,
-                    onnx::limits::available_memory(),
-                ),
-            };
+        let in_place = match settings.state_update {
+            StateUpdate::TwoSets => false,
+            StateUpdate::InPlace => true,
+            StateUpdate::Auto => auto_in_place(
+                state_bytes,
+                param_bytes,
+                settings.device,
+                onnx::limits::available_memory(),
+            ),
+        };
         let split = settings.grad_accum > 1 || processes > 1;
         if settings.batch_size < settings.grad_accum.saturating_mul(processes) {
             return Err(Error::Config(format!(
@@ -425,12 +425,16 @@ impl Trainer {
             .map(|s| f32_bytes(s))
             .max()
             .unwrap_or(0);
-        let parts = match settings.state_part_bytes {
+        let bytes = match settings.state_part_bytes {
             _ if !in_place || settings.device != Device::Cpu => None,
             Some(bytes) => Some(bytes.max(1)),
             None => auto_parts(state_bytes, param_bytes, largest, onnx::limits::available_memory())
                 .then_some(STATE_PART_BYTES),
         };
+        let parts = bytes.map(|bytes| step_graph::Parts {
+            bytes,
+            gated: settings.backend == Backend::Ort,
+        });
         let (sg, grad) = if split {
             let s = step_graph::build_split(
                 &model,
@@ -442,8 +446,8 @@ impl Trainer {
             (s.update, Some(s.grad))
         } else {
             let sg = match parts {
-                Some(bytes) => {
-                    step_graph::build_in_parts(&model, &record, settings.optimizer, settings.clip_grad_norm, bytes)?
+                Some(parts) => {
+                    step_graph::build_in_parts(&model, &record, settings.optimizer, settings.clip_grad_norm, parts)?
                 }
                 None => step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?,
             };
@@ -500,11 +504,7 @@ impl Trainer {
             .collect();
         // The engine holds the state on the host unless it computes on a device: once where
         // ONNX Runtime updates it in place, else twice (see `runtime::Stepper`).
-        let sets = if sg.in_place && settings.backend == Backend::Ort {
-            1
-        } else {
-            2
-        };
+        let sets = if sg.in_place { 1 } else { 2 };
         if settings.device == Device::Cpu {
             // With accumulation, one more copy of the parameters: the summed gradients.
             let scratch_bytes = if split { param_bytes } else { 0 };
