@@ -326,7 +326,7 @@ fn step_graph_is_standard_onnx() {
             weight_decay: 1e-4,
         },
     ] {
-        let sg = step_graph::build(&m, &rec, opt, Some(1.0), true).unwrap();
+        let sg = step_graph::build(&m, &rec, opt, Some(1.0), step_graph::Form::whole(true)).unwrap();
         let p = dir.path().join("step.onnx");
         onnx::save(&sg.model, &p).unwrap();
         onnx_check(&p);
@@ -343,10 +343,22 @@ fn step_graph_is_standard_onnx() {
         assert_eq!(report.step.as_ref().map(|s| s.state.len()), Some(sg.state.len()));
         let e = dagr_inject::train::record_of(&saved).unwrap_err().to_string();
         assert!(e.contains("step graph"), "{e}");
-        // Updated in parts (gated or not): as standard, in place, a part per row range.
-        for gated in [false, true] {
-            let parts =
-                step_graph::build_in_parts(&m, &rec, opt, Some(1.0), step_graph::Parts { bytes: 1000, gated }).unwrap();
+        // Updated in parts, and for tract: as standard, in place, a part per row range.
+        for target in [step_graph::Target::Tract, step_graph::Target::OnnxRuntime] {
+            let form = step_graph::Form {
+                in_place: true,
+                part_bytes: None,
+                target,
+            };
+            let whole = step_graph::build(&m, &rec, opt, Some(1.0), form).unwrap();
+            onnx::save(&whole.model, &p).unwrap();
+            onnx_check(&p);
+            assert!(whole.in_place);
+            let form = step_graph::Form {
+                part_bytes: Some(1000),
+                ..form
+            };
+            let parts = step_graph::build(&m, &rec, opt, Some(1.0), form).unwrap();
             onnx::save(&parts.model, &p).unwrap();
             onnx_check(&p);
             assert!(parts.in_place && parts.state.iter().any(|l| l.rows.is_some()));
@@ -381,9 +393,21 @@ fn in_place_bounds_refuse_every_update_the_exact_test_refuses() {
         weight_decay: 1e-4,
     };
     let mut false_refusals = 0;
-    for (opt, bounded) in [(adamw(1e-8), true), (sgd, true), (adamw(0.0), false)] {
-        let exact = step_graph::build(&m, &rec, opt, None, false).unwrap();
-        let gated = step_graph::build(&m, &rec, opt, None, true).unwrap();
+    // Each graph in the form for each runtime (their norms differ: `step_graph::Target`), run
+    // there.
+    let targets = [
+        (step_graph::Target::OnnxRuntime, Backend::Ort),
+        (step_graph::Target::Tract, Backend::Tract),
+    ];
+    let cases = [(adamw(1e-8), true), (sgd, true), (adamw(0.0), false)];
+    for ((opt, bounded), (target, backend)) in cases.into_iter().flat_map(|c| targets.map(|t| (c, t))) {
+        let form = |in_place: bool| step_graph::Form {
+            in_place,
+            part_bytes: None,
+            target,
+        };
+        let exact = step_graph::build(&m, &rec, opt, None, form(false)).unwrap();
+        let gated = step_graph::build(&m, &rec, opt, None, form(true)).unwrap();
         assert!(!exact.check_bounds && gated.in_place);
         assert_eq!(gated.check_bounds, bounded, "{opt:?}");
         let (pe, pg) = (dir.path().join("exact.onnx"), dir.path().join("gated.onnx"));
@@ -429,9 +453,9 @@ fn in_place_bounds_refuse_every_update_the_exact_test_refuses() {
             }
             let mut names: Vec<String> = gated.state.iter().map(|l| l.output.clone()).collect();
             names.push(step_graph::STATE_CHECK.into());
-            let got = run(Backend::Ort, &pg, &feed, &names);
+            let got = run(backend, &pg, &feed, &names);
             let want = run(
-                Backend::Ort,
+                backend,
                 &pe,
                 &feed,
                 &[
@@ -452,7 +476,7 @@ fn in_place_bounds_refuse_every_update_the_exact_test_refuses() {
                 assert_eq!(le.key, lg.key);
                 assert!(
                     e[i] == 0.0 || b[i] == 1.0,
-                    "{opt:?} case {k}: the exact test refuses {}, the bound accepts it",
+                    "{opt:?} {target:?} case {k}: the exact test refuses {}, the bound accepts it",
                     le.key
                 );
                 if k < 3 {
@@ -467,7 +491,7 @@ fn in_place_bounds_refuse_every_update_the_exact_test_refuses() {
                 accepted &= b[i] == 0.0;
             }
             let want_state = run(
-                Backend::Ort,
+                backend,
                 &pe,
                 &feed,
                 &exact.state.iter().map(|l| l.output.clone()).collect::<Vec<_>>(),
@@ -547,7 +571,11 @@ fn the_state_is_updated_in_place_only_where_every_read_comes_first() {
         nesterov: false,
         weight_decay: 0.0,
     };
-    assert!(step_graph::build(&m, &rec, opt, None, true).unwrap().in_place);
+    assert!(
+        step_graph::build(&m, &rec, opt, None, step_graph::Form::whole(true))
+            .unwrap()
+            .in_place
+    );
     let mut late = m.clone();
     let p = rec.params[0].0.clone();
     let fact = dagr_inject::ops::index(&m).unwrap().fact(&p).cloned().unwrap();
@@ -558,15 +586,19 @@ fn the_state_is_updated_in_place_only_where_every_read_comes_first() {
     copy.output.push("late_copy".into());
     late.graph_mut().node.push(copy);
     late.graph_mut().output.push(fact.to_value_info("late_copy"));
-    assert!(!step_graph::build(&late, &rec, opt, None, true).unwrap().in_place);
+    assert!(
+        !step_graph::build(&late, &rec, opt, None, step_graph::Form::whole(true))
+            .unwrap()
+            .in_place
+    );
     // Asked for parts, it updates whole (parts are written into their state's buffer only).
-    let parts = step_graph::Parts {
-        bytes: 1000,
-        gated: true,
+    let parts = step_graph::Form {
+        part_bytes: Some(1000),
+        ..step_graph::Form::whole(true)
     };
-    let whole = step_graph::build_in_parts(&late, &rec, opt, None, parts).unwrap();
+    let whole = step_graph::build(&late, &rec, opt, None, parts).unwrap();
     assert!(!whole.in_place && whole.state.iter().all(|l| l.rows.is_none()));
-    assert!(step_graph::build_in_parts(&m, &rec, opt, None, parts)
+    assert!(step_graph::build(&m, &rec, opt, None, parts)
         .unwrap()
         .state
         .iter()

@@ -234,11 +234,19 @@ impl Optimizer {
     /// `|m'| <= b1 |m| + (1 - b1) G`, `v' <= b2 v + (1 - b2) G^2` (the second moment is never
     /// negative: its updates keep it so, and a resumed one is checksummed),
     /// `|p'| <= |decay| |p| + |step size| |m'| / eps` (the denominator is at least eps).
-    pub fn emit_bounds(self, b: &mut Builder, p: &str, slots: &[String], g_sq: &str) -> Option<(String, Vec<String>)> {
+    ///
+    /// `l1` makes a tensor's L1 norm (a one-element vector), in the form the runtime runs fastest.
+    pub fn emit_bounds(
+        self,
+        b: &mut Builder,
+        p: &str,
+        slots: &[String],
+        g_sq: &str,
+        l1: &mut dyn FnMut(&mut Builder, &str) -> String,
+    ) -> Option<(String, Vec<String>)> {
         if !self.bounded() {
             return None;
         }
-        let l1 = |b: &mut Builder, x: &str| b.reduce("ReduceL1", x, None, false, "bound");
         let p_l1 = &l1(b, p);
         let slot_l1: Vec<String> = slots.iter().map(|s| l1(b, s)).collect();
         let g_max = b.unary("Sqrt", g_sq, "bound");

@@ -93,43 +93,59 @@ pub struct StepGraph {
     pub reads: Vec<StateRead>,
 }
 
-/// Fold `opt` (and clipping to `clip` if given) into the training graph `train`. With
-/// `in_place`, each state output is gated (`Where(accepted, update, state)`, the update made
-/// after the acceptance test, which bounds it from norms: `StepRecord::check_bounds`; where
+/// The runtime a step graph is made for, where the fastest form of its work differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// ONNX Runtime: norms reduce every axis at once (a 9043 x 9043 matrix's L1 norm in 9.6 ms
+    /// on 2 threads, against 19.5 ms over its rows first); the parts' first rows are read as
+    /// `Where(accepted, start, start)`: the parts' reads wait for the acceptance test, and ONNX
+    /// Runtime cannot merge them into one split of the whole (its GatherSliceToSplitFusion fuses
+    /// Slices by constant bounds, which makes every part at once: the whole tensor's temporaries
+    /// again).
+    #[default]
+    OnnxRuntime,
+    /// tract: norms reduce each tensor's last axis first (tract sums rows on its threads, every
+    /// axis of a matrix in one scalar loop, 3.5x slower: `Builder::reduce_whole`); the parts'
+    /// bounds are constants (tract 0.23 cannot run a Slice by computed bounds: the symbol it
+    /// gives the length dies with the optimizer's patch, "points to an invalid (dead ?)
+    /// SymbolScope"; its backend orders an in-place plan output by output, each part after the
+    /// test).
+    Tract,
+}
+
+/// How a step graph keeps and updates the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Form {
+    /// Each state output gated on the step's acceptance and made after the test, so that it can
+    /// share its input's buffer (see `build`).
+    pub in_place: bool,
+    /// In place, each state tensor larger than this many bytes is updated in parts of rows of
+    /// about that size (`StateLink::rows`): the update's temporaries are a part's, not the whole
+    /// tensor's (AdamW holds three at a time). Where the optimizer's update is not bounded
+    /// (`Optimizer::bounded`) the state is updated whole.
+    pub part_bytes: Option<usize>,
+    pub target: Target,
+}
+
+impl Form {
+    /// Whole updates (in place or in two sets) for ONNX Runtime.
+    pub fn whole(in_place: bool) -> Form {
+        Form {
+            in_place,
+            ..Form::default()
+        }
+    }
+}
+
+/// Fold `opt` (and clipping to `clip` if given) into the training graph `train`. In place
+/// (`Form::in_place`), each state output is gated (`Where(accepted, update, state)`, the update
+/// made after the acceptance test, which bounds it from norms: `StepRecord::check_bounds`; where
 /// the optimizer has no bound, the test makes a candidate update and the update is made a
 /// second time) so that it can share its input's buffer: one copy of the state instead of two
 /// (see `StepRecord::in_place` for whether the graph allows it). Without, the outputs are the
 /// updates, which the host discards when it rejects the step.
-pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>, in_place: bool) -> Result<StepGraph> {
-    fold(train, rec, opt, clip, (in_place, None), Some(&rec.loss))
-}
-
-/// How an in-place update is made in parts (`build_in_parts`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Parts {
-    /// About how many bytes of a state tensor each part holds (at least one row).
-    pub bytes: usize,
-    /// Each part's first row read as `Where(accepted, start, start)`: the parts' reads wait for
-    /// the acceptance test, and ONNX Runtime cannot merge them into one split of the whole (its
-    /// GatherSliceToSplitFusion fuses Slices by constant bounds, which makes every part at once:
-    /// the whole tensor's temporaries again). For ONNX Runtime; tract 0.23 cannot run a Slice
-    /// whose bounds are computed (the symbol it gives the length dies with the optimizer's patch:
-    /// "points to an invalid (dead ?) SymbolScope"), and orders the parts itself, by memory.
-    pub gated: bool,
-}
-
-/// `build` in place, each state tensor larger than `parts.bytes` updated in parts of rows of
-/// about that size (`StateLink::rows`): the update's temporaries are a part's, not the whole
-/// tensor's (AdamW holds three at a time). Where the optimizer's update is not bounded
-/// (`Optimizer::bounded`) the state is updated whole.
-pub fn build_in_parts(
-    train: &Model,
-    rec: &TrainRecord,
-    opt: Optimizer,
-    clip: Option<f64>,
-    parts: Parts,
-) -> Result<StepGraph> {
-    fold(train, rec, opt, clip, (true, Some(parts)), Some(&rec.loss))
+pub fn build(train: &Model, rec: &TrainRecord, opt: Optimizer, clip: Option<f64>, form: Form) -> Result<StepGraph> {
+    fold(train, rec, opt, clip, form, Some(&rec.loss))
 }
 
 /// `build`, the loss (if any: an update graph has none) part of the acceptance test.
@@ -138,9 +154,10 @@ fn fold(
     rec: &TrainRecord,
     opt: Optimizer,
     clip: Option<f64>,
-    (in_place, parts_of): (bool, Option<Parts>),
+    form: Form,
     loss: Option<&str>,
 ) -> Result<StepGraph> {
+    let in_place = form.in_place;
     if let Some(c) = clip {
         if !(c > 0.0 && c.is_finite()) {
             return Err(Error::Config(format!(
@@ -162,8 +179,9 @@ fn fold(
 
     let flat_shape = b.const_i64(&[-1]);
     let grads: Vec<&str> = rec.params.iter().map(|p| p.1.as_str()).collect();
-    let g_sq = per_tensor(&mut b, &grads, &flat_shape, GRAD_SQ, |b, flat| {
-        b.reduce("ReduceSumSquare", flat, Some(&[0]), true, "norm")
+    let g_sq = per_tensor(&mut b, &grads, GRAD_SQ, |b, g| {
+        let rank = idx.fact(g).and_then(|f| f.shape.as_ref()).map(|s| s.len());
+        whole_norm(b, form.target, "ReduceSumSquare", g, rank)
     });
     let scale = clip.map(|c| clip_coefficient(&mut b, c));
 
@@ -204,7 +222,11 @@ fn fold(
             })
             .collect();
         let bounds = bounded
-            .then(|| opt.emit_bounds(&mut b, p, &slot_inputs, g_sq))
+            .then(|| {
+                let rank = fact.shape.as_ref().map(|s| s.len());
+                let mut l1 = |b: &mut Builder, x: &str| whole_norm(b, form.target, "ReduceL1", x, rank);
+                opt.emit_bounds(&mut b, p, &slot_inputs, g_sq, &mut l1)
+            })
             .flatten();
         let (p_next, slots_next) = match bounds {
             Some((p_bound, slot_bounds)) => {
@@ -350,8 +372,8 @@ fn fold(
     let missing = || Error::Internal("a state update without its state".into());
     // Parameter by parameter: the update (again where unbounded), and its gated writes.
     for ((p, _), (g, slot_inputs)) in rec.params.iter().zip(clipped.iter().zip(&slot_inputs_of)) {
-        let parts = match (bounded, parts_of) {
-            (true, Some(how)) => row_parts(&fact_of(p), how.bytes),
+        let parts = match (bounded && in_place, form.part_bytes) {
+            (true, Some(bytes)) => row_parts(&fact_of(p), bytes),
             _ => None,
         };
         if let Some(parts) = parts {
@@ -368,12 +390,12 @@ fn fold(
                 if let Some(d) = fact.shape.as_mut().and_then(|s| s.first_mut()) {
                     *d = Dim::Known((end - start) as i64);
                 }
-                // Gated, the first row read after the test (`Where(ok, start, start)`: see
-                // `Parts::gated`).
+                // For ONNX Runtime, the first row read after the test (`Where(ok, start,
+                // start)`: see `Target`).
                 let first = b.const_i64(&[start as i64]);
-                let from = match parts_of.is_some_and(|h| h.gated) {
-                    true => b.op("Where", &[&ok, &first, &first], vec![], "rows"),
-                    false => first,
+                let from = match form.target {
+                    Target::OnnxRuntime => b.op("Where", &[&ok, &first, &first], vec![], "rows"),
+                    Target::Tract => first,
                 };
                 let to = b.const_i64(&[end as i64]);
                 let rows_of = |b: &mut Builder, x: &str| b.op("Slice", &[x, &from, &to, &axes], vec![], "rows");
@@ -423,7 +445,11 @@ fn fold(
     let in_place = state_written_last(&model, &state, Some(&ok));
     if !in_place && state.iter().any(|l| l.rows.is_some()) {
         // Parts have no other home than their state's buffer: whole updates, two sets.
-        return fold(train, rec, opt, clip, (true, None), loss);
+        let whole = Form {
+            part_bytes: None,
+            ..form
+        };
+        return fold(train, rec, opt, clip, whole, loss);
     }
     finish(
         model,
@@ -535,7 +561,7 @@ pub fn build_split(
     rec: &TrainRecord,
     opt: Optimizer,
     clip: Option<f64>,
-    (in_place, parts): (bool, Option<Parts>),
+    form: Form,
 ) -> Result<SplitStep> {
     let grad = gradient_graph(train, rec)?;
     let idx = dagr_ops::index(train)?;
@@ -571,7 +597,7 @@ pub fn build_split(
         batchnorm: Vec::new(),
         ..rec.clone()
     };
-    let mut update = fold(&update, &urec, opt, clip, (in_place, parts), None)?;
+    let mut update = fold(&update, &urec, opt, clip, form, None)?;
     update.reads.extend(reads);
     Ok(SplitStep { grad, update })
 }
@@ -806,22 +832,19 @@ fn state_written_last(model: &Model, state: &[StateLink], ok: Option<&str>) -> b
     })
 }
 
-/// `out = Concat(f(flatten(x)) for x in xs)`: one value per tensor (squared norms, checks);
-/// returns the parts.
-fn per_tensor(
-    b: &mut Builder,
-    xs: &[&str],
-    flat_shape: &str,
-    out: &str,
-    mut f: impl FnMut(&mut Builder, &str) -> String,
-) -> Vec<String> {
-    let parts: Vec<String> = xs
-        .iter()
-        .map(|x| {
-            let flat = b.op("Reshape", &[x, flat_shape], vec![], "flat");
-            f(b, &flat)
-        })
-        .collect();
+/// `op` (ReduceSumSquare, ReduceL1) over every element of `x` (of rank `rank` where known), as
+/// a one-element vector, in `target`'s fastest form (see `Target`).
+fn whole_norm(b: &mut Builder, target: Target, op: &str, x: &str, rank: Option<usize>) -> String {
+    match target {
+        Target::OnnxRuntime => b.reduce_whole(op, x, None, "norm"),
+        Target::Tract => b.reduce_whole(op, x, rank, "norm"),
+    }
+}
+
+/// `out = Concat(f(x) for x in xs)`: one value per tensor (`f` makes a one-element vector:
+/// squared norms); returns the parts.
+fn per_tensor(b: &mut Builder, xs: &[&str], out: &str, mut f: impl FnMut(&mut Builder, &str) -> String) -> Vec<String> {
+    let parts: Vec<String> = xs.iter().map(|x| f(b, x)).collect();
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     b.op_named("Concat", &refs, vec![attr_int("axis", 0)], out);
     parts

@@ -193,7 +193,7 @@ pub struct Progress {
 }
 
 /// The size of the parts a state tensor is updated in, in place on the host
-/// (`step_graph::build_in_parts`): AdamW's update holds three temporaries the size of what it
+/// (`step_graph::Form::part_bytes`): AdamW's update holds three temporaries the size of what it
 /// updates at once, so a tensor updated whole needs three more copies of itself beside the state
 /// and the gradients (the 1.2B model's largest, 800 MB: 2.4 GB); in parts, three parts.
 pub const STATE_PART_BYTES: usize = 64 << 20;
@@ -425,33 +425,26 @@ impl Trainer {
             .map(|s| f32_bytes(s))
             .max()
             .unwrap_or(0);
-        let bytes = match settings.state_part_bytes {
+        let part_bytes = match settings.state_part_bytes {
             _ if !in_place || settings.device != Device::Cpu => None,
             Some(bytes) => Some(bytes.max(1)),
             None => auto_parts(state_bytes, param_bytes, largest, onnx::limits::available_memory())
                 .then_some(STATE_PART_BYTES),
         };
-        let parts = bytes.map(|bytes| step_graph::Parts {
-            bytes,
-            gated: settings.backend == Backend::Ort,
-        });
+        let form = step_graph::Form {
+            in_place,
+            part_bytes,
+            target: match settings.backend {
+                Backend::Ort => step_graph::Target::OnnxRuntime,
+                Backend::Tract => step_graph::Target::Tract,
+            },
+        };
+        let (opt, clip) = (settings.optimizer, settings.clip_grad_norm);
         let (sg, grad) = if split {
-            let s = step_graph::build_split(
-                &model,
-                &record,
-                settings.optimizer,
-                settings.clip_grad_norm,
-                (in_place, parts),
-            )?;
+            let s = step_graph::build_split(&model, &record, opt, clip, form)?;
             (s.update, Some(s.grad))
         } else {
-            let sg = match parts {
-                Some(parts) => {
-                    step_graph::build_in_parts(&model, &record, settings.optimizer, settings.clip_grad_norm, parts)?
-                }
-                None => step_graph::build(&model, &record, settings.optimizer, settings.clip_grad_norm, in_place)?,
-            };
-            (sg, None)
+            (step_graph::build(&model, &record, opt, clip, form)?, None)
         };
         let o = &record.dagr.outputs;
         let mut losses: Vec<String> = vec![record.loss.clone()];
