@@ -117,8 +117,9 @@ pub struct StepSpec<'a> {
 /// only reads (`reads`), and `fetch` returned to the host each run. `in_place`: the graph writes
 /// each state output after every read of its input and leaves the state as it was when it
 /// rejects a step (see `step_graph::StepRecord::in_place`), so an engine may keep one set of
-/// buffers for the keys it writes and bind each output to its input's buffer; otherwise it keeps
-/// two, the written set becoming current on `commit`.
+/// buffers for the keys it writes (ONNX Runtime binds each output to its input's buffer; tract
+/// takes the tensors by value and writes parts into their rows); otherwise it keeps two, the
+/// written set becoming current on `commit`.
 pub struct GraphSpec<'a> {
     pub path: &'a Path,
     pub links: Vec<StateLink>,

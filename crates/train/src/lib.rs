@@ -495,8 +495,8 @@ impl Trainer {
             .into_iter()
             .filter_map(|n| Some((n.clone(), idx.fact(&n)?.shape.clone()?)))
             .collect();
-        // The engine holds the state on the host unless it computes on a device: once where
-        // ONNX Runtime updates it in place, else twice (see `runtime::Stepper`).
+        // The engine holds the state on the host unless it computes on a device: once where it
+        // updates it in place, else twice (see `runtime::Stepper`).
         let sets = if sg.in_place { 1 } else { 2 };
         if settings.device == Device::Cpu {
             // With accumulation, one more copy of the parameters: the summed gradients.
