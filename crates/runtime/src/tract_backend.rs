@@ -468,24 +468,33 @@ impl crate::StateStepper for Stepper {
             .filter(|l| g.in_place && l.rows.is_none())
             .map(|l| &l.key)
             .collect();
+        // Every input found before any state is taken.
+        let mut keys = Vec::new();
+        for name in plan.input_names.iter().filter(|n| !feed.contains_key(*n)) {
+            let key = g
+                .key_of
+                .get(name)
+                .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?;
+            if !self.state.contains_key(key) {
+                return Err(err(format!("no value for the state '{key}'")));
+            }
+            keys.push(key);
+        }
+        let mut keys = keys.into_iter();
         let mut inputs: TVec<TValue> = tvec!();
         let mut taken = Vec::new();
         for name in &plan.input_names {
             let v = match feed.get(name) {
-                Some(v) => to_tensor(v).into_tvalue(),
-                None => {
-                    let key = g
-                        .key_of
-                        .get(name)
-                        .ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?;
-                    let v = match by_value.contains(key) {
-                        true => self.state.remove(key).inspect(|_| taken.push(key.clone())),
-                        false => self.state.get(key).cloned(),
-                    };
-                    v.ok_or_else(|| err(format!("no value for the state '{key}'")))?
-                }
+                Some(v) => Some(to_tensor(v).into_tvalue()),
+                None => match keys.next() {
+                    Some(key) if by_value.contains(key) => {
+                        taken.push(key.clone());
+                        self.state.remove(key)
+                    }
+                    key => key.and_then(|k| self.state.get(k).cloned()),
+                },
             };
-            inputs.push(v);
+            inputs.push(v.ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?);
         }
         let state = &self.state;
         let mut write = |i: usize, part: &Tensor| -> Result<()> {
