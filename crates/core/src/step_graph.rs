@@ -835,10 +835,8 @@ fn state_written_last(model: &Model, state: &[StateLink], ok: Option<&str>) -> b
 /// `op` (ReduceSumSquare, ReduceL1) over every element of `x` (of rank `rank` where known), as
 /// a one-element vector, in `target`'s fastest form (see `Target`).
 fn whole_norm(b: &mut Builder, target: Target, op: &str, x: &str, rank: Option<usize>) -> String {
-    match target {
-        Target::OnnxRuntime => b.reduce_whole(op, x, None, "norm"),
-        Target::Tract => b.reduce_whole(op, x, rank, "norm"),
-    }
+    let rows_first = rank.filter(|_| target == Target::Tract);
+    b.reduce_whole(op, x, rows_first, "norm")
 }
 
 /// `out = Concat(f(x) for x in xs)`: one value per tensor (`f` makes a one-element vector:
