@@ -96,7 +96,7 @@ pub struct StepGraph {
 /// The runtime a step graph is made for, where the fastest form of its work differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Target {
-    /// ONNX Runtime: norms reduce every axis at once (a 9043 x 9043 matrix's L1 norm in 9.6 ms
+    /// ONNX Runtime: sums reduce every axis at once (a 9043 x 9043 matrix's L1 norm in 9.6 ms
     /// on 2 threads, against 19.5 ms over its rows first); the parts' first rows are read as
     /// `Where(accepted, start, start)`: the parts' reads wait for the acceptance test, and ONNX
     /// Runtime cannot merge them into one split of the whole (its GatherSliceToSplitFusion fuses
@@ -104,8 +104,8 @@ pub enum Target {
     /// again).
     #[default]
     OnnxRuntime,
-    /// tract: norms reduce each tensor's last axis first (tract sums rows on its threads, every
-    /// axis of a matrix in one scalar loop, 3.5x slower: `Builder::reduce_whole`); the parts'
+    /// tract: norms and checks sum each tensor's last axis first (tract sums rows on its threads,
+    /// every axis of a matrix in one scalar loop, 3.5x slower: `Builder::reduce_whole`); the parts'
     /// bounds are constants (tract 0.23 cannot run a Slice by computed bounds: the symbol it
     /// gives the length dies with the optimizer's patch, "points to an invalid (dead ?)
     /// SymbolScope"; its backend orders an in-place plan output by output, each part after the
@@ -178,10 +178,16 @@ fn fold(
     }
 
     let flat_shape = b.const_i64(&[-1]);
+    // A tensor's rank where its sums reduce its rows first (`Builder::reduce_whole`).
+    let rows_first = |f: &ValueFact| {
+        f.shape
+            .as_ref()
+            .map(|s| s.len())
+            .filter(|_| form.target == Target::Tract)
+    };
     let grads: Vec<&str> = rec.params.iter().map(|p| p.1.as_str()).collect();
     let g_sq = per_tensor(&mut b, &grads, GRAD_SQ, |b, g| {
-        let rank = idx.fact(g).and_then(|f| f.shape.as_ref()).map(|s| s.len());
-        whole_norm(b, form.target, "ReduceSumSquare", g, rank)
+        b.reduce_whole("ReduceSumSquare", g, idx.fact(g).and_then(rows_first), "norm")
     });
     let scale = clip.map(|c| clip_coefficient(&mut b, c));
 
@@ -223,8 +229,7 @@ fn fold(
             .collect();
         let bounds = bounded
             .then(|| {
-                let rank = fact.shape.as_ref().map(|s| s.len());
-                let mut l1 = |b: &mut Builder, x: &str| whole_norm(b, form.target, "ReduceL1", x, rank);
+                let mut l1 = |b: &mut Builder, x: &str| b.reduce_whole("ReduceL1", x, rows_first(&fact), "norm");
                 opt.emit_bounds(&mut b, p, &slot_inputs, g_sq, &mut l1)
             })
             .flatten();
@@ -240,7 +245,7 @@ fn fold(
                 // Each candidate is checked right after it is made, so that a runtime following
                 // the node order frees it before the next parameter's update.
                 for c in std::iter::once(&p_next).chain(&slots_next) {
-                    parts.push(check_part(&mut b, c, &flat_shape, &tiny));
+                    parts.push(check_part(&mut b, c, &tiny, rows_first(&fact)));
                 }
                 (Some(p_next), slots_next.into_iter().map(Some).collect())
             }
@@ -274,7 +279,7 @@ fn fold(
     for s in &rec.batchnorm {
         for (init, next) in [&s.mean, &s.var] {
             bn_outputs.insert(next.clone());
-            parts.push(check_part(&mut b, next, &flat_shape, &tiny));
+            parts.push(check_part(&mut b, next, &tiny, rows_first(&fact_of(init))));
             updates.push(Update {
                 link: StateLink {
                     key: bn_key(init),
@@ -740,11 +745,13 @@ fn finish(
     })
 }
 
-/// `ReduceSum(flatten(x) * 2^-64)` as a one-element vector (see `STATE_CHECK`).
-fn check_part(b: &mut Builder, x: &str, flat_shape: &str, tiny: &str) -> String {
-    let flat = b.op("Reshape", &[x, flat_shape], vec![], "flat");
-    let scaled = b.binary("Mul", &flat, tiny, "check");
-    b.reduce("ReduceSum", &scaled, Some(&[0]), true, "check")
+/// `ReduceSum(x * 2^-64)` as a one-element vector (see `STATE_CHECK`), `rows_first` as in
+/// `Builder::reduce_whole`: the scaled terms cannot overflow a float32 sum in any order, so the
+/// check is finite exactly where every term is, whatever the form. Scaled before it is
+/// flattened: tract copies a tensor it flattens while another node reads it.
+fn check_part(b: &mut Builder, x: &str, tiny: &str, rows_first: Option<usize>) -> String {
+    let scaled = b.binary("Mul", x, tiny, "check");
+    b.reduce_whole("ReduceSum", &scaled, rows_first, "check")
 }
 
 /// A bound of an update (`Optimizer::emit_bounds`) as a one-element check: the bound times 4,
@@ -830,13 +837,6 @@ fn state_written_last(model: &Model, state: &[StateLink], ok: Option<&str>) -> b
         let before = ancestors(writer);
         late.iter().all(|&r| before[r])
     })
-}
-
-/// `op` (ReduceSumSquare, ReduceL1) over every element of `x` (of rank `rank` where known), as
-/// a one-element vector, in `target`'s fastest form (see `Target`).
-fn whole_norm(b: &mut Builder, target: Target, op: &str, x: &str, rank: Option<usize>) -> String {
-    let rows_first = rank.filter(|_| target == Target::Tract);
-    b.reduce_whole(op, x, rows_first, "norm")
 }
 
 /// `out = Concat(f(x) for x in xs)`: one value per tensor (`f` makes a one-element vector:
