@@ -70,6 +70,25 @@ fn cannot_load(m: &dagr_onnx::Model) -> Option<String> {
     }
 }
 
+/// A `Where` (tract's `Iff`) whose one condition holds for every element, between two inputs of
+/// its output's shape and type: the chosen input itself. tract's own walks the three inputs
+/// element by element on one thread (a step graph that updates in place writes every state
+/// tensor as `Where(accepted, update, state)`: 0.13 s of a 0.8 s step at 138M parameters).
+fn picked(node: &TypedNode, values: &TVec<TValue>) -> Option<TValue> {
+    if !node.op_is::<tract_onnx::tract_core::ops::logic::Iff>() {
+        return None;
+    }
+    let [cond, t, f] = values.as_slice() else {
+        return None;
+    };
+    let same = t.shape() == f.shape() && t.datum_type() == f.datum_type();
+    if !same || cond.len() != 1 || cond.rank() > t.rank() || cond.datum_type() != DatumType::Bool {
+        return None;
+    }
+    let c = *cond.try_as_plain_ram().ok()?.as_slice::<bool>().ok()?.first()?;
+    Some(if c { t.clone() } else { f.clone() })
+}
+
 impl Prepared {
     /// Inputs in `example` that are also initializers (the parameters of a training graph) are
     /// fed, not folded: tract would otherwise treat them as constants.
@@ -206,7 +225,8 @@ impl Prepared {
     }
 
     /// Run with the executor's threads, handing each output named in `with_facts`' `handed` to
-    /// `on` (its index in `outputs`, its value) as soon as the node making it has run.
+    /// `on` (its index in `outputs`, its value) as soon as the node making it has run; a `Where`
+    /// by one condition gives the chosen input (`picked`).
     fn run_handing(
         &self,
         inputs: TVec<TValue>,
@@ -215,12 +235,12 @@ impl Prepared {
     ) -> Result<TVec<TValue>> {
         let executor = executor.clone();
         let run = || -> TractResult<TVec<TValue>> {
-            if self.handed.is_empty() {
-                return self.plan.run(inputs);
-            }
             let mut state = TypedSimpleState::new(&self.plan)?;
             state.run_plan_with_eval(inputs, |ctx, op_state, node, values| -> TractResult<TVec<TValue>> {
-                let made = tract_onnx::tract_core::plan::eval(ctx, op_state, node, values)?;
+                let made = match picked(node, &values) {
+                    Some(v) => tvec!(v),
+                    None => tract_onnx::tract_core::plan::eval(ctx, op_state, node, values)?,
+                };
                 for &(slot, i) in self.handed.get(&node.id).into_iter().flatten() {
                     let v = made.get(slot).ok_or_else(|| {
                         tract_onnx::tract_core::internal::format_err!("node {} made no output {slot}", node.name)
