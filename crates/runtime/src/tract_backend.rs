@@ -517,16 +517,22 @@ impl crate::StateStepper for Stepper {
             inputs.push(v.ok_or_else(|| err(format!("no value given for the graph input '{name}'")))?);
         }
         let state = &self.state;
+        // The plan's outputs are the fetched ones, then one per link, in order.
+        let links = &g.links;
+        let fetched = g.fetch.len();
         let mut write = |i: usize, part: &Tensor| -> Result<()> {
-            let name = &plan.outputs[i];
-            match parts.iter().find(|l| &l.output == name) {
-                Some(l) => {
+            let link = i.checked_sub(fetched).and_then(|j| links.get(j));
+            match link.and_then(|l| Some((l, l.rows?))) {
+                Some((l, rows)) if l.output == plan.outputs[i] => {
                     let buf = state
                         .get(&l.key)
                         .ok_or_else(|| err(format!("no value for the state '{}'", l.key)))?;
-                    write_rows(&l.key, buf, l.rows.unwrap_or((0, 0)), part)
+                    write_rows(&l.key, buf, rows, part)
                 }
-                None => Err(err(format!("the output '{name}' is not a part of the state"))),
+                _ => Err(err(format!(
+                    "the output '{}' is not a part of the state",
+                    plan.outputs[i]
+                ))),
             }
         };
         let res = match plan.run_handing(inputs, &self.executor, &mut write) {
