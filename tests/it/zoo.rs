@@ -290,6 +290,16 @@ fn zoo_training_graphs_equal_pytorch_autograd_and_train_on_both_backends() {
                     );
                 }
                 directional_check(&e.label(), &m, &p, &feed, &rec.loss, &reparametrized, &[1e-3]);
+                // Every read of the state, views included, comes before its write: the step
+                // graph of each real architecture updates in place.
+                let sgd = dagr_inject::dagr::optim::Optimizer::Sgd {
+                    momentum: 0.9,
+                    nesterov: false,
+                    weight_decay: 0.0,
+                };
+                let whole = dagr_inject::dagr::step_graph::Form::whole(true);
+                let step = dagr_inject::dagr::step_graph::build(&m, &rec, sgd, None, whole).unwrap();
+                assert!(step.in_place, "{}: the step graph cannot update in place", e.label());
                 // `verify`'s own finite differences pass on honest training graphs: every
                 // model, each through another exporter in turn (all 24 pass; 6 keep the suite
                 // short).

@@ -770,6 +770,9 @@ fn bound_part(b: &mut Builder, bound: &str, flat_shape: &str) -> String {
 /// inputs' buffers. An output that is rows of its state (`StateLink::rows`, a part) is exempt
 /// from the readers of other rows only: Slices of the input on its first axis by constant
 /// bounds that miss the part's.
+/// The ops whose output ONNX Runtime may place in their input's buffer (a view of it).
+const VIEW_OPS: [&str; 5] = ["Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"];
+
 fn state_written_last(model: &Model, state: &[StateLink], ok: Option<&str>) -> bool {
     let nodes = &model.graph().node;
     let mut producer: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
@@ -778,7 +781,23 @@ fn state_written_last(model: &Model, state: &[StateLink], ok: Option<&str>) -> b
             producer.insert(o.as_str(), i);
         }
     }
-    // The nodes reading each name (subgraphs' reads count for the node holding them).
+    // A view of a state input reads the state: ONNX Runtime gives a Reshape, Squeeze,
+    // Unsqueeze, Flatten or Identity output its input's buffer, so whoever reads the view reads
+    // the state's buffer (after the write, the new values). Each view is known by the state
+    // input it shows (nodes are in topological order, so a view of a view is seen).
+    let mut shows: std::collections::HashMap<&str, &str> =
+        state.iter().map(|l| (l.input.as_str(), l.input.as_str())).collect();
+    for n in nodes {
+        if n.domain.is_empty() && VIEW_OPS.contains(&n.op_type.as_str()) {
+            if let Some(&s) = n.input.first().and_then(|i| shows.get(i.as_str())) {
+                for o in &n.output {
+                    shows.insert(o.as_str(), s);
+                }
+            }
+        }
+    }
+    // The nodes reading each name (subgraphs' reads count for the node holding them), a view's
+    // readers counted as its state's.
     let mut readers: std::collections::HashMap<&str, Vec<usize>> = std::collections::HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
         let mut names: Vec<&str> = n.input.iter().map(String::as_str).collect();
@@ -787,6 +806,7 @@ fn state_written_last(model: &Model, state: &[StateLink], ok: Option<&str>) -> b
             names.extend(state.iter().map(|l| l.input.as_str()));
         }
         for name in names {
+            let name = shows.get(name).copied().unwrap_or(name);
             readers.entry(name).or_default().push(i);
         }
     }
@@ -955,6 +975,103 @@ fn bypass_identities(model: &mut Model) {
             if let Some(r) = rename.get(t.as_str()) {
                 *t = r.clone();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dagr_onnx::proto::NodeProto;
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        let mut n = NodeProto::new();
+        n.op_type = op.into();
+        n.input = inputs.iter().map(|s| s.to_string()).collect();
+        n.output = vec![output.into()];
+        n
+    }
+
+    fn model(nodes: Vec<NodeProto>) -> Model {
+        let mut m = Model {
+            proto: Default::default(),
+            base_dir: Default::default(),
+            source: None,
+        };
+        m.graph_mut().node = nodes;
+        m
+    }
+
+    /// `p_new` replaces `p` in `p`'s buffer only where nothing reads `p`, or a view of it that
+    /// shares its buffer on ONNX Runtime, after the write.
+    #[test]
+    fn a_read_of_the_state_or_of_a_view_of_it_after_the_write_keeps_two_sets() {
+        let link = StateLink {
+            key: "param/p".into(),
+            input: "p".into(),
+            output: "p_new".into(),
+            rows: None,
+        };
+        let cases = [
+            // the state itself read by a node the write does not wait for
+            (
+                vec![node("Sub", &["p", "g"], "p_new"), node("Neg", &["p"], "late")],
+                false,
+            ),
+            // a view of it so read, and a view of a view
+            (
+                vec![
+                    node("Reshape", &["p", "s"], "v"),
+                    node("Sub", &["p", "g"], "p_new"),
+                    node("Neg", &["v"], "late"),
+                ],
+                false,
+            ),
+            (
+                vec![
+                    node("Flatten", &["p"], "v"),
+                    node("Unsqueeze", &["v", "a"], "u"),
+                    node("Sub", &["p", "g"], "p_new"),
+                    node("MatMul", &["x", "u"], "late"),
+                ],
+                false,
+            ),
+            // the view's reader is one the write waits for
+            (
+                vec![
+                    node("Reshape", &["p", "s"], "v"),
+                    node("Neg", &["v"], "n"),
+                    node("Sub", &["p", "n"], "p_new"),
+                ],
+                true,
+            ),
+            // made before the write, a copy (Transpose) read late reads its own buffer, a view
+            // (Reshape) the state's
+            (
+                vec![
+                    node("Transpose", &["p"], "t"),
+                    node("Shape", &["t"], "s"),
+                    node("Sub", &["p", "s"], "p_new"),
+                    node("Neg", &["t"], "late"),
+                ],
+                true,
+            ),
+            (
+                vec![
+                    node("Reshape", &["p", "s0"], "t"),
+                    node("Shape", &["t"], "s"),
+                    node("Sub", &["p", "s"], "p_new"),
+                    node("Neg", &["t"], "late"),
+                ],
+                false,
+            ),
+        ];
+        for (i, (nodes, in_place)) in cases.into_iter().enumerate() {
+            assert_eq!(
+                state_written_last(&model(nodes), std::slice::from_ref(&link), None),
+                in_place,
+                "case {i}"
+            );
         }
     }
 }
