@@ -19,7 +19,7 @@ pub(crate) static OPS: &[Op] = &[
     op("Transpose", 1, Some(shapes::transpose), Vjp(transpose), "dX = transpose(g, inverse perm)"),
     op("Concat", 4, Some(shapes::concat), Vjp(concat), "dX_i = slice of g"),
     op("Split", 1, Some(shapes::split), Vjp(split), "dX = concat(g_i, zeros for missing g_i)"),
-    op("Slice", 10, Some(shapes::slice), Vjp(slice), "dX = pad(g) (step 1)"),
+    op("Slice", 10, Some(shapes::slice), Vjp(slice), "dX = pad(g), a strided axis's gradient spread by its step"),
     op("Gather", 1, Some(shapes::gather), Vjp(gather), "dX = scatter_nd_add(zeros, indices, g)"),
     op("GatherND", 11, Some(shapes::gather_nd), Vjp(gather_nd), "dX = scatter_nd_add(zeros, indices, g); batch_dims: over the batch flattened, its position leading each tuple"),
     op("GatherElements", 11, Some(shapes::gather_elements), Vjp(gather_elements), "dX = scatter_elements_add(zeros, indices, g)"),
@@ -864,7 +864,9 @@ pub fn split(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     Ok(v)
 }
 
-/// Slice with step 1 and constant bounds: pad the gradient back with zeros.
+/// Slice with constant bounds: the gradient put back where the slice took it, zeros elsewhere.
+/// The axes of step 1 with one Pad; an axis of another step (Swin's patch merging takes
+/// `x[:, 0::2, 1::2]`, a flip steps by -1) with `place_strided`.
 pub fn slice(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
@@ -879,16 +881,26 @@ pub fn slice(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     } else {
         (0..starts.len() as i64).collect()
     };
-    if c.has_input(4) {
-        let steps = c.const_input(4).ok_or_else(|| c.err("its steps must be constant"))?;
-        if steps.iter().any(|&s| s != 1) {
-            return Err(c.err("only step 1 has a gradient rule"));
-        }
+    let steps = if c.has_input(4) {
+        c.const_input(4).ok_or_else(|| c.err("its steps must be constant"))?
+    } else {
+        vec![1; starts.len()]
+    };
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err(c.err("its starts, ends, axes and steps differ in length"));
+    }
+    if steps.contains(&0) {
+        return Err(c.err("a step is 0, which ONNX does not allow"));
     }
     let mut pads = vec![0i64; 2 * r];
     let mut dynamic: Vec<(usize, i64, i64)> = Vec::new();
-    for ((&s, &e), &a) in starts.iter().zip(&ends).zip(&axes) {
+    let mut strided: Vec<(usize, (i64, i64, i64))> = Vec::new();
+    for (((&s, &e), &a), &k) in starts.iter().zip(&ends).zip(&axes).zip(&steps) {
         let a = norm_axis(a, r);
+        if k != 1 {
+            strided.push((a, (s, e, k)));
+            continue;
+        }
         let d = match &xs[a] {
             Dim::Known(v) => *v,
             _ => {
@@ -901,34 +913,149 @@ pub fn slice(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         pads[a] = s;
         pads[a + r] = d - e;
     }
-    let p = if dynamic.is_empty() {
-        c.ints(&pads)
+    let mut t = if !strided.is_empty() && dynamic.is_empty() && pads.iter().all(|&p| p == 0) {
+        g
     } else {
-        // A symbolic dim d: the start and end clamped into [0, d] at run time.
-        let shape = c.shape_of(&x);
-        let zero = c.ints(&[0]);
-        let mut parts: Vec<String> = pads.iter().map(|&v| c.ints(&[v])).collect();
-        for (a, s, e) in dynamic {
-            let (from, to) = (c.ints(&[a as i64]), c.ints(&[a as i64 + 1]));
-            let d = c.op("Slice", &[&shape, &from, &to]);
-            let mut clamp = |v: i64| {
-                let v = v.clamp(-(i64::MAX / 2), i64::MAX / 2);
-                let k = c.ints(&[v]);
-                let v = if v < 0 { c.op("Add", &[&k, &d]) } else { k };
-                let v = c.op("Max", &[&v, &zero]);
-                c.op("Min", &[&v, &d])
-            };
-            let (s, e) = (clamp(s), clamp(e));
-            let e = c.op("Max", &[&e, &s]);
-            parts[a] = s;
-            parts[a + r] = c.op("Sub", &[&d, &e]);
-        }
-        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-        c.op_a("Concat", &refs, vec![attr_int("axis", 0)])
+        let p = if dynamic.is_empty() {
+            c.ints(&pads)
+        } else {
+            // A symbolic dim d: the start and end clamped into [0, d] at run time.
+            let mut parts: Vec<String> = pads.iter().map(|&v| c.ints(&[v])).collect();
+            for (a, s, e) in dynamic {
+                let d = dim_of(c, &x, a);
+                let (s, e) = (clamp_at_run_time(c, s, &d, 0), clamp_at_run_time(c, e, &d, 0));
+                let e = c.op("Max", &[&e, &s]);
+                parts[a] = s;
+                parts[a + r] = c.op("Sub", &[&d, &e]);
+            }
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            c.op_a("Concat", &refs, vec![attr_int("axis", 0)])
+        };
+        c.op_a("Pad", &[&g, &p], vec![attr_string("mode", "constant")])
     };
-    let mut v = vec![Some(c.op_a("Pad", &[&g, &p], vec![attr_string("mode", "constant")]))];
+    for (a, bounds) in strided {
+        t = place_strided(c, &t, &x, (a, r), bounds, &xs[a]);
+    }
+    let mut v = vec![Some(t)];
     v.resize(need.len(), None);
     Ok(v)
+}
+
+/// `x`'s dim `axis` as a one-element vector, at run time.
+fn dim_of(c: &mut Ctx, x: &str, axis: usize) -> String {
+    let shape = c.shape_of(x);
+    let (from, to) = (c.ints(&[axis as i64]), c.ints(&[axis as i64 + 1]));
+    c.op("Slice", &[&shape, &from, &to])
+}
+
+/// A Slice bound `v` over a dim `d` known at run time: counted from the end where negative,
+/// clamped into `[0, d - less]`.
+fn clamp_at_run_time(c: &mut Ctx, v: i64, d: &str, less: i64) -> String {
+    let v = v.clamp(-(i64::MAX / 2), i64::MAX / 2);
+    let k = c.ints(&[v]);
+    let v = if v < 0 { c.op("Add", &[&k, d]) } else { k };
+    let zero = c.ints(&[0]);
+    let v = c.op("Max", &[&v, &zero]);
+    let hi = if less == 0 {
+        d.to_string()
+    } else {
+        let l = c.ints(&[less]);
+        c.op("Sub", &[d, &l])
+    };
+    c.op("Min", &[&v, &hi])
+}
+
+/// The gradient `t` of a Slice of step `step` (not 1) from `start` to `end` on axis `axis` (of
+/// `rank`) put back into `x`'s dim `d` there: the elements in index order (a negative step took
+/// them from the last one: reversed), each followed by `|step| - 1` zeros (Unsqueeze, Pad, a
+/// Reshape merging the two axes), cut after the last element and padded to its place. Standard
+/// ops only, so both runtimes run it; the place is computed at run time where `d` is symbolic.
+fn place_strided(
+    c: &mut Ctx,
+    t: &str,
+    x: &str,
+    (axis, rank): (usize, usize),
+    bounds: (i64, i64, i64),
+    d: &Dim,
+) -> String {
+    let (start, end, step) = bounds;
+    let k = step.abs();
+    let ax = c.ints(&[axis as i64]);
+    let t = if step < 0 {
+        let (s, e, m1) = (c.ints(&[-1]), c.ints(&[i64::MIN]), c.ints(&[-1]));
+        c.op("Slice", &[t, &s, &e, &ax, &m1])
+    } else {
+        t.to_string()
+    };
+    let spread = if k == 1 {
+        t.clone()
+    } else {
+        let u = c.unsqueeze(&t, &[axis as i64 + 1]);
+        let mut pads = vec![0i64; 2 * (rank + 1)];
+        pads[axis + 1 + rank + 1] = k - 1;
+        let pads = c.ints(&pads);
+        let u = c.op_a("Pad", &[&u, &pads], vec![attr_string("mode", "constant")]);
+        let shape = c.shape_of(&t);
+        let (zero, at, after, last) = (
+            c.ints(&[0]),
+            c.ints(&[axis as i64]),
+            c.ints(&[axis as i64 + 1]),
+            c.ints(&[i64::MAX]),
+        );
+        let head = c.op("Slice", &[&shape, &zero, &at]);
+        let tail = c.op("Slice", &[&shape, &after, &last]);
+        let merged = c.ints(&[-1]);
+        let shape = c.op_a("Concat", &[&head, &merged, &tail], vec![attr_int("axis", 0)]);
+        let u = c.op("Reshape", &[&u, &shape]);
+        let (s, e) = (c.ints(&[0]), c.ints(&[-(k - 1)]));
+        c.op("Slice", &[&u, &s, &e, &ax])
+    };
+    // The first element's index `lo` and the span to the last, `(n - 1) |step| + 1`.
+    let pads = match d.known() {
+        Some(d) => {
+            let norm = |v: i64, lo: i64, hi: i64| (if v < 0 { v.saturating_add(d) } else { v }).clamp(lo, hi);
+            let (lo, n) = if step > 0 {
+                let (s, e) = (norm(start, 0, d), norm(end, 0, d));
+                (s, (e - s + k - 1).div_euclid(k).max(0))
+            } else {
+                let (s, e) = (norm(start, 0, d - 1), norm(end, -1, d - 1));
+                let n = (s - e + k - 1).div_euclid(k).max(0);
+                (if n > 0 { s - (n - 1) * k } else { 0 }, n)
+            };
+            let span = if n > 0 { (n - 1) * k + 1 } else { 0 };
+            let mut p = vec![0i64; 2 * rank];
+            p[axis] = lo;
+            p[axis + rank] = d - lo - span;
+            c.ints(&p)
+        }
+        None => {
+            let (dd, n) = (dim_of(c, x, axis), dim_of(c, &t, axis));
+            let (kk, km1, zero) = (c.ints(&[k]), c.ints(&[k - 1]), c.ints(&[0]));
+            let lo = if step > 0 {
+                clamp_at_run_time(c, start, &dd, 0)
+            } else {
+                // the last element taken, start - (n - 1) |step|, kept in [0, d] where n is 0
+                let s = clamp_at_run_time(c, start, &dd, 1);
+                let one = c.ints(&[1]);
+                let nm1 = c.op("Sub", &[&n, &one]);
+                let back = c.op("Mul", &[&nm1, &kk]);
+                let lo = c.op("Sub", &[&s, &back]);
+                let lo = c.op("Max", &[&lo, &zero]);
+                c.op("Min", &[&lo, &dd])
+            };
+            let nk = c.op("Mul", &[&n, &kk]);
+            let span = c.op("Sub", &[&nk, &km1]);
+            let span = c.op("Max", &[&span, &zero]);
+            let used = c.op("Add", &[&lo, &span]);
+            let hi = c.op("Sub", &[&dd, &used]);
+            let mut parts: Vec<String> = (0..2 * rank).map(|_| zero.clone()).collect();
+            parts[axis] = lo;
+            parts[axis + rank] = hi;
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            c.op_a("Concat", &refs, vec![attr_int("axis", 0)])
+        }
+    };
+    c.op_a("Pad", &[&spread, &pads], vec![attr_string("mode", "constant")])
 }
 
 /// Indices made non-negative (tract's ScatterND does not wrap them).
@@ -1529,6 +1656,44 @@ pub fn cases() -> Vec<crate::cases::Case> {
             "Slice",
             vec![x(&[4, 6]), ints(&[1, -4]), ints(&[3, 100]), ints(&[0, 1])],
         ),
+        // Swin's patch merging, x[:, 1::2, 0::2]: steps of 2, one selecting an odd count.
+        case(
+            "slice_strided",
+            "Slice",
+            vec![
+                x(&[2, 5, 6]),
+                ints(&[1, 0]),
+                ints(&[i64::MAX, 100]),
+                ints(&[1, 2]),
+                ints(&[2, 2]),
+            ],
+        ),
+        // A flip (step -1) and a reversed stride of 3 ending short of the start, a step-1 axis
+        // beside them.
+        case(
+            "slice_negative_steps",
+            "Slice",
+            vec![
+                x(&[3, 7, 4]),
+                ints(&[-1, 5, 1]),
+                ints(&[i64::MIN, 0, 3]),
+                ints(&[0, 1, 2]),
+                ints(&[-1, -3, 1]),
+            ],
+        ),
+        // The same over symbolic dims: the places computed at run time.
+        case(
+            "slice_strided_symbolic",
+            "Slice",
+            vec![
+                x(&[3, 7, 4]),
+                ints(&[-1, 1, 1]),
+                ints(&[i64::MIN, -1, 3]),
+                ints(&[0, 1, 2]),
+                ints(&[-2, 3, 1]),
+            ],
+        )
+        .symbolic(&[0, 1, 2]),
         case(
             "gather_rows_negative",
             "Gather",
