@@ -222,3 +222,62 @@ onnx.save(m, sys.argv[1])
         }
     }
 }
+
+/// tract 0.23 casts an int64 through 32 bits while it analyses a graph: a Slice ending at
+/// `Cast(Constant(INT64_MAX))` (what the dynamo exporter writes for `x[:, 0]`) kept 3 rows of
+/// 4, so a dynamo-exported ViT ran with a sample fewer than fed. The tract backend gives such a
+/// Cast (int64 to int64) as an Identity: both backends keep every row, whatever end past the
+/// rows the Cast carries.
+#[test]
+fn a_slice_ending_at_a_cast_of_a_huge_end_keeps_every_row_on_both_backends() {
+    use dagr_inject::onnx::builder::{attr_int, attr_ints, attr_tensor};
+    use dagr_inject::onnx::proto::NodeProto;
+    use dagr_inject::onnx::tensor::i64_tensor;
+    use dagr_inject::runtime::{Tensors, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let node = |op: &str, inputs: &[&str], output: &str, attrs| {
+        let mut n = NodeProto::new();
+        n.op_type = op.into();
+        n.name = output.into();
+        n.input = inputs.iter().map(|s| s.to_string()).collect();
+        n.output = vec![output.into()];
+        n.attribute = attrs;
+        n
+    };
+    let x = ndarray::Array2::from_shape_fn((4, 5), |(i, j)| (i * 5 + j) as f32).into_dyn();
+    let feed: Tensors = [("x".to_string(), Value::F32(x.clone()))].into();
+    for end in [i64::MAX, 1 << 31, (1 << 32) + 2] {
+        let mut m = onnx::load(&root().join("models").join("av_mlp.legacy.onnx")).unwrap();
+        m.source = None;
+        let g = m.graph_mut();
+        g.node = vec![
+            node(
+                "Constant",
+                &[],
+                "end0",
+                vec![attr_tensor("value", i64_tensor("", &[], &[end]))],
+            ),
+            node("Cast", &["end0"], "end1", vec![attr_int("to", 7)]),
+            node("Constant", &[], "flat", vec![attr_ints("value_ints", &[-1])]),
+            node("Reshape", &["end1", "flat"], "end", vec![]),
+            node("Slice", &["x", "zero", "end", "zero"], "y", vec![]),
+        ];
+        g.initializer = vec![i64_tensor("zero", &[1], &[0])];
+        let sym = onnx::ValueFact::new(1, vec![Dim::sym("b"), Dim::Known(5)]);
+        g.input = vec![sym.to_value_info("x")];
+        g.output = vec![onnx::ValueFact::new(1, vec![]).to_value_info("y")];
+        g.output[0]
+            .type_
+            .mut_or_insert_default()
+            .mut_tensor_type()
+            .shape
+            .clear();
+        g.value_info.clear();
+        let path = dir.path().join("slice.onnx");
+        onnx::save(&m, &path).unwrap();
+        for backend in [Backend::Tract, Backend::Ort] {
+            let y = f32_of(&run(backend, &path, &feed, &["y".into()]), "y");
+            assert_eq!(y, x, "{backend:?}, end {end}");
+        }
+    }
+}

@@ -903,6 +903,9 @@ pub fn slice(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         }
         let d = match &xs[a] {
             Dim::Known(v) => *v,
+            // The whole of a symbolic dim (`x[0:]`, dynamo's slices over the batch): no pads,
+            // whatever its size (a start at or before minus it, an end at or past it).
+            _ if (s == 0 || s <= -(i32::MAX as i64)) && e >= i32::MAX as i64 => continue,
             _ => {
                 dynamic.push((a, s, e));
                 continue;
@@ -1090,6 +1093,11 @@ fn scatter_add_upstream(c: &Ctx, g: &[Option<String>], need: &[bool]) -> Result<
 
 /// Gather (embedding lookups): scatter-add the gradient rows back into zeros of X's shape.
 pub fn gather(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    if let (Some(g), true) = (g0_owned(g), need[0]) {
+        if let Some(dx) = gather_one(c, &g)? {
+            return Ok(vec![Some(dx), None]);
+        }
+    }
     let Some(g) = scatter_add_upstream(c, g, need)? else {
         return Ok(vec![None, None]);
     };
@@ -1125,6 +1133,57 @@ pub fn gather(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         Some(c.op_a("Transpose", &[&sc], vec![attr_ints("perm", &inv)])),
         None,
     ])
+}
+
+/// Gather of one constant index (`x[:, 0]`, the class token of a ViT or BERT's pooler): the
+/// gradient padded with zeros to its place on the axis, no scatter. None for other indices.
+fn gather_one(c: &mut Ctx, g: &str) -> Result<Option<String>> {
+    let (x, i) = (c.input(0).to_string(), c.input(1).to_string());
+    let Some(index) = c.const_input(1).filter(|v| v.len() == 1).map(|v| v[0]) else {
+        return Ok(None);
+    };
+    let (rx, ri) = (c.rank(&x)?, c.rank(&i)?);
+    if ri > 1 {
+        return Ok(None);
+    }
+    let axis = norm_axis(c.attr_i("axis", 0), rx);
+    let g = if ri == 0 {
+        c.unsqueeze(g, &[axis as i64])
+    } else {
+        g.to_string()
+    };
+    let dim = c.shape(&x)?[axis].clone();
+    let pads = match dim.known() {
+        Some(d) => {
+            let at = if index < 0 { index + d } else { index };
+            if !(0..d).contains(&at) {
+                return Err(c.err(format!("its index {index} is outside the axis of size {d}")));
+            }
+            let mut p = vec![0i64; 2 * rx];
+            p[axis] = at;
+            p[axis + rx] = d - at - 1;
+            c.ints(&p)
+        }
+        None => {
+            // The dim at run time: the index counted from the start or the end, the other
+            // side's zeros from the size.
+            let d = dim_of(c, &x, axis);
+            let zero = c.ints(&[0]);
+            let (before, after) = if index >= 0 {
+                let at = c.ints(&[index + 1]);
+                (c.ints(&[index]), c.op("Sub", &[&d, &at]))
+            } else {
+                let k = c.ints(&[index]);
+                (c.op("Add", &[&d, &k]), c.ints(&[-index - 1]))
+            };
+            let mut parts: Vec<String> = (0..2 * rx).map(|_| zero.clone()).collect();
+            parts[axis] = before;
+            parts[axis + rx] = after;
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            c.op_a("Concat", &refs, vec![attr_int("axis", 0)])
+        }
+    };
+    Ok(Some(c.op_a("Pad", &[&g, &pads], vec![attr_string("mode", "constant")])))
 }
 
 pub fn gather_elements(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
@@ -1700,6 +1759,27 @@ pub fn cases() -> Vec<crate::cases::Case> {
             vec![x(&[5, 3]), In::Ints(vec![2, 2], vec![0, 2, 4, -1])],
         ),
         case("gather_axis1_repeated", "Gather", vec![x(&[2, 5, 3]), ints(&[1, 3, 1])]).attrs(vec![attr_int("axis", 1)]),
+        // One constant index (a class token, `x[:, 0]`; the last, `x[:, -1]`; a kept axis,
+        // `x[:, [2]]`): a Pad instead of a scatter.
+        case(
+            "gather_one_index",
+            "Gather",
+            vec![x(&[2, 5, 3]), In::Ints(vec![], vec![0])],
+        )
+        .attrs(vec![attr_int("axis", 1)]),
+        case(
+            "gather_one_index_last",
+            "Gather",
+            vec![x(&[2, 5, 3]), In::Ints(vec![], vec![-1])],
+        )
+        .attrs(vec![attr_int("axis", 2)]),
+        case("gather_one_index_kept", "Gather", vec![x(&[4, 3]), ints(&[2])]),
+        case(
+            "gather_one_index_inner",
+            "Gather",
+            vec![x(&[2, 3, 5]), In::Ints(vec![], vec![1])],
+        )
+        .attrs(vec![attr_int("axis", 2)]),
         case(
             "gather_elements",
             "GatherElements",
