@@ -131,7 +131,7 @@ impl Prepared {
         // a removed node (see `index::merge_duplicates`). A model with external data is read
         // by tract from its file (its data resolved there), as it is.
         let merged = !external && dagr_onnx::index::merge_duplicates(&mut onnx_model) > 0;
-        let merged = (!external && same_type_casts_to_identity(&mut onnx_model) > 0) || merged;
+        let merged = (!external && int64_casts_to_cast_like(&mut onnx_model) > 0) || merged;
         // Only initializers that are also graph inputs can be overridden (as in ONNX Runtime).
         let graph_inputs: std::collections::HashSet<&String> =
             onnx_model.graph().input.iter().map(|i| &i.name).collect();
@@ -657,50 +657,33 @@ impl crate::Engine for Tract {
     }
 }
 
-/// Replace each Cast of an int64 tensor to int64 (a no-op) by an Identity. tract 0.23 casts an
-/// int64 through 32 bits where it computes the value while analysing the graph: the torch
-/// dynamo exporter's `x[:, 0]` ends its Slice at `Cast(Constant(INT64_MAX))`, which tract read
-/// as -1, so a dynamo-exported ViT or Swin ran on tract with one sample fewer than it was fed
-/// (its logits [3, 10] for a batch of 4) and its training graph failed to load. The element
-/// types are those the graph declares, of constants, and of ops that make int64. Returns how
-/// many were replaced.
-fn same_type_casts_to_identity(model: &mut dagr_onnx::Model) -> usize {
+/// Give tract each Cast to int64 as a CastLike of an int64 scalar. tract 0.23 reads ONNX's Cast
+/// to int64 as a cast to its symbolic dim type, which holds an int64 through 32 bits where it
+/// computes the value while analysing the graph, and which CumSum cannot sum: the torch dynamo
+/// exporter's `x[:, 0]` ends its Slice at `Cast(Constant(INT64_MAX))`, which tract read as -1
+/// (a dynamo-exported ViT or Swin ran on tract with one sample fewer than it was fed, its logits
+/// [3, 10] for a batch of 4, and its training graph failed to load), and RoBERTa's position ids
+/// are a CumSum of a Cast to int64 ("TDim is not a number"). tract's CastLike casts to the
+/// type of its second input, a plain int64. The graph is the runtime's copy; the model file is
+/// not changed. Returns how many were replaced.
+fn int64_casts_to_cast_like(model: &mut dagr_onnx::Model) -> usize {
     use dagr_onnx::dtype::INT64;
-    let Ok(idx) = dagr_onnx::GraphIndex::declared(model) else {
-        return 0;
-    };
-    let mut int64: std::collections::HashSet<String> = Default::default();
+    let like = dagr_onnx::builder::NameGen::for_model(model).fresh("dagr/tract/int64");
     let mut replaced = 0;
     for n in model.graph_mut().node.iter_mut() {
-        let is_int64 = |name: &str, int64: &std::collections::HashSet<String>| {
-            int64.contains(name) || idx.fact(name).is_some_and(|f| f.dtype == INT64)
-        };
-        if !n.domain.is_empty() && n.domain != "ai.onnx" {
-            continue;
-        }
-        let makes_int64 = match n.op_type.as_str() {
-            "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => true,
-            "Constant" => n.attribute.iter().any(|a| {
-                (a.name == "value" && a.t.as_ref().is_some_and(|t| t.data_type == INT64))
-                    || a.name == "value_int"
-                    || a.name == "value_ints"
-            }),
-            "Cast" => n.attribute.iter().any(|a| a.name == "to" && a.i == INT64 as i64),
-            "Identity" | "Reshape" | "Squeeze" | "Unsqueeze" | "Flatten" => {
-                n.input.first().is_some_and(|i| is_int64(i, &int64))
-            }
-            _ => false,
-        };
-        if n.op_type == "Cast" && makes_int64 && n.input.first().is_some_and(|i| is_int64(i, &int64)) {
-            n.op_type = "Identity".into();
+        let to_int64 = n.attribute.iter().any(|a| a.name == "to" && a.i == INT64 as i64);
+        if n.op_type == "Cast" && (n.domain.is_empty() || n.domain == "ai.onnx") && to_int64 && n.input.len() == 1 {
+            n.op_type = "CastLike".into();
             n.attribute.clear();
+            n.input.push(like.clone());
             replaced += 1;
         }
-        if makes_int64 {
-            if let Some(o) = n.output.first() {
-                int64.insert(o.clone());
-            }
-        }
+    }
+    if replaced > 0 {
+        model
+            .graph_mut()
+            .initializer
+            .push(dagr_onnx::tensor::i64_tensor(&like, &[], &[0]));
     }
     replaced
 }
