@@ -1,0 +1,253 @@
+"""Real architectures a user brings, built from their configs with seeded random weights (nothing
+downloaded): torchvision's CNNs and transformers, Hugging Face text, vision and audio encoders.
+Each is made a two-tower model (two copies of the encoder, a 32-wide projection each, a linear
+head), exported with the legacy or the dynamo exporter (dynamic batch), and given to
+`dagr-inject MODEL --train`; then, with every parameter gradient fetched:
+
+- ONNX Runtime against PyTorch autograd in float64 (cross-entropy + DAGR, `fixtures/generate.py`),
+  the largest difference of any gradient relative to that gradient's largest entry (floored at
+  1e-3 of the model's largest gradient);
+- tract against ONNX Runtime on the same training graph, the same measure (the floor at 1e-3 of
+  ONNX Runtime's largest gradient).
+
+    cargo build --release
+    python scripts/check_real_models.py [--exporter legacy|dynamo] [NAME ...]   # needs torch, torchvision, transformers
+
+Differences at 1e-6 are float32 rounding. Larger ones have had one of these causes, each shown
+by a float64 reference or by the values: a ReLU or max-pooling input within rounding of its kink
+(the two runtimes' convolutions round differently: AlexNet, VGG, GoogLeNet, RegNet), a
+gradient zero in exact arithmetic (attention key biases: rounding noise against a tiny
+maximum), an embedding's `padding_idx` row (PyTorch never updates it; the export does not
+record it, so it trains here: BERT, ALBERT, ELECTRA, DeBERTa when a token id is the pad id).
+"""
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("DAGR_INJECT_BIN", os.path.join(ROOT, "target", "release", "dagr-inject"))
+sys.path.insert(0, os.path.join(ROOT, "fixtures"))
+from generate import DEFAULT_CFG, dagr  # noqa: E402
+
+B, TOKENS, VOCAB = 4, 12, 100
+
+
+def torchvision_models():
+    import torchvision.models as tv
+
+    def vit():
+        return tv.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
+                                    mlp_dim=128, num_classes=32)
+
+    image = ("image", (3, 64, 64))
+    big = ("image", (3, 224, 224))
+    return {
+        "mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=32), image),
+        "mobilenet_v2": (lambda: tv.mobilenet_v2(num_classes=32), image),
+        "efficientnet_b0": (lambda: tv.efficientnet_b0(num_classes=32), image),
+        "efficientnet_v2_s": (lambda: tv.efficientnet_v2_s(num_classes=32), image),
+        "convnext_tiny": (lambda: tv.convnext_tiny(num_classes=32), image),
+        "regnet_y_400mf": (lambda: tv.regnet_y_400mf(num_classes=32), image),
+        "densenet121": (lambda: tv.densenet121(num_classes=32), image),
+        "squeezenet1_1": (lambda: tv.squeezenet1_1(num_classes=32), image),
+        "shufflenet_v2_x0_5": (lambda: tv.shufflenet_v2_x0_5(num_classes=32), image),
+        "googlenet": (lambda: tv.googlenet(num_classes=32, aux_logits=False, init_weights=True), image),
+        "mnasnet0_5": (lambda: tv.mnasnet0_5(num_classes=32), image),
+        "resnext50_32x4d": (lambda: tv.resnext50_32x4d(num_classes=32), image),
+        "swin_t": (lambda: tv.swin_t(num_classes=32), image),
+        "vit": (vit, image),
+        "alexnet": (lambda: tv.alexnet(num_classes=32), big),
+        "vgg11_bn": (lambda: tv.vgg11_bn(num_classes=32), big),
+    }
+
+
+def hf_models():
+    import transformers as tf
+
+    text, image, audio = ("text", (TOKENS,)), ("hf_image", (3, 32, 32)), ("audio", (16, 16))
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    return {
+        "hf_bert": (lambda: tf.BertModel(tf.BertConfig(vocab_size=VOCAB, **small)), text),
+        "hf_albert": (lambda: tf.AlbertModel(tf.AlbertConfig(vocab_size=VOCAB, embedding_size=16, **small)), text),
+        "hf_roberta": (lambda: tf.RobertaModel(tf.RobertaConfig(vocab_size=VOCAB, **small)), text),
+        "hf_electra": (lambda: tf.ElectraModel(tf.ElectraConfig(vocab_size=VOCAB, embedding_size=16, **small)), text),
+        "hf_deberta_v2": (lambda: tf.DebertaV2Model(tf.DebertaV2Config(
+            vocab_size=VOCAB, relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=16,
+            **small)), text),
+        "hf_t5_encoder": (lambda: tf.T5EncoderModel(tf.T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)), text),
+        "hf_gpt2": (lambda: tf.GPT2Model(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
+                                                      n_positions=64)), text),
+        "hf_llama": (lambda: tf.LlamaModel(tf.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64)), text),
+        "hf_vit": (lambda: tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)), image),
+        "hf_deit": (lambda: tf.DeiTModel(tf.DeiTConfig(image_size=32, patch_size=8, **small)), image),
+        "hf_swin": (lambda: tf.SwinModel(tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                       num_heads=[1, 2], window_size=2)), image),
+        "hf_convnext": (lambda: tf.ConvNextModel(tf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                                                   num_channels=3)), image),
+        "hf_whisper_encoder": (lambda: tf.WhisperModel(tf.WhisperConfig(
+            d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=8, vocab_size=VOCAB,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)).encoder, audio),
+    }
+
+
+class Tower(torch.nn.Module):
+    """An encoder and a 32-wide projection of its pooled output (first token, or the spatial mean;
+    torchvision's models end in their own 32-class head)."""
+
+    def __init__(self, make, kind):
+        super().__init__()
+        self.m, self.kind = make(), kind
+        cfg = getattr(self.m, "config", None)
+        if cfg is None:
+            self.proj = None
+            return
+        h = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or cfg.hidden_sizes[-1]
+        self.proj = torch.nn.Linear(h, 32)
+        if hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = "eager"
+
+    def forward(self, x):
+        if self.proj is None:
+            return self.m(x)
+        key = {"text": "input_ids", "hf_image": "pixel_values", "audio": "input_features"}[self.kind]
+        out = self.m(**{key: x})
+        hs = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hs = hs.mean((2, 3)) if hs.dim() == 4 else hs[:, 0]
+        return self.proj(hs)
+
+
+class Pair(torch.nn.Module):
+    def __init__(self, make, kind):
+        super().__init__()
+        self.visual_encoder = Tower(make, kind)
+        self.depth_encoder = Tower(make, kind)
+        self.head = torch.nn.Linear(64, 10)
+
+    def encode(self, a, b):
+        return [self.visual_encoder(a), self.depth_encoder(b)]
+
+    def forward(self, a, b):
+        return self.head(torch.cat(self.encode(a, b), dim=1))
+
+
+def build(make, kind, shape):
+    torch.manual_seed(0)
+    model = Pair(make, kind).eval()
+    # No two parameters equal (an exporter in eval mode merges equal initializers) and
+    # non-trivial BatchNorm statistics.
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    g = torch.Generator().manual_seed(5)
+    if kind == "text":
+        inputs = [torch.randint(0, VOCAB, (B, *shape), generator=g) for _ in range(2)]
+    else:
+        inputs = [torch.randn(B, *shape, generator=g) for _ in range(2)]
+    y = torch.randint(0, 10, (B,), generator=g)
+    return model, inputs, y
+
+
+def export(model, inputs, path, exporter):
+    names = ["image", "depth"]
+    if exporter == "legacy":
+        torch.onnx.export(model, tuple(inputs), path, dynamo=False, input_names=names, output_names=["logits"],
+                          dynamic_axes={k: {0: "batch"} for k in names + ["logits"]}, opset_version=17,
+                          do_constant_folding=False)
+    else:
+        batch = torch.export.Dim("batch", min=2)
+        ep = torch.onnx.export(model, tuple(inputs), dynamo=True, input_names=names, output_names=["logits"],
+                               dynamic_shapes=({0: batch}, {0: batch}), optimize=False)
+        ep.save(path)
+
+
+def rel(a, b, floor):
+    return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), floor)
+
+
+def check(name, make, kind, shape, exporter, tmp):
+    model, inputs, y = build(make, kind, shape)
+    src = os.path.join(tmp, f"{name}.{exporter}.onnx")
+    export(model, inputs, src, exporter)
+    train = os.path.join(tmp, f"{name}.{exporter}.train.onnx")
+    r = subprocess.run([BIN, src, "--encoders", "visual_encoder,depth_encoder", "--train", "--logits", "logits",
+                        "--labels", "y", "-o", train], capture_output=True, text=True)
+    if r.returncode:
+        return f"--train FAILED: {r.stderr.strip()[-400:]}"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(train, so, providers=["CPUExecutionProvider"])
+    m = onnx.load(train)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    feed = {"image": inputs[0].numpy(), "depth": inputs[1].numpy(), "y": y.numpy()}
+    data = os.path.join(tmp, f"{name}.inputs.npz")
+    np.savez(data, **feed)
+    for i in sess.get_inputs():
+        feed.setdefault(i.name, inits.get(i.name))
+    grads = [o.name for o in sess.get_outputs() if o.name.endswith("_grad")]
+    ours = dict(zip(grads, sess.run(grads, feed)))
+
+    m64 = copy.deepcopy(model).double()
+    zs = m64.encode(*[x.double() if x.is_floating_point() else x for x in inputs])
+    loss = F.cross_entropy(m64.head(torch.cat(zs, 1)), y) + dagr(zs, DEFAULT_CFG)[0]
+    loss.backward()
+    ref = {f"{n}_grad": p.grad.numpy() for n, p in m64.named_parameters() if p.grad is not None}
+    floor = 1e-3 * max(float(np.abs(v).max()) for v in ref.values())
+    pairs = [(rel(ours[k], ref[k], floor), k) for k in grads if k in ref and ref[k].shape == ours[k].shape]
+    worst_torch = max(pairs) if pairs else (float("nan"), "")
+
+    out = os.path.join(tmp, f"{name}.tract.npz")
+    r = subprocess.run([BIN, "run", train, "--inputs", data, "--backend", "tract", "-o", out],
+                       capture_output=True, text=True)
+    if r.returncode:
+        tract = f"tract FAILED: {r.stderr.strip()[-300:]}"
+    else:
+        t = np.load(out)
+        floor = 1e-3 * max(float(np.abs(v).max()) for v in ours.values())
+        worst = max((rel(t[k], ours[k], floor), k) for k in grads)
+        tract = f"tract vs ONNX Runtime {worst[0]:.1e} ({worst[1]})"
+    return (f"{len(m.graph.node)} nodes, {len(grads)} gradients, {len(pairs)} against float64 autograd: worst "
+            f"{worst_torch[0]:.1e} ({worst_torch[1]}); {tract}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
+    ap.add_argument("names", nargs="*")
+    args = ap.parse_args()
+    models = {**torchvision_models(), **hf_models()}
+    unknown = [n for n in args.names if n not in models]
+    if unknown:
+        sys.exit(f"unknown models {unknown}; known: {sorted(models)}")
+    tmp = tempfile.mkdtemp()
+    for name in args.names or models:
+        make, (kind, shape) = models[name]
+        t0 = time.time()
+        try:
+            line = check(name, make, kind, shape, args.exporter, tmp)
+        except Exception as e:  # an export the exporter itself refuses is reported, not fatal
+            line = f"ERROR {type(e).__name__}: {str(e)[-300:]}"
+        print(f"{name} ({args.exporter}): {line}; {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
