@@ -101,6 +101,21 @@ def main():
         )
 
 
+def distinct_weights(model):
+    """As the zoo's models: no two parameters equal (an exporter in eval mode merges equal
+    initializers, which would leave fewer gradients to compute) and non-trivial BatchNorm
+    statistics. Returns the model."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def resnet18_pair(tmp, batch):
     """Two torchvision ResNet-18 towers (512 features, a 64-wide projection each) over two
     64x64 images, a linear head: exported to `tmp` with the legacy exporter, eval mode."""
@@ -120,19 +135,7 @@ def resnet18_pair(tmp, batch):
             return self.head(torch.cat(self.encode(a, b), dim=1))
 
     torch.manual_seed(0)
-    model = Pair()
-    # As the zoo's models: no two parameters equal (an exporter in eval mode merges equal
-    # initializers, which would leave fewer gradients to compute) and non-trivial BatchNorm
-    # statistics.
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    model = model.eval()
+    model = distinct_weights(Pair()).eval()
     g = torch.Generator().manual_seed(5)
     inputs = [torch.randn(batch, 3, 64, 64, generator=g) for _ in range(2)]
     y = torch.randint(0, zoo.CLASSES, (batch,), generator=g)

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("DAGR_INJECT_BIN", os.path.join(ROOT, "target", "release", "dagr-inject"))
 sys.path.insert(0, os.path.join(ROOT, "fixtures"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from bench_zoo import distinct_weights  # noqa: E402
 from generate import DEFAULT_CFG, dagr  # noqa: E402
 
 B, TOKENS, VOCAB = 4, 12, 100
@@ -147,17 +149,7 @@ class Pair(torch.nn.Module):
 
 def build(make, kind, shape):
     torch.manual_seed(0)
-    model = Pair(make, kind).eval()
-    # No two parameters equal (an exporter in eval mode merges equal initializers) and
-    # non-trivial BatchNorm statistics.
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    model = distinct_weights(Pair(make, kind)).eval()
     g = torch.Generator().manual_seed(5)
     if kind == "text":
         inputs = [torch.randint(0, VOCAB, (B, *shape), generator=g) for _ in range(2)]
