@@ -916,7 +916,8 @@ pub fn slice(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         pads[a] = s;
         pads[a + r] = d - e;
     }
-    let mut t = if !strided.is_empty() && dynamic.is_empty() && pads.iter().all(|&p| p == 0) {
+    // No pads (every step-1 axis taken whole): the gradient as it is.
+    let mut t = if dynamic.is_empty() && pads.iter().all(|&p| p == 0) {
         g
     } else {
         let p = if dynamic.is_empty() {
