@@ -1,7 +1,8 @@
 """Real architectures a user brings, built from their configs with seeded random weights (nothing
 downloaded): torchvision's CNNs and transformers, Hugging Face text, vision and audio encoders.
 Each is made a two-tower model (two copies of the encoder, a 32-wide projection each, a linear
-head), exported with the legacy or the dynamo exporter (dynamic batch), and given to
+head), exported with the legacy or the dynamo exporter (dynamic batch, or static with
+`--static`), and given to
 `dagr-inject MODEL --train`; then, with every parameter gradient fetched:
 
 - ONNX Runtime against PyTorch autograd in float64 (cross-entropy + DAGR, `fixtures/generate.py`),
@@ -11,7 +12,7 @@ head), exported with the legacy or the dynamo exporter (dynamic batch), and give
   ONNX Runtime's largest gradient).
 
     cargo build --release
-    python scripts/check_real_models.py [--exporter legacy|dynamo] [NAME ...]   # needs torch, torchvision, transformers
+    python scripts/check_real_models.py [--exporter legacy|dynamo] [--static] [NAME ...]   # needs torch, torchvision, transformers
 
 Differences at 1e-6 are float32 rounding. Larger ones have had one of these causes, each shown
 by a float64 reference or by the values: a ReLU or max-pooling input within rounding of its kink
@@ -159,16 +160,16 @@ def build(make, kind, shape):
     return model, inputs, y
 
 
-def export(model, inputs, path, exporter):
+def export(model, inputs, path, exporter, static=False):
     names = ["image", "depth"]
     if exporter == "legacy":
+        axes = None if static else {k: {0: "batch"} for k in names + ["logits"]}
         torch.onnx.export(model, tuple(inputs), path, dynamo=False, input_names=names, output_names=["logits"],
-                          dynamic_axes={k: {0: "batch"} for k in names + ["logits"]}, opset_version=17,
-                          do_constant_folding=False)
+                          dynamic_axes=axes, opset_version=17, do_constant_folding=False)
     else:
         batch = torch.export.Dim("batch", min=2)
         ep = torch.onnx.export(model, tuple(inputs), dynamo=True, input_names=names, output_names=["logits"],
-                               dynamic_shapes=({0: batch}, {0: batch}), optimize=False)
+                               dynamic_shapes=None if static else ({0: batch}, {0: batch}), optimize=False)
         ep.save(path)
 
 
@@ -176,10 +177,10 @@ def rel(a, b, floor):
     return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), floor)
 
 
-def check(name, make, kind, shape, exporter, tmp):
+def check(name, make, kind, shape, exporter, static, tmp):
     model, inputs, y = build(make, kind, shape)
     src = os.path.join(tmp, f"{name}.{exporter}.onnx")
-    export(model, inputs, src, exporter)
+    export(model, inputs, src, exporter, static)
     train = os.path.join(tmp, f"{name}.{exporter}.train.onnx")
     r = subprocess.run([BIN, src, "--encoders", "visual_encoder,depth_encoder", "--train", "--logits", "logits",
                         "--labels", "y", "-o", train], capture_output=True, text=True)
@@ -224,6 +225,7 @@ def check(name, make, kind, shape, exporter, tmp):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
+    ap.add_argument("--static", action="store_true", help="export with a static batch (default: dynamic)")
     ap.add_argument("names", nargs="*")
     args = ap.parse_args()
     models = {**torchvision_models(), **hf_models()}
@@ -235,10 +237,11 @@ def main():
         make, (kind, shape) = models[name]
         t0 = time.time()
         try:
-            line = check(name, make, kind, shape, args.exporter, tmp)
+            line = check(name, make, kind, shape, args.exporter, args.static, tmp)
         except Exception as e:  # an export the exporter itself refuses is reported, not fatal
             line = f"ERROR {type(e).__name__}: {str(e)[-300:]}"
-        print(f"{name} ({args.exporter}): {line}; {time.time() - t0:.0f} s", flush=True)
+        batch = "static" if args.static else "dynamic"
+        print(f"{name} ({args.exporter}, {batch} batch): {line}; {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
