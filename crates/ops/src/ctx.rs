@@ -341,6 +341,25 @@ impl<'a> Ctx<'a> {
         self.op_a("Gather", &[&s, &a], vec![attr_int("axis", 0)])
     }
 
+    /// Dim `axis` of `t` at run time as a one-element int64 vector (a piece of a shape or of
+    /// Pad's pads, joined by Concat).
+    pub fn dim_vec_of(&mut self, t: &str, axis: usize) -> String {
+        let s = self.shape_of(t);
+        let (from, to) = (self.ints(&[axis as i64]), self.ints(&[axis as i64 + 1]));
+        self.op("Slice", &[&s, &from, &to])
+    }
+
+    /// Pad's pads for a rank-`rank` tensor, zeros but on `axis`: `before` and `after`, one-element
+    /// int64 vectors computed at run time.
+    pub fn pads_on_axis(&mut self, rank: usize, axis: usize, before: String, after: String) -> String {
+        let zero = self.ints(&[0]);
+        let mut parts: Vec<String> = (0..2 * rank).map(|_| zero.clone()).collect();
+        parts[axis] = before;
+        parts[axis + rank] = after;
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        self.op_a("Concat", &refs, vec![attr_int("axis", 0)])
+    }
+
     /// `size(a) / size(b)` as a scalar of the op's float type: the number of elements a reduction folded.
     pub fn size_ratio(&mut self, a: &str, b: &str) -> String {
         let sa = self.op("Size", &[a]);

@@ -827,12 +827,10 @@ pub fn concat(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         return Ok(out);
     }
     // Offsets from the inputs' shapes at run time.
-    let (from, to) = (c.ints(&[axis]), c.ints(&[axis + 1]));
     let mut start = c.ints(&[0]);
     for (i, &need_i) in need.iter().enumerate() {
         let x = c.input(i).to_string();
-        let s = c.shape_of(&x);
-        let len = c.op("Slice", &[&s, &from, &to]);
+        let len = c.dim_vec_of(&x, axis as usize);
         let end = c.op("Add", &[&start, &len]);
         out.push(need_i.then(|| c.op("Slice", &[&g, &start, &end, &a])));
         start = end;
@@ -926,7 +924,7 @@ pub fn slice(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
             // A symbolic dim d: the start and end clamped into [0, d] at run time.
             let mut parts: Vec<String> = pads.iter().map(|&v| c.ints(&[v])).collect();
             for (a, s, e) in dynamic {
-                let d = dim_of(c, &x, a);
+                let d = c.dim_vec_of(&x, a);
                 let (s, e) = (clamp_at_run_time(c, s, &d, 0), clamp_at_run_time(c, e, &d, 0));
                 let e = c.op("Max", &[&e, &s]);
                 parts[a] = s;
@@ -943,13 +941,6 @@ pub fn slice(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let mut v = vec![Some(t)];
     v.resize(need.len(), None);
     Ok(v)
-}
-
-/// `x`'s dim `axis` as a one-element vector, at run time.
-fn dim_of(c: &mut Ctx, x: &str, axis: usize) -> String {
-    let shape = c.shape_of(x);
-    let (from, to) = (c.ints(&[axis as i64]), c.ints(&[axis as i64 + 1]));
-    c.op("Slice", &[&shape, &from, &to])
 }
 
 /// A Slice bound `v` over a dim `d` known at run time: counted from the end where negative,
@@ -1033,7 +1024,7 @@ fn place_strided(
             c.ints(&p)
         }
         None => {
-            let (dd, n) = (dim_of(c, x, axis), dim_of(c, &t, axis));
+            let (dd, n) = (c.dim_vec_of(x, axis), c.dim_vec_of(&t, axis));
             let (kk, km1, zero) = (c.ints(&[k]), c.ints(&[k - 1]), c.ints(&[0]));
             let lo = if step > 0 {
                 clamp_at_run_time(c, start, &dd, 0)
@@ -1052,11 +1043,7 @@ fn place_strided(
             let span = c.op("Max", &[&span, &zero]);
             let used = c.op("Add", &[&lo, &span]);
             let hi = c.op("Sub", &[&dd, &used]);
-            let mut parts: Vec<String> = (0..2 * rank).map(|_| zero.clone()).collect();
-            parts[axis] = lo;
-            parts[axis + rank] = hi;
-            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-            c.op_a("Concat", &refs, vec![attr_int("axis", 0)])
+            c.pads_on_axis(rank, axis, lo, hi)
         }
     };
     c.op_a("Pad", &[&spread, &pads], vec![attr_string("mode", "constant")])
@@ -1168,8 +1155,7 @@ fn gather_one(c: &mut Ctx, g: &str) -> Result<Option<String>> {
         None => {
             // The dim at run time: the index counted from the start or the end, the other
             // side's zeros from the size.
-            let d = dim_of(c, &x, axis);
-            let zero = c.ints(&[0]);
+            let d = c.dim_vec_of(&x, axis);
             let (before, after) = if index >= 0 {
                 let at = c.ints(&[index + 1]);
                 (c.ints(&[index]), c.op("Sub", &[&d, &at]))
@@ -1177,11 +1163,7 @@ fn gather_one(c: &mut Ctx, g: &str) -> Result<Option<String>> {
                 let k = c.ints(&[index]);
                 (c.op("Add", &[&d, &k]), c.ints(&[-index - 1]))
             };
-            let mut parts: Vec<String> = (0..2 * rx).map(|_| zero.clone()).collect();
-            parts[axis] = before;
-            parts[axis + rx] = after;
-            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-            c.op_a("Concat", &refs, vec![attr_int("axis", 0)])
+            c.pads_on_axis(rx, axis, before, after)
         }
     };
     Ok(Some(c.op_a("Pad", &[&g, &pads], vec![attr_string("mode", "constant")])))
