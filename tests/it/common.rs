@@ -368,3 +368,8 @@ pub fn externalize(m: &Model, dir: &Path, name: &str) -> Model {
     onnx::save(&m, &dir.join(name)).unwrap();
     m
 }
+
+/// The `dagr-inject` command line, built by cargo for the tests.
+pub fn bin() -> assert_cmd::Command {
+    assert_cmd::Command::cargo_bin("dagr-inject").unwrap()
+}

@@ -150,3 +150,58 @@ fn a_common_root_of_every_scope_is_dropped() {
         assert_eq!(r[1].tensor, "/visual_encoder/fc/Gemm_output_0");
     }
 }
+
+#[test]
+fn tf2onnx_helper_nodes_belong_to_the_layer_around_them() {
+    // `models/frameworks/keras.rnn.onnx` (export_keras_rnn.py): tf2onnx writes the LSTM as
+    // `LSTM__60` between `Transpose`/`Squeeze` helpers, the Conv2D + BatchNorm as `Conv__123`,
+    // all without an op path, and names the GRU's Loop condition nodes after the frozen
+    // TensorFlow function (`av_1_motion_encoder_1_gru_1_while_cond_frozen_..._av_1/...`). Each
+    // encoder is found by its module scope, its output the projection leaving it.
+    let m = onnx::load(&root().join("models/frameworks/keras.rnn.onnx")).unwrap();
+    let idx = dagr_inject::ops::index(&m).unwrap();
+    let names = ["audio_encoder", "visual_encoder", "motion_encoder"];
+    let e: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let r = resolve_all(&m, &idx, &e).unwrap();
+    for (enc, name) in r.iter().zip(names) {
+        assert_eq!(enc.tensor, format!("av_1/{name}_1/fc_1/BiasAdd:0"));
+        assert!(matches!(enc.resolution, Resolution::Scope { .. }), "{enc:?}");
+    }
+    let scopes = dagr_inject::locate::Scopes::of(&m);
+    assert!(
+        !scopes.paths.keys().any(|p| p.contains("frozen")),
+        "{:?}",
+        scopes.paths.keys()
+    );
+    // The training graph builds with nothing frozen and its gradients pass `verify`'s finite
+    // differences (the GRU's Loop runs on ONNX Runtime).
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.onnx");
+    let src = root().join("models/frameworks/keras.rnn.onnx");
+    bin()
+        .args([
+            src.to_str().unwrap(),
+            "--encoders",
+            &names.join(","),
+            "--train",
+            "--logits",
+            "logits",
+            "--labels",
+            "y",
+        ])
+        .args(["-o", train.to_str().unwrap()])
+        .assert()
+        .success();
+    bin()
+        .args([
+            "verify",
+            train.to_str().unwrap(),
+            "--original",
+            src.to_str().unwrap(),
+            "--backend",
+            "ort",
+        ])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("all checks passed"));
+}

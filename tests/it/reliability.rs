@@ -4,17 +4,12 @@
 //! inputs are refused with one message, a non-zero exit, no panic, and no input changed.
 
 use crate::common::*;
-use assert_cmd::Command;
 use dagr_inject::runtime::StateValues;
 use dagr_inject::train::checkpoint;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-
-fn bin() -> Command {
-    Command::cargo_bin("dagr-inject").unwrap()
-}
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()

@@ -82,6 +82,7 @@ impl Scopes {
         for (p, _) in node_scope.iter_mut().flatten() {
             p.drain(..root.len());
         }
+        inherit_scopes(model, &mut node_scope);
         let mut paths = BTreeMap::new();
         for (p, src) in node_scope.iter().flatten() {
             for k in 1..=p.len() {
@@ -132,6 +133,79 @@ impl Scopes {
             }
         }
         out
+    }
+}
+
+/// Nodes an exporter added without a path (tf2onnx's `Conv__508`, `LSTM__837`, `Transpose__61`,
+/// which replace or wrap TensorFlow ops of a layer) take the innermost scope that encloses every
+/// scoped node they exchange tensors with. Connected nodes without a path are taken together
+/// (a Transpose, Conv, Transpose chain belongs where both its ends do); the graph's inputs and
+/// outputs count as the root, so a helper between two modules, or at the model's edge, stays
+/// outside both.
+fn inherit_scopes(model: &Model, node_scope: &mut [Option<(Vec<String>, ScopeSource)>]) {
+    let g = model.graph();
+    let mut producer: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut consumers: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, n) in g.node.iter().enumerate() {
+        for o in n.output.iter().filter(|o| !o.is_empty()) {
+            producer.insert(o, i);
+        }
+        for t in n.input.iter().filter(|t| !t.is_empty()) {
+            consumers.entry(t).or_default().push(i);
+        }
+    }
+    // The graph's data inputs (not initializers listed as inputs, as IR 3 lists them) and outputs.
+    let weights: BTreeSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let graph_io: BTreeSet<&str> = g
+        .input
+        .iter()
+        .chain(&g.output)
+        .map(|v| v.name.as_str())
+        .filter(|n| !weights.contains(n))
+        .collect();
+    let mut seen = vec![false; g.node.len()];
+    for start in 0..g.node.len() {
+        if seen[start] || node_scope[start].is_some() {
+            continue;
+        }
+        // One component of unscoped nodes, and the paths of the scoped nodes around it.
+        let (mut component, mut stack, mut around) = (Vec::new(), vec![start], Vec::new());
+        let mut at_root = false;
+        seen[start] = true;
+        while let Some(i) = stack.pop() {
+            component.push(i);
+            let n = &g.node[i];
+            at_root |= n.input.iter().chain(&n.output).any(|t| graph_io.contains(t.as_str()));
+            // Producers of what it reads, consumers of what it writes (not the other readers of
+            // its inputs: a constant several modules share does not join them).
+            let readers = n.output.iter().filter_map(|t| consumers.get(t.as_str())).flatten();
+            let near = n.input.iter().filter_map(|t| producer.get(t.as_str())).chain(readers);
+            for &j in near {
+                match &node_scope[j] {
+                    Some((p, src)) => around.push((p.clone(), *src)),
+                    None if !seen[j] => {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                    None => {}
+                }
+            }
+        }
+        if at_root || around.is_empty() {
+            continue;
+        }
+        let mut common = around[0].0.clone();
+        for (p, _) in &around[1..] {
+            let k = common.iter().zip(p).take_while(|(a, b)| a == b).count();
+            common.truncate(k);
+        }
+        if common.is_empty() {
+            continue;
+        }
+        let src = around[0].1;
+        for i in component {
+            node_scope[i] = Some((common.clone(), src));
+        }
     }
 }
 
@@ -516,4 +590,80 @@ fn candidate(
         score,
         reasons,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dagr_onnx::proto::{NodeProto, ValueInfoProto};
+
+    /// A tf2onnx-style graph: `name` with a `/` has an op path, `Helper__n` has none.
+    fn model(nodes: &[(&str, &[&str], &str)], inputs: &[&str], outputs: &[&str]) -> Model {
+        let mut m = Model {
+            proto: Default::default(),
+            base_dir: Default::default(),
+            source: None,
+        };
+        m.proto.producer_name = "tf2onnx".into();
+        let g = m.graph_mut();
+        for (name, ins, out) in nodes {
+            let mut n = NodeProto::new();
+            n.name = name.to_string();
+            n.op_type = "Relu".into();
+            n.input = ins.iter().map(|s| s.to_string()).collect();
+            n.output = vec![out.to_string()];
+            g.node.push(n);
+        }
+        let vi = |s: &&str| {
+            let mut v = ValueInfoProto::new();
+            v.name = s.to_string();
+            v
+        };
+        g.input = inputs.iter().map(vi).collect();
+        g.output = outputs.iter().map(vi).collect();
+        // `k`, a weight, listed among the inputs too (as IR 3 does).
+        g.input.push(vi(&"k"));
+        let mut k = dagr_onnx::proto::TensorProto::new();
+        k.name = "k".into();
+        k.data_type = dagr_onnx::dtype::FLOAT;
+        k.float_data = vec![1.0];
+        g.initializer.push(k);
+        m
+    }
+
+    fn scope(s: &Scopes, m: &Model, name: &str) -> Option<String> {
+        let i = m.graph().node.iter().position(|n| n.name == name).unwrap();
+        s.of_node(i).map(|p| p.join("."))
+    }
+
+    #[test]
+    fn nodes_without_a_path_take_the_scope_around_them() {
+        let m = model(
+            &[
+                ("Edge__1", &["x"], "x_t"),
+                ("m/enc/conv/Op", &["x_t", "k"], "a"),
+                ("Helper__2", &["a", "k"], "b"),
+                ("Helper__3", &["b"], "c"),
+                ("m/enc/relu/Op", &["c"], "d"),
+                ("Between__4", &["d"], "e"),
+                ("m/other/fc/Op", &["e", "k"], "f"),
+                ("m/other/fc/Op2", &["f"], "g"),
+                ("m/head/fc/Op", &["g"], "y"),
+                ("Lone__5", &["k"], "z"),
+            ],
+            &["x"],
+            &["y", "z"],
+        );
+        let s = Scopes::of(&m);
+        // A chain inside one module joins it (at the deepest scope around it: enc).
+        assert_eq!(scope(&s, &m, "Helper__2").as_deref(), Some("enc"));
+        assert_eq!(scope(&s, &m, "Helper__3").as_deref(), Some("enc"));
+        // At the graph's edge, or between two modules, a helper stays outside both; readers of
+        // one shared input are not joined by it.
+        assert_eq!(scope(&s, &m, "Edge__1"), None);
+        assert_eq!(scope(&s, &m, "Between__4"), None);
+        assert_eq!(scope(&s, &m, "Lone__5"), None);
+        let idx = dagr_ops::index(&m).unwrap();
+        assert_eq!(s.leaving(&m, &idx, "enc"), ["d"]);
+    }
 }

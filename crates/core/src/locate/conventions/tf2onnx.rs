@@ -26,12 +26,29 @@ impl ScopeConvention for Tf2OnnxNames {
         }
         let mut comps: Vec<&str> = n.name.split('/').filter(|s| !s.is_empty()).collect();
         comps.pop();
+        if let Some(first) = comps.first_mut() {
+            *first = after_function_prefix(first);
+        }
         let path: Vec<String> = comps
             .into_iter()
             .skip_while(|c| WRAPPERS.contains(c))
             .map(|c| strip_unique_suffix(c).to_string())
             .collect();
         Some((path, ScopeSource::NodeName))
+    }
+}
+
+/// A node tf2onnx inlined from a TensorFlow function (a `while` loop's condition or body, as
+/// Keras's GRU and LSTM write them) is named by the frozen function's name, `_`, then its own op
+/// path: `pair_1_gru_1_while_cond_frozen_4010_pair_1/gru_1/while/Less` -> `pair_1/gru_1/...`.
+fn after_function_prefix(first: &str) -> &str {
+    let Some(at) = first.rfind("_frozen_") else {
+        return first;
+    };
+    let rest = &first[at + "_frozen_".len()..];
+    match rest.split_once('_') {
+        Some((n, path)) if !n.is_empty() && !path.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => path,
+        _ => first,
     }
 }
 
@@ -53,6 +70,11 @@ mod tests {
         n.name = "StatefulPartitionedCall/av_1/audio_encoder_1/fc_1/BiasAdd__10".into();
         let (p, _) = Tf2OnnxNames.scope(&n).unwrap();
         assert_eq!(p, ["av", "audio_encoder", "fc"]);
+        n.name = "pair_1_enc_1_gru_1_while_cond_frozen_4010_pair_1/enc_1/gru_1/while/Less_1".into();
+        let (p, _) = Tf2OnnxNames.scope(&n).unwrap();
+        assert_eq!(p, ["pair", "enc", "gru", "while"]);
+        assert_eq!(after_function_prefix("a_frozen_"), "a_frozen_");
+        assert_eq!(after_function_prefix("a_frozen_x_b"), "a_frozen_x_b");
         n.name = "Transpose__61".into();
         assert!(Tf2OnnxNames.scope(&n).is_none());
         assert_eq!(strip_unique_suffix("conv_"), "conv_");
