@@ -2,14 +2,9 @@
 //! one clear message, a non-zero exit, no panic, and no output file left behind.
 
 use crate::common::*;
-use assert_cmd::Command;
 use dagr_inject::onnx;
 use predicates::prelude::*;
 use std::path::Path;
-
-fn bin() -> Command {
-    Command::cargo_bin("dagr-inject").unwrap()
-}
 
 fn model(name: &str) -> String {
     root().join("models").join(name).to_str().unwrap().to_string()
@@ -715,4 +710,44 @@ fn settings_in_library_messages_become_flags() {
         flags_for_fields("see `dagr-inject inspect`, `not_a_flag` and `tau"),
         "see `dagr-inject inspect`, `not_a_flag` and `tau"
     );
+}
+
+#[test]
+fn operators_onnx_does_not_define_are_named_before_anything_is_written() {
+    // tf2onnx writes a TensorFlow op it cannot convert as it is (Keras's exact GELU becomes
+    // `Erfc`, a depthwise conv `StatefulPartitionedCall`), warns and exits 0; such a model was
+    // refused later with a misleading "shape unknown".
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = onnx::load(Path::new(&model("av_cnn.legacy.onnx"))).unwrap();
+    let mut renamed = 0;
+    for n in m.graph_mut().node.iter_mut().filter(|n| n.op_type == "Relu") {
+        n.op_type = if renamed == 0 {
+            "Erfc"
+        } else {
+            "StatefulPartitionedCall"
+        }
+        .into();
+        renamed += 1;
+    }
+    assert!(renamed >= 2);
+    let p = dir.path().join("unconverted.onnx");
+    onnx::save(&m, &p).unwrap();
+    let out = dir.path().join("t.onnx");
+    bin()
+        .args([
+            p.to_str().unwrap(),
+            "--encoders",
+            "audio_encoder,visual_encoder",
+            "--train",
+        ])
+        .args(["-o", out.to_str().unwrap()])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("operators that ONNX does not define at opset"))
+        .stderr(predicate::str::contains("Erfc (1 node, first"))
+        .stderr(predicate::str::contains(format!(
+            "StatefulPartitionedCall ({} node",
+            renamed - 1
+        )));
+    assert!(!out.exists());
 }

@@ -225,7 +225,41 @@ fn check_rewritable(model: &Model) -> Result<()> {
             "the model uses opset {opset}; dagr-inject needs opset 13 or newer\n  hint: convert it with onnx.version_converter.convert_version(model, 17)"
         )));
     }
-    Ok(())
+    check_standard_ops(model, opset)
+}
+
+/// Nodes of ONNX's default domain whose operator ONNX does not define at the model's opset: an
+/// exporter that could not convert an op may write it as it was (tf2onnx keeps TensorFlow's
+/// `Erfc` and `StatefulPartitionedCall` with a warning and exits 0), and no runtime runs it.
+fn check_standard_ops(model: &Model, opset: i64) -> Result<()> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let local: BTreeSet<(&str, &str)> = model
+        .proto
+        .functions
+        .iter()
+        .map(|f| (f.domain.as_str(), f.name.as_str()))
+        .collect();
+    let mut bad: BTreeMap<&str, (usize, &str)> = BTreeMap::new();
+    for n in &model.graph().node {
+        let default = n.domain.is_empty() || n.domain == "ai.onnx";
+        if default
+            && !local.contains(&(n.domain.as_str(), n.op_type.as_str()))
+            && dagr_ops::schema_version(&n.op_type, opset).is_none()
+        {
+            bad.entry(n.op_type.as_str()).or_insert((0, n.name.as_str())).0 += 1;
+        }
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = bad
+        .iter()
+        .map(|(op, (k, first))| format!("{op} ({k} node{}, first '{first}')", if *k == 1 { "" } else { "s" }))
+        .collect();
+    Err(Error::InvalidModel(format!(
+        "the model has operators that ONNX does not define at opset {opset}: {}; no runtime can run it\n  hint: the exporter could not convert these ops and wrote them as they were (tf2onnx warns \"Tensorflow op ... is not supported\"); replace them in the source model (for Keras's exact GELU, `approximate=True`) or export at an opset that defines them",
+        list.join(", ")
+    )))
 }
 
 /// Each encoder output's type and rank, which the DAGR block is built for.
