@@ -25,21 +25,17 @@ record it, so it trains here: BERT, ALBERT, ELECTRA, DeBERTa when a token id is 
 import argparse
 import copy
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.environ.get("DAGR_INJECT_BIN", os.path.join(ROOT, "target", "release", "dagr-inject"))
 sys.path.insert(0, os.path.join(ROOT, "fixtures"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import real_model_check as R  # noqa: E402
 from bench_zoo import distinct_weights  # noqa: E402
 from generate import DEFAULT_CFG, dagr  # noqa: E402
 
@@ -173,53 +169,27 @@ def export(model, inputs, path, exporter, static=False):
         ep.save(path)
 
 
-def rel(a, b, floor):
-    return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), floor)
-
-
 def check(name, make, kind, shape, exporter, static, tmp):
     model, inputs, y = build(make, kind, shape)
     src = os.path.join(tmp, f"{name}.{exporter}.onnx")
     export(model, inputs, src, exporter, static)
     train = os.path.join(tmp, f"{name}.{exporter}.train.onnx")
-    r = subprocess.run([BIN, src, "--encoders", "visual_encoder,depth_encoder", "--train", "--logits", "logits",
-                        "--labels", "y", "-o", train], capture_output=True, text=True)
-    if r.returncode:
-        return f"--train FAILED: {r.stderr.strip()[-400:]}"
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(train, so, providers=["CPUExecutionProvider"])
-    m = onnx.load(train)
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    try:
+        R.build_training_graph(src, train, ["visual_encoder", "depth_encoder"], "logits")
+    except R.Refused as e:
+        return str(e)
     feed = {"image": inputs[0].numpy(), "depth": inputs[1].numpy(), "y": y.numpy()}
-    data = os.path.join(tmp, f"{name}.inputs.npz")
-    np.savez(data, **feed)
-    for i in sess.get_inputs():
-        feed.setdefault(i.name, inits.get(i.name))
-    grads = [o.name for o in sess.get_outputs() if o.name.endswith("_grad")]
-    ours = dict(zip(grads, sess.run(grads, feed)))
+    ours, nodes = R.ort_gradients(train, feed)
 
     m64 = copy.deepcopy(model).double()
     zs = m64.encode(*[x.double() if x.is_floating_point() else x for x in inputs])
     loss = F.cross_entropy(m64.head(torch.cat(zs, 1)), y) + dagr(zs, DEFAULT_CFG)[0]
     loss.backward()
     ref = {f"{n}_grad": p.grad.numpy() for n, p in m64.named_parameters() if p.grad is not None}
-    floor = 1e-3 * max(float(np.abs(v).max()) for v in ref.values())
-    pairs = [(rel(ours[k], ref[k], floor), k) for k in grads if k in ref and ref[k].shape == ours[k].shape]
-    worst_torch = max(pairs) if pairs else (float("nan"), "")
-
-    out = os.path.join(tmp, f"{name}.tract.npz")
-    r = subprocess.run([BIN, "run", train, "--inputs", data, "--backend", "tract", "-o", out],
-                       capture_output=True, text=True)
-    if r.returncode:
-        tract = f"tract FAILED: {r.stderr.strip()[-300:]}"
-    else:
-        t = np.load(out)
-        floor = 1e-3 * max(float(np.abs(v).max()) for v in ours.values())
-        worst = max((rel(t[k], ours[k], floor), k) for k in grads)
-        tract = f"tract vs ONNX Runtime {worst[0]:.1e} ({worst[1]})"
-    return (f"{len(m.graph.node)} nodes, {len(grads)} gradients, {len(pairs)} against float64 autograd: worst "
-            f"{worst_torch[0]:.1e} ({worst_torch[1]}); {tract}")
+    worst, worst_name, compared = R.against_reference(ours, ref)
+    tract = R.tract_against_ort(train, feed, ours, tmp, name)
+    return (f"{nodes} nodes, {len(ours)} gradients, {compared} against float64 autograd: worst "
+            f"{worst:.1e} ({worst_name}); {tract}")
 
 
 def main():

@@ -1,0 +1,163 @@
+"""What the real-model checks share (numpy, onnx and onnxruntime only; no framework): build the
+training graph with `dagr-inject MODEL --train`, fetch every `<param>_grad` on ONNX Runtime, run
+the same graph on tract, and compare.
+
+Each comparison is the largest difference of a gradient relative to that gradient's largest
+entry, floored at 1e-3 of the model's largest gradient (so a gradient that is zero in exact
+arithmetic, rounding noise against nothing, does not dominate).
+
+Used by `check_real_models.py` (PyTorch: torchvision, Hugging Face) and
+`check_real_models_keras.py` (Keras applications and layers through tf2onnx).
+"""
+
+import os
+import subprocess
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("DAGR_INJECT_BIN", os.path.join(ROOT, "target", "release", "dagr-inject"))
+
+
+class Refused(Exception):
+    """`dagr-inject --train` (or a backend) refused the model: the message is the finding."""
+
+
+def rel(a, b, floor):
+    return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), floor)
+
+
+def build_training_graph(src, dst, encoders, logits, labels="y", extra=()):
+    """`dagr-inject SRC --encoders ... --train --logits L --labels y -o DST`; raises `Refused`
+    with the tool's message when it fails."""
+    args = [BIN, src, "--train", "--logits", logits, "--labels", labels, "-o", dst, *extra]
+    if encoders:
+        args[2:2] = ["--encoders", ",".join(encoders)]
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode:
+        raise Refused(f"--train FAILED: {r.stderr.strip()[-600:]}")
+    return r.stderr
+
+
+def ort_gradients(train, feed):
+    """Every `<param>_grad` of the training graph on ONNX Runtime CPU, the parameters fed from the
+    graph's own initializers. Returns (gradients by output name, number of nodes)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(train, so, providers=["CPUExecutionProvider"])
+    m = onnx.load(train)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    feed = dict(feed)
+    for i in sess.get_inputs():
+        feed.setdefault(i.name, inits.get(i.name))
+    grads = [o.name for o in sess.get_outputs() if o.name.endswith("_grad")]
+    return dict(zip(grads, sess.run(grads, feed))), len(m.graph.node)
+
+
+def against_reference(ours, ref):
+    """(worst relative difference, its gradient name, number compared) of our gradients against a
+    reference keyed the same way (`<param>_grad`, in the ONNX tensor's layout)."""
+    floor = 1e-3 * max(float(np.abs(v).max()) for v in ref.values())
+    pairs = [(rel(ours[k], ref[k], floor), k) for k in ours if k in ref and ref[k].shape == ours[k].shape]
+    worst = max(pairs) if pairs else (float("nan"), "")
+    return worst[0], worst[1], len(pairs)
+
+
+def tract_against_ort(train, feed, ours, tmp, name):
+    """`dagr-inject run TRAIN --backend tract` on the same feed; a line saying how far its
+    gradients are from ONNX Runtime's (or why it failed)."""
+    data = os.path.join(tmp, f"{name}.inputs.npz")
+    np.savez(data, **feed)
+    out = os.path.join(tmp, f"{name}.tract.npz")
+    r = subprocess.run([BIN, "run", train, "--inputs", data, "--backend", "tract", "-o", out],
+                       capture_output=True, text=True)
+    if r.returncode:
+        return f"tract FAILED: {r.stderr.strip()[-300:]}"
+    t = np.load(out)
+    floor = 1e-3 * max(float(np.abs(v).max()) for v in ours.values())
+    worst = max((rel(t[k], ours[k], floor), k) for k in ours)
+    return f"tract vs ONNX Runtime {worst[0]:.1e} ({worst[1]})"
+
+
+def float64_loss(train, feed, loss="dagr/total_loss"):
+    """The training graph's `loss`, computed in float64 by ONNX's reference evaluator (numpy, an
+    implementation of every op independent of both runtimes): the nodes the loss needs, every
+    float32 tensor, cast and constant made float64. Returns f(overrides) -> float, `overrides`
+    replacing parameter values (float64 arrays)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    m = onnx.load(train)
+    g = m.graph
+    producer = {o: n for n in g.node for o in n.output}
+    need, stack = set(), [loss]
+    while stack:
+        t = stack.pop()
+        n = producer.get(t)
+        if n is None or id(n) in need:
+            continue
+        need.add(id(n))
+        stack.extend(i for i in n.input if i)
+    nodes = [n for n in g.node if id(n) in need]
+    F, D = TensorProto.FLOAT, TensorProto.DOUBLE
+    for n in nodes:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to" and a.i == F:
+                a.i = D
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+    used = {i for n in nodes for i in n.input}
+    inputs = []
+    for v in g.input:
+        if v.name in used:
+            if v.type.tensor_type.elem_type == F:
+                v.type.tensor_type.elem_type = D
+            inputs.append(v)
+    fed = {v.name for v in inputs}
+    # Parameters are inputs with their initializer as default: fed here, so overrides apply.
+    defaults = {t.name: numpy_helper.to_array(t) for t in g.initializer if t.name in fed}
+    inits = [numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name)
+             if t.data_type == F else t for t in g.initializer if t.name in used and t.name not in fed]
+    out = helper.make_tensor_value_info(loss, D, None)
+    m64 = helper.make_model(helper.make_graph(nodes, "f64", inputs, [out], inits), opset_imports=m.opset_import,
+                            ir_version=m.ir_version)
+    m64.functions.extend(m.functions)
+    ev = ReferenceEvaluator(m64)
+    base = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in {**defaults, **feed}.items()
+            if k in fed}
+
+    def f(overrides=None):
+        return float(ev.run(None, {**base, **(overrides or {})})[0])
+    return f
+
+
+def directional(f, ours, params, names, seed=0, h=1e-6):
+    """Our gradients along a random direction against a central difference of the float64 loss
+    `f` (`float64_loss`): jointly over `names` (parameter names) and each of up to 12 of them
+    alone. The direction scales each tensor by its RMS, so the step moves every tensor by about
+    `h` of its size. Returns (worst relative difference, its tensor or "joint", tensors checked)."""
+    rng = np.random.default_rng(seed)
+    dirs = {}
+    for n in names:
+        p = params[n].astype(np.float64)
+        dirs[n] = rng.standard_normal(p.shape) * max(float(np.sqrt((p ** 2).mean())), 1e-3)
+
+    # The size g.d has for a random d (|g| |d|), largest over the tensors: a tensor whose
+    # gradient is zero in exact arithmetic is compared against 1e-3 of it, not against noise.
+    floor = 1e-3 * max((float(np.linalg.norm(ours[f"{n}_grad"]) * np.linalg.norm(dirs[n])) for n in names),
+                       default=0.0)
+
+    def one(group):
+        plus = {n: params[n].astype(np.float64) + h * dirs[n] for n in group}
+        minus = {n: params[n].astype(np.float64) - h * dirs[n] for n in group}
+        fd = (f(plus) - f(minus)) / (2 * h)
+        an = sum(float((ours[f"{n}_grad"].astype(np.float64) * dirs[n]).sum()) for n in group)
+        return abs(fd - an) / max(abs(fd), abs(an), floor, 1e-12)
+
+    alone = [names[i] for i in np.linspace(0, len(names) - 1, min(12, len(names))).astype(int)] if names else []
+    results = [(one(names), "joint")] if names else []
+    results += [(one([n]), n) for n in dict.fromkeys(alone)]
+    worst = max(results) if results else (float("nan"), "")
+    return worst[0], worst[1], len(dict.fromkeys(alone))
