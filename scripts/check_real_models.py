@@ -202,12 +202,13 @@ def main():
     unknown = [n for n in args.names if n not in models]
     if unknown:
         sys.exit(f"unknown models {unknown}; known: {sorted(models)}")
-    tmp = tempfile.mkdtemp()
     for name in args.names or models:
         make, (kind, shape) = models[name]
         t0 = time.time()
+        # Each model's exports and training graph (up to a few hundred MB) go when it is done.
         try:
-            line = check(name, make, kind, shape, args.exporter, args.static, tmp)
+            with tempfile.TemporaryDirectory() as tmp:
+                line = check(name, make, kind, shape, args.exporter, args.static, tmp)
         except Exception as e:  # an export the exporter itself refuses is reported, not fatal
             line = f"ERROR {type(e).__name__}: {str(e)[-300:]}"
         batch = "static" if args.static else "dynamic"

@@ -35,7 +35,6 @@ import onnx  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "models", "frameworks"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import common as C  # noqa: E402
 import real_model_check as R  # noqa: E402
 from export_keras import dagr  # noqa: E402
 
@@ -68,7 +67,8 @@ def transformer():
     def make():
         x = keras.Input((TOKENS,), dtype="int32")
         e = keras.layers.Embedding(VOCAB, 32)(x)
-        pos = keras.layers.Embedding(TOKENS, 32)(keras.ops.arange(TOKENS)[None, :])
+        # Positions from the input (a layer called on a constant would run once, untracked).
+        pos = keras.layers.Embedding(TOKENS, 32)(keras.ops.zeros_like(x) + keras.ops.arange(TOKENS, dtype="int32"))
         h = keras.layers.LayerNormalization(epsilon=1e-6)(e + pos)
         a = keras.layers.MultiHeadAttention(num_heads=2, key_dim=16)(h, h)
         h = keras.layers.LayerNormalization(epsilon=1e-6)(h + a)
@@ -152,41 +152,10 @@ def reference(make, shape, dtype, values, inputs, y):
             loss = ce + dagr(zs)
         grads = tape.gradient(loss, [w for _, w in ws])
         # An embedding's gradient comes as IndexedSlices: made dense.
-        return {i: (None if g is None else tf.convert_to_tensor(g).numpy()) for (i, _), g in zip(ws, grads)}
+        return {i: (None if g is None else tf.convert_to_tensor(g).numpy()) for (i, _), g in zip(ws, grads)}, \
+            logits.numpy()
     finally:
         keras.config.set_floatx("float32")
-
-
-def gate_blocks(v, perm):
-    """`v` with its last axis cut into len(perm) gate blocks, reordered by perm."""
-    return np.concatenate([np.split(v, len(perm), axis=-1)[k] for k in perm], axis=-1)
-
-
-def match_recurrent(value, tensors):
-    """Where tf2onnx put a Keras LSTM or GRU weight in an ONNX LSTM/GRU input: a kernel
-    [in, G*H] as W or R [dirs, G*H, in] (one direction, its gates reordered: Keras writes LSTM
-    gates i f c o, ONNX i o f c), a bias [G*H] (or GRU's [2, G*H]) as the first half of B
-    [dirs, 2*G*H] (or all of it). Returns (tensor, index into it, the permutation applied to the
-    gate blocks), or None."""
-    import itertools
-
-    for gates in (4, 3):
-        if value.shape[-1] % gates:
-            continue
-        for perm in itertools.permutations(range(gates)):
-            v = gate_blocks(value, perm)
-            flat = v.reshape(-1) if value.ndim == 1 or value.shape[0] == 2 else None
-            for name, a in tensors.items():
-                if a.ndim != 2 and a.ndim != 3:
-                    continue
-                for d in range(a.shape[0]):
-                    if value.ndim == 2 and flat is None and a.ndim == 3 and a[d].shape == v.T.shape \
-                            and np.array_equal(a[d], v.T):
-                        return name, (d,), perm
-                    if flat is not None and a.ndim == 2 and a.shape[1] >= flat.size \
-                            and np.array_equal(a[d, :flat.size], flat):
-                        return name, (d, slice(0, flat.size)), perm
-    return None
 
 
 def check(name, make, kind, shape, static, tmp):
@@ -216,45 +185,11 @@ def check(name, make, kind, shape, static, tmp):
     feed["y"] = y
     ours, nodes = R.ort_gradients(train, feed)
 
-    grads = reference(make, shape, dtype, values, inputs, y)
-    tensors = C.onnx_float_tensors(src)
-    ref, missing, held, view = {}, [], set(), dict(ours)
-    for i, gr in grads.items():
-        found = C.match(values[i], tensors)
-        if found is not None:
-            t, perm = found
-            held.add(f"{t}_grad")
-            if gr is not None:
-                ref[f"{t}_grad"] = np.squeeze(gr).transpose(perm).reshape(tensors[t].shape)
-            continue
-        found = match_recurrent(values[i], tensors)
-        if found is None:
-            missing.append(m.weights[i].path)
-            continue
-        t, at, perm = found
-        held.add(f"{t}_grad")
-        key = f"{t}_grad{list(at)}"
-        if gr is not None and f"{t}_grad" in ours:
-            g = gate_blocks(gr, perm)
-            ref[key] = g.T if g.ndim == 2 and g.shape[0] != 2 else g.reshape(-1)
-            view[key] = ours[f"{t}_grad"][at]
-    worst, worst_name, compared = R.against_reference(view, ref)
-    extra = sorted(k[:-len("_grad")] for k in ours if k not in held)
-    tract = R.tract_against_ort(train, feed, ours, tmp, name)
-    line = (f"{nodes} nodes, {len(ours)} gradients, {compared} against float64 GradientTape: worst "
-            f"{worst:.1e} ({worst_name}); {tract}")
-    if missing:
-        line += f"; {len(missing)} Keras weights folded by tf2onnx (not in the graph by value)"
-    if extra:
-        # What tf2onnx folded (BatchNorm into the convolution before it, a Normalization layer's
-        # statistics): no Keras weight to compare with, so a directional difference of the loss
-        # in float64 (ONNX's reference evaluator) checks their gradients instead.
-        params = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(train).graph.initializer}
-        f = R.float64_loss(train, feed)
-        d, d_name, alone = R.directional(f, ours, params, extra)
-        line += (f"; {len(extra)} trained tensors hold folded values ({extra[:2]}...), their gradients along a "
-                 f"direction vs float64 differences (jointly and {alone} alone): worst {d:.1e} ({d_name})")
-    return line
+    grads, logits64 = reference(make, shape, dtype, values, inputs, y)
+    forward = R.forward_difference(src, inputs, logits64)
+    weights = {i: v for i, v in enumerate(values) if i in grads}
+    line = R.compare_with_framework(src, train, feed, ours, weights, grads, tmp, name, "GradientTape")
+    return f"export's logits vs Keras float64 {forward:.1e}; {nodes} nodes, {line}"
 
 
 def main():
@@ -265,12 +200,13 @@ def main():
     unknown = [n for n in args.names if n not in MODELS]
     if unknown:
         sys.exit(f"unknown models {unknown}; known: {sorted(MODELS)}")
-    tmp = tempfile.mkdtemp()
     for name in args.names or MODELS:
         make, (kind, shape) = MODELS[name]
         t0 = time.time()
+        # Each model's exports and training graph (up to a few hundred MB) go when it is done.
         try:
-            line = check(name, make, kind, shape, args.static, tmp)
+            with tempfile.TemporaryDirectory() as tmp:
+                line = check(name, make, kind, shape, args.static, tmp)
         except Exception as e:  # an export the exporter itself refuses is reported, not fatal
             line = f"ERROR {type(e).__name__}: {str(e)[-300:]}"
         batch = "static" if args.static else "dynamic"

@@ -161,3 +161,104 @@ def directional(f, ours, params, names, seed=0, h=1e-6):
     results += [(one([n]), n) for n in dict.fromkeys(alone)]
     worst = max(results) if results else (float("nan"), "")
     return worst[0], worst[1], len(dict.fromkeys(alone))
+
+
+def gate_rows(v, perm):
+    """`v` with its first axis cut into len(perm) gate blocks, reordered by perm."""
+    return np.concatenate([np.split(v, len(perm), axis=0)[k] for k in perm], axis=0)
+
+
+def match_recurrent(value, tensors):
+    """Where an exporter put a framework's LSTM or GRU weight in an ONNX LSTM/GRU input, its gates
+    reordered (Keras and Paddle write LSTM gates i f c o, ONNX i o f c): a kernel [G*H, in]
+    (Paddle, PyTorch) or [in, G*H] (Keras) as one direction of W or R [dirs, G*H, in]; a bias
+    [G*H] as either half of B [dirs, 2*G*H] (Keras's one bias, or Paddle's input and recurrent
+    biases); Keras's GRU bias [2, G*H] as all of it. Returns (tensor, index into it, a function
+    laying the framework's gradient out as that part of the tensor), or None."""
+    import itertools
+
+    for gates in (4, 3):
+        if value.ndim == 1 and value.size % gates == 0:
+            layouts = [("bias", lambda g: g)]
+        elif value.ndim == 2 and value.shape[0] == 2 and value.shape[1] % gates == 0:
+            layouts = [("bias2", lambda g: g)]
+        elif value.ndim == 2:
+            layouts = [("kernel", f) for ok, f in ((value.shape[0] % gates == 0, lambda g: g),
+                                                   (value.shape[1] % gates == 0, lambda g: g.T)) if ok]
+        else:
+            continue
+        for kind, lay in layouts:
+            for perm in itertools.permutations(range(gates)):
+                def put(g, lay=lay, perm=perm, kind=kind):
+                    g = lay(g)
+                    return np.concatenate([gate_rows(g[0], perm), gate_rows(g[1], perm)]) if kind == "bias2" \
+                        else gate_rows(g, perm)
+                w = put(value)
+                for name, a in tensors.items():
+                    if kind == "kernel" and a.ndim == 3 and a.shape[1:] == w.shape:
+                        for d in range(a.shape[0]):
+                            if np.array_equal(a[d], w):
+                                return name, (d,), put
+                    if kind != "kernel" and a.ndim == 2 and a.shape[1] >= w.size:
+                        for d in range(a.shape[0]):
+                            for start in dict.fromkeys((0, a.shape[1] - w.size)):
+                                if np.array_equal(a[d, start:start + w.size], w):
+                                    return name, (d, slice(start, start + w.size)), put
+    return None
+
+
+def compare_with_framework(src, train, feed, ours, weights, grads, tmp, name, framework):
+    """Our gradients against a framework's own (float64) for every framework weight found in the
+    exported graph: by value up to an axis permutation (`common.match`), or inside an ONNX
+    LSTM/GRU input (`match_recurrent`). `weights`: key -> the value exported; `grads`: key -> its
+    gradient (None where the loss does not reach it). Tensors the training graph trains that hold
+    no framework weight (what the exporter folded: BatchNorm into the convolution before it)
+    are checked by directional differences of the graph's loss in float64 instead. Returns the
+    report's text."""
+    import common as C  # models/frameworks/common.py, on the caller's path
+
+    tensors = C.onnx_float_tensors(src)
+    ref, missing, held, view = {}, [], set(), dict(ours)
+    for k, value in weights.items():
+        gr = grads.get(k)
+        found = C.match(value, tensors)
+        if found is not None:
+            t, perm = found
+            held.add(f"{t}_grad")
+            if gr is not None:
+                ref[f"{t}_grad"] = np.squeeze(gr).transpose(perm).reshape(tensors[t].shape)
+            continue
+        found = match_recurrent(value, tensors)
+        if found is None:
+            missing.append(k)
+            continue
+        t, at, put = found
+        held.add(f"{t}_grad")
+        key = f"{t}_grad{list(at)}"
+        if gr is not None and f"{t}_grad" in ours:
+            ref[key] = put(gr).reshape(ours[f"{t}_grad"][at].shape)
+            view[key] = ours[f"{t}_grad"][at]
+    worst, worst_name, compared = against_reference(view, ref)
+    extra = sorted(k[:-len("_grad")] for k in ours if k not in held)
+    tract = tract_against_ort(train, feed, ours, tmp, name)
+    line = (f"{len(ours)} gradients, {compared} against float64 {framework}: worst {worst:.1e} ({worst_name}); "
+            f"{tract}")
+    if missing:
+        line += f"; {len(missing)} {framework} weights folded by the exporter (not in the graph by value)"
+    if extra:
+        params = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(train).graph.initializer}
+        d, d_name, alone = directional(float64_loss(train, feed), ours, params, extra)
+        line += (f"; {len(extra)} trained tensors hold folded values ({extra[0]}, ...), their gradients along a "
+                 f"direction vs float64 differences of the graph's loss (jointly and {alone} alone): worst "
+                 f"{d:.1e} ({d_name})")
+    return line
+
+
+def forward_difference(src, inputs, want):
+    """The exported graph's first output on ONNX Runtime against the framework's (float64), the
+    largest difference relative to the largest entry."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    got = sess.run([sess.get_outputs()[0].name], {i.name: x for i, x in zip(sess.get_inputs(), inputs)})[0]
+    return float(np.abs(got - want).max() / np.abs(want).max())
