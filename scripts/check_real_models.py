@@ -22,12 +22,9 @@ maximum), an embedding's `padding_idx` row (PyTorch never updates it; the export
 record it, so it trains here: BERT, ALBERT, ELECTRA, DeBERTa when a token id is the pad id).
 """
 
-import argparse
 import copy
 import os
 import sys
-import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +166,8 @@ def export(model, inputs, path, exporter, static=False):
         ep.save(path)
 
 
-def check(name, make, kind, shape, exporter, static, tmp):
+def check(name, make, kind, shape, args, tmp):
+    exporter, static = args.exporter, args.static
     model, inputs, y = build(make, kind, shape)
     src = os.path.join(tmp, f"{name}.{exporter}.onnx")
     export(model, inputs, src, exporter, static)
@@ -192,28 +190,5 @@ def check(name, make, kind, shape, exporter, static, tmp):
             f"{worst:.1e} ({worst_name}); {tract}")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
-    ap.add_argument("--static", action="store_true", help="export with a static batch (default: dynamic)")
-    ap.add_argument("names", nargs="*")
-    args = ap.parse_args()
-    models = {**torchvision_models(), **hf_models()}
-    unknown = [n for n in args.names if n not in models]
-    if unknown:
-        sys.exit(f"unknown models {unknown}; known: {sorted(models)}")
-    for name in args.names or models:
-        make, (kind, shape) = models[name]
-        t0 = time.time()
-        # Each model's exports and training graph (up to a few hundred MB) go when it is done.
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                line = check(name, make, kind, shape, args.exporter, args.static, tmp)
-        except Exception as e:  # an export the exporter itself refuses is reported, not fatal
-            line = f"ERROR {type(e).__name__}: {str(e)[-300:]}"
-        batch = "static" if args.static else "dynamic"
-        print(f"{name} ({args.exporter}, {batch} batch): {line}; {time.time() - t0:.0f} s", flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    R.sweep({**torchvision_models(), **hf_models()}, check, exporters=["legacy", "dynamo"])

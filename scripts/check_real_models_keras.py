@@ -17,11 +17,8 @@ folded them into another constant, so they cannot train as such), and tensors th
 graph trains that hold no Keras trainable weight (a moving statistic would be one).
 """
 
-import argparse
 import os
 import sys
-import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -158,7 +155,7 @@ def reference(make, shape, dtype, values, inputs, y):
         keras.config.set_floatx("float32")
 
 
-def check(name, make, kind, shape, static, tmp):
+def check(name, make, kind, shape, args, tmp):
     dtype = "int32" if kind == "text" else "float32"
     keras.utils.set_random_seed(0)
     m, _ = pair(make, shape, dtype)
@@ -170,7 +167,7 @@ def check(name, make, kind, shape, static, tmp):
     y = g.integers(0, CLASSES, (B,)).astype(np.int64)
 
     src = os.path.join(tmp, f"{name}.onnx")
-    batch = B if static else None
+    batch = B if args.static else None
     tfdt = tf.int32 if dtype == "int32" else tf.float32
     spec = tuple(tf.TensorSpec((batch, *shape), tfdt, name=n) for n in ("image", "depth"))
     tf2onnx.convert.from_keras(m, input_signature=spec, opset=17, output_path=src)
@@ -192,26 +189,5 @@ def check(name, make, kind, shape, static, tmp):
     return f"export's logits vs Keras float64 {forward:.1e}; {nodes} nodes, {line}"
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--static", action="store_true", help="export with a static batch (default: dynamic)")
-    ap.add_argument("names", nargs="*")
-    args = ap.parse_args()
-    unknown = [n for n in args.names if n not in MODELS]
-    if unknown:
-        sys.exit(f"unknown models {unknown}; known: {sorted(MODELS)}")
-    for name in args.names or MODELS:
-        make, (kind, shape) = MODELS[name]
-        t0 = time.time()
-        # Each model's exports and training graph (up to a few hundred MB) go when it is done.
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                line = check(name, make, kind, shape, args.static, tmp)
-        except Exception as e:  # an export the exporter itself refuses is reported, not fatal
-            line = f"ERROR {type(e).__name__}: {str(e)[-300:]}"
-        batch = "static" if args.static else "dynamic"
-        print(f"{name} (tf2onnx, {batch} batch): {line}; {time.time() - t0:.0f} s", flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    R.sweep(MODELS, check, "tf2onnx")

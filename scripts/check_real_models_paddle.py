@@ -12,11 +12,8 @@ configuration), and tract with ONNX Runtime (`real_model_check.py` says how).
     python scripts/check_real_models_paddle.py [--static] [NAME ...]   # models/frameworks/requirements-paddle.txt
 """
 
-import argparse
 import os
 import sys
-import tempfile
-import time
 
 import numpy as np
 import paddle
@@ -137,7 +134,7 @@ def load(model, values):
             layer.flatten_parameters()
 
 
-def check(name, make, kind, shape, static, tmp):
+def check(name, make, kind, shape, args, tmp):
     paddle.seed(0)
     m = Pair(make)
     values = perturbed(m)
@@ -152,7 +149,7 @@ def check(name, make, kind, shape, static, tmp):
 
     prefix = os.path.join(tmp, name)
     dt = "int64" if kind == "text" else "float32"
-    spec = [paddle.static.InputSpec([B if static else None, *shape], dt, n) for n in ("visual", "depth")]
+    spec = [paddle.static.InputSpec([B if args.static else None, *shape], dt, n) for n in ("visual", "depth")]
     paddle.onnx.export(m, prefix, input_spec=spec, opset_version=17)
     src = prefix + ".onnx"
     train = prefix + ".train.onnx"
@@ -192,26 +189,5 @@ def check(name, make, kind, shape, static, tmp):
     return f"export's logits vs Paddle float64 {forward:.1e}; {nodes} nodes, {line}"
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--static", action="store_true", help="export with a static batch (default: dynamic)")
-    ap.add_argument("names", nargs="*")
-    args = ap.parse_args()
-    unknown = [n for n in args.names if n not in MODELS]
-    if unknown:
-        sys.exit(f"unknown models {unknown}; known: {sorted(MODELS)}")
-    for name in args.names or MODELS:
-        make, (kind, shape) = MODELS[name]
-        t0 = time.time()
-        # Each model's exports and training graph go when it is done.
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                line = check(name, make, kind, shape, args.static, tmp)
-        except Exception as e:  # an export the exporter itself refuses is reported, not fatal
-            line = f"ERROR {type(e).__name__}: {str(e)[-300:]}"
-        batch = "static" if args.static else "dynamic"
-        print(f"{name} (paddle2onnx, {batch} batch): {line}; {time.time() - t0:.0f} s", flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    R.sweep(MODELS, check, "paddle2onnx")

@@ -262,3 +262,33 @@ def forward_difference(src, inputs, want):
     sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     got = sess.run([sess.get_outputs()[0].name], {i.name: x for i, x in zip(sess.get_inputs(), inputs)})[0]
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def sweep(models, check, label=None, exporters=None):
+    """The command line every real-model check shares: `[--static] [--exporter E] [NAME ...]`;
+    runs `check(name, make, kind, shape, args, tmp)` for each model (each in its own temporary
+    directory, removed when it is done) and prints one line per model."""
+    import argparse
+    import sys
+    import tempfile
+    import time
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--static", action="store_true", help="export with a static batch (default: dynamic)")
+    if exporters:
+        ap.add_argument("--exporter", choices=exporters, default=exporters[0])
+    ap.add_argument("names", nargs="*")
+    args = ap.parse_args()
+    unknown = [n for n in args.names if n not in models]
+    if unknown:
+        sys.exit(f"unknown models {unknown}; known: {sorted(models)}")
+    for name in args.names or models:
+        make, (kind, shape) = models[name]
+        t0 = time.time()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                line = check(name, make, kind, shape, args, tmp)
+        except Exception as e:  # an export the exporter itself refuses is reported, not fatal
+            line = f"ERROR {type(e).__name__}: {str(e)[-300:]}"
+        batch = "static" if args.static else "dynamic"
+        print(f"{name} ({label or args.exporter}, {batch} batch): {line}; {time.time() - t0:.0f} s", flush=True)
