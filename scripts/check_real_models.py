@@ -187,7 +187,7 @@ def check(name, make, kind, shape, args, tmp):
     worst, worst_name, compared = R.against_reference(ours, ref)
     tract = R.tract_against_ort(train, feed, ours, tmp, name)
     return (f"{nodes} nodes, {len(ours)} gradients, {compared} against float64 autograd: worst "
-            f"{worst:.1e} ({worst_name}); {tract}")
+            f"{worst:.1e} ({worst_name}{R.graph_in_float64(train, feed, ours, ref, worst, worst_name)}); {tract}")
 
 
 if __name__ == "__main__":
