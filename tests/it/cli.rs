@@ -378,31 +378,8 @@ fn verify_passes_on_a_rewrite_and_fails_on_a_wrong_reference() {
     // decomposed): compared within the tolerance, which the check names.
     let cnn = model("av_cnn.dynamo.onnx");
     let train = dir.path().join("cnn.train.onnx");
-    bin()
-        .args([
-            &cnn,
-            "--encoders",
-            "audio,visual",
-            "--logits",
-            "logits",
-            "--labels",
-            "y",
-            "--train",
-        ])
-        .args(["-o", train.to_str().unwrap()])
-        .assert()
-        .success();
-    bin()
-        .args([
-            "verify",
-            train.to_str().unwrap(),
-            "--original",
-            &cnn,
-            "--backend",
-            "ort",
-        ])
-        .assert()
-        .success()
+    cli_train(Path::new(&cnn), "audio,visual", &train);
+    cli_verify(&train, Path::new(&cnn))
         .stdout(predicate::str::contains(
             "original recomputed (training graph, rtol 1e-5)",
         ))

@@ -373,3 +373,27 @@ pub fn externalize(m: &Model, dir: &Path, name: &str) -> Model {
 pub fn bin() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("dagr-inject").unwrap()
 }
+
+/// `dagr-inject SRC --encoders E --train --logits logits --labels y -o OUT`, which must succeed.
+pub fn cli_train(src: &std::path::Path, encoders: &str, out: &std::path::Path) {
+    bin()
+        .args([src.to_str().unwrap(), "--encoders", encoders, "--train"])
+        .args(["--logits", "logits", "--labels", "y", "-o", out.to_str().unwrap()])
+        .assert()
+        .success();
+}
+
+/// `dagr-inject verify TRAIN --original SRC --backend ort`, which must succeed; the assertion,
+/// for what its report must say.
+pub fn cli_verify(train: &std::path::Path, original: &std::path::Path) -> assert_cmd::assert::Assert {
+    bin()
+        .args([
+            "verify",
+            train.to_str().unwrap(),
+            "--original",
+            original.to_str().unwrap(),
+        ])
+        .args(["--backend", "ort"])
+        .assert()
+        .success()
+}

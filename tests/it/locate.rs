@@ -178,30 +178,6 @@ fn tf2onnx_helper_nodes_belong_to_the_layer_around_them() {
     let dir = tempfile::tempdir().unwrap();
     let train = dir.path().join("train.onnx");
     let src = root().join("models/frameworks/keras.rnn.onnx");
-    bin()
-        .args([
-            src.to_str().unwrap(),
-            "--encoders",
-            &names.join(","),
-            "--train",
-            "--logits",
-            "logits",
-            "--labels",
-            "y",
-        ])
-        .args(["-o", train.to_str().unwrap()])
-        .assert()
-        .success();
-    bin()
-        .args([
-            "verify",
-            train.to_str().unwrap(),
-            "--original",
-            src.to_str().unwrap(),
-            "--backend",
-            "ort",
-        ])
-        .assert()
-        .success()
-        .stdout(predicates::str::contains("all checks passed"));
+    cli_train(&src, &names.join(","), &train);
+    cli_verify(&train, &src).stdout(predicates::str::contains("all checks passed"));
 }
