@@ -134,6 +134,7 @@ def reference(make, shape, dtype, values, inputs, y):
     """TensorFlow's gradients in float64 of cross-entropy + DAGR for every trainable weight,
     keyed by its index in `model.weights`."""
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # floatx alone leaves every layer computing in float32
     try:
         m, towers = pair(make, shape, dtype)
         for w, v in zip(m.weights, values):
@@ -153,6 +154,7 @@ def reference(make, shape, dtype, values, inputs, y):
             logits.numpy()
     finally:
         keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy("float32")
 
 
 def check(name, make, kind, shape, args, tmp):

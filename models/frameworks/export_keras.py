@@ -81,6 +81,7 @@ def reference(values, d):
     import tensorflow as tf
 
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # floatx alone leaves every layer computing in float32
     m = build()
     for k, w in weights_of(m).items():
         w.assign(values[k].astype(np.float64))
@@ -105,6 +106,7 @@ def reference(values, d):
     for k, g in zip(ws, grads):
         out[f"grad/{k}"] = g.numpy()
     keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
     return out
 
 
