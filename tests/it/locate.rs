@@ -167,7 +167,7 @@ fn tf2onnx_helper_nodes_belong_to_the_layer_around_them() {
         assert_eq!(enc.tensor, format!("av_1/{name}_1/fc_1/BiasAdd:0"));
         assert!(matches!(enc.resolution, Resolution::Scope { .. }), "{enc:?}");
     }
-    let scopes = dagr_inject::locate::Scopes::of(&m);
+    let scopes = dagr_inject::locate::Scopes::of(&m, &idx);
     assert!(
         !scopes.paths.keys().any(|p| p.contains("frozen")),
         "{:?}",

@@ -224,7 +224,7 @@ fn warnings(model: &Model, idx: &GraphIndex, params: &[String], enc_params: &[St
             "DAGR's gradient reaches no trainable parameter: the encoder outputs depend on no parameter that trains (all frozen, constants, or weights the exporter stored as Constant nodes), so only the task loss trains the model".into(),
         );
     }
-    let scopes = crate::locate::Scopes::of(model);
+    let scopes = crate::locate::Scopes::of(model, idx);
     for p in params {
         let mut modules: BTreeSet<String> = BTreeSet::new();
         for &c in idx.consumers_of(p) {

@@ -70,7 +70,7 @@ pub struct Scopes {
 }
 
 impl Scopes {
-    pub fn of(model: &Model) -> Scopes {
+    pub fn of(model: &Model, idx: &GraphIndex) -> Scopes {
         let conventions = conventions::applicable(model);
         let mut node_scope: Vec<_> = model
             .graph()
@@ -82,7 +82,7 @@ impl Scopes {
         for (p, _) in node_scope.iter_mut().flatten() {
             p.drain(..root.len());
         }
-        inherit_scopes(model, &mut node_scope);
+        inherit_scopes(model, idx, &mut node_scope);
         let mut paths = BTreeMap::new();
         for (p, src) in node_scope.iter().flatten() {
             for k in 1..=p.len() {
@@ -142,18 +142,8 @@ impl Scopes {
 /// (a Transpose, Conv, Transpose chain belongs where both its ends do); the graph's inputs and
 /// outputs count as the root, so a helper between two modules, or at the model's edge, stays
 /// outside both.
-fn inherit_scopes(model: &Model, node_scope: &mut [Option<(Vec<String>, ScopeSource)>]) {
+fn inherit_scopes(model: &Model, idx: &GraphIndex, node_scope: &mut [Option<(Vec<String>, ScopeSource)>]) {
     let g = model.graph();
-    let mut producer: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut consumers: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, n) in g.node.iter().enumerate() {
-        for o in n.output.iter().filter(|o| !o.is_empty()) {
-            producer.insert(o, i);
-        }
-        for t in n.input.iter().filter(|t| !t.is_empty()) {
-            consumers.entry(t).or_default().push(i);
-        }
-    }
     // The graph's data inputs (not initializers listed as inputs, as IR 3 lists them) and outputs.
     let weights: BTreeSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
     let graph_io: BTreeSet<&str> = g
@@ -178,9 +168,13 @@ fn inherit_scopes(model: &Model, node_scope: &mut [Option<(Vec<String>, ScopeSou
             at_root |= n.input.iter().chain(&n.output).any(|t| graph_io.contains(t.as_str()));
             // Producers of what it reads, consumers of what it writes (not the other readers of
             // its inputs: a constant several modules share does not join them).
-            let readers = n.output.iter().filter_map(|t| consumers.get(t.as_str())).flatten();
-            let near = n.input.iter().filter_map(|t| producer.get(t.as_str())).chain(readers);
-            for &j in near {
+            let readers = n.output.iter().flat_map(|t| idx.consumers_of(t).iter().copied());
+            let near = n
+                .input
+                .iter()
+                .filter_map(|t| idx.producer.get(t).map(|&(j, _)| j))
+                .chain(readers);
+            for j in near {
                 match &node_scope[j] {
                     Some((p, src)) => around.push((p.clone(), *src)),
                     None if !seen[j] => {
@@ -263,7 +257,7 @@ fn modality_from_tensor(t: &str) -> String {
 
 /// Resolve every `--encoders` entry, in the order the user gave them.
 pub fn resolve_all(model: &Model, idx: &GraphIndex, entries: &[String]) -> Result<Vec<Encoder>> {
-    let scopes = Scopes::of(model);
+    let scopes = Scopes::of(model, idx);
     let mut out: Vec<Encoder> = Vec::new();
     for e in entries {
         let enc = resolve(model, idx, &scopes, e)?;
@@ -458,7 +452,7 @@ pub struct Candidate {
 /// Rank tensors that look like per-sample encoder outputs: float tensors of rank >= 2 whose first
 /// dim is the batch dim of the inputs, leaving a top-level module, feeding a fusion or a head.
 pub fn candidates(model: &Model, idx: &GraphIndex) -> Vec<Candidate> {
-    let scopes = Scopes::of(model);
+    let scopes = Scopes::of(model, idx);
     let batch_dims: BTreeSet<String> = idx
         .user_inputs()
         .iter()
@@ -654,7 +648,8 @@ mod tests {
             &["x"],
             &["y", "z"],
         );
-        let s = Scopes::of(&m);
+        let idx = dagr_ops::index(&m).unwrap();
+        let s = Scopes::of(&m, &idx);
         // A chain inside one module joins it (at the deepest scope around it: enc).
         assert_eq!(scope(&s, &m, "Helper__2").as_deref(), Some("enc"));
         assert_eq!(scope(&s, &m, "Helper__3").as_deref(), Some("enc"));
@@ -663,7 +658,6 @@ mod tests {
         assert_eq!(scope(&s, &m, "Edge__1"), None);
         assert_eq!(scope(&s, &m, "Between__4"), None);
         assert_eq!(scope(&s, &m, "Lone__5"), None);
-        let idx = dagr_ops::index(&m).unwrap();
         assert_eq!(s.leaving(&m, &idx, "enc"), ["d"]);
     }
 }
