@@ -728,3 +728,95 @@ fn operators_onnx_does_not_define_are_named_before_anything_is_written() {
         )));
     assert!(!out.exists());
 }
+
+#[test]
+fn a_model_invalid_as_exported_is_refused_as_the_exporters_not_as_ours() {
+    // jax2onnx 0.17.1 can write a Concat of a float64 and a float32 tensor (its ViT example's
+    // class token): no runtime loads it, and it was reported as a bug in dagr-inject.
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = onnx::load(Path::new(&model("av_cnn.legacy.onnx"))).unwrap();
+    let g = m.graph_mut();
+    let at = g.node.iter().position(|n| n.op_type == "Add").expect("an Add");
+    let input = g.node[at].input[0].clone();
+    let mut cast = onnx::proto::NodeProto::new();
+    cast.op_type = "Cast".into();
+    cast.name = "to_double".into();
+    cast.input = vec![input];
+    cast.output = vec!["as_double".into()];
+    cast.attribute
+        .push(onnx::builder::attr_int("to", onnx::dtype::DOUBLE as i64));
+    g.node[at].input[0] = "as_double".into();
+    let add = g.node[at].name.clone();
+    g.node.insert(at, cast);
+    let p = dir.path().join("mixed.onnx");
+    onnx::save(&m, &p).unwrap();
+    let out = dir.path().join("t.onnx");
+    bin()
+        .args([
+            p.to_str().unwrap(),
+            "--encoders",
+            "audio_encoder,visual_encoder",
+            "--train",
+        ])
+        .args(["-o", out.to_str().unwrap()])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "the model is invalid as given, before any rewrite",
+        ))
+        .stderr(predicate::str::contains(format!("invalid Add node '{add}'")))
+        .stderr(predicate::str::contains("must be of one type"))
+        .stderr(predicate::str::contains("bug in dagr-inject").not());
+    assert!(!out.exists());
+}
+
+#[test]
+fn declared_shapes_the_operators_contradict_give_way_to_the_computed_ones() {
+    // jax2onnx declares NHWC shapes for the NCHW tensors between the convolutions it keeps in
+    // NCHW; gradients built on them reshaped wrongly and ONNX Runtime refused the training graph.
+    let dir = tempfile::tempdir().unwrap();
+    let src = model("av_cnn.legacy.onnx");
+    let mut m = onnx::load(Path::new(&src)).unwrap();
+    let idx = dagr_inject::ops::index(&m).unwrap();
+    let rank = |t: &str| idx.fact(t).and_then(|f| f.rank());
+    let conv = m
+        .graph()
+        .node
+        .iter()
+        .find(|n| n.op_type == "Conv" && rank(&n.output[0]) == Some(4))
+        .unwrap();
+    let t = conv.output[0].clone();
+    let right = idx.fact(&t).unwrap().clone();
+    let dims = right.shape.clone().unwrap();
+    assert_eq!(dims.len(), 4);
+    // The channels moved last, as NHWC.
+    let wrong = dagr_inject::onnx::ValueFact::new(
+        right.dtype,
+        vec![dims[0].clone(), dims[2].clone(), dims[3].clone(), dims[1].clone()],
+    );
+    assert_ne!(wrong.shape, right.shape);
+    let g = m.graph_mut();
+    g.value_info.retain(|v| v.name != t);
+    g.value_info.push(wrong.to_value_info(&t));
+    let p = dir.path().join("misdeclared.onnx");
+    onnx::save(&m, &p).unwrap();
+    bin()
+        .args(["inspect", p.to_str().unwrap()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(format!(
+            "1 tensors declare shapes their operators contradict ({t} declares {})",
+            wrong.shape_string()
+        )));
+    let out = dir.path().join("t.onnx");
+    cli_train(&p, "audio_encoder,visual_encoder", &out);
+    let written = onnx::load(&out).unwrap();
+    let declared = written.graph().value_info.iter().find(|v| v.name == t).unwrap();
+    assert_eq!(
+        dagr_inject::onnx::ValueFact::from_type_proto(declared.type_.as_ref().unwrap())
+            .unwrap()
+            .shape,
+        right.shape
+    );
+    cli_verify(&out, &p);
+}

@@ -111,6 +111,7 @@ pub fn inject_with(model: &mut Model, cfg: &Config, separate_terms: bool) -> Res
     cfg.validate()?;
     portable::prepare(model)?;
     check_rewritable(model)?;
+    dagr_ops::infer::check_given(model)?;
     // Branches chosen when the graph is built, and sequences of split parts as plain tensors:
     // portable to tract, differentiable.
     portable::fold_constant_ifs(model)?;

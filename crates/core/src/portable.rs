@@ -5,7 +5,7 @@
 use dagr_onnx::builder::Builder;
 use dagr_onnx::error::{Error, Result};
 use dagr_onnx::proto::NodeProto;
-use dagr_onnx::{attr, dtype, Dim, Model};
+use dagr_onnx::{attr, dtype, Dim, Model, ValueFact};
 
 /// A decomposed training-mode BatchNormalization: where its updated running statistics are.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -428,6 +428,9 @@ pub struct Prepared {
     /// Symbolic dims found to be one (each input's own batch symbol, as tf2onnx and paddle2onnx
     /// write them): the names, renamed to the first.
     pub unified_dims: Vec<Vec<String>>,
+    /// Tensors whose declared shape (value_info) the graph's operators contradict, with the
+    /// shape declared: their value_info now holds the shape the operators compute.
+    pub corrected_shapes: Vec<(String, String)>,
 }
 
 /// The operators whose inputs at these positions are weights: a float `Constant` feeding one is
@@ -462,11 +465,41 @@ pub fn prepare(model: &mut Model) -> Result<Prepared> {
     }
     let constant_weights = promote_constants(model, |t, numel| numel > 1 && weights.contains(t))?;
     let unified_dims = unify_dims(model)?;
+    let corrected_shapes = correct_declared_shapes(model)?;
     Ok(Prepared {
         inlined_calls,
         constant_weights,
         unified_dims,
+        corrected_shapes,
     })
+}
+
+/// Declared shapes (value_info) that the graph's operators contradict, replaced by the shapes
+/// they compute from the graph's inputs (`dagr_ops::infer`: a contradiction goes to the
+/// operators). jax2onnx declares NHWC shapes for the NCHW tensors between the convolutions it
+/// keeps in NCHW; ONNX Runtime runs such a model but refuses a graph built on those shapes, and
+/// gradients built from them reshape wrongly. Returns each tensor with the shape it declared.
+fn correct_declared_shapes(model: &mut Model) -> Result<Vec<(String, String)>> {
+    let idx = dagr_ops::index(model)?;
+    let mut out = Vec::new();
+    for v in model.graph_mut().value_info.iter_mut() {
+        let Some(declared) = v.type_.as_ref().and_then(ValueFact::from_type_proto) else {
+            continue;
+        };
+        let Some(fact) = idx.fact(&v.name) else { continue };
+        let (Some(d), Some(f)) = (&declared.shape, &fact.shape) else {
+            continue;
+        };
+        let contradicts = d.len() != f.len()
+            || d.iter()
+                .zip(f)
+                .any(|(a, b)| matches!((a, b), (Dim::Known(x), Dim::Known(y)) if x != y));
+        if contradicts {
+            out.push((v.name.clone(), declared.shape_string()));
+            *v = fact.to_value_info(&v.name);
+        }
+    }
+    Ok(out)
 }
 
 /// Make every float `Constant` node of the main graph that `select` admits (by output name and

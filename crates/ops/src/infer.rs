@@ -347,7 +347,11 @@ fn infer_from(model: &Model, idx: &mut GraphIndex, mut known: Known) -> Known {
 }
 
 /// An inferred fact fills what the declared one leaves out: the type, the shape, or single
-/// unknown dims of a shape of the same rank.
+/// unknown dims of a shape of the same rank. Where the two contradict each other (another rank,
+/// or a dimension both know as different numbers), the declaration is wrong: the operators
+/// compute the inferred shape from the graph's inputs (jax2onnx declares NHWC shapes for the
+/// NCHW tensors between the convolutions it keeps in NCHW; ONNX Runtime loads such a model
+/// and ignores them). A declared symbolic dimension is kept where nothing contradicts it.
 fn merge(old: &mut ValueFact, new: &ValueFact) {
     if old.dtype == 0 {
         old.dtype = new.dtype;
@@ -355,12 +359,17 @@ fn merge(old: &mut ValueFact, new: &ValueFact) {
     match (&mut old.shape, &new.shape) {
         (None, s) => old.shape = s.clone(),
         (Some(o), Some(n)) if o.len() == n.len() => {
+            let contradicts = o
+                .iter()
+                .zip(n)
+                .any(|(a, b)| matches!((a, b), (Dim::Known(x), Dim::Known(y)) if x != y));
             for (a, b) in o.iter_mut().zip(n) {
-                if a.is_unknown() {
+                if contradicts && !b.is_unknown() || a.is_unknown() {
                     *a = b.clone();
                 }
             }
         }
+        (Some(o), Some(n)) if n.iter().all(|d| !d.is_unknown()) => *o = n.clone(),
         _ => {}
     }
 }
@@ -370,27 +379,42 @@ fn merge(old: &mut ValueFact, new: &ValueFact) {
 /// target with at most one -1, a ScatterND whose updates have the rank its indices require).
 /// A failure is this tool's bug, reported as an internal error naming the node.
 pub fn check(model: &Model) -> dagr_onnx::error::Result<()> {
+    match violation(model)? {
+        Some(what) => Err(dagr_onnx::error::Error::Internal(format!("the graph built has {what}"))),
+        None => Ok(()),
+    }
+}
+
+/// `check` on a model as given, before anything is built on it: a violation there is the
+/// exporter's (jax2onnx can write a Concat of float32 and float64 tensors, which no runtime
+/// loads), said as such.
+pub fn check_given(model: &Model) -> dagr_onnx::error::Result<()> {
+    match violation(model)? {
+        Some(what) => Err(dagr_onnx::error::Error::InvalidModel(format!(
+            "the model is invalid as given, before any rewrite: it has {what}\n  hint: no runtime can load it (onnx.checker.check_model(model, full_check=True) says the same); re-export it, and report it to the exporter"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The first invariant `check` finds broken, said as "an invalid Concat node 'x': ...".
+fn violation(model: &Model) -> dagr_onnx::error::Result<Option<String>> {
     let idx = crate::index(model)?;
     let g = model.graph();
-    let bad = |n: &NodeProto, what: String| {
-        dagr_onnx::error::Error::Internal(format!(
-            "the graph built has an invalid {} node '{}': {what}",
-            n.op_type, n.name
-        ))
-    };
+    let bad = |n: &NodeProto, what: String| Ok(Some(format!("an invalid {} node '{}': {what}", n.op_type, n.name)));
     let mut defined: std::collections::HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
     defined.extend(g.initializer.iter().map(|t| t.name.as_str()));
     for &i in &idx.topo {
         let n = &g.node[i];
         if let Some(missing) = n.input.iter().find(|s| !s.is_empty() && !defined.contains(s.as_str())) {
-            return Err(bad(n, format!("it reads '{missing}', which nothing defines")));
+            return bad(n, format!("it reads '{missing}', which nothing defines"));
         }
         defined.extend(n.output.iter().map(String::as_str));
         match n.op_type.as_str() {
             "Reshape" => {
                 if let Some(v) = n.input.get(1).and_then(|t| idx.value(t)) {
                     if v.iter().filter(|d| **d == Dim::Known(-1)).count() > 1 {
-                        return Err(bad(n, format!("its target shape {v:?} has more than one -1")));
+                        return bad(n, format!("its target shape {v:?} has more than one -1"));
                     }
                 }
             }
@@ -400,10 +424,10 @@ pub fn check(model: &Model) -> dagr_onnx::error::Result<()> {
                     if let Some(k) = ix.last().and_then(Dim::known) {
                         let want = ix.len() - 1 + d.len().saturating_sub(k as usize);
                         if u.len() != want {
-                            return Err(bad(
+                            return bad(
                                 n,
                                 format!("its updates have rank {}, but data of rank {} and indices of shape {ix:?} need rank {want}", u.len(), d.len()),
-                            ));
+                            );
                         }
                     }
                 }
@@ -426,7 +450,7 @@ pub fn check(model: &Model) -> dagr_onnx::error::Result<()> {
             .filter_map(|t| idx.fact(t).map(|f| (t, f.dtype)).filter(|(_, d)| *d != 0))
             .collect();
         if let Some((t, d)) = types.iter().find(|(_, d)| *d != types[0].1) {
-            return Err(bad(
+            return bad(
                 n,
                 format!(
                     "its inputs '{}' ({}) and '{t}' ({}) must be of one type",
@@ -434,14 +458,11 @@ pub fn check(model: &Model) -> dagr_onnx::error::Result<()> {
                     dagr_onnx::dtype::name(types[0].1),
                     dagr_onnx::dtype::name(*d)
                 ),
-            ));
+            );
         }
     }
     if let Some(o) = g.output.iter().find(|o| !defined.contains(o.name.as_str())) {
-        return Err(dagr_onnx::error::Error::Internal(format!(
-            "the graph built has an output '{}' that nothing computes",
-            o.name
-        )));
+        return Ok(Some(format!("an output '{}' that nothing computes", o.name)));
     }
-    Ok(())
+    Ok(None)
 }

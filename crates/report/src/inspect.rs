@@ -183,6 +183,13 @@ impl Report {
                 p.constant_weights.len()
             );
         }
+        if let Some((first, declared)) = p.corrected_shapes.first() {
+            let _ = writeln!(
+                s,
+                "shapes      {} tensors declare shapes their operators contradict ({first} declares {declared}); the computed shapes are used",
+                p.corrected_shapes.len()
+            );
+        }
         for class in &p.unified_dims {
             let _ = writeln!(
                 s,

@@ -78,6 +78,7 @@ impl Scopes {
             .iter()
             .map(|n| conventions::node_scope(&conventions, n))
             .collect();
+        number_calls(model, idx, &mut node_scope);
         let root = common_root(node_scope.iter().flatten().map(|(p, _)| p.as_slice()));
         for (p, _) in node_scope.iter_mut().flatten() {
             p.drain(..root.len());
@@ -199,6 +200,89 @@ fn inherit_scopes(model: &Model, idx: &GraphIndex, node_scope: &mut [Option<(Vec
         let src = around[0].1;
         for i in component {
             node_scope[i] = Some((common.clone(), src));
+        }
+    }
+}
+
+/// Paths read from a call stack name classes, so two towers of one class share `Pair.Tower`.
+/// Each call of a class is a connected part of the graph (data edges between the nodes under
+/// its path), numbered in the order the exporter wrote them: `Tower_1`, `Tower_2`, as jax2onnx
+/// numbers the calls of an `@onnx_function`. Calls chained one into the next (the blocks of a
+/// loop) stay one scope; constants and shape computations under the path go with the call that
+/// reads them.
+fn number_calls(model: &Model, idx: &GraphIndex, node_scope: &mut [Option<(Vec<String>, ScopeSource)>]) {
+    let stacked = |s: &Option<(Vec<String>, ScopeSource)>| matches!(s, Some((_, ScopeSource::CallStack)));
+    let deepest = node_scope
+        .iter()
+        .filter(|s| stacked(s))
+        .flatten()
+        .map(|(p, _)| p.len())
+        .max();
+    let Some(deepest) = deepest else { return };
+    let g = model.graph();
+    let data = idx.data_dependent(model);
+    for d in 1..=deepest {
+        let mut groups: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
+        for (i, s) in node_scope.iter().enumerate() {
+            if let (true, Some((p, _))) = (stacked(s), s) {
+                if p.len() >= d {
+                    groups.entry(p[..d].to_vec()).or_default().push(i);
+                }
+            }
+        }
+        for (key, members) in groups {
+            let at: BTreeMap<usize, usize> = members.iter().enumerate().map(|(k, &i)| (i, k)).collect();
+            let mut parent: Vec<usize> = (0..members.len()).collect();
+            fn root(parent: &mut [usize], mut k: usize) -> usize {
+                while parent[k] != k {
+                    parent[k] = parent[parent[k]];
+                    k = parent[k];
+                }
+                k
+            }
+            for (k, &i) in members.iter().enumerate() {
+                // Data edges only: a constant two calls read, or a shape one call takes from
+                // another's tensor (jax2onnx reads the batch size off any tensor that has it),
+                // does not join them.
+                for t in g.node[i].output.iter().filter(|t| data.contains(*t)) {
+                    for c in idx.consumers_of(t) {
+                        if let Some(&kc) = at.get(c) {
+                            let (a, b) = (root(&mut parent, k), root(&mut parent, kc));
+                            parent[a] = b;
+                        }
+                    }
+                }
+            }
+            // The calls: parts that compute data, numbered by their first node.
+            let mut call: BTreeMap<usize, usize> = BTreeMap::new();
+            for (k, &i) in members.iter().enumerate() {
+                if g.node[i].output.iter().any(|t| data.contains(t)) {
+                    let r = root(&mut parent, k);
+                    let next = call.len() + 1;
+                    call.entry(r).or_insert(next);
+                }
+            }
+            if call.len() < 2 {
+                continue;
+            }
+            let mut number: Vec<Option<usize>> = (0..members.len())
+                .map(|k| call.get(&root(&mut parent, k)).copied())
+                .collect();
+            // A part that computes no data (a constant, a shape) goes with the call reading it.
+            for k in (0..members.len()).rev() {
+                if number[k].is_none() {
+                    number[k] = g.node[members[k]]
+                        .output
+                        .iter()
+                        .flat_map(|t| idx.consumers_of(t))
+                        .find_map(|c| at.get(c).and_then(|&kc| number[kc]));
+                }
+            }
+            for (k, &i) in members.iter().enumerate() {
+                if let (Some(n), Some((p, _))) = (number[k], &mut node_scope[i]) {
+                    p[d - 1] = format!("{}_{n}", key[d - 1]);
+                }
+            }
         }
     }
 }
@@ -326,11 +410,35 @@ pub fn resolve(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) ->
         &|p| loose(p) == loose(&joined),
         &|p| loose(p).starts_with(&loose(&joined)),
     ];
-    let matches: Vec<_> = tiers
+    let mut matches: Vec<_> = tiers
         .iter()
-        .map(|t| at_depth.iter().filter(|(p, _)| t(p)).collect::<Vec<_>>())
+        .map(|t| at_depth.iter().filter(|(p, _)| t(p)).copied().collect::<Vec<_>>())
         .find(|m| !m.is_empty())
         .unwrap_or_default();
+    if matches.is_empty() {
+        // Else deeper scopes whose last components match (jax2onnx's classes lie at any depth
+        // of the call stack: `Tower_1` under `Pair`).
+        let tail = |p: &str| {
+            let comps: Vec<&str> = p.split('.').collect();
+            (comps.len() > depth).then(|| comps[comps.len() - depth..].join("."))
+        };
+        let deeper: Vec<(String, &String, &ScopeSource)> = scopes
+            .paths
+            .iter()
+            .filter_map(|(p, src)| tail(p).map(|t| (t, p, src)))
+            .collect();
+        matches = tiers
+            .iter()
+            .map(|t| {
+                deeper
+                    .iter()
+                    .filter(|(tl, _, _)| t(tl))
+                    .map(|&(_, p, src)| (p, src))
+                    .collect::<Vec<_>>()
+            })
+            .find(|m| !m.is_empty())
+            .unwrap_or_default();
+    }
     if matches.is_empty() {
         // No module: the branch of the graph input the entry names.
         if let Some(input) = branches::input_named(idx, entry) {
@@ -358,15 +466,16 @@ pub fn resolve(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) ->
                     &leaving[0],
                     Resolution::Scope {
                         scope: (*scope).clone(),
-                        source: **src,
+                        source: *src,
                     },
                 )),
                 0 => Err(Error::Encoder(format!(
                     "the module scope '{scope}' (matched by '{entry}') produces no tensor that is used outside it\n  hint: pass the tensor explicitly, e.g. `encoders` {entry}=TENSOR (the inspect report lists candidates)"
                 ))),
                 _ => Err(Error::Encoder(format!(
-                    "the module scope '{scope}' (matched by '{entry}') has several outputs used outside it; pick one with {entry}=TENSOR:\n{}",
-                    list(idx, &leaving)
+                    "the module scope '{scope}' (matched by '{entry}') has several outputs used outside it; pick one with {entry}=TENSOR:\n{}{}",
+                    list(idx, &leaving),
+                    if *src == ScopeSource::Metadata && by_jax2onnx(model) { JAX2ONNX_CALLS } else { "" }
                 ))),
             }
         }
@@ -430,11 +539,23 @@ fn not_found(model: &Model, idx: &GraphIndex, scopes: &Scopes, entry: &str) -> E
     }
     scored.sort();
     let close: Vec<String> = scored.iter().take(6).map(|(_, n, s)| format!("    {n}  {s}")).collect();
+    let classes = if by_jax2onnx(model) {
+        "\n  hint: jax2onnx records the classes of modules, not their attribute names: name the class (`AudioEncoder`), or its call (`Tower_1`, `Tower_2`) where one class is called twice (exported with JAX2ONNX_STACKTRACE_DETAIL=full)"
+    } else {
+        ""
+    };
     Error::Encoder(format!(
-        "no tensor or module scope named '{entry}' in the model; close candidates:\n{}\n  hint: `dagr-inject inspect MODEL` ranks the tensors that look like encoder outputs",
+        "no tensor or module scope named '{entry}' in the model; close candidates:\n{}\n  hint: `dagr-inject inspect MODEL` ranks the tensors that look like encoder outputs{classes}",
         close.join("\n")
     ))
 }
+
+fn by_jax2onnx(model: &Model) -> bool {
+    model.proto.producer_name == "jax2onnx"
+}
+
+/// With only `pkg.jax2onnx.callsite`, the calls of one class share a scope.
+const JAX2ONNX_CALLS: &str = "\n  hint: jax2onnx's call sites name the class, not the call: exported with JAX2ONNX_STACKTRACE_DETAIL=full (beside JAX2ONNX_ENABLE_STACKTRACE_METADATA=1), each call of a class is a scope of its own (`Tower_1`, `Tower_2`)";
 
 /// A tensor that looks like an encoder output, with the reasons for its score.
 #[derive(Debug, Clone, Serialize)]
@@ -628,6 +749,63 @@ mod tests {
     fn scope(s: &Scopes, m: &Model, name: &str) -> Option<String> {
         let i = m.graph().node.iter().position(|n| n.name == name).unwrap();
         s.of_node(i).map(|p| p.join("."))
+    }
+
+    #[test]
+    fn calls_of_one_class_are_told_apart_by_the_graph() {
+        // jax2onnx with JAX2ONNX_STACKTRACE_DETAIL=full: two towers of one class (called on one
+        // line), a Resnet inside each whose own nodes are split by its blocks, and the second
+        // tower's initial state shaped from the first tower's output (a shape, not data).
+        let stack = |frames: &[&str]| {
+            frames
+                .iter()
+                .rev()
+                .map(|f| format!("/u/model.py:1 ({f}.__call__)"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let nodes: &[(&str, &[&str], &str, &[&str])] = &[
+            ("stem1", &["a"], "s1", &["Pair", "Tower", "Resnet"]),
+            ("block1", &["s1"], "b1", &["Pair", "Tower", "Resnet", "Block"]),
+            ("block1b", &["b1"], "b1b", &["Pair", "Tower", "Resnet", "Block"]),
+            ("pool1", &["b1b"], "p1", &["Pair", "Tower", "Resnet"]),
+            ("proj1", &["p1", "k"], "z1", &["Pair", "Tower"]),
+            ("shape", &["z1"], "batch", &["Pair", "Tower"]),
+            ("stem2", &["b", "batch"], "s2", &["Pair", "Tower", "Resnet"]),
+            ("block2", &["s2"], "b2", &["Pair", "Tower", "Resnet", "Block"]),
+            ("pool2", &["b2"], "p2", &["Pair", "Tower", "Resnet"]),
+            ("proj2", &["p2", "k"], "z2", &["Pair", "Tower"]),
+            ("head", &["z1", "z2"], "y", &["Pair"]),
+        ];
+        let mut m = model(&[], &["a", "b"], &["y"]);
+        m.proto.producer_name = "jax2onnx".into();
+        for (name, ins, out, frames) in nodes {
+            let mut n = NodeProto::new();
+            n.name = name.to_string();
+            n.op_type = if *name == "shape" { "Shape" } else { "Add" }.into();
+            n.input = ins.iter().map(|s| s.to_string()).collect();
+            n.output = vec![out.to_string()];
+            let mut p = dagr_onnx::proto::StringStringEntryProto::new();
+            p.key = "pkg.jax2onnx.jax_traceback".into();
+            p.value = stack(frames);
+            n.metadata_props.push(p);
+            m.graph_mut().node.push(n);
+        }
+        let idx = dagr_ops::index(&m).unwrap();
+        let s = Scopes::of(&m, &idx);
+        assert_eq!(s.root, ["Pair"]);
+        assert_eq!(scope(&s, &m, "stem1").as_deref(), Some("Tower_1.Resnet"));
+        assert_eq!(scope(&s, &m, "block1b").as_deref(), Some("Tower_1.Resnet.Block"));
+        // The shape read off the first tower's output does not join the second to it.
+        assert_eq!(scope(&s, &m, "stem2").as_deref(), Some("Tower_2.Resnet"));
+        assert_eq!(scope(&s, &m, "pool2").as_deref(), Some("Tower_2.Resnet"));
+        assert_eq!(s.leaving(&m, &idx, "Tower_1"), ["z1"]);
+        let tensor = |entry: &str| resolve(&m, &idx, &s, entry).map(|e| e.tensor);
+        assert_eq!(tensor("Tower_2").unwrap(), "z2");
+        assert_eq!(tensor("tower_1").unwrap(), "z1");
+        // A class below the root is found at any depth; one called twice is ambiguous.
+        assert_eq!(tensor("Tower_2.Resnet").unwrap(), "p2");
+        assert!(tensor("Resnet").unwrap_err().to_string().contains("ambiguous"));
     }
 
     #[test]

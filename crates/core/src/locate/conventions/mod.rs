@@ -27,6 +27,9 @@ pub enum ScopeSource {
     NodeName,
     /// The ONNX local function the node was inlined from (its call node's name).
     Function,
+    /// A recorded call stack (jax2onnx's `pkg.jax2onnx.jax_traceback`): the classes of the
+    /// frames, so the calls of one class are told apart by the graph (`Tower_1`, `Tower_2`).
+    CallStack,
 }
 
 impl ScopeSource {
@@ -35,6 +38,7 @@ impl ScopeSource {
             ScopeSource::Metadata => "node metadata",
             ScopeSource::NodeName => "node names",
             ScopeSource::Function => "an inlined local function",
+            ScopeSource::CallStack => "the recorded call stack",
         }
     }
 }
