@@ -185,10 +185,10 @@ def check(name, make, kind, shape, args, tmp):
     ours, nodes = R.ort_gradients(train, feed)
 
     grads, logits64 = reference(make, shape, dtype, values, inputs, y)
-    forward = R.forward_difference(src, inputs, logits64)
+    forward, note = R.forward_difference(src, inputs, logits64)
     weights = {i: v for i, v in enumerate(values) if i in grads}
     line = R.compare_with_framework(src, train, feed, ours, weights, grads, tmp, name, "GradientTape")
-    return f"export's logits vs Keras float64 {forward:.1e}; {nodes} nodes, {line}"
+    return f"export's logits vs Keras float64 {forward:.1e}{note}; {nodes} nodes, {line}"
 
 
 if __name__ == "__main__":

@@ -83,8 +83,8 @@ def constant_value(n):
 
 def match(value, tensors):
     """The ONNX tensor holding `value` and the axis permutation (of `value` with its unit axes
-    squeezed) that lays it out as stored: exporters transpose kernels (HWIO -> OIHW) and turn
-    Conv1D into a Conv2D over a unit axis."""
+    squeezed) that lays it out as stored (reshaped to the stored shape): exporters transpose
+    kernels (HWIO -> OIHW), turn Conv1D into a Conv2D over a unit axis, merge axes."""
     v = np.squeeze(value)
     for name, a in tensors.items():
         if a.size != value.size:
@@ -95,6 +95,11 @@ def match(value, tensors):
         for perm in itertools.permutations(range(v.ndim)):
             if v.transpose(perm).shape == s.shape and np.array_equal(v.transpose(perm), s):
                 return name, list(perm)
+    # Else the same values in the same order, reshaped (jax2onnx stores an attention kernel
+    # [in, heads, head_dim] as [in, heads * head_dim]).
+    for name, a in tensors.items():
+        if a.size == value.size and np.array_equal(a.reshape(-1), value.reshape(-1)):
+            return name, list(range(v.ndim))
     return None
 
 
