@@ -337,12 +337,7 @@ def perturbed(values, seed=0):
     g = np.random.default_rng(seed)
     out = {}
     for k, v in values.items():
-        if not np.issubdtype(v.dtype, np.floating):
-            out[k] = v
-        elif k.endswith("var"):
-            out[k] = (v * (1 + 0.2 * g.random(v.shape))).astype(v.dtype)
-        else:
-            out[k] = (v + 0.02 * g.standard_normal(v.shape)).astype(v.dtype)
+        out[k] = R.perturb(v, g, variance=k.endswith("var"))
     return out
 
 

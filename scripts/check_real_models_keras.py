@@ -114,13 +114,7 @@ def perturbed(model, seed=0):
     g = np.random.default_rng(seed)
     out = []
     for w in model.weights:
-        v = np.asarray(w.numpy())
-        if not np.issubdtype(v.dtype, np.floating):
-            out.append(v)
-        elif "variance" in w.path:
-            out.append((v * (1 + 0.2 * g.random(v.shape))).astype(v.dtype))
-        else:
-            out.append((v + 0.02 * g.standard_normal(v.shape)).astype(v.dtype))
+        out.append(R.perturb(np.asarray(w.numpy()), g, variance="variance" in w.path))
     return out
 
 

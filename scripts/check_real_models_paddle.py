@@ -113,13 +113,7 @@ def perturbed(model, seed=0):
         if t.name in by_tensor:
             out[k] = by_tensor[t.name]
             continue
-        v = t.numpy()
-        if not np.issubdtype(v.dtype, np.floating):
-            out[k] = v
-        elif k.endswith("_variance"):
-            out[k] = (v * (1 + 0.2 * g.random(v.shape))).astype(v.dtype)
-        else:
-            out[k] = (v + 0.02 * g.standard_normal(v.shape)).astype(v.dtype)
+        out[k] = R.perturb(t.numpy(), g, variance=k.endswith("_variance"))
         by_tensor[t.name] = out[k]
     return out
 

@@ -25,6 +25,17 @@ class Refused(Exception):
     """`dagr-inject --train` (or a backend) refused the model: the message is the finding."""
 
 
+def perturb(v, g, variance=False):
+    """A framework's initial value moved a little, so that no two weights are equal (they are
+    found in the export by value): a variance scaled up to 20% (it stays positive), anything
+    else moved by 0.02 N(0, 1); integers as they are. `g`: a numpy Generator."""
+    if not np.issubdtype(v.dtype, np.floating):
+        return v
+    if variance:
+        return (v * (1 + 0.2 * g.random(v.shape))).astype(v.dtype)
+    return (v + 0.02 * g.standard_normal(v.shape)).astype(v.dtype)
+
+
 def rel(a, b, floor):
     return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), floor)
 
