@@ -51,7 +51,7 @@ pub enum Gen {
 pub enum Runs {
     Both,
     /// Ops tract cannot run forward (BatchNormalization with non-constant parameters or in
-    /// training mode, SoftmaxCrossEntropyLoss, opset-23 attention, ...).
+    /// training mode, SoftmaxCrossEntropyLoss, ...).
     OrtOnly,
     /// Ops ONNX Runtime cannot run forward (batch-major recurrent layouts).
     TractOnly,

@@ -201,12 +201,56 @@ pub fn index(model: &Model) -> Result<GraphIndex> {
 /// after differentiation: the rules see the ops themselves, and what a user exports keeps them.
 /// Returns how many nodes were rewritten.
 pub fn lower(model: &mut Model, idx: &GraphIndex, positions: std::ops::Range<usize>) -> Result<usize> {
+    rewrite(model, idx, positions, "lower/", |n| {
+        lookup(&n.domain, &n.op_type).and_then(|o| o.lower)
+    })
+}
+
+/// Rewrite every node of the model's main graph whose op `select` names and whose entry is
+/// differentiated through its body (`Kind::Body`: Attention, RotaryEmbedding, the
+/// normalizations ONNX defines as functions) into that body, in place: for a runtime that lacks
+/// the op (tract 0.23 parses Attention but cannot run it). Every tensor keeps its name. Returns
+/// how many nodes were rewritten.
+pub fn expand_bodies(model: &mut Model, idx: &GraphIndex, select: impl Fn(&str) -> bool) -> Result<usize> {
+    let opset = model.opset();
+    let all = 0..model.graph().node.len();
+    rewrite(model, idx, all, "body/", |n| {
+        let entry = lookup(&n.domain, &n.op_type).filter(|o| o.covers(opset) && select(&n.op_type))?;
+        matches!(entry.kind, Kind::Body(_)).then_some(as_body as ctx::Lower)
+    })
+}
+
+/// The node written as its entry's body, each output an Identity of what the body computes.
+fn as_body(c: &mut ctx::Ctx) -> Result<bool> {
+    let Some(Kind::Body(body)) = lookup(&c.node.domain, &c.node.op_type).map(|o| o.kind) else {
+        return Ok(false);
+    };
+    let outs = body(c)?;
+    if c.node.output.iter().skip(outs.len()).any(|o| !o.is_empty()) {
+        return Ok(false);
+    }
+    for (made, name) in outs.iter().zip(&c.node.output) {
+        if !name.is_empty() {
+            c.b.op_named("Identity", &[made.as_str()], vec![], name);
+        }
+    }
+    Ok(true)
+}
+
+/// Replace each node at `positions` for which `form` gives a rewrite by the nodes it builds.
+fn rewrite(
+    model: &mut Model,
+    idx: &GraphIndex,
+    positions: std::ops::Range<usize>,
+    prefix: &str,
+    form: impl Fn(&dagr_onnx::proto::NodeProto) -> Option<ctx::Lower>,
+) -> Result<usize> {
     let consts = idx.int_constants();
-    let mut b = dagr_onnx::builder::Builder::new(model, "lower/");
+    let mut b = dagr_onnx::builder::Builder::new(model, prefix);
     let mut spans = Vec::new();
     for i in positions {
         let n = &model.graph().node[i];
-        let Some(lower) = lookup(&n.domain, &n.op_type).and_then(|o| o.lower) else {
+        let Some(lower) = form(n) else {
             continue;
         };
         let start = b.nodes.len();

@@ -132,6 +132,7 @@ impl Prepared {
         // by tract from its file (its data resolved there), as it is.
         let merged = !external && dagr_onnx::index::merge_duplicates(&mut onnx_model) > 0;
         let merged = (!external && int64_casts_to_cast_like(&mut onnx_model) > 0) || merged;
+        let merged = (!external && ops_as_bodies(&mut onnx_model)? > 0) || merged;
         // Only initializers that are also graph inputs can be overridden (as in ONNX Runtime).
         let graph_inputs: std::collections::HashSet<&String> =
             onnx_model.graph().input.iter().map(|i| &i.name).collect();
@@ -655,6 +656,25 @@ impl crate::Engine for Tract {
         }
         Ok(Box::new(Stepper::new(spec, fill)?))
     }
+}
+
+/// The operators tract 0.23.9 parses but cannot run (its Attention stops at "Operator can not be
+/// made a TypedOp", in every jax2onnx transformer at its default opset 23), written as the
+/// primitives of their ONNX function bodies (`dagr_ops::expand_bodies`, the same bodies the
+/// gradients are built through).
+const NOT_IN_TRACT: &[&str] = &["Attention"];
+
+fn ops_as_bodies(model: &mut dagr_onnx::Model) -> Result<usize> {
+    let present = model
+        .graph()
+        .node
+        .iter()
+        .any(|n| n.domain.is_empty() && NOT_IN_TRACT.contains(&n.op_type.as_str()));
+    if !present {
+        return Ok(0);
+    }
+    let idx = dagr_ops::index(model)?;
+    dagr_ops::expand_bodies(model, &idx, |op| NOT_IN_TRACT.contains(&op))
 }
 
 /// Give tract each Cast to int64 as a CastLike of an int64 scalar. tract 0.23 reads ONNX's Cast
