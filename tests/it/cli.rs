@@ -820,3 +820,58 @@ fn declared_shapes_the_operators_contradict_give_way_to_the_computed_ones() {
     );
     cli_verify(&out, &p);
 }
+
+#[test]
+fn verify_reads_the_original_as_the_rewrite_does() {
+    // jax2onnx writes `@onnx_function` modules as ONNX local functions, which tract cannot run:
+    // `verify --original` on tract failed on such an honest training graph (the original did
+    // not load), as it did on ONNX Runtime for a jax2onnx ResNet whose declared shapes its
+    // operators contradict. The original is recomputed as the rewrite read it.
+    let dir = tempfile::tempdir().unwrap();
+    let src = root().join("models/frameworks/flax.functions.onnx");
+    let out = dir.path().join("t.onnx");
+    cli_train(&src, "audio_encoder,visual_encoder", &out);
+    bin()
+        .args(["verify", out.to_str().unwrap(), "--original", src.to_str().unwrap()])
+        .args(["--backend", "tract,ort"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "the original read as the rewrite reads it: 2 function calls inlined",
+        ))
+        .stdout(predicate::str::contains("all checks passed"));
+}
+
+#[test]
+fn int32_token_inputs_are_fed_as_int32() {
+    // jax2onnx and Keras declare token ids int32; integers are held as int64 and ONNX Runtime
+    // refused them ("Actual: (tensor(int64)), expected: (tensor(int32))") in run, verify and train.
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = onnx::load(Path::new(&model("tri_token.legacy.onnx"))).unwrap();
+    let g = m.graph_mut();
+    let text = g.input.iter_mut().find(|i| i.name == "text").unwrap();
+    text.type_.mut_or_insert_default().mut_tensor_type().elem_type = onnx::dtype::INT32;
+    for n in g.node.iter_mut() {
+        for i in n.input.iter_mut().filter(|i| *i == "text") {
+            *i = "text_int64".into();
+        }
+    }
+    let mut cast = onnx::proto::NodeProto::new();
+    cast.op_type = "Cast".into();
+    cast.name = "text_to_int64".into();
+    cast.input = vec!["text".into()];
+    cast.output = vec!["text_int64".into()];
+    cast.attribute
+        .push(onnx::builder::attr_int("to", onnx::dtype::INT64 as i64));
+    g.node.insert(0, cast);
+    let p = dir.path().join("int32.onnx");
+    onnx::save(&m, &p).unwrap();
+    let out = dir.path().join("t.onnx");
+    cli_train(&p, "audio,visual,text", &out);
+    bin()
+        .args(["verify", out.to_str().unwrap(), "--original", p.to_str().unwrap()])
+        .args(["--backend", "tract,ort"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("all checks passed"));
+}

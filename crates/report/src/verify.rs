@@ -206,14 +206,38 @@ pub fn against_original(
     backends: &[Backend],
     rtol: f64,
 ) -> Result<Vec<Check>> {
-    let orig = onnx::load(original)?;
+    let mut orig = onnx::load(original)?;
     let training = onnx::load(path)?.metadata(dagr_core::training::METADATA_KEY).is_some();
-    let (name, tol) = if training {
+    let (mut name, tol) = if training {
         (format!("original recomputed (training graph, rtol {rtol:.0e})"), rtol)
     } else {
         ("original unchanged (bit for bit)".to_string(), 0.0)
     };
     let outs: Vec<String> = orig.graph().output.iter().map(|o| o.name.clone()).collect();
+    // The original as the rewrite read it (`portable::prepare`): local functions inlined (tract
+    // runs none), shapes it declares and its operators contradict corrected (jax2onnx's NHWC
+    // value_info, without which ONNX Runtime may not load it). The same computation.
+    let p = dagr_core::portable::prepare(&mut orig)?;
+    let mut read_as = Vec::new();
+    if p.inlined_calls > 0 {
+        read_as.push(format!("{} function calls inlined", p.inlined_calls));
+    }
+    if !p.corrected_shapes.is_empty() {
+        read_as.push(format!(
+            "{} contradicted shape declarations corrected",
+            p.corrected_shapes.len()
+        ));
+    }
+    let scratch = if read_as.is_empty() {
+        None
+    } else {
+        name.push_str(&format!(
+            ", the original read as the rewrite reads it: {}",
+            read_as.join(", ")
+        ));
+        Some(onnx::io::Scratch::new(&orig)?)
+    };
+    let original = scratch.as_ref().map_or(original, |s| s.path());
     let mut checks = Vec::new();
     for &b in backends {
         let want = runtime::run(b, original, inputs, &outs)?;

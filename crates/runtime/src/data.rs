@@ -54,7 +54,9 @@ impl Dataset {
                 Value::I64(_) => dtype::INT64,
                 Value::Bool(_) => dtype::BOOL,
             };
-            if want != 0 && want != got {
+            // Integers are held as int64 and fed to an int32 input as int32 (the backends narrow).
+            let narrowed = got == dtype::INT64 && want == dtype::INT32;
+            if want != 0 && want != got && !narrowed {
                 return Err(bad(format!(
                     "'{name}' has type {}, the graph input wants {}",
                     dtype::name(got),

@@ -159,12 +159,14 @@ pub fn run_session(s: &mut Session, inputs: &Tensors, outputs: &[String]) -> Res
 pub fn run_session_fed(s: &mut Session, names: &[String], inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
     // Inputs are passed as views of the caller's arrays (no copy on the CPU); arrays that are
     // not in standard layout are copied first.
+    let narrow = int32_inputs(s);
     let mut feed: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = Vec::new();
     for name in names {
         let Some(v) = inputs.get(name) else {
             continue;
         };
         let iv: ort::session::SessionInputValue<'_> = match v {
+            Value::I64(a) if narrow.contains(name) => as_int32(name, a)?.into(),
             Value::F32(a) if a.is_standard_layout() => TensorRef::from_array_view(a).map_err(err)?.into(),
             Value::I64(a) if a.is_standard_layout() => TensorRef::from_array_view(a).map_err(err)?.into(),
             Value::Bool(a) if a.is_standard_layout() => TensorRef::from_array_view(a).map_err(err)?.into(),
@@ -191,6 +193,31 @@ pub fn run_session_fed(s: &mut Session, names: &[String], inputs: &Tensors, outp
     Ok(out)
 }
 
+/// The inputs a session declares int32 (jax2onnx's and Keras's token ids): integers are held as
+/// int64 on the host (`Value::I64`) and narrowed where they are fed.
+fn int32_inputs(s: &Session) -> std::collections::HashSet<String> {
+    s.inputs()
+        .iter()
+        .filter(|i| i.dtype().tensor_type() == Some(ort::value::TensorElementType::Int32))
+        .map(|i| i.name().to_string())
+        .collect()
+}
+
+/// `a` as an int32 tensor for the int32 input `name`; an error for a value int32 cannot hold.
+fn as_int32(name: &str, a: &ndarray::ArrayD<i64>) -> Result<ort::value::DynValue> {
+    let narrowed = a
+        .iter()
+        .map(|&x| i32::try_from(x))
+        .collect::<std::result::Result<Vec<i32>, _>>()
+        .map_err(|_| {
+            err(format!(
+                "input '{name}' is int32, and a value fed to it does not fit in int32"
+            ))
+        })?;
+    let a = ndarray::ArrayD::from_shape_vec(a.shape(), narrowed).map_err(err)?;
+    Ok(Tensor::from_array(a).map_err(err)?.into_dyn())
+}
+
 /// Copy an output (in host memory) into a `Value`.
 fn to_host_value(name: &str, v: &ort::value::DynValue) -> Result<Value> {
     Ok(if let Ok(a) = v.try_extract_array::<f32>() {
@@ -199,6 +226,8 @@ fn to_host_value(name: &str, v: &ort::value::DynValue) -> Result<Value> {
         Value::F32(a.mapv(|x| x as f32))
     } else if let Ok(a) = v.try_extract_array::<i64>() {
         Value::I64(a.to_owned())
+    } else if let Ok(a) = v.try_extract_array::<i32>() {
+        Value::I64(a.mapv(i64::from))
     } else if let Ok(a) = v.try_extract_array::<bool>() {
         Value::Bool(a.to_owned())
     } else if let Ok(a) = v.try_extract_array::<half::f16>() {
@@ -462,9 +491,13 @@ impl crate::StateStepper for Stepper {
         if graph >= self.graphs.len() {
             return Err(err(format!("the step has no graph {graph}")));
         }
+        let narrow = int32_inputs(&self.sessions[graph]);
         let binding = self.binding(graph)?;
         for (name, v) in feed {
-            let t = owned_tensor(v)?;
+            let t = match v {
+                Value::I64(a) if narrow.contains(&name) => as_int32(&name, &a)?,
+                v => owned_tensor(v)?,
+            };
             binding
                 .bind_input(name.as_str(), &t)
                 .map_err(|e| err(format!("cannot feed '{name}': {e}")))?;
