@@ -9,8 +9,9 @@ of the encoder, a 32-wide projection each, a `logits` head on their concatenatio
 `jax2onnx.to_onnx` at its default opset (dynamic batch `B`, or static with `--static`), and given
 to `dagr-inject MODEL --train`; then every ONNX tensor holding a Flax parameter (found by value,
 up to the axis permutation jax2onnx applied) has its `<tensor>_grad` compared with `jax.grad` in
-float64 of the same loss (cross-entropy + DAGR, default configuration), and tract with ONNX
-Runtime on the same training graph (`real_model_check.py` says how).
+float64 of the same loss (cross-entropy + DAGR, default configuration), tract with ONNX
+Runtime on the same training graph (`real_model_check.py` says how), and on each backend
+`dagr-inject verify` and 3 steps of `dagr-inject train`.
 
     cargo build --release
     JAX_PLATFORMS=cpu python scripts/check_real_models_flax.py [--static] [NAME ...]   # models/frameworks/requirements-flax.txt
@@ -434,7 +435,8 @@ def check(name, make, kind, shape, args, tmp):
         forward, note = R.forward_difference(src, inputs, np.asarray(apply(p64, *xs)))
     weights = flat(params)
     line = R.compare_with_framework(src, train, feed, ours, weights, grads, tmp, name, "jax.grad")
-    return f"export's logits vs Flax float64 {forward:.1e}{note}; {nodes} nodes, {line}"
+    flow = R.verify_and_train(src, train, feed, B, tmp)
+    return f"export's logits vs Flax float64 {forward:.1e}{note}; {nodes} nodes, {line}; {flow}"
 
 
 if __name__ == "__main__":

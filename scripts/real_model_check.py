@@ -92,6 +92,33 @@ def tract_against_ort(train, feed, ours, tmp, name):
     return f"tract vs ONNX Runtime {worst[0]:.1e} ({worst[1]})"
 
 
+def verify_and_train(src, train, feed, batch, tmp):
+    """The rest of a user's path on each backend: `dagr-inject verify TRAIN --original SRC`
+    (the original recomputed, the built-in DAGR reference, finite differences), then 3 steps of
+    `dagr-inject train` (the feed repeated to 3 batches) with the model exported. Returns a
+    line: each backend's verdict and final loss, or its first error."""
+    data = os.path.join(tmp, "train_data.npz")
+    np.savez(data, **{k: np.concatenate([v] * 3) for k, v in feed.items()})
+    parts = []
+    for backend in ("ort", "tract"):
+        r = subprocess.run([BIN, "verify", train, "--original", src, "--backend", backend],
+                           capture_output=True, text=True)
+        if r.returncode:
+            why = (r.stderr.strip().splitlines() or ["?"])[0]
+            errors = [ln for ln in r.stdout.splitlines() if ln.startswith("error")]
+            parts.append(f"{backend}: verify FAILED ({(errors or [why])[0][:160]})")
+            continue
+        out = os.path.join(tmp, f"trained_{backend}")
+        r = subprocess.run([BIN, "train", train, "--data", data, "--epochs", "1", "--batch-size", str(batch),
+                            "--backend", backend, "--out", out, "--original", src, "--force"],
+                           capture_output=True, text=True)
+        loss = [ln for ln in (r.stdout + r.stderr).splitlines() if "final loss" in ln]
+        parts.append(f"{backend}: verify passed, 3 train steps " +
+                     (f"to loss {loss[-1].split('final loss')[-1].strip()}" if not r.returncode and loss
+                      else f"FAILED ({r.stderr.strip()[-160:]})"))
+    return "; ".join(parts)
+
+
 def float64_loss(train, feed, loss="dagr/total_loss"):
     """The training graph's `loss` in float64 (`float64_eval`): f(overrides) -> float."""
     f = float64_eval(train, feed, loss)
