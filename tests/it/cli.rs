@@ -10,6 +10,32 @@ fn model(name: &str) -> String {
     root().join("models").join(name).to_str().unwrap().to_string()
 }
 
+/// `dagr-inject SRC --encoders audio_encoder,visual_encoder --train -o OUT`, which must fail; the
+/// assertion, for what its message must say.
+fn refused_train(src: &Path, out: &Path) -> assert_cmd::assert::Assert {
+    bin()
+        .args([
+            src.to_str().unwrap(),
+            "--encoders",
+            "audio_encoder,visual_encoder",
+            "--train",
+        ])
+        .args(["-o", out.to_str().unwrap()])
+        .assert()
+        .failure()
+}
+
+/// A Cast node `name` of `input` to the element type `to`, written to `output`.
+fn cast_node(name: &str, input: &str, output: &str, to: i32) -> onnx::proto::NodeProto {
+    let mut cast = onnx::proto::NodeProto::new();
+    cast.op_type = "Cast".into();
+    cast.name = name.into();
+    cast.input = vec![input.into()];
+    cast.output = vec![output.into()];
+    cast.attribute.push(onnx::builder::attr_int("to", to as i64));
+    cast
+}
+
 /// Runs a command that must fail; returns stderr. Checks no panic text and no output file.
 fn fails(args: &[&str], out: Option<&Path>) -> String {
     let o = bin().args(args).output().unwrap();
@@ -710,16 +736,7 @@ fn operators_onnx_does_not_define_are_named_before_anything_is_written() {
     let p = dir.path().join("unconverted.onnx");
     onnx::save(&m, &p).unwrap();
     let out = dir.path().join("t.onnx");
-    bin()
-        .args([
-            p.to_str().unwrap(),
-            "--encoders",
-            "audio_encoder,visual_encoder",
-            "--train",
-        ])
-        .args(["-o", out.to_str().unwrap()])
-        .assert()
-        .failure()
+    refused_train(&p, &out)
         .stderr(predicate::str::contains("operators that ONNX does not define at opset"))
         .stderr(predicate::str::contains("Erfc (1 node, first"))
         .stderr(predicate::str::contains(format!(
@@ -738,29 +755,14 @@ fn a_model_invalid_as_exported_is_refused_as_the_exporters_not_as_ours() {
     let g = m.graph_mut();
     let at = g.node.iter().position(|n| n.op_type == "Add").expect("an Add");
     let input = g.node[at].input[0].clone();
-    let mut cast = onnx::proto::NodeProto::new();
-    cast.op_type = "Cast".into();
-    cast.name = "to_double".into();
-    cast.input = vec![input];
-    cast.output = vec!["as_double".into()];
-    cast.attribute
-        .push(onnx::builder::attr_int("to", onnx::dtype::DOUBLE as i64));
+    let cast = cast_node("to_double", &input, "as_double", onnx::dtype::DOUBLE);
     g.node[at].input[0] = "as_double".into();
     let add = g.node[at].name.clone();
     g.node.insert(at, cast);
     let p = dir.path().join("mixed.onnx");
     onnx::save(&m, &p).unwrap();
     let out = dir.path().join("t.onnx");
-    bin()
-        .args([
-            p.to_str().unwrap(),
-            "--encoders",
-            "audio_encoder,visual_encoder",
-            "--train",
-        ])
-        .args(["-o", out.to_str().unwrap()])
-        .assert()
-        .failure()
+    refused_train(&p, &out)
         .stderr(predicate::str::contains(
             "the model is invalid as given, before any rewrite",
         ))
@@ -856,13 +858,7 @@ fn int32_token_inputs_are_fed_as_int32() {
             *i = "text_int64".into();
         }
     }
-    let mut cast = onnx::proto::NodeProto::new();
-    cast.op_type = "Cast".into();
-    cast.name = "text_to_int64".into();
-    cast.input = vec!["text".into()];
-    cast.output = vec!["text_int64".into()];
-    cast.attribute
-        .push(onnx::builder::attr_int("to", onnx::dtype::INT64 as i64));
+    let cast = cast_node("text_to_int64", "text", "text_int64", onnx::dtype::INT64);
     g.node.insert(0, cast);
     let p = dir.path().join("int32.onnx");
     onnx::save(&m, &p).unwrap();
