@@ -282,6 +282,8 @@ struct StepGraph {
     fetch: Vec<String>,
     /// Whether the keys it writes have two buffers each.
     double: bool,
+    /// Its inputs declared int32, fed narrowed (`int32_inputs`), found once.
+    int32: std::collections::HashSet<String>,
 }
 
 use std::collections::BTreeMap;
@@ -374,19 +376,22 @@ impl Stepper {
             }
             buffers.insert(key.clone(), set);
         }
+        let steps: Vec<StepGraph> = graphs
+            .into_iter()
+            .zip(&sessions)
+            .map(|(g, s)| StepGraph {
+                int32: int32_inputs(s),
+                double: !g.in_place && g.links.iter().any(|l| !scratch.contains(&l.key)),
+                links: g.links,
+                reads: g.reads,
+                fetch: g.fetch.to_vec(),
+            })
+            .collect();
         Ok(Stepper {
             bindings: Default::default(),
             sessions,
-            current: vec![0; graphs.len()],
-            graphs: graphs
-                .into_iter()
-                .map(|g| StepGraph {
-                    double: !g.in_place && g.links.iter().any(|l| !scratch.contains(&l.key)),
-                    links: g.links,
-                    reads: g.reads,
-                    fetch: g.fetch.to_vec(),
-                })
-                .collect(),
+            current: vec![0; steps.len()],
+            graphs: steps,
             buffers,
             writer,
             scratch,
@@ -491,13 +496,19 @@ impl crate::StateStepper for Stepper {
         if graph >= self.graphs.len() {
             return Err(err(format!("the step has no graph {graph}")));
         }
-        let narrow = int32_inputs(&self.sessions[graph]);
+        let narrow = &self.graphs[graph].int32;
+        let tensors = feed
+            .into_iter()
+            .map(|(name, v)| {
+                let t = match v {
+                    Value::I64(a) if narrow.contains(&name) => as_int32(&name, &a)?,
+                    v => owned_tensor(v)?,
+                };
+                Ok((name, t))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let binding = self.binding(graph)?;
-        for (name, v) in feed {
-            let t = match v {
-                Value::I64(a) if narrow.contains(&name) => as_int32(&name, &a)?,
-                v => owned_tensor(v)?,
-            };
+        for (name, t) in tensors {
             binding
                 .bind_input(name.as_str(), &t)
                 .map_err(|e| err(format!("cannot feed '{name}': {e}")))?;
