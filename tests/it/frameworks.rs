@@ -265,6 +265,27 @@ fn train_and_export(
             continue;
         }
         let exported = out.join("model.onnx");
+        // Nothing the model does not read (jax2onnx's function bodies hold Constants nothing
+        // reads; inlined as initializers, ONNX Runtime warned about each).
+        let m = onnx::load(&exported).unwrap();
+        let read: std::collections::HashSet<String> = m
+            .graph()
+            .node
+            .iter()
+            .flat_map(dagr_inject::onnx::index::node_reads)
+            .collect();
+        let unread: Vec<&str> = m
+            .graph()
+            .initializer
+            .iter()
+            .map(|t| t.name.as_str())
+            .filter(|t| !read.contains(*t))
+            .collect();
+        if !unread.is_empty() {
+            failures.push(format!(
+                "{label} on {backend}: the exported model has unread initializers {unread:?}"
+            ));
+        }
         let feed: Tensors = e.feed("in").into_iter().filter(|(k, _)| k != "y").collect();
         let before = run(Backend::Ort, &e.path(), &feed, &e.heads);
         let after = run(Backend::Ort, &exported, &feed, &e.heads);

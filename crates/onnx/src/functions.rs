@@ -137,7 +137,19 @@ fn expand(
     for a in &call.attribute {
         attrs.insert(a.name.as_str(), a);
     }
+    // What the body reads (its subgraphs' captures too) and returns: a Constant outside both is
+    // dead code (jax2onnx leaves a kernel's HWIO original beside its OIHW transpose), dropped
+    // rather than made an initializer nothing reads.
+    let live: HashSet<String> = f
+        .node
+        .iter()
+        .flat_map(crate::index::node_reads)
+        .chain(f.output.iter().cloned())
+        .collect();
     for n in &f.node {
+        if n.op_type == "Constant" && n.output.iter().all(|o| !live.contains(o)) {
+            continue;
+        }
         let mut n = n.clone();
         let mut resolved = Vec::with_capacity(n.attribute.len());
         for a in n.attribute.drain(..) {
