@@ -984,7 +984,7 @@ fn verify_cmd(
         }
         record(
             "finite differences",
-            verify::param_finite_differences(model, &feed, b, 3),
+            verify::param_finite_differences(model, &feed, b, verify::PARAM_FD_DIRECTIONS),
         );
     }
     if backends.contains(&Backend::Tract) && backends.contains(&Backend::Ort) {
