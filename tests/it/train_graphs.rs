@@ -392,3 +392,62 @@ fn control_flow_exports_match_pytorch_autograd() {
     assert_eq!(compared, 32);
     drop(checks); // onnx.checker on both gradient graphs
 }
+
+/// A model exported with its own loss, as PyTorch writes it (`models/own_loss/export.py`):
+/// `F.cross_entropy`, which the legacy exporter writes as SoftmaxCrossEntropyLoss with
+/// ignore_index -100 (a label ignored), and `F.nll_loss(F.log_softmax(..))` with class weights
+/// and an ignored class the labels use (legacy: SoftmaxCrossEntropyLoss with weights, dynamo:
+/// NegativeLogLikelihoodLoss). `--loss loss --train` builds on every export; every parameter's
+/// gradient of loss + DAGR equals PyTorch autograd in float64, `verify --original` passes and
+/// 3 steps of `train` run.
+#[test]
+fn a_models_own_cross_entropy_trains_as_pytorch_computes_it() {
+    require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let base = root().join("models/own_loss");
+    let mut compared = 0;
+    for kind in ["ce", "weighted"] {
+        let all = dagr_inject::npz::read(&base.join(format!("{kind}.ref.npz"))).unwrap();
+        let reference = npz_f64(&base.join(format!("{kind}.ref.npz")));
+        let feed: Tensors = ["audio", "visual", "y"]
+            .iter()
+            .map(|k| (k.to_string(), all[&format!("in/{k}")].clone()))
+            .collect();
+        let data = dir.path().join(format!("{kind}.data.npz"));
+        dagr_inject::npz::write(&data, &feed).unwrap();
+        for exporter in ["legacy", "dynamo"] {
+            let src = base.join(format!("{kind}.{exporter}.onnx"));
+            let train = dir.path().join(format!("{kind}.{exporter}.train.onnx"));
+            bin()
+                .args([src.to_str().unwrap(), "--encoders", "audio_encoder,visual_encoder"])
+                .args(["--loss", "loss", "--train", "-o", train.to_str().unwrap()])
+                .assert()
+                .success();
+            let m = onnx::load(&train).unwrap();
+            let rec = dagr_inject::train::record_of(&m).unwrap();
+            let outs: Vec<String> = rec.params.iter().map(|p| p.1.clone()).collect();
+            let out = run(dagr_inject::runtime::Backend::Ort, &train, &feed, &outs);
+            let mut seen = 0;
+            for (p, g) in &rec.params {
+                let want = &reference[&format!("grad/{p}")];
+                let e = rel_err(&f32_of(&out, g), want, 1e-6);
+                assert!(
+                    e <= 1e-4,
+                    "{kind}.{exporter}: d loss / d {p} differs from PyTorch's by {e}"
+                );
+                seen += 1;
+            }
+            assert_eq!(seen, 10, "{kind}.{exporter}: every torch parameter trains");
+            compared += seen;
+            cli_verify(&train, &src);
+            let run_dir = dir.path().join(format!("{kind}.{exporter}.run"));
+            bin()
+                .args(["train", train.to_str().unwrap(), "--data", data.to_str().unwrap()])
+                .args(["--epochs", "3", "--batch-size", "6", "--backend", "ort"])
+                .args(["--original", src.to_str().unwrap(), "--out", run_dir.to_str().unwrap()])
+                .assert()
+                .success();
+        }
+    }
+    assert_eq!(compared, 40);
+}
