@@ -113,6 +113,20 @@ fn emitted_graph_check_names_the_broken_node() {
     m.graph_mut().output.push(onnx::ValueFact::default().to_value_info(&y));
     let e = ops::infer::check(&m).unwrap_err().to_string();
     assert!(e.contains("ScatterND") && e.contains("rank"), "{e}");
+    // A Gather along an axis its input does not have (the first Det rule's minors).
+    let mut m = base.clone();
+    let mut b = Builder::new(&m, "t/");
+    let idx = b.const_i64(&[0]);
+    let y = b.op(
+        "Gather",
+        &[&x, &idx],
+        vec![dagr_inject::onnx::builder::attr_int("axis", 2)],
+        "bad",
+    );
+    b.finish(&mut m);
+    m.graph_mut().output.push(onnx::ValueFact::default().to_value_info(&y));
+    let e = ops::infer::check(&m).unwrap_err().to_string();
+    assert!(e.contains("Gather") && e.contains("axis 2 is outside [-2, 1]"), "{e}");
     // A node reading a tensor nothing defines.
     let mut m = base.clone();
     let mut b = Builder::new(&m, "t/");

@@ -434,6 +434,26 @@ fn violation(model: &Model) -> dagr_onnx::error::Result<Option<String>> {
             }
             _ => {}
         }
+        // An `axis` attribute within the rank its op allows (a rule that miscounts the axes of
+        // a tensor it made: every runtime refuses to load the graph).
+        let rank_of = |k: usize| {
+            n.input
+                .get(k)
+                .and_then(|t| idx.fact(t))
+                .and_then(|f| f.shape.as_ref())
+                .map(|s| s.len() as i64)
+        };
+        let axis_range = match n.op_type.as_str() {
+            "Gather" | "GatherElements" | "ScatterElements" | "Concat" | "Split" | "Softmax" | "LogSoftmax"
+            | "Hardmax" | "ArgMax" | "ArgMin" | "Compress" => rank_of(0).map(|r| (-r, r - 1)),
+            "Flatten" => rank_of(0).map(|r| (-r, r)),
+            _ => None,
+        };
+        if let (Some((lo, hi)), Some(a)) = (axis_range, dagr_onnx::attr::attr(n, "axis").map(|a| a.i)) {
+            if !(lo..=hi).contains(&a) {
+                return bad(n, format!("its axis {a} is outside [{lo}, {hi}] for its input's rank"));
+            }
+        }
         // Inputs that the op's signature types alike (T) must be of one type.
         let same_type: &[usize] = match n.op_type.as_str() {
             "Add" | "Sub" | "Mul" | "Div" | "Max" | "Min" | "Sum" | "Mean" | "MatMul" | "Gemm" | "Concat" | "Equal"

@@ -35,8 +35,8 @@ pub(crate) static OPS: &[Op] = &[
         "Det",
         11,
         Some(shapes::det),
-        NoRule,
-        "no gradient rule: differentiating through it is refused",
+        Vjp(det),
+        "dA = g cofactors(A) = g [(-1)^(i+j) det(A without row i, column j)]",
     ),
     op(
         "MatMulInteger",
@@ -387,6 +387,50 @@ fn parse_einsum(eq: &str, ranks: &[usize]) -> std::result::Result<Equation, Stri
 /// Einsum: dA_i = einsum(out, other operands -> A_i's letters) over the letters that appear in
 /// the output or another operand; letters only A_i has (summed away) come back by Unsqueeze and
 /// Expand, and ellipsis dims that broadcast from 1 are summed.
+/// Det of [*, n, n] (n static): d det(A) / d A_ij is the cofactor (-1)^(i+j) det(M_ij), M_ij
+/// the minor without row i and column j; the minors are gathered (rows, then columns), their
+/// determinants taken by Det itself. Standard ONNX has no inverse, and the cofactors, unlike
+/// det(A) A^-T, are the gradient at singular matrices too.
+pub fn det(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
+    let Some(g) = g.first().and_then(|x| x.clone()) else {
+        return Ok(vec![None; need.len()]);
+    };
+    let a = c.input(0).to_string();
+    let s = c.shape(&a)?;
+    let rank = s.len();
+    let n = match s.last() {
+        Some(Dim::Known(n)) if rank >= 2 => *n,
+        _ => return Err(c.err("its gradient needs the matrix size (the last two dims) known")),
+    };
+    // g as [*, 1, 1], against A's [*, n, n]
+    let g = c.unsqueeze(&g, &[rank as i64 - 2, rank as i64 - 1]);
+    if n == 1 {
+        return Ok(vec![Some(g)]);
+    }
+    let n = n as usize;
+    // others[i] = every index but i: [n, n-1]
+    let others: Vec<i64> = (0..n)
+        .flat_map(|i| (0..n).filter(move |&k| k != i).map(|k| k as i64))
+        .collect();
+    let idx = c.ints(&others);
+    let shape = c.ints(&[n as i64, n as i64 - 1]);
+    let idx = c.op("Reshape", &[&idx, &shape]);
+    let r = rank as i64;
+    // [*, n, n] -> rows [*, i, n-1, n] -> columns [*, i, n-1, j, n-1] -> [*, i, j, n-1, n-1]
+    let rows = c.op_a("Gather", &[&a, &idx], vec![attr_int("axis", r - 2)]);
+    let minors = c.op_a("Gather", &[&rows, &idx], vec![attr_int("axis", r)]);
+    let mut perm: Vec<i64> = (0..r - 2).collect();
+    perm.extend([r - 2, r, r - 1, r + 1]);
+    let minors = c.op_a("Transpose", &[&minors], vec![attr_ints("perm", &perm)]);
+    let dets = c.op("Det", &[&minors]);
+    let signs: Vec<f64> = (0..n * n)
+        .map(|k| if (k / n + k % n).is_multiple_of(2) { 1.0 } else { -1.0 })
+        .collect();
+    let signs = c.floats(&[n as i64, n as i64], &signs);
+    let cof = c.op("Mul", &[&dets, &signs]);
+    Ok(vec![Some(c.op("Mul", &[&cof, &g]))])
+}
+
 pub fn einsum(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g.first().and_then(|x| x.clone()) else {
         return Ok(vec![None; need.len()]);
@@ -449,6 +493,18 @@ pub fn cases() -> Vec<crate::cases::Case> {
     use dagr_onnx::builder::{attr_float, attr_int, attr_string};
     vec![
         case("matmul_weight", "MatMul", vec![x(&[2, 3, 4]), x(&[4, 5])]),
+        // Det (tract 0.23 has none): one matrix, a batch, 2x2 (1x1 minors) and 1x1.
+        // The matrix size must be known; batch dims may be symbolic.
+        case("det_3x3", "Det", vec![x(&[3, 3])]).only(ORT_ONLY).symbolic(&[]),
+        case("det_batched_4x4", "Det", vec![x(&[2, 3, 4, 4])])
+            .only(ORT_ONLY)
+            .symbolic(&[0, 1]),
+        case("det_2x2", "Det", vec![x(&[2, 2, 2])])
+            .only(ORT_ONLY)
+            .symbolic(&[0]),
+        case("det_1x1", "Det", vec![x(&[3, 1, 1])])
+            .only(ORT_ONLY)
+            .symbolic(&[0]),
         case("matmul_batched", "MatMul", vec![x(&[3, 4]), x(&[2, 4, 5])]),
         case("matmul_vec_left", "MatMul", vec![x(&[4]), x(&[4, 5])]),
         case("matmul_vec_right", "MatMul", vec![x(&[2, 3, 4]), x(&[4])]),
