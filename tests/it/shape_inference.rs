@@ -127,6 +127,15 @@ fn emitted_graph_check_names_the_broken_node() {
     m.graph_mut().output.push(onnx::ValueFact::default().to_value_info(&y));
     let e = ops::infer::check(&m).unwrap_err().to_string();
     assert!(e.contains("Gather") && e.contains("axis 2 is outside [-2, 1]"), "{e}");
+    // An operator newer than the model's opset (Gelu is opset 20's; av_mlp's opset is 17).
+    let mut m = base.clone();
+    assert_eq!(m.opset(), 17);
+    let mut b = Builder::new(&m, "t/");
+    let y = b.op("Gelu", &[&x], vec![], "bad");
+    b.finish(&mut m);
+    m.graph_mut().output.push(onnx::ValueFact::default().to_value_info(&y));
+    let e = ops::infer::check(&m).unwrap_err().to_string();
+    assert!(e.contains("Gelu exists from opset 20 on, and the model's is 17"), "{e}");
     // A node reading a tensor nothing defines.
     let mut m = base.clone();
     let mut b = Builder::new(&m, "t/");

@@ -82,6 +82,13 @@ pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
     a.ints = v.to_vec();
     a
 }
+pub fn attr_floats(name: &str, v: &[f32]) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::FLOATS.into();
+    a.floats = v.to_vec();
+    a
+}
 pub fn attr_string(name: &str, v: &str) -> AttributeProto {
     let mut a = AttributeProto::new();
     a.name = name.into();

@@ -402,6 +402,7 @@ fn violation(model: &Model) -> dagr_onnx::error::Result<Option<String>> {
     let idx = crate::index(model)?;
     let g = model.graph();
     let bad = |n: &NodeProto, what: String| Ok(Some(format!("an invalid {} node '{}': {what}", n.op_type, n.name)));
+    let opset = model.opset();
     let mut defined: std::collections::HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
     defined.extend(g.initializer.iter().map(|t| t.name.as_str()));
     for &i in &idx.topo {
@@ -410,6 +411,19 @@ fn violation(model: &Model) -> dagr_onnx::error::Result<Option<String>> {
             return bad(n, format!("it reads '{missing}', which nothing defines"));
         }
         defined.extend(n.output.iter().map(String::as_str));
+        // An operator the model's opset does not have yet (a rule's Expand in an opset-7 model).
+        if n.domain.is_empty() || n.domain == "ai.onnx" {
+            let since = crate::schemas::VERSIONS
+                .iter()
+                .find(|(o, _)| *o == n.op_type)
+                .and_then(|(_, v)| v.first());
+            if let Some(&since) = since.filter(|&&v| opset > 0 && v > opset) {
+                return bad(
+                    n,
+                    format!("{} exists from opset {since} on, and the model's is {opset}", n.op_type),
+                );
+            }
+        }
         match n.op_type.as_str() {
             "Reshape" => {
                 if let Some(v) = n.input.get(1).and_then(|t| idx.value(t)) {

@@ -9,9 +9,9 @@
 
 use super::{g0_owned, Out};
 use crate::ctx::{norm_axis, Ctx};
-use crate::Kind::{NoRule, Vjp};
+use crate::Kind::Vjp;
 use crate::{op, Op};
-use dagr_onnx::builder::{attr_float, attr_int, attr_ints, attr_string};
+use dagr_onnx::builder::{attr_float, attr_floats, attr_int, attr_ints, attr_string};
 use dagr_onnx::Dim;
 
 /// This family's operators, each one entry: name, the first schema version covered, shape
@@ -40,10 +40,10 @@ pub(crate) static OPS: &[Op] = &[
     ),
     op(
         "Upsample",
-        1,
+        7,
         Some(shapes::resize),
-        NoRule,
-        "no gradient rule: differentiating through it is refused",
+        Vjp(resize),
+        "as Resize's, the map measured by upsampling an identity",
     ),
 ];
 
@@ -100,12 +100,10 @@ pub(crate) mod shapes {
         } else {
             let scales = match c.floats(scales_at) {
                 Some(s) => s,
-                None if c.n.op_type == "Upsample" || c.opset < 10 => c
-                    .attr_ints("scales")
-                    .map(|v| v.iter().map(|&x| x as f64).collect())
-                    .or_else(|| {
-                        dagr_onnx::attr::attr(c.n, "scales").map(|a| a.floats.iter().map(|&x| x as f64).collect())
-                    })?,
+                // Upsample-7's attribute: floats.
+                None if c.n.op_type == "Upsample" || c.opset < 10 => {
+                    dagr_onnx::attr::attr(c.n, "scales").map(|a| a.floats.iter().map(|&x| x as f64).collect())?
+                }
                 None => return None,
             };
             if scales.len() != axes.len() {
@@ -155,8 +153,20 @@ pub(crate) mod shapes {
 }
 
 impl Ctx<'_> {
-    /// The float32 identity matrix `[n, n]`, `n` the length of `x` along `axis`.
-    fn identity_along(&mut self, x: &str, axis: usize) -> String {
+    /// The identity matrix `[n, n]` of the op's float type, `n` the length of `x` along
+    /// `axis`: made at run time from the shape, or, before opset 11 (no Range; Upsample's
+    /// opsets), a constant of the known length.
+    fn identity_along(&mut self, x: &str, axis: usize) -> dagr_onnx::Result<String> {
+        if self.b.opset < 11 {
+            let Some(n) = self.shape(x)?.get(axis).and_then(Dim::known) else {
+                return Err(self.err(format!(
+                    "its gradient before opset 11 needs the length of axis {axis} known when the graph is built"
+                )));
+            };
+            let n = n as usize;
+            let eye: Vec<f64> = (0..n * n).map(|k| if k / n == k % n { 1.0 } else { 0.0 }).collect();
+            return Ok(self.floats(&[n as i64, n as i64], &eye));
+        }
         let s = self.shape_of(x);
         let (from, to) = (self.ints(&[axis as i64]), self.ints(&[axis as i64 + 1]));
         let n = self.op("Slice", &[&s, &from, &to]);
@@ -166,7 +176,7 @@ impl Ctx<'_> {
         let rows = self.unsqueeze(&r, &[1]);
         let cols = self.unsqueeze(&r, &[0]);
         let eq = self.op("Equal", &[&rows, &cols]);
-        self.to_float(&eq)
+        Ok(self.to_float(&eq))
     }
 
     /// `g` mapped back along `axis` by the transpose of `m` (`[in, out]`: m[i, j] = dy_j / dx_i):
@@ -317,7 +327,7 @@ pub fn pad(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     }
     let mut d = g;
     for (axis, pads) in along {
-        let eye = c.identity_along(&x, axis);
+        let eye = c.identity_along(&x, axis)?;
         let mode = attr_string("mode", &mode);
         let m = match pads {
             Along::Attr(p) => c.op_a("Pad", &[&eye], vec![mode, attr_ints("pads", &p)]),
@@ -381,15 +391,25 @@ pub fn resize(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     if policy != "stretch" {
         return Err(c.err(format!("keep_aspect_ratio_policy '{policy}' has no gradient rule")));
     }
-    let (scales_at, sizes_at) = if c.b.opset < 11 { (1, usize::MAX) } else { (2, 3) };
+    // Upsample (opsets 7 to 9, before Resize): scales only, an attribute before opset 9; its
+    // map is measured with Upsample itself.
+    let upsample = c.node.op_type == "Upsample";
+    let (scales_at, sizes_at) = if c.b.opset < 11 || upsample {
+        (1, usize::MAX)
+    } else {
+        (2, 3)
+    };
     let axes: Vec<usize> = match c.attr_ints("axes") {
         Some(a) => a.iter().map(|&v| norm_axis(v, rank)).collect(),
         None => (0..rank).collect(),
     };
-    let scales = c
-        .has_input(scales_at)
-        .then(|| float_const(c, c.input(scales_at)))
-        .flatten();
+    let scales = if upsample && c.b.opset < 9 {
+        dagr_onnx::attr::attr(c.node, "scales").map(|a| a.floats.clone())
+    } else {
+        c.has_input(scales_at)
+            .then(|| float_const(c, c.input(scales_at)))
+            .flatten()
+    };
     let scales = scales.filter(|s| !s.is_empty());
     let sizes: Option<Vec<Dim>> = (sizes_at != usize::MAX && c.has_input(sizes_at))
         .then(|| c.idx.value(c.input(sizes_at)).cloned())
@@ -427,7 +447,20 @@ pub fn resize(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         if same {
             continue;
         }
-        let eye = c.identity_along(&x, axis);
+        let eye = c.identity_along(&x, axis)?;
+        if upsample {
+            let s = scale.unwrap_or(1.0);
+            let mut attrs = attrs.clone();
+            let m = if c.b.opset < 9 {
+                attrs.push(attr_floats("scales", &[1.0, s]));
+                c.op_a("Upsample", &[&eye], attrs)
+            } else {
+                let sc = c.b.const_f32(&[2], &[1.0, s]);
+                c.op_a("Upsample", &[&eye, &sc], attrs)
+            };
+            d = c.apply_transposed(&d, &m, axis, rank);
+            continue;
+        }
         let mut ins: Vec<String> = vec![eye];
         if c.b.opset < 11 {
             let s = c.b.const_f32(&[2], &[1.0, scale.unwrap_or(1.0)]);
@@ -479,7 +512,7 @@ fn float_const(c: &Ctx, name: &str) -> Option<Vec<f32>> {
 /// Finite-difference cases of this module's ops (see `crate::cases`).
 pub fn cases() -> Vec<crate::cases::Case> {
     use crate::cases::*;
-    use dagr_onnx::builder::{attr_int, attr_string};
+    use dagr_onnx::builder::{attr_floats, attr_int, attr_string};
     vec![
         case("cumsum", "CumSum", vec![x(&[3, 4]), In::Ints(vec![], vec![1])]),
         case(
@@ -527,6 +560,30 @@ pub fn cases() -> Vec<crate::cases::Case> {
         .attrs(vec![attr_string("mode", "wrap")])
         .opset(19)
         .only(ORT_ONLY),
+        // Upsample, before Resize: scales an input (opset 9) or an attribute (7 and 8); tract
+        // 0.23 runs no Upsample.
+        case(
+            "upsample_nearest",
+            "Upsample",
+            vec![x(&[1, 2, 3, 4]), In::F(vec![4], vec![1.0, 1.0, 2.0, 3.0])],
+        )
+        .opset(9)
+        .symbolic(&[0])
+        .only(ORT_ONLY),
+        case(
+            "upsample_linear",
+            "Upsample",
+            vec![x(&[1, 1, 3, 4]), In::F(vec![4], vec![1.0, 1.0, 2.0, 2.5])],
+        )
+        .attrs(vec![attr_string("mode", "linear")])
+        .opset(9)
+        .symbolic(&[0])
+        .only(ORT_ONLY),
+        case("upsample_nearest_opset8", "Upsample", vec![x(&[2, 1, 2, 3])])
+            .attrs(vec![attr_floats("scales", &[1.0, 1.0, 3.0, 2.0])])
+            .opset(8)
+            .symbolic(&[0])
+            .only(ORT_ONLY),
         case(
             "resize_linear_scales",
             "Resize",
