@@ -59,6 +59,20 @@ pub(crate) static OPS: &[Op] = &[
         Body(lrn),
         "X / (bias + alpha/size window-sum X^2)^beta, the window by Pad and Slices",
     ),
+    op(
+        "LpPool",
+        2,
+        Some(crate::nn::shapes::pool),
+        Body(lp_pool),
+        "(window sum of |X|^p)^(1/p), the sum an AveragePool counting padding, times the window size",
+    ),
+    op(
+        "GlobalLpPool",
+        2,
+        Some(crate::nn::shapes::global_pool),
+        Body(global_lp_pool),
+        "(sum over the spatial axes of |X|^p)^(1/p)",
+    ),
 ];
 
 /// Shape (and value) inference of this family's operators.
@@ -222,6 +236,83 @@ pub fn rms_norm(c: &mut Ctx) -> Result<Vec<String>> {
     let n = c.op("Div", &[&x, &rms]);
     let scale = c.input(1).to_string();
     Ok(vec![c.op("Mul", &[&n, &scale])])
+}
+
+/// `p`: an int from opset 11 on, a float before (LpPool-2, GlobalLpPool-2).
+fn lp_order(c: &Ctx) -> f64 {
+    match dagr_onnx::attr::attr(c.node, "p") {
+        Some(a) if a.type_.value() == dagr_onnx::proto::attribute_proto::AttributeType::FLOAT as i32 => a.f as f64,
+        Some(a) => a.i as f64,
+        None => 2.0,
+    }
+}
+
+/// |x|^p (x x for p = 2, keeping the sign's kink out of the gradient).
+fn abs_pow(c: &mut Ctx, x: &str, p: f64) -> String {
+    if p == 2.0 {
+        return c.op("Mul", &[x, x]);
+    }
+    let a = c.op("Abs", &[x]);
+    if p == 1.0 {
+        return a;
+    }
+    let e = c.scalar(p);
+    c.op("Pow", &[&a, &e])
+}
+
+/// s^(1/p).
+fn root(c: &mut Ctx, s: &str, p: f64) -> String {
+    match p {
+        1.0 => s.to_string(),
+        2.0 => c.op("Sqrt", &[s]),
+        _ => {
+            let e = c.scalar(1.0 / p);
+            c.op("Pow", &[s, &e])
+        }
+    }
+}
+
+/// LpPool: (sum over each window of |X|^p)^(1/p); the window sums are an AveragePool that
+/// counts the padding (zeros, adding nothing) times the window's size, with the node's kernel,
+/// strides, pads, auto_pad, ceil_mode and dilations.
+pub fn lp_pool(c: &mut Ctx) -> Result<Vec<String>> {
+    let x = c.input(0).to_string();
+    let p = lp_order(c);
+    let kernel = c
+        .attr_ints("kernel_shape")
+        .ok_or_else(|| c.err("kernel_shape is missing"))?;
+    let dilated = c.attr_ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1));
+    if dilated && c.b.opset < 19 {
+        return Err(c.err("its gradient sums dilated windows with AveragePool, which has dilations from opset 19 on"));
+    }
+    let mut attrs = vec![attr_ints("kernel_shape", &kernel), attr_int("count_include_pad", 1)];
+    for name in ["strides", "pads", "dilations"] {
+        if let Some(v) = c.attr_ints(name) {
+            attrs.push(attr_ints(name, &v));
+        }
+    }
+    if let Some(v) = c.attr_s("auto_pad") {
+        attrs.push(dagr_onnx::builder::attr_string("auto_pad", &v));
+    }
+    if let Some(v) = dagr_onnx::attr::attr_i(c.node, "ceil_mode") {
+        attrs.push(attr_int("ceil_mode", v));
+    }
+    let powered = abs_pow(c, &x, p);
+    let mean = c.op_a("AveragePool", &[&powered], attrs);
+    let size = c.scalar(kernel.iter().product::<i64>() as f64);
+    let sum = c.op("Mul", &[&mean, &size]);
+    Ok(vec![root(c, &sum, p)])
+}
+
+/// GlobalLpPool: (sum over the spatial axes of |X|^p)^(1/p).
+pub fn global_lp_pool(c: &mut Ctx) -> Result<Vec<String>> {
+    let x = c.input(0).to_string();
+    let rank = c.rank(&x)?;
+    let p = lp_order(c);
+    let powered = abs_pow(c, &x, p);
+    let axes: Vec<i64> = (2..rank as i64).collect();
+    let sum = c.reduce_sum(&powered, &axes, true);
+    Ok(vec![root(c, &sum, p)])
 }
 
 /// LRN across channels: X / (bias + alpha / size * window sum of X^2)^beta, the window
@@ -496,8 +587,32 @@ pub fn rotary_embedding(c: &mut Ctx) -> Result<Vec<String>> {
 /// Finite-difference cases of this module's ops (see `crate::cases`).
 pub fn cases() -> Vec<crate::cases::Case> {
     use crate::cases::*;
-    use dagr_onnx::builder::{attr_float, attr_int};
+    use dagr_onnx::builder::{attr_float, attr_int, attr_ints};
     vec![
+        // LpPool and GlobalLpPool: tract 0.23 runs neither.
+        case("lp_pool_p2_pads", "LpPool", vec![x(&[2, 3, 5, 4])])
+            .attrs(vec![
+                attr_ints("kernel_shape", &[2, 3]),
+                attr_ints("strides", &[1, 2]),
+                attr_ints("pads", &[1, 0, 0, 1]),
+            ])
+            .only(ORT_ONLY),
+        case("lp_pool_p1_1d", "LpPool", vec![x(&[2, 2, 6])])
+            .attrs(vec![attr_ints("kernel_shape", &[3]), attr_int("p", 1)])
+            .only(ORT_ONLY),
+        case("lp_pool_p3_dilated", "LpPool", vec![x(&[1, 2, 6, 5])])
+            .attrs(vec![
+                attr_ints("kernel_shape", &[2, 2]),
+                attr_ints("dilations", &[2, 1]),
+                attr_ints("strides", &[2, 2]),
+                attr_int("p", 3),
+            ])
+            .opset(19)
+            .only(ORT_ONLY),
+        case("global_lp_pool", "GlobalLpPool", vec![x(&[2, 3, 4, 2])]).only(ORT_ONLY),
+        case("global_lp_pool_p1", "GlobalLpPool", vec![x(&[2, 3, 5])])
+            .attrs(vec![attr_int("p", 1)])
+            .only(ORT_ONLY),
         case(
             "group_norm_18",
             "GroupNormalization",

@@ -2,7 +2,7 @@
 
 use super::{g0_owned, Out};
 use crate::ctx::{norm_axis, Ctx};
-use crate::Kind::{NoRule, Vjp};
+use crate::Kind::Vjp;
 use crate::{op, Op};
 use dagr_onnx::builder::{attr_int, attr_ints};
 use dagr_onnx::error::Result;
@@ -80,20 +80,6 @@ pub(crate) static OPS: &[Op] = &[
         Some(shapes::layer_norm),
         Vjp(layer_norm),
         "dX = r (ĝ - mean ĝ - x̂ mean(ĝ x̂)), ĝ = g scale",
-    ),
-    op(
-        "GlobalLpPool",
-        1,
-        Some(shapes::global_pool),
-        NoRule,
-        "no gradient rule: differentiating through it is refused",
-    ),
-    op(
-        "LpPool",
-        1,
-        Some(shapes::pool),
-        NoRule,
-        "no gradient rule: differentiating through it is refused",
     ),
 ];
 
