@@ -286,16 +286,36 @@ pub fn lp_pool(c: &mut Ctx) -> Result<Vec<String>> {
         return Err(c.err("its gradient sums dilated windows with AveragePool, which has dilations from opset 19 on"));
     }
     let mut attrs = vec![attr_ints("kernel_shape", &kernel), attr_int("count_include_pad", 1)];
-    for name in ["strides", "pads", "dilations"] {
+    for name in ["strides", "dilations"] {
         if let Some(v) = c.attr_ints(name) {
             attrs.push(attr_ints(name, &v));
         }
     }
-    if let Some(v) = c.attr_s("auto_pad") {
+    let sp = kernel.len();
+    let mut pads = c.attr_ints("pads").unwrap_or_else(|| vec![0; 2 * sp]);
+    if let Some(v) = c.attr_s("auto_pad").filter(|v| v != "NOTSET") {
         attrs.push(dagr_onnx::builder::attr_string("auto_pad", &v));
     }
-    if let Some(v) = dagr_onnx::attr::attr_i(c.node, "ceil_mode") {
-        attrs.push(attr_int("ceil_mode", v));
+    if c.attr_i("ceil_mode", 0) != 0 {
+        // The windows' overflow past the padded input adds nothing to their sums, but an
+        // AveragePool would not count it: it is made explicit end padding (counted, zeros).
+        let y = c.output(0).to_string();
+        let known = |s: Vec<dagr_onnx::Dim>| s[2..].iter().map(|d| d.known()).collect::<Option<Vec<i64>>>();
+        let (Some(input), Some(out)) = (known(c.shape(&x)?), known(c.shape(&y)?)) else {
+            return Err(c.err("its gradient with ceil_mode=1 needs the spatial sizes known"));
+        };
+        if c.attr_s("auto_pad").is_some_and(|v| v != "NOTSET") {
+            return Err(c.err("its gradient with ceil_mode=1 needs explicit pads"));
+        }
+        let strides = c.attr_ints("strides").unwrap_or_else(|| vec![1; sp]);
+        let dil = c.attr_ints("dilations").unwrap_or_else(|| vec![1; sp]);
+        for i in 0..sp {
+            let span = (out[i] - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1;
+            pads[sp + i] += (span - (input[i] + pads[i] + pads[sp + i])).max(0);
+        }
+    }
+    if c.attr_s("auto_pad").is_none_or(|v| v == "NOTSET") {
+        attrs.push(attr_ints("pads", &pads));
     }
     let powered = abs_pow(c, &x, p);
     let mean = c.op_a("AveragePool", &[&powered], attrs);
@@ -608,6 +628,15 @@ pub fn cases() -> Vec<crate::cases::Case> {
                 attr_int("p", 3),
             ])
             .opset(19)
+            .only(ORT_ONLY),
+        case("lp_pool_ceil", "LpPool", vec![x(&[1, 2, 5, 5])])
+            .attrs(vec![
+                attr_ints("kernel_shape", &[2, 2]),
+                attr_ints("strides", &[2, 2]),
+                attr_int("ceil_mode", 1),
+            ])
+            .opset(18)
+            .symbolic(&[0])
             .only(ORT_ONLY),
         case("global_lp_pool", "GlobalLpPool", vec![x(&[2, 3, 4, 2])]).only(ORT_ONLY),
         case("global_lp_pool_p1", "GlobalLpPool", vec![x(&[2, 3, 5])])

@@ -893,14 +893,34 @@ pub fn max_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
 /// ones kernel (one group per channel). Divisors exclude padding unless count_include_pad.
 pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     let Some(g) = g0_owned(g) else { return Ok(vec![None]) };
-    if c.attr_i("ceil_mode", 0) != 0 {
-        return Err(c.err("ceil_mode=1 is not supported"));
-    }
     let x = c.input(0).to_string();
     let kernel = c
         .attr_ints("kernel_shape")
         .ok_or_else(|| c.err("kernel_shape is missing"))?;
-    let geo = conv_geom(c, kernel.clone())?;
+    let mut geo = conv_geom(c, kernel.clone())?;
+    let sp = geo.sp;
+    let include = c.attr_i("count_include_pad", 0) == 1;
+    // ceil_mode: the last windows run past the padded input; that overflow is taken as more
+    // end padding that no divisor counts (static sizes: the output's decides it).
+    let mut overflow = vec![0; sp];
+    if c.attr_i("ceil_mode", 0) != 0 {
+        let y = c.output(0).to_string();
+        let out: Option<Vec<i64>> = c.shape(&y)?[2..].iter().map(|d| d.known()).collect();
+        let (Some(out), Some(input)) = (out, geo.input.iter().copied().collect::<Option<Vec<i64>>>()) else {
+            return Err(c.err("its gradient with ceil_mode=1 needs the spatial sizes known"));
+        };
+        for i in 0..sp {
+            let span = (out[i] - 1) * geo.strides[i] + geo.dil[i] * (geo.kernel[i] - 1) + 1;
+            overflow[i] = (span - (input[i] + geo.pads[i] + geo.pads[sp + i])).max(0);
+        }
+        if include && geo.dil.iter().any(|&d| d != 1) && overflow.iter().any(|&e| e > 0) {
+            return Err(c.err("ceil_mode=1 with count_include_pad=1 and dilations is not supported"));
+        }
+    }
+    let explicit = geo.pads.clone();
+    for i in 0..sp {
+        geo.pads[sp + i] += overflow[i];
+    }
     // SAME pads that depend on a symbolic size are decided at run time (`run_time_pads`).
     let same_at_run_time = geo.same_at_run_time.iter().any(|&d| d);
     let channels = match c.shape(&x)?[1] {
@@ -908,9 +928,31 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
         _ => return Err(c.err("its channel dim must be static")),
     };
     let padded = geo.pads.iter().any(|&p| p != 0) || same_at_run_time;
-    let include = c.attr_i("count_include_pad", 0) == 1;
     let ksize: i64 = kernel.iter().product();
-    let scaled = if padded && !include {
+    let scaled = if include && overflow.iter().any(|&e| e > 0) {
+        // divisor = the window within the explicitly padded input (the pads count, the
+        // overflow does not): ones of the padded size, summed over each window.
+        let size: Vec<i64> = (0..sp)
+            .map(|i| geo.input[i].unwrap_or(0) + explicit[i] + explicit[sp + i])
+            .collect();
+        let mut shape = vec![1, 1];
+        shape.extend(&size);
+        let ones = c.ones(&shape);
+        let mut kshape = vec![1, 1];
+        kshape.extend(&kernel);
+        let kones = c.ones(&kshape);
+        let pads = [vec![0; sp], overflow.clone()].concat();
+        let counts = c.op_a(
+            "Conv",
+            &[&ones, &kones],
+            vec![
+                attr_ints("strides", &geo.strides),
+                attr_ints("pads", &pads),
+                attr_ints("dilations", &geo.dil),
+            ],
+        );
+        c.op("Div", &[&g, &counts])
+    } else if padded && !include {
         // divisor per output position = number of real (unpadded) input elements in its window:
         // ones of the input's size, padded with zeros (the attribute's pads in the Conv, the
         // run-time SAME pads by a Pad), summed over each window.
@@ -1275,6 +1317,24 @@ pub fn cases() -> Vec<crate::cases::Case> {
             attr_ints("dilations", &[2, 1]),
             attr_ints("pads", &[0, 1, 1, 0]),
         ]),
+        // ceil_mode: timm's ResNet-D shortcut (2x2, stride 2, padding not counted) on an odd
+        // size, and pads counted with the overflow not.
+        case("avgpool_ceil_odd", "AveragePool", vec![x(&[2, 2, 5, 7])])
+            .attrs(vec![
+                attr_ints("kernel_shape", &[2, 2]),
+                attr_ints("strides", &[2, 2]),
+                attr_int("ceil_mode", 1),
+            ])
+            .symbolic(&[0]),
+        case("avgpool_ceil_pads_counted", "AveragePool", vec![x(&[1, 2, 6, 5])])
+            .attrs(vec![
+                attr_ints("kernel_shape", &[3, 3]),
+                attr_ints("strides", &[2, 2]),
+                attr_ints("pads", &[1, 1, 1, 1]),
+                attr_int("count_include_pad", 1),
+                attr_int("ceil_mode", 1),
+            ])
+            .symbolic(&[0]),
         case("maxpool", "MaxPool", vec![x(&[2, 2, 6, 6])])
             .attrs(vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])])
             .gen(Distinct),
