@@ -918,8 +918,8 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
         }
     }
     let explicit = geo.pads.clone();
-    for i in 0..sp {
-        geo.pads[sp + i] += overflow[i];
+    for (end, e) in geo.pads[sp..].iter_mut().zip(&overflow) {
+        *end += e;
     }
     // SAME pads that depend on a symbolic size are decided at run time (`run_time_pads`).
     let same_at_run_time = geo.same_at_run_time.iter().any(|&d| d);
