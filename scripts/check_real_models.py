@@ -68,10 +68,47 @@ def torchvision_models():
     }
 
 
+class RecurrentAudio(torch.nn.Module):
+    """torch.nn's recurrent layers as an audio encoder over [B, T, F] features: a two-layer
+    bidirectional LSTM (batch first) averaged over time, or a GRU run time-major whose final
+    hidden state is the output (the exporters' Y_h)."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+        if cell == "lstm":
+            self.rnn = torch.nn.LSTM(16, 24, num_layers=2, bidirectional=True, batch_first=True)
+            self.out = torch.nn.Linear(48, 32)
+        else:
+            self.rnn = torch.nn.GRU(16, 24, num_layers=2)
+            self.out = torch.nn.Linear(24, 32)
+
+    def forward(self, x):
+        if self.cell == "lstm":
+            h, _ = self.rnn(x)
+            return self.out(h.mean(1))
+        _, hn = self.rnn(x.transpose(0, 1))
+        return self.out(hn[-1])
+
+
+def torch_recurrent_models():
+    audio = ("audio", (16, 16))
+    return {
+        "torch_lstm": (lambda: RecurrentAudio("lstm"), audio),
+        "torch_gru": (lambda: RecurrentAudio("gru"), audio),
+    }
+
+
 def hf_models():
     import transformers as tf
 
     text, image, audio = ("text", (TOKENS,)), ("hf_image", (3, 32, 32)), ("audio", (16, 16))
+    wave = ("wave", (400,))
+    # wav2vec2-style: a strided conv feature extractor (GroupNorm), a grouped positional conv
+    # under weight norm, a transformer
+    w2v = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+               num_conv_pos_embedding_groups=2)
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     return {
         "hf_bert": (lambda: tf.BertModel(tf.BertConfig(vocab_size=VOCAB, **small)), text),
@@ -98,6 +135,14 @@ def hf_models():
             d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
             encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=8, vocab_size=VOCAB,
             pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)).encoder, audio),
+        # CLIP's towers, pooled as CLIP pools them (text: each sequence's end-of-text token)
+        "hf_clip_text": (lambda: tf.CLIPTextModel(tf.CLIPTextConfig(
+            vocab_size=VOCAB, max_position_embeddings=16, **small)), ("text_pooled", (TOKENS,))),
+        "hf_clip_vision": (lambda: tf.CLIPVisionModel(tf.CLIPVisionConfig(
+            image_size=32, patch_size=8, **small)), ("hf_image_pooled", (3, 32, 32))),
+        "hf_wav2vec2": (lambda: tf.Wav2Vec2Model(tf.Wav2Vec2Config(feat_extract_norm="group", **w2v)), wave),
+        "hf_hubert": (lambda: tf.HubertModel(tf.HubertConfig(feat_extract_norm="layer", conv_bias=True,
+                                                             do_stable_layer_norm=True, **w2v)), wave),
     }
 
 
@@ -120,10 +165,18 @@ class Tower(torch.nn.Module):
     def forward(self, x):
         if self.proj is None:
             return self.m(x)
-        key = {"text": "input_ids", "hf_image": "pixel_values", "audio": "input_features"}[self.kind]
+        kind = self.kind.removesuffix("_pooled")
+        key = {"text": "input_ids", "hf_image": "pixel_values", "audio": "input_features", "wave": "input_values"}[kind]
         out = self.m(**{key: x})
         hs = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        hs = hs.mean((2, 3)) if hs.dim() == 4 else hs[:, 0]
+        if self.kind.endswith("_pooled"):
+            hs = out.pooler_output
+        elif hs.dim() == 4:
+            hs = hs.mean((2, 3))
+        elif kind == "wave":
+            hs = hs.mean(1)
+        else:
+            hs = hs[:, 0]
         return self.proj(hs)
 
 
@@ -145,7 +198,7 @@ def build(make, kind, shape):
     torch.manual_seed(0)
     model = distinct_weights(Pair(make, kind)).eval()
     g = torch.Generator().manual_seed(5)
-    if kind == "text":
+    if kind.startswith("text"):
         inputs = [torch.randint(0, VOCAB, (B, *shape), generator=g) for _ in range(2)]
     else:
         inputs = [torch.randn(B, *shape, generator=g) for _ in range(2)]
@@ -186,9 +239,11 @@ def check(name, make, kind, shape, args, tmp):
     ref = {f"{n}_grad": p.grad.numpy() for n, p in m64.named_parameters() if p.grad is not None}
     worst, worst_name, compared = R.against_reference(ours, ref)
     tract = R.tract_against_ort(train, feed, ours, tmp, name)
+    flow = R.verify_and_train(src, train, feed, B, tmp)
     return (f"{nodes} nodes, {len(ours)} gradients, {compared} against float64 autograd: worst "
-            f"{worst:.1e} ({worst_name}{R.graph_in_float64(train, feed, ours, ref, worst, worst_name)}); {tract}")
+            f"{worst:.1e} ({worst_name}{R.graph_in_float64(train, feed, ours, ref, worst, worst_name)}); {tract}; "
+            f"{flow}")
 
 
 if __name__ == "__main__":
-    R.sweep({**torchvision_models(), **hf_models()}, check, exporters=["legacy", "dynamo"])
+    R.sweep({**torchvision_models(), **torch_recurrent_models(), **hf_models()}, check, exporters=["legacy", "dynamo"])

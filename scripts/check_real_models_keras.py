@@ -182,7 +182,8 @@ def check(name, make, kind, shape, args, tmp):
     forward, note = R.forward_difference(src, inputs, logits64)
     weights = {i: v for i, v in enumerate(values) if i in grads}
     line = R.compare_with_framework(src, train, feed, ours, weights, grads, tmp, name, "GradientTape")
-    return f"export's logits vs Keras float64 {forward:.1e}{note}; {nodes} nodes, {line}"
+    flow = R.verify_and_train(src, train, feed, B, tmp)
+    return f"export's logits vs Keras float64 {forward:.1e}{note}; {nodes} nodes, {line}; {flow}"
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ def check(name, make, kind, shape, args, tmp):
     forward, note = R.forward_difference(src, inputs, logits64)
     weights = {k: values[k] for k in grads}
     line = R.compare_with_framework(src, train, feed, ours, weights, grads, tmp, name, "Paddle autograd")
-    return f"export's logits vs Paddle float64 {forward:.1e}{note}; {nodes} nodes, {line}"
+    flow = R.verify_and_train(src, train, feed, B, tmp)
+    return f"export's logits vs Paddle float64 {forward:.1e}{note}; {nodes} nodes, {line}; {flow}"
 
 
 if __name__ == "__main__":
