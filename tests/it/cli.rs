@@ -595,13 +595,17 @@ fn verify_passes_honest_training_graphs_and_fails_mutated_ones() {
     let rec = dagr_inject::train::record_of(&m).unwrap();
     assert!(rec.params.len() > dagr_inject::verify::MAX_PARAM_CHECKS);
     let feed = dagr_inject::verify::random_inputs(&m, 4, 0).unwrap();
-    let honest = dagr_inject::verify::param_finite_differences(
-        &bert,
-        &feed,
-        dagr_inject::runtime::Backend::Ort,
-        dagr_inject::verify::PARAM_FD_DIRECTIONS,
-    )
-    .unwrap();
+    // verify's parameter check as the command line runs it
+    let fd = |p: &std::path::Path| {
+        dagr_inject::verify::param_finite_differences(
+            p,
+            &feed,
+            dagr_inject::runtime::Backend::Ort,
+            dagr_inject::verify::PARAM_FD_DIRECTIONS,
+        )
+        .unwrap()
+    };
+    let honest = fd(&bert);
     assert_eq!(honest.len(), dagr_inject::verify::MAX_PARAM_CHECKS);
     let covered: usize = honest.iter().map(|c| c.covers.len().max(1)).sum();
     assert_eq!(covered, rec.params.len(), "every tensor in one check");
@@ -627,13 +631,7 @@ fn verify_passes_honest_training_graphs_and_fails_mutated_ones() {
         g.node.push(mul);
         let p = dir.path().join("mutated.onnx");
         onnx::save(&w, &p).unwrap();
-        let checks = dagr_inject::verify::param_finite_differences(
-            &p,
-            &feed,
-            dagr_inject::runtime::Backend::Ort,
-            dagr_inject::verify::PARAM_FD_DIRECTIONS,
-        )
-        .unwrap();
+        let checks = fd(&p);
         for (c, h) in checks.iter().zip(&honest) {
             let covers = c.covers.iter().any(|t| t == param) || c.output == grad;
             assert!(h.pass, "honest {}: rel {:.3e}", h.output, h.rel);
