@@ -1256,16 +1256,6 @@ impl Trainer {
         let g = m.graph_mut();
         let outputs: std::collections::HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
         let consumed: std::collections::HashSet<String> = g.node.iter().flat_map(|n| n.input.clone()).collect();
-        // An initializer nothing reads (exporters leave some: jax2onnx a kernel's layout before
-        // its transpose) is not exported: it is dead weight, and ONNX Runtime warns of each.
-        let read: std::collections::HashSet<String> = g
-            .node
-            .iter()
-            .flat_map(dagr_onnx::index::node_reads)
-            .chain(g.input.iter().map(|i| i.name.clone()))
-            .chain(outputs.iter().cloned())
-            .collect();
-        g.initializer.retain(|t| read.contains(&t.name));
         for n in g.node.iter_mut() {
             if dagr_onnx::ops::is_training_batchnorm(n)
                 && n.output
@@ -1288,6 +1278,17 @@ impl Trainer {
                 }
             }
         }
+        // An initializer nothing reads now (exporters leave some: jax2onnx a kernel's layout
+        // beside its transpose; a Dropout's training_mode dropped above) is not exported: it is
+        // dead weight, and ONNX Runtime warns of each.
+        let read: std::collections::HashSet<String> = g
+            .node
+            .iter()
+            .flat_map(dagr_onnx::index::node_reads)
+            .chain(g.input.iter().map(|i| i.name.clone()))
+            .chain(outputs)
+            .collect();
+        g.initializer.retain(|t| read.contains(&t.name));
         Ok(m)
     }
 }
