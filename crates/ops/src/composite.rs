@@ -299,19 +299,12 @@ pub fn lp_pool(c: &mut Ctx) -> Result<Vec<String>> {
     if c.attr_i("ceil_mode", 0) != 0 {
         // The windows' overflow past the padded input adds nothing to their sums, but an
         // AveragePool would not count it: it is made explicit end padding (counted, zeros).
-        let y = c.output(0).to_string();
-        let known = |s: Vec<dagr_onnx::Dim>| s[2..].iter().map(|d| d.known()).collect::<Option<Vec<i64>>>();
-        let (Some(input), Some(out)) = (known(c.shape(&x)?), known(c.shape(&y)?)) else {
-            return Err(c.err("its gradient with ceil_mode=1 needs the spatial sizes known"));
-        };
         if c.attr_s("auto_pad").is_some_and(|v| v != "NOTSET") {
             return Err(c.err("its gradient with ceil_mode=1 needs explicit pads"));
         }
-        let strides = c.attr_ints("strides").unwrap_or_else(|| vec![1; sp]);
-        let dil = c.attr_ints("dilations").unwrap_or_else(|| vec![1; sp]);
-        for i in 0..sp {
-            let span = (out[i] - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1;
-            pads[sp + i] += (span - (input[i] + pads[i] + pads[sp + i])).max(0);
+        let overflow = crate::nn::conv_geom(c, kernel.clone())?.ceil_overflow(c)?;
+        for (end, e) in pads[sp..].iter_mut().zip(overflow) {
+            *end += e;
         }
     }
     if c.attr_s("auto_pad").is_none_or(|v| v == "NOTSET") {

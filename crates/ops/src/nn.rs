@@ -282,7 +282,7 @@ fn softmax_axes(c: &Ctx) -> Result<Vec<i64>> {
     }
 }
 
-struct ConvGeom {
+pub(crate) struct ConvGeom {
     sp: usize,
     strides: Vec<i64>,
     dil: Vec<i64>,
@@ -297,7 +297,7 @@ struct ConvGeom {
     same_upper: bool,
 }
 
-fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
+pub(crate) fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
     let x = c.input(0);
     let xs = c.shape(x)?;
     let sp = xs.len() - 2;
@@ -349,6 +349,25 @@ fn conv_geom(c: &Ctx, kernel: Vec<i64>) -> Result<ConvGeom> {
 }
 
 impl ConvGeom {
+    /// ceil_mode=1: per spatial axis, how far the last window runs past the padded input (the
+    /// output's size decides it, so both sizes must be static); zeros without ceil_mode.
+    pub(crate) fn ceil_overflow(&self, c: &Ctx) -> Result<Vec<i64>> {
+        if c.attr_i("ceil_mode", 0) == 0 {
+            return Ok(vec![0; self.sp]);
+        }
+        let out: Option<Vec<i64>> = c.shape(c.output(0))?[2..].iter().map(|d| d.known()).collect();
+        let (Some(out), Some(input)) = (out, self.input.iter().copied().collect::<Option<Vec<i64>>>()) else {
+            return Err(c.err("its gradient with ceil_mode=1 needs the spatial sizes known"));
+        };
+        let sp = self.sp;
+        Ok((0..sp)
+            .map(|i| {
+                let span = (out[i] - 1) * self.strides[i] + self.dil[i] * (self.kernel[i] - 1) + 1;
+                (span - (input[i] + self.pads[i] + self.pads[sp + i])).max(0)
+            })
+            .collect())
+    }
+
     /// output_padding making ConvTranspose return exactly the input size (< stride); for a
     /// symbolic dim, the largest (stride - 1), and the result is cropped (`crop`).
     fn output_padding(&self) -> Vec<i64> {
@@ -902,20 +921,9 @@ pub fn average_pool(c: &mut Ctx, g: &[Option<String>], _: &[bool]) -> Out {
     let include = c.attr_i("count_include_pad", 0) == 1;
     // ceil_mode: the last windows run past the padded input; that overflow is taken as more
     // end padding that no divisor counts (static sizes: the output's decides it).
-    let mut overflow = vec![0; sp];
-    if c.attr_i("ceil_mode", 0) != 0 {
-        let y = c.output(0).to_string();
-        let out: Option<Vec<i64>> = c.shape(&y)?[2..].iter().map(|d| d.known()).collect();
-        let (Some(out), Some(input)) = (out, geo.input.iter().copied().collect::<Option<Vec<i64>>>()) else {
-            return Err(c.err("its gradient with ceil_mode=1 needs the spatial sizes known"));
-        };
-        for i in 0..sp {
-            let span = (out[i] - 1) * geo.strides[i] + geo.dil[i] * (geo.kernel[i] - 1) + 1;
-            overflow[i] = (span - (input[i] + geo.pads[i] + geo.pads[sp + i])).max(0);
-        }
-        if include && geo.dil.iter().any(|&d| d != 1) && overflow.iter().any(|&e| e > 0) {
-            return Err(c.err("ceil_mode=1 with count_include_pad=1 and dilations is not supported"));
-        }
+    let overflow = geo.ceil_overflow(c)?;
+    if include && geo.dil.iter().any(|&d| d != 1) && overflow.iter().any(|&e| e > 0) {
+        return Err(c.err("ceil_mode=1 with count_include_pad=1 and dilations is not supported"));
     }
     let explicit = geo.pads.clone();
     for (end, e) in geo.pads[sp..].iter_mut().zip(&overflow) {
