@@ -550,6 +550,67 @@ fn every_lowering_computes_its_op() {
     assert_no_failures(&failures);
 }
 
+/// Every portable form (`Op::portable_form`: the op in other standard ops, which tract's backend
+/// runs in place of the ops it lacks; a `Body` entry's body) computes what its op computes: each
+/// case of such an op, its nodes rewritten (`expand_bodies`), gives the same loss and gradients
+/// as the op itself on ONNX Runtime (which runs both); the loss ops must be among them.
+#[test]
+fn every_portable_form_computes_its_op() {
+    require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rewritten, mut failures) = (HashSet::new(), Vec::new());
+    for (ci, c) in cases().iter().enumerate() {
+        if ops::lookup("", c.op).and_then(|o| o.portable_form()).is_none() {
+            continue;
+        }
+        let (model, wrt) = build(c);
+        let mut form = model.clone();
+        let idx = dagr_inject::ops::index(&form).unwrap();
+        if ops::expand_bodies(&mut form, &idx, |op| op == c.op).unwrap() == 0 {
+            failures.push(format!("{}: not rewritten", c.name));
+            continue;
+        }
+        rewritten.insert(c.op);
+        if form.graph().node.iter().any(|n| n.op_type == c.op) {
+            failures.push(format!("{}: a {} is left", c.name, c.op));
+        }
+        let outs: Vec<String> = std::iter::once("loss".to_string())
+            .chain(wrt.iter().map(|w| format!("{w}_grad")))
+            .collect();
+        let (p, fp) = (
+            dir.path().join(format!("{}.onnx", c.name)),
+            dir.path().join(format!("{}.form.onnx", c.name)),
+        );
+        onnx::save(&model, &p).unwrap();
+        onnx::save(&form, &fp).unwrap();
+        let feed = feed_for(c, ci);
+        let want = dagr_inject::runtime::run(Backend::Ort, &p, &feed, &outs).unwrap();
+        let got = match dagr_inject::runtime::run(Backend::Ort, &fp, &feed, &outs) {
+            Ok(v) => v,
+            Err(e) => {
+                failures.push(format!("{} as its portable form: {e}", c.name));
+                continue;
+            }
+        };
+        for o in &outs {
+            let (w, g) = (f32_of(&want, o), f32_of(&got, o));
+            let scale = w.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
+            if w.shape() != g.shape() || w.iter().zip(g.iter()).any(|(a, b)| (a - b).abs() > 1e-5 * scale) {
+                failures.push(format!("{} as its portable form: {o} differs", c.name));
+            }
+        }
+    }
+    for op in [
+        "SoftmaxCrossEntropyLoss",
+        "NegativeLogLikelihoodLoss",
+        "LpPool",
+        "Attention",
+    ] {
+        assert!(rewritten.contains(op), "no case of {op} exercises its portable form");
+    }
+    assert_no_failures(&failures);
+}
+
 /// A float16 segment (cast in, cast out, as mixed-precision exports write it): the gradient
 /// graph is well typed (every constant a rule makes takes the op's float type; onnx.checker and
 /// ONNX Runtime check the gradients' declared float16 outputs against their own inference) and

@@ -398,8 +398,9 @@ fn control_flow_exports_match_pytorch_autograd() {
 /// ignore_index -100 (a label ignored), and `F.nll_loss(F.log_softmax(..))` with class weights
 /// and an ignored class the labels use (legacy: SoftmaxCrossEntropyLoss with weights, dynamo:
 /// NegativeLogLikelihoodLoss). `--loss loss --train` builds on every export; every parameter's
-/// gradient of loss + DAGR equals PyTorch autograd in float64, `verify --original` passes and
-/// 3 steps of `train` run.
+/// gradient of loss + DAGR equals PyTorch autograd in float64 on both backends (tract runs the
+/// loss ops as their portable forms), `verify --original` passes, and 3 steps of `train` reach
+/// the same loss on both backends.
 #[test]
 fn a_models_own_cross_entropy_trains_as_pytorch_computes_it() {
     require_ort();
@@ -426,28 +427,51 @@ fn a_models_own_cross_entropy_trains_as_pytorch_computes_it() {
             let m = onnx::load(&train).unwrap();
             let rec = dagr_inject::train::record_of(&m).unwrap();
             let outs: Vec<String> = rec.params.iter().map(|p| p.1.clone()).collect();
-            let out = run(dagr_inject::runtime::Backend::Ort, &train, &feed, &outs);
-            let mut seen = 0;
-            for (p, g) in &rec.params {
-                let want = &reference[&format!("grad/{p}")];
-                let e = rel_err(&f32_of(&out, g), want, 1e-6);
-                assert!(
-                    e <= 1e-4,
-                    "{kind}.{exporter}: d loss / d {p} differs from PyTorch's by {e}"
-                );
-                seen += 1;
+            // tract runs the loss op as its portable form (`expand_bodies`).
+            for backend in [dagr_inject::runtime::Backend::Ort, dagr_inject::runtime::Backend::Tract] {
+                let out = run(backend, &train, &feed, &outs);
+                let mut seen = 0;
+                for (p, g) in &rec.params {
+                    let want = &reference[&format!("grad/{p}")];
+                    let e = rel_err(&f32_of(&out, g), want, 1e-6);
+                    assert!(
+                        e <= 1e-4,
+                        "{kind}.{exporter} on {}: d loss / d {p} differs from PyTorch's by {e}",
+                        backend.name()
+                    );
+                    seen += 1;
+                }
+                assert_eq!(seen, 10, "{kind}.{exporter}: every torch parameter trains");
+                compared += seen;
             }
-            assert_eq!(seen, 10, "{kind}.{exporter}: every torch parameter trains");
-            compared += seen;
             cli_verify(&train, &src);
-            let run_dir = dir.path().join(format!("{kind}.{exporter}.run"));
-            bin()
-                .args(["train", train.to_str().unwrap(), "--data", data.to_str().unwrap()])
-                .args(["--epochs", "3", "--batch-size", "6", "--backend", "ort"])
-                .args(["--original", src.to_str().unwrap(), "--out", run_dir.to_str().unwrap()])
-                .assert()
-                .success();
+            let mut last = Vec::new();
+            for backend in ["ort", "tract"] {
+                let run_dir = dir.path().join(format!("{kind}.{exporter}.{backend}.run"));
+                let out = bin()
+                    .args(["train", train.to_str().unwrap(), "--data", data.to_str().unwrap()])
+                    .args(["--epochs", "3", "--batch-size", "6", "--backend", backend])
+                    .args(["--original", src.to_str().unwrap(), "--out", run_dir.to_str().unwrap()])
+                    .assert()
+                    .success()
+                    .get_output()
+                    .clone();
+                let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+                let loss: f64 = text
+                    .rsplit("final loss ")
+                    .next()
+                    .and_then(|t| t.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{kind}.{exporter} on {backend}: no final loss in {text}"));
+                last.push(loss);
+            }
+            assert!(
+                (last[0] - last[1]).abs() <= 1e-4 * last[0].abs().max(1.0),
+                "{kind}.{exporter}: 3 epochs end at loss {} on ONNX Runtime and {} on tract",
+                last[0],
+                last[1]
+            );
         }
     }
-    assert_eq!(compared, 40);
+    assert_eq!(compared, 80);
 }

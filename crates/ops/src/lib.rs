@@ -14,6 +14,9 @@
 //! Lowerings: an entry may also carry a faster equivalent form of its op for training graphs
 //! (`Op::lower`, applied by `lower` after differentiation, so rules see the op itself and what a
 //! user exports keeps it): a convolution with few output positions becomes one matrix product.
+//! Portable forms: an entry whose op a runtime lacks may carry the op written in other standard
+//! ops (`Op::portable`; a `Body` entry's body serves too), which that runtime's backend runs in
+//! its place (`expand_bodies`; tract's runs the loss ops so).
 //!
 //! Versions: an entry covers the schema versions of its operator from `since` on (ONNX's own
 //! version history, `schemas.rs`, resolves a node's version from the model's opset). Where those
@@ -71,6 +74,10 @@ pub struct Op {
     /// A faster equivalent form for training graphs, where the runtimes run the op itself
     /// slowly (`lower`).
     pub lower: Option<ctx::Lower>,
+    /// The op written in other standard ops, for a runtime that lacks it (`expand_bodies`; an
+    /// entry of kind `Body` has its body for that already). It computes the op's outputs; the
+    /// gradient stays the entry's rule.
+    pub portable: Option<ctx::Body>,
 }
 
 /// An entry (a `const fn`, so that each family's table is a static).
@@ -88,6 +95,7 @@ pub(crate) const fn op(
         kind,
         formula,
         lower: None,
+        portable: None,
     }
 }
 
@@ -96,6 +104,19 @@ impl Op {
     pub(crate) const fn lowered(mut self, lower: ctx::Lower) -> Op {
         self.lower = Some(lower);
         self
+    }
+    /// The entry with a form in other standard ops (`portable`).
+    pub(crate) const fn portable(mut self, form: ctx::Body) -> Op {
+        self.portable = Some(form);
+        self
+    }
+    /// The op in other standard ops, where the entry has such a form: its `portable` one, else
+    /// its body (kind `Body`).
+    pub fn portable_form(&self) -> Option<ctx::Body> {
+        match self.kind {
+            Kind::Body(body) => Some(self.portable.unwrap_or(body)),
+            _ => self.portable,
+        }
     }
 }
 
@@ -206,23 +227,25 @@ pub fn lower(model: &mut Model, idx: &GraphIndex, positions: std::ops::Range<usi
     })
 }
 
-/// Rewrite every node of the model's main graph whose op `select` names and whose entry is
-/// differentiated through its body (`Kind::Body`: Attention, RotaryEmbedding, the
-/// normalizations ONNX defines as functions) into that body, in place: for a runtime that lacks
-/// the op (tract 0.23 parses Attention but cannot run it). Every tensor keeps its name. Returns
-/// how many nodes were rewritten.
+/// Rewrite every node of the model's main graph whose op `select` names and whose entry has a
+/// form in other standard ops (`Op::portable_form`: the body of an op differentiated through it,
+/// as Attention, RotaryEmbedding and the normalizations ONNX defines as functions; an entry's
+/// `portable` form, as the loss ops') into that form, in place: for a runtime that lacks the op
+/// (tract 0.23 parses Attention but cannot run it). Every tensor keeps its name. Returns how
+/// many nodes were rewritten.
 pub fn expand_bodies(model: &mut Model, idx: &GraphIndex, select: impl Fn(&str) -> bool) -> Result<usize> {
     let opset = model.opset();
     let all = 0..model.graph().node.len();
     rewrite(model, idx, all, "body/", |n| {
         let entry = lookup(&n.domain, &n.op_type).filter(|o| o.covers(opset) && select(&n.op_type))?;
-        matches!(entry.kind, Kind::Body(_)).then_some(as_body as ctx::Lower)
+        entry.portable_form().is_some().then_some(as_body as ctx::Lower)
     })
 }
 
-/// The node written as its entry's body, each output an Identity of what the body computes.
+/// The node written as its entry's portable form, each output an Identity of what the form
+/// computes.
 fn as_body(c: &mut ctx::Ctx) -> Result<bool> {
-    let Some(Kind::Body(body)) = lookup(&c.node.domain, &c.node.op_type).map(|o| o.kind) else {
+    let Some(body) = lookup(&c.node.domain, &c.node.op_type).and_then(|o| o.portable_form()) else {
         return Ok(false);
     };
     let outs = body(c)?;

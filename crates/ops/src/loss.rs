@@ -16,14 +16,16 @@ pub(crate) static OPS: &[Op] = &[
         Some(shapes::loss),
         Vjp(softmax_cross_entropy),
         "t = -onehot(y) w[y] g (as NLL) + g_logprob, dS = t - softmax(S) sum_c t",
-    ),
+    )
+    .portable(softmax_cross_entropy_form),
     op(
         "NegativeLogLikelihoodLoss",
         12,
         Some(shapes::loss),
         Vjp(negative_log_likelihood),
         "dX = -onehot(y) w[y] g (0 where y is ignored; mean: g / sum w[y])",
-    ),
+    )
+    .portable(negative_log_likelihood_form),
 ];
 
 /// Shape (and value) inference of this family's operators.
@@ -82,22 +84,23 @@ pub fn negative_log_likelihood(c: &mut Ctx, g: &[Option<String>], need: &[bool])
     Ok(v)
 }
 
-/// The gradient of a NegativeLogLikelihoodLoss-shaped loss (this node's inputs 1 and 2 the
-/// targets and class weights, its attributes `ignore_index` and `reduction`) with respect to
-/// its [N, C, d...] input `x`, for the loss gradient `g`.
-fn nll_input_grad(c: &mut Ctx, x: &str, g: &str) -> dagr_onnx::Result<String> {
-    let xs = c.shape(x)?;
-    if xs.len() < 2 {
-        return Err(c.err("its input must have a batch and a class axis"));
-    }
+/// What the targets of a NegativeLogLikelihoodLoss-shaped node (its inputs 1 and 2, the targets
+/// and class weights, and its attributes `ignore_index` and `reduction`) select.
+struct Targets {
+    /// The targets as int64, those `ignore_index` removes made 0 (a valid class to read).
+    target: String,
+    /// Each target's weight, [N, d...]: its class weight, 0 where ignored (None: 1 everywhere).
+    weight: Option<String>,
+    reduction: String,
+}
+
+fn targets(c: &mut Ctx) -> dagr_onnx::Result<Targets> {
     let labels = c.input(1).to_string();
     let labels = if c.dtype(&labels) != dtype::INT64 {
         c.cast(&labels, dtype::INT64)
     } else {
         labels
     };
-    // Which targets count: a mask (where ignore_index is set), the targets it removes made 0
-    // so that OneHot and the weights' Gather read a valid class.
     let ignore = dagr_onnx::attr::attr(c.node, "ignore_index").map(|a| a.i);
     let (target, mask) = match ignore {
         Some(i) => {
@@ -110,8 +113,7 @@ fn nll_input_grad(c: &mut Ctx, x: &str, g: &str) -> dagr_onnx::Result<String> {
         }
         None => (labels, None),
     };
-    // Each target's weight: its class weight, 0 where ignored (None: 1 everywhere).
-    let w = if c.has_input(2) {
+    let weight = if c.has_input(2) {
         let weights = c.input(2).to_string();
         let wt = c.op_a("Gather", &[&weights, &target], vec![attr_int("axis", 0)]);
         Some(match &mask {
@@ -121,31 +123,52 @@ fn nll_input_grad(c: &mut Ctx, x: &str, g: &str) -> dagr_onnx::Result<String> {
     } else {
         mask
     };
-    let red = c.attr_s("reduction").unwrap_or_else(|| "mean".into());
-    let scaled = match red.as_str() {
-        "none" | "sum" => g.to_string(),
-        "mean" => {
-            // The weighted mean: over the targets' summed weights (their count, unweighted).
-            let total = match &w {
-                Some(w) => {
-                    let h = c.hint();
-                    c.b.reduce("ReduceSum", w, None, false, &h)
-                }
-                None => {
-                    let n = c.op("Size", &[&target]);
-                    c.to_float(&n)
-                }
-            };
-            c.op("Div", &[g, &total])
-        }
-        other => return Err(c.err(format!("reduction '{other}' is not one the spec defines"))),
+    let reduction = c.attr_s("reduction").unwrap_or_else(|| "mean".into());
+    if !["none", "sum", "mean"].contains(&reduction.as_str()) {
+        return Err(c.err(format!("reduction '{reduction}' is not one the spec defines")));
+    }
+    Ok(Targets {
+        target,
+        weight,
+        reduction,
+    })
+}
+
+impl Targets {
+    /// `v` over what `mean` divides by: the targets' summed weights (their count, unweighted).
+    fn over_mean_divisor(&self, c: &mut Ctx, v: &str) -> String {
+        let total = match &self.weight {
+            Some(w) => {
+                let h = c.hint();
+                c.b.reduce("ReduceSum", w, None, false, &h)
+            }
+            None => {
+                let n = c.op("Size", &[&self.target]);
+                c.to_float(&n)
+            }
+        };
+        c.op("Div", &[v, &total])
+    }
+}
+
+/// The gradient of a NegativeLogLikelihoodLoss-shaped loss (this node's inputs 1 and 2, its
+/// attributes, `Targets`) with respect to its [N, C, d...] input `x`, for the loss gradient `g`.
+fn nll_input_grad(c: &mut Ctx, x: &str, g: &str) -> dagr_onnx::Result<String> {
+    let xs = c.shape(x)?;
+    if xs.len() < 2 {
+        return Err(c.err("its input must have a batch and a class axis"));
+    }
+    let t = targets(c)?;
+    let scaled = match t.reduction.as_str() {
+        "mean" => t.over_mean_divisor(c, g),
+        _ => g.to_string(),
     };
-    let wg = match &w {
+    let wg = match &t.weight {
         Some(w) => c.op("Mul", &[w, &scaled]),
         None => scaled,
     };
     // [N, d...] (or a scalar) against onehot [N, C, d...]: the class axis inserted.
-    let wg = if red == "none" || w.is_some() {
+    let wg = if t.reduction == "none" || t.weight.is_some() {
         c.unsqueeze(&wg, &[1])
     } else {
         wg
@@ -159,8 +182,64 @@ fn nll_input_grad(c: &mut Ctx, x: &str, g: &str) -> dagr_onnx::Result<String> {
         }
     };
     let values = c.floats(&[2], &[0.0, -1.0]);
-    let onehot = c.op_a("OneHot", &[&target, &depth, &values], vec![attr_int("axis", 1)]);
+    let onehot = c.op_a("OneHot", &[&t.target, &depth, &values], vec![attr_int("axis", 1)]);
     Ok(c.op("Mul", &[&onehot, &wg]))
+}
+
+/// The NegativeLogLikelihoodLoss of [N, C, d...] `x` (this node's targets, weights and
+/// attributes; `x` shaped as its input 0): -x[n, target, d...] weight[n, d...], reduced.
+fn nll_loss(c: &mut Ctx, x: &str) -> dagr_onnx::Result<String> {
+    if c.rank(c.input(0))? < 2 {
+        return Err(c.err("its input must have a batch and a class axis"));
+    }
+    let t = targets(c)?;
+    let at = c.unsqueeze(&t.target, &[1]);
+    let picked = c.op_a("GatherElements", &[x, &at], vec![attr_int("axis", 1)]);
+    let picked = c.reduce_sum(&picked, &[1], false);
+    let each = match &t.weight {
+        Some(w) => c.op("Mul", &[&picked, w]),
+        None => picked,
+    };
+    let each = c.op("Neg", &[&each]);
+    if t.reduction == "none" {
+        return Ok(each);
+    }
+    let h = c.hint();
+    let sum = c.b.reduce("ReduceSum", &each, None, false, &h);
+    Ok(match t.reduction.as_str() {
+        "mean" => t.over_mean_divisor(c, &sum),
+        _ => sum,
+    })
+}
+
+/// NegativeLogLikelihoodLoss in other standard ops (GatherElements, Gather, reductions), for a
+/// runtime without it.
+fn negative_log_likelihood_form(c: &mut Ctx) -> dagr_onnx::Result<Vec<String>> {
+    let x = c.input(0).to_string();
+    Ok(vec![nll_loss(c, &x)?])
+}
+
+/// SoftmaxCrossEntropyLoss in other standard ops: its NegativeLogLikelihoodLoss of
+/// log_softmax(scores) over axis 1, and that log_softmax (`log_prob`).
+fn softmax_cross_entropy_form(c: &mut Ctx) -> dagr_onnx::Result<Vec<String>> {
+    let scores = c.input(0).to_string();
+    let lp = log_softmax_axis1(c, &scores)?;
+    Ok(vec![nll_loss(c, &lp)?, lp])
+}
+
+/// LogSoftmax over axis 1 of [N, C, d...]: the op where it normalizes one axis (opset 13 on, or a
+/// matrix), else written out as `softmax_axis1` is.
+fn log_softmax_axis1(c: &mut Ctx, x: &str) -> dagr_onnx::Result<String> {
+    let rank = c.shape(x)?.len();
+    if c.b.opset >= 13 || rank == 2 {
+        return Ok(c.op_a("LogSoftmax", &[x], vec![attr_int("axis", 1)]));
+    }
+    let m = c.reduce("ReduceMax", x, &[1], true);
+    let d = c.op("Sub", &[x, &m]);
+    let e = c.op("Exp", &[&d]);
+    let s = c.reduce_sum(&e, &[1], true);
+    let l = c.op("Log", &[&s]);
+    Ok(c.op("Sub", &[&d, &l]))
 }
 
 /// Softmax over axis 1 of [N, C, d...]: the op itself where it normalizes one axis (opset 13 on,
@@ -250,5 +329,5 @@ pub fn cases() -> Vec<crate::cases::Case> {
         )
         .opset(12),
     ]);
-    out.into_iter().map(|c| c.only(ORT_ONLY)).collect()
+    out
 }

@@ -658,11 +658,20 @@ impl crate::Engine for Tract {
     }
 }
 
-/// The operators tract 0.23.9 parses but cannot run (its Attention stops at "Operator can not be
-/// made a TypedOp", in every jax2onnx transformer at its default opset 23), written as the
-/// primitives of their ONNX function bodies (`dagr_ops::expand_bodies`, the same bodies the
-/// gradients are built through).
-const NOT_IN_TRACT: &[&str] = &["Attention"];
+/// The operators tract 0.23.9 cannot run, written in other standard ops (their entries'
+/// portable forms, `dagr_ops::expand_bodies`): Attention, which it parses but stops at
+/// "Operator can not be made a TypedOp" (in every jax2onnx transformer at its default opset 23),
+/// as the primitives of its ONNX function body, the same body its gradient is built through;
+/// LpPool and GlobalLpPool likewise; SoftmaxCrossEntropyLoss and NegativeLogLikelihoodLoss
+/// (a PyTorch model exported with its own `F.cross_entropy`) as LogSoftmax, GatherElements and
+/// reductions.
+const NOT_IN_TRACT: &[&str] = &[
+    "Attention",
+    "LpPool",
+    "GlobalLpPool",
+    "SoftmaxCrossEntropyLoss",
+    "NegativeLogLikelihoodLoss",
+];
 
 fn ops_as_bodies(model: &mut dagr_onnx::Model) -> Result<usize> {
     let present = model
