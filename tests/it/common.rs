@@ -397,3 +397,37 @@ pub fn cli_verify(train: &std::path::Path, original: &std::path::Path) -> assert
         .assert()
         .success()
 }
+
+/// A model of this graph at default-domain `opset` (IR 8).
+pub fn model_of(g: dagr_inject::onnx::proto::GraphProto, opset: i64) -> dagr_inject::onnx::Model {
+    let mut p = dagr_inject::onnx::proto::ModelProto::new();
+    p.ir_version = 8;
+    let mut o = dagr_inject::onnx::proto::OperatorSetIdProto::new();
+    o.version = opset;
+    p.opset_import.push(o);
+    p.graph = protobuf::MessageField::some(g);
+    dagr_inject::onnx::Model {
+        proto: p,
+        base_dir: ".".into(),
+        source: None,
+    }
+}
+
+/// `dagr-inject train TRAIN --data DATA --epochs 3 --batch-size 6 --backend B --original SRC
+/// --out OUT`, which must succeed; the final loss it reports.
+pub fn cli_train_3_epochs(train: &Path, data: &Path, src: &Path, backend: &str, out_dir: &Path) -> f64 {
+    let out = bin()
+        .args(["train", train.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .args(["--epochs", "3", "--batch-size", "6", "--backend", backend])
+        .args(["--original", src.to_str().unwrap(), "--out", out_dir.to_str().unwrap()])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    text.rsplit("final loss ")
+        .next()
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{} on {backend}: no final loss in {text}", train.display()))
+}

@@ -8,7 +8,7 @@
 use crate::common::*;
 use dagr_inject::autodiff as grad;
 use dagr_inject::onnx::builder::{attr_int, Builder};
-use dagr_inject::onnx::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use dagr_inject::onnx::proto::{GraphProto, NodeProto};
 use dagr_inject::onnx::{self, dtype, tensor, Dim, Model, ValueFact};
 use dagr_inject::ops::cases::{case, ints, x, Case, Gen, In, Runs};
 use dagr_inject::ops::{self, Kind};
@@ -713,20 +713,5 @@ fn a_float16_segment_gets_float16_gradients() {
             err <= 2e-2 * scale as f64,
             "{name}: float16 {h:?} against float32 {a:?}"
         );
-    }
-}
-
-/// A model of one graph at `opset` (IR version 8).
-fn model_of(g: GraphProto, opset: i64) -> Model {
-    let mut p = ModelProto::new();
-    p.ir_version = 8;
-    let mut o = OperatorSetIdProto::new();
-    o.version = opset;
-    p.opset_import.push(o);
-    p.graph = protobuf::MessageField::some(g);
-    Model {
-        proto: p,
-        base_dir: ".".into(),
-        source: None,
     }
 }

@@ -19,4 +19,5 @@ mod reliability;
 mod shape_inference;
 mod train_graphs;
 mod train_loop;
+mod upgrade;
 mod zoo;

@@ -445,26 +445,18 @@ fn a_models_own_cross_entropy_trains_as_pytorch_computes_it() {
                 compared += seen;
             }
             cli_verify(&train, &src);
-            let mut last = Vec::new();
-            for backend in ["ort", "tract"] {
-                let run_dir = dir.path().join(format!("{kind}.{exporter}.{backend}.run"));
-                let out = bin()
-                    .args(["train", train.to_str().unwrap(), "--data", data.to_str().unwrap()])
-                    .args(["--epochs", "3", "--batch-size", "6", "--backend", backend])
-                    .args(["--original", src.to_str().unwrap(), "--out", run_dir.to_str().unwrap()])
-                    .assert()
-                    .success()
-                    .get_output()
-                    .clone();
-                let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-                let loss: f64 = text
-                    .rsplit("final loss ")
-                    .next()
-                    .and_then(|t| t.split_whitespace().next())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| panic!("{kind}.{exporter} on {backend}: no final loss in {text}"));
-                last.push(loss);
-            }
+            let last: Vec<f64> = ["ort", "tract"]
+                .iter()
+                .map(|b| {
+                    cli_train_3_epochs(
+                        &train,
+                        &data,
+                        &src,
+                        b,
+                        &dir.path().join(format!("{kind}.{exporter}.{b}.run")),
+                    )
+                })
+                .collect();
             assert!(
                 (last[0] - last[1]).abs() <= 1e-4 * last[0].abs().max(1.0),
                 "{kind}.{exporter}: 3 epochs end at loss {} on ONNX Runtime and {} on tract",

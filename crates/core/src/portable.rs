@@ -421,6 +421,10 @@ pub fn feed_dropout_masks(model: &mut Model) -> Result<Vec<DropoutMask>> {
 /// What `prepare` changed in a model as exported.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Prepared {
+    /// The opset the model had where it was older than 16 (7 to 15): it is read as opset 16
+    /// (`dagr_ops::upgrade`).
+    #[serde(default)]
+    pub upgraded_from: Option<i64>,
     /// Calls of ONNX local functions replaced by their bodies.
     pub inlined_calls: usize,
     /// `Constant` nodes holding weights that became initializers.
@@ -445,11 +449,13 @@ fn weight_slot(op: &str, input: usize) -> bool {
 
 /// Normalize a model as exported before anything reads its structure (encoder location,
 /// parameter selection, shape facts), the same way every time so that the names agree between
-/// the training graph and the model trained weights are exported into: local functions are
+/// the training graph and the model trained weights are exported into: a model of opset 7 to 15
+/// is rewritten as opset 16 (`dagr_ops::upgrade`), local functions are
 /// inlined (their captured weights become initializers, see `dagr_onnx::functions`), and a float
 /// `Constant` node with more than one element that feeds the weight of a MatMul, Gemm, Conv or
 /// ConvTranspose becomes an initializer of the same name. Idempotent.
 pub fn prepare(model: &mut Model) -> Result<Prepared> {
+    let upgraded_from = dagr_ops::upgrade::upgrade(model)?;
     let inlined_calls = dagr_onnx::functions::inline_local_functions(model)?;
     let g = model.graph();
     let mut weights: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -467,6 +473,7 @@ pub fn prepare(model: &mut Model) -> Result<Prepared> {
     let unified_dims = unify_dims(model)?;
     let corrected_shapes = correct_declared_shapes(model)?;
     Ok(Prepared {
+        upgraded_from,
         inlined_calls,
         constant_weights,
         unified_dims,

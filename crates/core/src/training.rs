@@ -91,6 +91,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     check_options(cfg, opts)?;
     // Functions inlined and weights held by Constant nodes made initializers first: those are
     // parameters too.
+    let opset_given = model.opset();
     let named = prepare(model, opts)?;
     // Only the model's own initializers can be parameters (not constants this tool adds).
     let original: HashSet<String> = model.graph().initializer.iter().map(|t| t.name.clone()).collect();
@@ -110,7 +111,14 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
         original.contains(p) && (!fixed.contains_key(p) || named.is_match(p))
     })?;
     let stop: HashSet<String> = opts.stop_gradient.iter().cloned().collect();
-    let warnings = warnings(model, &idx, &params, &enc_params, opts.no_dagr);
+    let mut warnings = warnings(model, &idx, &params, &enc_params, opts.no_dagr);
+    if opset_given > 0 && model.opset() != opset_given {
+        warnings.push(format!(
+            "the model's opset {opset_given} is read as opset {} (the operators whose form changed since are rewritten: dagr_ops::upgrade); the trained model is exported at opset {}",
+            model.opset(),
+            model.opset()
+        ));
+    }
 
     let mut b = Builder::new(model, "grad/");
     let task_seed = rec.outputs.task_loss.as_ref().map(|t| (t.clone(), b.scalar(1.0)));

@@ -40,6 +40,7 @@ pub mod nn;
 pub mod recurrent;
 pub mod resample;
 pub mod shape;
+pub mod upgrade;
 
 use dagr_onnx::error::Result;
 use dagr_onnx::{GraphIndex, Model};

@@ -169,6 +169,13 @@ impl Report {
         }
         let _ = writeln!(s, "nodes       {}", self.nodes);
         let p = &self.prepared;
+        if let Some(from) = p.upgraded_from {
+            let _ = writeln!(
+                s,
+                "upgraded    the model's opset {from} is read as opset {} (the operators whose form changed since rewritten)",
+                dagr_ops::upgrade::TARGET
+            );
+        }
         if p.inlined_calls > 0 {
             let _ = writeln!(
                 s,
