@@ -12,7 +12,10 @@ head), exported with the legacy or the dynamo exporter (dynamic batch, or static
   ONNX Runtime's largest gradient).
 
     cargo build --release
-    python scripts/check_real_models.py [--exporter legacy|dynamo] [--static] [NAME ...]   # needs torch, torchvision, transformers
+    python scripts/check_real_models.py [--exporter legacy|dynamo] [--static] [--opset N] [NAME ...]   # needs torch, torchvision, transformers
+
+`--opset N` exports with the legacy exporter at opset N (default 17; older ones, 9 to 16, are
+read as opset 16 by dagr-inject itself).
 
 Differences at 1e-6 are float32 rounding. Larger ones have had one of these causes, each shown
 by a float64 reference or by the values: a ReLU or max-pooling input within rounding of its kink
@@ -206,12 +209,12 @@ def build(make, kind, shape):
     return model, inputs, y
 
 
-def export(model, inputs, path, exporter, static=False):
+def export(model, inputs, path, exporter, static=False, opset=17):
     names = ["image", "depth"]
     if exporter == "legacy":
         axes = None if static else {k: {0: "batch"} for k in names + ["logits"]}
         torch.onnx.export(model, tuple(inputs), path, dynamo=False, input_names=names, output_names=["logits"],
-                          dynamic_axes=axes, opset_version=17, do_constant_folding=False)
+                          dynamic_axes=axes, opset_version=opset, do_constant_folding=False)
     else:
         batch = torch.export.Dim("batch", min=2)
         ep = torch.onnx.export(model, tuple(inputs), dynamo=True, input_names=names, output_names=["logits"],
@@ -223,7 +226,7 @@ def check(name, make, kind, shape, args, tmp):
     exporter, static = args.exporter, args.static
     model, inputs, y = build(make, kind, shape)
     src = os.path.join(tmp, f"{name}.{exporter}.onnx")
-    export(model, inputs, src, exporter, static)
+    export(model, inputs, src, exporter, static, args.opset)
     train = os.path.join(tmp, f"{name}.{exporter}.train.onnx")
     try:
         R.build_training_graph(src, train, ["visual_encoder", "depth_encoder"], "logits")

@@ -166,7 +166,7 @@ def check(name, make, kind, shape, args, tmp):
     batch = B if args.static else None
     tfdt = tf.int32 if dtype == "int32" else tf.float32
     spec = tuple(tf.TensorSpec((batch, *shape), tfdt, name=n) for n in ("image", "depth"))
-    tf2onnx.convert.from_keras(m, input_signature=spec, opset=17, output_path=src)
+    tf2onnx.convert.from_keras(m, input_signature=spec, opset=args.opset, output_path=src)
     graph = onnx.load(src).graph
     logits = graph.output[0].name
     train = os.path.join(tmp, f"{name}.train.onnx")

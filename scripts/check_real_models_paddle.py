@@ -143,7 +143,7 @@ def check(name, make, kind, shape, args, tmp):
     prefix = os.path.join(tmp, name)
     dt = "int64" if kind == "text" else "float32"
     spec = [paddle.static.InputSpec([B if args.static else None, *shape], dt, n) for n in ("visual", "depth")]
-    paddle.onnx.export(m, prefix, input_spec=spec, opset_version=17)
+    paddle.onnx.export(m, prefix, input_spec=spec, opset_version=args.opset)
     src = prefix + ".onnx"
     train = prefix + ".train.onnx"
     import onnx

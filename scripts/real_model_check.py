@@ -389,7 +389,8 @@ def forward_difference(src, inputs, want):
 
 
 def sweep(models, check, label=None, exporters=None):
-    """The command line every real-model check shares: `[--static] [--exporter E] [--keep DIR] [NAME ...]`;
+    """The command line every real-model check shares: `[--static] [--exporter E] [--opset N] [--keep DIR]
+    [NAME ...]`;
     runs `check(name, make, kind, shape, args, tmp)` for each model (each in its own temporary
     directory, removed when it is done) and prints one line per model."""
     import argparse
@@ -401,6 +402,8 @@ def sweep(models, check, label=None, exporters=None):
     ap.add_argument("--static", action="store_true", help="export with a static batch (default: dynamic)")
     if exporters:
         ap.add_argument("--exporter", choices=exporters, default=exporters[0])
+    ap.add_argument("--opset", type=int, default=17,
+                    help="the opset to export at where the exporter takes one (default 17; older ones are read as 16)")
     ap.add_argument("--keep", metavar="DIR", help="write each model's files to DIR/NAME and keep them")
     ap.add_argument("--gradients-only", action="store_true",
                     help="compare the gradients only, without `verify --original` and 3 `train` steps per backend")
@@ -425,4 +428,5 @@ def sweep(models, check, label=None, exporters=None):
         except (Exception, SystemExit) as e:  # an exporter's refusal (paddle2onnx exits) is reported
             line = f"ERROR {type(e).__name__}: {str(e)[-300:]}"
         batch = "static" if args.static else "dynamic"
-        print(f"{name} ({label or args.exporter}, {batch} batch): {line}; {time.time() - t0:.0f} s", flush=True)
+        opset = "" if args.opset == 17 else f", opset {args.opset}"
+        print(f"{name} ({label or args.exporter}, {batch} batch{opset}): {line}; {time.time() - t0:.0f} s", flush=True)
