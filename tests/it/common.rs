@@ -413,21 +413,47 @@ pub fn model_of(g: dagr_inject::onnx::proto::GraphProto, opset: i64) -> dagr_inj
     }
 }
 
-/// `dagr-inject train TRAIN --data DATA --epochs 3 --batch-size 6 --backend B --original SRC
-/// --out OUT`, which must succeed; the final loss it reports.
-pub fn cli_train_3_epochs(train: &Path, data: &Path, src: &Path, backend: &str, out_dir: &Path) -> f64 {
-    let out = bin()
-        .args(["train", train.to_str().unwrap(), "--data", data.to_str().unwrap()])
-        .args(["--epochs", "3", "--batch-size", "6", "--backend", backend])
-        .args(["--original", src.to_str().unwrap(), "--out", out_dir.to_str().unwrap()])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    text.rsplit("final loss ")
-        .next()
-        .and_then(|t| t.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{} on {backend}: no final loss in {text}", train.display()))
+/// A reference file of `in/<input>` and `grad/<param>` arrays (`models/own_loss`,
+/// `models/old_opset`): the feed of the inputs named, and every array in float64.
+pub fn reference_npz(path: &Path, inputs: &[&str]) -> (Tensors, std::collections::BTreeMap<String, ArrayD<f64>>) {
+    let all = dagr_inject::npz::read(path).unwrap();
+    let feed = inputs
+        .iter()
+        .map(|k| (k.to_string(), all[&format!("in/{k}")].clone()))
+        .collect();
+    (feed, npz_f64(path))
+}
+
+/// `dagr-inject verify TRAIN --original SRC` passes, then 3 epochs of `dagr-inject train` on
+/// DATA (batches of 6) reach the same final loss on ONNX Runtime and tract (runs written under
+/// `out`).
+pub fn verify_and_train_alike(train: &Path, src: &Path, data: &Path, out: &Path) {
+    cli_verify(train, src);
+    let last: Vec<f64> = ["ort", "tract"]
+        .iter()
+        .map(|backend| {
+            let run = bin()
+                .args(["train", train.to_str().unwrap(), "--data", data.to_str().unwrap()])
+                .args(["--epochs", "3", "--batch-size", "6", "--backend", backend])
+                .args(["--original", src.to_str().unwrap()])
+                .args(["--out", out.join(backend).to_str().unwrap()])
+                .assert()
+                .success()
+                .get_output()
+                .clone();
+            let text = String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+            text.rsplit("final loss ")
+                .next()
+                .and_then(|t| t.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{} on {backend}: no final loss in {text}", train.display()))
+        })
+        .collect();
+    assert!(
+        (last[0] - last[1]).abs() <= 1e-4 * last[0].abs().max(1.0),
+        "{}: 3 epochs end at loss {} on ONNX Runtime and {} on tract",
+        train.display(),
+        last[0],
+        last[1]
+    );
 }

@@ -408,12 +408,7 @@ fn a_models_own_cross_entropy_trains_as_pytorch_computes_it() {
     let base = root().join("models/own_loss");
     let mut compared = 0;
     for kind in ["ce", "weighted"] {
-        let all = dagr_inject::npz::read(&base.join(format!("{kind}.ref.npz"))).unwrap();
-        let reference = npz_f64(&base.join(format!("{kind}.ref.npz")));
-        let feed: Tensors = ["audio", "visual", "y"]
-            .iter()
-            .map(|k| (k.to_string(), all[&format!("in/{k}")].clone()))
-            .collect();
+        let (feed, reference) = reference_npz(&base.join(format!("{kind}.ref.npz")), &["audio", "visual", "y"]);
         let data = dir.path().join(format!("{kind}.data.npz"));
         dagr_inject::npz::write(&data, &feed).unwrap();
         for exporter in ["legacy", "dynamo"] {
@@ -444,25 +439,7 @@ fn a_models_own_cross_entropy_trains_as_pytorch_computes_it() {
                 assert_eq!(seen, 10, "{kind}.{exporter}: every torch parameter trains");
                 compared += seen;
             }
-            cli_verify(&train, &src);
-            let last: Vec<f64> = ["ort", "tract"]
-                .iter()
-                .map(|b| {
-                    cli_train_3_epochs(
-                        &train,
-                        &data,
-                        &src,
-                        b,
-                        &dir.path().join(format!("{kind}.{exporter}.{b}.run")),
-                    )
-                })
-                .collect();
-            assert!(
-                (last[0] - last[1]).abs() <= 1e-4 * last[0].abs().max(1.0),
-                "{kind}.{exporter}: 3 epochs end at loss {} on ONNX Runtime and {} on tract",
-                last[0],
-                last[1]
-            );
+            verify_and_train_alike(&train, &src, &data, &dir.path().join(format!("{kind}.{exporter}.run")));
         }
     }
     assert_eq!(compared, 80);
