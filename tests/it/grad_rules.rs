@@ -496,6 +496,32 @@ fn every_case_output_shape_matches_onnx_runtime() {
     assert_no_failures(&failures);
 }
 
+/// Where the model at `q` computes other `outs` than the one at `p` on `backend` (or fails to
+/// run): one line per difference (1e-5 of each output's largest magnitude).
+fn same_outputs(
+    label: &str,
+    backend: Backend,
+    p: &std::path::Path,
+    q: &std::path::Path,
+    feed: &Tensors,
+    outs: &[String],
+) -> Vec<String> {
+    let want = dagr_inject::runtime::run(backend, p, feed, outs).unwrap();
+    let got = match dagr_inject::runtime::run(backend, q, feed, outs) {
+        Ok(v) => v,
+        Err(e) => return vec![format!("{label}: {e}")],
+    };
+    let mut failures = Vec::new();
+    for o in outs {
+        let (w, g) = (f32_of(&want, o), f32_of(&got, o));
+        let scale = w.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
+        if w.shape() != g.shape() || w.iter().zip(g.iter()).any(|(a, b)| (a - b).abs() > 1e-5 * scale) {
+            failures.push(format!("{label}: {o} differs"));
+        }
+    }
+    failures
+}
+
 /// Every lowering (`Op::lower`: a faster equivalent form for training graphs) computes what its
 /// op computes: each case of an op with one, its model lowered (the forward node), gives the
 /// same loss and gradients on every backend the case runs on; some case must be lowered.
@@ -534,16 +560,8 @@ fn every_lowering_computes_its_op() {
         onnx::save(&low, &lp).unwrap();
         let feed = feed_for(c, ci);
         for &backend in backends(c) {
-            let want = dagr_inject::runtime::run(backend, &p, &feed, &outs).unwrap();
-            let got = dagr_inject::runtime::run(backend, &lp, &feed, &outs)
-                .unwrap_or_else(|e| panic!("{} lowered, on {}: {e}", c.name, backend.name()));
-            for o in &outs {
-                let (w, g) = (f32_of(&want, o), f32_of(&got, o));
-                let scale = w.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
-                if w.shape() != g.shape() || w.iter().zip(g.iter()).any(|(a, b)| (a - b).abs() > 1e-5 * scale) {
-                    failures.push(format!("{} lowered, on {}: {o} differs", c.name, backend.name()));
-                }
-            }
+            let label = format!("{} lowered, on {}", c.name, backend.name());
+            failures.extend(same_outputs(&label, backend, &p, &lp, &feed, &outs));
         }
     }
     assert!(lowered > 0, "no case exercises a lowering");
@@ -584,21 +602,8 @@ fn every_portable_form_computes_its_op() {
         onnx::save(&model, &p).unwrap();
         onnx::save(&form, &fp).unwrap();
         let feed = feed_for(c, ci);
-        let want = dagr_inject::runtime::run(Backend::Ort, &p, &feed, &outs).unwrap();
-        let got = match dagr_inject::runtime::run(Backend::Ort, &fp, &feed, &outs) {
-            Ok(v) => v,
-            Err(e) => {
-                failures.push(format!("{} as its portable form: {e}", c.name));
-                continue;
-            }
-        };
-        for o in &outs {
-            let (w, g) = (f32_of(&want, o), f32_of(&got, o));
-            let scale = w.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
-            if w.shape() != g.shape() || w.iter().zip(g.iter()).any(|(a, b)| (a - b).abs() > 1e-5 * scale) {
-                failures.push(format!("{} as its portable form: {o} differs", c.name));
-            }
-        }
+        let label = format!("{} as its portable form", c.name);
+        failures.extend(same_outputs(&label, Backend::Ort, &p, &fp, &feed, &outs));
     }
     for op in [
         "SoftmaxCrossEntropyLoss",

@@ -227,32 +227,33 @@ fn softmax_cross_entropy_form(c: &mut Ctx) -> dagr_onnx::Result<Vec<String>> {
     Ok(vec![nll_loss(c, &lp)?, lp])
 }
 
-/// LogSoftmax over axis 1 of [N, C, d...]: the op where it normalizes one axis (opset 13 on, or a
-/// matrix), else written out as `softmax_axis1` is.
+/// LogSoftmax over axis 1 of [N, C, d...] (`normalized_axis1`).
 fn log_softmax_axis1(c: &mut Ctx, x: &str) -> dagr_onnx::Result<String> {
-    let rank = c.shape(x)?.len();
-    if c.b.opset >= 13 || rank == 2 {
-        return Ok(c.op_a("LogSoftmax", &[x], vec![attr_int("axis", 1)]));
-    }
-    let m = c.reduce("ReduceMax", x, &[1], true);
-    let d = c.op("Sub", &[x, &m]);
-    let e = c.op("Exp", &[&d]);
-    let s = c.reduce_sum(&e, &[1], true);
-    let l = c.op("Log", &[&s]);
-    Ok(c.op("Sub", &[&d, &l]))
+    normalized_axis1(c, x, true)
 }
 
-/// Softmax over axis 1 of [N, C, d...]: the op itself where it normalizes one axis (opset 13 on,
-/// or a matrix), else written out (older Softmax flattens the axes from `axis` on).
+/// Softmax over axis 1 of [N, C, d...] (`normalized_axis1`).
 fn softmax_axis1(c: &mut Ctx, x: &str) -> dagr_onnx::Result<String> {
+    normalized_axis1(c, x, false)
+}
+
+/// Softmax (or LogSoftmax, `log`) over axis 1 of [N, C, d...]: the op itself where it normalizes
+/// one axis (opset 13 on, or a matrix), else written out (older ones flatten the axes from
+/// `axis` on).
+fn normalized_axis1(c: &mut Ctx, x: &str, log: bool) -> dagr_onnx::Result<String> {
     let rank = c.shape(x)?.len();
     if c.b.opset >= 13 || rank == 2 {
-        return Ok(c.op_a("Softmax", &[x], vec![attr_int("axis", 1)]));
+        let op = if log { "LogSoftmax" } else { "Softmax" };
+        return Ok(c.op_a(op, &[x], vec![attr_int("axis", 1)]));
     }
     let m = c.reduce("ReduceMax", x, &[1], true);
     let d = c.op("Sub", &[x, &m]);
     let e = c.op("Exp", &[&d]);
     let s = c.reduce_sum(&e, &[1], true);
+    if log {
+        let l = c.op("Log", &[&s]);
+        return Ok(c.op("Sub", &[&d, &l]));
+    }
     Ok(c.op("Div", &[&e, &s]))
 }
 
