@@ -142,6 +142,46 @@ def outer_names(node):
     return out
 
 
+def _gather_elements():
+    """GatherElements for ONNX's reference evaluator: onnx 1.2x's picks with `np.choose`, which
+    takes at most 32 choices, and its fallback reads the first index of each row only (a
+    GatherElements over a vocabulary of 100 failed with "cannot reshape array")."""
+    from onnx.reference.op_run import OpRun
+
+    class GatherElements(OpRun):
+        op_domain = ""
+
+        def _run(self, data, indices, axis=None):
+            axis = (axis or 0) % data.ndim
+            indices = np.where(indices < 0, indices + data.shape[axis], indices)
+            return (np.take_along_axis(data, indices.astype(np.int64), axis),)
+
+    return GatherElements
+
+
+def _conv_transpose():
+    """ConvTranspose for ONNX's reference evaluator with groups: onnx 1.2x's writes each group's
+    result into one output channel ("could not broadcast input array from shape (8,2,2) into
+    shape (1,2,2)" in RegNet's grouped convolutions); each group is its own ConvTranspose here."""
+    from onnx.reference.ops.op_conv_transpose import ConvTranspose as Reference
+
+    class ConvTranspose(Reference):
+        op_domain = ""
+
+        def _run(self, X, W, B=None, group=None, **kw):
+            if not group or group == 1:
+                return super()._run(X, W, B, group=1, **kw)
+            c = X.shape[1] // group
+            ys = [super(ConvTranspose, self)._run(X[:, i * c:(i + 1) * c], W[i * c:(i + 1) * c], None, group=1,
+                                                  **kw)[0] for i in range(group)]
+            y = np.concatenate(ys, 1)
+            if B is not None:
+                y = y + B.reshape((1, -1) + (1,) * (y.ndim - 2))
+            return (y.astype(X.dtype),)
+
+    return ConvTranspose
+
+
 def float64_eval(train, feed, output):
     """One output of the training graph (the loss, or a `<param>_grad`), computed in float64 by
     ONNX's reference evaluator (numpy, an implementation of every op independent of both
@@ -202,7 +242,7 @@ def float64_eval(train, feed, output):
     m64 = helper.make_model(helper.make_graph(nodes, "f64", inputs, [out], inits), opset_imports=m.opset_import,
                             ir_version=m.ir_version)
     m64.functions.extend(m.functions)
-    ev = ReferenceEvaluator(m64)
+    ev = ReferenceEvaluator(m64, new_ops=[_gather_elements(), _conv_transpose()])
     base = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in {**defaults, **feed}.items()
             if k in fed}
 
