@@ -225,6 +225,14 @@ fn forms() -> Vec<Form> {
         )
         .attrs(vec![attr_int("spatial", 1)]),
         form(
+            "image_scaler_7",
+            7,
+            "ImageScaler",
+            vec![f(&[2, 3, 2, 2])],
+            &[2, 3, 2, 2],
+        )
+        .attrs(vec![attr_float("scale", 0.5), attr_floats("bias", &[0.1, -0.2, 0.3])]),
+        form(
             "roi_align_10",
             10,
             "RoiAlign",

@@ -3,7 +3,7 @@
 //! operators whose signature changed before 16 (an attribute that became an input, Softmax's
 //! flattening axis, Upsample and Resize-10 before Resize had coordinate modes, Scatter before
 //! ScatterElements, BatchNormalization's training outputs before `training_mode`, RoiAlign's
-//! coordinates) rewritten as opset 16 writes them, each computing what the old form computed.
+//! coordinates, the experimental ImageScaler as Mul and Add) rewritten as opset 16 writes them, each computing what the old form computed.
 //! Every other operator reads the same at 16. tf2onnx (default opset 15), paddle2onnx (9),
 //! PyTorch's legacy exporter before 2.1 (14) and the ONNX model zoo write such models, and
 //! `onnx.version_converter` fails on common ones (a BatchNormalization exported in training
@@ -294,6 +294,30 @@ impl Upgrade {
                 n
             }
             "Scan" if v < 9 => return Err(refuse(&n, "opset 8's Scan (a batch axis) has no later form")),
+            // An experimental op of opsets 1 to 9 (old converters' image preprocessing, in ONNX
+            // model zoo models): scale x + bias[c] over NCHW.
+            "ImageScaler" => {
+                let t = self.elem_type(&n.input[0]);
+                let scale = attr::attr_f(&n, "scale").unwrap_or(1.0);
+                let bias: Vec<f64> = attr::attr(&n, "bias")
+                    .map(|a| a.floats.iter().map(|&x| x as f64).collect())
+                    .unwrap_or_default();
+                let hint = format!("{}/imagescaler", n.name);
+                let s = self.b.scalar_of(scale as f64, t);
+                let scaled = self.b.op("Mul", &[&n.input[0], &s], vec![], &hint);
+                let name = self.b.name(&format!("{hint}/bias"));
+                let dims = [1, bias.len() as i64, 1, 1];
+                self.b
+                    .initializers
+                    .push(dagr_onnx::tensor::float_tensor(&name, &dims, &bias, t));
+                NodeProto {
+                    op_type: "Add".into(),
+                    name: n.name.clone(),
+                    input: vec![scaled, name],
+                    output: vec![n.output[0].clone()],
+                    ..Default::default()
+                }
+            }
             _ => n,
         })
     }
