@@ -114,9 +114,8 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     let mut warnings = warnings(model, &idx, &params, &enc_params, opts.no_dagr);
     if opset_given > 0 && model.opset() != opset_given {
         warnings.push(format!(
-            "the model's opset {opset_given} is read as opset {} (the operators whose form changed since are rewritten: dagr_ops::upgrade); the trained model is exported at opset {}",
-            model.opset(),
-            model.opset()
+            "the model's opset {opset_given} is read as opset {new} (the operators whose form changed since are rewritten as {new} writes them, computing the same); the trained model is exported at opset {new}",
+            new = model.opset()
         ));
     }
 
