@@ -500,8 +500,9 @@ fn cuda_never_falls_back_to_the_cpu() {
 }
 
 /// `verify` on honest training graphs of real models passes (training-mode BatchNorm with ReLU
-/// and max pooling; BERT with token ids and masks drawn as the graph uses them), and fails when
-/// one DAGR constant is scaled by 1.05 or one gradient rule's constant is changed.
+/// and max pooling, for any random inputs, and with `--original` on both backends; BERT with
+/// token ids and masks drawn as the graph uses them), and fails when one DAGR constant is scaled
+/// by 1.05 or one gradient rule's constant is changed.
 #[test]
 fn verify_passes_honest_training_graphs_and_fails_mutated_ones() {
     let dir = tempfile::tempdir().unwrap();
@@ -540,6 +541,22 @@ fn verify_passes_honest_training_graphs_and_fails_mutated_ones() {
         let (ok, v) = verify(&out);
         assert!(ok, "{src}: verify fails an honest graph: {v}");
     }
+    // `--original` on both backends (the default): av_cnn was exported in training mode, whose
+    // BatchNormalization tract runs only as the training graph writes it.
+    let o = bin()
+        .args(["verify", dir.path().join("0.train.onnx").to_str().unwrap(), "--json"])
+        .args(["--original", &cases[0].0])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+    assert!(o.status.success(), "verify --original fails av_cnn's honest graph: {v}");
+    let tract_original = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["backend"] == "tract" && c["check"].as_str().is_some_and(|n| n.starts_with("original")))
+        .count();
+    assert_eq!(tract_original, 3, "the three logits recomputed on tract: {v}");
     // Mutations of the av_cnn training graph.
     let out = dir.path().join("0.train.onnx");
     let m = onnx::load(&out).unwrap();

@@ -238,8 +238,29 @@ pub fn against_original(
         Some(onnx::io::Scratch::new(&orig)?)
     };
     let original = scratch.as_ref().map_or(original, |s| s.path());
+    // tract runs BatchNormalization in inference mode only: a training graph's original in
+    // training mode (PyTorch's export with `training=TRAINING`) is recomputed there with its
+    // BatchNormalizations written as the training graph writes them (`decompose_batchnorm`),
+    // the same computation; ONNX Runtime runs the original as it is.
+    let training_bn = training && orig.graph().node.iter().any(onnx::ops::is_training_batchnorm);
+    let decomposed = if training_bn && backends.contains(&Backend::Tract) {
+        let mut m = orig.clone();
+        dagr_core::portable::decompose_batchnorm(&mut m)?;
+        Some(onnx::io::Scratch::new(&m)?)
+    } else {
+        None
+    };
     let mut checks = Vec::new();
     for &b in backends {
+        let (original, name) = match (&decomposed, b) {
+            (Some(s), Backend::Tract) => (
+                s.path(),
+                format!(
+                    "{name}, BatchNormalization in training mode as primitives (tract runs it in inference mode only)"
+                ),
+            ),
+            _ => (original, name.clone()),
+        };
         let want = runtime::run(b, original, inputs, &outs)?;
         let got = runtime::run(b, path, inputs, &outs)?;
         for o in &outs {
