@@ -940,12 +940,29 @@ fn verify_cmd(
         bail!("--rtol must be a finite number >= 0, got {rtol}");
     }
     let m = onnx::load(model)?;
+    let source = inputs.or(reference);
     let reference = reference.map(npz::read).transpose()?;
     let feed = match (inputs, &reference) {
         (Some(p), _) => npz::read(p)?,
         (None, Some(r)) => r.clone(),
         (None, None) => verify::random_inputs(&m, 4, 0)?,
     };
+    // Every input the model reads must be fed: said here, not as a runtime's "Missing Input".
+    let idx = dagr_inject::ops::index(&m)?;
+    let missing: Vec<String> = idx
+        .user_inputs()
+        .into_iter()
+        .filter(|n| !feed.contains_key(n))
+        .collect();
+    if let Some(from) = source.filter(|_| !missing.is_empty()) {
+        bail!(
+            "{} lacks {} the model reads: {}\n  hint: add {} to the .npz (labels too, for a training graph), or leave --inputs and --reference out to check on random inputs",
+            from.display(),
+            if missing.len() == 1 { "an input" } else { "inputs" },
+            missing.join(", "),
+            if missing.len() == 1 { "it" } else { "them" }
+        );
+    }
     dagr::check_batch(&m, batch_of(&feed))?;
     let mut checks: Vec<Check> = Vec::new();
     let mut errors: Vec<String> = Vec::new();

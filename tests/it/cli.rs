@@ -419,6 +419,20 @@ fn verify_passes_on_a_rewrite_and_fails_on_a_wrong_reference() {
         &inputs,
         &["dagr/loss".to_string()],
     );
+    // Inputs lacking one the model reads: named before anything runs.
+    let mut partial = inputs.clone();
+    let dropped = partial.keys().next().cloned().unwrap();
+    partial.remove(&dropped);
+    let pp = dir.path().join("partial.npz");
+    dagr_inject::npz::write(&pp, &partial).unwrap();
+    bin()
+        .args(["verify", out.to_str().unwrap(), "--inputs", pp.to_str().unwrap()])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(format!(
+            "lacks an input the model reads: {dropped}"
+        )))
+        .stderr(predicate::str::contains("hint:"));
     let loss = f32_of(&got, "dagr/loss").mapv(|v| v * 1.01);
     reference.insert("dagr/loss".into(), dagr_inject::runtime::Value::F32(loss));
     let rp = dir.path().join("ref.npz");
