@@ -564,6 +564,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     }
     let m = onnx::load(&a.model)?;
     let feed = npz::read(&a.inputs)?;
+    check_feed(&m, &feed, &a.inputs, "")?;
     dagr::check_batch(&m, batch_of(&feed))?;
     let outs: Vec<String> = if a.outputs.is_empty() {
         m.graph().output.iter().map(|o| o.name.clone()).collect()
@@ -590,6 +591,28 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every input the model reads is in `feed` (read from `from`): said here, naming them, not as a
+/// runtime's "Missing Input". `also` ends the hint.
+fn check_feed(m: &onnx::Model, feed: &runtime::Tensors, from: &Path, also: &str) -> Result<()> {
+    let idx = dagr_inject::ops::index(m)?;
+    let missing: Vec<String> = idx
+        .user_inputs()
+        .into_iter()
+        .filter(|n| !feed.contains_key(n))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let one = missing.len() == 1;
+    bail!(
+        "{} lacks {} the model reads: {}\n  hint: add {} to the .npz (labels too, for a training graph){also}",
+        from.display(),
+        if one { "an input" } else { "inputs" },
+        missing.join(", "),
+        if one { "it" } else { "them" }
+    )
 }
 
 /// The largest leading dimension of the inputs: the batch.
@@ -947,21 +970,13 @@ fn verify_cmd(
         (None, Some(r)) => r.clone(),
         (None, None) => verify::random_inputs(&m, 4, 0)?,
     };
-    // Every input the model reads must be fed: said here, not as a runtime's "Missing Input".
-    let idx = dagr_inject::ops::index(&m)?;
-    let missing: Vec<String> = idx
-        .user_inputs()
-        .into_iter()
-        .filter(|n| !feed.contains_key(n))
-        .collect();
-    if let Some(from) = source.filter(|_| !missing.is_empty()) {
-        bail!(
-            "{} lacks {} the model reads: {}\n  hint: add {} to the .npz (labels too, for a training graph), or leave --inputs and --reference out to check on random inputs",
-            from.display(),
-            if missing.len() == 1 { "an input" } else { "inputs" },
-            missing.join(", "),
-            if missing.len() == 1 { "it" } else { "them" }
-        );
+    if let Some(from) = source {
+        check_feed(
+            &m,
+            &feed,
+            from,
+            ", or leave --inputs and --reference out to check on random inputs",
+        )?;
     }
     dagr::check_batch(&m, batch_of(&feed))?;
     let mut checks: Vec<Check> = Vec::new();

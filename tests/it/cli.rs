@@ -433,6 +433,20 @@ fn verify_passes_on_a_rewrite_and_fails_on_a_wrong_reference() {
             "lacks an input the model reads: {dropped}"
         )))
         .stderr(predicate::str::contains("hint:"));
+    bin()
+        .args([
+            "run",
+            out.to_str().unwrap(),
+            "--inputs",
+            pp.to_str().unwrap(),
+            "--backend",
+            "ort",
+        ])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(format!(
+            "lacks an input the model reads: {dropped}"
+        )));
     let loss = f32_of(&got, "dagr/loss").mapv(|v| v * 1.01);
     reference.insert("dagr/loss".into(), dagr_inject::runtime::Value::F32(loss));
     let rp = dir.path().join("ref.npz");
