@@ -457,3 +457,36 @@ pub fn verify_and_train_alike(train: &Path, src: &Path, data: &Path, out: &Path)
         last[1]
     );
 }
+
+/// The training graph at `train`, run on both backends with `feed`: every parameter gradient it
+/// outputs equals the reference's `grad/<param>` to 1e-4 relative (`rel_err` with `floor`), and
+/// there are `params` of them.
+pub fn gradients_match_reference(
+    train: &Path,
+    feed: &Tensors,
+    reference: &std::collections::BTreeMap<String, ArrayD<f64>>,
+    floor: f64,
+    params: usize,
+) {
+    let m = onnx::load(train).unwrap();
+    let rec = dagr_inject::train::record_of(&m).unwrap();
+    let outs: Vec<String> = rec.params.iter().map(|p| p.1.clone()).collect();
+    assert_eq!(
+        rec.params.len(),
+        params,
+        "{}: every torch parameter trains",
+        train.display()
+    );
+    for backend in [Backend::Ort, Backend::Tract] {
+        let out = run(backend, train, feed, &outs);
+        for (p, g) in &rec.params {
+            let e = rel_err(&f32_of(&out, g), &reference[&format!("grad/{p}")], floor);
+            assert!(
+                e <= 1e-4,
+                "{} on {}: d loss / d {p} differs from the reference by {e}",
+                train.display(),
+                backend.name()
+            );
+        }
+    }
+}
