@@ -1,4 +1,4 @@
-//! Models of opsets 7 to 15 read as opset 16 (`dagr_ops::upgrade`): each rewritten form computes
+//! Models of opsets 6 to 15 read as opset 16 (`dagr_ops::upgrade`): each rewritten form computes
 //! what ONNX Runtime computes for the old one, and real PyTorch exports at opsets 9 to 15 train
 //! to PyTorch's gradients.
 
@@ -26,7 +26,13 @@ struct Form {
     inputs: Vec<In>,
     /// Each output's type and shape.
     outputs: Vec<(i32, Vec<i64>)>,
+    /// The old form's output written out, for opsets ONNX Runtime no longer runs (6): from the
+    /// inputs' values.
+    reference: Option<Written>,
 }
+
+/// An old form's output computed from its inputs' values.
+type Written = fn(&[ArrayD<f32>]) -> ArrayD<f32>;
 
 fn form(name: &'static str, opset: i64, op: &'static str, inputs: Vec<In>, out: &[i64]) -> Form {
     Form {
@@ -36,12 +42,17 @@ fn form(name: &'static str, opset: i64, op: &'static str, inputs: Vec<In>, out: 
         attrs: vec![],
         inputs,
         outputs: vec![(dtype::FLOAT, out.to_vec())],
+        reference: None,
     }
 }
 
 impl Form {
     fn attrs(mut self, a: Vec<AttributeProto>) -> Form {
         self.attrs = a;
+        self
+    }
+    fn reference(mut self, r: Written) -> Form {
+        self.reference = Some(r);
         self
     }
     fn outputs(mut self, o: Vec<(i32, Vec<i64>)>) -> Form {
@@ -224,6 +235,40 @@ fn forms() -> Vec<Form> {
             &[2, 3, 4],
         )
         .attrs(vec![attr_int("spatial", 1)]),
+        // Opset 6 broadcasts by attribute: B aligned with A's dims from `axis` (B [3] against A
+        // [2, 3, 4] at axis 1 is B [3, 1] from 7 on), or from the end without `axis`.
+        form(
+            "add_6_broadcast_axis",
+            6,
+            "Add",
+            vec![f(&[2, 3, 4]), f(&[3])],
+            &[2, 3, 4],
+        )
+        .attrs(vec![attr_int("broadcast", 1), attr_int("axis", 1)])
+        .reference(|x| &x[0] + &x[1].clone().into_shape_with_order(vec![1, 3, 1]).unwrap()),
+        form(
+            "mul_6_broadcast_end",
+            6,
+            "Mul",
+            vec![f(&[2, 3, 4]), f(&[3, 4])],
+            &[2, 3, 4],
+        )
+        .attrs(vec![attr_int("broadcast", 1)])
+        .reference(|x| &x[0] * &x[1]),
+        form(
+            "prelu_6_per_channel",
+            6,
+            "PRelu",
+            vec![f(&[2, 3, 4]), f(&[3])],
+            &[2, 3, 4],
+        )
+        .reference(|x| {
+            let slope = x[1].clone().into_shape_with_order(vec![1, 3, 1]).unwrap();
+            let neg = &x[0] * &slope;
+            ndarray::Zip::from(&x[0])
+                .and(&neg)
+                .map_collect(|&a, &n| if a > 0.0 { a } else { n })
+        }),
         form(
             "image_scaler_7",
             7,
@@ -282,7 +327,17 @@ fn every_upgraded_form_computes_the_old_one() {
             continue;
         }
         let attrs_left = [
-            "starts", "ends", "pads", "min", "max", "k", "ratio", "split", "scales", "spatial",
+            "starts",
+            "ends",
+            "pads",
+            "min",
+            "max",
+            "k",
+            "ratio",
+            "split",
+            "scales",
+            "spatial",
+            "broadcast",
         ];
         for n in &new.graph().node {
             if n.op_type == f.op
@@ -300,7 +355,23 @@ fn every_upgraded_form_computes_the_old_one() {
         onnx::save(&old, &p_old).unwrap();
         onnx::save(&new, &p_new).unwrap();
         let outs: Vec<String> = (0..f.outputs.len()).map(|k| format!("y{k}")).collect();
-        let want = run(Backend::Ort, &p_old, &feed, &outs);
+        let want = match f.reference {
+            Some(r) => {
+                let values: Vec<ArrayD<f32>> = f
+                    .inputs
+                    .iter()
+                    .map(|i| match i {
+                        In::F(d) => {
+                            let shape: Vec<usize> = d.iter().map(|&x| x as usize).collect();
+                            ArrayD::from_shape_vec(shape, distinct(d).iter().map(|&v| v as f32).collect()).unwrap()
+                        }
+                        _ => panic!("{}: a written-out reference takes float inputs", f.name),
+                    })
+                    .collect();
+                Tensors::from([("y0".to_string(), Value::F32(r(&values)))])
+            }
+            None => run(Backend::Ort, &p_old, &feed, &outs),
+        };
         let got = match dagr_inject::runtime::run(Backend::Ort, &p_new, &feed, &outs) {
             Ok(v) => v,
             Err(e) => {
@@ -350,9 +421,9 @@ fn old_forms_without_a_later_one_are_refused() {
         e.contains("BatchNormalization node 'n'") && e.contains("spatial=0"),
         "{e}"
     );
-    let (mut m, _) = model(&form("clip_1", 6, "Clip", vec![In::F(vec![3])], &[3]));
+    let (mut m, _) = model(&form("clip_1", 5, "Clip", vec![In::F(vec![3])], &[3]));
     let e = dagr_inject::ops::upgrade::upgrade(&mut m).unwrap_err().to_string();
-    assert!(e.contains("opset 6") && e.contains("opsets 7 and newer"), "{e}");
+    assert!(e.contains("opset 5") && e.contains("opsets 6 and newer"), "{e}");
     let resize = form(
         "resize_runtime_scales",
         10,
@@ -407,4 +478,145 @@ fn old_opsets_train_as_pytorch_computes_it() {
         }
         verify_and_train_alike(&train, &src, &data, &dir.path().join(format!("opset{opset}.run")));
     }
+}
+
+/// The onnx wheel's `pytorch-converted` and `pytorch-operator` test models (PyTorch's first ONNX
+/// exports: opsets 6 and 9, each with its inputs and expected outputs): every one is read as
+/// opset 16 (none refused), and the upgraded model computes the expected outputs on ONNX Runtime
+/// (float64 operator tests in float32). Opset 6 broadcasts element-wise by attributes
+/// (`add_broadcast`: `broadcast=1, axis=1`) and gives PRelu's slope per channel.
+#[test]
+fn onnx_pytorch_test_models_compute_their_outputs_read_as_opset_16() {
+    use dagr_inject::onnx::proto::TensorProto;
+    use protobuf::Message;
+    require_ort();
+    let data = venv_python()
+        .parent()
+        .and_then(|b| b.parent())
+        .map(|v| v.join("lib"))
+        .and_then(|lib| std::fs::read_dir(lib).ok())
+        .and_then(|mut d| d.find_map(|e| e.ok().map(|e| e.path().join("site-packages/onnx/backend/test/data"))))
+        .filter(|p| p.exists())
+        .expect("the onnx wheel's backend test data (scripts/setup.sh installs onnx)");
+    let dir = tempfile::tempdir().unwrap();
+    let value = |t: &TensorProto| -> Value {
+        let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        match t.data_type {
+            d if d == dtype::INT64 => Value::I64(
+                ArrayD::from_shape_vec(shape, tensor::to_i64(t, std::path::Path::new(".")).unwrap()).unwrap(),
+            ),
+            _ => Value::F32(
+                ArrayD::from_shape_vec(shape, tensor::to_f32(t, std::path::Path::new(".")).unwrap()).unwrap(),
+            ),
+        }
+    };
+    let (mut checked, mut failures) = (0, Vec::new());
+    for set in ["pytorch-converted", "pytorch-operator"] {
+        let mut cases: Vec<_> = std::fs::read_dir(data.join(set))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        cases.sort();
+        for case in cases {
+            let name = case.file_name().unwrap().to_string_lossy().to_string();
+            let Ok(m) = onnx::load(&case.join("model.onnx")) else {
+                continue;
+            };
+            let mut up = m.clone();
+            match dagr_inject::ops::upgrade::upgrade(&mut up) {
+                Ok(_) => {}
+                Err(e) => {
+                    failures.push(format!("{name}: refused: {e}"));
+                    continue;
+                }
+            }
+            if let Err(e) = dagr_inject::ops::infer::check(&up) {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+            let set0 = case.join("test_data_set_0");
+            let read = |k: &str, i: usize| {
+                std::fs::read(set0.join(format!("{k}_{i}.pb")))
+                    .ok()
+                    .map(|b| TensorProto::parse_from_bytes(&b).unwrap())
+            };
+            let init: std::collections::HashSet<&str> =
+                up.graph().initializer.iter().map(|t| t.name.as_str()).collect();
+            let ins: Vec<String> = up
+                .graph()
+                .input
+                .iter()
+                .map(|i| i.name.clone())
+                .filter(|n| !init.contains(n.as_str()))
+                .collect();
+            let given: Vec<(String, TensorProto)> = ins
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| read("input", i).map(|t| (n.clone(), t)))
+                .collect();
+            // The runners take float32 and int64: the operator tests of float64 (the
+            // attribute-broadcasting Adds among them) run in float32, their types changed.
+            let kinds = [dtype::FLOAT, dtype::INT64, dtype::DOUBLE];
+            if given.iter().any(|(_, t)| !kinds.contains(&t.data_type)) {
+                continue;
+            }
+            let g = up.graph_mut();
+            for v in g
+                .input
+                .iter_mut()
+                .chain(g.output.iter_mut())
+                .chain(g.value_info.iter_mut())
+            {
+                let tt = v.type_.mut_or_insert_default().mut_tensor_type();
+                if tt.elem_type == dtype::DOUBLE {
+                    tt.elem_type = dtype::FLOAT;
+                }
+            }
+            let constants = g
+                .node
+                .iter_mut()
+                .flat_map(|n| n.attribute.iter_mut())
+                .filter_map(|a| a.t.as_mut());
+            for t in g
+                .initializer
+                .iter_mut()
+                .chain(constants)
+                .filter(|t| t.data_type == dtype::DOUBLE)
+            {
+                let v = tensor::to_f32(t, std::path::Path::new(".")).unwrap();
+                *t = tensor::f32_tensor(&t.name.clone(), &t.dims.clone(), &v);
+            }
+            let feed: Tensors = given.iter().map(|(n, t)| (n.clone(), value(t))).collect();
+            let outs: Vec<String> = up.graph().output.iter().map(|o| o.name.clone()).collect();
+            let p = dir.path().join(format!("{name}.onnx"));
+            onnx::save(&up, &p).unwrap();
+            let got = match dagr_inject::runtime::run(Backend::Ort, &p, &feed, &outs) {
+                Ok(g) => g,
+                Err(e) => {
+                    failures.push(format!("{name}: read as opset 16: {e}"));
+                    continue;
+                }
+            };
+            for (i, o) in outs.iter().enumerate() {
+                let Some(want) = read("output", i) else { continue };
+                let (w, g) = (value(&want), &got[o]);
+                let same = match (&w, g) {
+                    (Value::F32(a), Value::F32(b)) => {
+                        let scale = a.iter().filter(|v| v.is_finite()).fold(1e-3f32, |m, v| m.max(v.abs()));
+                        let close =
+                            |x: &f32, y: &f32| x == y || (x - y).abs() <= 1e-4 * scale || (x.is_nan() && y.is_nan());
+                        a.shape() == b.shape() && a.iter().zip(b.iter()).all(|(x, y)| close(x, y))
+                    }
+                    (a, b) => a == b,
+                };
+                if !same {
+                    failures.push(format!("{name}: {o} differs from the expected output"));
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert_no_failures(&failures);
+    assert_eq!(checked, 117, "every test model checked");
 }

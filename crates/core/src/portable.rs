@@ -421,7 +421,7 @@ pub fn feed_dropout_masks(model: &mut Model) -> Result<Vec<DropoutMask>> {
 /// What `prepare` changed in a model as exported.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Prepared {
-    /// The opset the model had where it was older than 16 (7 to 15): it is read as opset 16
+    /// The opset the model had where it was older than 16 (6 to 15): it is read as opset 16
     /// (`dagr_ops::upgrade`).
     #[serde(default)]
     pub upgraded_from: Option<i64>,
@@ -449,7 +449,7 @@ fn weight_slot(op: &str, input: usize) -> bool {
 
 /// Normalize a model as exported before anything reads its structure (encoder location,
 /// parameter selection, shape facts), the same way every time so that the names agree between
-/// the training graph and the model trained weights are exported into: a model of opset 7 to 15
+/// the training graph and the model trained weights are exported into: a model of opset 6 to 15
 /// is rewritten as opset 16 (`dagr_ops::upgrade`), local functions are
 /// inlined (their captured weights become initializers, see `dagr_onnx::functions`), and a float
 /// `Constant` node with more than one element that feeds the weight of a MatMul, Gemm, Conv or

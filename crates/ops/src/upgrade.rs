@@ -1,9 +1,11 @@
-//! Models of opsets 7 to 15 read as opset 16, the first whose ScatterElements and ScatterND add
+//! Models of opsets 6 to 15 read as opset 16, the first whose ScatterElements and ScatterND add
 //! (the gradients of Gather, GatherElements, GatherND and MaxPool scatter so): the forms of the
 //! operators whose signature changed before 16 (an attribute that became an input, Softmax's
 //! flattening axis, Upsample and Resize-10 before Resize had coordinate modes, Scatter before
 //! ScatterElements, BatchNormalization's training outputs before `training_mode`, RoiAlign's
-//! coordinates, the experimental ImageScaler as Mul and Add) rewritten as opset 16 writes them, each computing what the old form computed.
+//! coordinates, the experimental ImageScaler as Mul and Add, opset 6's element-wise broadcasting
+//! by `broadcast` and `axis` attributes, its PRelu slope per channel and BatchNormalization's
+//! `is_test`) rewritten as opset 16 writes them, each computing what the old form computed.
 //! Every other operator reads the same at 16. tf2onnx (default opset 15), paddle2onnx (9),
 //! PyTorch's legacy exporter before 2.1 (14) and the ONNX model zoo write such models, and
 //! `onnx.version_converter` fails on common ones (a BatchNormalization exported in training
@@ -23,10 +25,12 @@ use dagr_onnx::{dtype, GraphIndex, Model};
 /// The opset models are read at.
 pub const TARGET: i64 = 16;
 
-/// The oldest opset read: before 7, elementwise ops broadcast only by a `broadcast` attribute.
-pub const OLDEST: i64 = 7;
+/// The oldest opset read. Opset 6 broadcasts element-wise by `broadcast` and `axis`
+/// attributes, which are rewritten; before 6, operators kept `consumed_inputs` and other forms
+/// not read here.
+pub const OLDEST: i64 = 6;
 
-/// Rewrite a model of default-domain opset 7 to 15 as opset 16 (`TARGET`), in place; its opset
+/// Rewrite a model of default-domain opset 6 to 15 as opset 16 (`TARGET`), in place; its opset
 /// import says 16 afterwards. Returns the opset it had, None where it was 16 or newer already
 /// (or declares none). Idempotent.
 pub fn upgrade(model: &mut Model) -> Result<Option<i64>> {
@@ -36,7 +40,7 @@ pub fn upgrade(model: &mut Model) -> Result<Option<i64>> {
     }
     if from < OLDEST {
         return Err(Error::Config(format!(
-            "the model uses opset {from}; dagr-inject reads opsets {OLDEST} and newer (older ones broadcast by attributes)\n  hint: convert it with onnx.version_converter.convert_version(model, 16)"
+            "the model uses opset {from}; dagr-inject reads opsets {OLDEST} and newer\n  hint: convert it with onnx.version_converter.convert_version(model, 16)"
         )));
     }
     let idx = crate::index(model).ok();
@@ -263,11 +267,48 @@ impl Upgrade {
                 n.op_type = "ScatterElements".into();
                 n
             }
+            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "And" | "Or" | "Xor" | "Equal" | "Greater" | "Less" if v < 7 => {
+                self.attribute_broadcast(n)?
+            }
+            "Gemm" if v < 7 => without(n, &["broadcast"]),
+            "PRelu" if v < 7 => {
+                // Opset 6's slope of one value per channel meets X's axis 1; from 7 it
+                // broadcasts from the end: its trailing dims made 1.
+                let rank = |t: &str| {
+                    self.idx
+                        .as_ref()
+                        .and_then(|i| i.fact(t))
+                        .and_then(|f| f.rank())
+                        .map(|r| r as i64)
+                };
+                match (rank(&n.input[0]), rank(&n.input[1])) {
+                    (Some(rx), Some(1)) if rx > 2 => {
+                        let mut n = n;
+                        let axes: Vec<i64> = (1..rx - 1).collect();
+                        let hint = format!("{}/slope", n.name);
+                        n.input[1] = self.b.unsqueeze(&n.input[1], &axes, &hint);
+                        n
+                    }
+                    (Some(_), Some(_)) => n,
+                    _ => return Err(refuse(&n, "its input and slope ranks are unknown")),
+                }
+            }
             "BatchNormalization" if v < 14 => {
                 if attr::attr_i(&n, "spatial") == Some(0) {
                     return Err(refuse(&n, "spatial=0 (statistics per element) has no later form"));
                 }
+                // Opset 6 said inference by `is_test`: its other outputs are then not computed.
+                let inference = attr::attr_i(&n, "is_test") == Some(1);
                 let mut n = without(n, &["spatial", "is_test", "consumed_inputs"]);
+                if inference {
+                    if self.read.contains_any(&n.output[1..]) {
+                        return Err(refuse(
+                            &n,
+                            "the model reads a statistic output of an inference-mode BatchNormalization",
+                        ));
+                    }
+                    n.output.truncate(1);
+                }
                 // Before 14 the outputs said the mode: more than Y, training (the running
                 // statistics, then the saved batch statistics, which 14 no longer gives).
                 let trailing = |n: &NodeProto| n.output.last().is_some_and(String::is_empty);
@@ -320,6 +361,36 @@ impl Upgrade {
             }
             _ => n,
         })
+    }
+
+    /// An element-wise op of opset 6: `broadcast=1` with an `axis` aligns B's dims with A's from
+    /// that axis (B gets trailing 1s: an Unsqueeze, ranks known); without `axis` it aligns them
+    /// at the end, as opset 7's broadcasting does; `broadcast=0` has equal shapes.
+    fn attribute_broadcast(&mut self, n: NodeProto) -> Result<NodeProto> {
+        let axis = attr::attr_i(&n, "axis");
+        let broadcast = attr::attr_i(&n, "broadcast") == Some(1);
+        let mut n = without(n, &["broadcast", "axis"]);
+        let Some(axis) = axis.filter(|_| broadcast) else {
+            return Ok(n);
+        };
+        let rank = |t: &str| {
+            self.idx
+                .as_ref()
+                .and_then(|i| i.fact(t))
+                .and_then(|f| f.rank())
+                .map(|r| r as i64)
+        };
+        let (Some(ra), Some(rb)) = (rank(&n.input[0]), rank(&n.input[1])) else {
+            return Err(refuse(&n, "it broadcasts by an axis over inputs of unknown rank"));
+        };
+        let axis = if axis < 0 { axis + ra } else { axis };
+        let trailing = ra - axis - rb;
+        if trailing > 0 {
+            let axes: Vec<i64> = (rb..rb + trailing).collect();
+            let hint = format!("{}/broadcast", n.name);
+            n.input[1] = self.b.unsqueeze(&n.input[1], &axes, &hint);
+        }
+        Ok(n)
     }
 
     /// Softmax, LogSoftmax and Hardmax before 13 normalize the input flattened to 2-D at `axis`
