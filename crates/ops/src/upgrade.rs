@@ -150,6 +150,15 @@ impl Upgrade {
         without(n, &[name])
     }
 
+    /// A tensor's rank, where the model's facts know it.
+    fn rank(&self, t: &str) -> Option<i64> {
+        self.idx
+            .as_ref()
+            .and_then(|i| i.fact(t))
+            .and_then(|f| f.rank())
+            .map(|r| r as i64)
+    }
+
     fn elem_type(&self, t: &str) -> i32 {
         self.idx
             .as_ref()
@@ -274,14 +283,7 @@ impl Upgrade {
             "PRelu" if v < 7 => {
                 // Opset 6's slope of one value per channel meets X's axis 1; from 7 it
                 // broadcasts from the end: its trailing dims made 1.
-                let rank = |t: &str| {
-                    self.idx
-                        .as_ref()
-                        .and_then(|i| i.fact(t))
-                        .and_then(|f| f.rank())
-                        .map(|r| r as i64)
-                };
-                match (rank(&n.input[0]), rank(&n.input[1])) {
+                match (self.rank(&n.input[0]), self.rank(&n.input[1])) {
                     (Some(rx), Some(1)) if rx > 2 => {
                         let mut n = n;
                         let axes: Vec<i64> = (1..rx - 1).collect();
@@ -373,14 +375,7 @@ impl Upgrade {
         let Some(axis) = axis.filter(|_| broadcast) else {
             return Ok(n);
         };
-        let rank = |t: &str| {
-            self.idx
-                .as_ref()
-                .and_then(|i| i.fact(t))
-                .and_then(|f| f.rank())
-                .map(|r| r as i64)
-        };
-        let (Some(ra), Some(rb)) = (rank(&n.input[0]), rank(&n.input[1])) else {
+        let (Some(ra), Some(rb)) = (self.rank(&n.input[0]), self.rank(&n.input[1])) else {
             return Err(refuse(&n, "it broadcasts by an axis over inputs of unknown rank"));
         };
         let axis = if axis < 0 { axis + ra } else { axis };
@@ -398,13 +393,7 @@ impl Upgrade {
     /// the flattened axis, Reshape back.
     fn flattening_axis(&mut self, n: NodeProto) -> Result<NodeProto> {
         let axis = attr::attr_i(&n, "axis").unwrap_or(1);
-        let rank = self
-            .idx
-            .as_ref()
-            .and_then(|i| i.fact(&n.input[0]))
-            .and_then(|f| f.rank())
-            .map(|r| r as i64);
-        let last = match rank {
+        let last = match self.rank(&n.input[0]) {
             Some(r) => axis == -1 || axis == r - 1,
             None => axis == -1,
         };
