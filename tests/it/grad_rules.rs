@@ -410,7 +410,9 @@ fn every_rule_matches_central_differences() {
 
 /// Every rule builds when the first input's dims are symbolic (a model exported with dynamic axes),
 /// using the runtime form where a dim is not known, and gives the same gradients on ONNX
-/// Runtime as with the dims known.
+/// Runtime as with the dims known, up to float32 rounding (1e-6 of the gradient's largest
+/// entry: ONNX Runtime may fuse a transpose into a product where shapes are known and sum in
+/// another order).
 #[test]
 fn every_rule_handles_symbolic_dims() {
     require_ort();
@@ -438,8 +440,15 @@ fn every_rule_handles_symbolic_dims() {
         match (run_one(&fixed, "fixed"), run_one(&dynamic, "symbolic")) {
             (Ok(a), Ok(b)) => {
                 for o in &outs {
-                    if f32_of(&a, o) != f32_of(&b, o) {
-                        failures.push(format!("{}: {o} differs with symbolic dims", c.name));
+                    let (x, y) = (f32_of(&a, o), f32_of(&b, o));
+                    let most = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+                    let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let nan = x.iter().zip(&y).any(|(p, q)| p.is_nan() != q.is_nan());
+                    if x.len() != y.len() || nan || most > 1e-6 * scale {
+                        failures.push(format!(
+                            "{}: {o} differs with symbolic dims (by up to {most:e}, its largest entry {scale:e})",
+                            c.name
+                        ));
                     }
                 }
             }

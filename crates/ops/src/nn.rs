@@ -469,17 +469,20 @@ impl ConvGeom {
     }
     /// The windows of im2col, one per kernel offset (row-major, the order of a weight's
     /// trailing dims): `x` [N, C, S...] (static spatial sizes, `out` the output's) as
-    /// [C, N, O...], the input each output position's window reads at that offset (zeros where
-    /// it covers padding). One strided Slice each, of the padded input with channels first.
+    /// [C, O..., N], the input each output position's window reads at that offset (zeros where
+    /// it covers padding). One strided Slice each, of the padded input laid out batch last
+    /// (`batch_last`): a window is runs of at least N contiguous values, where batch-first
+    /// windows are runs as short as an output row (2 values at ResNet-18's last stage, B = 32:
+    /// its layout, padding and nine windows took ONNX Runtime 2.5 ms so, 0.3 ms batch last).
     fn windows(&self, c: &mut Ctx, x: &str, out: &[i64]) -> Vec<String> {
         let sp = self.sp;
-        let mut xp = c.op_a("Transpose", &[x], vec![swap_first_axes(sp + 2)]);
+        let mut xp = batch_last(c, x, sp);
         if self.pads.iter().any(|&p| p != 0) {
-            let pads = [&[0, 0], &self.pads[..sp], &[0, 0], &self.pads[sp..]].concat();
+            let pads = [&[0], &self.pads[..sp], &[0, 0], &self.pads[sp..], &[0]].concat();
             let pads = c.ints(&pads);
             xp = c.op("Pad", &[&xp, &pads]);
         }
-        let axes = c.ints(&(2..(sp + 2) as i64).collect::<Vec<_>>());
+        let axes = c.ints(&(1..=sp as i64).collect::<Vec<_>>());
         let steps = c.ints(&self.strides);
         self.offsets()
             .iter()
@@ -493,9 +496,9 @@ impl ConvGeom {
             })
             .collect()
     }
-    /// im2col: `x` [N, C, S...] as a matrix [C K, N O] (K kernel offsets, O output positions):
-    /// column (n, o) holds the window of output position o of sample n, rows ordered as a
-    /// weight's [C, k...]. The windows stacked.
+    /// im2col: `x` [N, C, S...] as a matrix [C K, O N] (K kernel offsets, O output positions):
+    /// column (o, n) holds the window of output position o of sample n, rows ordered as a
+    /// weight's [C, k...] (so the weight multiplies it as it is). The windows stacked.
     fn unfold(&self, c: &mut Ctx, x: &str, channels: i64, out: &[i64]) -> String {
         let parts: Vec<String> = self.windows(c, x, out).iter().map(|w| c.unsqueeze(w, &[1])).collect();
         let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
@@ -507,10 +510,10 @@ impl ConvGeom {
         let shape = c.ints(&[channels * parts.len() as i64, -1]);
         c.op("Reshape", &[&stacked, &shape])
     }
-    /// col2im, the adjoint of `unfold`: `col` [C K, N O] back to [N, C, S...] (`size` the
+    /// col2im, the adjoint of `unfold`: `col` [C K, O N] back to [N, C, S...] (`size` the
     /// input's spatial sizes), each entry added at the input position its window offset
-    /// covers: one product by the constant 0/1 matrix [K O, S] of where each (offset, output
-    /// position) lands (`fold_size` bounds it).
+    /// covers: per channel, one product by the constant 0/1 matrix [S, K O] of where each
+    /// (offset, output position) lands (`fold_size` bounds it).
     fn fold(&self, c: &mut Ctx, col: &str, channels: i64, out: &[i64], size: &[i64]) -> String {
         let sp = self.sp;
         let offsets = self.offsets();
@@ -530,21 +533,20 @@ impl ConvGeom {
                     flat += p * stride;
                 }
                 if inside {
-                    lands[((j as i64 * o_total + o) * s_total + flat) as usize] = 1.0;
+                    lands[(flat * k * o_total + j as i64 * o_total + o) as usize] = 1.0;
                 }
             }
         }
-        let lands = c.floats(&[k * o_total, s_total], &lands);
-        // [C, K, N, O] -> [C, N, K, O] -> [C N, K O] x [K O, S] -> [C, N, S...] -> [N, C, S...]
-        let shape = c.ints(&[channels, k, -1, o_total]);
+        let lands = c.floats(&[s_total, k * o_total], &lands);
+        // [C, K O, N]; [S, K O] x [C, K O, N] -> [C, S, N] -> [N, C S] -> [N, C, S...]
+        let shape = c.ints(&[channels, k * o_total, -1]);
         let col = c.op("Reshape", &[col, &shape]);
-        let col = c.op_a("Transpose", &[&col], vec![attr_ints("perm", &[0, 2, 1, 3])]);
-        let shape = c.ints(&[-1, k * o_total]);
-        let rows = c.op("Reshape", &[&col, &shape]);
-        let dx = c.op("MatMul", &[&rows, &lands]);
-        let shape = c.ints(&[&[channels, -1][..], size].concat());
+        let dx = c.op("MatMul", &[&lands, &col]);
+        let shape = c.ints(&[channels * s_total, -1]);
         let dx = c.op("Reshape", &[&dx, &shape]);
-        c.op_a("Transpose", &[&dx], vec![swap_first_axes(sp + 2)])
+        let dx = c.op_a("Transpose", &[&dx], vec![attr_ints("perm", &[1, 0])]);
+        let shape = c.ints(&[&[-1, channels][..], size].concat());
+        c.op("Reshape", &[&dx, &shape])
     }
     /// The size of `fold`'s constant matrix: K O S entries.
     fn fold_size(&self, out: &[i64]) -> i64 {
@@ -569,9 +571,10 @@ impl ConvGeom {
 ///
 /// With static spatial sizes and one group, the gradients are matrix products over the whole
 /// batch instead where the runtimes' convolutions multiply thin matrices one sample at a time:
-/// dW = g [Cout, N O] x im2col(X)^T when the kernel is small (a weight-gradient Conv's matrices
+/// dW = g [Cout, O N] x im2col(X)^T when the kernel is small (a weight-gradient Conv's matrices
 /// are K wide), dX = col2im(W^T [C K, Cout] x g) when the output has few positions (a
-/// ConvTranspose's are O wide). Measured on ResNet-18's convolutions: `scripts/bench_zoo.py`.
+/// ConvTranspose's are O wide), the batch last throughout (`Geometry::windows`). Measured on
+/// ResNet-18's convolutions: `scripts/bench_zoo.py`.
 pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     let Some(g) = g0_owned(g) else {
         return Ok(vec![None; need.len()]);
@@ -589,10 +592,12 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
         let fold = need[0] && positions <= FOLD_MAX_POSITIONS && geo.fold_size(&o) <= FOLD_MAX_MATRIX;
         (o, unfold, fold)
     });
-    // g as [Cout, N O], for the matrix forms
-    let g2 = match &matrices {
-        Some((_, u, f)) if *u || *f => {
-            let gt = c.op_a("Transpose", &[&g], vec![swap_first_axes(sp + 2)]);
+    // g as [Cout, O N], the columns of im2col's order, for the matrix forms
+    let gt = match &matrices {
+        Some((o, u, f)) if *u || *f => {
+            let shape = c.ints(&[-1, ws[0], o.iter().product()]);
+            let g3 = c.op("Reshape", &[&g, &shape]);
+            let gt = c.op_a("Transpose", &[&g3], vec![attr_ints("perm", &[1, 2, 0])]);
             let shape = c.ints(&[ws[0], -1]);
             Some(c.op("Reshape", &[&gt, &shape]))
         }
@@ -600,31 +605,33 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
     };
     let mut out = vec![None; need.len()];
     if need[0] {
-        out[0] = Some(match (&matrices, &g2) {
-            (Some((o, _, true)), Some(g2)) => {
+        out[0] = Some(match (&matrices, &gt) {
+            (Some((o, _, true)), Some(gt)) => {
+                // col [C K, O N] = W^T [C K, Cout] x g
                 let x_sizes: Vec<i64> = geo.input.iter().map(|d| d.unwrap_or(0)).collect();
                 let shape = c.ints(&[ws[0], -1]);
                 let w2 = c.op("Reshape", &[&w, &shape]);
                 let wt = c.op_a("Transpose", &[&w2], vec![attr_ints("perm", &[1, 0])]);
-                let col = c.op("MatMul", &[&wt, g2]);
+                let col = c.op("MatMul", &[&wt, gt]);
                 geo.fold(c, &col, ws[1], o, &x_sizes)
             }
             _ => geo.transpose_back(c, &g, &w, &x, group),
         });
     }
     if need[1] {
-        out[1] = Some(match (&matrices, &g2) {
-            // Where the forward is lowered, its im2col is this product's too; elsewhere one
-            // product per kernel offset, [Cout, N O] x window^T, spares stacking the windows
-            // (ResNet-18's first stage, B = 32, 1 thread: 4.0 against 5.8 ms).
-            (Some((o, true, _)), Some(g2)) if o.iter().product::<i64>() <= LOWER_MAX_POSITIONS => {
+        out[1] = Some(match (&matrices, &gt) {
+            // Where the forward is lowered, its im2col is this product's too.
+            (Some((o, true, _)), Some(gt)) if o.iter().product::<i64>() <= LOWER_MAX_POSITIONS => {
                 let col = geo.unfold(c, &x, ws[1], o);
                 let colt = c.op_a("Transpose", &[&col], vec![attr_ints("perm", &[1, 0])]);
-                let w2 = c.op("MatMul", &[g2, &colt]);
+                let dw = c.op("MatMul", &[gt, &colt]);
                 let shape = c.ints(&ws);
-                c.op("Reshape", &[&w2, &shape])
+                c.op("Reshape", &[&dw, &shape])
             }
-            (Some((o, true, _)), Some(g2)) => {
+            // Elsewhere one product per kernel offset, g [Cout, O N] x window^T, spares
+            // stacking the windows (ResNet-18's first stage, B = 32, 1 thread: 4.0 against
+            // 5.8 ms).
+            (Some((o, true, _)), Some(gt)) => {
                 let rows = c.ints(&[ws[1], -1]);
                 let parts: Vec<String> = geo
                     .windows(c, &x, o)
@@ -632,7 +639,7 @@ pub fn conv(c: &mut Ctx, g: &[Option<String>], need: &[bool]) -> Out {
                     .map(|win| {
                         let win = c.op("Reshape", &[win, &rows]);
                         let wt = c.op_a("Transpose", &[&win], vec![attr_ints("perm", &[1, 0])]);
-                        let dw = c.op("MatMul", &[g2, &wt]);
+                        let dw = c.op("MatMul", &[gt, &wt]);
                         c.unsqueeze(&dw, &[2])
                     })
                     .collect();
@@ -671,34 +678,39 @@ pub fn lower_conv(c: &mut Ctx) -> Result<bool> {
     if out.iter().product::<i64>() > LOWER_MAX_POSITIONS {
         return Ok(false);
     }
-    let sp = geo.sp;
     let col = geo.unfold(c, &x, ws[1], &out);
     let shape = c.ints(&[ws[0], -1]);
     let w2 = c.op("Reshape", &[&w, &shape]);
-    let y = c.op("MatMul", &[&w2, &col]);
-    let shape = c.ints(&[&[ws[0], -1][..], &out].concat());
-    let mut y = c.op("Reshape", &[&y, &shape]);
+    // [Cout, C K] x [C K, O N] = Y as [Cout, O N]
+    let mut y = c.op("MatMul", &[&w2, &col]);
     if c.has_input(2) {
-        let shape = c.ints(&[&[ws[0]][..], &vec![1; sp + 1]].concat());
+        let shape = c.ints(&[ws[0], 1]);
         let b = c.input(2).to_string();
         let bias = c.op("Reshape", &[&b, &shape]);
         y = c.op("Add", &[&y, &bias]);
     }
+    // [Cout O, N] -> [N, Cout O] -> [N, Cout, O...]
+    let positions: i64 = out.iter().product();
+    let shape = c.ints(&[ws[0] * positions, -1]);
+    let y = c.op("Reshape", &[&y, &shape]);
+    let y = c.op_a("Transpose", &[&y], vec![attr_ints("perm", &[1, 0])]);
+    let shape = c.ints(&[&[-1, ws[0]][..], &out].concat());
     let output = c.output(0).to_string();
-    c.b.op_named("Transpose", &[&y], vec![swap_first_axes(sp + 2)], &output);
+    c.b.op_named("Reshape", &[&y, &shape], vec![], &output);
     Ok(true)
+}
+
+/// `x` [N, C, S...] laid out batch last, [C, S..., N] (a Transpose of the tensor; as one of
+/// the matrix [N, C S] between Reshapes it is as fast on ONNX Runtime, but tract's optimizer
+/// then fails to move a strided Slice of it over the Reshape, or moves it wrongly where the
+/// batch is symbolic).
+fn batch_last(c: &mut Ctx, x: &str, sp: usize) -> String {
+    let perm: Vec<i64> = (1..=sp as i64 + 1).chain([0]).collect();
+    c.op_a("Transpose", &[x], vec![attr_ints("perm", &perm)])
 }
 
 /// The most output positions per sample of a convolution lowered to one matrix product.
 const LOWER_MAX_POSITIONS: i64 = 16;
-
-/// The attribute of a Transpose exchanging the first two axes of a rank `rank` tensor (batch
-/// and channels: the layout the matrix forms multiply in, and back).
-fn swap_first_axes(rank: usize) -> dagr_onnx::proto::AttributeProto {
-    let mut perm: Vec<i64> = (0..rank as i64).collect();
-    perm.swap(0, 1);
-    attr_ints("perm", &perm)
-}
 
 /// The largest kernel (number of offsets) whose weight gradient is an im2col matrix product.
 const UNFOLD_MAX_KERNEL: i64 = 9;
