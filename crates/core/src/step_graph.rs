@@ -734,6 +734,7 @@ fn finish(
         METADATA_KEY,
         &serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?,
     );
+    dagr_ops::annotate_shapes(&mut model)?;
     dagr_ops::infer::check(&model)?;
     Ok(StepGraph {
         model,

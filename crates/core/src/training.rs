@@ -216,6 +216,7 @@ pub fn make_training_graph(model: &mut Model, cfg: &Config, opts: &TrainOptions)
     };
     let json = serde_json::to_string(&record).map_err(|e| Error::Internal(format!("record: {e}")))?;
     model.set_metadata(METADATA_KEY, &json);
+    dagr_ops::annotate_shapes(model)?;
     dagr_ops::infer::check(model)?;
     Ok(record)
 }
