@@ -157,10 +157,10 @@ fn zoo_shapes_and_shape_values_match_onnx_runtime_at_two_batch_sizes() {
     eprintln!("{}", report.join("\n"));
 }
 
-/// Every training graph records (value_info) the type and shape of every value its nodes make,
-/// and those shapes are what ONNX Runtime computes, at two batch sizes: ONNX Runtime plans its
-/// memory from them (`ops::annotate_shapes`; a wrong one would make it reuse a buffer of
-/// another size).
+/// Every training graph, and the SGD step graph made from it, records (value_info) the type and
+/// shape of every value its nodes make, and those shapes are what ONNX Runtime computes, at two
+/// batch sizes: ONNX Runtime plans its memory from them (`ops::annotate_shapes`; a wrong one
+/// would make it reuse a buffer of another size).
 #[test]
 fn zoo_training_graphs_record_the_shapes_onnx_runtime_computes() {
     let dir = tempfile::tempdir().unwrap();
@@ -170,60 +170,97 @@ fn zoo_training_graphs_record_the_shapes_onnx_runtime_computes() {
         .filter(|e| !e.static_batch() && e.suffix != "dynamo20")
     {
         let mut m = onnx::load(&e.path).unwrap();
-        make_training_graph(&mut m, &config(&e), &TrainOptions::default()).unwrap();
-        let idx = dagr_inject::ops::index(&m).unwrap();
-        let g = m.graph();
-        let recorded: HashMap<&str, &onnx::proto::ValueInfoProto> =
-            g.value_info.iter().map(|v| (v.name.as_str(), v)).collect();
-        let outputs: std::collections::HashSet<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
-        let missing: Vec<&str> = g
-            .node
-            .iter()
-            .flat_map(|n| n.output.iter())
-            .map(String::as_str)
-            .filter(|t| !t.is_empty() && !outputs.contains(t) && !recorded.contains_key(t))
-            .filter(|t| {
-                idx.fact(t)
-                    .is_some_and(|f| matches!(f.dtype, dtype::FLOAT | dtype::INT64 | dtype::BOOL))
-            })
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "{}: {} values without a recorded shape, e.g. {:?}",
-            e.label(),
-            missing.len(),
-            &missing[..missing.len().min(8)]
-        );
-        let mut exposed = m.clone();
-        let names: Vec<String> = g.value_info.iter().map(|v| v.name.clone()).collect();
-        exposed.graph_mut().output.extend(g.value_info.iter().cloned());
-        let p = dir.path().join(format!("{}.exposed.onnx", e.label()));
-        onnx::save(&exposed, &p).unwrap();
-        for prefix in ["in", "in3"] {
-            let mut feed = e.feed(prefix, true);
-            if prefix == "in3" {
-                let Some(Value::I64(y)) = feed.get("y") else {
-                    panic!("{}: labels", e.label())
-                };
-                let y3 = y.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..3)).to_owned();
-                feed.insert("y".into(), Value::I64(y3));
-            }
-            let env = bindings(&idx, &feed);
-            let out = run(Backend::Ort, &p, &feed, &names);
-            for v in &g.value_info {
-                let want: Vec<Option<i64>> = onnx::ValueFact::from_type_proto(v.type_.get_or_default())
-                    .and_then(|f| f.shape)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|d| d.eval(&env))
-                    .collect();
-                let got: Vec<Option<i64>> = out[&v.name].shape().iter().map(|&d| Some(d as i64)).collect();
-                assert_eq!(got, want, "{} at {prefix}: recorded shape of {}", e.label(), v.name);
-            }
+        let rec = make_training_graph(&mut m, &config(&e), &TrainOptions::default()).unwrap();
+        let sgd = dagr_inject::dagr::optim::Optimizer::Sgd {
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+        };
+        let whole = dagr_inject::dagr::step_graph::Form::whole(true);
+        let step = dagr_inject::dagr::step_graph::build(&m, &rec, sgd, None, whole).unwrap();
+        for (graph, what) in [(&m, "training"), (&step.model, "step")] {
+            let label = format!("{} {what} graph", e.label());
+            let n = recorded_shapes_match_onnx_runtime(&label, graph, &e, dir.path());
+            report.push(format!("{label}: {n} shapes recorded"));
         }
-        report.push(format!("{}: {} shapes recorded", e.label(), names.len()));
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// `graph`'s recorded shapes, complete for every value its nodes make, against what ONNX
+/// Runtime computes with `e`'s inputs at batches 4 and 3 (every other input zeros); returns how
+/// many were checked.
+fn recorded_shapes_match_onnx_runtime(label: &str, graph: &onnx::Model, e: &Export, dir: &std::path::Path) -> usize {
+    let idx = dagr_inject::ops::index(graph).unwrap();
+    let g = graph.graph();
+    let recorded: HashMap<&str, &onnx::proto::ValueInfoProto> =
+        g.value_info.iter().map(|v| (v.name.as_str(), v)).collect();
+    let outputs: std::collections::HashSet<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
+    let missing: Vec<&str> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter())
+        .map(String::as_str)
+        .filter(|t| !t.is_empty() && !outputs.contains(t) && !recorded.contains_key(t))
+        .filter(|t| {
+            idx.fact(t)
+                .is_some_and(|f| matches!(f.dtype, dtype::FLOAT | dtype::INT64 | dtype::BOOL))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{label}: {} values without a recorded shape, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(8)]
+    );
+    let mut exposed = graph.clone();
+    let names: Vec<String> = g.value_info.iter().map(|v| v.name.clone()).collect();
+    exposed.graph_mut().output.extend(g.value_info.iter().cloned());
+    let p = dir.join(format!("{}.exposed.onnx", label.replace(' ', "_")));
+    onnx::save(&exposed, &p).unwrap();
+    let initialized: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    for prefix in ["in", "in3"] {
+        let mut feed = e.feed(prefix, true);
+        if prefix == "in3" {
+            let Some(Value::I64(y)) = feed.get("y") else {
+                panic!("{label}: labels")
+            };
+            let y3 = y.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..3)).to_owned();
+            feed.insert("y".into(), Value::I64(y3));
+        }
+        let env = bindings(&idx, &feed);
+        for i in &g.input {
+            if feed.contains_key(&i.name) || initialized.contains(i.name.as_str()) {
+                continue;
+            }
+            let f = idx.fact(&i.name).unwrap();
+            let shape: Vec<usize> = f
+                .shape
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|d| d.eval(&env).unwrap() as usize)
+                .collect();
+            let zeros = match f.dtype {
+                dtype::FLOAT => Value::F32(ArrayD::zeros(shape)),
+                dtype::INT64 => Value::I64(ArrayD::zeros(shape)),
+                other => panic!("{label}: input {} of type {other}", i.name),
+            };
+            feed.insert(i.name.clone(), zeros);
+        }
+        let out = run(Backend::Ort, &p, &feed, &names);
+        for v in &g.value_info {
+            let want: Vec<Option<i64>> = onnx::ValueFact::from_type_proto(v.type_.get_or_default())
+                .and_then(|f| f.shape)
+                .unwrap_or_default()
+                .iter()
+                .map(|d| d.eval(&env))
+                .collect();
+            let got: Vec<Option<i64>> = out[&v.name].shape().iter().map(|&d| Some(d as i64)).collect();
+            assert_eq!(got, want, "{label} at {prefix}: recorded shape of {}", v.name);
+        }
+    }
+    names.len()
 }
 
 #[test]
