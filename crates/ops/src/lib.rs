@@ -219,12 +219,13 @@ pub fn index(model: &Model) -> Result<GraphIndex> {
 
 /// Record the type and shape inferred for every value the main graph's nodes make (its
 /// `value_info`), where every dim is known or symbolic and no complete shape is recorded for it
-/// yet (an exporter's entry without one, as dynamo writes for constants, is completed); returns
-/// how many were recorded. Entries naming no value of the graph (an exporter's, for nodes a
-/// rewrite removed) are dropped. ONNX Runtime plans memory from them: for a value whose shape its own
-/// inference leaves unknown, or unrelated to another's, it cannot reuse a freed buffer, and its
-/// planner scans every freed buffer for each value (6.1 of the 6.8 s that a 10,600-node step
-/// graph of EfficientNet-B0 took ONNX Runtime 1.31 to load, 2.9 s with the shapes recorded).
+/// yet (an exporter's entry without one, as dynamo writes for constants, is completed); entries
+/// naming no value of the graph (an exporter's, for nodes a rewrite removed) are dropped.
+/// Returns how many were recorded. ONNX Runtime plans memory from them: for a value whose shape
+/// its own inference leaves unknown, or unrelated to another's, it cannot reuse a freed buffer,
+/// and its planner scans every freed buffer for each value (6.1 of the 6.8 s that a
+/// 10,600-node step graph of EfficientNet-B0 took ONNX Runtime 1.31 to load; 3.1 s in all
+/// with the shapes recorded).
 pub fn annotate_shapes(model: &mut Model) -> Result<usize> {
     let complete = |f: &dagr_onnx::ValueFact| {
         f.dtype != 0
@@ -234,50 +235,40 @@ pub fn annotate_shapes(model: &mut Model) -> Result<usize> {
     };
     let idx = index(model)?;
     let g = model.graph();
-    let mut skip: std::collections::HashSet<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
-    skip.extend(g.output.iter().map(|v| v.name.as_str()));
-    skip.extend(g.initializer.iter().map(|t| t.name.as_str()));
-    let declared: HashMap<&str, usize> = g
+    let mut taken: std::collections::HashSet<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
+    taken.extend(g.output.iter().map(|v| v.name.as_str()));
+    taken.extend(g.initializer.iter().map(|t| t.name.as_str()));
+    // value_info entry -> (its position, whether its shape is complete)
+    let declared: HashMap<&str, (usize, bool)> = g
         .value_info
         .iter()
         .enumerate()
-        .filter(|(_, v)| {
-            v.type_
-                .as_ref()
-                .and_then(dagr_onnx::ValueFact::from_type_proto)
-                .is_some_and(|f| complete(&f))
+        .map(|(k, v)| {
+            let fact = v.type_.as_ref().and_then(dagr_onnx::ValueFact::from_type_proto);
+            (v.name.as_str(), (k, fact.is_some_and(|f| complete(&f))))
         })
-        .map(|(k, v)| (v.name.as_str(), k))
         .collect();
-    let position: HashMap<&str, usize> = g
-        .value_info
-        .iter()
-        .enumerate()
-        .map(|(k, v)| (v.name.as_str(), k))
-        .collect();
-    let (mut add, mut complete_at) = (Vec::new(), Vec::new());
-    for n in &g.node {
-        for o in n.output.iter().filter(|o| !o.is_empty()) {
-            let Some(f) = idx.fact(o).filter(|f| complete(f)) else {
-                continue;
-            };
-            if declared.contains_key(o.as_str()) || !skip.insert(o.as_str()) {
-                continue;
-            }
-            match position.get(o.as_str()) {
-                Some(&k) => complete_at.push((k, f.to_value_info(o).type_)),
-                None => add.push(f.to_value_info(o)),
-            }
+    let (mut add, mut completed) = (Vec::new(), Vec::new());
+    let mut made = std::collections::HashSet::new();
+    for o in g.node.iter().flat_map(|n| n.output.iter()).filter(|o| !o.is_empty()) {
+        made.insert(o.as_str());
+        let Some(f) = idx.fact(o).filter(|f| complete(f)) else {
+            continue;
+        };
+        match declared.get(o.as_str()) {
+            _ if !taken.insert(o.as_str()) => {}
+            Some((_, true)) => {}
+            Some(&(k, false)) => completed.push((k, f.to_value_info(o).type_)),
+            None => add.push(f.to_value_info(o)),
         }
     }
-    let recorded = add.len() + complete_at.len();
-    let mut defined: std::collections::HashSet<String> = g.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
-    defined.extend(skip.iter().map(|s| s.to_string()));
+    let recorded = add.len() + completed.len();
+    let keep: std::collections::HashSet<String> = made.iter().chain(&taken).map(|s| s.to_string()).collect();
     let vi = &mut model.graph_mut().value_info;
-    for (k, t) in complete_at {
+    for (k, t) in completed {
         vi[k].type_ = t;
     }
-    vi.retain(|v| defined.contains(&v.name));
+    vi.retain(|v| keep.contains(&v.name));
     vi.extend(add);
     Ok(recorded)
 }
