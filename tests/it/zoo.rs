@@ -171,13 +171,7 @@ fn zoo_training_graphs_record_the_shapes_onnx_runtime_computes() {
     {
         let mut m = onnx::load(&e.path).unwrap();
         let rec = make_training_graph(&mut m, &config(&e), &TrainOptions::default()).unwrap();
-        let sgd = dagr_inject::dagr::optim::Optimizer::Sgd {
-            momentum: 0.9,
-            nesterov: false,
-            weight_decay: 0.0,
-        };
-        let whole = dagr_inject::dagr::step_graph::Form::whole(true);
-        let step = dagr_inject::dagr::step_graph::build(&m, &rec, sgd, None, whole).unwrap();
+        let step = sgd_step_in_place(&m, &rec);
         for (graph, what) in [(&m, "training"), (&step.model, "step")] {
             let label = format!("{} {what} graph", e.label());
             let n = recorded_shapes_match_onnx_runtime(&label, graph, &e, dir.path());
@@ -185,6 +179,20 @@ fn zoo_training_graphs_record_the_shapes_onnx_runtime_computes() {
         }
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// The step graph of SGD with momentum 0.9, updating in place where the graph allows it.
+fn sgd_step_in_place(
+    m: &onnx::Model,
+    rec: &dagr_inject::dagr::training::TrainRecord,
+) -> dagr_inject::dagr::step_graph::StepGraph {
+    let sgd = dagr_inject::dagr::optim::Optimizer::Sgd {
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 0.0,
+    };
+    let whole = dagr_inject::dagr::step_graph::Form::whole(true);
+    dagr_inject::dagr::step_graph::build(m, rec, sgd, None, whole).unwrap()
 }
 
 /// `graph`'s recorded shapes, complete for every value its nodes make, against what ONNX
@@ -398,13 +406,7 @@ fn zoo_training_graphs_equal_pytorch_autograd_and_train_on_both_backends() {
                 directional_check(&e.label(), &m, &p, &feed, &rec.loss, &reparametrized, &[1e-3]);
                 // Every read of the state, views included, comes before its write: the step
                 // graph of each real architecture updates in place.
-                let sgd = dagr_inject::dagr::optim::Optimizer::Sgd {
-                    momentum: 0.9,
-                    nesterov: false,
-                    weight_decay: 0.0,
-                };
-                let whole = dagr_inject::dagr::step_graph::Form::whole(true);
-                let step = dagr_inject::dagr::step_graph::build(&m, &rec, sgd, None, whole).unwrap();
+                let step = sgd_step_in_place(&m, &rec);
                 assert!(step.in_place, "{}: the step graph cannot update in place", e.label());
                 // `verify`'s own finite differences pass on honest training graphs: every
                 // model, each through another exporter in turn (all 24 pass; 6 keep the suite
