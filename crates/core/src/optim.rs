@@ -101,6 +101,21 @@ impl Optimizer {
         }
     }
 
+    /// Whether every non-finite update of `slot` makes the parameter's update non-finite too,
+    /// so that the parameter's finiteness check covers the slot's. SGD's momentum buffer: the
+    /// step subtracts `lr buf` (or `lr (d + mu buf)`, mu != 0 where there is a buffer), and
+    /// `lr * inf` is infinite for lr != 0 and NaN for lr = 0, as is `x * NaN`; the parameter
+    /// before the step is finite (the state accepted). Adam's first moment likewise (`step_size
+    /// m / (sqrt(v) + eps)`, a positive finite denominator or a NaN). Not Adam's second moment:
+    /// an infinite `v` makes the step `m / inf = 0`, a finite parameter.
+    pub fn checked_through_param(self, slot: Slot) -> bool {
+        match (self, slot) {
+            (Optimizer::Sgd { .. }, Slot::M) => true,
+            (Optimizer::AdamW { .. }, Slot::M) => true,
+            (_, Slot::V) => false,
+        }
+    }
+
     /// The scalar inputs of the step graph at 1-based step `t` with learning rate `lr`,
     /// computed in f64 as PyTorch computes them in Python floats.
     pub fn scalars(self, lr: f64, t: usize) -> Vec<(&'static str, f64)> {

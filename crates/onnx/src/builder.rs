@@ -288,21 +288,26 @@ impl Builder {
     // ---- opset-aware forms -------------------------------------------------------------
 
     /// `op` (a sum-like reduction: ReduceSum, ReduceSumSquare, ReduceL1) over every element of
-    /// `x`, as a one-element vector. With `rows_first` (the rank of `x`, where it is 2 or more)
-    /// `op` reduces the last axis first and the partial results are summed: tract sums a
-    /// matrix's rows on its threads (8.3 GB/s on the 2-core machine, 9043 x 9043) but every axis
-    /// in one scalar loop (2.4 GB/s), and copies a tensor it flattens while another node reads
-    /// it. Otherwise `x` is flattened and reduced at once, which ONNX Runtime runs twice as fast
-    /// as the rows first.
-    pub fn reduce_whole(&mut self, op: &str, x: &str, rows_first: Option<usize>, hint: &str) -> String {
-        let flat = self.const_i64(&[-1]);
-        match rows_first {
-            Some(rank) if rank >= 2 => {
-                let rows = self.reduce(op, x, Some(&[rank as i64 - 1]), false, hint);
-                let rows = self.op("Reshape", &[&rows, &flat], vec![], hint);
+    /// `x` (of rank `rank` where known), as a one-element vector. With `rows_first` and a rank
+    /// of 2 or more, `op` reduces the last axis first and the partial results are summed: tract
+    /// sums a matrix's rows on its threads (8.3 GB/s on the 2-core machine, 9043 x 9043) but
+    /// every axis in one scalar loop (2.4 GB/s), and copies a tensor it flattens while another
+    /// node reads it. Otherwise `x` is flattened and reduced at once, which ONNX Runtime runs
+    /// twice as fast as the rows first. A vector is not flattened (no Reshape that does
+    /// nothing: a step graph has several sums per parameter).
+    pub fn reduce_whole(&mut self, op: &str, x: &str, rank: Option<usize>, rows_first: bool, hint: &str) -> String {
+        match rank {
+            Some(rank) if rows_first && rank >= 2 => {
+                let mut rows = self.reduce(op, x, Some(&[rank as i64 - 1]), false, hint);
+                if rank > 2 {
+                    let flat = self.const_i64(&[-1]);
+                    rows = self.op("Reshape", &[&rows, &flat], vec![], hint);
+                }
                 self.reduce("ReduceSum", &rows, Some(&[0]), true, hint)
             }
+            Some(1) => self.reduce(op, x, Some(&[0]), true, hint),
             _ => {
+                let flat = self.const_i64(&[-1]);
                 let all = self.op("Reshape", &[x, &flat], vec![], hint);
                 self.reduce(op, &all, Some(&[0]), true, hint)
             }

@@ -273,9 +273,15 @@ impl<'a> Ctx<'a> {
     pub fn unbroadcast_to(&mut self, g: &str, target: &str) -> Result<String> {
         Ok(self.reshape_like(g, target))
     }
-    /// Reshape `g` to the shape of `t`.
+    /// Reshape `g` to the shape of `t`: an initializer's (a parameter's) as a constant, whose
+    /// dims its data fixes; `Shape(t)` of any other tensor, whose inferred dims a body's
+    /// differentiation may see otherwise than they run (a recurrent cell's step).
     pub fn reshape_like(&mut self, g: &str, t: &str) -> String {
-        let s = self.shape_of(t);
+        let fixed = self.idx.initializers.contains(t).then(|| self.shape(t).ok()).flatten();
+        let s = match fixed.and_then(|d| d.iter().map(Dim::known).collect::<Option<Vec<i64>>>()) {
+            Some(dims) => self.ints(&dims),
+            None => self.shape_of(t),
+        };
         self.op("Reshape", &[g, &s])
     }
 

@@ -484,6 +484,11 @@ impl ConvGeom {
         }
         let axes = c.ints(&(1..=sp as i64).collect::<Vec<_>>());
         let steps = c.ints(&self.strides);
+        // The padded input's spatial sizes: a window that is all of it is the input itself
+        // (a 1x1 kernel at stride 1).
+        let padded: Vec<i64> = (0..sp)
+            .map(|i| self.input[i].unwrap_or(-1) + self.pads[i] + self.pads[sp + i])
+            .collect();
         self.offsets()
             .iter()
             .map(|off| {
@@ -491,6 +496,10 @@ impl ConvGeom {
                 let ends: Vec<i64> = (0..sp)
                     .map(|i| starts[i] + self.strides[i] * (out[i] - 1) + 1)
                     .collect();
+                let whole = (0..sp).all(|i| starts[i] == 0 && self.strides[i] == 1 && ends[i] == padded[i]);
+                if whole {
+                    return xp.clone();
+                }
                 let (s, e) = (c.ints(&starts), c.ints(&ends));
                 c.op("Slice", &[&xp, &s, &e, &axes, &steps])
             })
@@ -500,14 +509,16 @@ impl ConvGeom {
     /// column (o, n) holds the window of output position o of sample n, rows ordered as a
     /// weight's [C, k...] (so the weight multiplies it as it is). The windows stacked.
     fn unfold(&self, c: &mut Ctx, x: &str, channels: i64, out: &[i64]) -> String {
-        let parts: Vec<String> = self.windows(c, x, out).iter().map(|w| c.unsqueeze(w, &[1])).collect();
-        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-        let stacked = if refs.len() == 1 {
-            parts[0].clone()
-        } else {
-            c.op_a("Concat", &refs, vec![attr_int("axis", 1)])
+        let windows = self.windows(c, x, out);
+        let shape = c.ints(&[channels * windows.len() as i64, -1]);
+        let stacked = match windows.as_slice() {
+            [one] => one.clone(),
+            _ => {
+                let parts: Vec<String> = windows.iter().map(|w| c.unsqueeze(w, &[1])).collect();
+                let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+                c.op_a("Concat", &refs, vec![attr_int("axis", 1)])
+            }
         };
-        let shape = c.ints(&[channels * parts.len() as i64, -1]);
         c.op("Reshape", &[&stacked, &shape])
     }
     /// col2im, the adjoint of `unfold`: `col` [C K, O N] back to [N, C, S...] (`size` the
