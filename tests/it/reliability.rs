@@ -938,3 +938,47 @@ fn written_files_follow_the_umask() {
     let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o666 & !(mask as u32), "mode {mode:o}");
 }
+
+/// `verify` computes the original it compares a training graph with as the original is written:
+/// ONNX Runtime 1.31's basic optimizations move a `Pad` of zeros into a following MaxPool's
+/// `pads`, which MaxPool leaves out of its maximum (Keras's ResNet50V2, whose first max pool reads
+/// a zero-padded convolution output: its logits came out 2.2e-3 off Keras's, and `verify` failed
+/// its honest training graph). Pad(0) then MaxPool 3x3 / 2 over negative values: every window
+/// that covers the padding is 0.
+#[test]
+fn references_run_as_written_keep_a_zero_pad_before_max_pool() {
+    use dagr_inject::onnx::{builder::attr_ints, dtype, proto::NodeProto, tensor, Dim, ValueFact};
+    use dagr_inject::runtime::{Backend, Tensors, Value};
+    use ndarray::ArrayD;
+    let mut g = dagr_inject::onnx::proto::GraphProto::new();
+    let vi =
+        |n: &str, d: &[i64]| ValueFact::new(dtype::FLOAT, d.iter().map(|&x| Dim::Known(x)).collect()).to_value_info(n);
+    g.input.push(vi("x", &[1, 1, 4, 4]));
+    g.output.push(vi("y", &[1, 1, 2, 2]));
+    g.initializer
+        .push(tensor::i64_tensor("pads", &[8], &[0, 0, 1, 1, 0, 0, 1, 1]));
+    let mut pad = NodeProto::new();
+    (pad.op_type, pad.name) = ("Pad".into(), "pad".into());
+    pad.input = vec!["x".into(), "pads".into()];
+    pad.output = vec!["xp".into()];
+    let mut pool = NodeProto::new();
+    (pool.op_type, pool.name) = ("MaxPool".into(), "pool".into());
+    pool.input = vec!["xp".into()];
+    pool.output = vec!["y".into()];
+    pool.attribute = vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("strides", &[2, 2])];
+    g.node = vec![pad, pool];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pad_pool.onnx");
+    dagr_inject::onnx::save(&model_of(g, 17), &path).unwrap();
+    // x = -1 - (0..16): all negative, the largest (-1) in the corner
+    let x = ArrayD::from_shape_vec(vec![1, 1, 4, 4], (0..16).map(|i| -1.0 - i as f32).collect()).unwrap();
+    let feed: Tensors = [("x".to_string(), Value::F32(x))].into_iter().collect();
+    // windows over the padded 6x6 from rows/cols 0 and 2: only the last, rows and columns 2..5
+    // of the padded input (1..4 of x), misses the padding: max x[1..4, 1..4] = x[1,1] = -6
+    let want = [0.0, 0.0, 0.0, -6.0];
+    for b in [Backend::Ort, Backend::Tract] {
+        let got = dagr_inject::runtime::run_as_written(b, &path, &feed, &["y".to_string()]).unwrap();
+        let got = got["y"].as_f32().unwrap();
+        assert_eq!(got.iter().copied().collect::<Vec<f32>>(), want, "{b:?}");
+    }
+}

@@ -212,6 +212,15 @@ pub fn run(backend: Backend, path: &Path, inputs: &Tensors, outputs: &[String]) 
     backend.engine().run(path, inputs, outputs)
 }
 
+/// `run` of a reference: on ONNX Runtime without its graph optimizations
+/// (`ort_backend::run_as_written`), on tract as `run`.
+pub fn run_as_written(backend: Backend, path: &Path, inputs: &Tensors, outputs: &[String]) -> Result<Tensors> {
+    match backend {
+        Backend::Ort => ort_backend::run_as_written(path, inputs, outputs),
+        Backend::Tract => run(backend, path, inputs, outputs),
+    }
+}
+
 pub(crate) fn rt_err(backend: &str, e: impl std::fmt::Display) -> Error {
     Error::Runtime {
         backend: backend.to_string(),
